@@ -1,0 +1,73 @@
+"""One JSON access-log line per request (the canonical log line).
+
+Paths are logged with credential query values redacted; headers are never logged.
+Writes go through a plain buffered file object: one ``write`` per request, flushed
+per line for stdout so ``docker logs``/``kubectl logs`` see lines promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import TextIO
+
+from .scope import RequestScope
+
+__all__ = ["AccessLog", "redact_path"]
+
+_SECRET_PARAM = re.compile(r"((?:^|[?&;])(?:X-Plex-Token|token|api_key|apikey|key|access_token)=)[^&;#]*", re.I)
+
+
+def redact_path(path_qs: str) -> str:
+    return _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
+
+
+class AccessLog:
+    def __init__(self, target: str = "stdout") -> None:
+        self._own = False
+        self.stream: TextIO | None
+        if target == "off":
+            self.stream = None
+        elif target == "stdout":
+            self.stream = sys.stdout
+        else:
+            self.stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the app
+            self._own = True
+
+    def write(self, scope: RequestScope) -> None:
+        if self.stream is None:
+            return
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "client_ip": scope.client_ip,
+            "method": scope.method,
+            "path": scope.path,
+            "status": scope.status,
+            "bytes": scope.bytes_sent,
+            "duration_ms": round(scope.elapsed() * 1000, 3),
+            "upstream": scope.upstream or None,
+            "key": scope.key_id or None,
+        }
+        if scope.upstream_seconds is not None:
+            entry["upstream_ms"] = round(scope.upstream_seconds * 1000, 3)
+        if scope.error:
+            entry["error"] = scope.error
+        if scope.cache:
+            entry["cache"] = scope.cache
+        if scope.tool:
+            entry["tool"] = scope.tool
+        if scope.credential:
+            entry["credential"] = scope.credential
+        try:
+            self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            if not self._own:
+                self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a full disk or closed stdout must not fail requests
+
+    def close(self) -> None:
+        if self._own and self.stream is not None:
+            self.stream.close()
+        self.stream = None

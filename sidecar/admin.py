@@ -1,0 +1,292 @@
+"""The admin listener: health, readiness, /metrics, and the admin API under /admin/.
+
+Kept off the proxy listener entirely (its own app and port, loopback by default),
+so /metrics and key management are never reachable by proxy clients. The admin API
+takes the bearer admin token from the environment, or a key with ``admin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import parse_duration
+from .credentials import extract_credential
+from .errors import BadRequest, Forbidden, ServiceUnavailable, SidecarError, Unauthorized
+from .models import iso
+from .store import ReadOnlyStore, StoreBusy, StoreError
+
+if TYPE_CHECKING:
+    from .app import Sidecar
+
+__all__ = ["create_admin_app", "openapi_spec"]
+
+ACTOR = web.RequestKey("admin_actor", str)
+UPSTREAM_CHECK_TIMEOUT = 1.0
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response({"success": True, "data": data}, status=status)
+
+
+def create_admin_app(sc: Sidecar) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SidecarError as e:
+            return e.response()
+        except ReadOnlyStore as e:
+            return web.json_response({"success": False, "error": {"code": "conflict", "message": str(e)}}, status=409)
+        except StoreBusy as e:
+            return ServiceUnavailable(str(e), {"Retry-After": "1"}).response()
+        except StoreError as e:
+            return ServiceUnavailable(str(e)).response()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/admin/") or request.path == "/admin/openapi.json":
+            return await handler(request)
+        token = sc.config.admin.token
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+            request[ACTOR] = "admin"
+            return await handler(request)
+        cred = extract_credential(request.headers, request.query, sc.config.credentials)
+        if cred is None:
+            if not token:
+                raise ServiceUnavailable(f"the admin API is off: set {sc.config.admin.token_env}")
+            raise Unauthorized("the admin token (Authorization: Bearer …) is required", {"WWW-Authenticate": "Bearer"})
+        key = await sc.verifier.verify(cred.key, request.remote or "")
+        if not key.permissions.admin:
+            raise Forbidden("this key does not have the admin permission")
+        request[ACTOR] = f"key:{key.id}"
+        return await handler(request)
+
+    app = web.Application(middlewares=[errors, auth])
+    r = app.router
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks: dict[str, str] = {"config": "ok", "store": "ok" if sc.ready else "not loaded"}
+
+        async def probe(up_id: str, host: str, port: int) -> None:
+            try:
+                async with asyncio.timeout(UPSTREAM_CHECK_TIMEOUT):
+                    _, w = await asyncio.open_connection(host, port)
+                w.close()
+                checks[f"upstream:{up_id}"] = "ok"
+                sc.metrics.upstream_up.labels(up_id).set(1)
+            except (OSError, TimeoutError):
+                checks[f"upstream:{up_id}"] = "unreachable"
+                sc.metrics.upstream_up.labels(up_id).set(0)
+
+        from yarl import URL
+
+        jobs = []
+        for up in sc.config.upstreams:
+            u = URL(up.url)
+            jobs.append(probe(up.id, u.host or "", u.port or (443 if u.scheme == "https" else 80)))
+        await asyncio.gather(*jobs)
+        ready = all(v == "ok" for v in checks.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(sc.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            data = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+
+    async def applied() -> None:
+        """Make a write visible to this process's hot path now, not at the next poll."""
+        await sc.verifier.refresh()
+
+    async def create_key(request: web.Request) -> web.Response:
+        rec, key = await sc.manager().create(await body_of(request), request[ACTOR])
+        await applied()
+        data = rec.public_dict()
+        data["key"] = key
+        return ok(data, 201)
+
+    async def list_keys(request: web.Request) -> web.Response:
+        return ok([r.public_dict() for r in await sc.store.list_keys()])
+
+    async def show_key(request: web.Request) -> web.Response:
+        return ok((await sc.manager().get(request.match_info["id"])).public_dict())
+
+    async def patch_key(request: web.Request) -> web.Response:
+        rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR])
+        await applied()
+        return ok(rec.public_dict())
+
+    async def revoke_key(request: web.Request) -> web.Response:
+        rec = await sc.manager().revoke(request.match_info["id"], request[ACTOR])
+        await applied()
+        return ok(rec.public_dict())
+
+    async def rotate_key(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        try:
+            grace = parse_duration(body.get("grace", 0))
+        except ValueError as e:
+            raise BadRequest(f"grace: {e}") from None
+        rec, key = await sc.manager().rotate(request.match_info["id"], request[ACTOR], grace)
+        await applied()
+        data = rec.public_dict()
+        data["key"] = key
+        return ok(data, 201)
+
+    async def key_usage(request: web.Request) -> web.Response:
+        kid = request.match_info["id"]
+        rec = await sc.manager().get(kid)
+        try:
+            days = int(request.query.get("days", "30"))
+        except ValueError:
+            raise BadRequest("days: expected a whole number") from None
+        await sc.usage.flush()
+        return ok({"id": rec.id, "last_used_at": iso(rec.last_used_at), "days": await sc.store.usage(kid, days)})
+
+    async def audit(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise BadRequest("limit: expected a whole number") from None
+        events = await sc.store.audit_log(request.query.get("key"), limit)
+        return ok(
+            [{"at": iso(e.at), "actor": e.actor, "action": e.action, "key": e.key_id, **e.detail} for e in events]
+        )
+
+    async def purge_cache(request: web.Request) -> web.Response:
+        n = sc.cache.purge(request.query.get("upstream"), request.query.get("path"))
+        return ok({"purged": n})
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_spec())
+
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_post("/admin/keys", create_key)
+    r.add_get("/admin/keys", list_keys)
+    r.add_get("/admin/keys/{id}", show_key)
+    r.add_patch("/admin/keys/{id}", patch_key)
+    r.add_delete("/admin/keys/{id}", revoke_key)
+    r.add_post("/admin/keys/{id}/rotate", rotate_key)
+    r.add_get("/admin/keys/{id}/usage", key_usage)
+    r.add_get("/admin/audit", audit)
+    r.add_delete("/admin/cache", purge_cache)
+    r.add_get("/admin/openapi.json", openapi)
+    return app
+
+
+def openapi_spec() -> dict[str, Any]:
+    """OpenAPI 3.1 description of the admin API (hand-written: it is small and stable)."""
+    err = {"$ref": "#/components/responses/Error"}
+    key_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    key_obj = {"$ref": "#/components/schemas/KeyEnvelope"}
+
+    def op(summary: str, ok_status: str = "200", body: bool = False, params: list[Any] | None = None) -> Any:
+        o: dict[str, Any] = {
+            "summary": summary,
+            "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": key_obj}}},
+                          "400": err, "401": err, "403": err, "404": err, "409": err, "503": err},
+        }  # fmt: skip
+        if body:
+            o["requestBody"] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/KeyInput"}}}}
+        if params:
+            o["parameters"] = params
+        return o
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sidecar admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Error": {
+                    "description": "Error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "error"],
+                    "properties": {
+                        "success": {"const": False},
+                        "error": {
+                            "type": "object",
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                    },
+                },
+                "KeyInput": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "owner": {"type": "string"},
+                        "permissions": {
+                            "type": "object",
+                            "properties": {
+                                "upstreams": {"type": "array", "items": {"type": "string"}},
+                                "methods": {"type": "array", "items": {"type": "string"}},
+                                "paths": {"type": "array", "items": {"type": "string"}},
+                                "tools": {"type": "object", "additionalProperties": {"type": "array"}},
+                                "admin": {"type": "boolean"},
+                            },
+                        },
+                        "rate_limits": {"type": "array", "items": {"type": "string", "examples": ["60/minute"]}},
+                        "quota": {"type": ["string", "null"], "examples": ["10000/month"]},
+                        "concurrency": {"type": ["integer", "null"], "minimum": 1},
+                        "expires": {"type": ["string", "null"], "examples": ["90d", "2027-01-31"]},
+                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+                "KeyEnvelope": {
+                    "type": "object",
+                    "properties": {"success": {"const": True}, "data": {}},
+                },
+            },
+        },
+        "security": [{"admin": []}],
+        "paths": {
+            "/admin/keys": {
+                "post": op("Create a key (the full key is in data.key, shown once)", "201", body=True),
+                "get": op("List keys (display form only)"),
+            },
+            "/admin/keys/{id}": {
+                "get": op("Show a key", params=[key_id]),
+                "patch": op("Change a key's name, permissions, limits or expiry", body=True, params=[key_id]),
+                "delete": op("Revoke a key (it stays listed, for audit)", params=[key_id]),
+            },
+            "/admin/keys/{id}/rotate": {
+                "post": op("Issue a replacement; the old key works for `grace`", "201", params=[key_id])
+            },
+            "/admin/keys/{id}/usage": {"get": op("Daily usage of a key", params=[key_id])},
+            "/admin/audit": {"get": op("The audit trail, newest first")},
+            "/admin/cache": {"delete": op("Purge the response cache (all, ?upstream=, ?path=glob)")},
+            "/admin/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}
+            },
+        },
+    }

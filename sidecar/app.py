@@ -1,0 +1,240 @@
+"""The application object: builds and owns everything, and runs both listeners.
+
+``Sidecar`` holds the stores, verifier, limiter, cache, metrics, sessions and logs —
+no globals, so tests build as many independent sidecars as they like, each with its
+own Prometheus registry and clock. ``create_apps`` returns the proxy and admin
+``web.Application``s; ``serve`` runs them with a graceful SIGTERM drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .accesslog import AccessLog
+from .cache import ResponseCache
+from .config import Config, UpstreamConfig
+from .manage import KeyManager
+from .metrics import Metrics
+from .models import KeyRecord
+from .pipeline import Router, make_handler
+from .plex import TranscodeSessions
+from .proxy import Forwarder, make_session
+from .ratelimit import RateLimiter
+from .scope import RequestScope
+from .store import Store, open_store
+from .usage import UsageRecorder
+from .verify import Verifier
+
+__all__ = ["SIDECAR", "Sidecar", "create_apps", "serve"]
+
+log = logging.getLogger("sidecar")
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+
+
+class Sidecar:
+    """Everything one running sidecar owns. Build with ``Sidecar(config)``, then ``await start()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.env = env if env is not None else dict(os.environ)
+        self.metrics = Metrics(registry, max_key_series=config.metrics.max_key_series)
+        self.router = Router(config.upstreams)
+        self.transcode = TranscodeSessions(clock=clock)
+        self.cache = ResponseCache(config.cache)
+        self.trusted_proxies = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies)
+        self.access_log = AccessLog(config.log.access)
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.forwarder = Forwarder(self.sessions)
+        self.mcp: McpGatewayLike | None = None
+        self._store: Store | None = None
+        self._verifier: Verifier | None = None
+        self._limiter: RateLimiter | None = None
+        self._usage: UsageRecorder | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False
+
+    # Owned parts that exist only once started.
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "Sidecar.start() first"
+        return self._store
+
+    @property
+    def verifier(self) -> Verifier:
+        assert self._verifier is not None, "Sidecar.start() first"
+        return self._verifier
+
+    @property
+    def limiter(self) -> RateLimiter:
+        assert self._limiter is not None, "Sidecar.start() first"
+        return self._limiter
+
+    @property
+    def usage(self) -> UsageRecorder:
+        assert self._usage is not None, "Sidecar.start() first"
+        return self._usage
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background job owned by the app (cancelled on close)."""
+        self._tasks.append(asyncio.create_task(coro))
+
+    def manager(self) -> KeyManager:
+        return KeyManager(self.config, self.store, clock=self.clock)
+
+    async def start(self) -> None:
+        self._store = await open_store(self.config.store)
+        self._verifier = Verifier(self.store, self.config.keys, clock=self.clock, on_change=self._keys_changed)
+        await self.verifier.load()
+        self._limiter = RateLimiter(self.config, self.store, clock=self.clock)
+        await self.limiter.start()
+        self._usage = UsageRecorder(self.store, clock=self.clock)
+        self.usage.start()
+        for up in self.config.upstreams:
+            self.sessions[up.id] = make_session(up)
+        if any(u.kind == "mcp" for u in self.config.upstreams):
+            from .mcp import McpGateway  # imported only when an MCP upstream exists
+
+            self.mcp = McpGateway(self)
+        self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.mcp is not None:
+            await self.mcp.close()
+        for s in self.sessions.values():
+            await s.close()
+        self.sessions.clear()
+        if self._usage is not None:
+            await self._usage.close()
+        if self._limiter is not None:
+            await self._limiter.close()
+        if self._store is not None:
+            await self._store.close()
+        self.access_log.close()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _keys_changed(self, records: list[KeyRecord], full: bool) -> None:
+        if self._verifier is not None:
+            self.metrics.set_keys(self._verifier.table.values(), self.clock())
+        else:
+            self.metrics.set_keys(records, self.clock())
+
+    def record(self, scope: RequestScope) -> None:
+        """Metrics, usage and the access log for one finished request."""
+        self.metrics.observe(scope)
+        if self._usage is not None:
+            self._usage.record(scope)
+        self.access_log.write(scope)
+
+    def upstream_token(self, upstream: UpstreamConfig, key: KeyRecord) -> str | None:
+        """The upstream credential for this key: its own mapped token (a Plex managed user) or the default."""
+        env_name = key.upstream_token_env.get(upstream.id)
+        if env_name:
+            return self.env.get(env_name) or None
+        return upstream.token
+
+    def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
+        if self.mcp is not None:
+            return self.mcp.challenge_headers(request, upstream_id)
+        return {}
+
+
+class McpGatewayLike(Protocol):  # the piece of sidecar.mcp the core relies on
+    def is_rest_call(self, request: web.Request) -> bool: ...
+    async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse: ...
+    async def handle(self, *args: Any) -> web.StreamResponse: ...
+    def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]: ...
+    async def well_known(self, request: web.Request) -> web.StreamResponse: ...
+    async def close(self) -> None: ...
+
+
+def create_apps(sc: Sidecar) -> tuple[web.Application, web.Application]:
+    """The proxy app (clients) and the admin app (metrics, health, admin API)."""
+    from .admin import create_admin_app
+
+    proxy = web.Application(client_max_size=0, handler_args={"max_field_size": 65536, "max_line_size": 65536})
+    proxy[SIDECAR] = sc
+    handler = make_handler(sc)
+    if sc.mcp is not None:
+        proxy.router.add_get("/.well-known/oauth-protected-resource{tail:.*}", sc.mcp.well_known)
+    proxy.router.add_route("*", "/{tail:.*}", handler)
+    admin = create_admin_app(sc)
+    return proxy, admin
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@contextlib.asynccontextmanager
+async def running(sc: Sidecar) -> AsyncIterator[tuple[web.AppRunner, web.AppRunner]]:
+    """Start both listeners; on exit stop accepting, drain, and close everything."""
+    await sc.start()
+    proxy, admin = create_apps(sc)
+    # handler_cancellation: a client that goes away cancels its request, which closes the
+    # upstream request at once (MCP 2026-07-28 treats that as cancellation).
+    proxy_runner = web.AppRunner(
+        proxy, access_log=None, handler_cancellation=True, shutdown_timeout=sc.config.server.shutdown_grace
+    )
+    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    ssl_ctx = None
+    if sc.config.tls is not None:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(str(sc.config.tls.cert), str(sc.config.tls.key))
+    host, port = _host_port(sc.config.listen)
+    ahost, aport = _host_port(sc.config.admin.listen)
+    try:
+        await web.TCPSite(proxy_runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
+        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        yield proxy_runner, admin_runner
+    finally:
+        await proxy_runner.cleanup()
+        await admin_runner.cleanup()
+        await sc.close()
+
+
+async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; then drain in-flight requests (up to the grace period) and return."""
+    sc = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: sc.spawn(sc.verifier.refresh(force=True)))
+    async with running(sc):
+        log.info("sidecar listening on %s (admin %s)", config.listen, config.admin.listen)
+        if ready:
+            ready(sc)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests (up to %gs)", config.server.shutdown_grace)

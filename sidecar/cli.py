@@ -1,0 +1,270 @@
+"""The ``sidecar`` command: serve, demo, config check, and key management.
+
+``keys`` commands open the store directly (no server needed); a running sidecar
+sees their changes within a second through its store poll. Exit codes: 0 done,
+1 the operation failed (message on stderr), 2 bad usage or a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .config import Config, ConfigError, load_config, parse_duration
+from .errors import SidecarError
+from .manage import KeyManager
+from .models import KeyRecord
+from .store import StoreError, open_store
+from .store.yamlfile import entry_yaml
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "sidecar.yaml"
+
+
+def _run_loop(coro: Awaitable[Any]) -> Any:
+    try:
+        import uvloop  # speed-up when installed; plain asyncio otherwise
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _print_key(rec: KeyRecord, key: str, as_json: bool, yaml_entry: bool) -> None:
+    if as_json:
+        data = rec.public_dict()
+        data["key"] = key
+        if yaml_entry:
+            data["entry"] = entry_yaml(rec)
+        print(json.dumps(data, indent=2))
+        return
+    if yaml_entry:
+        print("# Add this entry under `keys:` in your keys file (it holds only the hash):")
+        print(entry_yaml(rec), end="")
+        print()
+    print(f"Key {rec.id} ({rec.name}) — shown once, store it now:\n\n  {key}\n")
+    if rec.expires_at:
+        print(f"Expires: {rec.public_dict()['expires_at']}")
+
+
+def _show(rec: KeyRecord, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    data = rec.public_dict()
+    if extra:
+        data.update(extra)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for k, v in data.items():
+        if v not in (None, "", [], {}):
+            print(f"{k:>20}: {json.dumps(v) if isinstance(v, dict | list) else v}")
+
+
+async def _with_manager(args: argparse.Namespace, fn: Callable[[KeyManager], Awaitable[int]]) -> int:
+    config = _load(args)
+    store = await open_store(config.store)
+    try:
+        return await fn(KeyManager(config, store))
+    finally:
+        await store.close()
+
+
+def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {"name": args.name}
+    perms: dict[str, Any] = {"upstreams": args.upstream or ["*"]}
+    if args.method:
+        perms["methods"] = args.method
+    if args.path:
+        perms["paths"] = args.path
+    if args.tool:
+        tools: dict[str, list[str]] = {}
+        for t in args.tool:
+            up, sep, name = t.partition(":")
+            if not sep or not up or not name:
+                raise SidecarError(f"--tool {t!r}: expected UPSTREAM:TOOL")
+            tools.setdefault(up, []).append(name)
+        perms["tools"] = tools
+    if args.admin:
+        perms["admin"] = True
+    fields["permissions"] = perms
+    for attr, f in (("description", "description"), ("owner", "owner"), ("quota", "quota"),
+                    ("expires", "expires"), ("concurrency", "concurrency")):  # fmt: skip
+        if getattr(args, attr) is not None:
+            fields[f] = getattr(args, attr)
+    if args.rate:
+        fields["rate_limits"] = args.rate
+    if args.upstream_token_env:
+        ute = {}
+        for item in args.upstream_token_env:
+            up, sep, var = item.partition("=")
+            if not sep:
+                raise SidecarError(f"--upstream-token-env {item!r}: expected UPSTREAM=ENV_VAR")
+            ute[up] = var
+        fields["upstream_token_env"] = ute
+    return fields
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    actor = "cli"
+
+    async def create(m: KeyManager) -> int:
+        rec, key = await m.create(_fields_from_args(args), actor)
+        _print_key(rec, key, args.json, yaml_entry=not m.store.writable)
+        return 0
+
+    async def list_(m: KeyManager) -> int:
+        recs = await m.store.list_keys()
+        if args.json:
+            print(json.dumps([r.public_dict() for r in recs], indent=2))
+            return 0
+        print(f"{'ID':<14}{'DISPLAY':<18}{'STATE':<9}{'NAME':<24}{'OWNER':<16}EXPIRES")
+        for r in recs:
+            d = r.public_dict()
+            print(f"{r.id:<14}{r.display:<18}{d['state']:<9}{r.name[:23]:<24}{(r.owner or '-')[:15]:<16}"
+                  f"{d['expires_at'] or 'never'}")  # fmt: skip
+        return 0
+
+    async def show(m: KeyManager) -> int:
+        rec = await m.get(args.id)
+        _show(rec, args.json, {"quota_used": await _quota_used(m, rec)})
+        return 0
+
+    async def revoke(m: KeyManager) -> int:
+        _show(await m.revoke(args.id, actor), args.json)
+        return 0
+
+    async def rotate(m: KeyManager) -> int:
+        grace = parse_duration(args.grace) if args.grace else 0.0
+        rec, key = await m.rotate(args.id, actor, grace)
+        _print_key(rec, key, args.json, yaml_entry=False)
+        return 0
+
+    async def usage(m: KeyManager) -> int:
+        rec = await m.get(args.id)
+        days = await m.store.usage(rec.id, args.days)
+        if args.json:
+            print(json.dumps({"id": rec.id, "last_used_at": rec.public_dict()["last_used_at"], "days": days}, indent=2))
+            return 0
+        print(f"Key {rec.id} ({rec.name}); last used {rec.public_dict()['last_used_at'] or 'never'}")
+        print(f"{'DAY':<12}{'REQUESTS':>10}{'ERRORS':>8}{'BYTES':>14}{'LIMITED':>9}")
+        for d in days:
+            print(f"{d['day']:<12}{d['requests']:>10}{d['errors']:>8}{d['bytes']:>14}{d['rate_limited']:>9}")
+        return 0
+
+    action = {"create": create, "list": list_, "show": show, "revoke": revoke, "rotate": rotate, "usage": usage}
+    return int(_run_loop(_with_manager(args, action[args.action])))
+
+
+async def _quota_used(m: KeyManager, rec: KeyRecord) -> Any:
+    fn = getattr(m, "quota_status", None)
+    return await fn(rec) if fn else None
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    ups = ", ".join(f"{u.id} ({u.kind}) {u.path_prefix} -> {u.url}" for u in config.upstreams)
+    print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
+          f"{config.store.path}, upstreams: {ups}")  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    config = _load(args)
+    logging.getLogger().setLevel(config.log.level.upper())
+    _run_loop(serve(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        _run_loop(run_demo(args.listen))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecar", description="Reverse-proxy auth sidecar for Plex and MCP servers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+
+    s = sub.add_parser("serve", help="run the sidecar")
+    with_config(s)
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="run a demo: a Plex-like server behind the sidecar, with keys")
+    d.add_argument("--listen", help="proxy address (default 127.0.0.1:8080, or a free port if taken)")
+    d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="action", required=True)
+    cc = csub.add_parser("check", help="validate a config file and exit")
+    with_config(cc)
+    cc.set_defaults(fn=cmd_config_check)
+
+    k = sub.add_parser("keys", help="manage API keys")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--description")
+    kc.add_argument("--owner")
+    kc.add_argument("--upstream", action="append", help="upstream id (repeatable; default all: '*')")
+    kc.add_argument("--method", action="append", type=str.upper, help="allowed HTTP method (repeatable)")
+    kc.add_argument("--path", action="append", help="path glob or plex:read|plex:playback|plex:admin (repeatable)")
+    kc.add_argument("--tool", action="append", help="UPSTREAM:TOOL name or glob (repeatable)")
+    kc.add_argument("--rate", action="append", help="rate limit such as 60/minute (repeatable)")
+    kc.add_argument("--quota", help="quota such as 10000/month")
+    kc.add_argument("--concurrency", type=int, help="max requests in flight")
+    kc.add_argument("--expires", help="90d, 12h, or a date (2027-01-31)")
+    kc.add_argument("--admin", action="store_true", help="may mint Plex tokens and manage keys")
+    kc.add_argument("--upstream-token-env", action="append", help="UPSTREAM=ENV_VAR: a different upstream token")
+    for name, helptext in (("list", "list keys"), ("show", "show a key"), ("revoke", "revoke a key"),
+                           ("rotate", "replace a key"), ("usage", "daily usage of a key")):  # fmt: skip
+        sp = ksub.add_parser(name, help=helptext) if name != "create" else kc
+        if name != "list":
+            sp.add_argument("id")
+        if name == "rotate":
+            sp.add_argument("--grace", help="keep the old key working this long (e.g. 1h)")
+        if name == "usage":
+            sp.add_argument("--days", type=int, default=30)
+    for sp in ksub.choices.values():
+        with_config(sp)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(f"config error in {getattr(args, 'config', '?')}:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except SidecarError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,118 @@
+"""Finding the client's credential, in any of the six forms clients already send.
+
+Authentication only (who are you): this module never looks at the store. Two
+*different* keys in one request are refused with 400, since a proxy that picked one
+would let an attacker smuggle a second identity past whatever logged the first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, MultiDict, MultiMapping
+
+from .config import CredentialsConfig
+from .errors import BadRequest
+
+__all__ = ["CLIENT_CREDENTIAL_HEADERS", "Credential", "extract_credential", "strip_credential"]
+
+PLEX_TOKEN = "X-Plex-Token"
+CLIENT_CREDENTIAL_HEADERS = ("Authorization", "x-api-key", PLEX_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    key: str
+    forms: tuple[str, ...]  # e.g. ("bearer", "plex_query"): for logs and metrics
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Credential(forms={self.forms!r})"
+
+
+def _from_authorization(value: str, cfg: CredentialsConfig) -> tuple[str, str] | None:
+    scheme, _, rest = value.strip().partition(" ")
+    scheme, rest = scheme.lower(), rest.strip()
+    if scheme == "apikey" and cfg.apikey:
+        form = "apikey"
+    elif scheme == "bearer" and cfg.bearer:
+        form = "bearer"
+    elif scheme == "basic" and cfg.basic:
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadRequest("malformed Basic credential: not base64 of user:key") from None
+        _, sep, rest = decoded.partition(":")
+        if not sep:
+            raise BadRequest("malformed Basic credential: expected user:key")
+        form = "basic"
+    elif scheme in ("apikey", "bearer", "basic"):
+        return None  # that form is turned off: as if absent
+    else:
+        raise BadRequest("unsupported Authorization scheme; use ApiKey, Bearer or Basic")
+    if not rest or " " in rest:
+        raise BadRequest(f"malformed {scheme} credential")
+    return rest, form
+
+
+def extract_credential(
+    headers: Mapping[str, str] | MultiMapping[str], query: MultiMapping[str], cfg: CredentialsConfig
+) -> Credential | None:
+    """The one key this request presents, None if none, or BadRequest."""
+    found: list[tuple[str, str]] = []
+
+    def values(name: str) -> list[str]:
+        if isinstance(headers, MultiMapping):
+            return list(headers.getall(name, []))
+        v = headers.get(name)
+        return [v] if v is not None else []
+
+    for value in values("Authorization"):
+        got = _from_authorization(value, cfg)
+        if got:
+            found.append(got)
+    if cfg.x_api_key:
+        for value in values("x-api-key"):
+            found.append((value.strip(), "x_api_key"))
+    if cfg.plex_header:
+        for value in values(PLEX_TOKEN):
+            found.append((value.strip(), "plex_header"))
+    if cfg.plex_query:
+        for name, value in query.items():
+            if name.lower() == "x-plex-token":
+                found.append((value.strip(), "plex_query"))
+    if not found:
+        return None
+    keys = {k for k, _ in found}
+    if "" in keys:
+        raise BadRequest("empty credential")
+    if len(keys) > 1:
+        raise BadRequest("two different credentials in one request")
+    return Credential(key=found[0][0], forms=tuple(dict.fromkeys(f for _, f in found)))
+
+
+def strip_credential(headers: CIMultiDict[str], query: MultiDict[str], key: str, replacement: str | None) -> None:
+    """Remove every trace of the client key, in place.
+
+    Credential headers go. In the query, ``X-Plex-Token`` and any value that embeds the
+    key (Plex nests it in ``/photo/:/transcode?url=…``) get ``replacement`` (the real
+    upstream token) or are dropped when there is none.
+    """
+    for name in CLIENT_CREDENTIAL_HEADERS:
+        headers.popall(name, None)
+    if not query:
+        return
+    items = list(query.items())
+    query.clear()
+    for name, value in items:
+        if name.lower() == "x-plex-token":
+            if replacement is not None:
+                query.add(PLEX_TOKEN, replacement)
+            continue
+        if key in value:
+            if replacement is None:
+                continue
+            value = value.replace(key, replacement)
+        query.add(name, value)

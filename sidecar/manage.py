@@ -1,0 +1,223 @@
+"""Key lifecycle shared by the CLI and the admin API: create, patch, revoke, rotate.
+
+One place validates a key's fields and writes the audit trail, so the two front
+ends cannot disagree. Works on any store; a YAML store is read-only, so ``create``
+there returns the record for the caller to print as a paste-able entry.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .config import Config, parse_duration, parse_limit
+from .errors import BadRequest, Conflict, NotFound
+from .keys import display_form, generate_key
+from .models import KeyRecord, Permissions, parse_time
+from .store import Store
+from .store.base import AuditEvent
+from .verify import password_hasher
+
+__all__ = ["KeyManager", "parse_expires"]
+
+_MAX_NAME = 200
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_expires(value: object, now: float) -> float | None:
+    """``90d``/``12h`` from now, an ISO date/time, epoch seconds, or None/"never"."""
+    if value is None or value in ("", "never"):
+        return None
+    if isinstance(value, str) and value[:1].isdigit() and value[-1:] in "smhdw" and "-" not in value:
+        return now + parse_duration(value)
+    ts = parse_time(value)
+    assert ts is not None
+    return ts
+
+
+class KeyManager:
+    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.hasher = password_hasher(config.keys.argon2_profile)
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_fields(self, fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """Validate user-supplied fields; return KeyRecord keyword arguments."""
+        out: dict[str, Any] = {}
+        allowed = {"name", "description", "owner", "permissions", "rate_limits", "quota", "concurrency",
+                   "expires_at", "expires", "upstream_token_env"}  # fmt: skip
+        unknown = set(fields) - allowed
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if "name" in fields:
+            name = fields["name"]
+            if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
+                raise BadRequest(f"name: required, 1-{_MAX_NAME} characters")
+            out["name"] = name.strip()
+        for f in ("description", "owner"):
+            if f in fields:
+                v = fields[f]
+                if v is not None and not isinstance(v, str):
+                    raise BadRequest(f"{f}: expected a string")
+                out[f] = (v or "") if f == "description" else (v or None)
+        if "permissions" in fields:
+            try:
+                perms = Permissions.from_dict(fields["permissions"])
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            ids = {u.id for u in self.config.upstreams}
+            for up in perms.upstreams:
+                if up != "*" and up not in ids:
+                    raise BadRequest(f"permissions.upstreams: no upstream with id {up!r}")
+            for up in perms.tools:
+                if up != "*" and up not in ids:
+                    raise BadRequest(f"permissions.tools: no upstream with id {up!r}")
+            out["permissions"] = perms
+        if "rate_limits" in fields:
+            limits = fields["rate_limits"] or []
+            if isinstance(limits, str):
+                limits = [limits]
+            if not isinstance(limits, list):
+                raise BadRequest('rate_limits: expected a list such as ["60/minute"]')
+            for lim in limits:
+                try:
+                    parse_limit(lim)
+                except ValueError as e:
+                    raise BadRequest(f"rate_limits: {e}") from None
+            out["rate_limits"] = tuple(str(x) for x in limits)
+        if "quota" in fields:
+            q = fields["quota"]
+            if q is not None:
+                try:
+                    parse_limit(q)
+                except ValueError as e:
+                    raise BadRequest(f"quota: {e}") from None
+            out["quota"] = q or None
+        if "concurrency" in fields:
+            c = fields["concurrency"]
+            if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+                raise BadRequest("concurrency: expected a whole number >= 1")
+            out["concurrency"] = c
+        if "upstream_token_env" in fields:
+            ute = fields["upstream_token_env"] or {}
+            if not isinstance(ute, Mapping) or not all(isinstance(v, str) and _ENV_NAME.match(v) for v in ute.values()):
+                raise BadRequest("upstream_token_env: expected {upstream id: ENV_VAR_NAME}")
+            out["upstream_token_env"] = dict(ute)
+        if "expires" in fields or "expires_at" in fields:
+            raw = fields.get("expires", fields.get("expires_at"))
+            try:
+                expires = parse_expires(raw, now)
+            except ValueError as e:
+                raise BadRequest(f"expires: {e}") from None
+            if expires is not None and expires <= now:
+                raise BadRequest("expires: must be in the future")
+            out["expires_at"] = expires
+        return out
+
+    def _cap_lifetime(self, expires: float | None, now: float) -> float | None:
+        cap = self.config.keys.max_lifetime
+        if cap is None:
+            return expires
+        if expires is None:
+            return now + cap
+        if expires > now + cap:
+            raise BadRequest(f"expires: beyond the configured maximum key lifetime ({cap / 86400:g} days)")
+        return expires
+
+    async def _owner_count(self, owner: str) -> int:
+        now = self.clock()
+        return sum(1 for r in await self.store.list_keys() if r.owner == owner and r.state(now) == "active")
+
+    # ------------------------------------------------------------ operations
+
+    async def create(self, fields: Mapping[str, Any], actor: str) -> tuple[KeyRecord, str]:
+        """A new key: (record, the full key — shown once, never stored)."""
+        now = self.clock()
+        if "name" not in fields:
+            raise BadRequest("name: required")
+        kw = self._check_fields(fields, now)
+        kw["expires_at"] = self._cap_lifetime(kw.get("expires_at"), now)
+        owner = kw.get("owner")
+        limit = self.config.keys.max_keys_per_owner
+        if owner and limit is not None and await self._owner_count(owner) >= limit:
+            raise Conflict(f"owner {owner!r} already has the maximum of {limit} active keys")
+        prefix = self.config.keys.prefix
+        key, parsed = generate_key(prefix)
+        record = KeyRecord(
+            id=parsed.key_id,
+            hash=self.hasher.hash(parsed.secret),
+            display=display_form(prefix, parsed.key_id, key),
+            created_at=now,
+            **kw,
+        )
+        if self.store.writable:
+            await self.store.insert([record])
+            await self.store.audit(AuditEvent(now, actor, "created", record.id, {"name": record.name}))
+        return record, key
+
+    async def get(self, key_id: str) -> KeyRecord:
+        rec = await self.store.get(key_id)
+        if rec is None:
+            raise NotFound(f"no key with id {key_id!r}")
+        return rec
+
+    async def patch(self, key_id: str, fields: Mapping[str, Any], actor: str) -> KeyRecord:
+        now = self.clock()
+        rec = await self.get(key_id)
+        if rec.state(now) == "revoked":
+            raise Conflict("a revoked key cannot be changed")
+        kw = self._check_fields(fields, now)
+        if "expires_at" in kw:
+            kw["expires_at"] = self._cap_lifetime(kw["expires_at"], now)
+        new = rec.with_changes(**kw)
+        await self.store.update(new)
+        await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
+        return new
+
+    async def revoke(self, key_id: str, actor: str) -> KeyRecord:
+        now = self.clock()
+        rec = await self.get(key_id)
+        if rec.revoked_at is not None and rec.revoked_at <= now:
+            return rec
+        new = rec.with_changes(revoked_at=now)
+        await self.store.update(new)
+        await self.store.audit(AuditEvent(now, actor, "revoked", key_id, {}))
+        return new
+
+    async def rotate(self, key_id: str, actor: str, grace: float = 0.0) -> tuple[KeyRecord, str]:
+        """A new key with the same permissions; the old one works for ``grace`` seconds more."""
+        now = self.clock()
+        old = await self.get(key_id)
+        if old.state(now) != "active":
+            raise Conflict(f"only an active key can be rotated (this one is {old.state(now)})")
+        fields = {
+            "name": old.name, "description": old.description, "owner": old.owner,
+            "permissions": old.permissions.to_dict(), "rate_limits": list(old.rate_limits), "quota": old.quota,
+            "concurrency": old.concurrency, "upstream_token_env": dict(old.upstream_token_env),
+        }  # fmt: skip
+        kw = self._check_fields(fields, now)
+        prefix = self.config.keys.prefix
+        key, parsed = generate_key(prefix)
+        new = KeyRecord(
+            id=parsed.key_id,
+            hash=self.hasher.hash(parsed.secret),
+            display=display_form(prefix, parsed.key_id, key),
+            created_at=now,
+            expires_at=old.expires_at,
+            **kw,
+        )
+        await self.store.insert([new])
+        ends = now + grace
+        retired = old.with_changes(
+            rotated_to=new.id,
+            expires_at=min(old.expires_at, ends) if old.expires_at else ends,
+            revoked_at=None if grace > 0 else now,
+        )
+        await self.store.update(retired)
+        await self.store.audit(AuditEvent(now, actor, "rotated", key_id, {"new_key": new.id, "grace_seconds": grace}))
+        return new, key

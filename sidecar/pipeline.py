@@ -1,0 +1,195 @@
+"""The proxy handler: one request, top to bottom, in the order of the product.
+
+route → credential → verify → authorize → rate limit → cache → forward → record.
+Every stage is a call into its own module; this file only decides the order, so
+the order lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict, MultiDict
+
+from .accesslog import redact_path
+from .config import UpstreamConfig
+from .credentials import Credential, extract_credential, strip_credential
+from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from .models import KeyRecord
+from .permissions import allowed
+from .plex import ScrubFilter, inject_plex
+from .proxy import ResponseFilter, forward_headers, upstream_url
+from .scope import SCOPE, RequestScope
+
+if TYPE_CHECKING:
+    from .app import Sidecar
+
+__all__ = ["Router", "handle", "make_handler"]
+
+
+class Router:
+    """Longest ``path_prefix`` wins; ``/plex`` matches ``/plex`` and ``/plex/…``, not ``/plexx``."""
+
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
+        self._routes = sorted(upstreams, key=lambda u: len(u.path_prefix), reverse=True)
+
+    def match(self, path: str) -> UpstreamConfig | None:
+        for up in self._routes:
+            p = up.path_prefix
+            if p == "/" or path == p or path.startswith(p + "/"):
+                return up
+        return None
+
+
+def client_ip(request: web.Request, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies."""
+    peer = request.remote or ""
+    if not trusted:
+        return peer
+    hops = [peer] + [h.strip() for h in reversed(request.headers.get("X-Forwarded-For", "").split(",")) if h.strip()]
+    for hop in hops:
+        try:
+            addr = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(addr in net for net in trusted):
+            return hop
+    return hops[-1]
+
+
+def make_handler(sc: Sidecar) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle(sc, request)
+
+    return handler
+
+
+async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
+    scope = RequestScope(
+        method=request.method,
+        path=redact_path(request.path_qs),
+        client_ip=client_ip(request, sc.trusted_proxies),
+    )
+    request[SCOPE] = scope
+    sc.metrics.in_flight.inc()
+    response: web.StreamResponse | None = None
+    try:
+        response = await _stages(sc, request, scope)
+    except SidecarError as e:
+        scope.error = e.code
+        if isinstance(e, Unauthorized) and scope.upstream:
+            e.headers.update(sc.challenge_headers(request, scope.upstream))
+        response = e.response()
+    except asyncio.CancelledError:
+        scope.error = scope.error or "client_disconnected"
+        scope.status = scope.status or 499
+        raise
+    finally:
+        if response is not None:
+            scope.status = scope.status or response.status
+            if not response.prepared and isinstance(response, web.Response):
+                scope.bytes_sent = response.content_length or 0
+        if scope.error == "client_disconnected" and scope.status < 400:
+            pass  # the upstream answered; the client left while it streamed
+        sc.metrics.in_flight.dec()
+        sc.record(scope)
+    return response
+
+
+async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+    cfg = sc.config
+    # 1. route
+    if sc.mcp is not None and sc.mcp.is_rest_call(request):
+        return await sc.mcp.rest_call(sc, request, scope)
+    upstream = sc.router.match(request.path)
+    if upstream is None:
+        raise NoRoute(f"no upstream serves {request.path}")
+    scope.upstream = upstream.id
+    path = request.path
+    if upstream.strip_prefix and upstream.path_prefix != "/":
+        path = path[len(upstream.path_prefix) :] or "/"
+
+    # 2. credential, 3. verify
+    credential = extract_credential(request.headers, request.query, cfg.credentials)
+    key = await _authenticate(sc, request, scope, upstream, path, credential)
+    scope.key_id, scope.key_name = key.id, key.name
+
+    # 4. authorize
+    reason = allowed(key.permissions, upstream.id, upstream.kind, request.method, path)
+    if reason:
+        raise Forbidden(reason)
+    if upstream.kind == "plex" and not sc.transcode.claim(path, MultiDict(request.query), key.id):
+        raise Forbidden("this transcode session belongs to another key")
+
+    # 5. rate limit
+    decision = await sc.limiter.check(key, upstream)
+    if not decision.allowed and decision.error is not None:
+        scope.rate_limited = True
+        raise decision.error
+
+    # 6. rewrite credentials for the upstream
+    headers: CIMultiDict[str] = CIMultiDict(request.headers)
+    query: MultiDict[str] = MultiDict(request.query)
+    client_key = credential.key if credential else ""
+    token = sc.upstream_token(upstream, key)
+    response_filter: ResponseFilter | None = None
+    if upstream.kind == "plex":
+        if token is None:
+            raise ServiceUnavailable(f"no upstream token is configured for upstream {upstream.id!r}")
+        strip_credential(headers, query, client_key, token)
+        inject_plex(headers, query, upstream, token)
+        response_filter = ScrubFilter(token, client_key or "REDACTED")
+    else:
+        strip_credential(headers, query, client_key, None)
+        for name, value in upstream.headers.items():
+            headers[name] = value
+    raw_path = request.rel_url.raw_path
+    url = upstream_url(upstream, raw_path, query)
+    headers = forward_headers(request, headers, upstream)
+
+    def on_headers(status: int, out: CIMultiDict[str]) -> None:
+        out.update(decision.headers)
+
+    # 7. cache, 8. forward
+    async with sc.limiter.slot(key, upstream):
+        if upstream.kind == "mcp" and sc.mcp is not None:
+            return await sc.mcp.handle(sc, request, scope, upstream, key, url, headers, decision.headers)
+        rule = sc.cache.rule_for(upstream.id, request.method, path)
+        if rule is not None:
+            identity = token or ""
+
+            async def fetch() -> web.StreamResponse:
+                return await sc.forwarder.forward(
+                    request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
+                )
+
+            return await sc.cache.serve(request, scope, upstream, url, headers, identity, fetch)
+        return await sc.forwarder.forward(
+            request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
+        )
+
+
+async def _authenticate(
+    sc: Sidecar,
+    request: web.Request,
+    scope: RequestScope,
+    upstream: UpstreamConfig,
+    path: str,
+    credential: Credential | None,
+) -> KeyRecord:
+    if credential is not None:
+        scope.credential = ",".join(credential.forms)
+        return await sc.verifier.verify(credential.key, scope.client_ip)
+    if upstream.kind == "plex":
+        # Transcode segments come back without any key: they belong to the key that started the session.
+        sid = sc.transcode.session_of(path)
+        owner = sc.transcode.owner(sid) if sid else None
+        rec = sc.verifier.table.get(owner) if owner else None
+        if rec is not None and rec.state() == "active":
+            scope.credential = "transcode_session"
+            return rec
+    raise Unauthorized("an API key is required")

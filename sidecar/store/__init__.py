@@ -1,0 +1,25 @@
+"""Key stores: SQLite (the embedded default) and a YAML file (for GitOps).
+
+Both hold keys; mutable state (last used, usage history, quotas, audit) always lives
+in SQLite, because a YAML keys file is typically a read-only ConfigMap.
+"""
+
+from __future__ import annotations
+
+from ..config import StoreConfig
+from .base import KeyChanges, ReadOnlyStore, Store, StoreBusy, StoreError
+from .sqlite import SqliteStore
+from .yamlfile import YamlStore
+
+__all__ = ["KeyChanges", "ReadOnlyStore", "SqliteStore", "Store", "StoreBusy", "StoreError", "YamlStore", "open_store"]
+
+
+async def open_store(config: StoreConfig) -> Store:
+    """Open the configured store; the caller closes it."""
+    store: Store
+    if config.kind == "yaml":
+        store = YamlStore(config.path, SqliteStore(config.state_path))
+    else:
+        store = SqliteStore(config.path)
+    await store.open()
+    return store

@@ -1,0 +1,264 @@
+"""SQLite store (aiosqlite): keys plus all mutable state, in one WAL-mode file.
+
+Several processes share the file: the serving sidecar, and the CLI writing while it
+runs. Every key write bumps a monotonically increasing ``seq`` inside one
+``BEGIN IMMEDIATE`` transaction; the server polls ``MAX(seq)`` (an index lookup)
+every ``poll_interval`` and reloads only the rows past the last one it saw. That is
+how a CLI revoke reaches a running sidecar within a second without any IPC.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..models import KeyRecord
+from .base import AuditEvent, KeyChanges, Store, StoreBusy, StoreError, UsageRow
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+BUSY_TIMEOUT_MS = 5000
+
+# Migration N brings a database from user_version N to N+1. Append, never edit.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, data TEXT NOT NULL, seq INTEGER NOT NULL);
+    CREATE INDEX IF NOT EXISTS keys_seq ON keys(seq);
+    CREATE TABLE IF NOT EXISTS last_used (id TEXT PRIMARY KEY, at REAL NOT NULL, ip TEXT);
+    CREATE TABLE IF NOT EXISTS usage (
+        key_id TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0,
+        rate_limited INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (key_id, day));
+    CREATE TABLE IF NOT EXISTS quota (
+        key_id TEXT NOT NULL, scope TEXT NOT NULL, window TEXT NOT NULL, used INTEGER NOT NULL,
+        PRIMARY KEY (key_id, scope, window));
+    CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+        action TEXT NOT NULL, key_id TEXT, detail TEXT NOT NULL DEFAULT '{}');
+    CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _wrap(e: sqlite3.Error, path: Path) -> StoreError:
+    if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+        return StoreBusy(f"the key database {path.name} is locked by another process; try again")
+    return StoreError(f"key database {path.name}: {e}")
+
+
+class SqliteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._seq = 0
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._migrate()
+        except sqlite3.Error as e:
+            await self.close()
+            raise _wrap(e, self.path) from None
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path.name} has schema version {version}, newer than this sidecar's {SCHEMA_VERSION}: upgrade"
+            )
+        for v in range(version, SCHEMA_VERSION):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, _MIGRATIONS[v].split(";")):
+                    await self.db.execute(stmt)
+                await self.db.execute(f"PRAGMA user_version={v + 1}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def _write(self, sql: str, params: Any = (), many: bool = False) -> None:
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if many:
+                    await self.db.executemany(sql, params)
+                else:
+                    await self.db.execute(sql, params)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise _wrap(e, self.path) from None
+
+    async def _fetch(self, sql: str, params: Any = ()) -> list[Any]:
+        try:
+            async with self.db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as e:
+            raise _wrap(e, self.path) from None
+
+    # ------------------------------------------------------------------ keys
+
+    def _record(self, data: str, lu_at: float | None = None, lu_ip: str | None = None) -> KeyRecord:
+        rec = KeyRecord.from_dict(json.loads(data))
+        if lu_at is not None:
+            rec = rec.with_changes(last_used_at=lu_at, last_used_ip=lu_ip)
+        return rec
+
+    async def load_all(self) -> dict[str, KeyRecord]:
+        rows = await self._fetch(
+            "SELECT k.data, k.seq, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id ORDER BY k.seq"
+        )
+        out: dict[str, KeyRecord] = {}
+        for data, seq, at, ip in rows:
+            rec = self._record(data, at, ip)
+            out[rec.id] = rec
+            self._seq = max(self._seq, seq)
+        return out
+
+    async def poll(self, force: bool = False) -> KeyChanges | None:
+        if force:
+            return KeyChanges(records=list((await self.load_all()).values()), full=True)
+        rows = await self._fetch("SELECT MAX(seq) FROM keys")
+        top = rows[0][0] if rows and rows[0][0] is not None else 0
+        if top <= self._seq:
+            return None
+        rows = await self._fetch("SELECT data, seq FROM keys WHERE seq > ? ORDER BY seq", (self._seq,))
+        records = [self._record(data) for data, _ in rows]
+        self._seq = max([self._seq, *(seq for _, seq in rows)])
+        return KeyChanges(records=records)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        rows = await self._fetch(
+            "SELECT k.data, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id WHERE k.id = ?", (key_id,)
+        )
+        return self._record(*rows[0]) if rows else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._fetch(
+            "SELECT k.data, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id ORDER BY k.seq"
+        )
+        return [self._record(*r) for r in rows]
+
+    async def insert(self, records: list[KeyRecord]) -> None:
+        if not records:
+            return
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
+                    row = await cur.fetchone()
+                base = int(row[0]) if row else 0
+                await self.db.executemany(
+                    "INSERT INTO keys (id, data, seq) VALUES (?, ?, ?)",
+                    [(r.id, json.dumps(r.to_dict()), base + i + 1) for i, r in enumerate(records)],
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError:
+            raise StoreError("a key with that id already exists") from None
+        except sqlite3.Error as e:
+            raise _wrap(e, self.path) from None
+
+    async def update(self, record: KeyRecord) -> None:
+        await self._write(
+            "UPDATE keys SET data = ?, seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM keys) WHERE id = ?",
+            (json.dumps(record.to_dict()), record.id),
+        )
+
+    # ----------------------------------------------------------------- state
+
+    async def record_last_used(self, batch: dict[str, tuple[float, str]]) -> None:
+        if batch:
+            await self._write(
+                "INSERT INTO last_used (id, at, ip) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET at = excluded.at, ip = excluded.ip WHERE excluded.at > last_used.at",
+                [(k, at, ip) for k, (at, ip) in batch.items()],
+                many=True,
+            )
+
+    async def add_usage(self, batch: dict[tuple[str, str], UsageRow]) -> None:
+        if batch:
+            await self._write(
+                "INSERT INTO usage (key_id, day, requests, errors, bytes, rate_limited) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(key_id, day) DO UPDATE SET requests = requests + excluded.requests, "
+                "errors = errors + excluded.errors, bytes = bytes + excluded.bytes, "
+                "rate_limited = rate_limited + excluded.rate_limited",
+                [(k, d, u.requests, u.errors, u.bytes, u.rate_limited) for (k, d), u in batch.items()],
+                many=True,
+            )
+
+    async def usage(self, key_id: str, days: int = 30) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT day, requests, errors, bytes, rate_limited FROM usage WHERE key_id = ? ORDER BY day DESC LIMIT ?",
+            (key_id, days),
+        )
+        return [
+            {"day": d, "requests": r, "errors": e, "bytes": b, "rate_limited": rl} for d, r, e, b, rl in reversed(rows)
+        ]
+
+    async def quota_used(self, key_id: str, scope: str, window: str) -> int:
+        rows = await self._fetch(
+            "SELECT used FROM quota WHERE key_id = ? AND scope = ? AND window = ?", (key_id, scope, window)
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def add_quota(self, batch: dict[tuple[str, str, str], int]) -> None:
+        if batch:
+            await self._write(
+                "INSERT INTO quota (key_id, scope, window, used) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key_id, scope, window) DO UPDATE SET used = used + excluded.used",
+                [(k, s, w, n) for (k, s, w), n in batch.items()],
+                many=True,
+            )
+
+    async def set_quota(self, key_id: str, scope: str, window: str, used: int) -> None:
+        await self._write(
+            "INSERT INTO quota (key_id, scope, window, used) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(key_id, scope, window) DO UPDATE SET used = excluded.used",
+            (key_id, scope, window, used),
+        )
+
+    async def audit(self, event: AuditEvent) -> None:
+        await self._write(
+            "INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (event.at, event.actor, event.action, event.key_id, json.dumps(event.detail)),
+        )
+
+    async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        if key_id:
+            rows = await self._fetch(
+                "SELECT at, actor, action, key_id, detail FROM audit WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+                (key_id, limit),
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT at, actor, action, key_id, detail FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        return [AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in rows]

@@ -1,0 +1,151 @@
+"""YAML store: keys live in a file under version control (GitOps), state in SQLite.
+
+The file holds argon2id hashes, never keys (``sidecar keys create`` prints the entry
+to paste). It is re-read when its mtime/size change (polled) and on SIGHUP; a broken
+edit keeps the last good set and logs why, so a typo never locks everyone out.
+Writes through the API are refused: the file is the source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models import KeyRecord
+from .base import AuditEvent, KeyChanges, ReadOnlyStore, Store, StoreError, UsageRow
+from .sqlite import SqliteStore
+
+__all__ = ["YamlStore", "parse_keys_file"]
+
+log = logging.getLogger("sidecar.store")
+
+
+def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord]:
+    """Parse and validate a whole keys file; StoreError names the entry and field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StoreError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or set(data) - {"keys"}:
+        raise StoreError(f"{source}: expected a mapping with a single 'keys:' list")
+    entries = data.get("keys") or []
+    if not isinstance(entries, list):
+        raise StoreError(f"{source}: keys: expected a list")
+    out: dict[str, KeyRecord] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise StoreError(f"{source}: keys[{i}]: expected a mapping")
+        try:
+            rec = KeyRecord.from_dict(entry)
+        except ValueError as e:
+            raise StoreError(f"{source}: keys[{i}].{e}") from None
+        if rec.id in out:
+            raise StoreError(f"{source}: keys[{i}].id: duplicate id {rec.id!r}")
+        out[rec.id] = rec
+    return out
+
+
+def entry_yaml(record: KeyRecord) -> str:
+    """The text ``sidecar keys create`` prints for a YAML store: one list item."""
+    return yaml.safe_dump([record.to_dict()], sort_keys=False, allow_unicode=True)
+
+
+class YamlStore(Store):
+    writable = False
+
+    def __init__(self, path: Path, state: SqliteStore) -> None:
+        self.path = Path(path)
+        self.state = state
+        self._stamp: tuple[float, int] | None = None
+        self._records: dict[str, KeyRecord] = {}
+        self.last_error: str | None = None
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def _read(self) -> dict[str, KeyRecord]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise StoreError(f"keys file {self.path} does not exist") from None
+        except OSError as e:
+            raise StoreError(f"keys file {self.path}: {e.strerror}") from None
+        return parse_keys_file(text, str(self.path))
+
+    async def open(self) -> None:
+        await self.state.open()
+        self._stamp = self._file_stamp()
+        self._records = self._read()
+
+    async def close(self) -> None:
+        await self.state.close()
+
+    async def reload(self, force: bool = False) -> KeyChanges | None:
+        stamp = self._file_stamp()
+        if not force and stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        try:
+            records = self._read()
+        except StoreError as e:
+            if self.last_error != str(e):
+                log.error("keys file rejected, keeping the last good set of %d keys: %s", len(self._records), e)
+            self.last_error = str(e)
+            return None
+        self.last_error = None
+        self._records = records
+        log.info("keys file reloaded: %d keys", len(records))
+        return KeyChanges(records=list(records.values()), full=True)
+
+    async def load_all(self) -> dict[str, KeyRecord]:
+        return dict(self._records)
+
+    async def poll(self, force: bool = False) -> KeyChanges | None:
+        return await self.reload(force)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return self._records.get(key_id)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return list(self._records.values())
+
+    async def insert(self, records: list[KeyRecord]) -> None:
+        raise ReadOnlyStore(f"keys are managed in {self.path.name}: add the entry to the file instead")
+
+    async def update(self, record: KeyRecord) -> None:
+        raise ReadOnlyStore(f"keys are managed in {self.path.name}: edit the file instead")
+
+    # State is delegated to the SQLite state database.
+    async def record_last_used(self, batch: dict[str, tuple[float, str]]) -> None:
+        await self.state.record_last_used(batch)
+
+    async def add_usage(self, batch: dict[tuple[str, str], UsageRow]) -> None:
+        await self.state.add_usage(batch)
+
+    async def usage(self, key_id: str, days: int = 30) -> list[dict[str, Any]]:
+        return await self.state.usage(key_id, days)
+
+    async def quota_used(self, key_id: str, scope: str, window: str) -> int:
+        return await self.state.quota_used(key_id, scope, window)
+
+    async def add_quota(self, batch: dict[tuple[str, str, str], int]) -> None:
+        await self.state.add_quota(batch)
+
+    async def set_quota(self, key_id: str, scope: str, window: str, used: int) -> None:
+        await self.state.set_quota(key_id, scope, window, used)
+
+    async def audit(self, event: AuditEvent) -> None:
+        await self.state.audit(event)
+
+    async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        return await self.state.audit_log(key_id, limit)
