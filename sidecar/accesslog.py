@@ -17,14 +17,29 @@ from .scope import RequestScope
 
 __all__ = ["AccessLog", "redact_path"]
 
-_SECRET_PARAM = re.compile(r"((?:^|[?&;])(?:X-Plex-Token|token|api_key|apikey|key|access_token)=)[^&;#]*", re.I)
+# A credential-named parameter and its value, also when nested percent-encoded in another
+# parameter (Plex's ``/photo/:/transcode?url=/library/…/thumb?X-Plex-Token%3D<key>``).
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&;/]|%3F|%26|%2F)(?:X-Plex-Token|token|api_key|apikey|key|access_token)(?:=|%3D))"
+    r"(?:(?!%26)[^&;#\s])*",
+    re.I,
+)
 
 
 def redact_path(path_qs: str) -> str:
+    """The path as logged: every credential-named query value replaced by ``REDACTED``."""
     return _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
 
 
+def _now() -> str:
+    """UTC, ISO 8601, milliseconds: ``2025-01-31T12:00:00.123Z``."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 class AccessLog:
+    """Writes the canonical log line for each request to stdout, a file, or nowhere (``off``)."""
+
     def __init__(self, target: str = "stdout") -> None:
         self._own = False
         self.stream: TextIO | None
@@ -40,7 +55,7 @@ class AccessLog:
         if self.stream is None:
             return
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": _now(),
             "client_ip": scope.client_ip,
             "method": scope.method,
             "path": scope.path,

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from .accesslog import AccessLog
 from .cache import ResponseCache
 from .config import Config, UpstreamConfig
+from .errors import SidecarError
 from .manage import KeyManager
 from .metrics import Metrics
 from .models import KeyRecord
@@ -38,7 +39,7 @@ from .store import Store, open_store
 from .usage import UsageRecorder
 from .verify import Verifier
 
-__all__ = ["SIDECAR", "Sidecar", "create_apps", "serve"]
+__all__ = ["SIDECAR", "Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
 log = logging.getLogger("sidecar")
 SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
@@ -58,13 +59,19 @@ class Sidecar:
         self.config = config
         self.clock = clock
         self.env = env if env is not None else dict(os.environ)
-        self.metrics = Metrics(registry, max_key_series=config.metrics.max_key_series)
+        self.metrics = Metrics(
+            registry,
+            max_key_series=config.metrics.max_key_series,
+            clock=clock,
+            upstreams=[u.id for u in config.upstreams],
+            cached_upstreams=sorted({r.upstream for r in config.cache.rules}),
+        )
         self.router = Router(config.upstreams)
         self.transcode = TranscodeSessions(clock=clock)
-        self.cache = ResponseCache(config.cache)
         self.trusted_proxies = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies)
         self.access_log = AccessLog(config.log.access)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.cache = ResponseCache(config.cache, clock=clock, sessions=self.sessions)
         self.forwarder = Forwarder(self.sessions)
         self.mcp: McpGatewayLike | None = None
         self._store: Store | None = None
@@ -106,8 +113,9 @@ class Sidecar:
         self._store = await open_store(self.config.store)
         self._verifier = Verifier(self.store, self.config.keys, clock=self.clock, on_change=self._keys_changed)
         await self.verifier.load()
-        self._limiter = RateLimiter(self.config, self.store, clock=self.clock)
+        self._limiter = RateLimiter(self.config, self.store, clock=self.clock, registry=self.metrics.registry)
         await self.limiter.start()
+        self.metrics.quota_levels = self.limiter.quota_levels
         self._usage = UsageRecorder(self.store, clock=self.clock)
         self.usage.start()
         for up in self.config.upstreams:
@@ -117,6 +125,9 @@ class Sidecar:
 
             self.mcp = McpGateway(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
+        self._tasks.append(
+            asyncio.create_task(self.metrics.watch_upstreams([(u.id, u.url) for u in self.config.upstreams]))
+        )
         self.ready = True
 
     async def close(self) -> None:
@@ -127,6 +138,7 @@ class Sidecar:
         self._tasks.clear()
         if self.mcp is not None:
             await self.mcp.close()
+        await self.cache.close()
         for s in self.sessions.values():
             await s.close()
         self.sessions.clear()
@@ -172,6 +184,7 @@ class McpGatewayLike(Protocol):  # the piece of sidecar.mcp the core relies on
     async def handle(self, *args: Any) -> web.StreamResponse: ...
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]: ...
     async def well_known(self, request: web.Request) -> web.StreamResponse: ...
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -184,7 +197,15 @@ def create_apps(sc: Sidecar) -> tuple[web.Application, web.Application]:
     handler = make_handler(sc)
     if sc.mcp is not None:
         proxy.router.add_get("/.well-known/oauth-protected-resource{tail:.*}", sc.mcp.well_known)
+        proxy.on_response_prepare.append(sc.mcp.on_response_prepare)  # CORS on MCP routes
     proxy.router.add_route("*", "/{tail:.*}", handler)
+
+    async def end_streams(app: web.Application) -> None:
+        # Runs once the listener is closed, before the drain waits: websockets and event
+        # streams never finish by themselves, so they would hold the drain for its whole grace.
+        await sc.forwarder.end_streams()
+
+    proxy.on_shutdown.append(end_streams)
     admin = create_admin_app(sc)
     return proxy, admin
 
@@ -196,31 +217,58 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 @contextlib.asynccontextmanager
 async def running(sc: Sidecar) -> AsyncIterator[tuple[web.AppRunner, web.AppRunner]]:
-    """Start both listeners; on exit stop accepting, drain, and close everything."""
-    await sc.start()
-    proxy, admin = create_apps(sc)
-    # handler_cancellation: a client that goes away cancels its request, which closes the
-    # upstream request at once (MCP 2026-07-28 treats that as cancellation).
-    proxy_runner = web.AppRunner(
-        proxy, access_log=None, handler_cancellation=True, shutdown_timeout=sc.config.server.shutdown_grace
-    )
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
-    await proxy_runner.setup()
-    await admin_runner.setup()
-    ssl_ctx = None
-    if sc.config.tls is not None:
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(str(sc.config.tls.cert), str(sc.config.tls.key))
-    host, port = _host_port(sc.config.listen)
-    ahost, aport = _host_port(sc.config.admin.listen)
+    """Start both listeners; on exit stop accepting, drain, and close everything.
+
+    The drain follows what a load balancer expects: ``/readyz`` turns 503 first, the proxy
+    listener closes (new connections are refused), requests in flight get up to
+    ``server.shutdown_grace`` to finish, and only then do the admin listener, the upstream
+    sessions and the store close.
+    """
+    proxy_runner: web.AppRunner | None = None
+    admin_runner: web.AppRunner | None = None
     try:
-        await web.TCPSite(proxy_runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        await sc.start()
+        proxy, admin = create_apps(sc)
+        # handler_cancellation: a client that goes away cancels its request, which closes the
+        # upstream request at once (MCP 2026-07-28 treats that as cancellation).
+        proxy_runner = web.AppRunner(
+            proxy, access_log=None, handler_cancellation=True, shutdown_timeout=sc.config.server.shutdown_grace
+        )
+        admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+        await proxy_runner.setup()
+        await admin_runner.setup()
+        ssl_ctx = None
+        if sc.config.tls is not None:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(str(sc.config.tls.cert), str(sc.config.tls.key))
+        host, port = _host_port(sc.config.listen)
+        ahost, aport = _host_port(sc.config.admin.listen)
+        for runner, where, h, p, ctx in (
+            (proxy_runner, sc.config.listen, host, port, ssl_ctx),
+            (admin_runner, sc.config.admin.listen, ahost, aport, None),
+        ):
+            try:
+                await web.TCPSite(runner, h, p, ssl_context=ctx, reuse_address=True).start()
+            except OSError as e:
+                raise SidecarError(f"cannot listen on {where}: {e.strerror or e}") from None
         yield proxy_runner, admin_runner
     finally:
-        await proxy_runner.cleanup()
-        await admin_runner.cleanup()
+        sc.ready = False  # /readyz says 503 while the proxy drains
+        if proxy_runner is not None:
+            await proxy_runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await sc.close()
+
+
+def bound_addresses(runner: web.AppRunner, tls: bool = False) -> list[str]:
+    """``http://host:port`` for every socket a runner listens on (the real port when 0 was asked for)."""
+    scheme = "https" if tls else "http"
+    out = []
+    for addr in runner.addresses:
+        host, port = addr[0], addr[1]
+        out.append(f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}")
+    return out
 
 
 async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> None:
@@ -232,9 +280,18 @@ async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: sc.spawn(sc.verifier.refresh(force=True)))
-    async with running(sc):
-        log.info("sidecar listening on %s (admin %s)", config.listen, config.admin.listen)
-        if ready:
-            ready(sc)
-        await stop.wait()
-        log.info("shutting down: draining in-flight requests (up to %gs)", config.server.shutdown_grace)
+    try:
+        async with running(sc) as (proxy_runner, admin_runner):
+            log.info(
+                "sidecar listening on %s (admin %s)",
+                ", ".join(bound_addresses(proxy_runner, tls=config.tls is not None)),
+                ", ".join(bound_addresses(admin_runner)),
+            )
+            if ready:
+                ready(sc)
+            await stop.wait()
+            log.info("shutting down: draining in-flight requests (up to %gs)", config.server.shutdown_grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config, parse_duration
 from .errors import SidecarError
 from .manage import KeyManager
-from .models import KeyRecord
+from .models import KeyRecord, iso
 from .store import StoreError, open_store
 from .store.yamlfile import entry_yaml
 
@@ -36,8 +38,22 @@ def _run_loop(coro: Awaitable[Any]) -> Any:
         return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+_UNSET_ENV = re.compile(r"^(upstreams\[\d+\]\.token_env): environment variable (\w+) is not set$")
+
+
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    if args.command != "keys":
+        return load_config(args.config)
+    # Managing keys needs the store, not the upstreams' secrets: an operator running
+    # `sidecar keys list` need not export PLEX_TOKEN. Only those errors are forgiven.
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        missing = [m.group(2) for m in map(_UNSET_ENV.match, e.problems) if m]
+        if len(missing) != len(e.problems):
+            raise
+        env = {**os.environ, **dict.fromkeys(missing, "unset-in-cli")}
+        return load_config(args.config, env=env)
 
 
 def _print_key(rec: KeyRecord, key: str, as_json: bool, yaml_entry: bool) -> None:
@@ -117,7 +133,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     actor = "cli"
 
     async def create(m: KeyManager) -> int:
-        rec, key = await m.create(_fields_from_args(args), actor)
+        rec, key = await m.create(_fields_from_args(args), actor, entry_only=not m.store.writable)
         _print_key(rec, key, args.json, yaml_entry=not m.store.writable)
         return 0
 
@@ -135,7 +151,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     async def show(m: KeyManager) -> int:
         rec = await m.get(args.id)
-        _show(rec, args.json, {"quota_used": await _quota_used(m, rec)})
+        _show(rec, args.json, {"quota_status": await _quota_used(m, rec)})
         return 0
 
     async def revoke(m: KeyManager) -> int:
@@ -144,19 +160,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     async def rotate(m: KeyManager) -> int:
         grace = parse_duration(args.grace) if args.grace else 0.0
-        rec, key = await m.rotate(args.id, actor, grace)
-        _print_key(rec, key, args.json, yaml_entry=False)
+        rec, key = await m.rotate(args.id, actor, grace, entry_only=not m.store.writable)
+        if not m.store.writable and not args.json:
+            ends = iso(m.clock() + grace)
+            print(f"# In the keys file, give key {args.id} `revoked_at: {ends}` and `rotated_to: {rec.id}`;")
+        _print_key(rec, key, args.json, yaml_entry=not m.store.writable)
         return 0
 
     async def usage(m: KeyManager) -> int:
+        from .usage import report
+
         rec = await m.get(args.id)
-        days = await m.store.usage(rec.id, args.days)
+        last = rec.public_dict()["last_used_at"]
+        data = await report(m.store, rec.id, args.days, m.clock())
         if args.json:
-            print(json.dumps({"id": rec.id, "last_used_at": rec.public_dict()["last_used_at"], "days": days}, indent=2))
+            out = {"id": rec.id, "name": rec.name, "last_used_at": last, "last_used_ip": rec.last_used_ip, **data}
+            print(json.dumps(out, indent=2))
             return 0
-        print(f"Key {rec.id} ({rec.name}); last used {rec.public_dict()['last_used_at'] or 'never'}")
+        print(f"Key {rec.id} ({rec.name}); last used {last or 'never'}{f' from {rec.last_used_ip}' if last else ''}")
         print(f"{'DAY':<12}{'REQUESTS':>10}{'ERRORS':>8}{'BYTES':>14}{'LIMITED':>9}")
-        for d in days:
+        for d in [*data["days"], {"day": "TOTAL", **data["total"]}]:
             print(f"{d['day']:<12}{d['requests']:>10}{d['errors']:>8}{d['bytes']:>14}{d['rate_limited']:>9}")
         return 0
 

@@ -12,6 +12,7 @@ that names it (never its value).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from .keys import check_prefix
 
 __all__ = [
     "AdminConfig",
@@ -42,6 +45,8 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_limit",
+    "parse_network",
+    "parse_positive_duration",
     "parse_size",
 ]
 
@@ -62,8 +67,8 @@ DEFAULT_PLEX_PRODUCT = "Sidecar"
 DEFAULT_PLEX_VERSION = "1.0"
 DEFAULT_PLEX_CLIENT_ID = "sidecar"
 
-_KEY_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB|K|M|G)?\s*$", re.IGNORECASE)
@@ -80,7 +85,7 @@ PERIOD_SECONDS = {
     "hour": 3600,
     "day": 86400,
     "week": 604800,
-    "month": 2592000,  # 30 days: quotas reset on a rolling 30-day month
+    "month": 2592000,  # 30 days for rate-limit periods; a /month quota follows the calendar (sidecar/quota.py)
 }
 
 
@@ -104,6 +109,23 @@ def parse_duration(value: object) -> float:
     if not m:
         raise ValueError(f"{value!r} is not a duration such as 30s, 5m, 1h, 90d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+def parse_positive_duration(value: object) -> float:
+    """A duration that must be more than zero (timeouts, poll intervals)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than 0")
+    return seconds
+
+
+def parse_network(value: object) -> str:
+    """A CIDR such as ``10.0.0.0/8`` or a single address; returned as written."""
+    try:
+        ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network such as 10.0.0.0/8 or 192.168.1.10") from None
+    return str(value)
 
 
 def parse_size(value: object) -> int:
@@ -438,12 +460,10 @@ def _check_listen(r: _Reader, value: str, path: str) -> None:
 
 
 def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -> UpstreamConfig | None:
-    d = r.mapping(raw, path)
-    if not d:
-        if raw is not None:
-            return None
-        r.err(path, "expected an upstream mapping")
+    if not isinstance(raw, dict):
+        r.err(path, f"expected an upstream mapping, got {type(raw).__name__}")
         return None
+    d = r.mapping(raw, path)
     r.check_keys(
         d,
         path,
@@ -467,6 +487,8 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             r.err(_join(path, "url"), f"not an http(s) URL: {url!r}")
+        elif parts.query or parts.fragment or "?" in url or "#" in url:
+            r.err(_join(path, "url"), f"must not carry a query or fragment: {url!r}")
         url = url.rstrip("/")
     prefix = r.string(d, "path_prefix", path, "/") or "/"
     if not prefix.startswith("/"):
@@ -487,10 +509,17 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
     hd = r.mapping(d.get("headers"), _join(path, "headers"))
     for hk, hv in hd.items():
         hp = f"{_join(path, 'headers')}.{hk}"
+        if not _HEADER_NAME_RE.match(str(hk)):
+            r.err(hp, f"{str(hk)!r} is not a valid header name")
+            continue
         if not isinstance(hv, str):
             r.err(hp, "expected a string")
             continue
-        headers[str(hk)] = r.expand(hv, hp)
+        value = r.expand(hv, hp)
+        if "\r" in value or "\n" in value:
+            r.err(hp, "a header value cannot contain a line break")
+            continue
+        headers[str(hk)] = value
     plex = r.mapping(d.get("plex"), _join(path, "plex"))
     r.check_keys(plex, _join(path, "plex"), {"client_identifier", "product", "version"})
     timeouts = r.mapping(d.get("timeouts"), _join(path, "timeouts"))
@@ -516,8 +545,8 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
         or DEFAULT_PLEX_CLIENT_ID,
         plex_product=r.string(plex, "product", plex_path, DEFAULT_PLEX_PRODUCT) or DEFAULT_PLEX_PRODUCT,
         plex_version=r.string(plex, "version", plex_path, DEFAULT_PLEX_VERSION) or DEFAULT_PLEX_VERSION,
-        connect_timeout=r.parsed(timeouts, "connect", tpath, parse_duration, DEFAULT_CONNECT_TIMEOUT),
-        read_timeout=r.parsed(timeouts, "read", tpath, parse_duration, DEFAULT_READ_TIMEOUT),
+        connect_timeout=r.parsed(timeouts, "connect", tpath, parse_positive_duration, DEFAULT_CONNECT_TIMEOUT),
+        read_timeout=r.parsed(timeouts, "read", tpath, parse_positive_duration, DEFAULT_READ_TIMEOUT),
         tls_verify=r.boolean(tls, "verify", _join(path, "tls"), True),
         tls_ca_file=ca,
         max_body=r.parsed(d, "max_body", path, parse_size, DEFAULT_MAX_BODY),
@@ -566,6 +595,8 @@ def parse_config(
     r.check_keys(ad, "admin", {"listen", "token_env"})
     admin_listen = r.string(ad, "listen", "admin", DEFAULT_ADMIN_LISTEN) or DEFAULT_ADMIN_LISTEN
     _check_listen(r, admin_listen, "admin.listen")
+    if admin_listen == listen and not admin_listen.endswith(":0"):
+        r.err("admin.listen", f"{admin_listen!r} is also the proxy listener (listen); give the admin API its own port")
     token_env = r.string(ad, "token_env", "admin", DEFAULT_ADMIN_TOKEN_ENV) or DEFAULT_ADMIN_TOKEN_ENV
     # A missing admin token is not an error: the admin API then answers 503 (health and metrics stay up).
     admin = AdminConfig(listen=admin_listen, token_env=token_env, token=r.env.get(token_env) or None)
@@ -583,14 +614,15 @@ def parse_config(
         kind=skind,
         path=spath,
         state_path=state_path,
-        poll_interval=r.parsed(sd, "poll_interval", "store", parse_duration, 0.5),
+        poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, 0.5),
     )
 
     kd = r.mapping(top.get("keys"), "keys")
     r.check_keys(kd, "keys", {"prefix", "max_lifetime", "max_keys_per_owner", "failed_attempts_per_minute", "argon2"})
     prefix = r.string(kd, "prefix", "keys", DEFAULT_KEY_PREFIX) or DEFAULT_KEY_PREFIX
-    if not _KEY_PREFIX_RE.match(prefix):
-        r.err("keys.prefix", f"{prefix!r} must be 1-16 lowercase letters, digits or '_', starting with a letter")
+    prefix_problem = check_prefix(prefix)
+    if prefix_problem:
+        r.err("keys.prefix", prefix_problem)
     keys = KeysConfig(
         prefix=prefix,
         max_lifetime=r.parsed(kd, "max_lifetime", "keys", parse_duration, None),
@@ -601,7 +633,9 @@ def parse_config(
 
     cd = r.mapping(top.get("credentials"), "credentials")
     r.check_keys(cd, "credentials", {"apikey", "bearer", "basic", "x_api_key", "plex_header", "plex_query"})
-    credentials = CredentialsConfig(**{k: r.boolean(cd, k, "credentials", True) for k in cd})
+    credentials = CredentialsConfig(
+        **{f: r.boolean(cd, f, "credentials", True) for f in CredentialsConfig.__dataclass_fields__ if f in cd}
+    )
 
     rd = r.mapping(top.get("rate_limits"), "rate_limits")
     r.check_keys(
@@ -626,7 +660,9 @@ def parse_config(
 
     ups_raw = top.get("upstreams")
     upstreams: list[UpstreamConfig] = []
-    if not isinstance(ups_raw, list) or not ups_raw:
+    if ups_raw is not None and not isinstance(ups_raw, list):
+        r.err("upstreams", f"expected a list of upstreams, got {type(ups_raw).__name__}")
+    elif not ups_raw:
         r.err("upstreams", "at least one upstream is required")
     else:
         for i, u in enumerate(ups_raw):
@@ -720,9 +756,15 @@ def parse_config(
 
     svd = r.mapping(top.get("server"), "server")
     r.check_keys(svd, "server", {"shutdown_grace", "trusted_proxies"})
+    trusted: list[str] = []
+    for i, item in enumerate(r.str_list(svd, "trusted_proxies", "server")):
+        try:
+            trusted.append(parse_network(item))
+        except ValueError as e:
+            r.err(f"server.trusted_proxies[{i}]", str(e))
     server = ServerConfig(
         shutdown_grace=r.parsed(svd, "shutdown_grace", "server", parse_duration, DEFAULT_SHUTDOWN_GRACE),
-        trusted_proxies=tuple(r.str_list(svd, "trusted_proxies", "server")),
+        trusted_proxies=tuple(trusted),
     )
 
     cod = r.mapping(top.get("cors"), "cors")
@@ -751,6 +793,31 @@ def parse_config(
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *anchor`` merges; an explicit key may override what it brings
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file. Relative paths in it resolve against its folder."""
     p = Path(path)
@@ -759,7 +826,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -9,9 +9,9 @@ and starts transcode sessions with relative segment URLs, like the real thing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -77,6 +77,14 @@ def plex_like_app(token: str) -> web.Application:
     async def identity(request: web.Request) -> web.Response:
         return xml('<MediaContainer size="0" machineIdentifier="demo-machine-id" version="1.40.0.0"/>')
 
+    async def library(request: web.Request) -> web.Response:
+        # What python-plexapi's ``server.library`` loads first.
+        return xml(
+            '<MediaContainer size="3" allowSync="0" identifier="com.plexapp.plugins.library" title1="Plex Library">'
+            '<Directory key="sections" title="Library Sections"/><Directory key="recentlyAdded" '
+            'title="Recently Added Content"/><Directory key="onDeck" title="On Deck Content"/></MediaContainer>'
+        )
+
     async def sections(request: web.Request) -> web.Response:
         return xml(_SECTIONS)
 
@@ -107,6 +115,10 @@ def plex_like_app(token: str) -> web.Application:
     async def session_file(request: web.Request) -> web.Response:
         return web.Response(text=f"segment {request.match_info['sid']} {request.match_info['rest']}")
 
+    async def photo_transcode(request: web.Request) -> web.Response:
+        # Real Plex fetches the nested ``url`` itself, with the token inside it: echo it so tests can look.
+        return web.Response(body=b"\xff\xd8\xff" + request.query.get("url", "").encode(), content_type="image/jpeg")
+
     async def security_token(request: web.Request) -> web.Response:
         return xml(f'<MediaContainer size="0" token="{token}"/>')
 
@@ -134,12 +146,14 @@ def plex_like_app(token: str) -> web.Application:
     r = app.router
     r.add_get("/", root)
     r.add_get("/identity", identity)
+    r.add_get("/library", library)
     r.add_get("/library/sections", sections)
     r.add_get("/library/sections/{id}/all", section_all)
     r.add_get("/library/sections/{id}/refresh", refresh)
     r.add_get("/library/parts/{id}/{name}", part)
     r.add_get("/video/:/transcode/universal/start.m3u8", start_m3u8)
     r.add_get("/video/:/transcode/universal/session/{sid}/{rest:.*}", session_file)
+    r.add_get("/photo/:/transcode", photo_transcode)
     r.add_get("/security/token", security_token)
     r.add_get("/redirect", echo_token)
     r.add_get("/:/websockets/notifications", notifications)
@@ -147,59 +161,75 @@ def plex_like_app(token: str) -> web.Application:
     return app
 
 
+def _demo_listen(listen: str | None) -> tuple[str, int]:
+    """``--listen host:port`` as given; without it 127.0.0.1:8080, or a free port when 8080 is taken."""
+    if listen is not None:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"--listen {listen!r}: expected host:port")
+        return host.strip("[]") or "127.0.0.1", int(port)
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8080))
+        except OSError:
+            return "127.0.0.1", free_port()
+    return "127.0.0.1", 8080
+
+
 async def run_demo(listen: str | None = None) -> None:
-    """Start the Plex-like upstream and a sidecar in front of it; serve until Ctrl-C."""
+    """Start the Plex-like upstream and a sidecar in front of it; serve until Ctrl-C or SIGTERM."""
     from .app import Sidecar, running
     from .config import parse_config
 
+    host, proxy_port = _demo_listen(listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     plex_token = secrets.token_hex(10)
     upstream_port = free_port()
     runner = web.AppRunner(plex_like_app(plex_token), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
-    with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
-        proxy_port = 8080 if listen is None else int(listen.rpartition(":")[2])
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", proxy_port))
-            except OSError:
-                proxy_port = free_port()
-        admin_token = secrets.token_hex(16)
-        env = {"PLEX_TOKEN": plex_token, "SIDECAR_ADMIN_TOKEN": admin_token}
-        config = parse_config(
-            {
-                "listen": f"127.0.0.1:{proxy_port}",
-                "admin": {"listen": f"127.0.0.1:{free_port()}"},
-                "store": {"kind": "sqlite", "path": str(Path(tmp) / "sidecar.db")},
-                "upstreams": [
-                    {
-                        "id": "plex",
-                        "kind": "plex",
-                        "url": f"http://127.0.0.1:{upstream_port}",
-                        "token_env": "PLEX_TOKEN",
-                    }
-                ],
-                "rate_limits": {"default": ["20/second"]},
-                "cache": {"rules": [{"upstream": "plex", "path": "/library/sections*", "ttl": "30s"}]},
-            },
-            env=env,
-            base=Path(tmp),
-        )
-        sc = Sidecar(config, env=env)
-        async with running(sc):
-            rec, key = await sc.manager().create(
-                {"name": "demo", "permissions": {"upstreams": ["plex"], "paths": ["plex:playback"]},
-                 "rate_limits": ["5/second"]},
-                "demo",
-            )  # fmt: skip
-            ro, ro_key = await sc.manager().create(
-                {"name": "read-only", "permissions": {"upstreams": ["plex"], "paths": ["plex:read"]}}, "demo"
+    try:
+        await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+        with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
+            admin_token = secrets.token_hex(16)
+            env = {"PLEX_TOKEN": plex_token, "SIDECAR_ADMIN_TOKEN": admin_token}
+            config = parse_config(
+                {
+                    "listen": f"{host}:{proxy_port}",
+                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                    "store": {"kind": "sqlite", "path": str(Path(tmp) / "sidecar.db")},
+                    "upstreams": [
+                        {
+                            "id": "plex",
+                            "kind": "plex",
+                            "url": f"http://127.0.0.1:{upstream_port}",
+                            "token_env": "PLEX_TOKEN",
+                        }
+                    ],
+                    "rate_limits": {"default": ["20/second"]},
+                    "cache": {"rules": [{"upstream": "plex", "path": "/library/sections*", "ttl": "30s"}]},
+                },
+                env=env,
+                base=Path(tmp),
             )
-            await sc.verifier.refresh()
-            base = f"http://127.0.0.1:{proxy_port}"
-            admin = f"http://{config.admin.listen}"
-            print(
-                f"""
+            sc = Sidecar(config, env=env)
+            async with running(sc):
+                _, key = await sc.manager().create(
+                    {"name": "demo", "permissions": {"upstreams": ["plex"], "paths": ["plex:playback"]},
+                     "rate_limits": ["5/second"]},
+                    "demo",
+                )  # fmt: skip
+                _, ro_key = await sc.manager().create(
+                    {"name": "read-only", "permissions": {"upstreams": ["plex"], "paths": ["plex:read"]}}, "demo"
+                )
+                await sc.verifier.refresh()
+                shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+                base = f"http://{shown}:{proxy_port}"
+                admin = f"http://{config.admin.listen}"
+                print(
+                    f"""
 Sidecar demo is running (Ctrl-C to stop). State lives in {tmp}.
   proxy:    {base}   ->  a built-in Plex-like server (its real token stays hidden)
   admin:    {admin}  (admin token: {admin_token})
@@ -217,9 +247,11 @@ Try:
   curl -s {admin}/metrics | grep sidecar_requests_total
   curl -s {admin}/admin/keys -H 'Authorization: Bearer {admin_token}'
 """,
-                flush=True,
-            )
-            del rec, ro
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.Event().wait()
-    await runner.cleanup()
+                    flush=True,
+                )
+                await stop.wait()
+                print("Stopping the demo.", flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

@@ -4,10 +4,16 @@ Nothing here buffers a body: requests stream up from ``request.content``, respon
 stream down chunk by chunk, so a 256 MiB media file costs a few chunks of memory.
 aiohttp's client defaults are wrong for a proxy, so the session is built with
 ``auto_decompress=False`` (gzip passes through byte-identical) and no total timeout
-(aiohttp's 300 s total would kill every long stream); instead a header timeout
-(504 when the upstream is slow to answer) and an *idle* timeout between chunks,
-which a stream that keeps sending never trips. SSE and websockets have no idle
-timeout at all: a quiet event stream is normal.
+(aiohttp's 300 s total would kill every long stream). Instead ``timeouts.read`` is an
+*idle* timeout: the upstream must accept the request body, answer with headers, and
+send each next chunk within it. Time spent waiting on the client (a slow upload, a
+paused player that stops reading) never counts against the upstream. SSE and
+websockets have no idle timeout at all: a quiet event stream is normal.
+
+Faults map onto the contract: no answer in time is ``504 upstream_timeout``; refused,
+reset, TLS failure or a bad response before the headers is ``502 upstream_unavailable``;
+a fault after the headers went out can only cut the client's connection, so the client
+never mistakes a truncated body for a whole one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
 from typing import Protocol
 
 import aiohttp
@@ -32,6 +39,8 @@ __all__ = [
     "HOP_BY_HOP",
     "Forwarder",
     "ResponseFilter",
+    "ResponseTap",
+    "forward_headers",
     "make_session",
     "upstream_url",
 ]
@@ -44,6 +53,8 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 CHUNK = 64 * 1024
+MAX_HEADER_SIZE = 65536  # the same bound the proxy listener applies to clients
+_WS_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
 
 
 class ResponseFilter(Protocol):
@@ -55,6 +66,23 @@ class ResponseFilter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
 
     def flush(self) -> bytes: ...
+
+
+class ResponseTap(Protocol):
+    """Sees the upstream's answer as it arrived, before any filter (the response cache records through it)."""
+
+    def start(self, status: int, headers: CIMultiDict[str]) -> bool:
+        """Called before anything is sent (``headers`` is a copy, hop-by-hop removed); True to receive the body.
+
+        May raise to refuse the answer: nothing has reached the client yet, so the caller
+        of ``forward`` can still answer otherwise (the cache serves a stale copy).
+        """
+
+    def feed(self, chunk: bytes) -> bool:
+        """One raw body chunk; False to stop receiving (the stream itself goes on)."""
+
+    def end(self) -> None:
+        """The upstream body arrived complete."""
 
 
 def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
@@ -74,6 +102,8 @@ def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         read_bufsize=CHUNK,
+        max_line_size=MAX_HEADER_SIZE,
+        max_field_size=MAX_HEADER_SIZE,
     )
 
 
@@ -87,15 +117,23 @@ def upstream_url(upstream: UpstreamConfig, raw_path: str, query: MultiDict[str])
     return url.with_query(query) if query else url
 
 
+def _connection_tokens(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders) -> set[str]:
+    """Hop-by-hop names: the fixed list plus every header the ``Connection`` header names."""
+    drop = set(HOP_BY_HOP)
+    for value in CIMultiDict(headers).getall("Connection", []):
+        drop.update(v.strip().lower() for v in value.split(",") if v.strip())
+    return drop
+
+
 def forward_headers(request: web.Request, headers: CIMultiDict[str], upstream: UpstreamConfig) -> CIMultiDict[str]:
     """Drop hop-by-hop headers (and any the client listed in Connection), set Host and X-Forwarded-*."""
-    drop = set(HOP_BY_HOP)
-    for value in request.headers.getall("Connection", []):
-        drop.update(v.strip().lower() for v in value.split(","))
+    drop = _connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lname = name.lower()
-        if lname in drop or lname == "host":
+        # Expect: the sidecar already answered the client's 100-continue; forwarded, it would
+        # make the upstream request wait for a 100 that some servers never send.
+        if lname in drop or lname in ("host", "expect"):
             continue
         out.add(name, value)
     out["Host"] = upstream.host
@@ -107,9 +145,55 @@ def forward_headers(request: web.Request, headers: CIMultiDict[str], upstream: U
     return out
 
 
-def _is_stream(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders) -> bool:
-    ctype = CIMultiDict(headers).get("Content-Type", "")
-    return ctype.startswith("text/event-stream")
+def _is_stream(headers: CIMultiDict[str]) -> bool:
+    return headers.get("Content-Type", "").lower().startswith("text/event-stream")
+
+
+class _IdleDeadline:
+    """``asyncio.timeout`` as an idle timer: progress pushes it back, waiting on the client pauses it.
+
+    It may be moved from another task (aiohttp writes the request body in a task of its
+    own); outside its ``async with`` every call is a no-op, so a body still streaming
+    after the upstream answered early cannot touch a finished timer.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> _IdleDeadline:
+        self._timeout = asyncio.timeout(self.seconds)
+        await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        t, self._timeout = self._timeout, None
+        assert t is not None
+        await t.__aexit__(et, exc, tb)  # raises TimeoutError when it fired; never suppresses
+        return None
+
+    def touch(self) -> None:
+        """Progress: the upstream has ``seconds`` again from now."""
+        t = self._timeout
+        if t is not None and self.seconds is not None and not t.expired():
+            t.reschedule(asyncio.get_running_loop().time() + self.seconds)
+
+    def pause(self) -> None:
+        """Waiting on the client, which is not the upstream's fault."""
+        t = self._timeout
+        if t is not None and not t.expired():
+            t.reschedule(None)
+
+
+class _Upload:
+    """What the request-body pump learned, read by ``forward`` when the upstream request fails."""
+
+    __slots__ = ("too_large",)
+
+    def __init__(self) -> None:
+        self.too_large = False
 
 
 class Forwarder:
@@ -117,13 +201,52 @@ class Forwarder:
 
     def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
         self.sessions = sessions
+        self.shutting_down = False
+        # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
+        self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
 
-    async def _body(self, request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    async def end_streams(self) -> None:
+        """Close websockets (1001 going away) and SSE streams, so a drain does not wait out its grace.
+
+        Plain requests in flight are left to finish; event streams never do by themselves, and
+        their clients reconnect (to another replica) at once.
+        """
+        self.shutting_down = True
+        await asyncio.gather(*(close() for close in list(self._long_lived.values())), return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def _long_lived_stream(self, close: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+        token = object()
+        self._long_lived[token] = close
+        try:
+            if self.shutting_down:  # it started just as the drain began
+                await close()
+            yield
+        finally:
+            self._long_lived.pop(token, None)
+
+    @staticmethod
+    async def _body(
+        request: web.Request, scope: RequestScope, limit: int, deadline: _IdleDeadline, upload: _Upload
+    ) -> AsyncIterator[bytes]:
+        """The client's body, chunk by chunk as it arrives, cut off past ``limit`` bytes.
+
+        Going over the limit raises inside aiohttp's body writer, which aborts the upstream
+        connection (the upstream sees an incomplete body, never a truncated "whole" one) and
+        fails the pending request; ``forward`` turns that into 413 through ``upload``.
+        """
         seen = 0
-        async for chunk in request.content.iter_any():
+        while True:
+            deadline.pause()
+            chunk = await request.content.readany()
+            deadline.touch()  # from here on the upstream must take the chunk in time
+            if not chunk:
+                return
             seen += len(chunk)
             if limit and seen > limit:
+                upload.too_large = True
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+            scope.bytes_received = seen
             yield chunk
 
     async def forward(
@@ -137,6 +260,7 @@ class Forwarder:
         body: bytes | None = None,
         response_filter: ResponseFilter | None = None,
         on_headers: Callable[[int, CIMultiDict[str]], None] | None = None,
+        tap: ResponseTap | None = None,
     ) -> web.StreamResponse:
         """Stream the request up and the response down; raise contract errors before the first byte."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -144,32 +268,49 @@ class Forwarder:
         limit = upstream.max_body
         if request.content_length is not None and limit and request.content_length > limit:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+        deadline = _IdleDeadline(upstream.read_timeout)
+        upload = _Upload()
         data: bytes | AsyncIterator[bytes] | None
         if body is not None:
             data = body
             headers["Content-Length"] = str(len(body))
+            scope.bytes_received = len(body)
         elif request.body_exists:
-            data = self._body(request, limit)
+            data = self._body(request, scope, limit, deadline, upload)
         else:
             data = None
         session = self.sessions[upstream.id]
         started = time.perf_counter()
+        # aiohttp itself sends an idempotent request once more when a pooled keep-alive
+        # connection turns out closed (RFC 9112 §9.3.1); a streamed body is never replayed.
         try:
-            async with asyncio.timeout(upstream.read_timeout):
+            async with deadline:
                 resp = await session.request(
                     request.method, url, headers=headers, data=data, allow_redirects=False, compress=None
                 )
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
+        except aiohttp.ServerDisconnectedError:
+            if upload.too_large:
+                raise PayloadTooLarge(f"request body over the {limit}-byte limit") from None
+            raise UpstreamUnavailable(f"upstream {upstream.id} closed the connection without answering") from None
         except PayloadTooLarge:
             raise
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream.id} did not accept a connection within {upstream.connect_timeout:g}s"
+            ) from None
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
+        except aiohttp.ClientSSLError as e:
+            raise UpstreamUnavailable(_tls_problem(upstream, e)) from None
         except aiohttp.ClientConnectorError:
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
         except (aiohttp.ClientError, OSError) as e:
+            if upload.too_large:
+                raise PayloadTooLarge(f"request body over the {limit}-byte limit") from None
             raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
         scope.upstream_seconds = time.perf_counter() - started
         try:
-            return await self._relay(request, scope, upstream, resp, response_filter, on_headers)
+            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload)
         finally:
             resp.release() if resp.content.at_eof() else resp.close()
 
@@ -181,11 +322,17 @@ class Forwarder:
         resp: aiohttp.ClientResponse,
         response_filter: ResponseFilter | None,
         on_headers: Callable[[int, CIMultiDict[str]], None] | None,
+        tap: ResponseTap | None = None,
+        upload: _Upload | None = None,
     ) -> web.StreamResponse:
+        drop = _connection_tokens(resp.headers)
+        if "Transfer-Encoding" in resp.headers:
+            drop.add("content-length")  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
         for name, value in resp.headers.items():
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in drop:
                 out_headers.add(name, value)
+        recording = tap.start(resp.status, out_headers.copy()) if tap is not None else False
         rewrite = response_filter.headers(resp.status, out_headers) if response_filter else False
         if rewrite:
             out_headers.popall("Content-Length", None)
@@ -194,54 +341,70 @@ class Forwarder:
         streaming = _is_stream(out_headers)
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
+        # No explicit chunking: without a Content-Length aiohttp chunks for HTTP/1.1 clients,
+        # closes the connection for HTTP/1.0 ones, and sends no body at all for HEAD/204/304.
         response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
-        if "Content-Length" not in out_headers and request.method != "HEAD" and resp.status not in (204, 304):
-            response.enable_chunked_encoding()
         await response.prepare(request)
-        idle = None if streaming else upstream.read_timeout
-        loop = asyncio.get_running_loop()
+        scope.status = resp.status  # sent: a client that leaves from here on is logged with it, not 499
+        deadline = _IdleDeadline(None if streaming else upstream.read_timeout)
+
+        async def end_stream() -> None:
+            resp.close()  # the pending read fails; the client's connection is then cut
+
         try:
-            async with asyncio.timeout(idle) as deadline:
+            async with self._long_lived_stream(end_stream) if streaming else contextlib.nullcontext(), deadline:
                 while True:
-                    if idle is not None:
-                        deadline.reschedule(loop.time() + idle)
-                    chunk = await resp.content.readany()
+                    deadline.touch()
+                    try:
+                        chunk = await resp.content.readany()
+                    except (aiohttp.ClientError, OSError):
+                        too_large = upload is not None and upload.too_large
+                        error = "payload_too_large" if too_large else "upstream_unavailable"
+                        if streaming and self.shutting_down:
+                            error = "server_shutdown"
+                        return self._cut(request, response, scope, error)
                     if not chunk:
                         break
+                    if recording and tap is not None:
+                        recording = tap.feed(chunk)
                     if rewrite and response_filter is not None:
                         chunk = response_filter.feed(chunk)
                         if not chunk:
                             continue
-                    scope.bytes_sent += len(chunk)
-                    await response.write(chunk)
-                if rewrite and response_filter is not None:
-                    tail = response_filter.flush()
-                    if tail:
-                        scope.bytes_sent += len(tail)
-                        await response.write(tail)
-        except TimeoutError:
-            # Headers are gone: the only honest signal left is to cut the stream.
-            scope.error = "upstream_timeout"
-            self._abort(request)
-            return response
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            if isinstance(e, aiohttp.ClientConnectionResetError) or request.transport is None:
-                scope.error = "client_disconnected"
-            else:
-                scope.error = "upstream_unavailable"
-                self._abort(request)
-            return response
-        except ConnectionResetError:
-            scope.error = "client_disconnected"
-            return response
-        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    deadline.pause()  # a client that reads slowly is not a slow upstream
+                    if not await self._write(response, scope, chunk):
+                        return response
+        except TimeoutError:  # only the idle deadline: it is paused whenever anything else is awaited
+            return self._cut(request, response, scope, "upstream_timeout")
+        if recording and tap is not None:
+            tap.end()
+        if rewrite and response_filter is not None:
+            tail = response_filter.flush()
+            if tail and not await self._write(response, scope, tail):
+                return response
+        with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
 
     @staticmethod
-    def _abort(request: web.Request) -> None:
+    async def _write(response: web.StreamResponse, scope: RequestScope, chunk: bytes) -> bool:
+        """Send one chunk to the client; False once the client has gone away."""
+        try:
+            await response.write(chunk)
+        except ConnectionError:  # aiohttp's ClientConnectionResetError is one too
+            scope.error = "client_disconnected"
+            return False
+        scope.bytes_sent += len(chunk)
+        return True
+
+    @staticmethod
+    def _cut(request: web.Request, response: web.StreamResponse, scope: RequestScope, error: str) -> web.StreamResponse:
+        """The headers are gone: the only honest signal left is to close the client's connection
+        before the body is complete (no final chunk, or fewer bytes than Content-Length)."""
+        scope.error = error
         if request.transport is not None:
             request.transport.close()
+        return response
 
     async def websocket(
         self,
@@ -252,7 +415,7 @@ class Forwarder:
         headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         """Connect upstream first (so a dead upstream is a clean 502), then pump both ways."""
-        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
+        for h in _WS_HANDSHAKE:
             headers.popall(h, None)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         session = self.sessions[upstream.id]
@@ -263,38 +426,90 @@ class Forwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
         except aiohttp.WSServerHandshakeError as e:
+            if e.status >= 400:
+                # The upstream's own refusal (401, 404, …) passes through, as for plain HTTP.
+                return web.Response(status=e.status)
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the websocket ({e.status})") from None
+        except aiohttp.ClientSSLError as e:
+            raise UpstreamUnavailable(_tls_problem(upstream, e)) from None
         except (aiohttp.ClientError, OSError):
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
-        down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), autoping=False)
-        await down.prepare(request)
+        try:
+            down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), autoping=False)
+            await down.prepare(request)
+        except BaseException:
+            await up.close()
+            raise
         scope.status = 101
 
-        async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, dst: object) -> None:
-            send = dst  # typed loosely: both sides share the send_* API
-            async for msg in src:
+        async def pump(
+            src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+            dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+        ) -> tuple[int, bytes]:
+            """Relay frames until ``src`` closes; return the close code and reason to pass on."""
+            to_client = src is up  # upstream -> client counts as sent, client -> upstream as received
+            while True:
+                msg = await src.receive()
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    if to_client:
+                        scope.bytes_sent += len(msg.data)
+                    else:
+                        scope.bytes_received += len(msg.data)
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    scope.bytes_sent += len(msg.data)
-                    await send.send_str(msg.data)  # type: ignore[attr-defined]
+                    await dst.send_str(msg.data)
                 elif msg.type == aiohttp.WSMsgType.BINARY:
-                    scope.bytes_sent += len(msg.data)
-                    await send.send_bytes(msg.data)  # type: ignore[attr-defined]
+                    await dst.send_bytes(msg.data)
                 elif msg.type == aiohttp.WSMsgType.PING:
-                    await send.ping(msg.data)  # type: ignore[attr-defined]
+                    await dst.ping(msg.data)
                 elif msg.type == aiohttp.WSMsgType.PONG:
-                    await send.pong(msg.data)  # type: ignore[attr-defined]
-                else:
-                    break
+                    await dst.pong(msg.data)
+                elif msg.type == aiohttp.WSMsgType.CLOSE:
+                    return _close_code(msg.data), str(msg.extra or "").encode()
+                else:  # CLOSING, CLOSED, ERROR: gone without a close frame
+                    return 1011 if msg.type == aiohttp.WSMsgType.ERROR else 1001, b""
 
+        async def going_away() -> None:
+            await asyncio.gather(
+                down.close(code=1001, message=b"server shutting down"),
+                up.close(code=1001, message=b"proxy shutting down"),
+                return_exceptions=True,
+            )
+
+        up_task = asyncio.create_task(pump(up, down))
+        down_task = asyncio.create_task(pump(down, up))
+        tasks = (up_task, down_task)
         try:
-            tasks = [asyncio.create_task(pump(up, down)), asyncio.create_task(pump(down, up))]
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            async with self._long_lived_stream(going_away):
+                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            first = done.pop()
+            code, reason = (1011, b"") if first.exception() is not None else first.result()
+            # Whoever closed first, the other side hears the same code and reason.
+            other = down if first is up_task else up
+            with contextlib.suppress(Exception):
+                await other.close(code=code, message=reason)
         finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await up.close()
             await down.close()
         return down
+
+
+def _close_code(code: object) -> int:
+    """A close code that may be sent on: 1005/1006/1015 are reserved for "none given"/"dropped"."""
+    if isinstance(code, int) and (1000 <= code < 1004 or 1007 <= code < 1015 or 3000 <= code < 5000):
+        return code
+    return 1000
+
+
+def _tls_problem(upstream: UpstreamConfig, e: aiohttp.ClientSSLError) -> str:
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"upstream {upstream.id}: TLS certificate verification failed "
+            "(set upstreams[].tls.ca_file to the CA that signed it)"
+        )
+    return f"upstream {upstream.id}: TLS handshake failed"

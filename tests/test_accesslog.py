@@ -1,0 +1,130 @@
+"""The access log: one JSON line per request, with what an operator greps for and no secrets.
+
+Requests go through a real sidecar to the Plex-like upstream in every credential form;
+then the whole log file is searched for the client key and the real Plex token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from conftest import PLEX_TOKEN, Running
+
+from sidecar.accesslog import AccessLog, redact_path
+from sidecar.scope import RequestScope
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/library/sections", "/library/sections"),
+        ("/library/sections?X-Plex-Token=pmcp_abc", "/library/sections?X-Plex-Token=REDACTED"),
+        ("/a?x-plex-token=pmcp_abc&b=2", "/a?x-plex-token=REDACTED&b=2"),
+        ("/a?b=1&X-Plex-Token=pmcp_abc#frag", "/a?b=1&X-Plex-Token=REDACTED#frag"),
+        ("/a?access_token=abc;api_key=def", "/a?access_token=REDACTED;api_key=REDACTED"),
+        (
+            "/photo/:/transcode?url=/library/metadata/1/thumb?X-Plex-Token%3Dpmcp_abc%26w%3D1&width=100",
+            "/photo/:/transcode?url=/library/metadata/1/thumb?X-Plex-Token%3DREDACTED%26w%3D1&width=100",
+        ),
+        ("/p?url=%2Fthumb%3FX-Plex-Token%3Dpmcp_abc", "/p?url=%2Fthumb%3FX-Plex-Token%3DREDACTED"),
+        ("/tokens/list?monkey=1", "/tokens/list?monkey=1"),  # names inside other names stay
+    ],
+)
+def test_redact_path(path: str, logged: str) -> None:
+    assert redact_path(path) == logged
+
+
+async def _lines(path: Path, want: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if len(lines) >= want or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
+
+
+async def test_one_line_per_request_and_no_secret_anywhere(plex_sidecar: Running, tmp_path: Path) -> None:
+    rec, key = await plex_sidecar.create_key(name="logged")
+    proxy = plex_sidecar.proxy
+    basic = base64.b64encode(f"user:{key}".encode()).decode()
+    nested = quote(f"/library/metadata/1/thumb?X-Plex-Token={key}", safe="")
+    sent: list[tuple[str, str, int]] = []  # (method, logged path, status)
+
+    resp = await proxy.get("/library/sections", headers={"X-Plex-Token": key})
+    body = await resp.read()
+    sent.append(("GET", "/library/sections", resp.status))
+    resp = await proxy.get(f"/library/sections?X-Plex-Token={key}")
+    await resp.read()
+    sent.append(("GET", "/library/sections?X-Plex-Token=REDACTED", resp.status))
+    resp = await proxy.get(f"/photo/:/transcode?url={nested}&width=10", headers={"Authorization": f"Bearer {key}"})
+    await resp.read()
+    sent.append(("GET", "/photo/:/transcode?url=…", resp.status))
+    resp = await proxy.get("/identity", headers={"Authorization": f"Basic {basic}"})
+    await resp.read()
+    sent.append(("GET", "/identity", resp.status))
+    resp = await proxy.get("/redirect", headers={"x-api-key": key}, allow_redirects=False)
+    location = resp.headers["Location"]
+    sent.append(("GET", "/redirect", resp.status))
+    resp = await proxy.get("/library/sections?X-Plex-Token=pmcp_wrongwrongwrong")
+    sent.append(("GET", "/library/sections?X-Plex-Token=REDACTED", resp.status))
+    resp = await proxy.get("/library/sections")
+    sent.append(("GET", "/library/sections", resp.status))
+    async with proxy.ws_connect(f"/:/websockets/notifications?X-Plex-Token={key}") as ws:
+        await ws.receive(timeout=5)
+    sent.append(("GET", "/:/websockets/notifications?X-Plex-Token=REDACTED", 101))
+
+    log_file = tmp_path / "access.log"
+    lines = await _lines(log_file, len(sent))
+    assert len(lines) == len(sent), lines
+    assert PLEX_TOKEN not in location  # scrubbed (to the client's own key, which the client already has)
+    for line, (method, path, status) in zip(lines, sent, strict=True):
+        assert {"time", "client_ip", "method", "path", "status", "bytes", "duration_ms", "upstream"} <= set(line)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+        assert line["client_ip"] == "127.0.0.1"
+        assert line["method"] == method
+        assert line["status"] == status
+        assert line["upstream"] == "plex"
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+        if not path.endswith("…"):
+            assert line["path"] == path
+    assert lines[0]["bytes"] == len(body) and lines[0]["key"] == rec.id
+    assert "X-Plex-Token%3DREDACTED" in lines[2]["path"]
+    assert [line["status"] for line in lines[5:7]] == [401, 401]
+    assert lines[5]["error"] == "invalid_key" and lines[6]["error"] == "unauthorized"
+
+    text = log_file.read_text()
+    assert key not in text
+    assert key.split("_", 1)[1] not in text  # not even the key's body without its prefix
+    assert PLEX_TOKEN not in text
+    assert "pmcp_wrongwrongwrong" not in text
+
+
+def test_off_writes_nothing_and_a_closed_stream_never_raises(tmp_path: Path) -> None:
+    scope = RequestScope(method="GET", path="/x", client_ip="127.0.0.1")
+    off = AccessLog("off")
+    off.write(scope)
+    off.close()
+    target = tmp_path / "a.log"
+    log = AccessLog(str(target))
+    log.write(scope)
+    assert json.loads(target.read_text())["path"] == "/x"
+    assert log.stream is not None
+    log.stream.close()  # e.g. a rotated-away file closed under us
+    log.write(scope)  # must not fail the request
+    log.close()
+
+
+def test_stdout_target(capsys: pytest.CaptureFixture[str]) -> None:
+    log = AccessLog("stdout")
+    log.write(RequestScope(method="POST", path="/y", client_ip="10.0.0.1"))
+    out = capsys.readouterr().out
+    entry = json.loads(out)
+    assert entry["method"] == "POST" and entry["client_ip"] == "10.0.0.1" and out.endswith("\n")
