@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import parse_duration
 from .credentials import extract_credential
 from .errors import BadRequest, Forbidden, ServiceUnavailable, SidecarError, Unauthorized
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .models import iso
 from .store import ReadOnlyStore, StoreBusy, StoreError
+from .store.base import AuditEvent
+from .usage import report as usage_report
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -85,10 +87,10 @@ def create_admin_app(sc: Sidecar) -> web.Application:
                     _, w = await asyncio.open_connection(host, port)
                 w.close()
                 checks[f"upstream:{up_id}"] = "ok"
-                sc.metrics.upstream_up.labels(up_id).set(1)
+                sc.metrics.set_upstream_up(up_id, 1)
             except (OSError, TimeoutError):
                 checks[f"upstream:{up_id}"] = "unreachable"
-                sc.metrics.upstream_up.labels(up_id).set(0)
+                sc.metrics.set_upstream_up(up_id, 0)
 
         from yarl import URL
 
@@ -103,7 +105,7 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         )
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(sc.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=sc.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def body_of(request: web.Request) -> dict[str, Any]:
         if not request.can_read_body:
@@ -131,7 +133,15 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         return ok([r.public_dict() for r in await sc.store.list_keys()])
 
     async def show_key(request: web.Request) -> web.Response:
-        return ok((await sc.manager().get(request.match_info["id"])).public_dict())
+        rec = await sc.manager().get(request.match_info["id"])
+        return ok({**rec.public_dict(), "quota_status": await sc.limiter.quota_status(rec)})
+
+    async def key_quota(request: web.Request) -> web.Response:
+        rec = await sc.manager().get(request.match_info["id"])
+        body = await body_of(request)
+        status = await sc.limiter.adjust_quota(rec, body)  # {"used": 0} resets, {"add": -500} tops up
+        await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "quota_adjusted", rec.id, body))
+        return ok({"id": rec.id, "quota_status": status})
 
     async def patch_key(request: web.Request) -> web.Response:
         rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR])
@@ -156,14 +166,18 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         return ok(data, 201)
 
     async def key_usage(request: web.Request) -> web.Response:
-        kid = request.match_info["id"]
-        rec = await sc.manager().get(kid)
         try:
             days = int(request.query.get("days", "30"))
         except ValueError:
             raise BadRequest("days: expected a whole number") from None
-        await sc.usage.flush()
-        return ok({"id": rec.id, "last_used_at": iso(rec.last_used_at), "days": await sc.store.usage(kid, days)})
+        await sc.usage.flush()  # what was counted but not yet written: the answer is up to date
+        rec = await sc.manager().get(request.match_info["id"])
+        try:
+            data = await usage_report(sc.store, rec.id, days, sc.clock())
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return ok({"id": rec.id, "name": rec.name, "last_used_at": iso(rec.last_used_at),
+                   "last_used_ip": rec.last_used_ip, **data})  # fmt: skip
 
     async def audit(request: web.Request) -> web.Response:
         try:
@@ -191,6 +205,7 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     r.add_patch("/admin/keys/{id}", patch_key)
     r.add_delete("/admin/keys/{id}", revoke_key)
     r.add_post("/admin/keys/{id}/rotate", rotate_key)
+    r.add_post("/admin/keys/{id}/quota", key_quota)
     r.add_get("/admin/keys/{id}/usage", key_usage)
     r.add_get("/admin/audit", audit)
     r.add_delete("/admin/cache", purge_cache)
@@ -204,14 +219,29 @@ def openapi_spec() -> dict[str, Any]:
     key_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     key_obj = {"$ref": "#/components/schemas/KeyEnvelope"}
 
-    def op(summary: str, ok_status: str = "200", body: bool = False, params: list[Any] | None = None) -> Any:
+    def envelope(data: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "required": ["success", "data"], "properties": {"success": {"const": True},
+                                                                                 "data": data}}  # fmt: skip
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def op(
+        summary: str,
+        ok_status: str = "200",
+        body: bool | dict[str, Any] = False,
+        params: list[Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Any:
+        schema = envelope(data) if data is not None else key_obj
         o: dict[str, Any] = {
             "summary": summary,
-            "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": key_obj}}},
+            "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": schema}}},
                           "400": err, "401": err, "403": err, "404": err, "409": err, "503": err},
         }  # fmt: skip
         if body:
-            o["requestBody"] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/KeyInput"}}}}
+            body_schema = body if isinstance(body, dict) else ref("KeyInput")
+            o["requestBody"] = {"content": {"application/json": {"schema": body_schema}}}
         if params:
             o["parameters"] = params
         return o
@@ -266,24 +296,95 @@ def openapi_spec() -> dict[str, Any]:
                     "type": "object",
                     "properties": {"success": {"const": True}, "data": {}},
                 },
+                "Key": {
+                    "type": "object",
+                    "description": "A key as shown: the display form, never the key or its hash.",
+                    "required": ["id", "name", "display", "state", "permissions", "created_at"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+                        "name": {"type": "string"},
+                        "display": {"type": "string", "examples": ["pmcp_3f9a…c41e"]},
+                        "description": {"type": "string"},
+                        "owner": {"type": ["string", "null"]},
+                        "state": {"enum": ["active", "expired", "revoked"]},
+                        "permissions": {"type": "object"},
+                        "rate_limits": {"type": "array", "items": {"type": "string"}},
+                        "quota": {"type": ["string", "null"]},
+                        "concurrency": {"type": ["integer", "null"]},
+                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "created_at": {"type": ["string", "null"], "format": "date-time"},
+                        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_ip": {"type": ["string", "null"]},
+                        "rotated_to": {"type": ["string", "null"]},
+                    },
+                },
+                "NewKey": {
+                    "description": "A key just created or rotated: ``key`` is the full key, shown this once.",
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Key"},
+                        {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
+                    ],
+                },
+                "AuditEvent": {
+                    "type": "object",
+                    "required": ["at", "actor", "action"],
+                    "properties": {
+                        "at": {"type": "string", "format": "date-time"},
+                        "actor": {"type": "string", "examples": ["admin", "cli", "key:3f9a0b1c2d3e"]},
+                        "action": {"type": "string", "examples": ["created", "patched", "revoked", "rotated"]},
+                        "key": {"type": ["string", "null"]},
+                    },
+                },
             },
         },
         "security": [{"admin": []}],
         "paths": {
             "/admin/keys": {
-                "post": op("Create a key (the full key is in data.key, shown once)", "201", body=True),
-                "get": op("List keys (display form only)"),
+                "post": op(
+                    "Create a key (the full key is in data.key, shown once)", "201", body=True, data=ref("NewKey")
+                ),
+                "get": op("List keys (display form only)", data={"type": "array", "items": ref("Key")}),
             },
             "/admin/keys/{id}": {
                 "get": op("Show a key", params=[key_id]),
-                "patch": op("Change a key's name, permissions, limits or expiry", body=True, params=[key_id]),
-                "delete": op("Revoke a key (it stays listed, for audit)", params=[key_id]),
+                "patch": op(
+                    "Change a key's name, permissions, limits or expiry", body=True, params=[key_id], data=ref("Key")
+                ),
+                "delete": op("Revoke a key (it stays listed, for audit)", params=[key_id], data=ref("Key")),
             },
             "/admin/keys/{id}/rotate": {
-                "post": op("Issue a replacement; the old key works for `grace`", "201", params=[key_id])
+                "post": op(
+                    "Issue a replacement with the same permissions; the old key works for `grace`, then is revoked",
+                    "201",
+                    body={
+                        "type": "object",
+                        "properties": {"grace": {"type": ["string", "number"], "examples": ["1h", 3600]}},
+                    },
+                    params=[key_id],
+                    data=ref("NewKey"),
+                )
             },
-            "/admin/keys/{id}/usage": {"get": op("Daily usage of a key", params=[key_id])},
-            "/admin/audit": {"get": op("The audit trail, newest first")},
+            "/admin/keys/{id}/usage": {
+                "get": op(
+                    "Daily usage of a key, and when and from where it was last used",
+                    params=[key_id, {"name": "days", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                )
+            },
+            "/admin/keys/{id}/quota": {
+                "post": op('Reset ({"used": 0}) or top up ({"add": -500}) the current quota window', params=[key_id])
+            },
+            "/admin/audit": {
+                "get": op(
+                    "The audit trail (created, patched, revoked, rotated: who and when), newest first",
+                    params=[
+                        {"name": "key", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    ],
+                    data={"type": "array", "items": ref("AuditEvent")},
+                )
+            },
             "/admin/cache": {"delete": op("Purge the response cache (all, ?upstream=, ?path=glob)")},
             "/admin/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}

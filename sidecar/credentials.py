@@ -73,21 +73,23 @@ def extract_credential(
         got = _from_authorization(value, cfg)
         if got:
             found.append(got)
+    # An empty X-Plex-Token / x-api-key (some Plex clients send one before signing in)
+    # is no credential at all: the client gets 401 with a challenge, not 400.
     if cfg.x_api_key:
         for value in values("x-api-key"):
-            found.append((value.strip(), "x_api_key"))
+            if value.strip():
+                found.append((value.strip(), "x_api_key"))
     if cfg.plex_header:
         for value in values(PLEX_TOKEN):
-            found.append((value.strip(), "plex_header"))
+            if value.strip():
+                found.append((value.strip(), "plex_header"))
     if cfg.plex_query:
         for name, value in query.items():
-            if name.lower() == "x-plex-token":
+            if name.lower() == "x-plex-token" and value.strip():
                 found.append((value.strip(), "plex_query"))
     if not found:
         return None
     keys = {k for k, _ in found}
-    if "" in keys:
-        raise BadRequest("empty credential")
     if len(keys) > 1:
         raise BadRequest("two different credentials in one request")
     return Credential(key=found[0][0], forms=tuple(dict.fromkeys(f for _, f in found)))
@@ -111,7 +113,7 @@ def strip_credential(headers: CIMultiDict[str], query: MultiDict[str], key: str,
             if replacement is not None:
                 query.add(PLEX_TOKEN, replacement)
             continue
-        if key in value:
+        if key and key in value:
             if replacement is None:
                 continue
             value = value.replace(key, replacement)

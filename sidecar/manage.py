@@ -1,12 +1,15 @@
 """Key lifecycle shared by the CLI and the admin API: create, patch, revoke, rotate.
 
-One place validates a key's fields and writes the audit trail, so the two front
-ends cannot disagree. Works on any store; a YAML store is read-only, so ``create``
-there returns the record for the caller to print as a paste-able entry.
+One place validates a key's fields, applies ``keys.max_lifetime`` and
+``keys.max_keys_per_owner``, and writes the audit trail, so the two front ends cannot
+disagree. Works on any store; a YAML store is read-only, so there ``create`` and
+``rotate`` (with ``entry_only``) build the record for the caller to print as a
+paste-able entry, and every other change raises ``ReadOnlyStore``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -16,9 +19,9 @@ from .config import Config, parse_duration, parse_limit
 from .errors import BadRequest, Conflict, NotFound
 from .keys import display_form, generate_key
 from .models import KeyRecord, Permissions, parse_time
-from .store import Store
+from .store import ReadOnlyStore, Store
 from .store.base import AuditEvent
-from .verify import password_hasher
+from .verify import argon2_pool, password_hasher
 
 __all__ = ["KeyManager", "parse_expires"]
 
@@ -107,7 +110,10 @@ class KeyManager:
             ute = fields["upstream_token_env"] or {}
             if not isinstance(ute, Mapping) or not all(isinstance(v, str) and _ENV_NAME.match(v) for v in ute.values()):
                 raise BadRequest("upstream_token_env: expected {upstream id: ENV_VAR_NAME}")
-            out["upstream_token_env"] = dict(ute)
+            for up in ute:
+                if self.config.upstream(str(up)) is None:
+                    raise BadRequest(f"upstream_token_env: no upstream with id {up!r}")
+            out["upstream_token_env"] = {str(k): v for k, v in ute.items()}
         if "expires" in fields or "expires_at" in fields:
             raw = fields.get("expires", fields.get("expires_at"))
             try:
@@ -119,43 +125,65 @@ class KeyManager:
             out["expires_at"] = expires
         return out
 
-    def _cap_lifetime(self, expires: float | None, now: float) -> float | None:
+    def _cap_lifetime(self, expires: float | None, now: float, *, clamp: bool = False) -> float | None:
+        """Apply ``keys.max_lifetime``: no expiry becomes the maximum; a later one is refused (or clamped)."""
         cap = self.config.keys.max_lifetime
         if cap is None:
             return expires
-        if expires is None:
+        if expires is None or (clamp and expires > now + cap):
             return now + cap
         if expires > now + cap:
-            raise BadRequest(f"expires: beyond the configured maximum key lifetime ({cap / 86400:g} days)")
+            raise BadRequest(f"expires: beyond the configured maximum key lifetime ({_human(cap)})")
         return expires
 
-    async def _owner_count(self, owner: str) -> int:
-        now = self.clock()
-        return sum(1 for r in await self.store.list_keys() if r.owner == owner and r.state(now) == "active")
-
-    # ------------------------------------------------------------ operations
-
-    async def create(self, fields: Mapping[str, Any], actor: str) -> tuple[KeyRecord, str]:
-        """A new key: (record, the full key — shown once, never stored)."""
-        now = self.clock()
-        if "name" not in fields:
-            raise BadRequest("name: required")
-        kw = self._check_fields(fields, now)
-        kw["expires_at"] = self._cap_lifetime(kw.get("expires_at"), now)
-        owner = kw.get("owner")
+    async def _check_owner_limit(self, owner: str | None, now: float) -> None:
         limit = self.config.keys.max_keys_per_owner
-        if owner and limit is not None and await self._owner_count(owner) >= limit:
+        if owner and limit is not None and await self.store.count_active(owner, now) >= limit:
             raise Conflict(f"owner {owner!r} already has the maximum of {limit} active keys")
+
+    async def _new_record(self, now: float, **kw: Any) -> tuple[KeyRecord, str]:
         prefix = self.config.keys.prefix
         key, parsed = generate_key(prefix)
+        # Hashing costs what verifying does (~0.1-0.3 s): in the argon2 threads, never on the loop.
+        hashed = await asyncio.get_running_loop().run_in_executor(argon2_pool(), self.hasher.hash, parsed.secret)
         record = KeyRecord(
             id=parsed.key_id,
-            hash=self.hasher.hash(parsed.secret),
+            hash=hashed,
             display=display_form(prefix, parsed.key_id, key),
             created_at=now,
             **kw,
         )
+        return record, key
+
+    def _writable(self, entry_only: bool) -> bool:
+        """True to write; False to only build the record (YAML store, ``entry_only``)."""
         if self.store.writable:
+            return True
+        if entry_only:
+            return False
+        where = getattr(self.store, "path", None)
+        raise ReadOnlyStore(
+            f"keys are managed in the keys file {where.name if where else ''}: edit it "
+            "(`sidecar keys create` prints a new entry to paste)"
+        )
+
+    # ------------------------------------------------------------ operations
+
+    async def create(self, fields: Mapping[str, Any], actor: str, *, entry_only: bool = False) -> tuple[KeyRecord, str]:
+        """A new key: (record, the full key — shown once, never stored).
+
+        On a read-only (YAML) store this refuses, unless ``entry_only``: then the record
+        is only built, for the caller to print as the entry to paste into the file.
+        """
+        now = self.clock()
+        write = self._writable(entry_only)
+        if "name" not in fields:
+            raise BadRequest("name: required")
+        kw = self._check_fields(fields, now)
+        kw["expires_at"] = self._cap_lifetime(kw.get("expires_at"), now)
+        await self._check_owner_limit(kw.get("owner"), now)
+        record, key = await self._new_record(now, **kw)
+        if write:
             await self.store.insert([record])
             await self.store.audit(AuditEvent(now, actor, "created", record.id, {"name": record.name}))
         return record, key
@@ -166,14 +194,25 @@ class KeyManager:
             raise NotFound(f"no key with id {key_id!r}")
         return rec
 
+    async def quota_status(self, rec: KeyRecord) -> list[dict[str, Any]] | None:
+        """Used and remaining quota per scope (``sidecar keys show``); None when no quota applies."""
+        from .ratelimit import read_quota_status
+
+        return await read_quota_status(self.config, self.store, rec, clock=self.clock)
+
     async def patch(self, key_id: str, fields: Mapping[str, Any], actor: str) -> KeyRecord:
         now = self.clock()
+        self._writable(False)
         rec = await self.get(key_id)
         if rec.state(now) == "revoked":
             raise Conflict("a revoked key cannot be changed")
+        if not fields:
+            raise BadRequest("nothing to change: send the fields to set")
         kw = self._check_fields(fields, now)
         if "expires_at" in kw:
             kw["expires_at"] = self._cap_lifetime(kw["expires_at"], now)
+        if kw.get("owner") and kw["owner"] != rec.owner:
+            await self._check_owner_limit(kw["owner"], now)
         new = rec.with_changes(**kw)
         await self.store.update(new)
         await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
@@ -181,43 +220,53 @@ class KeyManager:
 
     async def revoke(self, key_id: str, actor: str) -> KeyRecord:
         now = self.clock()
+        self._writable(False)
         rec = await self.get(key_id)
         if rec.revoked_at is not None and rec.revoked_at <= now:
-            return rec
+            return rec  # already revoked: nothing to do, nothing to audit
         new = rec.with_changes(revoked_at=now)
         await self.store.update(new)
         await self.store.audit(AuditEvent(now, actor, "revoked", key_id, {}))
         return new
 
-    async def rotate(self, key_id: str, actor: str, grace: float = 0.0) -> tuple[KeyRecord, str]:
-        """A new key with the same permissions; the old one works for ``grace`` seconds more."""
+    async def rotate(
+        self, key_id: str, actor: str, grace: float = 0.0, *, entry_only: bool = False
+    ) -> tuple[KeyRecord, str]:
+        """A new key with the same permissions; the old one works ``grace`` seconds more, then is revoked.
+
+        The old key's end is recorded as a scheduled ``revoked_at``, so after the grace it
+        answers ``revoked_key`` and stays listed with ``rotated_to`` pointing at its successor.
+        """
         now = self.clock()
+        write = self._writable(entry_only)
+        if grace < 0:
+            raise BadRequest("grace: must not be negative")
         old = await self.get(key_id)
         if old.state(now) != "active":
             raise Conflict(f"only an active key can be rotated (this one is {old.state(now)})")
+        if old.rotated_to:
+            raise Conflict(f"this key was already rotated to {old.rotated_to}; rotate that one")
         fields = {
             "name": old.name, "description": old.description, "owner": old.owner,
             "permissions": old.permissions.to_dict(), "rate_limits": list(old.rate_limits), "quota": old.quota,
             "concurrency": old.concurrency, "upstream_token_env": dict(old.upstream_token_env),
         }  # fmt: skip
         kw = self._check_fields(fields, now)
-        prefix = self.config.keys.prefix
-        key, parsed = generate_key(prefix)
-        new = KeyRecord(
-            id=parsed.key_id,
-            hash=self.hasher.hash(parsed.secret),
-            display=display_form(prefix, parsed.key_id, key),
-            created_at=now,
-            expires_at=old.expires_at,
-            **kw,
-        )
+        # Same expiry as the old key, but never past the configured maximum lifetime.
+        new, key = await self._new_record(now, expires_at=self._cap_lifetime(old.expires_at, now, clamp=True), **kw)
+        if not write:
+            return new, key
         await self.store.insert([new])
         ends = now + grace
-        retired = old.with_changes(
-            rotated_to=new.id,
-            expires_at=min(old.expires_at, ends) if old.expires_at else ends,
-            revoked_at=None if grace > 0 else now,
-        )
+        retired = old.with_changes(rotated_to=new.id, revoked_at=ends)
         await self.store.update(retired)
         await self.store.audit(AuditEvent(now, actor, "rotated", key_id, {"new_key": new.id, "grace_seconds": grace}))
         return new, key
+
+
+def _human(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{seconds / 86400:g} days"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} hours"
+    return f"{seconds:g} seconds"

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from .config import parse_limit
@@ -41,6 +42,16 @@ def parse_time(value: object) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_PERMS_INTERN: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool], Permissions] = {}
+
+
+def _stored_time(value: object) -> float | None:
+    if value is None or isinstance(value, float):
+        return value
+    return parse_time(value)  # rows written before times were stored as numbers
 
 
 def _str_tuple(value: object, what: str) -> tuple[str, ...]:
@@ -157,6 +168,81 @@ class KeyRecord:
         del d["state"], d["last_used_at"], d["last_used_ip"]
         d["hash"] = self.hash
         return {k: v for k, v in d.items() if v not in (None, "", [], {})}
+
+    def to_stored(self) -> dict[str, Any]:
+        """The SQLite JSON column: like ``to_dict`` but times as epoch seconds (cheap to load)."""
+        d: dict[str, Any] = {"id": self.id, "name": self.name, "hash": self.hash, "display": self.display}
+        if self.description:
+            d["description"] = self.description
+        if self.owner:
+            d["owner"] = self.owner
+        d["permissions"] = self.permissions.to_dict()
+        if self.rate_limits:
+            d["rate_limits"] = list(self.rate_limits)
+        if self.quota:
+            d["quota"] = self.quota
+        if self.concurrency is not None:
+            d["concurrency"] = self.concurrency
+        if self.upstream_token_env:
+            d["upstream_token_env"] = dict(self.upstream_token_env)
+        d["created_at"] = self.created_at
+        for name in ("expires_at", "revoked_at"):
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = v
+        if self.rotated_to:
+            d["rotated_to"] = self.rotated_to
+        return d
+
+    @classmethod
+    def from_stored(
+        cls, data: Mapping[str, Any], last_used_at: float | None = None, last_used_ip: str | None = None
+    ) -> KeyRecord:
+        """Rebuild a record this program wrote itself (``to_stored``), without re-validating it.
+
+        Loading 100 000 keys at start must be quick; every field was validated when the
+        record was written, so this only converts. Human-edited input uses ``from_dict``.
+        """
+        p = data.get("permissions") or {}
+        tools = p.get("tools")
+        ident = (
+            tuple(p.get("upstreams") or ("*",)),
+            tuple(p.get("methods") or ()),
+            tuple(p.get("paths") or ()),
+            bool(p.get("admin", False)),
+        )
+        perms = None if tools else _PERMS_INTERN.get(ident)
+        if perms is None:
+            perms = Permissions(
+                upstreams=ident[0],
+                methods=ident[1],
+                paths=ident[2],
+                tools={k: tuple(v) for k, v in tools.items()} if tools else _EMPTY,
+                admin=ident[3],
+            )
+            if not tools and len(_PERMS_INTERN) < 10_000:
+                _PERMS_INTERN[ident] = perms  # most keys share a handful of permission sets
+        get = data.get
+        ute = get("upstream_token_env")
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            hash=data["hash"],
+            display=get("display") or "",
+            description=get("description") or "",
+            owner=get("owner") or None,
+            permissions=perms,
+            rate_limits=tuple(get("rate_limits") or ()),
+            quota=get("quota") or None,
+            concurrency=get("concurrency"),
+            upstream_token_env=dict(ute) if ute else _EMPTY,
+            created_at=_stored_time(get("created_at")) or 0.0,
+            expires_at=_stored_time(get("expires_at")),
+            revoked_at=_stored_time(get("revoked_at")),
+            last_used_at=last_used_at,
+            last_used_ip=last_used_ip,
+            rotated_to=get("rotated_to"),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyRecord:

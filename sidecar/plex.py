@@ -12,7 +12,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 
-from multidict import CIMultiDict, MultiDict, MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 from .config import UpstreamConfig
 
@@ -21,8 +21,10 @@ __all__ = ["IDENTITY_HEADERS", "ScrubFilter", "TranscodeSessions", "inject_plex"
 IDENTITY_HEADERS = ("X-Plex-Client-Identifier", "X-Plex-Product", "X-Plex-Version")
 _TEXT_TYPES = ("text/", "application/xml", "application/json", "application/vnd.apple.mpegurl",
                "application/x-mpegurl", "audio/mpegurl", "application/dash+xml")  # fmt: skip
-_SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal/session/([^/]+)/")
-_START_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal/(?:start|decision|subtitles|ping)")
+_SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal/session/([^/]+)/", re.IGNORECASE)
+_START_PATH = re.compile(
+    r"^/(?:video|audio|music|photo)/:/transcode/universal/(?:start|decision|subtitles|ping|stop)", re.IGNORECASE
+)
 
 
 def inject_plex(headers: CIMultiDict[str], query: MultiMapping[str], upstream: UpstreamConfig, token: str) -> None:
@@ -86,12 +88,18 @@ class ScrubFilter:
             chunk = self._decoder.decompress(chunk)
         data = self._tail + chunk
         data = data.replace(self.token, self.replacement)
-        keep = len(self.token) - 1
-        if len(data) <= keep:
-            self._tail = data
-            return b""
-        self._tail = data[-keep:] if keep else b""
+        # Hold back only a tail that could start the token, never a fixed width: an SSE
+        # event ending in "\n\n" must go out now, not when the next event arrives.
+        keep = self._partial(data)
+        self._tail = data[len(data) - keep :] if keep else b""
         return data[: len(data) - keep] if keep else data
+
+    def _partial(self, data: bytes) -> int:
+        """Length of the longest end of ``data`` that is a proper beginning of the token."""
+        for n in range(min(len(self.token) - 1, len(data)), 0, -1):
+            if data.endswith(self.token[:n]):
+                return n
+        return 0
 
     def flush(self) -> bytes:
         if self._decoder is not None:
@@ -114,13 +122,15 @@ class TranscodeSessions:
         self.clock = clock
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def claim(self, path: str, query: MultiDict[str], key_id: str) -> bool:
-        """Record ownership when a key starts or pings a session. False if another key owns it."""
-        if not _START_PATH.match(path):
-            return True
-        sid = query.get("session") or query.get("X-Plex-Session-Identifier")
-        if not sid:
-            return True
+    def claim(self, path: str, query: MultiMapping[str], key_id: str) -> bool:
+        """Record ownership when a key starts, pings or reads a session. False if another key owns it."""
+        sid = self.session_of(path)
+        if sid is None:
+            if not _START_PATH.match(path):
+                return True
+            sid = query.get("session") or query.get("X-Plex-Session-Identifier")
+            if not sid:
+                return True
         owner = self.owner(sid)
         if owner is not None and owner != key_id:
             return False

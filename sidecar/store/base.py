@@ -1,7 +1,12 @@
-"""The store interface every backend implements, and its errors."""
+"""The store interface every backend implements, and its errors.
+
+Keys: ``load_all`` once at start, then ``poll`` for what any process changed since.
+State (last used, usage, quotas, audit) always lives in SQLite, whatever holds the keys.
+"""
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +83,11 @@ class Store(ABC):
 
     @abstractmethod
     async def update(self, record: KeyRecord) -> None: ...
+
+    async def count_active(self, owner: str, now: float | None = None) -> int:
+        """Active (not revoked, not expired) keys of ``owner``: for ``keys.max_keys_per_owner``."""
+        t = time.time() if now is None else now
+        return sum(1 for r in await self.list_keys() if r.owner == owner and r.state(t) == "active")
 
     # -- state (always SQLite)
     @abstractmethod

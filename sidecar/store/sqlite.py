@@ -5,12 +5,20 @@ runs. Every key write bumps a monotonically increasing ``seq`` inside one
 ``BEGIN IMMEDIATE`` transaction; the server polls ``MAX(seq)`` (an index lookup)
 every ``poll_interval`` and reloads only the rows past the last one it saw. That is
 how a CLI revoke reaches a running sidecar within a second without any IPC.
+
+The schema is versioned with ``PRAGMA user_version``: each entry of ``_MIGRATIONS``
+brings a database one version up, inside one ``BEGIN IMMEDIATE`` that re-reads the
+version first (so two processes opening a fresh file at once migrate it once). A file
+from a newer sidecar is refused rather than guessed at. One connection is shared by
+the server's tasks, so write transactions are serialised by an ``asyncio.Lock``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,12 @@ _MIGRATIONS: list[str] = [
         action TEXT NOT NULL, key_id TEXT, detail TEXT NOT NULL DEFAULT '{}');
     CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);
     """,
+    # 1 -> 2: owner as a column, so max_keys_per_owner is an index lookup, not a scan of every key.
+    """
+    ALTER TABLE keys ADD COLUMN owner TEXT;
+    UPDATE keys SET owner = json_extract(data, '$.owner');
+    CREATE INDEX IF NOT EXISTS keys_owner ON keys(owner);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -56,6 +70,7 @@ class SqliteStore(Store):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._seq = 0
+        self._lock = asyncio.Lock()  # one write transaction at a time on the shared connection
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -74,21 +89,31 @@ class SqliteStore(Store):
         except sqlite3.Error as e:
             await self.close()
             raise _wrap(e, self.path) from None
+        except BaseException:
+            await self.close()
+            raise
 
-    async def _migrate(self) -> None:
+    async def _version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path.name} has schema version {version}, newer than this sidecar's {SCHEMA_VERSION}: upgrade"
-            )
-        for v in range(version, SCHEMA_VERSION):
+        return int(row[0]) if row else 0
+
+    async def _migrate(self) -> None:
+        while True:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in filter(str.strip, _MIGRATIONS[v].split(";")):
+                version = await self._version()  # re-read under the write lock: another process may have migrated
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path.name} has schema version {version}, but this sidecar only knows versions up to "
+                        f"{SCHEMA_VERSION}: it was written by a newer sidecar; upgrade this one (or use a backup)"
+                    )
+                if version == SCHEMA_VERSION:
+                    await self.db.execute("COMMIT")
+                    return
+                for stmt in filter(str.strip, _MIGRATIONS[version].split(";")):
                     await self.db.execute(stmt)
-                await self.db.execute(f"PRAGMA user_version={v + 1}")
+                await self.db.execute(f"PRAGMA user_version={version + 1}")
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -100,19 +125,20 @@ class SqliteStore(Store):
             await db.close()
 
     async def _write(self, sql: str, params: Any = (), many: bool = False) -> None:
-        try:
-            await self.db.execute("BEGIN IMMEDIATE")
+        async with self._lock:
             try:
-                if many:
-                    await self.db.executemany(sql, params)
-                else:
-                    await self.db.execute(sql, params)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise _wrap(e, self.path) from None
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    if many:
+                        await self.db.executemany(sql, params)
+                    else:
+                        await self.db.execute(sql, params)
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise _wrap(e, self.path) from None
 
     async def _fetch(self, sql: str, params: Any = ()) -> list[Any]:
         try:
@@ -123,21 +149,26 @@ class SqliteStore(Store):
 
     # ------------------------------------------------------------------ keys
 
-    def _record(self, data: str, lu_at: float | None = None, lu_ip: str | None = None) -> KeyRecord:
-        rec = KeyRecord.from_dict(json.loads(data))
-        if lu_at is not None:
-            rec = rec.with_changes(last_used_at=lu_at, last_used_ip=lu_ip)
-        return rec
+    @staticmethod
+    def _record(data: str, lu_at: float | None = None, lu_ip: str | None = None) -> KeyRecord:
+        return KeyRecord.from_stored(json.loads(data), lu_at, lu_ip)
+
+    @classmethod
+    def _records(cls, rows: list[Any]) -> dict[str, KeyRecord]:
+        out: dict[str, KeyRecord] = {}
+        for data, _, at, ip in rows:
+            rec = cls._record(data, at, ip)
+            out[rec.id] = rec
+        return out
 
     async def load_all(self) -> dict[str, KeyRecord]:
         rows = await self._fetch(
             "SELECT k.data, k.seq, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id ORDER BY k.seq"
         )
-        out: dict[str, KeyRecord] = {}
-        for data, seq, at, ip in rows:
-            rec = self._record(data, at, ip)
-            out[rec.id] = rec
-            self._seq = max(self._seq, seq)
+        # 100 000 rows take a while to decode: do it in a thread so a SIGHUP reload never stalls the loop.
+        out = await asyncio.to_thread(self._records, rows) if len(rows) > 1000 else self._records(rows)
+        if rows:
+            self._seq = max(self._seq, max(seq for _, seq, _, _ in rows))
         return out
 
     async def poll(self, force: bool = False) -> KeyChanges | None:
@@ -147,9 +178,13 @@ class SqliteStore(Store):
         top = rows[0][0] if rows and rows[0][0] is not None else 0
         if top <= self._seq:
             return None
-        rows = await self._fetch("SELECT data, seq FROM keys WHERE seq > ? ORDER BY seq", (self._seq,))
-        records = [self._record(data) for data, _ in rows]
-        self._seq = max([self._seq, *(seq for _, seq in rows)])
+        rows = await self._fetch(
+            "SELECT k.data, k.seq, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id "
+            "WHERE k.seq > ? ORDER BY k.seq",
+            (self._seq,),
+        )
+        records = [self._record(data, at, ip) for data, _, at, ip in rows]
+        self._seq = max([self._seq, *(seq for _, seq, _, _ in rows)])
         return KeyChanges(records=records)
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -165,32 +200,39 @@ class SqliteStore(Store):
         return [self._record(*r) for r in rows]
 
     async def insert(self, records: list[KeyRecord]) -> None:
+        """Add keys in one transaction (one row or 100 000: the bulk path is the same)."""
         if not records:
             return
-        try:
-            await self.db.execute("BEGIN IMMEDIATE")
+        async with self._lock:
             try:
-                async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
-                    row = await cur.fetchone()
-                base = int(row[0]) if row else 0
-                await self.db.executemany(
-                    "INSERT INTO keys (id, data, seq) VALUES (?, ?, ?)",
-                    [(r.id, json.dumps(r.to_dict()), base + i + 1) for i, r in enumerate(records)],
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        except sqlite3.IntegrityError:
-            raise StoreError("a key with that id already exists") from None
-        except sqlite3.Error as e:
-            raise _wrap(e, self.path) from None
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
+                        row = await cur.fetchone()
+                    base = int(row[0]) if row else 0
+                    await self.db.executemany(
+                        "INSERT INTO keys (id, data, seq, owner) VALUES (?, ?, ?, ?)",
+                        [(r.id, json.dumps(r.to_stored()), base + i + 1, r.owner) for i, r in enumerate(records)],
+                    )
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError:
+                raise StoreError("a key with that id already exists") from None
+            except sqlite3.Error as e:
+                raise _wrap(e, self.path) from None
 
     async def update(self, record: KeyRecord) -> None:
         await self._write(
-            "UPDATE keys SET data = ?, seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM keys) WHERE id = ?",
-            (json.dumps(record.to_dict()), record.id),
+            "UPDATE keys SET data = ?, owner = ?, seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM keys) WHERE id = ?",
+            (json.dumps(record.to_stored()), record.owner, record.id),
         )
+
+    async def count_active(self, owner: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        rows = await self._fetch("SELECT data FROM keys WHERE owner = ?", (owner,))
+        return sum(1 for (data,) in rows if self._record(data).state(now) == "active")
 
     # ----------------------------------------------------------------- state
 
