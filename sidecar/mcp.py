@@ -1,40 +1,831 @@
-"""MCP awareness (placeholder: plain pass-through; per-tool rules come with issue 7)."""
+"""The MCP gateway: Streamable HTTP and legacy SSE through the sidecar, tool by tool.
+
+The pipeline has already routed, verified the key, checked upstream/method/path
+and the rate limit when it calls :meth:`McpGateway.handle`; what is left is what
+only an MCP-aware proxy can do:
+
+* **Authorize from the body.** A POST's JSON-RPC body (bounded by
+  ``upstreams[].mcp.max_body``) is parsed and every message — each element of a
+  batch — is checked. ``Mcp-Method`` / ``Mcp-Name`` headers are compared with the
+  body and a disagreement is refused; they are never trusted on their own.
+* **Per-tool permissions.** A ``tools/call`` the key may not make is answered by
+  the sidecar with a JSON-RPC error carrying the request's id (HTTP 200, so the
+  client's session lives on). In a batch, the allowed elements go upstream and the
+  refusals are merged into the upstream's answer (JSON array or SSE stream). On the
+  legacy SSE transport the answer has to come down the event stream, so the
+  forbidden call is sent up as a ``ping`` with the same id and its answer is
+  replaced by the refusal on the way down: ordering stays natural and nothing is
+  injected out of band.
+* **Filtered tool lists.** ``tools/list`` results — JSON, or events in any SSE
+  stream of the session — lose the tools the key may not call.
+* **Sessions belong to keys.** An ``Mcp-Session-Id`` (or a legacy SSE session) is
+  bound to the key that opened it; another key presenting it is refused, since the
+  upstream sees one credential (the sidecar's) for everybody.
+* **The sidecar is the protected resource.** The upstream's 401 becomes a 502, its
+  ``WWW-Authenticate`` and OAuth metadata never reach the client; 401s on MCP routes
+  point at the sidecar's own RFC 9728 metadata.
+* **Redirects and endpoints stay inside the prefix.** ``Location`` and the legacy
+  ``endpoint`` event are mapped back under the upstream's ``path_prefix``.
+* **CORS** for browser clients, and the PlexMCP-style **REST tool call**
+  (``POST /mcp`` with ``{"mcp_id", "tool", "arguments"}``).
+
+Streams are never buffered: the forwarder relays SSE without an idle timeout, and
+the rewriters hold at most one incomplete event. A client that goes away cancels
+the handler (``handler_cancellation``), which closes the upstream request at once —
+MCP 2026-07-28 treats that as cancellation.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import DEFAULT_MCP_MAX_BODY, UpstreamConfig
+from .credentials import extract_credential
+from .errors import (
+    BadRequest,
+    Forbidden,
+    NoRoute,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .jsonrpc import TOOL_FORBIDDEN, Body, JsonRpcError, check_headers, dumps, error_object, parse_body
+from .mcp_filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
+from .models import KeyRecord
+from .permissions import allowed, tool_allowed
+from .scope import RequestScope
 
 if TYPE_CHECKING:
     from .app import Sidecar
 
-__all__ = ["McpGateway"]
+__all__ = ["REST_PATH", "McpGateway", "RestClient", "SessionTable"]
+
+REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
+SESSION_HEADER = "Mcp-Session-Id"
+WELL_KNOWN = "/.well-known/oauth-protected-resource"
+CLIENT_NAME = "sidecar"
+HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
+MAX_SESSIONS = 10_000
+CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+
+CORS_ALLOW_HEADERS = (
+    "Authorization", "Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID",
+    "Mcp-Method", "Mcp-Name", "x-api-key",
+)  # fmt: skip
+CORS_EXPOSE_HEADERS = (
+    "Mcp-Session-Id", "MCP-Protocol-Version", "WWW-Authenticate", "Retry-After", "RateLimit", "RateLimit-Policy",
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+)  # fmt: skip
+_OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class McpSession:
+    """What the sidecar remembers about one upstream session (Streamable HTTP or legacy SSE)."""
+
+    owner: str  # key id
+    lists: PendingIds = field(default_factory=PendingIds)  # tools/list ids whose answers may come down a stream
+    refusals: PendingIds = field(default_factory=PendingIds)  # legacy SSE: ids answered by a refusal
+
+
+class SessionTable:
+    """``(upstream, transport, session id) -> McpSession``, bounded (least recently used dropped)."""
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self.limit = limit
+        self._items: OrderedDict[tuple[str, str, str], McpSession] = OrderedDict()
+
+    def get(self, upstream: str, kind: str, sid: str) -> McpSession | None:
+        s = self._items.get((upstream, kind, sid))
+        if s is not None:
+            self._items.move_to_end((upstream, kind, sid))
+        return s
+
+    def bind(self, upstream: str, kind: str, sid: str, owner: str) -> McpSession:
+        s = self._items.get((upstream, kind, sid))
+        if s is None or s.owner != owner:
+            s = McpSession(owner)
+            self._items[(upstream, kind, sid)] = s
+        self._items.move_to_end((upstream, kind, sid))
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+        return s
+
+    def forget(self, upstream: str, kind: str, sid: str) -> None:
+        self._items.pop((upstream, kind, sid), None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# ----------------------------------------------------------------------------- response filter
+
+
+class _Filter:
+    """The forwarder's ResponseFilter for MCP routes: header policy always, body rewriting when needed."""
+
+    def __init__(
+        self,
+        gw: McpGateway,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        *,
+        sid: str | None = None,
+        sse: Callable[[], SseRewriter] | None = None,
+        json_body: Callable[[], JsonRewriter] | None = None,
+    ) -> None:
+        self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
+        self._sse, self._json = sse, json_body
+        self._body: SseRewriter | JsonRewriter | None = None
+        self.status = 0
+
+    def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
+        self.status = status
+        if status == 401:
+            # The upstream's challenge is about the sidecar's credential, not the client's.
+            raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+        headers.popall("WWW-Authenticate", None)
+        for name in ("Location", "Content-Location"):
+            value = headers.get(name)
+            if value:
+                mapped = self.gw.client_path(self.upstream, value)
+                if mapped is not None:
+                    headers[name] = mapped
+        new_sid = headers.get(SESSION_HEADER)
+        if new_sid and status < 400:
+            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)
+        if status == 404 and self.sid:
+            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
+        if not 200 <= status < 300:
+            return False  # the upstream's errors pass through untouched
+        ctype = headers.get("Content-Type", "").lower()
+        if ctype.startswith("text/event-stream") and self._sse is not None:
+            self._body = self._sse()
+        elif ctype.startswith("application/json") and self._json is not None:
+            self._body = self._json()
+        if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
+            self._body = None  # asked for identity; a compressed answer cannot be read, so it passes
+        return self._body is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._body.feed(chunk) if self._body is not None else chunk
+
+    def flush(self) -> bytes:
+        return self._body.flush() if self._body is not None else b""
+
+
+# ----------------------------------------------------------------------------- gateway
 
 
 class McpGateway:
+    """Everything MCP-specific; built by ``Sidecar.start`` when an MCP upstream exists."""
+
     def __init__(self, sc: Sidecar) -> None:
         self.sc = sc
+        self.sessions = SessionTable()
+        self.rest = RestClient(sc.sessions)
+        # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
+        # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
+        owner = sc.router.match(REST_PATH)
+        self._rest_enabled = not any(u.path_prefix == REST_PATH for u in sc.config.upstreams) and (
+            owner is None or owner.kind != "mcp"
+        )
+        self._rest_limit = max(
+            (u.mcp_max_body for u in sc.config.upstreams if u.kind == "mcp"), default=DEFAULT_MCP_MAX_BODY
+        )
+
+    # ------------------------------------------------------------------ hooks the pipeline calls
 
     def is_rest_call(self, request: web.Request) -> bool:
-        return False
+        """Requests the gateway answers before routing: the REST tool call and CORS preflights."""
+        if request.method == "OPTIONS" and self._is_preflight(request):
+            return True
+        return self._rest_enabled and request.method == "POST" and request.path == REST_PATH
 
-    async def rest_call(self, sc: Sidecar, request: web.Request, scope: Any) -> web.StreamResponse:
-        raise web.HTTPNotFound()
+    async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return self._preflight(request)
+        return await self._rest(request, scope)
 
-    async def handle(self, *args: Any) -> web.StreamResponse:
-        _sc, request, scope, upstream, _key, url, headers, rate_headers = args
+    async def handle(
+        self,
+        sc: Sidecar,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        rate_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """One request on an MCP route, after auth, permission and rate limit."""
+        sub = self._upstream_path(upstream, request.path)
+        if sub.startswith(_OAUTH_PATHS):
+            raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
+        url = self._exact_url(upstream, request, url)
+        headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
+        if self._cors_origin(request) is not None:
+            # The sidecar already vetted this origin; the SDK's DNS-rebinding guard would refuse it.
+            headers.popall("Origin", None)
 
-        def on_headers(status: int, out: Any) -> None:
+        def on_headers(status: int, out: CIMultiDict[str]) -> None:
             out.update(rate_headers)
 
-        return await self.sc.forwarder.forward(request, scope, upstream, url, headers, on_headers=on_headers)
+        sid = request.headers.get(SESSION_HEADER)
+        session = self._own_session(upstream, "http", sid, key) if sid else None
+        if request.method == "POST":
+            return await self._post(request, scope, upstream, key, url, headers, on_headers, session, rate_headers)
+        if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
+            return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
+        filt = _Filter(self, upstream, key, sid=sid)
+        response = await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, response_filter=filt, on_headers=on_headers
+        )
+        if request.method == "DELETE" and sid and 200 <= filt.status < 300:
+            self.sessions.forget(upstream.id, "http", sid)
+        return response
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
-        return {}
+        """``WWW-Authenticate`` for a 401 on an MCP route: where the sidecar's resource metadata lives."""
+        upstream = self.sc.config.upstream(upstream_id)
+        if upstream is None or upstream.kind != "mcp":
+            return {}
+        prefix = "" if upstream.path_prefix == "/" else upstream.path_prefix
+        meta = f"{self.base_url(request)}{WELL_KNOWN}{prefix}"
+        return {"WWW-Authenticate": f'Bearer realm="sidecar", resource_metadata="{meta}", ApiKey realm="sidecar"'}
 
     async def well_known(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPNotFound()
+        """RFC 9728 metadata naming the sidecar (not the upstream) as the protected resource.
+
+        No ``authorization_servers``: keys are issued out of band (CLI, admin API), so
+        there is no OAuth flow to discover; clients send the key as a bearer token.
+        """
+        tail = request.match_info.get("tail", "").rstrip("/")
+        base = self.base_url(request)
+        if tail:
+            up = next((u for u in self.sc.config.upstreams if u.kind == "mcp" and u.path_prefix == tail), None)
+            if up is None and not (self._rest_enabled and tail == REST_PATH):
+                return NoRoute(f"no MCP resource at {tail}").response()
+            name = f"Sidecar MCP gateway ({up.id})" if up else "Sidecar MCP REST tool calls"
+        else:
+            name = "Sidecar MCP gateway"
+        body = {"resource": base + tail, "bearer_methods_supported": ["header"], "resource_name": name}
+        return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS headers on every answer of an MCP route (errors included, so browsers can read them)."""
+        origin = self._cors_origin(request)
+        if origin is None or not (self._is_mcp_path(request.path) or request.path.startswith(WELL_KNOWN)):
+            return
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = ", ".join(CORS_EXPOSE_HEADERS)
+        if origin != "*" and "Origin" not in response.headers.getall("Vary", []):
+            response.headers.add("Vary", "Origin")
 
     async def close(self) -> None:
-        pass
+        await self.rest.close(self.sc.config.upstreams)
+
+    # ------------------------------------------------------------------ helpers
+
+    def base_url(self, request: web.Request) -> str:
+        """The sidecar's public origin (trusting ``X-Forwarded-*`` only from trusted proxies)."""
+        proto, host = request.scheme, request.host
+        peer = request.remote or ""
+        try:
+            trusted = any(ipaddress.ip_address(peer) in net for net in self.sc.trusted_proxies)
+        except ValueError:
+            trusted = False
+        if trusted:
+            proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+        return f"{proto}://{host}"
+
+    def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:
+        return client_path(
+            location, upstream_url=upstream.url, prefix=upstream.path_prefix, strip_prefix=upstream.strip_prefix
+        )
+
+    @staticmethod
+    def _upstream_path(upstream: UpstreamConfig, path: str) -> str:
+        if upstream.strip_prefix and upstream.path_prefix != "/":
+            return path[len(upstream.path_prefix) :] or "/"
+        return path
+
+    @staticmethod
+    def _exact_url(upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
+        """``/mcp/tools`` → the upstream URL itself, not ``…/mcp/`` (the SDK would answer 307 to ``…/mcp``)."""
+        exact = upstream.strip_prefix and upstream.path_prefix != "/" and request.path == upstream.path_prefix
+        if exact and urlsplit(upstream.url).path not in ("", "/"):
+            query = url.raw_query_string
+            return URL(upstream.url + (f"?{query}" if query else ""), encoded=True)
+        return url
+
+    def _own_session(self, upstream: UpstreamConfig, kind: str, sid: str, key: KeyRecord) -> McpSession:
+        """The session, claimed by this key on first sight; another key's session is refused."""
+        s = self.sessions.get(upstream.id, kind, sid)
+        if s is None:
+            return self.sessions.bind(upstream.id, kind, sid, key.id)
+        if s.owner != key.id:
+            raise Forbidden("this MCP session belongs to another key")
+        return s
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes:
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"MCP request body over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if limit and size > limit:
+                raise PayloadTooLarge(f"MCP request body over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _json(obj: Any, status: int, headers: dict[str, str]) -> web.Response:
+        return web.Response(status=status, body=dumps(obj), content_type="application/json", headers=headers)
+
+    # ------------------------------------------------------------------ POST: the JSON-RPC body
+
+    async def _post(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        session: McpSession | None,
+        rate_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        raw = await self._read_body(request, upstream.mcp_max_body)
+        try:
+            body = parse_body(raw)
+            check_headers(body, request.headers.items())
+        except JsonRpcError as e:
+            # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
+            scope.error = "bad_request"
+            return self._json(e.body(code="bad_request"), 400, rate_headers)
+
+        may_call = partial(tool_allowed, key.permissions, upstream.id)
+        restricted = _restricted(key, upstream)
+        tools: list[str] = []
+        refused: dict[int, dict[str, Any]] = {}  # message index -> the refusal (requests only)
+        dropped: set[int] = set()  # forbidden notifications: nothing to answer
+        list_ids: list[Any] = []
+        for i, msg in enumerate(body.messages):
+            tool = msg.tool
+            if tool is not None:
+                tools.append(tool)
+                if not may_call(tool):
+                    if msg.is_request:
+                        refused[i] = error_object(
+                            msg.id, TOOL_FORBIDDEN, f"this key may not call tool {tool!r}",
+                            {"code": "insufficient_permissions"},
+                        )  # fmt: skip
+                    else:
+                        dropped.add(i)
+                    continue
+            if restricted and msg.is_request and msg.method == "tools/list":
+                list_ids.append(msg.id)
+        scope.tool = ",".join(dict.fromkeys(tools))
+        if refused or dropped:
+            scope.error = "insufficient_permissions"
+
+        legacy = self._legacy_session(request, upstream, key)
+        if legacy is not None:
+            return await self._post_legacy(
+                request, scope, upstream, key, url, headers, on_headers, rate_headers, body, raw, refused, dropped,
+                list_ids, legacy,
+            )  # fmt: skip
+        lists = PendingIds()
+        for rid in list_ids:
+            lists.add(rid)
+            if session is not None:
+                session.lists.add(rid)  # the answer may come down the GET stream after a resumption
+
+        kept = [m for i, m in enumerate(body.messages) if i not in refused and i not in dropped]
+        answers = list(refused.values())
+        if not kept:
+            if not answers:
+                return web.Response(status=202, headers=rate_headers)
+            return self._json(answers if body.batch else answers[0], 200, rate_headers)
+        if answers and not any(m.is_request for m in kept):
+            # Upstream will say 202 for the notifications; the refusals still need an answer.
+            await self._send_only(upstream, url, headers, dumps([m.raw for m in kept]), scope)
+            return self._json(answers, 200, rate_headers)
+        if len(kept) != len(body.messages):
+            raw = dumps([m.raw for m in kept])
+        policy = Policy(may_call, lists=(lists, session.lists) if session is not None else (lists,))
+        want = bool(list_ids) or bool(answers)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sid=request.headers.get(SESSION_HEADER),
+            sse=partial(SseRewriter, policy, extra=answers) if want else None,
+            json_body=partial(JsonRewriter, policy, extra=answers) if want else None,
+        )
+        return await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, body=raw, response_filter=filt, on_headers=on_headers
+        )
+
+    def _legacy_session(self, request: web.Request, upstream: UpstreamConfig, key: KeyRecord) -> McpSession | None:
+        """The legacy SSE session a message POST names (``?session_id=``), checked against the key."""
+        if SESSION_HEADER in request.headers:
+            return None
+        sid = request.query.get("session_id") or request.query.get("sessionId")
+        if not sid:
+            return None
+        s = self.sessions.get(upstream.id, "sse", sid)
+        if s is None:
+            raise NoRoute("no such MCP SSE session on this sidecar (open the event stream through it first)")
+        if s.owner != key.id:
+            raise Forbidden("this MCP session belongs to another key")
+        return s
+
+    async def _post_legacy(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        rate_headers: dict[str, str],
+        body: Body,
+        raw: bytes,
+        refused: dict[int, dict[str, Any]],
+        dropped: set[int],
+        list_ids: list[Any],
+        legacy: McpSession,
+    ) -> web.StreamResponse:
+        """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
+        for rid in list_ids:
+            legacy.lists.add(rid)
+        if refused or dropped:
+            out: list[dict[str, Any]] = []
+            for i, msg in enumerate(body.messages):
+                if i in refused:
+                    legacy.refusals.add(msg.id, refused[i])
+                    out.append({"jsonrpc": "2.0", "id": msg.id, "method": "ping"})
+                elif i not in dropped:
+                    out.append(msg.raw)
+            if not out:
+                return web.Response(status=202, text="Accepted", headers=rate_headers)
+            raw = dumps(out if body.batch else out[0])
+        filt = _Filter(self, upstream, key)
+        return await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, body=raw, response_filter=filt, on_headers=on_headers
+        )
+
+    async def _send_only(
+        self, upstream: UpstreamConfig, url: URL, headers: CIMultiDict[str], body: bytes, scope: RequestScope
+    ) -> None:
+        """POST notifications upstream and wait for the (bodiless) answer."""
+        headers["Content-Length"] = str(len(body))
+        started = time.perf_counter()
+        resp = await _open(self.sc.sessions[upstream.id], upstream, "POST", url, headers, body)
+        scope.upstream_seconds = time.perf_counter() - started
+        async with resp:
+            if resp.status == 401:
+                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+
+    # ------------------------------------------------------------------ GET: event streams
+
+    async def _stream(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        session: McpSession | None,
+    ) -> web.StreamResponse:
+        """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
+        policy = Policy(partial(tool_allowed, key.permissions, upstream.id))
+        legacy_sid: list[str] = []
+
+        def endpoint(data: str) -> str:
+            # The legacy transport's first event names the URL to POST messages to.
+            sid = parse_qs(urlsplit(data).query)
+            found = (sid.get("session_id") or sid.get("sessionId") or [""])[0]
+            if found:
+                s = self.sessions.bind(upstream.id, "sse", found, key.id)
+                policy.lists, policy.refusals = (s.lists,), (s.refusals,)
+                legacy_sid.append(found)
+            return self.client_path(upstream, data) or data
+
+        if session is not None:
+            policy.lists = (session.lists,)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sid=request.headers.get(SESSION_HEADER),
+            sse=partial(SseRewriter, policy, endpoint=None if session is not None else endpoint),
+        )
+        try:
+            return await self.sc.forwarder.forward(
+                request, scope, upstream, url, headers, response_filter=filt, on_headers=on_headers
+            )
+        finally:
+            for found in legacy_sid:
+                self.sessions.forget(upstream.id, "sse", found)
+
+    # ------------------------------------------------------------------ CORS
+
+    def _cors_origin(self, request: web.Request) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for this request, or None (CORS off, no or foreign origin)."""
+        cors = self.sc.config.cors
+        origin = request.headers.get("Origin")
+        if not cors.enabled or not origin:
+            return None
+        if "*" in cors.origins:
+            return "*"
+        return origin if origin in cors.origins else None
+
+    def _is_mcp_path(self, path: str) -> bool:
+        if self._rest_enabled and path == REST_PATH:
+            return True
+        up = self.sc.router.match(path)
+        return up is not None and up.kind == "mcp"
+
+    def _is_preflight(self, request: web.Request) -> bool:
+        return (
+            self.sc.config.cors.enabled
+            and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers
+            and self._is_mcp_path(request.path)
+        )
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        origin = self._cors_origin(request)
+        if origin is None:
+            raise Forbidden("this origin may not use the MCP routes (cors.origins)")
+        requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+        allow = list(CORS_ALLOW_HEADERS) + [h for h in requested if h.lower().startswith("mcp-param-")]
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": ", ".join(allow),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            },
+        )
+
+    # ------------------------------------------------------------------ REST tool call
+
+    async def _rest(self, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+        """``POST /mcp {"mcp_id", "tool", "arguments"}``: verify, authorize, limit, call, answer JSON."""
+        sc = self.sc
+        credential = extract_credential(request.headers, request.query, sc.config.credentials)
+        if credential is None:
+            raise Unauthorized("an API key is required")
+        scope.credential = ",".join(credential.forms)
+        key = await sc.verifier.verify(credential.key, scope.client_ip)
+        scope.key_id, scope.key_name = key.id, key.name
+
+        raw = await self._read_body(request, self._rest_limit)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise BadRequest('the body must be JSON: {"mcp_id": …, "tool": …, "arguments": {…}}') from None
+        if not isinstance(data, dict):
+            raise BadRequest('the body must be a JSON object: {"mcp_id": …, "tool": …, "arguments": {…}}')
+        mcp_id, tool, arguments = data.get("mcp_id"), data.get("tool"), data.get("arguments", {})
+        if not isinstance(mcp_id, str) or not mcp_id:
+            raise BadRequest("mcp_id: required (the id of an MCP upstream)")
+        if not isinstance(tool, str) or not tool:
+            raise BadRequest("tool: required (the name of the tool to call)")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise BadRequest("arguments: expected an object")
+        unknown = set(data) - {"mcp_id", "tool", "arguments"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+        upstream = sc.config.upstream(mcp_id)
+        if upstream is None or upstream.kind != "mcp":
+            raise NoRoute(f"no MCP upstream with id {mcp_id!r}")
+        scope.upstream, scope.tool = upstream.id, tool
+
+        reason = allowed(key.permissions, upstream.id, upstream.kind, "POST", "/")
+        if reason:
+            raise Forbidden(reason)
+        if not tool_allowed(key.permissions, upstream.id, tool):
+            raise Forbidden(f"this key may not call tool {tool!r}")
+        decision = await sc.limiter.check(key, upstream)
+        if not decision.allowed and decision.error is not None:
+            scope.rate_limited = True
+            raise decision.error
+        async with sc.limiter.slot(key, upstream):
+            result = await self.rest.call(upstream, tool, arguments, scope)
+        return self._json({"success": True, "data": result}, 200, decision.headers)
+
+
+def _restricted(key: KeyRecord, upstream: UpstreamConfig) -> bool:
+    """Whether the key's tools are limited on this upstream (if not, tool lists pass untouched)."""
+    tools = key.permissions.tools
+    return tools.get(upstream.id, tools.get("*")) is not None
+
+
+async def _open(
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    method: str,
+    url: URL | str,
+    headers: CIMultiDict[str] | dict[str, str],
+    body: bytes,
+) -> aiohttp.ClientResponse:
+    """One upstream request, with the forwarder's mapping of failures to contract errors."""
+    try:
+        async with asyncio.timeout(upstream.read_timeout):
+            return await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not accept a connection in time") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+
+
+# ----------------------------------------------------------------------------- REST caller
+
+
+@dataclass
+class _Pooled:
+    """The REST caller's one MCP session with an upstream (re-initialised when it expires)."""
+
+    session_id: str | None = None
+    version: str | None = None
+    ready: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class RestClient:
+    """Minimal JSON-RPC over Streamable HTTP, on the forwarder's pooled aiohttp sessions.
+
+    Hand-rolled rather than the SDK's client: the SDK is not a runtime dependency of
+    the sidecar, and its client brings httpx and a task group per connection, where a
+    REST call needs three small POSTs (``initialize``, ``notifications/initialized``
+    once per upstream, then ``tools/call``) over connections the sidecar already pools.
+    """
+
+    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+        self.sessions = sessions
+        self._pool: dict[str, _Pooled] = {}
+
+    def pooled(self, upstream_id: str) -> _Pooled:
+        return self._pool.setdefault(upstream_id, _Pooled())
+
+    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
+        pooled = self.pooled(upstream.id)
+        status, msg = 0, None
+        for attempt in range(2):
+            await self._ensure(upstream, pooled)
+            sid = pooled.session_id
+            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/call",
+                       "params": {"name": tool, "arguments": arguments}}  # fmt: skip
+            started = time.perf_counter()
+            status, _, msg = await self._rpc(upstream, pooled, request)
+            scope.upstream_seconds = time.perf_counter() - started
+            if status == 404 and sid is not None and attempt == 0:
+                async with pooled.lock:  # the session expired upstream: initialise a new one, once
+                    if pooled.session_id == sid:
+                        pooled.ready, pooled.session_id = False, None
+                continue
+            break
+        if msg is None:
+            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
+        if "error" in msg:
+            err = msg["error"] if isinstance(msg["error"], dict) else {}
+            code, text = err.get("code"), str(err.get("message", "error"))
+            if code in (-32600, -32601, -32602):
+                raise BadRequest(f"the upstream refused the call: {text}")
+            raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
+        return msg.get("result")
+
+    async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        if pooled.ready:
+            return
+        async with pooled.lock:
+            if not pooled.ready:  # another call may have initialised it while this one waited
+                await self._initialize(upstream, pooled)
+
+    async def _initialize(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        pooled.session_id = pooled.version = None
+        init = {
+            "jsonrpc": "2.0", "id": next(pooled.ids), "method": "initialize",
+            "params": {"protocolVersion": HANDSHAKE_VERSION, "capabilities": {},
+                       "clientInfo": {"name": CLIENT_NAME, "version": "1.0"}},
+        }  # fmt: skip
+        status, headers, msg = await self._rpc(upstream, pooled, init)
+        result = msg.get("result") if msg else None
+        if status >= 300 or not isinstance(result, dict):
+            raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
+        pooled.session_id = headers.get(SESSION_HEADER)
+        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
+        await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        pooled.ready = True
+
+    def _headers(self, upstream: UpstreamConfig, pooled: _Pooled) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Accept-Encoding": "identity",
+            **upstream.headers,
+        }
+        if pooled.session_id:
+            headers[SESSION_HEADER] = pooled.session_id
+        if pooled.version:
+            headers["MCP-Protocol-Version"] = pooled.version
+        return headers
+
+    async def _rpc(
+        self, upstream: UpstreamConfig, pooled: _Pooled, msg: dict[str, Any]
+    ) -> tuple[int, CIMultiDict[str], dict[str, Any] | None]:
+        """POST one message; the JSON-RPC answer to it (from JSON or an SSE stream), if any."""
+        session = self.sessions[upstream.id]
+        resp = await _open(session, upstream, "POST", upstream.url, self._headers(upstream, pooled), dumps(msg))
+        async with resp:
+            headers = CIMultiDict(resp.headers)
+            if resp.status == 401:
+                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+            if "id" not in msg or resp.status == 202:
+                return resp.status, headers, None
+            ctype = resp.headers.get("Content-Type", "").lower()
+            try:
+                if ctype.startswith("text/event-stream"):
+                    return resp.status, headers, await _answer_from_sse(resp, msg["id"])
+                if ctype.startswith("application/json"):
+                    async with asyncio.timeout(upstream.read_timeout):
+                        body = json.loads(await resp.read())
+                    return resp.status, headers, body if isinstance(body, dict) else None
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
+            except (aiohttp.ClientError, ValueError) as e:
+                raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+            return resp.status, headers, None
+
+    async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
+        """End the pooled sessions politely (DELETE), best effort and quickly."""
+        for up in upstreams:
+            pooled = self._pool.get(up.id)
+            session = self.sessions.get(up.id)
+            if pooled is None or not pooled.session_id or session is None or session.closed:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    resp = await session.delete(up.url, headers=self._headers(up, pooled))
+                    resp.release()
+        self._pool.clear()
+
+
+async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any) -> dict[str, Any] | None:
+    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped)."""
+    splitter = SseSplitter()
+    async for chunk in resp.content.iter_any():
+        for raw, complete in splitter.feed(chunk):
+            if not complete:
+                continue
+            ev = parse_event(raw)
+            if ev.event != "message" or not ev.has_data:
+                continue
+            try:
+                msg = json.loads(ev.data)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("id") == rid and ("result" in msg or "error" in msg):
+                return msg
+    return None

@@ -16,13 +16,14 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, MultiDict
 
 from .accesslog import redact_path
+from .cache import OnHeaders
 from .config import UpstreamConfig
 from .credentials import Credential, extract_credential, strip_credential
 from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from .models import KeyRecord
 from .permissions import allowed
 from .plex import ScrubFilter, inject_plex
-from .proxy import ResponseFilter, forward_headers, upstream_url
+from .proxy import ResponseFilter, ResponseTap, forward_headers, upstream_url
 from .scope import SCOPE, RequestScope
 
 if TYPE_CHECKING:
@@ -162,12 +163,18 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         if rule is not None:
             identity = token or ""
 
-            async def fetch() -> web.StreamResponse:
+            async def fetch(tap: ResponseTap | None, tagged: OnHeaders) -> web.StreamResponse:
                 return await sc.forwarder.forward(
-                    request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
+                    request, scope, upstream, url, headers, response_filter=response_filter, on_headers=tagged, tap=tap
                 )
 
-            return await sc.cache.serve(request, scope, upstream, url, headers, identity, fetch)
+            cached = await sc.cache.serve(
+                request, scope, upstream, rule, path, url, headers, identity, fetch,
+                response_filter=response_filter, on_headers=on_headers,
+            )  # fmt: skip
+            if scope.cache in ("HIT", "STALE"):
+                await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
+            return cached
         return await sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
         )
