@@ -86,9 +86,7 @@ async def plex_upstream(aiohttp_server: Any) -> TestServer:
 
 
 @pytest.fixture
-async def make_sidecar(
-    aiohttp_client: Any, tmp_path: Path, env: dict[str, str]
-) -> AsyncIterator[MakeSidecar]:
+async def make_sidecar(aiohttp_client: Any, tmp_path: Path, env: dict[str, str]) -> AsyncIterator[MakeSidecar]:
     started: list[Sidecar] = []
 
     async def make(config: dict[str, Any], *, extra_env: dict[str, str] | None = None, **kw: Any) -> Running:
