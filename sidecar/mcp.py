@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import json
 import time
@@ -70,6 +69,7 @@ from .jsonrpc import TOOL_FORBIDDEN, Body, JsonRpcError, check_headers, dumps, e
 from .mcp_filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
 from .models import KeyRecord
 from .permissions import allowed, tool_allowed
+from .proxy import public_origin
 from .scope import RequestScope
 
 if TYPE_CHECKING:
@@ -309,15 +309,7 @@ class McpGateway:
 
     def base_url(self, request: web.Request) -> str:
         """The sidecar's public origin (trusting ``X-Forwarded-*`` only from trusted proxies)."""
-        proto, host = request.scheme, request.host
-        peer = request.remote or ""
-        try:
-            trusted = any(ipaddress.ip_address(peer) in net for net in self.sc.trusted_proxies)
-        except ValueError:
-            trusted = False
-        if trusted:
-            proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
-            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+        proto, host = public_origin(request, self.sc.trusted_proxies)
         return f"{proto}://{host}"
 
     def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:

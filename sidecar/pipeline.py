@@ -116,6 +116,8 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
 
     # 2. credential, 3. verify
     credential = extract_credential(request.headers, request.query, cfg.credentials)
+    if credential is not None and credential.key in scope.path:  # a key under a parameter name we do not know
+        scope.path = scope.path.replace(credential.key, "REDACTED")
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
 
@@ -150,7 +152,7 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
             headers[name] = value
     raw_path = request.rel_url.raw_path
     url = upstream_url(upstream, raw_path, query)
-    headers = forward_headers(request, headers, upstream)
+    headers = forward_headers(request, headers, upstream, sc.trusted_proxies)
 
     def on_headers(status: int, out: CIMultiDict[str]) -> None:
         out.update(decision.headers)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +43,7 @@ __all__ = [
     "ResponseTap",
     "forward_headers",
     "make_session",
+    "public_origin",
     "upstream_url",
 ]
 
@@ -125,8 +127,31 @@ def _connection_tokens(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders
     return drop
 
 
-def forward_headers(request: web.Request, headers: CIMultiDict[str], upstream: UpstreamConfig) -> CIMultiDict[str]:
-    """Drop hop-by-hop headers (and any the client listed in Connection), set Host and X-Forwarded-*."""
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def public_origin(request: web.Request, trusted_proxies: Networks = ()) -> tuple[str, str]:
+    """The scheme and host the client used: the listener's own, or what a trusted proxy in front says."""
+    proto, host = request.scheme, request.host
+    if trusted_proxies:
+        try:
+            trusted = any(ipaddress.ip_address(request.remote or "") in net for net in trusted_proxies)
+        except ValueError:
+            trusted = False
+        if trusted:
+            proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+    return proto, host
+
+
+def forward_headers(
+    request: web.Request, headers: CIMultiDict[str], upstream: UpstreamConfig, trusted_proxies: Networks = ()
+) -> CIMultiDict[str]:
+    """Drop hop-by-hop headers (and any the client listed in Connection), set Host and X-Forwarded-*.
+
+    X-Forwarded-Proto/Host describe the client's side: behind a trusted proxy (TLS
+    terminated at an ingress) they are that proxy's, otherwise this listener's.
+    """
     drop = _connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
@@ -140,9 +165,22 @@ def forward_headers(request: web.Request, headers: CIMultiDict[str], upstream: U
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    out["X-Forwarded-Host"] = request.host
+    out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)
     return out
+
+
+SMALL_BODY = CHUNK  # answers up to this size with a Content-Length are relayed whole (``_relay_whole``)
+
+
+def _small_body(method: str, resp: aiohttp.ClientResponse) -> int | None:
+    """The body's length when it is small, known and really follows the headers, else None."""
+    if method == "HEAD" or resp.status < 200 or resp.status in (204, 304) or "Transfer-Encoding" in resp.headers:
+        return None
+    length = resp.headers.get("Content-Length")
+    if length is None or not length.isdigit():
+        return None
+    size = int(length)
+    return size if size <= SMALL_BODY else None
 
 
 def _is_stream(headers: CIMultiDict[str]) -> bool:
@@ -341,6 +379,11 @@ class Forwarder:
         streaming = _is_stream(out_headers)
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
+        else:
+            size = _small_body(request.method, resp)
+            if size is not None:
+                return await self._relay_whole(scope, upstream, resp, size, out_headers, response_filter, rewrite,
+                                               recording, tap)  # fmt: skip
         # No explicit chunking: without a Content-Length aiohttp chunks for HTTP/1.1 clients,
         # closes the connection for HTTP/1.0 ones, and sends no body at all for HEAD/204/304.
         response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
@@ -384,6 +427,45 @@ class Forwarder:
                 return response
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _relay_whole(
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        resp: aiohttp.ClientResponse,
+        size: int,
+        headers: CIMultiDict[str],
+        response_filter: ResponseFilter | None,
+        rewrite: bool,
+        recording: bool,
+        tap: ResponseTap | None,
+    ) -> web.StreamResponse:
+        """A small body with a known length, read whole and sent as one ``web.Response``.
+
+        Why: most API answers are a few KiB. Sent whole, headers and body leave in one
+        write with an exact ``Content-Length`` (also after token scrubbing, which would
+        otherwise force chunked framing and a second write), and an upstream that fails
+        mid-body is still a clean 502/504 because nothing has reached the client yet.
+        Memory stays bounded by ``SMALL_BODY``, the size of one streamed chunk.
+        """
+        try:
+            async with asyncio.timeout(upstream.read_timeout):
+                body = await resp.content.readexactly(size) if size else b""
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream.id} did not send its body within {upstream.read_timeout:g}s"
+            ) from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
+            raise UpstreamUnavailable(f"upstream {upstream.id} broke off its response") from None
+        if recording and tap is not None and tap.feed(body):
+            tap.end()
+        if rewrite and response_filter is not None:
+            body = response_filter.feed(body) + response_filter.flush()
+        headers.popall("Content-Length", None)  # aiohttp sets it from the body
+        response = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+        scope.status = resp.status
+        scope.bytes_sent = len(body)
         return response
 
     @staticmethod

@@ -128,3 +128,26 @@ def test_stdout_target(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     entry = json.loads(out)
     assert entry["method"] == "POST" and entry["client_ip"] == "10.0.0.1" and out.endswith("\n")
+
+
+async def test_a_key_under_an_unknown_parameter_name_is_redacted(plex_sidecar: Running, tmp_path: Path) -> None:
+    """The literal key never reaches the log, whatever the parameter it hides in is called."""
+    _, key = await plex_sidecar.create_key(name="odd-param")
+    resp = await plex_sidecar.proxy.get(f"/library/sections?myOwnParam={key}", headers={"X-Plex-Token": key})
+    assert resp.status == 200
+    lines = await _lines(tmp_path / "access.log", 1)
+    assert lines[-1]["path"] == "/library/sections?myOwnParam=REDACTED"
+    assert key not in (tmp_path / "access.log").read_text()
+
+
+async def test_lines_of_one_loop_iteration_go_out_in_one_write(tmp_path: Path) -> None:
+    target = tmp_path / "batched.log"
+    log = AccessLog(str(target))
+    for i in range(3):
+        log.write(RequestScope(method="GET", path=f"/{i}", client_ip="127.0.0.1"))
+    assert target.read_text() == ""  # gathered, not yet written ...
+    await asyncio.sleep(0)  # ... until the loop comes round
+    assert [json.loads(x)["path"] for x in target.read_text().splitlines()] == ["/0", "/1", "/2"]
+    log.write(RequestScope(method="GET", path="/last", client_ip="127.0.0.1"))
+    log.close()  # shutdown flushes what is pending
+    assert json.loads(target.read_text().splitlines()[-1])["path"] == "/last"

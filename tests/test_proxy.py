@@ -516,12 +516,14 @@ async def test_slow_upload_longer_than_read_timeout_is_not_a_504(front: Front) -
     assert seen[-1]["size"] == 30_000
 
 
-async def test_stream_idle_longer_than_read_timeout_is_cut(front: Front, tmp_path: Path) -> None:
+@pytest.mark.parametrize("length", [10 * MiB, 1000], ids=["streamed", "small"])
+async def test_stream_idle_longer_than_read_timeout_is_cut(front: Front, tmp_path: Path, length: int) -> None:
+    """A long body that stalls is cut (headers are out); a small one is read whole first, so it is a clean 504."""
     release = asyncio.Event()
 
     async def stall(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = 1000
+        resp.content_length = length
         await resp.prepare(request)
         await resp.write(b"x" * 100)
         await release.wait()
@@ -532,9 +534,13 @@ async def test_stream_idle_longer_than_read_timeout_is_cut(front: Front, tmp_pat
     sc, key = await front(app, upstream={"timeouts": {"read": "300ms"}})
     try:
         resp = await sc.proxy.get("/stall", headers={"X-Plex-Token": key})
-        assert resp.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await asyncio.wait_for(resp.read(), 5)
+        if length > 64 * 1024:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(resp.read(), 5)
+        else:
+            assert resp.status == 504
+            assert await error_of(resp) == "upstream_timeout"
     finally:
         release.set()
     lines = await log_lines(tmp_path / "access.log")
@@ -753,6 +759,60 @@ async def test_forwarded_headers_and_upstream_host(front: Front, aiohttp_server:
     # A client-sent X-Forwarded-For is kept and the peer appended, as nginx's $proxy_add_x_forwarded_for does.
     await sc.proxy.get("/f", headers={"X-Plex-Token": key, "X-Forwarded-For": "203.0.113.9"})
     assert header(seen[-1], "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+
+
+async def test_forwarded_proto_and_host_from_a_trusted_proxy_are_kept(front: Front, aiohttp_server: Any) -> None:
+    """Behind a trusted ingress that terminated TLS, the upstream learns the client's https origin."""
+    app, seen = recording_app()
+    server = await aiohttp_server(app)
+    sc, key = await front(url=str(server.make_url("")).rstrip("/"), server={"trusted_proxies": ["127.0.0.1"]})
+    sent = {"X-Plex-Token": key, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "plex.example.com"}
+    assert (await sc.proxy.get("/f", headers=sent)).status == 200
+    assert header(seen[-1], "X-Forwarded-Proto") == ["https"]
+    assert header(seen[-1], "X-Forwarded-Host") == ["plex.example.com"]
+    # From an untrusted peer the same headers are replaced by the listener's own view.
+    sc2, key2 = await front(url=str(server.make_url("")).rstrip("/"), server={"trusted_proxies": ["10.0.0.0/8"]})
+    sent["X-Plex-Token"] = key2
+    assert (await sc2.proxy.get("/f", headers=sent)).status == 200
+    assert header(seen[-1], "X-Forwarded-Proto") == ["http"]
+    assert header(seen[-1], "X-Forwarded-Host") != ["plex.example.com"]
+
+
+async def test_small_scrubbed_body_keeps_an_exact_content_length(front: Front) -> None:
+    """A short XML answer echoing the token is scrubbed and still sent with Content-Length, not chunked."""
+
+    async def echo(request: web.Request) -> web.Response:
+        xml = f'<MediaContainer><Video thumb="/t?X-Plex-Token={request.headers["X-Plex-Token"]}"/></MediaContainer>'
+        return web.Response(text=xml, content_type="text/xml")
+
+    app = web.Application()
+    app.router.add_get("/x", echo)
+    sc, key = await front(app)
+    resp = await sc.proxy.get("/x", headers={"X-Plex-Token": key})
+    body = await resp.read()
+    assert resp.status == 200
+    assert PLEX_TOKEN.encode() not in body and key.encode() in body
+    assert "Transfer-Encoding" not in resp.headers
+    assert resp.headers["Content-Length"] == str(len(body))
+
+
+async def test_small_body_cut_short_by_the_upstream_is_a_clean_502(
+    front: Front, raw_server: RawServer, tmp_path: Path
+) -> None:
+    """Under one chunk the body is read whole before anything is sent, so a broken upstream is a 502."""
+
+    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 500\r\n\r\n<Media")
+        await writer.drain()
+        writer.transport.abort()
+
+    sc, key = await front(url=await raw_server(short))
+    resp = await sc.proxy.get("/x", headers={"X-Plex-Token": key})
+    assert resp.status == 502
+    assert await error_of(resp) == "upstream_unavailable"
+    lines = await log_lines(tmp_path / "access.log")
+    assert lines[-1]["status"] == 502 and lines[-1]["error"] == "upstream_unavailable"
 
 
 async def test_gzip_body_passes_through_byte_identical(front: Front) -> None:
