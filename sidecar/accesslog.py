@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from .scope import RequestScope
 
@@ -31,13 +31,21 @@ _SECRET_PARAM = re.compile(
 
 def redact_path(path_qs: str) -> str:
     """The path as logged: every credential-named query value replaced by ``REDACTED``."""
+    if "=" not in path_qs and "%3D" not in path_qs and "%3d" not in path_qs:
+        return path_qs  # nothing that could carry a value: skip the regex (the common case)
     return _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text: strftime once a second
 
 
 def _now() -> str:
     """UTC, ISO 8601, milliseconds: ``2025-01-31T12:00:00.123Z``."""
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    sec = int(t)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
 
 
 class AccessLog:

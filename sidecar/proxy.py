@@ -29,7 +29,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 from yarl import URL
 
 from .config import UpstreamConfig
@@ -119,12 +119,15 @@ def upstream_url(upstream: UpstreamConfig, raw_path: str, query: MultiDict[str])
     return url.with_query(query) if query else url
 
 
-def _connection_tokens(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders) -> set[str]:
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Hop-by-hop names: the fixed list plus every header the ``Connection`` header names."""
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return HOP_BY_HOP
     drop = set(HOP_BY_HOP)
-    for value in CIMultiDict(headers).getall("Connection", []):
+    for value in listed:
         drop.update(v.strip().lower() for v in value.split(",") if v.strip())
-    return drop
+    return frozenset(drop)
 
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -188,41 +191,70 @@ def _is_stream(headers: CIMultiDict[str]) -> bool:
 
 
 class _IdleDeadline:
-    """``asyncio.timeout`` as an idle timer: progress pushes it back, waiting on the client pauses it.
+    """An idle timer: progress pushes it back, waiting on the client pauses it.
+
+    Hand-written rather than ``asyncio.timeout`` + ``reschedule``: that cancels and
+    re-creates a timer handle on every chunk (several % of a small request's CPU). Here
+    ``touch`` only stores a new due time; the one armed handle checks it when it fires
+    and re-arms itself if progress was made meanwhile. Cancellation follows
+    ``asyncio.timeout``: the task is cancelled and ``TimeoutError`` raised at the exit.
 
     It may be moved from another task (aiohttp writes the request body in a task of its
     own); outside its ``async with`` every call is a no-op, so a body still streaming
     after the upstream answered early cannot touch a finished timer.
     """
 
+    __slots__ = ("_due", "_fired", "_handle", "_loop", "_task", "seconds")
+
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
-        self._timeout: asyncio.Timeout | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._due: float | None = None
+        self._fired = False
 
     async def __aenter__(self) -> _IdleDeadline:
-        self._timeout = asyncio.timeout(self.seconds)
-        await self._timeout.__aenter__()
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._fired = False
+        self.touch()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        t, self._timeout = self._timeout, None
-        assert t is not None
-        await t.__aexit__(et, exc, tb)  # raises TimeoutError when it fired; never suppresses
+        task, self._task = self._task, None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._fired and task is not None and task.uncancel() == 0 and et is asyncio.CancelledError:
+            raise TimeoutError from exc
         return None
 
     def touch(self) -> None:
         """Progress: the upstream has ``seconds`` again from now."""
-        t = self._timeout
-        if t is not None and self.seconds is not None and not t.expired():
-            t.reschedule(asyncio.get_running_loop().time() + self.seconds)
+        if self._task is None or self.seconds is None or self._fired:
+            return
+        assert self._loop is not None
+        self._due = self._loop.time() + self.seconds
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._due, self._fire)
 
     def pause(self) -> None:
         """Waiting on the client, which is not the upstream's fault."""
-        t = self._timeout
-        if t is not None and not t.expired():
-            t.reschedule(None)
+        self._due = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._task is None or self._due is None:
+            return  # finished, or paused: the next touch arms it again
+        assert self._loop is not None
+        if self._loop.time() < self._due:  # touched since it was armed
+            self._handle = self._loop.call_at(self._due, self._fire)
+            return
+        self._fired = True
+        self._task.cancel()
 
 
 class _Upload:
@@ -365,7 +397,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         drop = _connection_tokens(resp.headers)
         if "Transfer-Encoding" in resp.headers:
-            drop.add("content-length")  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
+            drop = drop | {"content-length"}  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
         for name, value in resp.headers.items():
             if name.lower() not in drop:
@@ -450,8 +482,11 @@ class Forwarder:
         Memory stays bounded by ``SMALL_BODY``, the size of one streamed chunk.
         """
         try:
-            async with asyncio.timeout(upstream.read_timeout):
+            if resp.content.total_bytes >= size:  # usually: it came in with the headers
                 body = await resp.content.readexactly(size) if size else b""
+            else:
+                async with asyncio.timeout(upstream.read_timeout):
+                    body = await resp.content.readexactly(size)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {upstream.id} did not send its body within {upstream.read_timeout:g}s"
