@@ -82,7 +82,7 @@ class SqliteStore(Store):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._wal()
             await self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._migrate()
@@ -92,6 +92,22 @@ class SqliteStore(Store):
         except BaseException:
             await self.close()
             raise
+
+    async def _wal(self) -> None:
+        """Switch to WAL, retrying: on a fresh file SQLite answers SQLITE_BUSY at once (no busy
+        handler) while another process performs the same switch, so several sidecars or a CLI
+        starting together would otherwise fail."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.005
+        while True:
+            try:
+                await self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(0.1, delay * 2)
 
     async def _version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cur:
