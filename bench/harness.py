@@ -49,6 +49,7 @@ MIB = 1024 * 1024
 
 # Target ids and how the table names them.
 DIRECT, NGINX, BARE, SIDECAR, SIDECAR_HIT, SIDECAR_N = "direct", "nginx", "bare", "sidecar", "sidecar-hit", "sidecar-n"
+SIDECAR_NOLIM = "sidecar-nolim"  # the same Sidecar without rate limits: the limiter's cost is the difference
 
 
 @dataclass
@@ -234,7 +235,7 @@ class Bench:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def start_all(self) -> None:
-        (up, ngx, bare, sc, sc_admin, scn, scn_admin) = free_ports(7)
+        (up, ngx, bare, sc, sc_admin, scn, scn_admin, snl, snl_admin) = free_ports(9)
         docroot = self.tmp / "www"
         make_docroot(docroot, self.stream_bytes)
 
@@ -266,6 +267,9 @@ class Bench:
 
         sc_t = self.targets[SIDECAR] = Target(SIDECAR, "Sidecar", f"http://127.0.0.1:{sc}")
         hit_t = self.targets[SIDECAR_HIT] = Target(SIDECAR_HIT, "Sidecar, cache hit", f"http://127.0.0.1:{sc}")
+        nolim_t = self.targets[SIDECAR_NOLIM] = Target(
+            SIDECAR_NOLIM, "Sidecar, no rate limits", f"http://127.0.0.1:{snl}"
+        )
         n_t = self.targets[SIDECAR_N] = Target(
             SIDECAR_N, f"Sidecar, {num(self.s.keys)} keys", f"http://127.0.0.1:{scn}"
         )
@@ -277,6 +281,16 @@ class Bench:
         except (Unavailable, ProcError) as e:
             sc_t.na = hit_t.na = str(e).splitlines()[0]
             self.log(f"Sidecar unavailable: {e}")
+        if sc_t.na is not None:
+            nolim_t.na = sc_t.na
+        else:
+            try:  # shares the first Sidecar's key database (SQLite is safe across processes), so the key works
+                nolim_t.proc = self.start_sidecar(
+                    "sidecar-nolim", argv, snl, snl_admin, up, cache=False, db=self.tmp / "sidecar" / "sidecar.db",
+                    limits=False,
+                )  # fmt: skip
+            except (Unavailable, ProcError) as e:
+                nolim_t.na = str(e).splitlines()[0]
         # The big store is built in process either way: load time is measured from it.
         self.log(f"building a store of {self.s.keys:,} keys ({self.s.hot_keys:,} hashed)")
         try:
@@ -299,7 +313,7 @@ class Bench:
                 n_t.na = str(e).splitlines()[0]
                 self.log(f"Sidecar with {self.s.keys} keys unavailable: {e}")
         key_headers = {"x-api-key": self.key} if self.key else {}
-        for t in (DIRECT, NGINX, BARE, SIDECAR, SIDECAR_HIT):
+        for t in (DIRECT, NGINX, BARE, SIDECAR, SIDECAR_HIT, SIDECAR_NOLIM):
             # Identical requests everywhere: the others just pass the header along.
             self.targets[t].headers = dict(key_headers)
 
@@ -313,6 +327,7 @@ class Bench:
         *,
         cache: bool,
         db: Path | None = None,
+        limits: bool = True,
     ) -> Proc:
         import yaml
 
@@ -335,7 +350,7 @@ class Bench:
                     "path_prefix": "/",
                 },
             ],
-            "rate_limits": {"backend": "memory", "default": ["1000000/second"]},
+            "rate_limits": {"backend": "memory", "default": ["1000000/second"] if limits else []},
             "cache": {
                 "max_bytes": "64MiB",
                 "rules": [{"upstream": "plex", "path": "/cached/*", "ttl": "600s"}] if cache else [],
@@ -449,6 +464,9 @@ class Bench:
         small = [Leg(t, "/small.bin") for t in (DIRECT, NGINX, BARE, SIDECAR)]
         res["small1"] = self.scenario("small 1 KiB · 1 conn", small, connections=1)
         res["small32"] = self.scenario(f"small 1 KiB · {c} conn", small, connections=c)
+
+        lim = [Leg(SIDECAR, "/small.bin", "Sidecar, rate limited (memory)"), Leg(SIDECAR_NOLIM, "/small.bin")]
+        res["limits"] = self.scenario(f"limiter cost: small 1 KiB · {c} conn", lim, connections=c)
 
         json_legs = [
             Leg(NGINX, "/data.json"),
@@ -623,6 +641,10 @@ def build_report(b: Bench, res: dict[str, dict[str, Cell]], keys: dict[str, floa
         ("cache: Sidecar hit / nginx req/s", _x(_ratio(ca[SIDECAR_HIT].rps, ca[NGINX].rps))),
         ("stream: Sidecar / nginx MB/s", _x(_ratio(st[SIDECAR].mb_s, st[NGINX].mb_s))),
         ("stream: Sidecar / bare MB/s", _x(_ratio(st[SIDECAR].mb_s, st[BARE].mb_s))),
+        (
+            "limiter: Sidecar with / without rate limits req/s",
+            _x(_ratio(res["limits"][SIDECAR].rps, res["limits"][SIDECAR_NOLIM].rps)),
+        ),
         (f"keys: {num(s.keys)} keys / 1 key req/s", _x(_ratio(ks[SIDECAR_N].rps, ks[SIDECAR].rps))),
     ]
 
@@ -659,6 +681,12 @@ def build_report(b: Bench, res: dict[str, dict[str, Cell]], keys: dict[str, floa
         budget("Sidecar peak RSS < 100 MiB (VmHWM after streaming)", rss, lambda m: m < 100, lambda m: f"{m:.0f} MiB"),
         budget(
             "added p50 at 1 conn ≤ 0.3 ms over direct", added(SIDECAR), lambda m: m <= 0.3, lambda m: f"+{m:.3f} ms"
+        ),
+        budget(
+            "rate limiter (memory) costs < 5% of req/s",
+            _ratio(res["limits"][SIDECAR].rps, res["limits"][SIDECAR_NOLIM].rps),
+            lambda r: r > 0.95,
+            lambda r: f"{(1 - r) * 100:+.1f}%",
         ),
         budget("warm key check ≤ 20 µs (p50)", keys["warm_us"], lambda u: u <= 20, fmt_us),
         budget("100 000 keys load < 1 s" + load_note, keys["load_s"], lambda x: x < 1, lambda x: fmt_ms(x * 1000)),
