@@ -286,7 +286,7 @@ class Bench:
         else:
             try:  # shares the first Sidecar's key database (SQLite is safe across processes), so the key works
                 nolim_t.proc = self.start_sidecar(
-                    "sidecar-nolim", argv, snl, snl_admin, up, cache=False, db=self.tmp / "sidecar" / "sidecar.db",
+                    "sidecar-nolim", argv, snl, snl_admin, up, cache=True, db=self.tmp / "sidecar" / "sidecar.db",
                     limits=False,
                 )  # fmt: skip
             except (Unavailable, ProcError) as e:

@@ -105,6 +105,21 @@ async def test_burst_up_to_the_limit_then_one_per_interval(limiter_for: Any) -> 
     assert [(await rl.check(k, up)).allowed for _ in range(11)] == [True] * 10 + [False]
 
 
+@pytest.mark.parametrize("limit", ["10/second", "3/minute", "7/2hours"])
+async def test_single_limit_fast_path_answers_as_the_general_path(limiter_for: Any, limit: str) -> None:
+    """``check`` takes a shortcut for one limit in memory; its headers and verdicts must not differ."""
+    clock = Clock()
+    fast = await limiter_for({"default": [limit]}, clock)
+    k, up = key(), fast.config.upstreams[0]
+    general = await limiter_for({"default": [limit]}, clock)
+    plan = general.plan(k, up)
+    for step in range(14):
+        got = await fast.check(k, up)
+        want = await general._evaluate(k, plan, clock(), 1)
+        assert (got.allowed, got.headers) == (want.allowed, want.headers), step
+        clock.advance(0.05)
+
+
 async def test_no_double_burst_across_a_window_edge(limiter_for: Any) -> None:
     """A fixed window would let 10 through at 59.9 s and 10 more at 60.1 s; GCRA lets none."""
     clock = Clock(T0 + 59.9)
