@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from .scope import RequestScope
 
@@ -36,18 +36,6 @@ def redact_path(path_qs: str) -> str:
     return _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text: strftime once a second
-
-
-def _now() -> str:
-    """UTC, ISO 8601, milliseconds: ``2025-01-31T12:00:00.123Z``."""
-    t = time.time()
-    sec = int(t)
-    if sec != _second[0]:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
-
-
 class AccessLog:
     """Writes the canonical log line for each request to stdout, a file, or nowhere (``off``)."""
 
@@ -55,6 +43,8 @@ class AccessLog:
         self._own = False
         self._pending: list[str] = []
         self._scheduled = False
+        self._second = -1  # the whole second last formatted, and its text: strftime once a second
+        self._second_text = ""
         self.stream: TextIO | None
         if target == "off":
             self.stream = None
@@ -68,7 +58,7 @@ class AccessLog:
         if self.stream is None:
             return
         entry = {
-            "time": _now(),
+            "time": self._now(),
             "client_ip": scope.client_ip,
             "method": scope.method,
             "path": scope.path,
@@ -95,6 +85,14 @@ class AccessLog:
                 self._scheduled = True
             except RuntimeError:  # no loop (a test, the CLI): write at once
                 self.flush()
+
+    def _now(self) -> str:
+        """UTC, ISO 8601, milliseconds: ``2025-01-31T12:00:00.123Z``."""
+        t = time.time()
+        sec = int(t)
+        if sec != self._second:
+            self._second, self._second_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._second_text}.{int((t - sec) * 1000):03d}Z"
 
     def flush(self) -> None:
         self._scheduled = False

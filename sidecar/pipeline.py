@@ -23,7 +23,7 @@ from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauth
 from .models import KeyRecord
 from .permissions import allowed
 from .plex import ScrubFilter, inject_plex
-from .proxy import ResponseFilter, ResponseTap, forward_headers, upstream_url
+from .proxy import Networks, ResponseFilter, ResponseTap, forward_headers, upstream_url
 from .scope import SCOPE, RequestScope
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Router:
         return None
 
 
-def client_ip(request: web.Request, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+def client_ip(request: web.Request, trusted: Networks) -> str:
     """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies."""
     peer = request.remote or ""
     if not trusted:
@@ -94,8 +94,6 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
             scope.status = scope.status or response.status
             if not response.prepared and isinstance(response, web.Response):
                 scope.bytes_sent = response.content_length or 0
-        if scope.error == "client_disconnected" and scope.status < 400:
-            pass  # the upstream answered; the client left while it streamed
         sc.metrics.in_flight.dec()
         sc.record(scope)
     return response

@@ -39,6 +39,7 @@ from .scope import RequestScope
 __all__ = [
     "HOP_BY_HOP",
     "Forwarder",
+    "Networks",
     "ResponseFilter",
     "ResponseTap",
     "forward_headers",

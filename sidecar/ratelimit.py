@@ -452,9 +452,9 @@ class RateLimiter:
                         msg = f"the quota store is unavailable: {e}"
                         return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
             outcome = self.memory.evaluate(plan, now_us, counter, cost)
-        if qkey is not None and outcome.quota_used is not None:
+        if plan.quota is not None and qkey is not None and outcome.quota_used is not None:
             used = outcome.quota_used + cost if outcome.ok else outcome.quota_used
-            self.quota_levels[(key.id, qkey[1])] = (plan.quota.limit.count if plan.quota else 0, used, qend)
+            self.quota_levels[(key.id, qkey[1])] = (plan.quota.limit.count, used, qend)
         if cost < 0:
             return RateDecision()
         return self._decide(plan, outcome, now, qstart, qend)
