@@ -10,11 +10,12 @@ finish in one iteration. A line is out before the loop waits for I/O again, so
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 import time
 from typing import TextIO
+
+import orjson
 
 from .scope import RequestScope
 
@@ -78,7 +79,9 @@ class AccessLog:
             entry["tool"] = scope.tool
         if scope.credential:
             entry["credential"] = scope.credential
-        self._pending.append(json.dumps(entry, separators=(",", ":")))
+        # orjson rather than json: the stdlib encoder was ~10 µs a line, a visible share of a
+        # cache hit; orjson is ~1 µs and writes the same compact JSON (UTF-8, not \u escapes).
+        self._pending.append(orjson.dumps(entry).decode())
         if not self._scheduled:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)

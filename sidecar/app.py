@@ -2,8 +2,9 @@
 
 ``Sidecar`` holds the stores, verifier, limiter, cache, metrics, sessions and logs —
 no globals, so tests build as many independent sidecars as they like, each with its
-own Prometheus registry and clock. ``create_apps`` returns the proxy and admin
-``web.Application``s; ``serve`` runs them with a graceful SIGTERM drain.
+own Prometheus registry and clock. ``create_apps`` returns the proxy listener's
+``web.Server`` and the admin ``web.Application``; ``serve`` runs them with a graceful
+SIGTERM drain.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from .accesslog import AccessLog
@@ -39,10 +44,9 @@ from .store import Store, open_store
 from .usage import UsageRecorder
 from .verify import Verifier
 
-__all__ = ["SIDECAR", "Sidecar", "bound_addresses", "create_apps", "running", "serve"]
+__all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
 log = logging.getLogger("sidecar")
-SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
 
 class Sidecar:
@@ -188,26 +192,61 @@ class McpGatewayLike(Protocol):  # the piece of sidecar.mcp the core relies on
     async def close(self) -> None: ...
 
 
-def create_apps(sc: Sidecar) -> tuple[web.Application, web.Application]:
-    """The proxy app (clients) and the admin app (metrics, health, admin API)."""
+def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
+    """The proxy listener (clients) and the admin app (metrics, health, admin API).
+
+    The proxy has a single route (everything goes through the pipeline), so it runs on
+    aiohttp's low-level ``web.Server``: no Application, router or match info to build
+    per request, about 25 µs less per request on the bench machine (a tenth of a cache
+    hit). ``handler_cancellation``: a client that goes away cancels its request, which
+    closes the upstream request at once (MCP 2026-07-28 treats that as cancellation).
+    """
     from .admin import create_admin_app
 
-    proxy = web.Application(client_max_size=0, handler_args={"max_field_size": 65536, "max_line_size": 65536})
-    proxy[SIDECAR] = sc
-    handler = make_handler(sc)
-    if sc.mcp is not None:
-        proxy.router.add_get("/.well-known/oauth-protected-resource{tail:.*}", sc.mcp.well_known)
-        proxy.on_response_prepare.append(sc.mcp.on_response_prepare)  # CORS on MCP routes
-    proxy.router.add_route("*", "/{tail:.*}", handler)
-
-    async def end_streams(app: web.Application) -> None:
-        # Runs once the listener is closed, before the drain waits: websockets and event
-        # streams never finish by themselves, so they would hold the drain for its whole grace.
-        await sc.forwarder.end_streams()
-
-    proxy.on_shutdown.append(end_streams)
+    proxy = web.Server(
+        make_handler(sc),
+        request_factory=_request_factory(sc),
+        handler_cancellation=True,
+        access_log=None,
+        max_field_size=65536,
+        max_line_size=65536,
+    )
     admin = create_admin_app(sc)
     return proxy, admin
+
+
+def _request_factory(sc: Sidecar) -> Callable[..., web.Request]:
+    """``web.Request``s with no app behind them; MCP's CORS hook runs as each response is prepared."""
+    hook = sc.mcp.on_response_prepare if sc.mcp is not None else None
+
+    class ProxyRequest(web.Request):
+        async def _prepare_hook(self, response: web.StreamResponse) -> None:
+            if hook is not None:
+                await hook(self, response)
+
+    def make(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.Request:
+        # client_max_size=0: bodies stream through; upstreams[].max_body is the limit.
+        return ProxyRequest(message, payload, protocol, writer, task, protocol._loop, client_max_size=0)
+
+    return make
+
+
+class ProxyRunner(web.ServerRunner):
+    """Closes websockets and event streams once the listener is closed, before the drain waits:
+    they never finish by themselves, so they would hold the drain for its whole grace."""
+
+    def __init__(self, server: web.Server, sc: Sidecar, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._sc = sc
+
+    async def shutdown(self) -> None:
+        await self._sc.forwarder.end_streams()
 
 
 def _host_port(listen: str) -> tuple[str, int]:
@@ -216,7 +255,7 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def running(sc: Sidecar) -> AsyncIterator[tuple[web.AppRunner, web.AppRunner]]:
+async def running(sc: Sidecar) -> AsyncIterator[tuple[web.BaseRunner, web.AppRunner]]:
     """Start both listeners; on exit stop accepting, drain, and close everything.
 
     The drain follows what a load balancer expects: ``/readyz`` turns 503 first, the proxy
@@ -224,16 +263,12 @@ async def running(sc: Sidecar) -> AsyncIterator[tuple[web.AppRunner, web.AppRunn
     ``server.shutdown_grace`` to finish, and only then do the admin listener, the upstream
     sessions and the store close.
     """
-    proxy_runner: web.AppRunner | None = None
+    proxy_runner: ProxyRunner | None = None
     admin_runner: web.AppRunner | None = None
     try:
         await sc.start()
         proxy, admin = create_apps(sc)
-        # handler_cancellation: a client that goes away cancels its request, which closes the
-        # upstream request at once (MCP 2026-07-28 treats that as cancellation).
-        proxy_runner = web.AppRunner(
-            proxy, access_log=None, handler_cancellation=True, shutdown_timeout=sc.config.server.shutdown_grace
-        )
+        proxy_runner = ProxyRunner(proxy, sc, shutdown_timeout=sc.config.server.shutdown_grace)
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await proxy_runner.setup()
         await admin_runner.setup()
@@ -261,7 +296,7 @@ async def running(sc: Sidecar) -> AsyncIterator[tuple[web.AppRunner, web.AppRunn
         await sc.close()
 
 
-def bound_addresses(runner: web.AppRunner, tls: bool = False) -> list[str]:
+def bound_addresses(runner: web.BaseRunner, tls: bool = False) -> list[str]:
     """``http://host:port`` for every socket a runner listens on (the real port when 0 was asked for)."""
     scheme = "https" if tls else "http"
     out = []

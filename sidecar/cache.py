@@ -5,8 +5,12 @@ may be stored and under which key is decided in ``sidecar.cachepolicy`` (pure). 
 module stores, serves, coalesces and purges.
 
 Where it sits. The pipeline authenticates, authorizes and rate-limits *before* calling
-``serve``, so a hit is never served to a key that may not see the path. ``serve``
-either answers from memory or calls the pipeline's ``fetch(tap, on_headers)``, which
+``hit`` or ``serve``, so a hit is never served to a key that may not see the path.
+``hit`` answers a fresh entry straight from the client's request, before anything is
+prepared for the upstream (keys are computed from the client's request: see
+``sidecar.cachepolicy``); that is most of why a hit costs a fraction of a proxied
+request. Everything else goes through ``serve``, which answers from memory or calls
+the pipeline's ``fetch(tap, on_headers)``, which
 streams the upstream's answer to the client through ``Forwarder`` as usual while the
 ``tap`` records the raw bytes (up to the rule's ``max_object_bytes``; a bigger body
 stops being recorded and streams on untouched).
@@ -50,7 +54,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .cachepolicy import (
@@ -119,11 +123,20 @@ class _UseStale(Exception):
 
 
 @dataclass(slots=True, eq=False)
-class _Ask:
-    """One request's business with the cache: what it needs to look up, fetch and answer."""
+class _Reply:
+    """What answering from an entry needs."""
 
     request: web.Request
     scope: RequestScope
+    response_filter: ResponseFilter | None
+    on_headers: OnHeaders | None
+    plain_ok: bool  # the filter is a no-op on entries marked plain
+
+
+@dataclass(slots=True, eq=False)
+class _Ask(_Reply):
+    """One request's business with the cache: what it needs to look up, fetch and answer."""
+
     upstream: UpstreamConfig
     rule: CacheRule
     path: str
@@ -131,16 +144,14 @@ class _Ask:
     headers: CIMultiDict[str]  # going upstream
     token: bytes  # the upstream identity, for the token-free check when storing (never stored)
     fetch: Fetch
-    response_filter: ResponseFilter | None
-    on_headers: OnHeaders | None
-    plain_ok: bool  # the filter is a no-op on entries marked plain
 
 
 class ResponseCache:
     """Interface used by the pipeline and admin API:
 
     ``rule_for(upstream_id, method, path) -> CacheRule | None``;
-    ``await serve(request, scope, upstream, rule, path, url, headers, identity, fetch, …)``;
+    ``hit(request, scope, upstream, rule, identity, client_key, …) -> web.Response | None``;
+    ``await serve(request, scope, upstream, rule, path, url, headers, identity, client_key, fetch, …)``;
     ``purge(upstream=None, path_glob=None) -> int``; ``await close()``.
     """
 
@@ -182,6 +193,42 @@ class ResponseCache:
                 return rule
         return None
 
+    def _primary(
+        self, request: web.Request, upstream_id: str, rule: CacheRule, identity: str, client_key: str
+    ) -> bytes:
+        url = request.rel_url
+        query = normalise_query(url.query.items(), client_key) if url.raw_query_string else ()
+        return primary_key(self._salt, upstream_id, identity, url.raw_path, query, rule.vary, request.headers)
+
+    def hit(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        rule: CacheRule,
+        identity: str,
+        client_key: str,
+        *,
+        response_filter: ResponseFilter | None = None,
+        on_headers: OnHeaders | None = None,
+    ) -> web.Response | None:
+        """The answer from a fresh entry, or None: then prepare the upstream request and ``serve``.
+
+        Looked up from the client's request alone, so a hit skips every rewrite meant for
+        the upstream. Stale entries, misses and coalescing need that request: not here.
+        """
+        if request_bypass(request.method, request.headers) is not None:
+            return None
+        primary = self._primary(request, upstream.id, rule, identity, client_key)
+        entry = self._entries.get(variant_key(self._salt, primary, self._variants.get(primary, ()), request.headers))
+        if entry is None:
+            return None
+        now = self.clock()
+        if now >= entry.fresh_until:
+            return None
+        reply = _Reply(request, scope, response_filter, on_headers, _plain_ok(response_filter, identity))
+        return self._answer(reply, entry, HIT, now)
+
     async def serve(
         self,
         request: web.Request,
@@ -192,6 +239,7 @@ class ResponseCache:
         url: URL,
         headers: CIMultiDict[str],
         identity: str,
+        client_key: str,
         fetch: Fetch,
         *,
         response_filter: ResponseFilter | None = None,
@@ -200,26 +248,22 @@ class ResponseCache:
         """Answer from the cache, or fetch (filling the cache when the answer is storable).
 
         ``path`` is the upstream-relative path the rule matched (what purge globs see).
-        ``headers`` are the ones going upstream; ``fetch`` sends them, so edits made here
-        (conditional headers dropped on a fill) reach the upstream. ``identity`` is the
-        upstream credential in use: entries for different identities are never shared.
+        ``url`` and ``headers`` are the ones going upstream; ``fetch`` sends them, so edits
+        made here (conditional headers dropped on a fill) reach the upstream. ``identity``
+        is the upstream credential in use: entries for different identities are never
+        shared. ``client_key`` is the key the client presented (kept out of the cache key).
         """
         if request_bypass(request.method, request.headers) is not None:
             scope.cache = BYPASS
             return await fetch(None, _tagger(BYPASS, on_headers))
-        token = identity.encode()
-        # A ScrubFilter for this very token changes nothing on an entry the token is absent from.
-        plain_ok = response_filter is None or (
-            isinstance(response_filter, ScrubFilter) and response_filter.token == token
-        )
         ask = _Ask(
-            request, scope, upstream, rule, path, url, headers, token, fetch, response_filter, on_headers, plain_ok
-        )
-        query = normalise_query(url.query.items()) if url.raw_query_string else ()
-        primary = primary_key(self._salt, upstream.id, identity, url.raw_path, query, rule.vary, headers)
+            request, scope, response_filter, on_headers, _plain_ok(response_filter, identity),
+            upstream, rule, path, url, headers, identity.encode(), fetch,
+        )  # fmt: skip
+        primary = self._primary(request, upstream.id, rule, identity, client_key)
         rounds = 0
         while True:
-            key = variant_key(self._salt, primary, self._variants.get(primary, ()), headers)
+            key = variant_key(self._salt, primary, self._variants.get(primary, ()), request.headers)
             now = self.clock()
             entry = self._entries.get(key)
             if entry is not None:
@@ -279,7 +323,7 @@ class ResponseCache:
             if self._flights.get(key) is flight:
                 del self._flights[key]
 
-    def _answer(self, ask: _Ask, entry: _Entry, label: str, now: float) -> web.Response:
+    def _answer(self, ask: _Reply, entry: _Entry, label: str, now: float) -> web.Response:
         """Build the answer from stored bytes: no upstream, no session, at most one filter pass."""
         ask.scope.cache = label
         try:
@@ -317,7 +361,7 @@ class ResponseCache:
         headers: CIMultiDict[str],
         body: bytes,
         verdict: Storable,
-        request_headers: CIMultiDict[str],
+        client_headers: MultiMapping[str],
         token: bytes,
     ) -> bool:
         stored = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _UNSTORED)
@@ -334,7 +378,7 @@ class ResponseCache:
         )
         now = self.clock()
         self._set_variants(primary, verdict.vary)
-        key = variant_key(self._salt, primary, verdict.vary, request_headers)
+        key = variant_key(self._salt, primary, verdict.vary, client_headers)
         self._remove(key)
         fresh = now + verdict.ttl
         entry = _Entry(
@@ -397,7 +441,9 @@ class ResponseCache:
         headers = ask.headers.copy()
         for name in (*CONDITIONAL_HEADERS, "Range"):
             headers.popall(name, None)
-        task = asyncio.create_task(self._refresh(session, entry, ask.rule, ask.upstream, ask.url, headers, ask.token))
+        task = asyncio.create_task(
+            self._refresh(session, entry, ask.rule, ask.upstream, ask.url, headers, ask.request.headers, ask.token)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -409,6 +455,7 @@ class ResponseCache:
         upstream: UpstreamConfig,
         url: URL,
         headers: CIMultiDict[str],
+        client_headers: MultiMapping[str],
         token: bytes,
     ) -> None:
         generation = self._generation
@@ -432,8 +479,9 @@ class ResponseCache:
                     body = b"".join(chunks)
                     if generation == self._generation and out.get("Content-Length", str(len(body))) == str(len(body)):
                         self._store(
-                            entry.primary, entry.upstream, entry.path, resp.status, out, body, verdict, headers, token
-                        )
+                            entry.primary, entry.upstream, entry.path, resp.status, out, body, verdict,
+                            client_headers, token,
+                        )  # fmt: skip
         except (aiohttp.ClientError, OSError, TimeoutError):
             pass  # keep serving the stale copy until it runs out
         finally:
@@ -500,11 +548,18 @@ class _Recorder:
             and self._generation == self._cache._generation  # no purge since the fill began
             and self._headers.get("Content-Length", str(len(body))) == str(len(body))
             and self._cache._store(
-                self._primary, ask.upstream.id, ask.path, self._status, self._headers, body, verdict, ask.headers,
-                ask.token,
+                self._primary, ask.upstream.id, ask.path, self._status, self._headers, body, verdict,
+                ask.request.headers, ask.token,
             )
         )  # fmt: skip
         self._flight.finish(_STORED if ok else _PASS)
+
+
+def _plain_ok(response_filter: ResponseFilter | None, identity: str) -> bool:
+    """A ScrubFilter for this very token changes nothing on an entry the token is absent from."""
+    return response_filter is None or (
+        isinstance(response_filter, ScrubFilter) and response_filter.token == identity.encode()
+    )
 
 
 def _tagger(label: str, on_headers: OnHeaders | None) -> OnHeaders:

@@ -14,8 +14,17 @@ What is decided here:
   the upstream's ``Age``. ``must-revalidate`` turns the rule's stale windows off.
 - ``primary_key`` / ``variant_key``: a keyed BLAKE2b digest of upstream, upstream
   identity (the token in use: never kept in clear), path, the query with the
-  sidecar-controlled credential (``X-Plex-Token``) dropped and parameters sorted, the
-  rule's ``vary`` headers and, once the upstream has said so, its ``Vary`` headers.
+  credential (``X-Plex-Token``) dropped and parameters sorted, the rule's ``vary``
+  headers and, once the upstream has said so, its ``Vary`` headers.
+
+Keys are computed from the *client's* request, before anything is prepared for the
+upstream, so a hit costs no header rewriting at all. That is exact because every
+rewrite on the way up is a function of the upstream and its identity, both in the key:
+credential headers are replaced by the identity's own (so they are never keyed), the
+client's key inside a query value becomes the identity's token (so it is keyed as a
+placeholder), and injected or hop-by-hop headers at most split entries that could have
+been shared. The one rewrite that depends on the client is ``X-Forwarded-*``: an
+answer that varies on it is per-client and never stored (``PER_CLIENT_HEADERS``).
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from .config import CacheRule
 
 __all__ = [
     "CONDITIONAL_HEADERS",
+    "CREDENTIAL_HEADERS",
     "CREDENTIAL_PARAMS",
+    "PER_CLIENT_HEADERS",
     "Storable",
     "compile_glob",
     "normalise_query",
@@ -50,6 +61,15 @@ __all__ = [
 # already say. Client-supplied parameters are never dropped: if one could change the
 # upstream's answer, dropping it would let one client's answer reach another.
 CREDENTIAL_PARAMS = frozenset({"x-plex-token"})
+
+# Request headers never keyed: the upstream sees the identity's own credential in their
+# place (or none), and the identity is part of every key.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-plex-token"})
+
+# Headers the sidecar sets from the client's address: an answer varying on them is per-client.
+PER_CLIENT_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+
+_KEY_PLACEHOLDER = "\0key"  # stands for the client's key inside a query value
 
 # Stripped from a request that fills the cache, so the upstream answers in full.
 CONDITIONAL_HEADERS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
@@ -147,7 +167,7 @@ def storable(status: int, headers: MultiMapping[str], rule: CacheRule, *, now: f
 
 
 def _vary_names(headers: MultiMapping[str]) -> tuple[str, ...] | None:
-    """Request headers the answer varies on; None for ``Vary: *`` (never storable).
+    """Request headers the answer varies on; None for ``Vary: *`` or a per-client header (never storable).
 
     A compressed answer varies on ``Accept-Encoding`` whether or not the upstream says
     so: serving gzip to a client that did not ask for it is a broken response.
@@ -156,7 +176,7 @@ def _vary_names(headers: MultiMapping[str]) -> tuple[str, ...] | None:
     for line in headers.getall("Vary", ()):
         for part in line.split(","):
             name = part.strip().lower()
-            if name == "*":
+            if name == "*" or name in PER_CLIENT_HEADERS:
                 return None
             if name:
                 names.add(name)
@@ -180,9 +200,16 @@ def _expires_in(headers: MultiMapping[str], now: float) -> float:
     return max(0.0, expires - base)
 
 
-def normalise_query(items: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """Credential parameters dropped, the rest sorted by name (values of one name keep their order)."""
-    kept = [(k, v) for k, v in items if k.lower() not in CREDENTIAL_PARAMS]
+def normalise_query(items: Iterable[tuple[str, str]], client_key: str = "") -> tuple[tuple[str, str], ...]:
+    """Credential parameters dropped, the client's key inside other values replaced by a
+    placeholder, the rest sorted by name (values of one name keep their order)."""
+    kept = []
+    for k, v in items:
+        if k.lower() in CREDENTIAL_PARAMS:
+            continue
+        if client_key and client_key in v:
+            v = v.replace(client_key, _KEY_PLACEHOLDER)
+        kept.append((k, v))
     kept.sort(key=lambda kv: kv[0])
     return tuple(kept)
 
@@ -190,7 +217,7 @@ def normalise_query(items: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], 
 def _header_values(headers: MultiMapping[str], names: Iterable[str]) -> tuple[tuple[str, str], ...]:
     out = []
     for name in names:
-        values = headers.getall(name, ())
+        values = headers.getall(name, ()) if name not in CREDENTIAL_HEADERS else ()
         out.append((name, ",".join(" ".join(v.split()) for v in values) if values else "\0absent"))
     return tuple(out)
 

@@ -682,6 +682,8 @@ def parse_config(
                 )
             seen_prefixes[up.path_prefix] = up.id
 
+    from .cachepolicy import PER_CLIENT_HEADERS  # imported here: cachepolicy imports this module
+
     cad = r.mapping(top.get("cache"), "cache")
     r.check_keys(cad, "cache", {"max_bytes", "rules"})
     rules: list[CacheRule] = []
@@ -723,6 +725,10 @@ def parse_config(
                 r.err(f"{p}.statuses", "expected a list of HTTP status codes")
             else:
                 statuses = tuple(st)
+        vary = tuple(h.lower() for h in r.str_list(rdict, "vary", p))
+        for h in vary:
+            if h in PER_CLIENT_HEADERS:
+                r.err(f"{p}.vary", f"{h} is set per client by the sidecar: an answer varying on it cannot be shared")
         rules.append(
             CacheRule(
                 upstream=up_id or "?",
@@ -731,7 +737,7 @@ def parse_config(
                 methods=methods,
                 statuses=statuses,
                 max_object_bytes=r.parsed(rdict, "max_object_bytes", p, parse_size, DEFAULT_CACHE_MAX_OBJECT),
-                vary=tuple(h.lower() for h in r.str_list(rdict, "vary", p)),
+                vary=vary,
                 stale_while_revalidate=r.parsed(rdict, "stale_while_revalidate", p, parse_duration, 0.0),
                 stale_if_error=r.parsed(rdict, "stale_if_error", p, parse_duration, 0.0),
             )

@@ -62,37 +62,41 @@ def extract_credential(
 ) -> Credential | None:
     """The one key this request presents, None if none, or BadRequest."""
     found: list[tuple[str, str]] = []
-
-    def values(name: str) -> list[str]:
-        if isinstance(headers, MultiMapping):
-            return list(headers.getall(name, []))
-        v = headers.get(name)
-        return [v] if v is not None else []
-
-    for value in values("Authorization"):
+    if isinstance(headers, MultiMapping):
+        getall = headers.getall
+        auth, api_keys, plex = getall("Authorization", ()), getall("x-api-key", ()), getall(PLEX_TOKEN, ())
+    else:
+        auth, api_keys, plex = (_one(headers, n) for n in ("Authorization", "x-api-key", PLEX_TOKEN))
+    for value in auth:
         got = _from_authorization(value, cfg)
         if got:
             found.append(got)
     # An empty X-Plex-Token / x-api-key (some Plex clients send one before signing in)
     # is no credential at all: the client gets 401 with a challenge, not 400.
     if cfg.x_api_key:
-        for value in values("x-api-key"):
+        for value in api_keys:
             if value.strip():
                 found.append((value.strip(), "x_api_key"))
     if cfg.plex_header:
-        for value in values(PLEX_TOKEN):
+        for value in plex:
             if value.strip():
                 found.append((value.strip(), "plex_header"))
-    if cfg.plex_query:
+    if cfg.plex_query and query:
         for name, value in query.items():
             if name.lower() == "x-plex-token" and value.strip():
                 found.append((value.strip(), "plex_query"))
     if not found:
         return None
-    keys = {k for k, _ in found}
-    if len(keys) > 1:
+    if len(found) == 1:
+        return Credential(key=found[0][0], forms=(found[0][1],))
+    if len({k for k, _ in found}) > 1:
         raise BadRequest("two different credentials in one request")
     return Credential(key=found[0][0], forms=tuple(dict.fromkeys(f for _, f in found)))
+
+
+def _one(headers: Mapping[str, str], name: str) -> list[str]:
+    value = headers.get(name)
+    return [value] if value is not None else []
 
 
 def strip_credential(headers: CIMultiDict[str], query: MultiDict[str], key: str, replacement: str | None) -> None:

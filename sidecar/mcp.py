@@ -69,6 +69,7 @@ from .jsonrpc import TOOL_FORBIDDEN, Body, JsonRpcError, check_headers, dumps, e
 from .mcp_filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
 from .models import KeyRecord
 from .permissions import allowed, tool_allowed
+from .pipeline import WELL_KNOWN
 from .proxy import public_origin
 from .scope import RequestScope
 
@@ -79,7 +80,6 @@ __all__ = ["REST_PATH", "McpGateway", "RestClient", "SessionTable"]
 
 REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
 SESSION_HEADER = "Mcp-Session-Id"
-WELL_KNOWN = "/.well-known/oauth-protected-resource"
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
 MAX_SESSIONS = 10_000
@@ -280,7 +280,7 @@ class McpGateway:
         No ``authorization_servers``: keys are issued out of band (CLI, admin API), so
         there is no OAuth flow to discover; clients send the key as a bearer token.
         """
-        tail = request.match_info.get("tail", "").rstrip("/")
+        tail = request.path[len(WELL_KNOWN) :].rstrip("/")
         base = self.base_url(request)
         if tail:
             up = next((u for u in self.sc.config.upstreams if u.kind == "mcp" and u.path_prefix == tail), None)

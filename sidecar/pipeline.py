@@ -1,6 +1,7 @@
 """The proxy handler: one request, top to bottom, in the order of the product.
 
-route → credential → verify → authorize → rate limit → cache → forward → record.
+route → credential → verify → authorize → rate limit → cache hit → rewrite → cache
+(miss, stale, coalescing) → forward → record.
 Every stage is a call into its own module; this file only decides the order, so
 the order lives in exactly one place.
 """
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, MultiDict
 
 from .accesslog import redact_path
@@ -28,6 +29,8 @@ from .scope import SCOPE, RequestScope
 
 if TYPE_CHECKING:
     from .app import Sidecar
+
+WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 metadata, answered by the MCP gateway
 
 __all__ = ["Router", "handle", "make_handler"]
 
@@ -62,11 +65,33 @@ def client_ip(request: web.Request, trusted: Networks) -> str:
     return hops[-1]
 
 
-def make_handler(sc: Sidecar) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
+def make_handler(sc: Sidecar) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The proxy listener's one handler (MCP's RFC 9728 metadata is the only path it answers itself)."""
+    mcp = sc.mcp
+
+    async def handler(base: web.BaseRequest) -> web.StreamResponse:
+        request = cast(web.Request, base)  # the listener's request factory makes web.Requests
+        if "Expect" in request.headers:
+            await _expect(request)
+        if mcp is not None and request.method in ("GET", "HEAD") and request.path.startswith(WELL_KNOWN):
+            return await mcp.well_known(request)
         return await handle(sc, request)
 
     return handler
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` answered at once, as aiohttp's router does for an Application.
+
+    The client may then send its body; the upstream never sees the Expect (``forward_headers``).
+    """
+    if request.version != HttpVersion11:
+        return
+    if request.headers["Expect"].strip().lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # what follows is the response proper
+    await request.writer.drain()
 
 
 async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
@@ -132,18 +157,33 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         scope.rate_limited = True
         raise decision.error
 
-    # 6. rewrite credentials for the upstream
-    headers: CIMultiDict[str] = CIMultiDict(request.headers)
-    query: MultiDict[str] = MultiDict(request.query)
+    def on_headers(status: int, out: CIMultiDict[str]) -> None:
+        out.update(decision.headers)
+
     client_key = credential.key if credential else ""
     token = sc.upstream_token(upstream, key)
     response_filter: ResponseFilter | None = None
     if upstream.kind == "plex":
         if token is None:
             raise ServiceUnavailable(f"no upstream token is configured for upstream {upstream.id!r}")
+        response_filter = ScrubFilter(token, client_key or "REDACTED")
+
+    # 6. cache: a fresh entry answers before anything is prepared for the upstream
+    rule = sc.cache.rule_for(upstream.id, request.method, path) if upstream.kind != "mcp" else None
+    if rule is not None:
+        hit = sc.cache.hit(request, scope, upstream, rule, token or "", client_key,
+                           response_filter=response_filter, on_headers=on_headers)  # fmt: skip
+        if hit is not None:
+            await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
+            return hit
+
+    # 7. rewrite credentials for the upstream
+    headers: CIMultiDict[str] = CIMultiDict(request.headers)
+    query: MultiDict[str] = MultiDict(request.query)
+    if upstream.kind == "plex":
+        assert token is not None
         strip_credential(headers, query, client_key, token)
         inject_plex(headers, query, upstream, token)
-        response_filter = ScrubFilter(token, client_key or "REDACTED")
     else:
         strip_credential(headers, query, client_key, None)
         for name, value in upstream.headers.items():
@@ -152,14 +192,10 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
     url = upstream_url(upstream, raw_path, query)
     headers = forward_headers(request, headers, upstream, sc.trusted_proxies)
 
-    def on_headers(status: int, out: CIMultiDict[str]) -> None:
-        out.update(decision.headers)
-
-    # 7. cache, 8. forward
+    # 8. cache (miss, stale, coalescing), 9. forward
     async with sc.limiter.slot(key, upstream):
         if upstream.kind == "mcp" and sc.mcp is not None:
             return await sc.mcp.handle(sc, request, scope, upstream, key, url, headers, decision.headers)
-        rule = sc.cache.rule_for(upstream.id, request.method, path)
         if rule is not None:
             identity = token or ""
 
@@ -169,7 +205,7 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
                 )
 
             cached = await sc.cache.serve(
-                request, scope, upstream, rule, path, url, headers, identity, fetch,
+                request, scope, upstream, rule, path, url, headers, identity, client_key, fetch,
                 response_filter=response_filter, on_headers=on_headers,
             )  # fmt: skip
             if scope.cache in ("HIT", "STALE"):

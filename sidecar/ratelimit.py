@@ -426,8 +426,12 @@ class RateLimiter:
         if self.rl.count_cache_hits:
             return
         plan = self.plan(key, upstream)
-        if plan.rates or plan.quota is not None:
-            await self._evaluate(key, plan, self.clock(), -1)
+        if not plan.rates and plan.quota is None:
+            return
+        if self.redis is None and plan.quota is None:
+            self.memory.evaluate(plan, int(self.clock() * US), None, -1)  # buckets only: nothing to wait for
+            return
+        await self._evaluate(key, plan, self.clock(), -1)
 
     async def _evaluate(self, key: KeyRecord, plan: Plan, now: float, cost: int) -> RateDecision:
         qkey: CounterKey | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import Sidecar, create_apps
@@ -38,6 +38,18 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+class ProxyTestServer(BaseTestServer):
+    """Serves the proxy listener's ``web.Server`` as ``serve`` does (aiohttp's own test servers
+    build an Application or a fresh Server)."""
+
+    def __init__(self, server: web.Server, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._proxy = server
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(self._proxy, **kwargs)
 
 
 @dataclass
@@ -96,7 +108,7 @@ async def make_sidecar(aiohttp_client: Any, tmp_path: Path, env: dict[str, str])
         await sc.start()
         started.append(sc)
         proxy_app, admin_app = create_apps(sc)
-        proxy = await aiohttp_client(proxy_app, server_kwargs={"handler_cancellation": True})
+        proxy = await aiohttp_client(ProxyTestServer(proxy_app))
         admin = await aiohttp_client(admin_app)
         return Running(sc=sc, proxy=proxy, admin=admin, config=cfg, env=full_env)
 

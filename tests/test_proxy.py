@@ -201,6 +201,15 @@ async def test_expect_100_continue_is_not_forwarded(front: Front, raw_server: Ra
     assert b"expect:" not in heads[-1]
 
 
+async def test_an_expectation_other_than_100_continue_is_refused(front: Front) -> None:
+    app, seen = recording_app()
+    sc, key = await front(app)
+    resp = await sc.proxy.get("/x", headers={"X-Plex-Token": key, "Expect": "magic-please"})
+    assert resp.status == 417  # the client sees 417 Expectation Failed; nothing went upstream
+    assert "100-continue" in await resp.text()
+    assert seen == []
+
+
 async def test_64mib_response_is_streamed_not_buffered(front: Front) -> None:
     n = 64 * MiB // len(CHUNK)
 
