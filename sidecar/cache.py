@@ -59,6 +59,7 @@ from yarl import URL
 
 from .cachepolicy import (
     CONDITIONAL_HEADERS,
+    CacheKey,
     Storable,
     compile_glob,
     normalise_query,
@@ -80,7 +81,7 @@ Fetch = Callable[[ResponseTap | None, OnHeaders], Awaitable[web.StreamResponse]]
 
 HIT, MISS, BYPASS, EXPIRED, STALE = "HIT", "MISS", "BYPASS", "EXPIRED", "STALE"
 COALESCE_WAIT: Final = 30.0  # longest a follower waits for its leader before going alone
-ENTRY_OVERHEAD: Final = 256  # bytes charged per entry on top of body and headers
+ENTRY_OVERHEAD: Final = 256  # bytes charged per entry on top of body, headers and key
 # Never stored with an entry: recomputed per answer, or meaningless once stored.
 _UNSTORED = frozenset({"content-length", "age", "x-cache-status"})
 
@@ -89,8 +90,8 @@ _STORED, _PASS, _FAILED = "stored", "pass", "failed"
 
 @dataclass(slots=True, eq=False)
 class _Entry:
-    key: bytes
-    primary: bytes
+    key: CacheKey
+    primary: CacheKey
     upstream: str
     path: str
     status: int
@@ -168,12 +169,12 @@ class ResponseCache:
         self.sessions = sessions if sessions is not None else {}
         self.size = 0  # bytes charged, never above max_bytes
         self.waiting = 0  # requests waiting on another's fill right now
-        self._salt = os.urandom(16)  # keys are keyed digests: no token is guessable from them
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._variants: dict[bytes, tuple[str, ...]] = {}  # primary key -> the upstream's Vary names
-        self._per_primary: dict[bytes, int] = {}  # entries per primary key (to forget its Vary)
-        self._flights: dict[bytes, _Flight] = {}
-        self._refreshing: set[bytes] = set()
+        self._salt = os.urandom(16)  # identities are keyed digests in keys: no token is guessable from them
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._variants: dict[CacheKey, tuple[str, ...]] = {}  # primary key -> the upstream's Vary names
+        self._per_primary: dict[CacheKey, int] = {}  # entries per primary key (to forget its Vary)
+        self._flights: dict[CacheKey, _Flight] = {}
+        self._refreshing: set[CacheKey] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by purge: fills started before it are not stored
         self._rules: dict[str, list[tuple[CacheRule, re.Pattern[str]]]] = {}
@@ -195,7 +196,7 @@ class ResponseCache:
 
     def _primary(
         self, request: web.Request, upstream_id: str, rule: CacheRule, identity: str, client_key: str
-    ) -> bytes:
+    ) -> CacheKey:
         url = request.rel_url
         query = normalise_query(url.query.items(), client_key) if url.raw_query_string else ()
         return primary_key(self._salt, upstream_id, identity, url.raw_path, query, rule.vary, request.headers)
@@ -220,7 +221,7 @@ class ResponseCache:
         if request_bypass(request.method, request.headers) is not None:
             return None
         primary = self._primary(request, upstream.id, rule, identity, client_key)
-        entry = self._entries.get(variant_key(self._salt, primary, self._variants.get(primary, ()), request.headers))
+        entry = self._entries.get(variant_key(primary, self._variants.get(primary, ()), request.headers))
         if entry is None:
             return None
         now = self.clock()
@@ -263,7 +264,7 @@ class ResponseCache:
         primary = self._primary(request, upstream.id, rule, identity, client_key)
         rounds = 0
         while True:
-            key = variant_key(self._salt, primary, self._variants.get(primary, ()), request.headers)
+            key = variant_key(primary, self._variants.get(primary, ()), request.headers)
             now = self.clock()
             entry = self._entries.get(key)
             if entry is not None:
@@ -300,7 +301,7 @@ class ResponseCache:
         return await ask.fetch(tap, _tagger(label, ask.on_headers))
 
     async def _lead(
-        self, ask: _Ask, key: bytes, primary: bytes, entry: _Entry | None, label: str
+        self, ask: _Ask, key: CacheKey, primary: CacheKey, entry: _Entry | None, label: str
     ) -> web.StreamResponse:
         flight = self._flights[key] = _Flight()
         for name in CONDITIONAL_HEADERS:
@@ -354,7 +355,7 @@ class ResponseCache:
 
     def _store(
         self,
-        primary: bytes,
+        primary: CacheKey,
         upstream: str,
         path: str,
         status: int,
@@ -365,7 +366,8 @@ class ResponseCache:
         token: bytes,
     ) -> bool:
         stored = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _UNSTORED)
-        size = len(body) + sum(len(k) + len(v) + 4 for k, v in stored.items()) + ENTRY_OVERHEAD
+        key = variant_key(primary, verdict.vary, client_headers)
+        size = len(body) + sum(len(k) + len(v) + 4 for k, v in stored.items()) + len(repr(key)) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return False
         age = headers.get("Age", "")
@@ -378,7 +380,6 @@ class ResponseCache:
         )
         now = self.clock()
         self._set_variants(primary, verdict.vary)
-        key = variant_key(self._salt, primary, verdict.vary, client_headers)
         self._remove(key)
         fresh = now + verdict.ttl
         entry = _Entry(
@@ -394,7 +395,7 @@ class ResponseCache:
             self._remove(next(iter(self._entries)))
         return True
 
-    def _set_variants(self, primary: bytes, vary: tuple[str, ...]) -> None:
+    def _set_variants(self, primary: CacheKey, vary: tuple[str, ...]) -> None:
         if vary:
             self._variants[primary] = vary
         else:
@@ -405,7 +406,7 @@ class ResponseCache:
         if self._entries.get(entry.key) is entry:
             self._remove(entry.key)
 
-    def _remove(self, key: bytes) -> None:
+    def _remove(self, key: CacheKey) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
@@ -503,7 +504,9 @@ class _Recorder:
     __slots__ = ("_ask", "_cache", "_chunks", "_entry", "_flight", "_generation", "_headers", "_primary", "_size",
                  "_status", "_verdict")  # fmt: skip
 
-    def __init__(self, cache: ResponseCache, flight: _Flight, ask: _Ask, primary: bytes, entry: _Entry | None) -> None:
+    def __init__(
+        self, cache: ResponseCache, flight: _Flight, ask: _Ask, primary: CacheKey, entry: _Entry | None
+    ) -> None:
         self._cache = cache
         self._flight = flight
         self._ask = ask

@@ -12,10 +12,11 @@ What is decided here:
   no-cache``, no ``Vary: *``, no SSE or partial content, not over the size limit; the
   lifetime is the rule's TTL capped by ``s-maxage`` / ``max-age`` / ``Expires``, less
   the upstream's ``Age``. ``must-revalidate`` turns the rule's stale windows off.
-- ``primary_key`` / ``variant_key``: a keyed BLAKE2b digest of upstream, upstream
-  identity (the token in use: never kept in clear), path, the query with the
+- ``primary_key`` / ``variant_key``: a tuple of upstream, upstream identity (the token
+  in use, as a keyed BLAKE2b digest: never in clear), path, the query with the
   credential (``X-Plex-Token``) dropped and parameters sorted, the rule's ``vary``
-  headers and, once the upstream has said so, its ``Vary`` headers.
+  headers and, once the upstream has said so, its ``Vary`` headers. A plain tuple, not
+  a digest of it: a dict hashes it in a fraction of the time, and a hit is that fast.
 
 Keys are computed from the *client's* request, before anything is prepared for the
 upstream, so a hit costs no header rewriting at all. That is exact because every
@@ -36,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
+from typing import Any
 
 from multidict import MultiMapping
 
@@ -46,6 +48,7 @@ __all__ = [
     "CREDENTIAL_HEADERS",
     "CREDENTIAL_PARAMS",
     "PER_CLIENT_HEADERS",
+    "CacheKey",
     "Storable",
     "compile_glob",
     "normalise_query",
@@ -70,6 +73,8 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-plex-token"})
 PER_CLIENT_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
 _KEY_PLACEHOLDER = "\0key"  # stands for the client's key inside a query value
+
+CacheKey = tuple[Any, ...]
 
 # Stripped from a request that fills the cache, so the upstream answers in full.
 CONDITIONAL_HEADERS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
@@ -222,6 +227,11 @@ def _header_values(headers: MultiMapping[str], names: Iterable[str]) -> tuple[tu
     return tuple(out)
 
 
+@lru_cache(maxsize=1024)
+def _identity_tag(salt: bytes, identity: str) -> bytes:
+    return hashlib.blake2b(identity.encode(), key=salt, digest_size=16).digest()
+
+
 def primary_key(
     salt: bytes,
     upstream: str,
@@ -230,18 +240,17 @@ def primary_key(
     query: tuple[tuple[str, str], ...],
     rule_vary: tuple[str, ...],
     headers: MultiMapping[str],
-) -> bytes:
+) -> CacheKey:
     """The key before the upstream's own ``Vary`` is known (GET and HEAD share it)."""
-    material = (upstream, identity, "GET", path, query, _header_values(headers, rule_vary))
-    return hashlib.blake2b(repr(material).encode(), key=salt, digest_size=20).digest()
+    vary = _header_values(headers, rule_vary) if rule_vary else ()
+    return (upstream, _identity_tag(salt, identity), path, query, vary)
 
 
-def variant_key(salt: bytes, primary: bytes, vary: tuple[str, ...], headers: MultiMapping[str]) -> bytes:
+def variant_key(primary: CacheKey, vary: tuple[str, ...], headers: MultiMapping[str]) -> CacheKey:
     """The entry's key once the upstream's ``Vary`` names are known (``primary`` when none)."""
     if not vary:
         return primary
-    material = repr(_header_values(headers, vary)).encode()
-    return hashlib.blake2b(primary + material, key=salt, digest_size=20).digest()
+    return (primary, _header_values(headers, vary))
 
 
 @lru_cache(maxsize=1024)

@@ -1,7 +1,11 @@
 """Key verification: the in-memory key table, argon2id off the event loop, throttling.
 
-Hot path (a key seen before): parse + CRC-32, one dict lookup, one SHA-256 and a
-constant-time compare — no argon2, no I/O. Cold path (first use of a key, or after
+Hot path (a key seen before): one SHA-256 of the presented key and a dict lookup of
+that fingerprint, filled only once the key has passed the full check (so it cannot be
+reached by guessing) and trusted only while the table still holds the very record it
+names (a reload, rotation or revocation replaces it) — no argon2, no I/O. Warm path
+(the fingerprint forgotten or the record replaced): parse + CRC-32, one dict lookup,
+one SHA-256 and a constant-time compare against the cached verification. Cold path (first use of a key, or after
 its record changed): argon2id in a thread, bounded by a semaphore so a flood of
 bad keys cannot starve the loop or the CPU, and run once for many requests that
 bring the same new key together; failures are counted per client IP and past
@@ -41,6 +45,7 @@ log = logging.getLogger("sidecar.verify")
 THROTTLE_WINDOW = 60.0
 GC_FREEZE_KEYS = 10_000  # tables this big are frozen out of the cyclic GC (see _settle)
 MAX_TRACKED_IPS = 100_000
+MAX_FINGERPRINTS = 200_000  # presented keys remembered for the hot path (cleared when full)
 # Argon2 runs in threads; more than the core count only queues CPU work.
 ARGON2_CONCURRENCY = 2
 # argon2 threads run at a lower CPU priority than the event loop (Linux: per thread), so
@@ -100,6 +105,8 @@ class Verifier:
         self.table: dict[str, KeyRecord] = {}
         # key id -> (argon2 hash it was verified against, sha256 of the secret)
         self._verified: dict[str, tuple[str, bytes]] = {}
+        # sha256 of a whole presented key -> the record it passed as (the hot path)
+        self._known: dict[bytes, KeyRecord] = {}
         self._failures: dict[str, deque[float]] = {}
         self._sem = asyncio.Semaphore(ARGON2_CONCURRENCY)
         self._pending: dict[tuple[str, str, bytes], asyncio.Future[bool]] = {}
@@ -128,6 +135,7 @@ class Verifier:
         if changes.full:
             self.table = {r.id: r for r in changes.records}
             self._verified = {k: v for k, v in self._verified.items() if k in self.table}
+            self._known = {}
             _settle(self.table)
         else:
             for rec in changes.records:
@@ -186,6 +194,10 @@ class Verifier:
         wait = self._throttled(client_ip, now)
         if wait > 0:
             raise self._too_many(wait)
+        fingerprint = hashlib.sha256(raw.encode()).digest()
+        known = self._known.get(fingerprint)
+        if known is not None and self.table.get(known.id) is known:
+            return self._usable(known, now)
         parsed = parse_key(self.prefix, raw)
         if parsed is None:
             self._fail(client_ip, now)
@@ -201,7 +213,14 @@ class Verifier:
         fresh = cached is not None and cached[0] == record.hash and hmac.compare_digest(cached[1], digest)
         if not fresh and not await self._check_secret(record, parsed.secret, digest, client_ip):
             raise InvalidKey("wrong API key")  # the failure was counted where argon2 ran
-        state = record.state(self.clock())
+        if len(self._known) >= MAX_FINGERPRINTS:
+            self._known.clear()
+        self._known[fingerprint] = record
+        return self._usable(record, self.clock())
+
+    @staticmethod
+    def _usable(record: KeyRecord, now: float) -> KeyRecord:
+        state = record.state(now)
         if state == "revoked":
             raise RevokedKey("this API key has been revoked")
         if state == "expired":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import json
 import re
 import time
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from conftest import PLEX_TOKEN, Running
 
-from sidecar.accesslog import AccessLog, redact_path
+from sidecar.accesslog import FLUSH_AFTER, MAX_PENDING, AccessLog, redact_path
 from sidecar.scope import RequestScope
 
 
@@ -140,14 +141,29 @@ async def test_a_key_under_an_unknown_parameter_name_is_redacted(plex_sidecar: R
     assert key not in (tmp_path / "access.log").read_text()
 
 
-async def test_lines_of_one_loop_iteration_go_out_in_one_write(tmp_path: Path) -> None:
+async def test_lines_are_batched_and_out_within_the_flush_delay(tmp_path: Path) -> None:
     target = tmp_path / "batched.log"
     log = AccessLog(str(target))
     for i in range(3):
         log.write(RequestScope(method="GET", path=f"/{i}", client_ip="127.0.0.1"))
+    await asyncio.sleep(0)
     assert target.read_text() == ""  # gathered, not yet written ...
-    await asyncio.sleep(0)  # ... until the loop comes round
-    assert [json.loads(x)["path"] for x in target.read_text().splitlines()] == ["/0", "/1", "/2"]
+    started = time.monotonic()
+    lines = await _lines(target, 3)  # ... until the flush delay is up
+    assert [x["path"] for x in lines] == ["/0", "/1", "/2"]
+    assert time.monotonic() - started < FLUSH_AFTER + 1.0
+    for i in range(MAX_PENDING):  # a full batch goes out at once
+        log.write(RequestScope(method="GET", path=f"/full/{i}", client_ip="127.0.0.1"))
+    assert len(target.read_text().splitlines()) == 3 + MAX_PENDING
     log.write(RequestScope(method="GET", path="/last", client_ip="127.0.0.1"))
     log.close()  # shutdown flushes what is pending
     assert json.loads(target.read_text().splitlines()[-1])["path"] == "/last"
+
+
+def test_timestamps_are_utc_milliseconds() -> None:
+    log = AccessLog("off")
+    before = time.time()
+    stamp = log._now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    parsed = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + int(stamp[20:23]) / 1000
+    assert before - 0.002 <= parsed <= time.time() + 0.002

@@ -79,6 +79,8 @@ def cache_upstream() -> web.Application:
         headers = {"Cache-Control": request.query["cc"]} if "cc" in request.query else {}
         if "cookie" in request.query:
             headers["Set-Cookie"] = "session=1"
+        if "vary" in request.query:
+            headers["Vary"] = request.query["vary"]
         return web.Response(text=f"n={n(request)}", headers=headers)
 
     async def negotiate(request: web.Request) -> web.Response:
@@ -225,6 +227,34 @@ async def test_query_credentials_do_not_split_entries_but_parameters_do(cached: 
     assert (h1["X-Cache-Status"], resp.headers["X-Cache-Status"]) == ("MISS", "HIT")
     _, _, h3 = await cached.get("/library/cc?a=1&b=3", key)
     assert h3["X-Cache-Status"] == "MISS"
+
+
+async def test_a_key_nested_in_a_query_value_does_not_split_entries(cached: Env) -> None:
+    """Plex nests the key in ``/photo/:/transcode?url=…``: the upstream sees the identity's token
+    there for either key, so both keys share one entry."""
+    _, key_a = await cached.run.create_key(name="a")
+    _, key_b = await cached.run.create_key(name="b")
+    nested = "/library/cc?url=/library/metadata/1/thumb%3FX-Plex-Token%3D{}"
+    _, body_a, ha = await cached.get(nested.format(key_a), key_a)
+    _, body_b, hb = await cached.get(nested.format(key_b), key_b)
+    assert (ha["X-Cache-Status"], hb["X-Cache-Status"]) == ("MISS", "HIT")
+    assert body_a == body_b == "n=1" and cached.hits["/library/cc"] == 1
+
+
+async def test_vary_on_the_credential_is_the_identity_and_vary_on_the_client_address_is_not_stored(
+    cached: Env,
+) -> None:
+    _, key_a = await cached.run.create_key(name="a")
+    _, key_b = await cached.run.create_key(name="b")
+    # The upstream saw the same token for both keys (their identity), so they share the entry.
+    _, _, ha = await cached.get("/library/cc?vary=X-Plex-Token", key_a)
+    _, _, hb = await cached.get("/library/cc?vary=X-Plex-Token", key_b)
+    assert (ha["X-Cache-Status"], hb["X-Cache-Status"]) == ("MISS", "HIT")
+    # X-Forwarded-For is the sidecar's, per client: such an answer is never stored.
+    for _ in range(2):
+        _, _, h = await cached.get("/library/cc?vary=Accept,%20X-Forwarded-For", key_a)
+        assert h["X-Cache-Status"] == "MISS"
+    assert cached.hits["/library/cc"] == 3
 
 
 async def test_rate_limit_headers_ride_on_hits(cached: Env) -> None:
@@ -507,5 +537,6 @@ async def test_cache_status_in_metrics_and_access_log(cached: Env, tmp_path: Pat
     hit = [line for line in text.splitlines() if line.startswith("sidecar_cache_requests_total{")
            and 'upstream="plex"' in line and 'result="hit"' in line]  # fmt: skip
     assert len(hit) == 1 and float(hit[0].rsplit(" ", 1)[1]) == 1.0
+    cached.run.sc.access_log.flush()
     lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
     assert [line.get("cache") for line in lines if line["path"] == "/library/sections"] == ["MISS", "HIT"]

@@ -170,6 +170,7 @@ async def test_session_client_sees_and_calls_only_its_tools(
     key_id = next(iter(gw.sc.verifier.table))
     assert sample("sidecar_mcp_tool_calls_total", {"key": key_id, **labels}) == 1
     assert sample("sidecar_auth_failures_total", {"reason": "insufficient_permissions"}) == 1
+    gw.sc.access_log.flush()
     lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
     assert any(e.get("tool") == "delete_everything" and e.get("error") == "insufficient_permissions" for e in lines)
     assert any(e.get("tool") == "search" and e["status"] == 200 for e in lines)

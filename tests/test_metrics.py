@@ -275,6 +275,7 @@ async def test_websocket_recorded_once_with_bytes_both_ways(plex_sidecar: Runnin
 
 
 def access_lines(r: Running, path: str) -> list[dict[str, Any]]:
+    r.sc.access_log.flush()
     log = Path(r.config.log.access).read_text().splitlines()
     return [e for e in map(json.loads, log) if e["path"].startswith(path)]
 

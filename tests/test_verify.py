@@ -105,6 +105,20 @@ async def test_verified_key_is_cached_hot_path_has_no_argon2_and_no_io(store: Co
     assert v.argon2_runs == 1
 
 
+async def test_a_remembered_key_is_trusted_only_while_its_record_stands(store: CountingStore) -> None:
+    rec, key = new_record()
+    v = await make_verifier(store, [rec])
+    for _ in range(3):
+        assert (await v.verify(key, "ip")).id == rec.id  # the fingerprint path from the second call on
+    await store.update(rec.with_changes(revoked_at=time.time() - 1))
+    await v.refresh()
+    with pytest.raises(RevokedKey):  # the client sees 401 revoked_key at once, not the remembered record
+        await v.verify(key, "ip")
+    with pytest.raises(InvalidKey):  # a near miss of a remembered key is checked in full
+        await v.verify(wrong_secret(key), "ip")
+    assert v.argon2_runs == 2
+
+
 async def test_concurrent_first_uses_of_one_key_run_argon2_once(store: CountingStore) -> None:
     rec, key = new_record()
     v = await make_verifier(store, [rec])
