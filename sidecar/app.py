@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -35,7 +36,7 @@ from .errors import SidecarError
 from .manage import KeyManager
 from .metrics import Metrics
 from .models import KeyRecord
-from .pipeline import Router, make_handler
+from .pipeline import HitMemo, Router, make_handler
 from .plex import TranscodeSessions
 from .proxy import Forwarder, make_session
 from .ratelimit import RateLimiter
@@ -77,6 +78,7 @@ class Sidecar:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.cache = ResponseCache(config.cache, clock=clock, sessions=self.sessions)
         self.forwarder = Forwarder(self.sessions)
+        self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules else None
         self.mcp: McpGatewayLike | None = None
         self._store: Store | None = None
         self._verifier: Verifier | None = None
@@ -128,6 +130,7 @@ class Sidecar:
             from .mcp import McpGateway  # imported only when an MCP upstream exists
 
             self.mcp = McpGateway(self)
+            self.hit_memo = None  # the gateway answers some paths before routing: no shortcuts
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(
             asyncio.create_task(self.metrics.watch_upstreams([(u.id, u.url) for u in self.config.upstreams]))
@@ -322,6 +325,9 @@ async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = Non
                 ", ".join(bound_addresses(proxy_runner, tls=config.tls is not None)),
                 ", ".join(bound_addresses(admin_runner)),
             )
+            # What exists now (modules, config, the key table) lives as long as the process:
+            # frozen, it is never walked again by the collector's full passes.
+            gc.freeze()
             if ready:
                 ready(sc)
             await stop.wait()

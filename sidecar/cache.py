@@ -74,7 +74,7 @@ from .plex import ScrubFilter
 from .proxy import HOP_BY_HOP, ResponseFilter, ResponseTap
 from .scope import RequestScope
 
-__all__ = ["Fetch", "OnHeaders", "ResponseCache"]
+__all__ = ["Entry", "Fetch", "OnHeaders", "ResponseCache"]
 
 OnHeaders = Callable[[int, CIMultiDict[str]], None]
 Fetch = Callable[[ResponseTap | None, OnHeaders], Awaitable[web.StreamResponse]]
@@ -89,7 +89,7 @@ _STORED, _PASS, _FAILED = "stored", "pass", "failed"
 
 
 @dataclass(slots=True, eq=False)
-class _Entry:
+class Entry:
     key: CacheKey
     primary: CacheKey
     upstream: str
@@ -124,20 +124,14 @@ class _UseStale(Exception):
 
 
 @dataclass(slots=True, eq=False)
-class _Reply:
-    """What answering from an entry needs."""
+class _Ask:
+    """One request's business with the cache: what it needs to look up, fetch and answer."""
 
     request: web.Request
     scope: RequestScope
     response_filter: ResponseFilter | None
     on_headers: OnHeaders | None
     plain_ok: bool  # the filter is a no-op on entries marked plain
-
-
-@dataclass(slots=True, eq=False)
-class _Ask(_Reply):
-    """One request's business with the cache: what it needs to look up, fetch and answer."""
-
     upstream: UpstreamConfig
     rule: CacheRule
     path: str
@@ -170,7 +164,7 @@ class ResponseCache:
         self.size = 0  # bytes charged, never above max_bytes
         self.waiting = 0  # requests waiting on another's fill right now
         self._salt = os.urandom(16)  # identities are keyed digests in keys: no token is guessable from them
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
         self._variants: dict[CacheKey, tuple[str, ...]] = {}  # primary key -> the upstream's Vary names
         self._per_primary: dict[CacheKey, int] = {}  # entries per primary key (to forget its Vary)
         self._flights: dict[CacheKey, _Flight] = {}
@@ -194,9 +188,10 @@ class ResponseCache:
                 return rule
         return None
 
-    def _primary(
+    def primary(
         self, request: web.Request, upstream_id: str, rule: CacheRule, identity: str, client_key: str
     ) -> CacheKey:
+        """The request's primary key: from the client's request alone (see ``sidecar.cachepolicy``)."""
         url = request.rel_url
         query = normalise_query(url.query.items(), client_key) if url.raw_query_string else ()
         return primary_key(self._salt, upstream_id, identity, url.raw_path, query, rule.vary, request.headers)
@@ -220,15 +215,24 @@ class ResponseCache:
         """
         if request_bypass(request.method, request.headers) is not None:
             return None
-        primary = self._primary(request, upstream.id, rule, identity, client_key)
-        entry = self._entries.get(variant_key(primary, self._variants.get(primary, ()), request.headers))
+        entry = self.fresh(request, self.primary(request, upstream.id, rule, identity, client_key))
         if entry is None:
             return None
-        now = self.clock()
-        if now >= entry.fresh_until:
+        plain_ok = _plain_ok(response_filter, identity)
+        return self._answer(request, scope, response_filter, plain_ok, on_headers, entry, HIT, self.clock())
+
+    def fresh(self, request: web.Request, primary: CacheKey) -> Entry | None:
+        """The fresh entry this request's variant of ``primary`` names, if any (no bypass check)."""
+        entry = self._entries.get(variant_key(primary, self._variants.get(primary, ()), request.headers))
+        if entry is None or self.clock() >= entry.fresh_until:
             return None
-        reply = _Reply(request, scope, response_filter, on_headers, _plain_ok(response_filter, identity))
-        return self._answer(reply, entry, HIT, now)
+        return entry
+
+    def answer_unfiltered(
+        self, request: web.Request, scope: RequestScope, entry: Entry, on_headers: OnHeaders | None
+    ) -> web.Response:
+        """A HIT for a request whose response filter would change nothing on this entry (the caller checked)."""
+        return self._answer(request, scope, None, True, on_headers, entry, HIT, self.clock())
 
     async def serve(
         self,
@@ -261,7 +265,7 @@ class ResponseCache:
             request, scope, response_filter, on_headers, _plain_ok(response_filter, identity),
             upstream, rule, path, url, headers, identity.encode(), fetch,
         )  # fmt: skip
-        primary = self._primary(request, upstream.id, rule, identity, client_key)
+        primary = self.primary(request, upstream.id, rule, identity, client_key)
         rounds = 0
         while True:
             key = variant_key(primary, self._variants.get(primary, ()), request.headers)
@@ -269,10 +273,10 @@ class ResponseCache:
             entry = self._entries.get(key)
             if entry is not None:
                 if now < entry.fresh_until:
-                    return self._answer(ask, entry, HIT, now)
+                    return self._reply(ask, entry, HIT, now)
                 if now < entry.stale_revalidate_until:
                     self._revalidate(ask, entry)
-                    return self._answer(ask, entry, STALE, now)
+                    return self._reply(ask, entry, STALE, now)
             label = EXPIRED if entry is not None else MISS
             if request.method != "GET":
                 return await self._pass(ask, label)  # a HEAD is answered from a GET entry, never fills one
@@ -291,7 +295,7 @@ class ResponseCache:
             if flight.outcome == _STORED and rounds < 3:
                 continue  # read it back (its Vary may send this request to another entry)
             if flight.outcome == _FAILED and entry is not None and self.clock() < entry.stale_error_until:
-                return self._answer(ask, entry, STALE, self.clock())
+                return self._reply(ask, entry, STALE, self.clock())
             if flight.outcome != _FAILED or rounds >= 2:
                 return await self._pass(ask, label)
             # The leader failed (its client left, the upstream broke): one of us leads the next round.
@@ -301,7 +305,7 @@ class ResponseCache:
         return await ask.fetch(tap, _tagger(label, ask.on_headers))
 
     async def _lead(
-        self, ask: _Ask, key: CacheKey, primary: CacheKey, entry: _Entry | None, label: str
+        self, ask: _Ask, key: CacheKey, primary: CacheKey, entry: Entry | None, label: str
     ) -> web.StreamResponse:
         flight = self._flights[key] = _Flight()
         for name in CONDITIONAL_HEADERS:
@@ -312,28 +316,41 @@ class ResponseCache:
         except _UseStale:
             assert entry is not None  # the tap raises it only with an entry to serve
             flight.finish(_FAILED)
-            return self._answer(ask, entry, STALE, self.clock())
+            return self._reply(ask, entry, STALE, self.clock())
         except (UpstreamUnavailable, UpstreamTimeout):
             now = self.clock()
             if entry is None or now >= entry.stale_error_until:
                 raise
             flight.finish(_FAILED)
-            return self._answer(ask, entry, STALE, now)
+            return self._reply(ask, entry, STALE, now)
         finally:
             flight.finish(_FAILED)
             if self._flights.get(key) is flight:
                 del self._flights[key]
 
-    def _answer(self, ask: _Reply, entry: _Entry, label: str, now: float) -> web.Response:
+    def _reply(self, ask: _Ask, entry: Entry, label: str, now: float) -> web.Response:
+        a = ask
+        return self._answer(a.request, a.scope, a.response_filter, a.plain_ok, a.on_headers, entry, label, now)
+
+    def _answer(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        rf: ResponseFilter | None,
+        plain_ok: bool,
+        on_headers: OnHeaders | None,
+        entry: Entry,
+        label: str,
+        now: float,
+    ) -> web.Response:
         """Build the answer from stored bytes: no upstream, no session, at most one filter pass."""
-        ask.scope.cache = label
+        scope.cache = label
         try:
             self._entries.move_to_end(entry.key)
         except KeyError:
             pass  # evicted or superseded since it was looked up: still a valid answer for this request
         status = entry.status
-        rf = ask.response_filter
-        if rf is None or (entry.plain and ask.plain_ok):
+        if rf is None or (entry.plain and plain_ok):
             response = web.Response(status=status, headers=entry.headers, body=entry.body)
         else:
             headers = entry.headers.copy()
@@ -342,11 +359,11 @@ class ResponseCache:
                 body = rf.feed(body) + rf.flush()
             response = web.Response(status=status, headers=headers, body=body)
         out = response.headers
-        if ask.on_headers is not None:
-            ask.on_headers(status, out)
+        if on_headers is not None:
+            on_headers(status, out)
         out["X-Cache-Status"] = label
         out["Age"] = str(entry.age + max(0, int(now - entry.stored_at)))
-        inm = ask.request.headers.get("If-None-Match")
+        inm = request.headers.get("If-None-Match")
         if inm is not None and "ETag" in out and _etag_matches(inm, out["ETag"]):
             return web.Response(status=304, headers=_not_modified(out))
         return response
@@ -382,7 +399,7 @@ class ResponseCache:
         self._set_variants(primary, verdict.vary)
         self._remove(key)
         fresh = now + verdict.ttl
-        entry = _Entry(
+        entry = Entry(
             key=key, primary=primary, upstream=upstream, path=path, status=status, headers=stored,
             body=body, stored_at=now, age=int(age) if age.isdigit() else 0, fresh_until=fresh,
             stale_revalidate_until=fresh + verdict.stale_while_revalidate,
@@ -401,7 +418,7 @@ class ResponseCache:
         else:
             self._variants.pop(primary, None)
 
-    def _drop(self, entry: _Entry) -> None:
+    def _drop(self, entry: Entry) -> None:
         """Remove this entry, unless it has been replaced meanwhile."""
         if self._entries.get(entry.key) is entry:
             self._remove(entry.key)
@@ -433,7 +450,7 @@ class ResponseCache:
 
     # ------------------------------------------------------------------ background refresh
 
-    def _revalidate(self, ask: _Ask, entry: _Entry) -> None:
+    def _revalidate(self, ask: _Ask, entry: Entry) -> None:
         """Refresh a stale entry once, in the background (stale-while-revalidate)."""
         session = self.sessions.get(ask.upstream.id)
         if session is None or entry.key in self._refreshing:
@@ -451,7 +468,7 @@ class ResponseCache:
     async def _refresh(
         self,
         session: aiohttp.ClientSession,
-        entry: _Entry,
+        entry: Entry,
         rule: CacheRule,
         upstream: UpstreamConfig,
         url: URL,
@@ -505,7 +522,7 @@ class _Recorder:
                  "_status", "_verdict")  # fmt: skip
 
     def __init__(
-        self, cache: ResponseCache, flight: _Flight, ask: _Ask, primary: CacheKey, entry: _Entry | None
+        self, cache: ResponseCache, flight: _Flight, ask: _Ask, primary: CacheKey, entry: Entry | None
     ) -> None:
         self._cache = cache
         self._flight = flight

@@ -2,6 +2,15 @@
 
 route → credential → verify → authorize → rate limit → cache hit → rewrite → cache
 (miss, stale, coalescing) → forward → record.
+
+Repeat hits (``HitMemo``): a request that ended in a plain cache hit leaves behind what
+its route, credential and permission stages decided, under a digest of everything those
+stages read (method, raw path and query, the three credential headers). The next
+identical request re-checks only what can change — the key's record is still the one
+in the table (revocation, expiry, permission edits and reloads replace or expire it),
+the client is not throttled, the entry is still fresh and plain — then runs the rate
+limiter and answers. Anything else goes the whole way, so the memo can only skip work,
+never a decision: a cache hit costs about half of what it would otherwise.
 Every stage is a call into its own module; this file only decides the order, so
 the order lives in exactly one place.
 """
@@ -9,8 +18,11 @@ the order lives in exactly one place.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import HttpVersion11, web
@@ -18,8 +30,9 @@ from multidict import CIMultiDict, MultiDict
 
 from .accesslog import redact_path
 from .cache import OnHeaders
+from .cachepolicy import CacheKey, request_bypass
 from .config import UpstreamConfig
-from .credentials import Credential, extract_credential, strip_credential
+from .credentials import CLIENT_CREDENTIAL_HEADERS, Credential, extract_credential, strip_credential
 from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from .models import KeyRecord
 from .permissions import allowed
@@ -30,9 +43,10 @@ from .scope import SCOPE, RequestScope
 if TYPE_CHECKING:
     from .app import Sidecar
 
+MAX_MEMO = 50_000  # remembered repeat-hit decisions (cleared when full)
 WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 metadata, answered by the MCP gateway
 
-__all__ = ["Router", "handle", "make_handler"]
+__all__ = ["Decided", "HitMemo", "Router", "handle", "make_handler"]
 
 
 class Router:
@@ -97,7 +111,7 @@ async def _expect(request: web.Request) -> None:
 async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
     scope = RequestScope(
         method=request.method,
-        path=redact_path(request.path_qs),
+        path=redact_path(request.raw_path),  # as the client sent it (like nginx's $request_uri)
         client_ip=client_ip(request, sc.trusted_proxies),
     )
     request[SCOPE] = scope
@@ -126,6 +140,13 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
 
 async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
     cfg = sc.config
+    memo = sc.hit_memo
+    memo_key = b""
+    if memo is not None and request.method in ("GET", "HEAD"):
+        memo_key = memo.key(request)
+        repeat = await _repeat_hit(sc, memo, memo_key, request, scope)
+        if repeat is not None:
+            return repeat
     # 1. route
     if sc.mcp is not None and sc.mcp.is_rest_call(request):
         return await sc.mcp.rest_call(sc, request, scope)
@@ -148,7 +169,7 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
     reason = allowed(key.permissions, upstream.id, upstream.kind, request.method, path)
     if reason:
         raise Forbidden(reason)
-    if upstream.kind == "plex" and not sc.transcode.claim(path, MultiDict(request.query), key.id):
+    if upstream.kind == "plex" and not sc.transcode.claim(path, request.query, key.id):
         raise Forbidden("this transcode session belongs to another key")
 
     # 5. rate limit
@@ -175,6 +196,9 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
                            response_filter=response_filter, on_headers=on_headers)  # fmt: skip
         if hit is not None:
             await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
+            if memo_key and memo is not None and not rule.vary and sc.transcode.untracked(path):
+                primary = sc.cache.primary(request, upstream.id, rule, token or "", client_key)
+                memo.remember(memo_key, Decided(key, upstream, primary, scope.path, scope.credential))
             return hit
 
     # 7. rewrite credentials for the upstream
@@ -214,6 +238,84 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         return await sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What the stages before the cache decided for a request that ended in a cache hit."""
+
+    record: KeyRecord
+    upstream: UpstreamConfig
+    primary: CacheKey
+    logged_path: str
+    credential: str  # the credential form(s), for the log
+
+
+class HitMemo:
+    """Repeat cache hits skip the stages whose inputs they repeat (see the module docstring).
+
+    Keyed by a salted digest, so no client key is held in it; bounded (cleared when full).
+    Off when an MCP upstream exists: the MCP gateway answers some paths before routing.
+    """
+
+    def __init__(self, max_entries: int = MAX_MEMO) -> None:
+        self.max_entries = max_entries
+        self._salt = os.urandom(16)
+        self._decided: dict[bytes, Decided] = {}
+        self.served = 0  # answers given from it (for tests and the curious)
+
+    def key(self, request: web.Request) -> bytes:
+        """Everything route, credential and permission read, digested: method, raw target, credential headers."""
+        h = request.headers
+        material = "\0".join(
+            (request.method, request.raw_path, *(",".join(h.getall(n, ())) for n in CLIENT_CREDENTIAL_HEADERS))
+        )
+        return hashlib.blake2b(material.encode(), key=self._salt, digest_size=16).digest()
+
+    def get(self, key: bytes) -> Decided | None:
+        return self._decided.get(key)
+
+    def remember(self, key: bytes, decided: Decided) -> None:
+        if len(self._decided) >= self.max_entries:
+            self._decided.clear()
+        self._decided[key] = decided
+
+    def clear(self) -> None:
+        self._decided.clear()
+
+
+async def _repeat_hit(
+    sc: Sidecar, memo: HitMemo, memo_key: bytes, request: web.Request, scope: RequestScope
+) -> web.StreamResponse | None:
+    """The cache's answer for a request that repeats a decided one, or None to go the whole way."""
+    decided = memo.get(memo_key)
+    if decided is None:
+        return None
+    record, upstream = decided.record, decided.upstream
+    verifier = sc.verifier
+    now = verifier.clock()
+    if verifier.table.get(record.id) is not record or record.state(now) != "active":
+        return None  # replaced, revoked or expired: the full path says so to the client
+    if verifier.throttled(scope.client_ip, now) > 0 or request_bypass(request.method, request.headers):
+        return None
+    entry = sc.cache.fresh(request, decided.primary)
+    if entry is None or (upstream.kind == "plex" and not entry.plain):
+        return None  # a miss, or an entry the client's ScrubFilter must rewrite
+    scope.upstream, scope.path, scope.credential = upstream.id, decided.logged_path, decided.credential
+    scope.key_id, scope.key_name = record.id, record.name
+    # 5. rate limit: as on the full path, nothing is served before it allows the request
+    decision = await sc.limiter.check(record, upstream)
+    if not decision.allowed and decision.error is not None:
+        scope.rate_limited = True
+        raise decision.error
+
+    def on_headers(status: int, out: CIMultiDict[str]) -> None:
+        out.update(decision.headers)
+
+    response = sc.cache.answer_unfiltered(request, scope, entry, on_headers)
+    await sc.limiter.served_from_cache(record, upstream)
+    memo.served += 1
+    return response
 
 
 async def _authenticate(

@@ -122,6 +122,10 @@ class TranscodeSessions:
         self.clock = clock
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
+    def untracked(self, path: str) -> bool:
+        """True when ``claim`` has nothing to record or refuse for this path (no session in it)."""
+        return self.session_of(path) is None and not _START_PATH.match(path)
+
     def claim(self, path: str, query: MultiMapping[str], key_id: str) -> bool:
         """Record ownership when a key starts, pings or reads a session. False if another key owns it."""
         sid = self.session_of(path)

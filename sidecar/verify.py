@@ -155,7 +155,7 @@ class Verifier:
 
     # ------------------------------------------------------------ verification
 
-    def _throttled(self, ip: str, now: float) -> float:
+    def throttled(self, ip: str, now: float) -> float:
         """Seconds until this IP may try again, or 0."""
         q = self._failures.get(ip)
         if not q:
@@ -191,7 +191,7 @@ class Verifier:
         last poll) → cached verification or argon2id in a thread → revoked/expired.
         """
         now = self.clock()
-        wait = self._throttled(client_ip, now)
+        wait = self.throttled(client_ip, now)
         if wait > 0:
             raise self._too_many(wait)
         fingerprint = hashlib.sha256(raw.encode()).digest()
@@ -262,7 +262,7 @@ class Verifier:
         async with self._sem:
             # Re-check after queueing: a burst of wrong guesses from one address must
             # not all reach argon2 just because they passed the door together.
-            wait = self._throttled(client_ip, self.clock())
+            wait = self.throttled(client_ip, self.clock())
             if wait > 0:
                 raise self._too_many(wait)
             self.argon2_runs += 1

@@ -394,6 +394,70 @@ async def test_unauthenticated_and_out_of_scope_requests_never_see_cached_bodies
     assert cached.cache_count("hit") == 0
 
 
+# ---------------------------------------------------------------------------- repeat hits
+
+
+async def test_repeat_hits_skip_the_decided_stages_but_no_decision(cached: Env) -> None:
+    """The second hit is served from the memo; every change to the key is seen at once."""
+    run = cached.run
+    memo = run.sc.hit_memo
+    assert memo is not None
+    rec, key = await run.create_key(name="memo")
+    for want in ("MISS", "HIT", "HIT", "HIT"):
+        status, body, headers = await cached.get("/library/cc?a=1", key)
+        assert (status, headers["X-Cache-Status"], body) == (200, want, "n=1")
+    assert memo.served == 2  # the third and fourth, with the same answer and log line as the full path
+    run.sc.access_log.flush()
+    last = json.loads(Path(run.config.log.access).read_text().splitlines()[-1])
+    assert (last["key"], last["cache"], last["credential"], last["path"], last["status"]) == (
+        rec.id, "HIT", "plex_header", "/library/cc?a=1", 200,
+    )  # fmt: skip
+    # An entry the client's ScrubFilter must rewrite (it echoes the token) always goes the whole way.
+    for _ in range(3):
+        _, body, _ = await cached.get("/library/sections", key)
+        assert f"X-Plex-Token={key}" in body and PLEX_TOKEN not in body
+    assert memo.served == 2
+
+    # A second, different credential: 400 as always, never the remembered answer.
+    resp = await run.proxy.get("/library/cc?a=1", headers={"X-Plex-Token": key, "x-api-key": "pmcp_other"})
+    assert resp.status == 400
+    # Narrowed permissions apply at once (the record is replaced) ...
+    await run.sc.manager().patch(rec.id, {"permissions": {"upstreams": ["plex"], "paths": ["/hubs/*"]}}, "test")
+    await run.sc.verifier.refresh()
+    status, body, _ = await cached.get("/library/cc?a=1", key)
+    assert status == 403 and "n=1" not in body
+    # ... and so does a revocation.
+    await run.sc.manager().revoke(rec.id, "test")
+    await run.sc.verifier.refresh()
+    resp = await run.proxy.get("/library/cc?a=1", headers={"X-Plex-Token": key})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "revoked_key"
+    assert memo.served == 2 and cached.hits["/library/cc"] == 1
+
+
+async def test_repeat_hits_honour_expiry_and_rate_limits(
+    aiohttp_server: Any, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    env = await start(aiohttp_server, make_sidecar, tmp_path)
+    _, key = await env.run.create_key(name="short", expires_at=env.clock.now + 30)
+    for want in ("MISS", "HIT", "HIT"):
+        assert (await env.get("/library/cc", key))[2]["X-Cache-Status"] == want
+    assert env.run.sc.hit_memo is not None and env.run.sc.hit_memo.served == 1
+    env.clock.advance(31)  # the entry (60 s) is still fresh; the key is not
+    resp = await env.run.proxy.get("/library/cc", headers={"X-Plex-Token": key})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "expired_key"
+
+    limited = base_config(
+        str(env.up.make_url("")).rstrip("/"), tmp_path / "b", cache={"rules": RULES},
+        rate_limits={"default": ["2/minute"], "count_cache_hits": True},
+    )  # fmt: skip
+    (tmp_path / "b").mkdir()
+    run = await make_sidecar(limited)
+    _, key = await run.create_key()
+    statuses = [(await run.proxy.get("/library/cc", headers={"X-Plex-Token": key})).status for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]  # repeat hits are refused like any other request
+    assert run.sc.hit_memo is not None and run.sc.hit_memo.served == 0
+
+
 # ---------------------------------------------------------------------------- coalescing
 
 
