@@ -38,6 +38,7 @@ from .models import KeyRecord
 from .permissions import allowed
 from .plex import ScrubFilter, inject_plex
 from .proxy import Networks, ResponseFilter, ResponseTap, forward_headers, upstream_url
+from .ratelimit import RateDecision
 from .scope import SCOPE, RequestScope
 
 if TYPE_CHECKING:
@@ -173,13 +174,7 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         raise Forbidden("this transcode session belongs to another key")
 
     # 5. rate limit
-    decision = await sc.limiter.check(key, upstream)
-    if not decision.allowed and decision.error is not None:
-        scope.rate_limited = True
-        raise decision.error
-
-    def on_headers(status: int, out: CIMultiDict[str]) -> None:
-        out.update(decision.headers)
+    decision, on_headers = await _rate_limit(sc, key, upstream, scope)
 
     client_key = credential.key if credential else ""
     token = sc.upstream_token(upstream, key)
@@ -304,7 +299,18 @@ async def _repeat_hit(
     scope.upstream, scope.path, scope.credential = upstream.id, decided.logged_path, decided.credential
     scope.key_id, scope.key_name = record.id, record.name
     # 5. rate limit: as on the full path, nothing is served before it allows the request
-    decision = await sc.limiter.check(record, upstream)
+    _, on_headers = await _rate_limit(sc, record, upstream, scope)
+    response = sc.cache.answer_unfiltered(request, scope, entry, on_headers)
+    await sc.limiter.served_from_cache(record, upstream)
+    memo.served += 1
+    return response
+
+
+async def _rate_limit(
+    sc: Sidecar, key: KeyRecord, upstream: UpstreamConfig, scope: RequestScope
+) -> tuple[RateDecision, OnHeaders]:
+    """Raise the limiter's refusal; else its decision and the hook that puts its headers on the answer."""
+    decision = await sc.limiter.check(key, upstream)
     if not decision.allowed and decision.error is not None:
         scope.rate_limited = True
         raise decision.error
@@ -312,10 +318,7 @@ async def _repeat_hit(
     def on_headers(status: int, out: CIMultiDict[str]) -> None:
         out.update(decision.headers)
 
-    response = sc.cache.answer_unfiltered(request, scope, entry, on_headers)
-    await sc.limiter.served_from_cache(record, upstream)
-    memo.served += 1
-    return response
+    return decision, on_headers
 
 
 async def _authenticate(
