@@ -78,7 +78,9 @@ class Sidecar:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.cache = ResponseCache(config.cache, clock=clock, sessions=self.sessions)
         self.forwarder = Forwarder(self.sessions)
-        self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules else None
+        # No repeat-hit shortcuts next to an MCP gateway: it answers some paths before routing.
+        mcp = any(u.kind == "mcp" for u in config.upstreams)
+        self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules and not mcp else None
         self.mcp: McpGatewayLike | None = None
         self._store: Store | None = None
         self._verifier: Verifier | None = None
@@ -130,7 +132,6 @@ class Sidecar:
             from .mcp import McpGateway  # imported only when an MCP upstream exists
 
             self.mcp = McpGateway(self)
-            self.hit_memo = None  # the gateway answers some paths before routing: no shortcuts
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(
             asyncio.create_task(self.metrics.watch_upstreams([(u.id, u.url) for u in self.config.upstreams]))

@@ -145,7 +145,8 @@ class ResponseCache:
     """Interface used by the pipeline and admin API:
 
     ``rule_for(upstream_id, method, path) -> CacheRule | None``;
-    ``hit(request, scope, upstream, rule, identity, client_key, …) -> web.Response | None``;
+    ``primary(request, upstream_id, rule, identity, client_key) -> CacheKey``;
+    ``hit(request, scope, primary, identity, …) -> web.Response | None``;
     ``await serve(request, scope, upstream, rule, path, url, headers, identity, client_key, fetch, …)``;
     ``purge(upstream=None, path_glob=None) -> int``; ``await close()``.
     """
@@ -200,10 +201,8 @@ class ResponseCache:
         self,
         request: web.Request,
         scope: RequestScope,
-        upstream: UpstreamConfig,
-        rule: CacheRule,
+        primary: CacheKey,
         identity: str,
-        client_key: str,
         *,
         response_filter: ResponseFilter | None = None,
         on_headers: OnHeaders | None = None,
@@ -212,10 +211,9 @@ class ResponseCache:
 
         Looked up from the client's request alone, so a hit skips every rewrite meant for
         the upstream. Stale entries, misses and coalescing need that request: not here.
+        The caller has checked ``request_bypass``.
         """
-        if request_bypass(request.method, request.headers) is not None:
-            return None
-        entry = self.fresh(request, self.primary(request, upstream.id, rule, identity, client_key))
+        entry = self.fresh(request, primary)
         if entry is None:
             return None
         plain_ok = _plain_ok(response_filter, identity)

@@ -185,14 +185,14 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         response_filter = ScrubFilter(token, client_key or "REDACTED")
 
     # 6. cache: a fresh entry answers before anything is prepared for the upstream
+    identity = token or ""
     rule = sc.cache.rule_for(upstream.id, request.method, path) if upstream.kind != "mcp" else None
-    if rule is not None:
-        hit = sc.cache.hit(request, scope, upstream, rule, token or "", client_key,
-                           response_filter=response_filter, on_headers=on_headers)  # fmt: skip
+    if rule is not None and request_bypass(request.method, request.headers) is None:
+        primary = sc.cache.primary(request, upstream.id, rule, identity, client_key)
+        hit = sc.cache.hit(request, scope, primary, identity, response_filter=response_filter, on_headers=on_headers)
         if hit is not None:
             await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
             if memo_key and memo is not None and not rule.vary and sc.transcode.untracked(path):
-                primary = sc.cache.primary(request, upstream.id, rule, token or "", client_key)
                 memo.remember(memo_key, Decided(key, upstream, primary, scope.path, scope.credential))
             return hit
 
@@ -216,7 +216,6 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         if upstream.kind == "mcp" and sc.mcp is not None:
             return await sc.mcp.handle(sc, request, scope, upstream, key, url, headers, decision.headers)
         if rule is not None:
-            identity = token or ""
 
             async def fetch(tap: ResponseTap | None, tagged: OnHeaders) -> web.StreamResponse:
                 return await sc.forwarder.forward(
@@ -274,9 +273,6 @@ class HitMemo:
         if len(self._decided) >= self.max_entries:
             self._decided.clear()
         self._decided[key] = decided
-
-    def clear(self) -> None:
-        self._decided.clear()
 
 
 async def _repeat_hit(
