@@ -8,8 +8,11 @@ end of the test. Nothing is mocked: the upstream is a real aiohttp server.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,16 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+async def log_lines(path: Path, want: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The access log's JSON lines, once at least ``want`` are there (the line follows the last byte)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if len(lines) >= want or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
 
 
 class ProxyTestServer(BaseTestServer):

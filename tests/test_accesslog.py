@@ -13,11 +13,10 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import PLEX_TOKEN, Running
+from conftest import PLEX_TOKEN, Running, log_lines
 
 from sidecar.accesslog import FLUSH_AFTER, MAX_PENDING, AccessLog, redact_path
 from sidecar.scope import RequestScope
@@ -41,15 +40,6 @@ from sidecar.scope import RequestScope
 )
 def test_redact_path(path: str, logged: str) -> None:
     assert redact_path(path) == logged
-
-
-async def _lines(path: Path, want: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        if len(lines) >= want or time.monotonic() > deadline:
-            return lines
-        await asyncio.sleep(0.02)
 
 
 async def test_one_line_per_request_and_no_secret_anywhere(plex_sidecar: Running, tmp_path: Path) -> None:
@@ -83,7 +73,7 @@ async def test_one_line_per_request_and_no_secret_anywhere(plex_sidecar: Running
     sent.append(("GET", "/:/websockets/notifications?X-Plex-Token=REDACTED", 101))
 
     log_file = tmp_path / "access.log"
-    lines = await _lines(log_file, len(sent))
+    lines = await log_lines(log_file, len(sent))
     assert len(lines) == len(sent), lines
     assert PLEX_TOKEN not in location  # scrubbed (to the client's own key, which the client already has)
     for line, (method, path, status) in zip(lines, sent, strict=True):
@@ -136,7 +126,7 @@ async def test_a_key_under_an_unknown_parameter_name_is_redacted(plex_sidecar: R
     _, key = await plex_sidecar.create_key(name="odd-param")
     resp = await plex_sidecar.proxy.get(f"/library/sections?myOwnParam={key}", headers={"X-Plex-Token": key})
     assert resp.status == 200
-    lines = await _lines(tmp_path / "access.log", 1)
+    lines = await log_lines(tmp_path / "access.log", 1)
     assert lines[-1]["path"] == "/library/sections?myOwnParam=REDACTED"
     assert key not in (tmp_path / "access.log").read_text()
 
@@ -149,7 +139,7 @@ async def test_lines_are_batched_and_out_within_the_flush_delay(tmp_path: Path) 
     await asyncio.sleep(0)
     assert target.read_text() == ""  # gathered, not yet written ...
     started = time.monotonic()
-    lines = await _lines(target, 3)  # ... until the flush delay is up
+    lines = await log_lines(target, 3)  # ... until the flush delay is up
     assert [x["path"] for x in lines] == ["/0", "/1", "/2"]
     assert time.monotonic() - started < FLUSH_AFTER + 1.0
     for i in range(MAX_PENDING):  # a full batch goes out at once

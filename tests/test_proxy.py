@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
+from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
 from tlscerts import make_tls
 
 from sidecar.demo import MEDIA, SEEN, free_port
@@ -120,16 +120,6 @@ def sha_of_chunks(n: int) -> str:
     for _ in range(n):
         h.update(CHUNK)
     return h.hexdigest()
-
-
-async def log_lines(path: Path, want: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The access log's JSON lines, once at least ``want`` are there (the line follows the last byte)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        if len(lines) >= want or time.monotonic() > deadline:
-            return lines
-        await asyncio.sleep(0.02)
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> str:
