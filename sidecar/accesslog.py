@@ -11,13 +11,17 @@ measurable share of a cache hit's cost. ``docker logs``/``kubectl logs`` see a l
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import orjson
 
+from .filemodes import open_private_append
+from .logfilter import redact_path_keys
 from .scope import RequestScope
 
 __all__ = ["FLUSH_AFTER", "AccessLog", "redact_path"]
@@ -26,19 +30,25 @@ FLUSH_AFTER = 0.05  # seconds the first line of a batch may wait for company
 MAX_PENDING = 512  # lines that are written at once, whatever the time
 
 # A credential-named parameter and its value, also when nested percent-encoded in another
-# parameter (Plex's ``/photo/:/transcode?url=/library/…/thumb?X-Plex-Token%3D<key>``).
+# parameter (Plex's ``/photo/:/transcode?url=/library/…/thumb?X-Plex-Token%3D<key>``) and
+# with blanks around the name (``X-Plex-Token%20=``).
+_BLANK = r"(?:%20|%09|\+|\s)*"
 _SECRET_PARAM = re.compile(
-    r"((?:^|[?&;/]|%3F|%26|%2F)(?:X-Plex-Token|token|api_key|apikey|key|access_token)(?:=|%3D))"
+    rf"((?:^|[?&;/]|%3F|%26|%2F){_BLANK}(?:X-Plex-Token|token|api_key|apikey|key|access_token){_BLANK}(?:=|%3D))"
     r"(?:(?!%26)[^&;#\s])*",
     re.I,
 )
 
 
 def redact_path(path_qs: str) -> str:
-    """The path as logged: every credential-named query value replaced by ``REDACTED``."""
-    if "=" not in path_qs and "%3D" not in path_qs and "%3d" not in path_qs:
-        return path_qs  # nothing that could carry a value: skip the regex (the common case)
-    return _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
+    """The path as logged: credential-named query values and anything shaped like a key replaced.
+
+    Key-shaped runs (``logfilter.redact_path_keys``) go whatever parameter carries them
+    (``?foo=<key>``), so a key never reaches the log under a name we did not foresee.
+    """
+    if "=" in path_qs or "%3D" in path_qs or "%3d" in path_qs:  # else nothing carries a value (the common case)
+        path_qs = _SECRET_PARAM.sub(r"\1REDACTED", path_qs)
+    return redact_path_keys(path_qs)
 
 
 class AccessLog:
@@ -58,7 +68,8 @@ class AccessLog:
         elif target == "stdout":
             self.stream = sys.stdout
         else:
-            self.stream = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives with the app
+            # 0600 when created (paths and client addresses are nobody else's business).
+            self.stream = os.fdopen(open_private_append(Path(target)), "a", encoding="utf-8")
             self._own = True
 
     def write(self, scope: RequestScope) -> None:

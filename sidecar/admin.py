@@ -17,11 +17,13 @@ from aiohttp.typedefs import Handler
 
 from .config import parse_duration
 from .credentials import extract_credential
-from .errors import BadRequest, Forbidden, ServiceUnavailable, SidecarError, Unauthorized
+from .delegation import manages_all, owns
+from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .models import iso
+from .models import KeyRecord, iso
 from .store import ReadOnlyStore, StoreBusy, StoreError
 from .store.base import AuditEvent
+from .usage import MAX_DAYS
 from .usage import report as usage_report
 
 if TYPE_CHECKING:
@@ -30,7 +32,41 @@ if TYPE_CHECKING:
 __all__ = ["create_admin_app", "openapi_spec"]
 
 ACTOR = web.RequestKey("admin_actor", str)
+ACTOR_KEY = web.RequestKey("admin_actor_key", KeyRecord)  # absent for the admin token
 UPSTREAM_CHECK_TIMEOUT = 1.0
+MAX_AUDIT_LIMIT = 10_000
+
+
+def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """A whole-number query parameter, given at most once, within [lo, hi]; 400 otherwise
+    (never a 500 from a 30-digit number or a negative SQL ``LIMIT`` that means "all")."""
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise BadRequest(f"{name}: give it once")
+    v = values[0]
+    if not (v.isascii() and v.isdigit() and len(v) <= 12 and lo <= int(v) <= hi):
+        raise BadRequest(f"{name}: expected a whole number from {lo} to {hi}")
+    return int(v)
+
+
+def query_str(request: web.Request, name: str) -> str | None:
+    """A text query parameter given at most once (a repeated one is ambiguous: 400)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name}: give it once")
+    return values[0] if values else None
+
+
+def acting_key(request: web.Request) -> KeyRecord | None:
+    """The key making an admin request, None for the admin token (sidecar.delegation)."""
+    return request.get(ACTOR_KEY)
+
+
+def require_full_admin(request: web.Request) -> None:
+    if not manages_all(acting_key(request)):
+        raise Forbidden("this needs the admin token or a key with admin: full")
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -70,6 +106,7 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         if not key.permissions.admin:
             raise Forbidden("this key does not have the admin permission")
         request[ACTOR] = f"key:{key.id}"
+        request[ACTOR_KEY] = key
         return await handler(request)
 
     app = web.Application(middlewares=[errors, auth])
@@ -122,56 +159,69 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         """Make a write visible to this process's hot path now, not at the next poll."""
         await sc.verifier.refresh()
 
+    async def visible_key(request: web.Request) -> KeyRecord:
+        """The key named in the path, if the caller may see it (a delegated key: its owner's only)."""
+        rec = await sc.manager().get(request.match_info["id"])
+        if not owns(acting_key(request), rec):
+            raise NotFound(f"no key with id {rec.id!r}")
+        return rec
+
     async def create_key(request: web.Request) -> web.Response:
-        rec, key = await sc.manager().create(await body_of(request), request[ACTOR])
+        rec, key = await sc.manager().create(await body_of(request), request[ACTOR], by=acting_key(request))
         await applied()
         data = rec.public_dict()
         data["key"] = key
         return ok(data, 201)
 
     async def list_keys(request: web.Request) -> web.Response:
-        return ok([r.public_dict() for r in await sc.store.list_keys()])
+        by = acting_key(request)
+        return ok([r.public_dict() for r in await sc.store.list_keys() if owns(by, r)])
 
     async def show_key(request: web.Request) -> web.Response:
-        rec = await sc.manager().get(request.match_info["id"])
+        rec = await visible_key(request)
         return ok({**rec.public_dict(), "quota_status": await sc.limiter.quota_status(rec)})
 
     async def key_quota(request: web.Request) -> web.Response:
-        rec = await sc.manager().get(request.match_info["id"])
+        rec = await visible_key(request)
+        require_full_admin(request)  # a reset widens what a key may spend, its own included
         body = await body_of(request)
         status = await sc.limiter.adjust_quota(rec, body)  # {"used": 0} resets, {"add": -500} tops up
         await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "quota_adjusted", rec.id, body))
         return ok({"id": rec.id, "quota_status": status})
 
     async def patch_key(request: web.Request) -> web.Response:
-        rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR])
+        await visible_key(request)
+        by = acting_key(request)
+        rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR], by=by)
         await applied()
         return ok(rec.public_dict())
 
     async def revoke_key(request: web.Request) -> web.Response:
-        rec = await sc.manager().revoke(request.match_info["id"], request[ACTOR])
+        await visible_key(request)
+        rec = await sc.manager().revoke(request.match_info["id"], request[ACTOR], by=acting_key(request))
         await applied()
         return ok(rec.public_dict())
 
     async def rotate_key(request: web.Request) -> web.Response:
+        await visible_key(request)
         body = await body_of(request)
+        unknown = set(body) - {"grace"}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
             grace = parse_duration(body.get("grace", 0))
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:
             raise BadRequest(f"grace: {e}") from None
-        rec, key = await sc.manager().rotate(request.match_info["id"], request[ACTOR], grace)
+        rec, key = await sc.manager().rotate(request.match_info["id"], request[ACTOR], grace, by=acting_key(request))
         await applied()
         data = rec.public_dict()
         data["key"] = key
         return ok(data, 201)
 
     async def key_usage(request: web.Request) -> web.Response:
-        try:
-            days = int(request.query.get("days", "30"))
-        except ValueError:
-            raise BadRequest("days: expected a whole number") from None
+        days = query_int(request, "days", 30, 1, MAX_DAYS)
         await sc.usage.flush()  # what was counted but not yet written: the answer is up to date
-        rec = await sc.manager().get(request.match_info["id"])
+        rec = await visible_key(request)  # read after the flush: last_used is in the record
         try:
             data = await usage_report(sc.store, rec.id, days, sc.clock())
         except ValueError as e:
@@ -180,17 +230,24 @@ def create_admin_app(sc: Sidecar) -> web.Application:
                    "last_used_ip": rec.last_used_ip, **data})  # fmt: skip
 
     async def audit(request: web.Request) -> web.Response:
-        try:
-            limit = int(request.query.get("limit", "100"))
-        except ValueError:
-            raise BadRequest("limit: expected a whole number") from None
-        events = await sc.store.audit_log(request.query.get("key"), limit)
+        limit = query_int(request, "limit", 100, 1, MAX_AUDIT_LIMIT)
+        key_id = query_str(request, "key")
+        by = acting_key(request)
+        if key_id and not manages_all(by):
+            rec = await sc.store.get(key_id)
+            if rec is None or not owns(by, rec):
+                raise NotFound(f"no key with id {key_id!r}")
+        events = await sc.store.audit_log(key_id, limit)
+        if not manages_all(by):  # a delegated key sees the trail of its owner's keys only
+            mine = {r.id for r in await sc.store.list_keys() if owns(by, r)}
+            events = [e for e in events if e.key_id in mine]
         return ok(
             [{"at": iso(e.at), "actor": e.actor, "action": e.action, "key": e.key_id, **e.detail} for e in events]
         )
 
     async def purge_cache(request: web.Request) -> web.Response:
-        n = sc.cache.purge(request.query.get("upstream"), request.query.get("path"))
+        require_full_admin(request)
+        n = sc.cache.purge(query_str(request, "upstream"), query_str(request, "path"))
         return ok({"purged": n})
 
     async def openapi(request: web.Request) -> web.Response:
@@ -211,6 +268,10 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     r.add_delete("/admin/cache", purge_cache)
     r.add_get("/admin/openapi.json", openapi)
     return app
+
+
+def _int_schema(most: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1, "maximum": most}
 
 
 def openapi_spec() -> dict[str, Any]:
@@ -237,7 +298,7 @@ def openapi_spec() -> dict[str, Any]:
         o: dict[str, Any] = {
             "summary": summary,
             "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": schema}}},
-                          "400": err, "401": err, "403": err, "404": err, "409": err, "503": err},
+                          "400": err, "401": err, "403": err, "404": err, "409": err, "429": err, "503": err},
         }  # fmt: skip
         if body:
             body_schema = body if isinstance(body, dict) else ref("KeyInput")
@@ -282,7 +343,21 @@ def openapi_spec() -> dict[str, Any]:
                                 "methods": {"type": "array", "items": {"type": "string"}},
                                 "paths": {"type": "array", "items": {"type": "string"}},
                                 "tools": {"type": "object", "additionalProperties": {"type": "array"}},
-                                "admin": {"type": "boolean"},
+                                "resources": {
+                                    "type": "object",
+                                    "description": "MCP upstream id (or *) -> resource URI globs",
+                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                                },
+                                "prompts": {
+                                    "type": "object",
+                                    "description": "MCP upstream id (or *) -> prompt names or globs",
+                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                                },
+                                "admin": {
+                                    "description": 'true (= "delegate"): keys of its own owner within its '
+                                    'reach; "full": every key',
+                                    "enum": [True, False, "delegate", "full"],
+                                },
                             },
                         },
                         "rate_limits": {"type": "array", "items": {"type": "string", "examples": ["60/minute"]}},
@@ -369,7 +444,7 @@ def openapi_spec() -> dict[str, Any]:
             "/admin/keys/{id}/usage": {
                 "get": op(
                     "Daily usage of a key, and when and from where it was last used",
-                    params=[key_id, {"name": "days", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                    params=[key_id, {"name": "days", "in": "query", "schema": _int_schema(MAX_DAYS)}],
                 )
             },
             "/admin/keys/{id}/quota": {
@@ -380,7 +455,7 @@ def openapi_spec() -> dict[str, Any]:
                     "The audit trail (created, patched, revoked, rotated: who and when), newest first",
                     params=[
                         {"name": "key", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {"name": "limit", "in": "query", "schema": _int_schema(MAX_AUDIT_LIMIT)},
                     ],
                     data={"type": "array", "items": ref("AuditEvent")},
                 )

@@ -29,10 +29,12 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
+from . import logfilter
 from .accesslog import AccessLog
 from .cache import ResponseCache
 from .config import Config, UpstreamConfig
 from .errors import SidecarError
+from .listener import guarded_server
 from .manage import KeyManager
 from .metrics import Metrics
 from .models import KeyRecord
@@ -42,6 +44,7 @@ from .proxy import Forwarder, make_session
 from .ratelimit import RateLimiter
 from .scope import RequestScope
 from .store import Store, open_store
+from .streams import StreamRegistry
 from .usage import UsageRecorder
 from .verify import Verifier
 
@@ -78,6 +81,10 @@ class Sidecar:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.cache = ResponseCache(config.cache, clock=clock, sessions=self.sessions)
         self.forwarder = Forwarder(self.sessions)
+        # Open streams per key, ended within a sweep of their key's revocation or expiry.
+        self.streams = StreamRegistry(self._key_state, self.metrics.registry)
+        self.forwarder.streams = self.streams
+        logfilter.install(self._secrets())
         # No repeat-hit shortcuts next to an MCP gateway: it answers some paths before routing.
         mcp = any(u.kind == "mcp" for u in config.upstreams)
         self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules and not mcp else None
@@ -133,6 +140,7 @@ class Sidecar:
 
             self.mcp = McpGateway(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
+        self._tasks.append(asyncio.create_task(self.streams.run(self.config.keys.stream_check_interval)))
         self._tasks.append(
             asyncio.create_task(self.metrics.watch_upstreams([(u.id, u.url) for u in self.config.upstreams]))
         )
@@ -144,6 +152,7 @@ class Sidecar:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.streams.close()
         if self.mcp is not None:
             await self.mcp.close()
         await self.cache.close()
@@ -174,11 +183,34 @@ class Sidecar:
         self.access_log.write(scope)
 
     def upstream_token(self, upstream: UpstreamConfig, key: KeyRecord) -> str | None:
-        """The upstream credential for this key: its own mapped token (a Plex managed user) or the default."""
+        """The upstream credential for this key: its own mapped token (a Plex managed user) or the default.
+
+        A mapped variable must be on ``keys.upstream_token_envs``: any other (a record written
+        before the allow-list, or by hand into a YAML store) gets no token (503), never the
+        variable's value — which could be any secret of the process.
+        """
         env_name = key.upstream_token_env.get(upstream.id)
         if env_name:
+            if not self.config.keys.token_env_allowed(env_name):
+                return None
             return self.env.get(env_name) or None
         return upstream.token
+
+    def _key_state(self, key_id: str) -> str:
+        """``active``, ``revoked`` or ``expired`` as the verifier's table says now (gone counts as revoked)."""
+        record = self.verifier.table.get(key_id)
+        return record.state(self.clock()) if record is not None else "revoked"
+
+    def _secrets(self) -> list[str | None]:
+        """Every secret this sidecar holds, for the log redactor."""
+        out: list[str | None] = [self.config.admin.token]
+        for up in self.config.upstreams:
+            out.append(up.token)
+            for name, value in up.headers.items():
+                if any(w in name.lower() for w in ("auth", "token", "key", "secret", "cookie", "pass")):
+                    out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
+        out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
+        return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
         if self.mcp is not None:
@@ -207,13 +239,13 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
     """
     from .admin import create_admin_app
 
-    proxy = web.Server(
+    # Head and body deadlines, the head-size cap and keep-alive: server.* (sidecar/listener.py).
+    proxy = guarded_server(
+        sc.config.server,
         make_handler(sc),
         request_factory=_request_factory(sc),
         handler_cancellation=True,
         access_log=None,
-        max_field_size=65536,
-        max_line_size=65536,
     )
     admin = create_admin_app(sc)
     return proxy, admin

@@ -21,8 +21,10 @@ for the client's own key). Every answer, hit or miss, goes through the requestin
 client's filter, so a stored body never holds any client's key, and one client's key
 can never be served to another. Entries are keyed by the upstream identity (the token
 in use, hashed), so the token in a stored body is always the one that client's filter
-replaces. For a non-text body the filter is a no-op and a hit sends the stored bytes
-as they are; for text it is one ``bytes.replace``.
+replaces. An entry in which the token appears nowhere (and whose body is not encoded)
+is ``plain`` and a hit sends its stored bytes as they are; otherwise the filter runs over
+it (one ``bytes.replace``, after a decompression for gzip) or refuses it (``Unscrubbable``:
+a 502, as for a fresh answer; see ``sidecar.scrub``).
 
 Coalescing. Concurrent misses for one key make one upstream request: the first
 becomes the leader, the rest wait. The leader releases them as soon as it knows: at
@@ -70,9 +72,9 @@ from .cachepolicy import (
 )
 from .config import CacheConfig, CacheRule, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
-from .plex import ScrubFilter
 from .proxy import HOP_BY_HOP, ResponseFilter, ResponseTap
 from .scope import RequestScope
+from .scrub import ScrubFilter
 
 __all__ = ["Entry", "Fetch", "OnHeaders", "ResponseCache"]
 
@@ -390,7 +392,7 @@ class ResponseCache:
         plain = (
             bool(token)
             and token not in body
-            and not any(tok in v for v in stored.values())
+            and not any(tok in k or tok in v for k, v in stored.items())
             and stored.get("Content-Encoding", "identity").strip().lower() in ("identity", "")
         )
         now = self.clock()

@@ -15,8 +15,10 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+from . import logfilter
 from .config import Config, ConfigError, load_config, parse_duration
 from .errors import SidecarError
 from .manage import KeyManager
@@ -101,16 +103,18 @@ def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
         perms["methods"] = args.method
     if args.path:
         perms["paths"] = args.path
-    if args.tool:
-        tools: dict[str, list[str]] = {}
-        for t in args.tool:
-            up, sep, name = t.partition(":")
+    for opt, kind, what in (("tool", "tools", "TOOL"), ("resource", "resources", "URI_GLOB"),
+                            ("prompt", "prompts", "PROMPT")):  # fmt: skip
+        table: dict[str, list[str]] = {}
+        for t in getattr(args, opt, None) or ():
+            up, sep, name = t.partition(":")  # the first colon: resource URIs have their own
             if not sep or not up or not name:
-                raise SidecarError(f"--tool {t!r}: expected UPSTREAM:TOOL")
-            tools.setdefault(up, []).append(name)
-        perms["tools"] = tools
+                raise SidecarError(f"--{opt} {t!r}: expected UPSTREAM:{what}")
+            table.setdefault(up, []).append(name)
+        if table:
+            perms[kind] = table
     if args.admin:
-        perms["admin"] = True
+        perms["admin"] = args.admin  # "delegate" (= true) or "full"
     fields["permissions"] = perms
     for attr, f in (("description", "description"), ("owner", "owner"), ("quota", "quota"),
                     ("expires", "expires"), ("concurrency", "concurrency")):  # fmt: skip
@@ -197,7 +201,20 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     ups = ", ".join(f"{u.id} ({u.kind}) {u.path_prefix} -> {u.url}" for u in config.upstreams)
     print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
           f"{config.store.path}, upstreams: {ups}")  # fmt: skip
+    for warning in _file_mode_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _file_mode_warnings(config: Config) -> list[str]:
+    """Existing state files (store, WAL, access log) that other local users can read."""
+    from .filemodes import readable_by_others
+
+    dbs = {config.store.state_path} | ({config.store.path} if config.store.kind == "sqlite" else set())
+    paths = [p.with_name(p.name + suffix) for p in sorted(dbs) for suffix in ("", "-wal", "-shm")]
+    if config.log.access not in ("stdout", "off"):
+        paths.append(Path(config.log.access))
+    return [w for w in map(readable_by_others, paths) if w]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -250,11 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--method", action="append", type=str.upper, help="allowed HTTP method (repeatable)")
     kc.add_argument("--path", action="append", help="path glob or plex:read|plex:playback|plex:admin (repeatable)")
     kc.add_argument("--tool", action="append", help="UPSTREAM:TOOL name or glob (repeatable)")
+    kc.add_argument("--resource", action="append", help="UPSTREAM:URI glob of MCP resources (repeatable)")
+    kc.add_argument("--prompt", action="append", help="UPSTREAM:PROMPT name or glob (repeatable)")
     kc.add_argument("--rate", action="append", help="rate limit such as 60/minute (repeatable)")
     kc.add_argument("--quota", help="quota such as 10000/month")
     kc.add_argument("--concurrency", type=int, help="max requests in flight")
     kc.add_argument("--expires", help="90d, 12h, or a date (2027-01-31)")
-    kc.add_argument("--admin", action="store_true", help="may mint Plex tokens and manage keys")
+    kc.add_argument(
+        "--admin",
+        nargs="?",
+        const="delegate",
+        choices=("delegate", "full"),
+        help="may mint Plex tokens and manage keys: of its own owner within its own reach (--admin), "
+        "or every key (--admin full)",
+    )
     kc.add_argument("--upstream-token-env", action="append", help="UPSTREAM=ENV_VAR: a different upstream token")
     for name, helptext in (("list", "list keys"), ("show", "show a key"), ("revoke", "revoke a key"),
                            ("rotate", "replace a key"), ("usage", "daily usage of a key")):  # fmt: skip
@@ -274,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logfilter.install()  # no key or hash in any log line, whatever the command (Sidecar adds its tokens)
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +58,12 @@ DEFAULT_KEY_PREFIX = "pmcp_"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 300.0
 DEFAULT_MAX_BODY = 16 * 1024**3  # 16 GiB: camera uploads are large; 0 = unlimited
-DEFAULT_MCP_MAX_BODY = 4 * 1024**2  # JSON-RPC bodies are read to authorize them
+DEFAULT_MCP_MAX_BODY = 1024**2  # JSON-RPC bodies are read and parsed to authorize them (sidecar/mcp_authz.py)
 DEFAULT_SHUTDOWN_GRACE = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (sidecar/listener.py)
+DEFAULT_MAX_HEADER_SIZE = 64 * 1024  # a whole request head: request line and every header line
+DEFAULT_BODY_IDLE_TIMEOUT = 30.0  # a request body that stops arriving for this long is a 408
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this
 DEFAULT_CACHE_MAX_BYTES = 64 * 1024**2
 DEFAULT_CACHE_MAX_OBJECT = 8 * 1024**2
 DEFAULT_METRICS_MAX_KEYS = 1000
@@ -70,6 +75,7 @@ DEFAULT_PLEX_CLIENT_ID = "sidecar"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TOKEN_ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")  # a name, or a prefix and one trailing *
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB|K|M|G)?\s*$", re.IGNORECASE)
 _LIMIT_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+\s*)?(second|minute|hour|day|week|month)s?\s*$")
@@ -119,6 +125,32 @@ def parse_positive_duration(value: object) -> float:
     return seconds
 
 
+def parse_public_url(value: object) -> str:
+    """An origin such as ``https://sidecar.example``; returned without a trailing slash."""
+    parts = urlsplit(str(value))
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
+        raise ValueError(f"{value!r} is not an origin such as https://sidecar.example")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: give the origin only (scheme, host and port), no path or query")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_header_size(value: object) -> int:
+    """A request-head size cap: at least 1KiB (a smaller one refuses ordinary clients)."""
+    size = parse_size(value)
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
+
+
+def _flush_interval(value: object) -> float:
+    """``rate_limits.quota_flush_interval``: 100 ms to 5 minutes."""
+    seconds = parse_duration(value)
+    if not 0.1 <= seconds <= 300:
+        raise ValueError("expected a duration from 100ms to 5m")
+    return seconds
+
+
 def parse_network(value: object) -> str:
     """A CIDR such as ``10.0.0.0/8`` or a single address; returned as written."""
     try:
@@ -139,7 +171,10 @@ def parse_size(value: object) -> int:
     m = _SIZE_RE.match(str(value))
     if not m:
         raise ValueError(f"{value!r} is not a size such as 512KiB, 64MiB, 1GiB")
-    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+    size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    if size >= 2**63:  # "9999…9" would be inf, which int() refuses with OverflowError
+        raise ValueError(f"{value!r} is too large")
+    return int(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +247,13 @@ class KeysConfig:
     failed_attempts_per_minute: int = 30
     # argon2id parameters; tests use the CHEAPEST profile.
     argon2_profile: str = "rfc9106_low_memory"  # or "cheapest" for tests
+    # Variables a key's upstream_token_env may name (names or globs such as PLEX_TOKEN_*); none by default.
+    upstream_token_envs: tuple[str, ...] = ()
+    stream_check_interval: float = 1.0  # seconds between sweeps that end open streams of revoked keys
+
+    def token_env_allowed(self, name: str) -> bool:
+        """Only allow-listed variables may become an upstream credential (never the admin token's)."""
+        return any(fnmatchcase(name, pattern) for pattern in self.upstream_token_envs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +294,9 @@ class RateLimitConfig:
     concurrency: int | None = None
     headers: bool = True  # RateLimit-* and X-RateLimit-* on responses
     count_cache_hits: bool = True
+    # Memory backend: seconds between writes of quota counts to the store. A crash (kill -9,
+    # OOM, power loss) forgets at most this long of counting: the bound on a quota reset.
+    quota_flush_interval: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +333,11 @@ class LogConfig:
 class ServerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    public_url: str | None = None  # the origin clients use (RFC 9728 metadata, WWW-Authenticate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +396,7 @@ class _Reader:
         for k in data:
             if k not in allowed:
                 hint = ", ".join(sorted(allowed))
-                self.err(_join(path, str(k)), f"unknown option (expected one of: {hint})")
+                self.err(_join(path, str(k)) or repr(k), f"unknown option (expected one of: {hint})")
 
     def expand(self, value: str, path: str) -> str:
         def sub(m: re.Match[str]) -> str:
@@ -445,7 +495,11 @@ class _Reader:
         s = self.string(data, key, path)
         if s is None:
             return default
-        p = Path(s).expanduser()
+        try:
+            p = Path(s).expanduser()
+        except RuntimeError:  # ~user that does not exist, or no home directory
+            self.err(_join(path, key), f"cannot expand {s!r}: no such home directory")
+            return default
         return p if p.is_absolute() else self.base / p
 
 
@@ -484,7 +538,12 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
         r.err(_join(path, "url"), "required")
         url = "http://invalid"
     else:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError as e:
+            r.err(_join(path, "url"), f"not a valid URL: {url!r} ({e})")
+            parts = urlsplit("http://invalid")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             r.err(_join(path, "url"), f"not an http(s) URL: {url!r}")
         elif parts.query or parts.fragment or "?" in url or "#" in url:
@@ -618,7 +677,14 @@ def parse_config(
     )
 
     kd = r.mapping(top.get("keys"), "keys")
-    r.check_keys(kd, "keys", {"prefix", "max_lifetime", "max_keys_per_owner", "failed_attempts_per_minute", "argon2"})
+    r.check_keys(kd, "keys", {"prefix", "max_lifetime", "max_keys_per_owner", "failed_attempts_per_minute", "argon2",
+                              "upstream_token_envs", "stream_check_interval"})  # fmt: skip
+    token_envs = r.str_list(kd, "upstream_token_envs", "keys")
+    for i, pattern in enumerate(token_envs):
+        if not _TOKEN_ENV_PATTERN.match(pattern) or not pattern.strip("*"):
+            r.err(f"keys.upstream_token_envs[{i}]", "expected a variable name or a prefix glob such as PLEX_TOKEN_*")
+        elif fnmatchcase(token_env, pattern):
+            r.err(f"keys.upstream_token_envs[{i}]", f"{pattern!r} allows the admin token's variable {token_env}")
     prefix = r.string(kd, "prefix", "keys", DEFAULT_KEY_PREFIX) or DEFAULT_KEY_PREFIX
     prefix_problem = check_prefix(prefix)
     if prefix_problem:
@@ -629,6 +695,8 @@ def parse_config(
         max_keys_per_owner=r.integer(kd, "max_keys_per_owner", "keys", None, minimum=1),
         failed_attempts_per_minute=r.integer(kd, "failed_attempts_per_minute", "keys", 30, minimum=1) or 30,
         argon2_profile=r.choice(kd, "argon2", "keys", "rfc9106_low_memory", ("rfc9106_low_memory", "cheapest")),
+        upstream_token_envs=tuple(token_envs),
+        stream_check_interval=r.parsed(kd, "stream_check_interval", "keys", parse_positive_duration, 1.0),
     )
 
     cd = r.mapping(top.get("credentials"), "credentials")
@@ -641,7 +709,17 @@ def parse_config(
     r.check_keys(
         rd,
         "rate_limits",
-        {"backend", "redis_url", "on_redis_error", "default", "quota", "concurrency", "headers", "count_cache_hits"},
+        {
+            "backend",
+            "redis_url",
+            "on_redis_error",
+            "default",
+            "quota",
+            "concurrency",
+            "headers",
+            "count_cache_hits",
+            "quota_flush_interval",
+        },
     )
     backend = r.choice(rd, "backend", "rate_limits", "memory", ("memory", "redis"))
     redis_url = r.string(rd, "redis_url", "rate_limits")
@@ -656,6 +734,7 @@ def parse_config(
         concurrency=r.integer(rd, "concurrency", "rate_limits", None, minimum=1),
         headers=r.boolean(rd, "headers", "rate_limits", True),
         count_cache_hits=r.boolean(rd, "count_cache_hits", "rate_limits", True),
+        quota_flush_interval=r.parsed(rd, "quota_flush_interval", "rate_limits", _flush_interval, 2.0),
     )
 
     ups_raw = top.get("upstreams")
@@ -761,7 +840,11 @@ def parse_config(
     )
 
     svd = r.mapping(top.get("server"), "server")
-    r.check_keys(svd, "server", {"shutdown_grace", "trusted_proxies"})
+    r.check_keys(
+        svd, "server",
+        {"shutdown_grace", "trusted_proxies", "header_timeout", "max_header_size", "body_idle_timeout",
+         "keepalive_timeout", "public_url"},
+    )  # fmt: skip
     trusted: list[str] = []
     for i, item in enumerate(r.str_list(svd, "trusted_proxies", "server")):
         try:
@@ -771,6 +854,15 @@ def parse_config(
     server = ServerConfig(
         shutdown_grace=r.parsed(svd, "shutdown_grace", "server", parse_duration, DEFAULT_SHUTDOWN_GRACE),
         trusted_proxies=tuple(trusted),
+        header_timeout=r.parsed(svd, "header_timeout", "server", parse_positive_duration, DEFAULT_HEADER_TIMEOUT),
+        max_header_size=r.parsed(svd, "max_header_size", "server", parse_header_size, DEFAULT_MAX_HEADER_SIZE),
+        body_idle_timeout=r.parsed(
+            svd, "body_idle_timeout", "server", parse_positive_duration, DEFAULT_BODY_IDLE_TIMEOUT
+        ),
+        keepalive_timeout=r.parsed(
+            svd, "keepalive_timeout", "server", parse_positive_duration, DEFAULT_KEEPALIVE_TIMEOUT
+        ),
+        public_url=r.parsed(svd, "public_url", "server", parse_public_url, None),
     )
 
     cod = r.mapping(top.get("cors"), "cors")

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from multidict import CIMultiDict, MultiDict, MultiMapping
 
 from .config import CredentialsConfig
 from .errors import BadRequest
+from .keys import key_pattern
 
-__all__ = ["CLIENT_CREDENTIAL_HEADERS", "Credential", "extract_credential", "strip_credential"]
+__all__ = [
+    "CLIENT_CREDENTIAL_HEADERS", "Credential", "extract_credential", "relative_url_path", "strip_credential",
+]  # fmt: skip
 
 PLEX_TOKEN = "X-Plex-Token"
 CLIENT_CREDENTIAL_HEADERS = ("Authorization", "x-api-key", PLEX_TOKEN)
@@ -99,12 +105,78 @@ def _one(headers: Mapping[str, str], name: str) -> list[str]:
     return [value] if value is not None else []
 
 
-def strip_credential(headers: CIMultiDict[str], query: MultiDict[str], key: str, replacement: str | None) -> None:
-    """Remove every trace of the client key, in place.
+def relative_url_path(value: str) -> str | None:
+    """The decoded path of a nested ``url=`` value that names a path on the upstream itself
+    (no scheme, no host), else None. Plex fetches such a URL from itself on the key's behalf."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. a bad [IPv6] host: certainly not a path on the upstream
+        return None
+    if parts.scheme or parts.netloc:
+        return None
+    return "/" + unquote(parts.path).lstrip("/")
 
-    Credential headers go. In the query, ``X-Plex-Token`` and any value that embeds the
-    key (Plex nests it in ``/photo/:/transcode?url=…``) get ``replacement`` (the real
-    upstream token) or are dropped when there is none.
+
+def _mentions(value: str, key: str) -> bool:
+    return key in value or ("%" in value and key in unquote_plus(value))
+
+
+def _token_goes_here(value: str, key: str, may_use: Callable[[str], bool] | None) -> bool:
+    """A relative nested URL, on a path the key may use, carrying the key only as its ``X-Plex-Token``."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value or may_use is None:
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    if parts.scheme or parts.netloc or not may_use(unquote(parts.path)):
+        return False
+    as_token = sum(
+        1 for n, v in parse_qsl(parts.query, keep_blank_values=True) if n.lower() == "x-plex-token" and v == key
+    )
+    # Every occurrence, literal or encoded, must be one of those X-Plex-Token values.
+    return as_token > 0 and value.count(key) == as_token == unquote_plus(value).count(key)
+
+
+@lru_cache(maxsize=8)
+def _key_shape(prefix: str) -> re.Pattern[str]:
+    return re.compile(key_pattern(prefix))
+
+
+def _foreign_key(name: str, value: str, key: str, prefix: str) -> bool:
+    """Does a parameter's name or value (plain or percent-decoded once) hold a key of ``prefix``
+    other than ``key``? Usually decided by three substring tests: no prefix, nothing encoded."""
+    text = f"{name}={value}"
+    if prefix not in text and "%" not in text and "+" not in text:
+        return False
+    shape = _key_shape(prefix)
+    for candidate in (text, unquote_plus(text)):
+        if key:
+            candidate = candidate.replace(key, "")
+        if prefix in candidate and shape.search(candidate):
+            return True
+    return False
+
+
+def strip_credential(
+    headers: CIMultiDict[str],
+    query: MultiDict[str],
+    key: str,
+    replacement: str | None,
+    may_use: Callable[[str], bool] | None = None,
+    key_prefix: str = "",
+) -> None:
+    """Remove every trace of the client key, in place (DESIGN invariant 3).
+
+    Credential headers go (the caller injects the upstream's own). In the query the key is
+    replaced by ``replacement`` (the real upstream token) only where the upstream expects a
+    token: the ``X-Plex-Token`` parameter, and a *relative* nested ``url=`` (Plex's
+    ``/photo/:/transcode``) whose path ``may_use`` allows and that carries the key only as
+    its own ``X-Plex-Token``. Any other parameter that mentions the key, even
+    percent-encoded, is dropped: an absolute URL never gets a token, and neither does a
+    value the upstream might hand to someone else. Without a ``replacement`` (MCP) every
+    parameter carrying the key is dropped. With ``key_prefix``, so is any parameter whose
+    name or value holds *another* key of that shape (``?foo=<someone else's key>``).
     """
     for name in CLIENT_CREDENTIAL_HEADERS:
         headers.popall(name, None)
@@ -112,13 +184,18 @@ def strip_credential(headers: CIMultiDict[str], query: MultiDict[str], key: str,
         return
     items = list(query.items())
     query.clear()
+    token_sent = False
     for name, value in items:
-        if name.lower() == "x-plex-token":
-            if replacement is not None:
+        lname = name.lower()
+        if lname == "x-plex-token":
+            if replacement is not None and not token_sent:
                 query.add(PLEX_TOKEN, replacement)
+                token_sent = True
             continue
-        if key and key in value:
-            if replacement is None:
+        if key_prefix and _foreign_key(name, value, key, key_prefix):
+            continue
+        if key and _mentions(value, key):
+            if replacement is None or lname != "url" or not _token_goes_here(value, key, may_use):
                 continue
             value = value.replace(key, replacement)
         query.add(name, value)

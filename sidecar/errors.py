@@ -11,8 +11,10 @@ Hierarchy (each carries its HTTP status and contract code)::
     ├── Forbidden             403 insufficient_permissions
     ├── NoRoute               404 no_route
     ├── NotFound              404 not_found           (admin API)
+    ├── RequestTimeout        408 request_timeout     (request head or body stalled)
     ├── Conflict              409 conflict            (admin API)
     ├── PayloadTooLarge       413 payload_too_large
+    ├── HeadersTooLarge       431 headers_too_large
     ├── RateLimited           429 rate_limit_exceeded (adds Retry-After)
     ├── QuotaExceeded         429 quota_exceeded      (adds Retry-After)
     ├── TooManyFailures       429 too_many_failed_attempts
@@ -36,12 +38,14 @@ __all__ = [
     "Conflict",
     "ExpiredKey",
     "Forbidden",
+    "HeadersTooLarge",
     "InvalidKey",
     "NoRoute",
     "NotFound",
     "PayloadTooLarge",
     "QuotaExceeded",
     "RateLimited",
+    "RequestTimeout",
     "RevokedKey",
     "ServiceUnavailable",
     "SidecarError",
@@ -110,12 +114,20 @@ class NotFound(SidecarError):
     status, code = 404, "not_found"
 
 
+class RequestTimeout(SidecarError):
+    status, code = 408, "request_timeout"
+
+
 class Conflict(SidecarError):
     status, code = 409, "conflict"
 
 
 class PayloadTooLarge(SidecarError):
     status, code = 413, "payload_too_large"
+
+
+class HeadersTooLarge(SidecarError):
+    status, code = 431, "headers_too_large"
 
 
 class _Retry(SidecarError):

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AUTHORIZED_PARAMS",
     "HEADER_MISMATCH",
+    "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
     "NAME_BEARING_METHODS",
@@ -41,6 +43,7 @@ __all__ = [
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
 HEADER_MISMATCH = -32020  # MCP 2026-07-28: headers disagree with the body
 # The key may not call this tool. MCP leaves -32000..-32019 to implementations; the
 # Python SDK uses -32000 and -32001 internally, so the sidecar takes -32010.
@@ -48,6 +51,8 @@ TOOL_FORBIDDEN = -32010
 
 # Method -> the params key mirrored into the ``Mcp-Name`` header (MCP 2026-07-28).
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+# Methods the gateway authorizes by one param (sidecar/mcp_authz.py): it must be a string.
+AUTHORIZED_PARAMS = {**NAME_BEARING_METHODS, "resources/subscribe": "uri", "resources/unsubscribe": "uri"}
 
 _B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
 
@@ -150,8 +155,8 @@ def _message(obj: Any) -> Message:
         params = obj.get("params")
         if params is not None and not isinstance(params, dict | list):
             raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "params" must be an object', rid)
-        if obj["method"] in NAME_BEARING_METHODS:
-            key = NAME_BEARING_METHODS[obj["method"]]
+        if obj["method"] in AUTHORIZED_PARAMS:
+            key = AUTHORIZED_PARAMS[obj["method"]]
             if not isinstance(params, dict) or not isinstance(params.get(key), str):
                 msg = f"Invalid params: {obj['method']} needs params.{key} (a string)"
                 raise JsonRpcError(INVALID_PARAMS, msg, rid)

@@ -8,7 +8,10 @@ only an MCP-aware proxy can do:
   ``upstreams[].mcp.max_body``) is parsed and every message — each element of a
   batch — is checked. ``Mcp-Method`` / ``Mcp-Name`` headers are compared with the
   body and a disagreement is refused; they are never trusted on their own.
-* **Per-tool permissions.** A ``tools/call`` the key may not make is answered by
+* **Per-tool, per-resource, per-prompt permissions** (``sidecar/mcp_authz.py``, where
+  bodies are also parsed without stalling the loop). A ``tools/call``,
+  ``resources/read`` / ``subscribe`` / ``unsubscribe``, ``prompts/get`` or
+  ``completion/complete`` the key may not make is answered by
   the sidecar with a JSON-RPC error carrying the request's id (HTTP 200, so the
   client's session lives on). In a batch, the allowed elements go upstream and the
   refusals are merged into the upstream's answer (JSON array or SSE stream). On the
@@ -16,11 +19,15 @@ only an MCP-aware proxy can do:
   forbidden call is sent up as a ``ping`` with the same id and its answer is
   replaced by the refusal on the way down: ordering stays natural and nothing is
   injected out of band.
-* **Filtered tool lists.** ``tools/list`` results — JSON, or events in any SSE
-  stream of the session — lose the tools the key may not call.
-* **Sessions belong to keys.** An ``Mcp-Session-Id`` (or a legacy SSE session) is
-  bound to the key that opened it; another key presenting it is refused, since the
-  upstream sees one credential (the sidecar's) for everybody.
+* **Filtered lists.** ``tools/list``, ``resources/list``, ``resources/templates/list``
+  and ``prompts/list`` results — JSON, or events in any SSE stream of the session —
+  lose what the key may not use.
+* **Sessions belong to keys** (``sidecar/mcp_sessions.py``). An ``Mcp-Session-Id`` (or
+  a legacy SSE session) is bound to the key that opened it; another key presenting it,
+  in any form, is refused, and ambiguous forms (repeated, empty, header and query
+  disagreeing) are a 400, since the upstream sees one credential for everybody.
+* **Refusals are free.** A request refused here after the rate limiter ran (another
+  key's session, a body whose every message is refused) gets its budget back.
 * **The sidecar is the protected resource.** The upstream's 401 becomes a 502, its
   ``WWW-Authenticate`` and OAuth metadata never reach the client; 401s on MCP routes
   point at the sidecar's own RFC 9728 metadata.
@@ -42,7 +49,6 @@ import contextlib
 import itertools
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,24 +71,25 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .jsonrpc import TOOL_FORBIDDEN, Body, JsonRpcError, check_headers, dumps, error_object, parse_body
+from .jsonrpc import dumps
+from .listener import public_base
+from .mcp_authz import BodyJudge, Decision, McpAccess
 from .mcp_filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
+from .mcp_scrub import scrub_bytes, scrub_text, scrubbed
+from .mcp_sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 from .models import KeyRecord
 from .permissions import allowed, tool_allowed
 from .pipeline import WELL_KNOWN
-from .proxy import public_origin
 from .scope import RequestScope
 
 if TYPE_CHECKING:
     from .app import Sidecar
 
-__all__ = ["REST_PATH", "McpGateway", "RestClient", "SessionTable"]
+__all__ = ["REST_PATH", "McpGateway", "McpSession", "RestClient", "SessionTable"]
 
 REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
-SESSION_HEADER = "Mcp-Session-Id"
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
-MAX_SESSIONS = 10_000
 CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
 
 CORS_ALLOW_HEADERS = (
@@ -94,48 +101,6 @@ CORS_EXPOSE_HEADERS = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
 )  # fmt: skip
 _OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
-
-
-# ----------------------------------------------------------------------------- sessions
-
-
-@dataclass
-class McpSession:
-    """What the sidecar remembers about one upstream session (Streamable HTTP or legacy SSE)."""
-
-    owner: str  # key id
-    lists: PendingIds = field(default_factory=PendingIds)  # tools/list ids whose answers may come down a stream
-    refusals: PendingIds = field(default_factory=PendingIds)  # legacy SSE: ids answered by a refusal
-
-
-class SessionTable:
-    """``(upstream, transport, session id) -> McpSession``, bounded (least recently used dropped)."""
-
-    def __init__(self, limit: int = MAX_SESSIONS) -> None:
-        self.limit = limit
-        self._items: OrderedDict[tuple[str, str, str], McpSession] = OrderedDict()
-
-    def get(self, upstream: str, kind: str, sid: str) -> McpSession | None:
-        s = self._items.get((upstream, kind, sid))
-        if s is not None:
-            self._items.move_to_end((upstream, kind, sid))
-        return s
-
-    def bind(self, upstream: str, kind: str, sid: str, owner: str) -> McpSession:
-        s = self._items.get((upstream, kind, sid))
-        if s is None or s.owner != owner:
-            s = McpSession(owner)
-            self._items[(upstream, kind, sid)] = s
-        self._items.move_to_end((upstream, kind, sid))
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
-        return s
-
-    def forget(self, upstream: str, kind: str, sid: str) -> None:
-        self._items.pop((upstream, kind, sid), None)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # ----------------------------------------------------------------------------- response filter
@@ -173,7 +138,7 @@ class _Filter:
                     headers[name] = mapped
         new_sid = headers.get(SESSION_HEADER)
         if new_sid and status < 400:
-            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)
+            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
         if status == 404 and self.sid:
             self.gw.sessions.forget(self.upstream.id, "http", self.sid)
         if not 200 <= status < 300:
@@ -203,6 +168,7 @@ class McpGateway:
     def __init__(self, sc: Sidecar) -> None:
         self.sc = sc
         self.sessions = SessionTable()
+        self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
         self.rest = RestClient(sc.sessions)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
         # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
@@ -251,15 +217,22 @@ class McpGateway:
         def on_headers(status: int, out: CIMultiDict[str]) -> None:
             out.update(rate_headers)
 
-        sid = request.headers.get(SESSION_HEADER)
-        session = self._own_session(upstream, "http", sid, key) if sid else None
+        ids = presented_ids(request.headers, request.rel_url.raw_query_string)  # 400 for ambiguous forms
+        sid = ids.header
+        try:
+            session, legacy = self.sessions.resolve(upstream.id, key.id, ids, post=request.method == "POST")
+        except Forbidden:
+            await self.sc.limiter.refund(key, upstream)  # refusals are free
+            raise
         if request.method == "POST":
-            return await self._post(request, scope, upstream, key, url, headers, on_headers, session, rate_headers)
+            return await self._post(
+                request, scope, upstream, key, url, headers, on_headers, rate_headers, session, legacy
+            )
         if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
         filt = _Filter(self, upstream, key, sid=sid)
         response = await self.sc.forwarder.forward(
-            request, scope, upstream, url, headers, response_filter=filt, on_headers=on_headers
+            request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
         )
         if request.method == "DELETE" and sid and 200 <= filt.status < 300:
             self.sessions.forget(upstream.id, "http", sid)
@@ -303,14 +276,15 @@ class McpGateway:
             response.headers.add("Vary", "Origin")
 
     async def close(self) -> None:
+        self.judge.close()
         await self.rest.close(self.sc.config.upstreams)
 
     # ------------------------------------------------------------------ helpers
 
     def base_url(self, request: web.Request) -> str:
-        """The sidecar's public origin (trusting ``X-Forwarded-*`` only from trusted proxies)."""
-        proto, host = public_origin(request, self.sc.trusted_proxies)
-        return f"{proto}://{host}"
+        """The sidecar's public origin: ``server.public_url``, a trusted proxy's ``X-Forwarded-*``,
+        else the listener's own address — never the client's ``Host`` (``listener.public_base``)."""
+        return public_base(request, self.sc.config.server.public_url, self.sc.trusted_proxies)
 
     def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:
         return client_path(
@@ -331,15 +305,6 @@ class McpGateway:
             query = url.raw_query_string
             return URL(upstream.url + (f"?{query}" if query else ""), encoded=True)
         return url
-
-    def _own_session(self, upstream: UpstreamConfig, kind: str, sid: str, key: KeyRecord) -> McpSession:
-        """The session, claimed by this key on first sight; another key's session is refused."""
-        s = self.sessions.get(upstream.id, kind, sid)
-        if s is None:
-            return self.sessions.bind(upstream.id, kind, sid, key.id)
-        if s.owner != key.id:
-            raise Forbidden("this MCP session belongs to another key")
-        return s
 
     @staticmethod
     async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -369,94 +334,66 @@ class McpGateway:
         url: URL,
         headers: CIMultiDict[str],
         on_headers: Callable[[int, CIMultiDict[str]], None],
-        session: McpSession | None,
         rate_headers: dict[str, str],
+        session: McpSession | None,
+        legacy: McpSession | None,
     ) -> web.StreamResponse:
+        """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
         raw = await self._read_body(request, upstream.mcp_max_body)
-        try:
-            body = parse_body(raw)
-            check_headers(body, request.headers.items())
-        except JsonRpcError as e:
+        access = McpAccess.of(key.permissions, upstream.id)
+        d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        del raw  # the decision holds what goes upstream
+        if d.error is not None:
             # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
             scope.error = "bad_request"
-            return self._json(e.body(code="bad_request"), 400, rate_headers)
-
-        may_call = partial(tool_allowed, key.permissions, upstream.id)
-        restricted = _restricted(key, upstream)
-        tools: list[str] = []
-        refused: dict[int, dict[str, Any]] = {}  # message index -> the refusal (requests only)
-        dropped: set[int] = set()  # forbidden notifications: nothing to answer
-        list_ids: list[Any] = []
-        for i, msg in enumerate(body.messages):
-            tool = msg.tool
-            if tool is not None:
-                tools.append(tool)
-                if not may_call(tool):
-                    if msg.is_request:
-                        refused[i] = error_object(
-                            msg.id, TOOL_FORBIDDEN, f"this key may not call tool {tool!r}",
-                            {"code": "insufficient_permissions"},
-                        )  # fmt: skip
-                    else:
-                        dropped.add(i)
-                    continue
-            if restricted and msg.is_request and msg.method == "tools/list":
-                list_ids.append(msg.id)
-        scope.tool = ",".join(dict.fromkeys(tools))
-        if refused or dropped:
+            return self._json(d.error.body(code="bad_request"), 400, rate_headers)
+        scope.tool = ",".join(dict.fromkeys(d.tools))
+        if d.denied:
             scope.error = "insufficient_permissions"
+            if not d.kept:
+                await self.sc.limiter.refund(key, upstream)  # nothing the client asked for went up: free
 
-        legacy = self._legacy_session(request, upstream, key)
-        if legacy is not None:
-            return await self._post_legacy(
-                request, scope, upstream, key, url, headers, on_headers, rate_headers, body, raw, refused, dropped,
-                list_ids, legacy,
-            )  # fmt: skip
+        # List answers are filtered on whichever channel they come down (this POST's answer,
+        # the session's GET stream after a resumption, a legacy event stream): every session
+        # the request names learns the ids, so filtering never depends on the form used.
+        sessions = [s for s in (session, legacy) if s is not None]
         lists = PendingIds()
-        for rid in list_ids:
-            lists.add(rid)
-            if session is not None:
-                session.lists.add(rid)  # the answer may come down the GET stream after a resumption
+        for rid, method in d.lists:
+            lists.add(rid, method)
+            for s in sessions:
+                s.lists.add(rid, method)
+        refusals = (legacy.refusals,) if legacy is not None else ()
+        policy = Policy(access, lists=(lists, *(s.lists for s in sessions)), refusals=refusals)
+        if legacy is not None:
+            return await self._post_legacy(request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
+                                           legacy, policy)  # fmt: skip
 
-        kept = [m for i, m in enumerate(body.messages) if i not in refused and i not in dropped]
-        answers = list(refused.values())
-        if not kept:
+        answers = d.refused
+        if d.forward is None:
             if not answers:
                 return web.Response(status=202, headers=rate_headers)
-            return self._json(answers if body.batch else answers[0], 200, rate_headers)
-        if answers and not any(m.is_request for m in kept):
+            return self._json(answers if d.batch else answers[0], 200, rate_headers)
+        if answers and not d.forward_has_request:
             # Upstream will say 202 for the notifications; the refusals still need an answer.
-            await self._send_only(upstream, url, headers, dumps([m.raw for m in kept]), scope)
+            await self._send_only(upstream, url, headers, d.forward, scope)
             return self._json(answers, 200, rate_headers)
-        if len(kept) != len(body.messages):
-            raw = dumps([m.raw for m in kept])
-        policy = Policy(may_call, lists=(lists, session.lists) if session is not None else (lists,))
-        want = bool(list_ids) or bool(answers)
+        want = bool(d.lists) or bool(answers)
         filt = _Filter(
             self,
             upstream,
             key,
             sid=request.headers.get(SESSION_HEADER),
             sse=partial(SseRewriter, policy, extra=answers) if want else None,
-            json_body=partial(JsonRewriter, policy, extra=answers) if want else None,
+            json_body=(
+                partial(JsonRewriter, policy, extra=answers, own=[rid for rid, _ in d.lists], batch=d.batch)
+                if want
+                else None
+            ),
         )
         return await self.sc.forwarder.forward(
-            request, scope, upstream, url, headers, body=raw, response_filter=filt, on_headers=on_headers
-        )
-
-    def _legacy_session(self, request: web.Request, upstream: UpstreamConfig, key: KeyRecord) -> McpSession | None:
-        """The legacy SSE session a message POST names (``?session_id=``), checked against the key."""
-        if SESSION_HEADER in request.headers:
-            return None
-        sid = request.query.get("session_id") or request.query.get("sessionId")
-        if not sid:
-            return None
-        s = self.sessions.get(upstream.id, "sse", sid)
-        if s is None:
-            raise NoRoute("no such MCP SSE session on this sidecar (open the event stream through it first)")
-        if s.owner != key.id:
-            raise Forbidden("this MCP session belongs to another key")
-        return s
+            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
+            on_headers=on_headers,
+        )  # fmt: skip
 
     async def _post_legacy(
         self,
@@ -468,31 +405,29 @@ class McpGateway:
         headers: CIMultiDict[str],
         on_headers: Callable[[int, CIMultiDict[str]], None],
         rate_headers: dict[str, str],
-        body: Body,
-        raw: bytes,
-        refused: dict[int, dict[str, Any]],
-        dropped: set[int],
-        list_ids: list[Any],
+        d: Decision,
         legacy: McpSession,
+        policy: Policy,
     ) -> web.StreamResponse:
         """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
-        for rid in list_ids:
-            legacy.lists.add(rid)
-        if refused or dropped:
-            out: list[dict[str, Any]] = []
-            for i, msg in enumerate(body.messages):
-                if i in refused:
-                    legacy.refusals.add(msg.id, refused[i])
-                    out.append({"jsonrpc": "2.0", "id": msg.id, "method": "ping"})
-                elif i not in dropped:
-                    out.append(msg.raw)
-            if not out:
-                return web.Response(status=202, text="Accepted", headers=rate_headers)
-            raw = dumps(out if body.batch else out[0])
-        filt = _Filter(self, upstream, key)
-        return await self.sc.forwarder.forward(
-            request, scope, upstream, url, headers, body=raw, response_filter=filt, on_headers=on_headers
+        for answer in d.refused:
+            legacy.refusals.add(answer["id"], answer)
+        if d.forward is None:
+            return web.Response(status=202, text="Accepted", headers=rate_headers)
+        # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
+        # same policy applies there.
+        want = bool(d.lists) or bool(d.refused)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sse=partial(SseRewriter, policy) if want else None,
+            json_body=partial(JsonRewriter, policy) if want else None,
         )
+        return await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
+            on_headers=on_headers,
+        )  # fmt: skip
 
     async def _send_only(
         self, upstream: UpstreamConfig, url: URL, headers: CIMultiDict[str], body: bytes, scope: RequestScope
@@ -520,15 +455,15 @@ class McpGateway:
         session: McpSession | None,
     ) -> web.StreamResponse:
         """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
-        policy = Policy(partial(tool_allowed, key.permissions, upstream.id))
+        policy = Policy(McpAccess.of(key.permissions, upstream.id))
         legacy_sid: list[str] = []
 
         def endpoint(data: str) -> str:
             # The legacy transport's first event names the URL to POST messages to.
             sid = parse_qs(urlsplit(data).query)
             found = (sid.get("session_id") or sid.get("sessionId") or [""])[0]
-            if found:
-                s = self.sessions.bind(upstream.id, "sse", found, key.id)
+            s = self.sessions.bind(upstream.id, "sse", found, key.id) if found else None
+            if s is not None:
                 policy.lists, policy.refusals = (s.lists,), (s.refusals,)
                 legacy_sid.append(found)
             return self.client_path(upstream, data) or data
@@ -544,7 +479,7 @@ class McpGateway:
         )
         try:
             return await self.sc.forwarder.forward(
-                request, scope, upstream, url, headers, response_filter=filt, on_headers=on_headers
+                request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
             )
         finally:
             for found in legacy_sid:
@@ -607,7 +542,7 @@ class McpGateway:
 
         raw = await self._read_body(request, self._rest_limit)
         try:
-            data = json.loads(raw)
+            data = await self.judge.loads(raw)  # off the loop when large; deep nesting is a ValueError too
         except ValueError:
             raise BadRequest('the body must be JSON: {"mcp_id": …, "tool": …, "arguments": {…}}') from None
         if not isinstance(data, dict):
@@ -640,13 +575,8 @@ class McpGateway:
             raise decision.error
         async with sc.limiter.slot(key, upstream):
             result = await self.rest.call(upstream, tool, arguments, scope)
-        return self._json({"success": True, "data": result}, 200, decision.headers)
-
-
-def _restricted(key: KeyRecord, upstream: UpstreamConfig) -> bool:
-    """Whether the key's tools are limited on this upstream (if not, tool lists pass untouched)."""
-    tools = key.permissions.tools
-    return tools.get(upstream.id, tools.get("*")) is not None
+        body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
+        return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)
 
 
 async def _open(
@@ -722,7 +652,7 @@ class RestClient:
             raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
         if "error" in msg:
             err = msg["error"] if isinstance(msg["error"], dict) else {}
-            code, text = err.get("code"), str(err.get("message", "error"))
+            code, text = err.get("code"), scrub_text(upstream, str(err.get("message", "error")))
             if code in (-32600, -32601, -32602):
                 raise BadRequest(f"the upstream refused the call: {text}")
             raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")

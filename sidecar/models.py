@@ -45,7 +45,9 @@ def parse_time(value: object) -> float | None:
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-_PERMS_INTERN: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool], Permissions] = {}
+_PERMS_INTERN: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool | str], Permissions] = {}
+_MCP_KINDS = ("tools", "resources", "prompts")  # per-upstream MCP limits, same shape and semantics
+_MCP_WHAT = {"tools": "tool names", "resources": "resource URI globs", "prompts": "prompt names"}
 
 
 def _stored_time(value: object) -> float | None:
@@ -72,7 +74,13 @@ class Permissions:
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()  # globs, or Plex presets plex:read / plex:playback / plex:admin
     tools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # MCP upstream id -> tool globs
+    # MCP upstream id -> resource URI globs / prompt names or globs (see permissions.mcp_globs)
+    resources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    prompts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     admin: bool = False  # may mint Plex tokens and manage keys through the admin API
+    # ``admin: full``: manages every key like the admin token. Plain ``admin: true`` manages
+    # only keys of its own owner within its own reach (sidecar/delegation.py).
+    full_admin: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"upstreams": list(self.upstreams)}
@@ -80,31 +88,39 @@ class Permissions:
             d["methods"] = list(self.methods)
         if self.paths:
             d["paths"] = list(self.paths)
-        if self.tools:
-            d["tools"] = {k: list(v) for k, v in self.tools.items()}
+        for kind in _MCP_KINDS:
+            table = getattr(self, kind)
+            if table:
+                d[kind] = {k: list(v) for k, v in table.items()}
         if self.admin:
-            d["admin"] = True
+            d["admin"] = "full" if self.full_admin else True
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Permissions:
         data = data or {}
-        unknown = set(data) - {"upstreams", "methods", "paths", "tools", "admin"}
+        unknown = set(data) - {"upstreams", "methods", "paths", "admin", *_MCP_KINDS}
         if unknown:
             raise ValueError(f"permissions: unknown field(s) {', '.join(sorted(unknown))}")
-        tools_raw = data.get("tools") or {}
-        if not isinstance(tools_raw, Mapping):
-            raise ValueError("permissions.tools: expected a mapping of upstream id to tool names")
+        mcp: dict[str, dict[str, tuple[str, ...]]] = {}
+        for kind in _MCP_KINDS:
+            raw = data.get(kind) or {}
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"permissions.{kind}: expected a mapping of upstream id to {_MCP_WHAT[kind]}")
+            mcp[kind] = {str(k): _str_tuple(v, f"permissions.{kind}.{k}") for k, v in raw.items()}
         admin = data.get("admin", False)
-        if not isinstance(admin, bool):
-            raise ValueError("permissions.admin: expected true or false")
+        if not (isinstance(admin, bool) or admin in ("full", "delegate")):
+            raise ValueError('permissions.admin: expected false, true (same as "delegate") or "full"')
         ups = _str_tuple(data.get("upstreams", ["*"]), "permissions.upstreams") or ("*",)
         return cls(
             upstreams=ups,
             methods=tuple(m.upper() for m in _str_tuple(data.get("methods"), "permissions.methods")),
             paths=_str_tuple(data.get("paths"), "permissions.paths"),
-            tools={str(k): _str_tuple(v, f"permissions.tools.{k}") for k, v in tools_raw.items()},
-            admin=admin,
+            tools=mcp["tools"],
+            resources=mcp["resources"],
+            prompts=mcp["prompts"],
+            admin=bool(admin),
+            full_admin=admin == "full",
         )
 
 
@@ -204,23 +220,27 @@ class KeyRecord:
         record was written, so this only converts. Human-edited input uses ``from_dict``.
         """
         p = data.get("permissions") or {}
-        tools = p.get("tools")
+        tools, resources, prompts = p.get("tools"), p.get("resources"), p.get("prompts")
+        mcp_limited = bool(tools or resources or prompts)
         ident = (
             tuple(p.get("upstreams") or ("*",)),
             tuple(p.get("methods") or ()),
             tuple(p.get("paths") or ()),
-            bool(p.get("admin", False)),
+            p.get("admin") or False,  # True, "full" or False
         )
-        perms = None if tools else _PERMS_INTERN.get(ident)
+        perms = None if mcp_limited else _PERMS_INTERN.get(ident)
         if perms is None:
             perms = Permissions(
                 upstreams=ident[0],
                 methods=ident[1],
                 paths=ident[2],
                 tools={k: tuple(v) for k, v in tools.items()} if tools else _EMPTY,
-                admin=ident[3],
+                resources={k: tuple(v) for k, v in resources.items()} if resources else _EMPTY,
+                prompts={k: tuple(v) for k, v in prompts.items()} if prompts else _EMPTY,
+                admin=bool(ident[3]),
+                full_admin=ident[3] == "full",
             )
-            if not tools and len(_PERMS_INTERN) < 10_000:
+            if not mcp_limited and len(_PERMS_INTERN) < 10_000:
                 _PERMS_INTERN[ident] = perms  # most keys share a handful of permission sets
         get = data.get
         ute = get("upstream_token_env")

@@ -6,41 +6,27 @@ once and cached, so a check is a few regex matches. Paths are checked after coll
 path the upstream serves.
 
 Plex changes state on GET (``…/refresh``, ``/:/scrobble``), so "read-only" is a set of
-paths, not a method: the presets below are those sets. Token-minting endpoints hand
-out the owner's all-powerful token and need the ``admin`` permission whatever the
-paths say.
+paths, not a method: the presets (``sidecar.presets``) are tables of paths × methods.
+Token-minting endpoints hand out the owner's all-powerful token and need the ``admin``
+permission whatever the paths say.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 
 from .models import Permissions
+from .presets import PLEX_PRESETS, preset_allows
 
-__all__ = ["PLEX_PRESETS", "TOKEN_MINTING", "allowed", "is_token_minting", "normalize_path", "tool_allowed"]
+__all__ = [
+    "MCP_KINDS", "PLEX_PRESETS", "TOKEN_MINTING", "allowed", "is_token_minting", "mcp_allowed", "mcp_globs",
+    "normalize_path", "tool_allowed",
+]  # fmt: skip
 
-_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-_PLEX_READ = (
-    "/", "/identity", "/library*", "/hubs*", "/search*", "/photo/:/transcode*", "/playlists*",
-    "/media/providers*", "/servers*", "/:/websockets/notifications*", "/:/eventsource/notifications*",
-    "/status/sessions",
-)  # fmt: skip
-# Paths under the read set that change state on GET, or hand out the media itself
-# (downloading a file is playback, not browsing). Matched case-insensitively.
-_PLEX_READ_EXCLUDED = (
-    "*/refresh*", "*/analyze*", "*/emptytrash*", "*/optimize*", "*/clean/*", "*/match*", "*/unmatch*",
-    "*/scrobble*", "*/unscrobble*", "*/timeline*", "*/progress*", "/library/parts*", "/library/streams*",
-)  # fmt: skip
-_PLEX_PLAYBACK = (
-    "/video/:/transcode*", "/audio/:/transcode*", "/music/:/transcode*", "/photo/:/transcode*",
-    "/:/timeline*", "/:/scrobble*", "/:/unscrobble*", "/:/progress*", "/:/rate*", "/library/parts/*",
-    "/library/streams/*", "/playQueues*", "/player/*", "/transcode/*", "/status/sessions*",
-)  # fmt: skip
-
-PLEX_PRESETS = ("plex:read", "plex:playback", "plex:admin")
+# The presets' tables (path x methods) live in sidecar.presets, printed in docs/keys.md.
 # Plex endpoints that hand out tokens with the server owner's access. Matched anywhere in
 # the path, case-insensitively, so a prefix or odd capitalisation cannot slip past.
 TOKEN_MINTING = ("/security/token", "/security/resources", "/myplex")
@@ -79,17 +65,8 @@ def is_token_minting(path: str) -> bool:
 
 
 def _path_allowed(entry: str, method: str, path: str) -> bool:
-    if entry == "plex:admin":
-        return True
-    if entry == "plex:read":
-        return (
-            method in _READ_METHODS
-            and _match(_PLEX_READ, path)
-            and not _match(_PLEX_READ_EXCLUDED, path, ignore_case=True)
-        )
-    if entry == "plex:playback":
-        return _path_allowed("plex:read", method, path) or _match(_PLEX_PLAYBACK, path)
-    return _match((entry,), path)
+    preset = preset_allows(entry, method, path)
+    return _match((entry,), path) if preset is None else preset
 
 
 def allowed(perms: Permissions, upstream_id: str, kind: str, method: str, path: str) -> str | None:
@@ -109,11 +86,35 @@ def allowed(perms: Permissions, upstream_id: str, kind: str, method: str, path: 
     return None
 
 
+MCP_KINDS = ("tools", "resources", "prompts")
+
+
+def _mcp_entry(table: Mapping[str, tuple[str, ...]], upstream_id: str) -> tuple[str, ...] | None:
+    globs = table.get(upstream_id)
+    return table.get("*") if globs is None else globs
+
+
+def mcp_globs(perms: Permissions, upstream_id: str, kind: str) -> tuple[str, ...] | None:
+    """The globs a key's ``tools`` / ``resources`` / ``prompts`` allow on an upstream; None = everything.
+
+    A key that names none of the three for this upstream (nor ``"*"``) is not limited
+    there. A key that names any of them is limited in all three: what it does not name
+    is denied (naming only ``tools`` must not open every resource and prompt).
+    """
+    own = _mcp_entry(getattr(perms, kind), upstream_id)
+    if own is not None:
+        return tuple(own)
+    if any(_mcp_entry(getattr(perms, k), upstream_id) is not None for k in MCP_KINDS):
+        return ()
+    return None
+
+
+def mcp_allowed(perms: Permissions, upstream_id: str, kind: str, name: str) -> bool:
+    """May the key use this tool name / resource URI / prompt name (``kind`` one of MCP_KINDS)?"""
+    globs = mcp_globs(perms, upstream_id, kind)
+    return globs is None or _match(globs, name)
+
+
 def tool_allowed(perms: Permissions, upstream_id: str, tool: str) -> bool:
-    """MCP tools: no ``tools`` entry for this upstream means every tool."""
-    globs = perms.tools.get(upstream_id)
-    if globs is None:
-        globs = perms.tools.get("*")
-    if globs is None:
-        return True
-    return _match(tuple(globs), tool)
+    """MCP tools: see :func:`mcp_globs` (no MCP entry at all for this upstream means every tool)."""
+    return mcp_allowed(perms, upstream_id, "tools", tool)

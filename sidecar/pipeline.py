@@ -26,20 +26,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, MultiDict, MultiMapping
 
 from .accesslog import redact_path
 from .cache import OnHeaders
 from .cachepolicy import CacheKey, request_bypass
+from .canonical import canonical
 from .config import UpstreamConfig
-from .credentials import CLIENT_CREDENTIAL_HEADERS, Credential, extract_credential, strip_credential
+from .credentials import CLIENT_CREDENTIAL_HEADERS, Credential, extract_credential, relative_url_path, strip_credential
 from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from .listener import odd_target
 from .models import KeyRecord
 from .permissions import allowed
-from .plex import ScrubFilter, inject_plex
-from .proxy import Networks, ResponseFilter, ResponseTap, forward_headers, upstream_url
+from .plex import inject_plex
+from .proxy import Networks, ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
 from .ratelimit import RateDecision
 from .scope import SCOPE, RequestScope
+from .scrub import ScrubFilter, restrict_accept_encoding
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -65,19 +68,26 @@ class Router:
 
 
 def client_ip(request: web.Request, trusted: Networks) -> str:
-    """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies."""
+    """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies.
+
+    Only an address is ever an address: a hop that is not one (``garbage-1``, ``1.2.3.4:80``)
+    ends the walk at the last trusted hop, so rotating junk cannot mint new identities for
+    the failure throttle. Addresses come out canonical (``0::1`` is ``::1``).
+    """
     peer = request.remote or ""
     if not trusted:
         return peer
-    hops = [peer] + [h.strip() for h in reversed(request.headers.get("X-Forwarded-For", "").split(",")) if h.strip()]
-    for hop in hops:
+    hops = [h.strip() for h in reversed(request.headers.get("X-Forwarded-For", "").split(","))]
+    client = peer
+    for hop in [peer, *hops]:
         try:
             addr = ipaddress.ip_address(hop)
         except ValueError:
-            return hop
+            return client  # not an address (or an empty hop): the last trusted hop is the client
+        client = str(addr)
         if not any(addr in net for net in trusted):
-            return hop
-    return hops[-1]
+            return client
+    return client
 
 
 def make_handler(sc: Sidecar) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
@@ -141,7 +151,13 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
 
 async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
     cfg = sc.config
-    memo = sc.hit_memo
+    if request.method == "CONNECT" or request.raw_path[:1] != "/":  # rare: two compares on the hot path
+        refusal = odd_target(request)  # CONNECT, `OPTIONS *`, authority-form: 400, never forwarded
+        if refusal is not None:
+            raise refusal
+    canon = canonical(request)  # one form for every stage: `//` collapsed, Connection-named headers gone
+    memo = sc.hit_memo if canon is request else None  # the memo is keyed by the request as sent
+    request = canon
     memo_key = b""
     if memo is not None and request.method in ("GET", "HEAD"):
         memo_key = memo.key(request)
@@ -157,6 +173,7 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
     scope.upstream = upstream.id
     path = request.path
     if upstream.strip_prefix and upstream.path_prefix != "/":
+        strip_prefix_raw(upstream, request.rel_url.raw_path)  # 400 now if the raw prefix is not the one routed
         path = path[len(upstream.path_prefix) :] or "/"
 
     # 2. credential, 3. verify
@@ -170,8 +187,12 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
     reason = allowed(key.permissions, upstream.id, upstream.kind, request.method, path)
     if reason:
         raise Forbidden(reason)
-    if upstream.kind == "plex" and not sc.transcode.claim(path, request.query, key.id):
-        raise Forbidden("this transcode session belongs to another key")
+    sessions: tuple[str, ...] = ()
+    if upstream.kind == "plex":
+        if request.query:
+            _nested_urls_allowed(key, upstream, request.query)
+        sessions = sc.transcode.ids(path, request.query, request.headers)
+        sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
 
     # 5. rate limit
     decision, on_headers = await _rate_limit(sc, key, upstream, scope)
@@ -191,6 +212,8 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         primary = sc.cache.primary(request, upstream.id, rule, identity, client_key)
         hit = sc.cache.hit(request, scope, primary, identity, response_filter=response_filter, on_headers=on_headers)
         if hit is not None:
+            if sessions:
+                sc.transcode.claim(sessions, key.id)
             await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
             if memo_key and memo is not None and not rule.vary and sc.transcode.untracked(path):
                 memo.remember(memo_key, Decided(key, upstream, primary, scope.path, scope.credential))
@@ -201,10 +224,11 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
     query: MultiDict[str] = MultiDict(request.query)
     if upstream.kind == "plex":
         assert token is not None
-        strip_credential(headers, query, client_key, token)
+        strip_credential(headers, query, client_key, token, lambda p: _may_get(key, upstream, p), cfg.keys.prefix)
         inject_plex(headers, query, upstream, token)
+        restrict_accept_encoding(headers)  # only codings the ScrubFilter can undo
     else:
-        strip_credential(headers, query, client_key, None)
+        strip_credential(headers, query, client_key, None, key_prefix=cfg.keys.prefix)
         for name, value in upstream.headers.items():
             headers[name] = value
     raw_path = request.rel_url.raw_path
@@ -213,6 +237,8 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
 
     # 8. cache (miss, stale, coalescing), 9. forward
     async with sc.limiter.slot(key, upstream):
+        if sessions:
+            sc.transcode.claim(sessions, key.id)  # authorised, within its rate and concurrency limits
         if upstream.kind == "mcp" and sc.mcp is not None:
             return await sc.mcp.handle(sc, request, scope, upstream, key, url, headers, decision.headers)
         if rule is not None:
@@ -232,6 +258,20 @@ async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web
         return await sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
         )
+
+
+def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
+    return allowed(key.permissions, upstream.id, upstream.kind, "GET", path) is None
+
+
+def _nested_urls_allowed(key: KeyRecord, upstream: UpstreamConfig, query: MultiMapping[str]) -> None:
+    """Plex fetches a relative nested ``url=`` (``/photo/:/transcode``) from itself for the
+    client: the key must be allowed to GET that path too, or Plex would be its deputy."""
+    for name, value in query.items():
+        if name.lower() == "url":
+            nested = relative_url_path(value)
+            if nested is not None and (reason := allowed(key.permissions, upstream.id, upstream.kind, "GET", nested)):
+                raise Forbidden(f"nested url: {reason}")
 
 
 @dataclass(frozen=True, slots=True)

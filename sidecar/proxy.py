@@ -3,7 +3,7 @@
 Nothing here buffers a body: requests stream up from ``request.content``, responses
 stream down chunk by chunk, so a 256 MiB media file costs a few chunks of memory.
 aiohttp's client defaults are wrong for a proxy, so the session is built with
-``auto_decompress=False`` (gzip passes through byte-identical) and no total timeout
+``auto_decompress=False`` (gzip arrives as sent; ``sidecar.scrub`` decodes Plex bodies) and no total timeout
 (aiohttp's 300 s total would kill every long stream). Instead ``timeouts.read`` is an
 *idle* timeout: the upstream must accept the request body, answer with headers, and
 send each next chunk within it. Time spent waiting on the client (a slow upload, a
@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Protocol
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -33,8 +34,11 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 from yarl import URL
 
 from .config import UpstreamConfig
-from .errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from .listener import CLIENT_CLAIMS, forwarded_for
 from .scope import RequestScope
+from .scrub import ScrubFilter, Unscrubbable, whole_needed
+from .streams import Closer, StreamRegistry
 
 __all__ = [
     "HOP_BY_HOP",
@@ -45,6 +49,7 @@ __all__ = [
     "forward_headers",
     "make_session",
     "public_origin",
+    "strip_prefix_raw",
     "upstream_url",
 ]
 
@@ -103,20 +108,34 @@ def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
             total=None, connect=upstream.connect_timeout, sock_connect=upstream.connect_timeout
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),  # only what the client sent
         read_bufsize=CHUNK,
         max_line_size=MAX_HEADER_SIZE,
         max_field_size=MAX_HEADER_SIZE,
     )
 
 
+def strip_prefix_raw(upstream: UpstreamConfig, raw_path: str) -> str:
+    """``raw_path`` (percent-encoded) less the upstream's ``path_prefix`` when it strips one.
+
+    By segment, not by character count: the router matched the *decoded* path, and
+    ``/%70lex/x`` is ``/plex/x`` decoded, so the prefix's segments go whatever their
+    spelling. Segments that decode to something else (``/plex%2Fx`` decodes to ``/plex/x``
+    too) are refused: the path the sidecar judged would not be the one forwarded.
+    """
+    if not upstream.strip_prefix or upstream.path_prefix == "/":
+        return raw_path
+    depth = upstream.path_prefix.count("/")
+    parts = raw_path.split("/", depth + 1)
+    head = "/".join(parts[: depth + 1])
+    if head != upstream.path_prefix and unquote(head) != upstream.path_prefix:
+        raise BadRequest(f"the path must begin with the segment(s) {upstream.path_prefix!r}, not {head!r}")
+    return "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
+
+
 def upstream_url(upstream: UpstreamConfig, raw_path: str, query: MultiDict[str]) -> URL:
     """The upstream URL for a request path (``raw_path`` still percent-encoded)."""
-    if upstream.strip_prefix and upstream.path_prefix != "/":
-        raw_path = raw_path[len(upstream.path_prefix) :] or "/"
-        if not raw_path.startswith("/"):
-            raw_path = "/" + raw_path
-    url = URL(upstream.url + raw_path, encoded=True)
+    url = URL(upstream.url + strip_prefix_raw(upstream, raw_path), encoded=True)
     return url.with_query(query) if query else url
 
 
@@ -155,6 +174,8 @@ def forward_headers(
 
     X-Forwarded-Proto/Host describe the client's side: behind a trusted proxy (TLS
     terminated at an ingress) they are that proxy's, otherwise this listener's.
+    X-Forwarded-For keeps only hops trusted proxies vouch for; what only the sidecar may
+    say (X-Real-IP, Forwarded, method overrides) is never passed on (``listener.CLIENT_CLAIMS``).
     """
     drop = _connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
@@ -162,13 +183,11 @@ def forward_headers(
         lname = name.lower()
         # Expect: the sidecar already answered the client's 100-continue; forwarded, it would
         # make the upstream request wait for a 100 that some servers never send.
-        if lname in drop or lname in ("host", "expect"):
+        if lname in drop or lname in CLIENT_CLAIMS:
             continue
         out.add(name, value)
     out["Host"] = upstream.host
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-For"] = forwarded_for(request.remote or "", headers.getall("X-Forwarded-For", ()), trusted_proxies)
     out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)
     return out
 
@@ -261,10 +280,11 @@ class _IdleDeadline:
 class _Upload:
     """What the request-body pump learned, read by ``forward`` when the upstream request fails."""
 
-    __slots__ = ("too_large",)
+    __slots__ = ("stalled", "too_large")
 
     def __init__(self) -> None:
         self.too_large = False
+        self.stalled: RequestTimeout | None = None  # the client stopped sending its body
 
 
 class Forwarder:
@@ -275,6 +295,7 @@ class Forwarder:
         self.shutting_down = False
         # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
         self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
+        self.streams: StreamRegistry | None = None  # set by the app: revocation ends open streams
 
     async def end_streams(self) -> None:
         """Close websockets (1001 going away) and SSE streams, so a drain does not wait out its grace.
@@ -284,6 +305,12 @@ class Forwarder:
         """
         self.shutting_down = True
         await asyncio.gather(*(close() for close in list(self._long_lived.values())), return_exceptions=True)
+
+    def _revocable(self, scope: RequestScope, closer: Closer) -> contextlib.AbstractAsyncContextManager[object]:
+        """Registers a stream under its key, so that revocation or expiry ends it (``sidecar.streams``)."""
+        if self.streams is None or not scope.key_id:
+            return contextlib.nullcontext()
+        return self.streams.watch(scope.key_id, closer)
 
     @contextlib.asynccontextmanager
     async def _long_lived_stream(self, close: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
@@ -309,7 +336,11 @@ class Forwarder:
         seen = 0
         while True:
             deadline.pause()
-            chunk = await request.content.readany()
+            try:
+                chunk = await request.content.readany()
+            except RequestTimeout as e:  # body idle timeout (sidecar/listener.py): 408, not the upstream's fault
+                upload.stalled = e
+                raise
             deadline.touch()  # from here on the upstream must take the chunk in time
             if not chunk:
                 return
@@ -334,8 +365,12 @@ class Forwarder:
         tap: ResponseTap | None = None,
     ) -> web.StreamResponse:
         """Stream the request up and the response down; raise contract errors before the first byte."""
+        scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self.websocket(request, scope, upstream, url, headers)
+            if request.method != "GET" or request.body_exists:
+                # The upstream's handshake is a GET: anything else was authorised as another request.
+                raise BadRequest("a websocket upgrade must be a GET request without a body")
+            return await self.websocket(request, scope, upstream, url, headers, scrub)
         limit = upstream.max_body
         if request.content_length is not None and limit and request.content_length > limit:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
@@ -352,14 +387,43 @@ class Forwarder:
             data = None
         session = self.sessions[upstream.id]
         started = time.perf_counter()
+        resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
+        if scrub is not None and not isinstance(data, AsyncIterator) and whole_needed(resp.status, resp.headers):
+            # Ranges of a body that must be scrubbed could be joined around the token: ask for
+            # it whole (a server may always ignore Range); a 206 again is refused by the filter.
+            resp.close()
+            for name in ("Range", "If-Range"):
+                headers.popall(name, None)
+            resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
+        scope.upstream_seconds = time.perf_counter() - started
+        try:
+            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload)
+        finally:
+            resp.release() if resp.content.at_eof() else resp.close()
+
+    @staticmethod
+    async def _send(
+        request: web.Request,
+        upstream: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: bytes | AsyncIterator[bytes] | None,
+        deadline: _IdleDeadline,
+        upload: _Upload,
+    ) -> aiohttp.ClientResponse:
+        """The upstream's answer up to its headers, or the contract error for why there is none."""
+        limit = upstream.max_body
         # aiohttp itself sends an idempotent request once more when a pooled keep-alive
         # connection turns out closed (RFC 9112 §9.3.1); a streamed body is never replayed.
         try:
             async with deadline:
-                resp = await session.request(
+                return await session.request(
                     request.method, url, headers=headers, data=data, allow_redirects=False, compress=None
                 )
         except aiohttp.ServerDisconnectedError:
+            if upload.stalled is not None:
+                raise upload.stalled from None
             if upload.too_large:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit") from None
             raise UpstreamUnavailable(f"upstream {upstream.id} closed the connection without answering") from None
@@ -376,14 +440,11 @@ class Forwarder:
         except aiohttp.ClientConnectorError:
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
         except (aiohttp.ClientError, OSError) as e:
+            if upload.stalled is not None:
+                raise upload.stalled from None
             if upload.too_large:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit") from None
             raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
-        scope.upstream_seconds = time.perf_counter() - started
-        try:
-            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload)
-        finally:
-            resp.release() if resp.content.at_eof() else resp.close()
 
     async def _relay(
         self,
@@ -403,9 +464,14 @@ class Forwarder:
         for name, value in resp.headers.items():
             if name.lower() not in drop:
                 out_headers.add(name, value)
+        reason = resp.reason
+        scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
+        if scrub is not None:
+            reason = scrub.text(reason) if reason else reason
+            scrub.check_framing(resp.headers)
         recording = tap.start(resp.status, out_headers.copy()) if tap is not None else False
         rewrite = response_filter.headers(resp.status, out_headers) if response_filter else False
-        if rewrite:
+        if rewrite and scrub is None:  # the ScrubFilter keeps it where the length does not change
             out_headers.popall("Content-Length", None)
         if on_headers:
             on_headers(resp.status, out_headers)
@@ -416,10 +482,10 @@ class Forwarder:
             size = _small_body(request.method, resp)
             if size is not None:
                 return await self._relay_whole(scope, upstream, resp, size, out_headers, response_filter, rewrite,
-                                               recording, tap)  # fmt: skip
+                                               recording, tap, reason)  # fmt: skip
         # No explicit chunking: without a Content-Length aiohttp chunks for HTTP/1.1 clients,
         # closes the connection for HTTP/1.0 ones, and sends no body at all for HEAD/204/304.
-        response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
+        response = web.StreamResponse(status=resp.status, reason=reason, headers=out_headers)
         await response.prepare(request)
         scope.status = resp.status  # sent: a client that leaves from here on is logged with it, not 499
         deadline = _IdleDeadline(None if streaming else upstream.read_timeout)
@@ -427,8 +493,19 @@ class Forwarder:
         async def end_stream() -> None:
             resp.close()  # the pending read fails; the client's connection is then cut
 
+        async def revoked(reason: str) -> None:  # the key was revoked or expired: cut the download/stream
+            scope.error = f"key_{reason}"
+            if request.transport is not None:
+                # The handler is cancelled (handler_cancellation), also from a write stuck on a client
+                # that stopped reading; ``forward`` then closes the upstream response.
+                request.transport.abort()
+
         try:
-            async with self._long_lived_stream(end_stream) if streaming else contextlib.nullcontext(), deadline:
+            async with (
+                self._long_lived_stream(end_stream) if streaming else contextlib.nullcontext(),
+                self._revocable(scope, revoked),
+                deadline,
+            ):
                 while True:
                     deadline.touch()
                     try:
@@ -444,7 +521,10 @@ class Forwarder:
                     if recording and tap is not None:
                         recording = tap.feed(chunk)
                     if rewrite and response_filter is not None:
-                        chunk = response_filter.feed(chunk)
+                        try:
+                            chunk = response_filter.feed(chunk)
+                        except Unscrubbable:  # e.g. "gzip" that is not: nothing unscrubbed goes out
+                            return self._cut(request, response, scope, "upstream_unavailable")
                         if not chunk:
                             continue
                     deadline.pause()  # a client that reads slowly is not a slow upstream
@@ -452,12 +532,16 @@ class Forwarder:
                         return response
         except TimeoutError:  # only the idle deadline: it is paused whenever anything else is awaited
             return self._cut(request, response, scope, "upstream_timeout")
-        if recording and tap is not None:
-            tap.end()
+        tail = b""
         if rewrite and response_filter is not None:
-            tail = response_filter.flush()
-            if tail and not await self._write(response, scope, tail):
-                return response
+            try:
+                tail = response_filter.flush()
+            except Unscrubbable:  # a compressed body that ended in the middle is no whole answer
+                return self._cut(request, response, scope, "upstream_unavailable")
+        if recording and tap is not None:
+            tap.end()  # after the filter accepted the whole body: an answer it refuses is never stored
+        if tail and not await self._write(response, scope, tail):
+            return response
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
@@ -473,6 +557,7 @@ class Forwarder:
         rewrite: bool,
         recording: bool,
         tap: ResponseTap | None,
+        reason: str | None = None,
     ) -> web.StreamResponse:
         """A small body with a known length, read whole and sent as one ``web.Response``.
 
@@ -494,12 +579,13 @@ class Forwarder:
             ) from None
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
             raise UpstreamUnavailable(f"upstream {upstream.id} broke off its response") from None
-        if recording and tap is not None and tap.feed(body):
-            tap.end()
+        raw = body
         if rewrite and response_filter is not None:
-            body = response_filter.feed(body) + response_filter.flush()
+            body = response_filter.feed(body) + response_filter.flush()  # Unscrubbable: a 502, nothing sent
+        if recording and tap is not None and tap.feed(raw):
+            tap.end()
         headers.popall("Content-Length", None)  # aiohttp sets it from the body
-        response = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+        response = web.Response(status=resp.status, reason=reason, headers=headers, body=body)
         scope.status = resp.status
         scope.bytes_sent = len(body)
         return response
@@ -531,10 +617,16 @@ class Forwarder:
         upstream: UpstreamConfig,
         url: URL,
         headers: CIMultiDict[str],
+        scrub: ScrubFilter | None = None,
     ) -> web.StreamResponse:
-        """Connect upstream first (so a dead upstream is a clean 502), then pump both ways."""
+        """Connect upstream first (so a dead upstream is a clean 502), then pump both ways.
+
+        With ``scrub`` (Plex), every frame coming down is scrubbed: text, binary, ping/pong
+        payloads and the close reason (aiohttp hands over whole messages, fragments joined).
+        """
         for h in _WS_HANDSHAKE:
             headers.popall(h, None)
+        headers.popall("Content-Length", None)  # the handshake has no body
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         session = self.sessions[upstream.id]
         ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
@@ -568,6 +660,8 @@ class Forwarder:
             to_client = src is up  # upstream -> client counts as sent, client -> upstream as received
             while True:
                 msg = await src.receive()
+                if to_client and scrub is not None:
+                    msg = scrub.frame(msg)
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     if to_client:
                         scope.bytes_sent += len(msg.data)
@@ -593,11 +687,22 @@ class Forwarder:
                 return_exceptions=True,
             )
 
+        async def revoked(reason: str) -> None:  # the key was revoked or expired: 1008 policy violation
+            scope.error = f"key_{reason}"
+            try:
+                async with asyncio.timeout(1):
+                    await asyncio.gather(
+                        down.close(code=1008, message=f"API key {reason}".encode()), up.close(), return_exceptions=True
+                    )
+            except TimeoutError:  # a client that neither reads nor answers the close: cut it
+                if request.transport is not None:
+                    request.transport.abort()
+
         up_task = asyncio.create_task(pump(up, down))
         down_task = asyncio.create_task(pump(down, up))
         tasks = (up_task, down_task)
         try:
-            async with self._long_lived_stream(going_away):
+            async with self._long_lived_stream(going_away), self._revocable(scope, revoked):
                 done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
                 t.cancel()

@@ -10,10 +10,14 @@ Unix epoch (months: to January 1970).
 
 ``QuotaBook`` is the memory backend's counter table. The hot path only touches memory:
 a counter is loaded once per (key, scope, window) from ``Store.quota_used``, requests
-bump ``pending``, and a background flush (every ``QUOTA_FLUSH_INTERVAL`` seconds and on
-close) adds ``pending`` to the store with ``Store.add_quota`` and re-reads the total, so
-a change made by another process (an admin reset) is seen within one interval. A hard
-kill loses at most one interval of counts.
+bump ``pending``, and a background flush (every ``rate_limits.quota_flush_interval``,
+default 2 s, and on close) adds ``pending`` to the store with ``Store.add_quota`` and
+re-reads the total, so a change made by another process (an admin reset) is seen within
+one interval. A hard kill loses at most one interval of counts: anything that can crash
+the process (OOM, kill -9) is a partial quota reset, which is why the memory and
+connection bounds matter for quotas too. ``quota_metrics`` exposes the bound
+(``sidecar_quota_flush_interval_seconds``) and what is at stake
+(``sidecar_quota_unflushed``, ``sidecar_quota_unflushed_max``) from start-up.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from prometheus_client import CollectorRegistry, Gauge
+
 from .config import PERIOD_SECONDS, Limit
 from .store import Store
 
-__all__ = ["QUOTA_FLUSH_INTERVAL", "QuotaBook", "QuotaCounter", "window_bounds", "window_id"]
+__all__ = ["QUOTA_FLUSH_INTERVAL", "QuotaBook", "QuotaCounter", "quota_metrics", "window_bounds", "window_id"]
 
 log = logging.getLogger("sidecar.quota")
 
@@ -100,6 +106,12 @@ class QuotaBook:
         self._counters: dict[CounterKey, QuotaCounter] = {}
         self._loading: dict[CounterKey, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()  # one flush or admin change at a time
+        self.max_unflushed = 0  # the largest batch a flush has written: what a crash then would have lost
+
+    @property
+    def unflushed(self) -> int:
+        """Counts in memory, not yet in the store: what a crash right now would forget."""
+        return sum(c.pending for c in self._counters.values())
 
     async def counter(self, key: CounterKey, end: float) -> QuotaCounter:
         """The loaded counter (one store read the first time a process sees it)."""
@@ -140,6 +152,7 @@ class QuotaBook:
             if c.pending:
                 batch[k] = c.pending
                 c.pending = 0
+        self.max_unflushed = max(self.max_unflushed, sum(batch.values()))
         try:
             await self.store.add_quota(batch)
         except Exception as e:
@@ -182,3 +195,23 @@ class QuotaBook:
         while True:
             await asyncio.sleep(self.interval)
             await self.flush()
+
+
+def quota_metrics(book: QuotaBook | None, registry: CollectorRegistry, flush_interval: float) -> None:
+    """Gauges, present from start-up, of what a crash could cost the quotas (none with Redis: ``book`` None)."""
+    Gauge(
+        "sidecar_quota_flush_interval_seconds",
+        "Seconds between writes of quota counts to the store: a crash forgets at most this long of counting "
+        "(0: counted in Redis, nothing to lose)",
+        registry=registry,
+    ).set(flush_interval if book is not None else 0)
+    Gauge(
+        "sidecar_quota_unflushed",
+        "Quota counts in memory and not yet in the store: what a crash now would forget",
+        registry=registry,
+    ).set_function(lambda: book.unflushed if book is not None else 0)
+    Gauge(
+        "sidecar_quota_unflushed_max",
+        "The most quota counts one flush has written since start: the most a crash would have forgotten",
+        registry=registry,
+    ).set_function(lambda: book.max_unflushed if book is not None else 0)

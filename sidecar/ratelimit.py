@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry, Counter
 from .config import Config, Limit, UpstreamConfig, parse_limit
 from .errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from .models import KeyRecord, iso
-from .quota import QUOTA_FLUSH_INTERVAL, CounterKey, QuotaBook, QuotaCounter, window_bounds, window_id
+from .quota import CounterKey, QuotaBook, QuotaCounter, quota_metrics, window_bounds, window_id
 from .store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ REDIS_BACKOFF_MAX = 2.0  # cap on the doubling back-off while Redis stays down
 REDIS_PREFIX = "sidecar"
 DENY_RETRY_AFTER = "1"  # Retry-After on the 503 when on_redis_error is deny
 QUOTA_POLICY = "quota"
+MAX_QUOTA_ADJUST = 10**15  # what an admin quota change may set or add
 CONCURRENCY_POLICY = "concurrency"
 
 
@@ -295,7 +296,7 @@ class RateLimiter:
             registry=self.registry,
         )
         self.backend_errors.labels(self.rl.backend)
-        self.book = QuotaBook(store, clock=clock, interval=QUOTA_FLUSH_INTERVAL)
+        self.book = QuotaBook(store, clock=clock, interval=self.rl.quota_flush_interval)
         self.memory = MemoryBackend()
         self.redis: RedisBackend | None = None
         if self.rl.backend == "redis":
@@ -304,6 +305,7 @@ class RateLimiter:
             from .ratelimit_redis import RedisBackend  # redis-py is imported only when used
 
             self.redis = RedisBackend(self.rl.redis_url, send_clock=clock is not time.time)
+        quota_metrics(self.book if self.redis is None else None, self.registry, self.rl.quota_flush_interval)
         self._plans: dict[tuple[str, str], tuple[KeyRecord, Plan]] = {}
         self._windows: dict[Limit, tuple[float, float, str]] = {}
         self._inflight: dict[tuple[str, str], int] = {}
@@ -337,10 +339,10 @@ class RateLimiter:
             await self.redis.close()
 
     async def _background(self) -> None:
-        ticks_per_sweep = max(1, int(SWEEP_INTERVAL / QUOTA_FLUSH_INTERVAL))
+        ticks_per_sweep = max(1, int(SWEEP_INTERVAL / self.book.interval))
         tick = 0
         while True:
-            await asyncio.sleep(QUOTA_FLUSH_INTERVAL)
+            await asyncio.sleep(self.book.interval)
             try:
                 await self.book.flush()
                 tick += 1
@@ -425,6 +427,15 @@ class RateLimiter:
         """A cache hit: give the budget back unless ``rate_limits.count_cache_hits``."""
         if self.rl.count_cache_hits:
             return
+        await self.refund(key, upstream)
+
+    async def refund(self, key: KeyRecord, upstream: UpstreamConfig) -> None:
+        """Give back what ``check`` spent on a request that was then refused or not served upstream.
+
+        Refusals are free (DESIGN invariant 12): the MCP gateway can only judge a JSON-RPC
+        body after the limiter ran, so a refused ``tools/call`` (or resource, prompt, or
+        another key's session) is handed back here, rates and quota alike.
+        """
         plan = self.plan(key, upstream)
         if not plan.rates and plan.quota is None:
             return
@@ -619,8 +630,14 @@ class RateLimiter:
             raise BadRequest('give exactly one of "used" (set the count, e.g. 0) or "add" (e.g. -500 to top up)')
         field_name = "used" if "used" in body else "add"
         value = body[field_name]
-        if not isinstance(value, int) or isinstance(value, bool) or (field_name == "used" and value < 0):
-            raise BadRequest(f"{field_name}: expected a whole number" + (" >= 0" if field_name == "used" else ""))
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or (field_name == "used" and value < 0)
+            or abs(value) > MAX_QUOTA_ADJUST  # SQLite and Redis hold 64-bit integers
+        ):
+            low = "0" if field_name == "used" else f"-{MAX_QUOTA_ADJUST}"
+            raise BadRequest(f"{field_name}: expected a whole number from {low} to {MAX_QUOTA_ADJUST}")
         upstream = body.get("upstream")
         if upstream is not None and (not isinstance(upstream, str) or self.config.upstream(upstream) is None):
             raise BadRequest(f"upstream: no upstream with id {upstream!r}")
@@ -662,7 +679,7 @@ async def read_quota_status(
 ) -> list[dict[str, Any]] | None:
     """Quota status for a process that is not serving (the CLI): the store, or Redis.
 
-    A running memory-backend sidecar flushes every QUOTA_FLUSH_INTERVAL seconds, so this
+    A running memory-backend sidecar flushes every ``rate_limits.quota_flush_interval``, so this
     can lag the live count by that much; the admin API answers from the live counters.
     """
     limiter = RateLimiter(config, store, clock=clock)

@@ -6,10 +6,19 @@ reached by guessing) and trusted only while the table still holds the very recor
 names (a reload, rotation or revocation replaces it) — no argon2, no I/O. Warm path
 (the fingerprint forgotten or the record replaced): parse + CRC-32, one dict lookup,
 one SHA-256 and a constant-time compare against the cached verification. Cold path (first use of a key, or after
-its record changed): argon2id in a thread, bounded by a semaphore so a flood of
-bad keys cannot starve the loop or the CPU, and run once for many requests that
-bring the same new key together; failures are counted per client IP and past
-``failed_attempts_per_minute`` the IP gets 429 before any work is done.
+its record changed): argon2id in a thread, handed out by a fair queue (``FairSlots``)
+so a flood of bad keys cannot starve the loop, the CPU or other clients, and run once
+for many requests that bring the same new key together.
+
+Throttling refuses *failures*, never keys that verify. Failures are counted per client
+address (IPv6 per /64), per key id and per (address, key id) "lane". Past
+``failed_attempts_per_minute`` an address's failures answer 429 instead of 401, it gets
+no store lookups, and a lane that already failed gets no more argon2 — but a key that
+verified before (hot and warm paths) always passes, and a new key from a throttled
+address (a NAT shared with an attacker) is still checked. The queue serves lanes whose
+address and key id have the fewest recent failures first, then round robin, with at
+most ``LANE_DEPTH`` checks per lane: one client's flood delays another client's first
+verification by about one argon2 run, not by the length of the flood.
 
 The table is the whole key set, loaded at start and refreshed by polling the store,
 so revocations, expiries and permission edits by any process apply within a second.
@@ -22,6 +31,8 @@ import concurrent.futures
 import gc
 import hashlib
 import hmac
+import ipaddress
+import itertools
 import logging
 import os
 import threading
@@ -33,12 +44,12 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from .config import KeysConfig
-from .errors import ExpiredKey, InvalidKey, RevokedKey, TooManyFailures
+from .errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
 from .keys import ParsedKey, parse_key
 from .models import KeyRecord
 from .store import Store
 
-__all__ = ["Verifier", "argon2_pool", "password_hasher"]
+__all__ = ["FairSlots", "Verifier", "argon2_pool", "password_hasher", "throttle_bucket"]
 
 log = logging.getLogger("sidecar.verify")
 
@@ -51,6 +62,8 @@ ARGON2_CONCURRENCY = 2
 # argon2 threads run at a lower CPU priority than the event loop (Linux: per thread), so
 # a flood of wrong keys queues behind the requests being served instead of starving them.
 ARGON2_NICENESS = 10
+LANE_DEPTH = 2  # argon2 checks of distinct secrets per (address, key id) at once; a real client sends one
+MAX_WAITING = 1024  # argon2 checks waiting in all; past it new checks get 429 (memory stays bounded)
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -82,6 +95,80 @@ def _settle(table: dict[str, KeyRecord]) -> None:
         gc.freeze()
 
 
+def throttle_bucket(ip: str) -> str:
+    """The unit failures are counted in: the address, or its /64 for IPv6 (one host owns a whole /64)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
+
+
+Lane = tuple[str, str]  # (throttle bucket, key id)
+
+
+class _LaneQueue:
+    __slots__ = ("created", "last", "waiters")
+
+    def __init__(self, created: int) -> None:
+        self.created = created
+        self.last = 0  # dispatch sequence of its last grant (0: never served): round robin
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+class FairSlots:
+    """``slots`` argon2 slots granted fairly between lanes instead of first come, first served.
+
+    A free slot goes to the waiting lane with the lowest ``penalty`` (recent failures of
+    its address and key id), then the one served longest ago, then the oldest. A new
+    client is thus next in line behind at most the checks already running.
+    """
+
+    def __init__(self, slots: int, penalty: Callable[[Lane], int]) -> None:
+        self.free = slots
+        self.penalty = penalty
+        self._lanes: dict[Lane, _LaneQueue] = {}
+        self._seq = itertools.count(1)
+        self.waiting = 0
+
+    async def acquire(self, lane: Lane) -> None:
+        if self.free > 0 and not self._lanes:
+            self.free -= 1
+            return
+        q = self._lanes.get(lane)
+        if q is None:
+            q = self._lanes[lane] = _LaneQueue(next(self._seq))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        q.waiters.append(fut)
+        self.waiting += 1
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._lanes:
+            lane = min(self._lanes, key=self._rank)
+            q = self._lanes[lane]
+            fut = q.waiters.popleft()
+            self.waiting -= 1
+            if not q.waiters:
+                del self._lanes[lane]
+            if fut.done():  # its caller was cancelled while waiting
+                continue
+            q.last = next(self._seq)
+            fut.set_result(None)
+            return
+        self.free += 1
+
+    def _rank(self, lane: Lane) -> tuple[int, int, int]:
+        q = self._lanes[lane]
+        return self.penalty(lane), q.last, q.created
+
+
 def password_hasher(profile: str = "rfc9106_low_memory") -> argon2.PasswordHasher:
     """argon2id with RFC 9106's low-memory profile (64 MiB, t=3), or the cheapest for tests."""
     params = argon2.profiles.CHEAPEST if profile == "cheapest" else argon2.profiles.RFC_9106_LOW_MEMORY
@@ -107,8 +194,10 @@ class Verifier:
         self._verified: dict[str, tuple[str, bytes]] = {}
         # sha256 of a whole presented key -> the record it passed as (the hot path)
         self._known: dict[bytes, KeyRecord] = {}
+        # failure times per address bucket, per "#<key id>" and per "<bucket> <key id>" lane
         self._failures: dict[str, deque[float]] = {}
-        self._sem = asyncio.Semaphore(ARGON2_CONCURRENCY)
+        self._slots = FairSlots(ARGON2_CONCURRENCY, self._penalty)
+        self._load: dict[Lane, int] = {}  # argon2 checks queued or running per lane
         self._pending: dict[tuple[str, str, bytes], asyncio.Future[bool]] = {}
         # Counters for tests, benchmarks and the curious: how often the slow paths ran.
         self.argon2_runs = 0
@@ -155,30 +244,47 @@ class Verifier:
 
     # ------------------------------------------------------------ verification
 
-    def throttled(self, ip: str, now: float) -> float:
-        """Seconds until this IP may try again, or 0."""
-        q = self._failures.get(ip)
+    def _recent(self, name: str, now: float) -> int:
+        """Failures recorded under ``name`` within the window (expired ones forgotten)."""
+        q = self._failures.get(name)
         if not q:
-            return 0.0
+            return 0
         while q and q[0] <= now - THROTTLE_WINDOW:
             q.popleft()
         if not q:
-            del self._failures[ip]
-            return 0.0
-        if len(q) >= self.config.failed_attempts_per_minute:
-            return q[0] + THROTTLE_WINDOW - now
+            del self._failures[name]
+        return len(q)
+
+    def throttled(self, ip: str, now: float) -> float:
+        """Seconds until failures from this address answer 401 again instead of 429, or 0."""
+        bucket = throttle_bucket(ip)
+        if self._recent(bucket, now) >= self.config.failed_attempts_per_minute:
+            return self._failures[bucket][0] + THROTTLE_WINDOW - now
         return 0.0
 
-    def _fail(self, ip: str, now: float) -> None:
-        q = self._failures.get(ip)
-        if q is None:
-            if len(self._failures) >= MAX_TRACKED_IPS:
-                self._failures.clear()  # bounded memory beats perfect bookkeeping under attack
-            q = self._failures[ip] = deque()
-        q.append(now)
+    def _fail(self, ip: str, now: float, key_id: str | None = None) -> None:
+        names = [ip] if key_id is None else [ip, "#" + key_id, f"{ip} {key_id}"]
+        for name in names:
+            q = self._failures.get(name)
+            if q is None:
+                if len(self._failures) >= MAX_TRACKED_IPS:
+                    self._failures.clear()  # bounded memory beats perfect bookkeeping under attack
+                q = self._failures[name] = deque()
+            q.append(now)
+
+    def _penalty(self, lane: Lane) -> int:
+        """How far back in the argon2 queue a lane goes: recent failures of its address and key id."""
+        now = self.clock()
+        return self._recent(lane[0], now) + self._recent("#" + lane[1], now)
 
     def _too_many(self, wait: float) -> TooManyFailures:
         return TooManyFailures("too many failed key attempts from this address; slow down", wait)
+
+    def _refuse(self, bucket: str, now: float, error: InvalidKey, key_id: str | None = None) -> SidecarError:
+        """Count a failure; past the threshold the answer is 429 rather than 401."""
+        wait = self.throttled(bucket, now)
+        self._fail(bucket, now, key_id)
+        return self._too_many(wait) if wait > 0 else error
 
     def parse(self, raw: str) -> ParsedKey | None:
         return parse_key(self.prefix, raw)
@@ -186,32 +292,30 @@ class Verifier:
     async def verify(self, raw: str, client_ip: str) -> KeyRecord:
         """The key's record, or raise the contract's error (invalid/expired/revoked/429).
 
-        Order: throttle → format and checksum (a typo stops here, before any lookup) →
-        in-memory table (then the store, for a key another process created since the
-        last poll) → cached verification or argon2id in a thread → revoked/expired.
+        Order: remembered key (always passes, throttled address or not) → format and
+        checksum (a typo stops here, before any lookup) → in-memory table (then the store,
+        for a key another process created since the last poll; not for throttled addresses)
+        → cached verification or argon2id through the fair queue → revoked/expired.
         """
         now = self.clock()
-        wait = self.throttled(client_ip, now)
-        if wait > 0:
-            raise self._too_many(wait)
         fingerprint = hashlib.sha256(raw.encode()).digest()
         known = self._known.get(fingerprint)
         if known is not None and self.table.get(known.id) is known:
             return self._usable(known, now)
+        bucket = throttle_bucket(client_ip)
         parsed = parse_key(self.prefix, raw)
         if parsed is None:
-            self._fail(client_ip, now)
-            raise InvalidKey("malformed API key")
+            raise self._refuse(bucket, now, InvalidKey("malformed API key"))
         record = self.table.get(parsed.key_id)
         if record is None:
-            record = await self._lookup(parsed.key_id)
+            if self.throttled(bucket, now) <= 0:
+                record = await self._lookup(parsed.key_id)
             if record is None:
-                self._fail(client_ip, now)
-                raise InvalidKey("unknown API key")
+                raise self._refuse(bucket, now, InvalidKey("unknown API key"))
         digest = hashlib.sha256(parsed.secret.encode()).digest()
         cached = self._verified.get(record.id)
         fresh = cached is not None and cached[0] == record.hash and hmac.compare_digest(cached[1], digest)
-        if not fresh and not await self._check_secret(record, parsed.secret, digest, client_ip):
+        if not fresh and not await self._check_secret(record, parsed.secret, digest, bucket):
             raise InvalidKey("wrong API key")  # the failure was counted where argon2 ran
         if len(self._known) >= MAX_FINGERPRINTS:
             self._known.clear()
@@ -239,16 +343,38 @@ class Verifier:
             self.table[record.id] = record
         return self.table.get(key_id)
 
-    async def _check_secret(self, record: KeyRecord, secret: str, digest: bytes, client_ip: str) -> bool:
+    def _lane_closed(self, lane: Lane, now: float) -> float:
+        """Seconds of 429 for a throttled address's lane that already failed (no more argon2 there), or 0."""
+        wait = self.throttled(lane[0], now)
+        if wait > 0 and self._recent(f"{lane[0]} {lane[1]}", now):
+            return wait
+        return 0.0
+
+    async def _check_secret(self, record: KeyRecord, secret: str, digest: bytes, bucket: str) -> bool:
         """argon2id, once per (key, secret) however many requests arrive together."""
         token = (record.id, record.hash, digest)
         pending = self._pending.get(token)
         if pending is None:
-            pending = asyncio.ensure_future(self._argon2(record.hash, secret, client_ip))
+            lane = (bucket, record.id)
+            now = self.clock()
+            wait = self._lane_closed(lane, now)
+            if wait > 0:
+                raise self._too_many(wait)
+            load = self._load.get(lane, 0)
+            if load >= LANE_DEPTH or self._slots.waiting >= MAX_WAITING:
+                # Distinct secrets for one key from one address at once: guesses, not a client.
+                raise self._too_many(max(self.throttled(bucket, now), 1.0))
+            self._load[lane] = load + 1
+            pending = asyncio.ensure_future(self._argon2(record.hash, secret, lane))
             self._pending[token] = pending
 
             def done(fut: asyncio.Future[bool]) -> None:
                 self._pending.pop(token, None)
+                left = self._load.get(lane, 1) - 1
+                if left > 0:
+                    self._load[lane] = left
+                else:
+                    self._load.pop(lane, None)
                 if not fut.cancelled():
                     fut.exception()  # retrieved here, so a result nobody waits for is not logged
 
@@ -258,11 +384,12 @@ class Verifier:
             self._verified[record.id] = (record.hash, digest)
         return ok
 
-    async def _argon2(self, hashed: str, secret: str, client_ip: str) -> bool:
-        async with self._sem:
-            # Re-check after queueing: a burst of wrong guesses from one address must
-            # not all reach argon2 just because they passed the door together.
-            wait = self.throttled(client_ip, self.clock())
+    async def _argon2(self, hashed: str, secret: str, lane: Lane) -> bool:
+        await self._slots.acquire(lane)
+        try:
+            # Re-check after queueing: guesses that queued together must not all reach
+            # argon2 once the first of them has failed and the address is throttled.
+            wait = self._lane_closed(lane, self.clock())
             if wait > 0:
                 raise self._too_many(wait)
             self.argon2_runs += 1
@@ -271,8 +398,14 @@ class Verifier:
                 return bool(await loop.run_in_executor(argon2_pool(), self.hasher.verify, hashed, secret))
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 # Counted before the slot is released, so the next guess in line sees it.
-                self._fail(client_ip, self.clock())
+                now = self.clock()
+                wait = self.throttled(lane[0], now)
+                self._fail(lane[0], now, lane[1])
+                if wait > 0:
+                    raise self._too_many(wait) from None
                 return False
+        finally:
+            self._slots.release()
 
     def hash_secret(self, secret: str) -> str:
         return self.hasher.hash(secret)

@@ -31,6 +31,24 @@ from sidecar.models import KeyRecord
 PLEX_TOKEN = "real-plex-token-0123456789"
 ADMIN_TOKEN = "admin-token-for-tests"
 
+# Hypothesis profiles for tests/security/test_sec_fuzz.py. Registered here, in the root
+# conftest, because `--hypothesis-profile=deep` is applied at pytest_configure, before
+# conftests of subfolders load. "ci" (default): fixed seed, no example database, bounded
+# so the whole fuzz file stays well under a minute on 2 cores; "deep": for local hunts.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", max_examples=400, derandomize=True, database=None, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )  # fmt: skip
+    settings.register_profile(
+        "deep", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis comes with the `test` extra; without it only the fuzz tests fail
+    pass
+
 
 def require_binary(name: str) -> str:
     """Path of a server binary the test needs; under CI=true a missing one fails, elsewhere skips."""

@@ -47,8 +47,9 @@ async def test_admin_auth(plex_sidecar: Running) -> None:
     assert "Bearer" in resp.headers["WWW-Authenticate"]
     err = await api(plex_sidecar, "GET", "/admin/keys", headers={"Authorization": "Bearer wrong"}, status=401)
     assert err["code"] == "invalid_key"
-    # A key with the admin permission may manage keys; its actions are audited under its id.
-    admin_rec, admin_key = await plex_sidecar.create_key(permissions={"admin": True})
+    # A key with the admin permission may manage keys (of its own owner, within its own reach:
+    # tests/security/test_sec_delegation.py); its actions are audited under its id.
+    admin_rec, admin_key = await plex_sidecar.create_key(permissions={"admin": True}, owner="ops")
     created = await api(plex_sidecar, "POST", "/admin/keys", json={"name": "by-key"},
                         headers={"Authorization": f"Bearer {admin_key}"}, status=201)  # fmt: skip
     events = await api(plex_sidecar, "GET", f"/admin/audit?key={created['id']}")

@@ -167,7 +167,10 @@ async def start(
     up = await aiohttp_server(cache_upstream())
     clock = Clock()
     config = base_config(
-        str(up.make_url("")).rstrip("/"), tmp_path, cache={"max_bytes": max_bytes, "rules": rules or RULES}
+        str(up.make_url("")).rstrip("/"),
+        tmp_path,
+        cache={"max_bytes": max_bytes, "rules": rules or RULES},
+        keys={"argon2": "cheapest", "upstream_token_envs": ["USER_TOKEN"]},
     )
     run = await make_sidecar(config, extra_env={"USER_TOKEN": USER_TOKEN}, clock=clock)
     return Env(up=up, run=run, clock=clock)

@@ -211,7 +211,7 @@ def test_a_switched_off_authorization_scheme_counts_as_absent() -> None:
 def test_strip_removes_every_trace_and_swaps_nested_keys_for_the_real_token() -> None:
     headers = CIMultiDict({"Authorization": "Bearer K1", "x-api-key": "K1", "X-Plex-Token": "K1", "Accept": "a"})
     query = MultiDict([("X-Plex-Token", "K1"), ("url", "/library/metadata/1/thumb?X-Plex-Token=K1"), ("width", "100")])
-    strip_credential(headers, query, "K1", "REAL")
+    strip_credential(headers, query, "K1", "REAL", lambda path: path.startswith("/library/"))
     assert dict(headers) == {"Accept": "a"}
     assert list(query.items()) == [
         ("X-Plex-Token", "REAL"),

@@ -19,6 +19,7 @@ from sidecar.jsonrpc import (
     error_object,
     parse_body,
 )
+from sidecar.mcp_authz import McpAccess
 from sidecar.mcp_filter import (
     JsonRewriter,
     PendingIds,
@@ -34,8 +35,7 @@ ALLOWED = {"search", "fetch"}
 TOOLS = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search", "fetch", "delete_everything")]
 
 
-def allowed(name: str) -> bool:
-    return name in ALLOWED
+ACCESS = McpAccess(tools=tuple(sorted(ALLOWED)))  # a key limited to two tools (no resources, no prompts)
 
 
 def b64(text: str) -> str:
@@ -53,7 +53,7 @@ def policy(*list_ids: Any, refusals: dict[Any, dict[str, Any]] | None = None) ->
     refused = PendingIds()
     for rid, err in (refusals or {}).items():
         refused.add(rid, err)
-    return Policy(allowed, lists=(lists,), refusals=(refused,))
+    return Policy(ACCESS, lists=(lists,), refusals=(refused,))
 
 
 # ----------------------------------------------------------------------------- parse_body
@@ -293,7 +293,7 @@ def test_sse_rewriter_passes_events_before_the_stream_ends() -> None:
 
 
 def test_sse_rewriter_rewrites_the_legacy_endpoint() -> None:
-    rw = SseRewriter(Policy(allowed), endpoint=lambda d: "/mcp/legacy" + d)
+    rw = SseRewriter(Policy(ACCESS), endpoint=lambda d: "/mcp/legacy" + d)
     out = rw.feed(b"event: endpoint\r\ndata: /messages/?session_id=ab\r\n\r\n")
     assert out == b"event: endpoint\r\ndata: /mcp/legacy/messages/?session_id=ab\r\n\r\n"
 
@@ -357,3 +357,57 @@ def test_json_rewriter() -> None:
 )
 def test_client_path(location: str, upstream: str, prefix: str, strip: bool, expected: str | None) -> None:
     assert client_path(location, upstream_url=upstream, prefix=prefix, strip_prefix=strip) == expected
+
+
+# ----------------------------------------------------------------------------- answers too large to filter
+
+
+def oversized(rid: Any, names: int = 50) -> bytes:
+    tools = [{"name": f"secret_tool_{i}"} for i in range(names)]
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}}).encode()
+
+
+def chunked(rw: SseRewriter, data: bytes, step: int) -> bytes:
+    return b"".join(rw.feed(data[i : i + step]) for i in range(0, len(data), step)) + rw.flush()
+
+
+@pytest.mark.parametrize("step", [1, 7, 150])
+def test_sse_list_too_large_to_filter_is_replaced_by_an_error(step: int) -> None:
+    """Fail closed: a guarded list that outgrows the bound before its end arrives never reaches the
+    client; an error with its id does, and the stream goes on (whatever the chunking)."""
+    rw = SseRewriter(policy(1), max_event=200)
+    stream = b"event: message\r\ndata: " + oversized(1) + b"\r\n\r\n" + b": ping\r\n\r\n"
+    stream += b'event: message\r\ndata: {"jsonrpc":"2.0","id":2,"result":{}}\r\n\r\n'
+    out = chunked(rw, stream, step)
+    assert b"secret_tool" not in out
+    events = [parse_event(e + b"\r\n\r\n") for e in out.split(b"\r\n\r\n") if e]
+    answers = [json.loads(e.data) for e in events if e.has_data]
+    assert answers[0]["id"] == 1 and answers[0]["error"]["data"] == {"code": "payload_too_large"}
+    assert answers[1] == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    assert b": ping" in out
+
+
+def test_sse_oversized_answers_pass_only_when_nothing_guards_them() -> None:
+    # A large tool result (id 5, not a list) passes as it came, even while list 1 is pending.
+    rw = SseRewriter(policy(1), max_event=200)
+    big = b"data: " + oversized(5) + b"\n\n"
+    assert chunked(rw, big, 100) == big
+    # While something is guarded, an oversized event whose id cannot be read is dropped.
+    rw = SseRewriter(policy(1), max_event=200)
+    hidden = b"data: " + json.dumps({"result": {"pad": "x" * 600}, "jsonrpc": "2.0", "id": 1}).encode() + b"\n\n"
+    assert chunked(rw, hidden + b": ping\n\n", 100) == b": ping\n\n"
+    # Nothing guarded: oversized events pass untouched (they cannot be read, and need not be).
+    rw = SseRewriter(policy(), max_event=200)
+    assert chunked(rw, big, 100) == big
+
+
+def test_json_list_too_large_to_filter_is_replaced_by_an_error() -> None:
+    rw = JsonRewriter(policy(1), own=[1], extra=[error_object(3, -32010, "no")], batch=True, max_body=200)
+    body = oversized(1)
+    assert rw.feed(body[:150]) == b"" and rw.feed(body[150:]) == b""
+    out = json.loads(rw.flush())
+    assert [m["id"] for m in out] == [1, 3]
+    assert out[0]["error"]["data"] == {"code": "payload_too_large"}
+    rw = JsonRewriter(policy(1), own=[1], max_body=200)
+    rw.feed(oversized(1))
+    assert json.loads(rw.flush())["id"] == 1  # a single request gets a single answer

@@ -15,6 +15,7 @@ from multidict import CIMultiDict, MultiDict
 
 from sidecar.config import UpstreamConfig
 from sidecar.demo import SEEN, plex_like_app
+from sidecar.errors import Forbidden
 from sidecar.plex import ScrubFilter, TranscodeSessions, inject_plex
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
@@ -83,7 +84,8 @@ async def test_a_key_can_map_to_a_managed_users_token(
 ) -> None:
     kids_token = "managed-user-token-kids-42"
     upstream = await aiohttp_server(plex_like_app(kids_token))  # this server only knows the managed user's token
-    running = await make_sidecar(base_config(url_of(upstream), tmp_path), extra_env={"PLEX_TOKEN_KIDS": kids_token})
+    cfg = base_config(url_of(upstream), tmp_path, keys={"argon2": "cheapest", "upstream_token_envs": ["PLEX_TOKEN_*"]})
+    running = await make_sidecar(cfg, extra_env={"PLEX_TOKEN_KIDS": kids_token})
     _, owner_key = await running.create_key()
     _, kids_key = await running.create_key(upstream_token_env={"plex": "PLEX_TOKEN_KIDS"})
     resp = await running.proxy.get("/library/sections", headers={"X-Plex-Token": kids_key})
@@ -100,9 +102,13 @@ async def test_a_key_can_map_to_a_managed_users_token(
     assert resp.status == 200 and kids_token not in await resp.text()
 
 
-async def test_a_key_whose_token_variable_is_missing_gets_503(plex_sidecar: Running) -> None:
-    _, key = await plex_sidecar.create_key(upstream_token_env={"plex": "NOT_SET_ANYWHERE"})
-    resp = await plex_sidecar.proxy.get("/identity", headers={"X-Plex-Token": key})
+async def test_a_key_whose_token_variable_is_missing_gets_503(
+    make_sidecar: MakeSidecar, plex_upstream: Any, tmp_path: Path
+) -> None:
+    keys = {"argon2": "cheapest", "upstream_token_envs": ["NOT_SET_ANYWHERE"]}
+    running = await make_sidecar(base_config(url_of(plex_upstream), tmp_path, keys=keys))
+    _, key = await running.create_key(upstream_token_env={"plex": "NOT_SET_ANYWHERE"})
+    resp = await running.proxy.get("/identity", headers={"X-Plex-Token": key})
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "service_unavailable"
 
@@ -130,7 +136,10 @@ async def test_nested_url_parameter_carries_the_real_token_up(plex_sidecar: Runn
     assert resp.status == 200
     path = seen(plex_upstream)[-1]["path"]
     assert key not in path
-    assert (await resp.read()).endswith(f"/library/metadata/100/thumb/1700000000?X-Plex-Token={PLEX_TOKEN}".encode())
+    assert f"X-Plex-Token%3D{PLEX_TOKEN}" in path  # the upstream got the real token in the nested url
+    # The demo echoes the url into its "JPEG": the client sees the token masked (invariant 1, any body).
+    masked = "*" * len(PLEX_TOKEN)
+    assert (await resp.read()).endswith(f"/library/metadata/100/thumb/1700000000?X-Plex-Token={masked}".encode())
 
 
 def test_scrub_filter_handles_split_tokens_and_gzip() -> None:
@@ -147,8 +156,11 @@ def test_scrub_filter_handles_split_tokens_and_gzip() -> None:
     data = gzip.compress(b'{"t": "SECRETTOKEN"}')
     assert g.feed(data[:7]) + g.feed(data[7:]) + g.flush() == b'{"t": "pmcp_key"}'
 
+    # Media is scanned too (invariant 1: any body), but keeps its length and bytes: the token is masked in place.
     media = ScrubFilter("SECRETTOKEN", "pmcp_key")
-    assert media.headers(200, CIMultiDict({"Content-Type": "video/mp4"})) is False  # media is never touched
+    media_headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "video/mp4", "Content-Length": "27"})
+    assert media.headers(200, media_headers) is True and media_headers["Content-Length"] == "27"
+    assert media.feed(b"\0\1SECRET") + media.feed(b"TOKEN\2\3") + media.flush() == b"\0\1***********\2\3"
 
 
 # ---------------------------------------------------------------------------- transcode sessions
@@ -199,20 +211,34 @@ async def test_transcode_session_belongs_to_the_key_that_started_it(
 
 
 def test_transcode_sessions_unit() -> None:
+    """``ids`` names every form of a session id, ``check`` refuses another key's, ``claim`` records.
+
+    (Was one ``claim(path, query, key)``; split so that a session is claimed only after the
+    rate limiter let the request through: see tests/security/test_sec_plex_paths.py.)"""
     now = [1000.0]
     t = TranscodeSessions(ttl=60, max_sessions=2, clock=lambda: now[0])
     start = "/video/:/transcode/universal/start.m3u8"
-    assert t.claim(start, MultiDict({"session": "s1"}), "A")
+
+    def claim(path: str, query: dict[str, str], key: str) -> bool:
+        ids = t.ids(path, MultiDict(query))
+        try:
+            t.check(ids, key)
+        except Forbidden:
+            return False
+        t.claim(ids, key)
+        return True
+
+    assert claim(start, {"session": "s1"}, "A")
     assert t.owner("s1") == "A"
-    assert not t.claim(start, MultiDict({"session": "s1"}), "B")
-    assert not t.claim("/video/:/transcode/universal/session/s1/x.ts", MultiDict(), "B")
-    assert t.claim("/video/:/transcode/universal/session/s1/x.ts", MultiDict(), "A")
-    assert t.claim("/library/sections", MultiDict({"session": "s1"}), "B")  # not a transcode path
+    assert not claim(start, {"session": "s1"}, "B")
+    assert not claim("/video/:/transcode/universal/session/s1/x.ts", {}, "B")
+    assert claim("/video/:/transcode/universal/session/s1/x.ts", {}, "A")
+    assert t.ids("/library/sections", MultiDict({"session": "s1"})) == ()  # not a transcode path
     assert t.session_of("/audio/:/transcode/universal/session/abc/1.ts") == "abc"
     now[0] += 61
     assert t.owner("s1") is None  # expired
     for i in range(3):
-        t.claim(start, MultiDict({"session": f"n{i}"}), "A")
+        claim(start, {"session": f"n{i}"}, "A")
     assert t.owner("n0") is None and t.owner("n2") == "A"  # bounded
 
 

@@ -7,11 +7,22 @@ in SQLite, because a YAML keys file is typically a read-only ConfigMap.
 from __future__ import annotations
 
 from ..config import StoreConfig
-from .base import KeyChanges, ReadOnlyStore, Store, StoreBusy, StoreError
+from .base import KeyChanges, KeyMissing, OwnerLimitReached, ReadOnlyStore, Store, StoreBusy, StoreError
 from .sqlite import SqliteStore
 from .yamlfile import YamlStore
 
-__all__ = ["KeyChanges", "ReadOnlyStore", "SqliteStore", "Store", "StoreBusy", "StoreError", "YamlStore", "open_store"]
+__all__ = [
+    "KeyChanges",
+    "KeyMissing",
+    "OwnerLimitReached",
+    "ReadOnlyStore",
+    "SqliteStore",
+    "Store",
+    "StoreBusy",
+    "StoreError",
+    "YamlStore",
+    "open_store",
+]
 
 
 async def open_store(config: StoreConfig) -> Store:

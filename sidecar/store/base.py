@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import KeyRecord
 
-__all__ = ["AuditEvent", "KeyChanges", "ReadOnlyStore", "Store", "StoreBusy", "StoreError", "UsageRow"]
+__all__ = [
+    "AuditEvent",
+    "KeyChanges",
+    "KeyMissing",
+    "OwnerLimitReached",
+    "ReadOnlyStore",
+    "Store",
+    "StoreBusy",
+    "StoreError",
+    "UsageRow",
+    "check_owner_limit",
+    "counts_toward_limit",
+]
 
 
 class StoreError(Exception):
@@ -26,6 +39,48 @@ class StoreBusy(StoreError):
 
 class ReadOnlyStore(StoreError):
     """Keys in a YAML store are changed by editing the file, not through the API."""
+
+
+class OwnerLimitReached(StoreError):
+    """The write would take an owner past ``keys.max_keys_per_owner`` (checked in the write's transaction)."""
+
+    def __init__(self, owner: str, limit: int) -> None:
+        super().__init__(f"owner {owner!r} already has the maximum of {limit} active keys")
+        self.owner, self.limit = owner, limit
+
+
+class KeyMissing(StoreError):
+    """``update_key`` was asked for an id the store does not hold."""
+
+
+def counts_toward_limit(rec: KeyRecord, now: float) -> bool:
+    """Does this key count for its owner's ``max_keys_per_owner``? Active keys do, except one that
+    was rotated and is only living out its grace period (its successor counts instead)."""
+    return rec.owner is not None and rec.rotated_to is None and rec.state(now) == "active"
+
+
+def check_owner_limit(
+    owned: Iterable[KeyRecord], before: Iterable[KeyRecord], after: Iterable[KeyRecord], limit: int | None, now: float
+) -> None:
+    """Refuse a write that raises an owner's count past ``limit``.
+
+    ``owned`` are the stored keys of the owners concerned, read inside the write's transaction;
+    ``before``/``after`` the records the write replaces and writes. A write that does not raise
+    a count (a rotation: the old key stops counting as its successor starts) always passes, even
+    for an owner already over a limit that was lowered since."""
+    if limit is None:
+        return
+    after = list(after)
+    owners = {r.owner for r in after if counts_toward_limit(r, now)}
+    if not owners:
+        return
+    replaced = {r.id for r in before} | {r.id for r in after}
+    for owner in owners:
+        was = sum(1 for r in owned if r.owner == owner and counts_toward_limit(r, now))
+        kept = sum(1 for r in owned if r.owner == owner and r.id not in replaced and counts_toward_limit(r, now))
+        now_count = kept + sum(1 for r in after if r.owner == owner and counts_toward_limit(r, now))
+        if now_count > limit and now_count > was:
+            raise OwnerLimitReached(str(owner), limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +139,36 @@ class Store(ABC):
     @abstractmethod
     async def update(self, record: KeyRecord) -> None: ...
 
+    # Key lifecycle writes. Every store implements these two atomically: the read of the
+    # current record, the owner count and the write happen in ONE transaction that other
+    # writers (other tasks, other processes, other replicas) cannot interleave with —
+    # SQLite: ``BEGIN IMMEDIATE``; Postgres: one transaction holding
+    # ``pg_advisory_xact_lock`` on the owner(s) and ``SELECT … FOR UPDATE`` on the key.
+    # ``check_owner_limit`` is the shared rule. Read-only stores raise ``ReadOnlyStore``.
+
+    @abstractmethod
+    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
+        """Insert a new key unless its owner is at ``max_per_owner`` (``OwnerLimitReached``)."""
+
+    @abstractmethod
+    async def update_key(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        max_per_owner: int | None,
+        now: float,
+        insert: KeyRecord | None = None,
+    ) -> tuple[KeyRecord, KeyRecord]:
+        """Read-modify-write one key: ``change`` gets the record as stored now and returns the
+        new one (or the same object: nothing is written), or raises to abort. ``insert`` adds
+        a key in the same transaction (rotation's successor). Returns (before, after).
+        ``KeyMissing`` when there is no such key; ``OwnerLimitReached`` per ``check_owner_limit``."""
+
     async def count_active(self, owner: str, now: float | None = None) -> int:
-        """Active (not revoked, not expired) keys of ``owner``: for ``keys.max_keys_per_owner``."""
+        """Keys of ``owner`` that count for ``keys.max_keys_per_owner`` (``counts_toward_limit``)."""
         t = time.time() if now is None else now
-        return sum(1 for r in await self.list_keys() if r.owner == owner and r.state(t) == "active")
+        return sum(1 for r in await self.list_keys() if r.owner == owner and counts_toward_limit(r, t))
 
     # -- state (always SQLite)
     @abstractmethod

@@ -19,13 +19,25 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from ..filemodes import private_file
 from ..models import KeyRecord
-from .base import AuditEvent, KeyChanges, Store, StoreBusy, StoreError, UsageRow
+from .base import (
+    AuditEvent,
+    KeyChanges,
+    KeyMissing,
+    Store,
+    StoreBusy,
+    StoreError,
+    UsageRow,
+    check_owner_limit,
+    counts_toward_limit,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -79,7 +91,8 @@ class SqliteStore(Store):
         return self._db
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before SQLite sees it: -wal and -shm then get the same mode (docs/security.md).
+        private_file(self.path)
         try:
             self._db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             await self._wal()
@@ -248,7 +261,96 @@ class SqliteStore(Store):
     async def count_active(self, owner: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
         rows = await self._fetch("SELECT data FROM keys WHERE owner = ?", (owner,))
-        return sum(1 for (data,) in rows if self._record(data).state(now) == "active")
+        return sum(1 for (data,) in rows if counts_toward_limit(self._record(data), now))
+
+    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
+        await self._key_tx(None, None, record, max_per_owner, now)
+
+    async def update_key(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        max_per_owner: int | None,
+        now: float,
+        insert: KeyRecord | None = None,
+    ) -> tuple[KeyRecord, KeyRecord]:
+        out = await self._key_tx(key_id, change, insert, max_per_owner, now)
+        assert out is not None
+        return out
+
+    async def _key_tx(
+        self,
+        key_id: str | None,
+        change: Callable[[KeyRecord], KeyRecord] | None,
+        insert: KeyRecord | None,
+        limit: int | None,
+        now: float,
+    ) -> tuple[KeyRecord, KeyRecord] | None:
+        """Read, check and write in one ``BEGIN IMMEDIATE``: SQLite's write lock is taken before
+        the first read, so no other task or process can write between the count and the insert."""
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    out = await self._key_tx_body(key_id, change, insert, limit, now)
+                    await self.db.execute("COMMIT")
+                    return out
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError:
+                raise StoreError("a key with that id already exists") from None
+            except sqlite3.Error as e:
+                raise _wrap(e, self.path) from None
+
+    async def _key_tx_body(
+        self,
+        key_id: str | None,
+        change: Callable[[KeyRecord], KeyRecord] | None,
+        insert: KeyRecord | None,
+        limit: int | None,
+        now: float,
+    ) -> tuple[KeyRecord, KeyRecord] | None:
+        before: KeyRecord | None = None
+        after: KeyRecord | None = None
+        if key_id is not None and change is not None:
+            async with self.db.execute(
+                "SELECT k.data, l.at, l.ip FROM keys k LEFT JOIN last_used l ON l.id = k.id WHERE k.id = ?", (key_id,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise KeyMissing(f"no key with id {key_id!r}")
+            before = self._record(*row)
+            after = change(before)
+            if after is before and insert is None:
+                return before, after
+        written = [r for r in (after, insert) if r is not None]
+        owners = sorted({r.owner for r in written if r.owner is not None})
+        owned: list[KeyRecord] = []
+        if limit is not None and owners:
+            for owner in owners:
+                async with self.db.execute("SELECT data FROM keys WHERE owner = ?", (owner,)) as cur:
+                    owned.extend(self._record(d) for (d,) in await cur.fetchall())
+            check_owner_limit(owned, [before] if before is not None else [], written, limit, now)
+        async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
+            top = await cur.fetchone()
+        seq = int(top[0]) if top else 0
+        if after is not None and after is not before:
+            seq += 1
+            await self.db.execute(
+                "UPDATE keys SET data = ?, owner = ?, seq = ? WHERE id = ?",
+                (json.dumps(after.to_stored()), after.owner, seq, after.id),
+            )
+        if insert is not None:
+            seq += 1
+            await self.db.execute(
+                "INSERT INTO keys (id, data, seq, owner) VALUES (?, ?, ?, ?)",
+                (insert.id, json.dumps(insert.to_stored()), seq, insert.owner),
+            )
+        if before is None or after is None:
+            return None
+        return before, after
 
     # ----------------------------------------------------------------- state
 

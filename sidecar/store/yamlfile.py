@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,20 @@ class YamlStore(Store):
         raise ReadOnlyStore(f"keys are managed in {self.path.name}: add the entry to the file instead")
 
     async def update(self, record: KeyRecord) -> None:
+        raise ReadOnlyStore(f"keys are managed in {self.path.name}: edit the file instead")
+
+    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
+        await self.insert([record])
+
+    async def update_key(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        max_per_owner: int | None,
+        now: float,
+        insert: KeyRecord | None = None,
+    ) -> tuple[KeyRecord, KeyRecord]:
         raise ReadOnlyStore(f"keys are managed in {self.path.name}: edit the file instead")
 
     # State is delegated to the SQLite state database.
