@@ -101,7 +101,7 @@ async def test_notification_websocket_url_survives_plexapis_rewrite(
 
 async def test_plexapi_alert_listener(plex_sidecar: Running, plex_upstream: TestServer) -> None:
     pytest.importorskip("websocket", reason="plexapi's AlertListener needs websocket-client")
-    _, key = await plex_sidecar.create_key(permissions=PLAYBACK)
+    rec, key = await plex_sidecar.create_key(permissions=PLAYBACK)
     server: Any = await asyncio.to_thread(plexapi_server.PlexServer, base_url(plex_sidecar), key, timeout=10)
     got = threading.Event()
     alerts: list[dict[str, Any]] = []
@@ -114,9 +114,16 @@ async def test_plexapi_alert_listener(plex_sidecar: Running, plex_upstream: Test
     try:
         assert await asyncio.to_thread(got.wait, 10), "no notification reached plexapi"
         assert alerts[0]["type"] == "playing"
-    finally:
-        await asyncio.to_thread(listener.stop)
+        # Revoking the key ends the listener's stream from the sidecar's side (invariant 5): plexapi's
+        # thread sees the close and returns by itself. (Its own stop() closes the socket from another
+        # thread while run_forever polls it, a race in websocket-client that can leave the thread
+        # polling a reused descriptor forever, so the test does not rely on it.)
+        resp = await plex_sidecar.admin.delete(f"/admin/keys/{rec.id}", headers=plex_sidecar.admin_headers())
+        assert resp.status == 200
         await asyncio.to_thread(listener.join, 10)
-    assert not listener.is_alive()
+    finally:
+        if listener.is_alive():
+            await asyncio.to_thread(listener.stop)
+    assert not listener.is_alive(), "the revoked key's notification stream was not closed by the sidecar"
     assert any(str(r["path"]).startswith("/:/websockets/notifications") for r in plex_upstream.app[SEEN])
     assert_upstream_saw_only_the_real_token(plex_upstream, key)

@@ -438,7 +438,8 @@ async def test_everything_captured_has_no_secret(
             k,
             headers={**hdr, "Connection": "X-Plex-Token, Authorization"},
         )
-        await _fetch(s, cap, "GET mistyped key", f"{base}/library/sections?X-Plex-Token={k[:-1]}0", None)
+        mistyped = k[:-1] + ("1" if k[-1] == "0" else "0")  # always a different key (1 in 16 ended in 0)
+        await _fetch(s, cap, "GET mistyped key", f"{base}/library/sections?X-Plex-Token={mistyped}", None)
         # --- SSE and websockets
         # --- a cached answer: stored once, served to two keys; neither may see the other's key
         for who in ("plex", "plex2", "plex"):
