@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .config import parse_duration
+from . import upstream_health
+from .config import UpstreamConfig, parse_duration
 from .credentials import extract_credential
 from .delegation import manages_all, owns
 from .errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
@@ -118,24 +119,12 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         checks: dict[str, str] = {"config": "ok", "store": "ok" if sc.ready else "not loaded"}
 
-        async def probe(up_id: str, host: str, port: int) -> None:
-            try:
-                async with asyncio.timeout(UPSTREAM_CHECK_TIMEOUT):
-                    _, w = await asyncio.open_connection(host, port)
-                w.close()
-                checks[f"upstream:{up_id}"] = "ok"
-                sc.metrics.set_upstream_up(up_id, 1)
-            except (OSError, TimeoutError):
-                checks[f"upstream:{up_id}"] = "unreachable"
-                sc.metrics.set_upstream_up(up_id, 0)
+        async def probe(up: UpstreamConfig) -> None:
+            # Fresh on every call (name, TCP, TLS as a request would): nothing cached to go stale.
+            result = checks[f"upstream:{up.id}"] = await upstream_health.check(up, UPSTREAM_CHECK_TIMEOUT)
+            sc.metrics.set_upstream_up(up.id, 1 if result == "ok" else 0)
 
-        from yarl import URL
-
-        jobs = []
-        for up in sc.config.upstreams:
-            u = URL(up.url)
-            jobs.append(probe(up.id, u.host or "", u.port or (443 if u.scheme == "https" else 80)))
-        await asyncio.gather(*jobs)
+        await asyncio.gather(*(probe(up) for up in sc.config.upstreams))
         ready = all(v == "ok" for v in checks.values())
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503

@@ -32,9 +32,11 @@ from prometheus_client import CollectorRegistry
 from . import logfilter
 from .accesslog import AccessLog
 from .cache import ResponseCache
+from .clocks import steady_clock
 from .config import Config, UpstreamConfig
 from .errors import SidecarError
 from .listener import guarded_server
+from .looplag import LoopLag
 from .manage import KeyManager
 from .metrics import Metrics
 from .models import KeyRecord
@@ -46,7 +48,7 @@ from .scope import RequestScope
 from .store import Store, open_store
 from .streams import StreamRegistry
 from .usage import UsageRecorder
-from .verify import Verifier
+from .verify import Verifier, reload_error_metric
 
 __all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
@@ -62,10 +64,12 @@ class Sidecar:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        steady: Callable[[], float] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock
+        self.clock = clock  # wall: expiry, quota windows, audit and usage times
+        self.steady = steady_clock(clock, steady)  # intervals: rate buckets, throttling, TTLs (sidecar.clocks)
         self.env = env if env is not None else dict(os.environ)
         self.metrics = Metrics(
             registry,
@@ -75,11 +79,11 @@ class Sidecar:
             cached_upstreams=sorted({r.upstream for r in config.cache.rules}),
         )
         self.router = Router(config.upstreams)
-        self.transcode = TranscodeSessions(clock=clock)
+        self.transcode = TranscodeSessions(clock=self.steady)
         self.trusted_proxies = tuple(ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies)
         self.access_log = AccessLog(config.log.access)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
-        self.cache = ResponseCache(config.cache, clock=clock, sessions=self.sessions)
+        self.cache = ResponseCache(config.cache, clock=self.steady, sessions=self.sessions)
         self.forwarder = Forwarder(self.sessions)
         # Open streams per key, ended within a sweep of their key's revocation or expiry.
         self.streams = StreamRegistry(self._key_state, self.metrics.registry)
@@ -94,6 +98,7 @@ class Sidecar:
         self._limiter: RateLimiter | None = None
         self._usage: UsageRecorder | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.loop_lag = LoopLag(self.metrics.registry)  # sidecar_event_loop_lag_seconds
         self.ready = False
 
     # Owned parts that exist only once started.
@@ -126,12 +131,18 @@ class Sidecar:
 
     async def start(self) -> None:
         self._store = await open_store(self.config.store)
-        self._verifier = Verifier(self.store, self.config.keys, clock=self.clock, on_change=self._keys_changed)
+        self._verifier = Verifier(
+            self.store, self.config.keys, clock=self.clock, steady=self.steady, on_change=self._keys_changed
+        )
         await self.verifier.load()
-        self._limiter = RateLimiter(self.config, self.store, clock=self.clock, registry=self.metrics.registry)
+        reload_error_metric(self.verifier, self.config.store.kind, self.metrics.registry)
+        self._limiter = RateLimiter(
+            self.config, self.store, clock=self.clock, steady=self.steady, registry=self.metrics.registry
+        )
         await self.limiter.start()
         self.metrics.quota_levels = self.limiter.quota_levels
-        self._usage = UsageRecorder(self.store, clock=self.clock)
+        self.metrics.store_write_failures = self.store.write_failures
+        self._usage = UsageRecorder(self.store, clock=self.clock, interval=self.config.store.usage_flush_interval)
         self.usage.start()
         for up in self.config.upstreams:
             self.sessions[up.id] = make_session(up)
@@ -141,9 +152,8 @@ class Sidecar:
             self.mcp = McpGateway(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(asyncio.create_task(self.streams.run(self.config.keys.stream_check_interval)))
-        self._tasks.append(
-            asyncio.create_task(self.metrics.watch_upstreams([(u.id, u.url) for u in self.config.upstreams]))
-        )
+        self._tasks.append(asyncio.create_task(self.loop_lag.run()))
+        self._tasks.append(asyncio.create_task(self.metrics.watch_upstreams(self.config.upstreams)))
         self.ready = True
 
     async def close(self) -> None:
@@ -199,7 +209,7 @@ class Sidecar:
     def _key_state(self, key_id: str) -> str:
         """``active``, ``revoked`` or ``expired`` as the verifier's table says now (gone counts as revoked)."""
         record = self.verifier.table.get(key_id)
-        return record.state(self.clock()) if record is not None else "revoked"
+        return self.verifier.state(record, self.clock()) if record is not None else "revoked"
 
     def _secrets(self) -> list[str | None]:
         """Every secret this sidecar holds, for the log redactor."""

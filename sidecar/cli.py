@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        # 75 (EX_TEMPFAIL): the database file refused (locked, full, read-only); nothing was changed, retry later.
+        return 75 if e.reason else 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -143,8 +143,16 @@ def parse_header_size(value: object) -> int:
     return size
 
 
+def _busy_timeout(value: object) -> float:
+    """``store.busy_timeout``: 10 ms to 5 minutes."""
+    seconds = parse_duration(value)
+    if not 0.01 <= seconds <= 300:
+        raise ValueError("expected a duration from 10ms to 5m")
+    return seconds
+
+
 def _flush_interval(value: object) -> float:
-    """``rate_limits.quota_flush_interval``: 100 ms to 5 minutes."""
+    """``rate_limits.quota_flush_interval``, ``store.usage_flush_interval``: 100 ms to 5 minutes."""
     seconds = parse_duration(value)
     if not 0.1 <= seconds <= 300:
         raise ValueError("expected a duration from 100ms to 5m")
@@ -224,6 +232,10 @@ class StoreConfig:
     state_path: Path = Path("./sidecar-state.db")
     # How often a running sidecar looks for changes made by another process (CLI, edit).
     poll_interval: float = 0.5
+    # How long a write waits for another writer's lock (CLI, second sidecar) before it fails.
+    busy_timeout: float = 5.0
+    # Seconds between writes of usage counts and last-used times: a kill -9 forgets at most this long.
+    usage_flush_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,7 +673,7 @@ def parse_config(
     admin = AdminConfig(listen=admin_listen, token_env=token_env, token=r.env.get(token_env) or None)
 
     sd = r.mapping(top.get("store"), "store")
-    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval"})
+    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval"})
     skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml"))
     spath = r.path_value(sd, "path", "store", None)
     if spath is None:
@@ -674,6 +686,8 @@ def parse_config(
         path=spath,
         state_path=state_path,
         poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, 0.5),
+        busy_timeout=r.parsed(sd, "busy_timeout", "store", _busy_timeout, 5.0),
+        usage_flush_interval=r.parsed(sd, "usage_flush_interval", "store", _flush_interval, 5.0),
     )
 
     kd = r.mapping(top.get("keys"), "keys")

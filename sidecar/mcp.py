@@ -81,6 +81,7 @@ from .models import KeyRecord
 from .permissions import allowed, tool_allowed
 from .pipeline import WELL_KNOWN
 from .scope import RequestScope
+from .upstream_health import connect_problem
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -595,8 +596,8 @@ async def _open(
         raise UpstreamTimeout(f"upstream {upstream.id} did not accept a connection in time") from None
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
-    except aiohttp.ClientConnectorError:
-        raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
+    except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
+        raise UpstreamUnavailable(connect_problem(upstream, e)) from None
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
 
@@ -709,7 +710,7 @@ class RestClient:
             ctype = resp.headers.get("Content-Type", "").lower()
             try:
                 if ctype.startswith("text/event-stream"):
-                    return resp.status, headers, await _answer_from_sse(resp, msg["id"])
+                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
                 if ctype.startswith("application/json"):
                     async with asyncio.timeout(upstream.read_timeout):
                         body = json.loads(await resp.read())
@@ -734,10 +735,18 @@ class RestClient:
         self._pool.clear()
 
 
-async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any) -> dict[str, Any] | None:
-    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped)."""
+async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
+    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
+
+    ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
+    holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
+    """
     splitter = SseSplitter()
-    async for chunk in resp.content.iter_any():
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await resp.content.readany()
+        if not chunk:
+            break
         for raw, complete in splitter.feed(chunk):
             if not complete:
                 continue

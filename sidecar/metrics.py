@@ -47,8 +47,9 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from yarl import URL
 
+from . import upstream_health
+from .config import UpstreamConfig
 from .models import KeyRecord
 from .scope import RequestScope
 
@@ -75,6 +76,7 @@ CACHE_RESULTS = ("hit", "miss", "bypass", "expired", "stale")
 KEY_STATES = ("active", "expired", "revoked")
 _AUTH_REASONS = frozenset(AUTH_REASONS) - {"bad_request"}  # bad_request is an auth failure only before a key
 _RATE_ERRORS = frozenset({"rate_limit_exceeded", "quota_exceeded"})
+_UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout"})
 _NOT_ERRORS = frozenset({"", "client_disconnected"})
 _LE = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")  # "0.0005", "1.0": what prometheus_client writes
 
@@ -156,6 +158,7 @@ class Metrics:
         self.auth_failures: dict[str, int] = dict.fromkeys(AUTH_REASONS, 0)
         self.rate_limited: dict[tuple[str, str], int] = {}
         self.quota_exceeded: dict[tuple[str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}  # (upstream, error), also bodies cut short
         self.cache_requests: dict[tuple[str, str], int] = {}
         self.mcp_tool_calls: dict[tuple[str, str, str, str], int] = {}
         self._tools: set[tuple[str, str]] = set()
@@ -163,6 +166,8 @@ class Metrics:
         # (key id, scope) -> (limit, used, window end); the app points this at the limiter's
         # table so quota gauges cost nothing per request, only at scrape time.
         self.quota_levels: Mapping[tuple[str, str], tuple[int, int, float]] = {}
+        # (what, reason) -> writes the store refused; the app points this at the store's table.
+        self.store_write_failures: Mapping[tuple[str, str], int] = {}
         self._up: dict[str, float] = {}
         for up in upstreams:
             self.request_duration[up] = _Histogram()
@@ -252,6 +257,8 @@ class Metrics:
         return _Series(duration, upstream_duration)
 
     def _observe_error(self, scope: RequestScope, key: str, up: str, error: str) -> None:
+        if error in _UPSTREAM_ERRORS:  # a 502/504, or a 200 whose body the upstream broke off (the code can't say)
+            self.upstream_errors[(up, error)] = self.upstream_errors.get((up, error), 0) + 1
         if error in _AUTH_REASONS or (error == "bad_request" and not scope.key_id):
             self.auth_failures[error] = self.auth_failures.get(error, 0) + 1
         elif error == "rate_limit_exceeded":
@@ -301,29 +308,21 @@ class Metrics:
     # --------------------------------------------------------- upstream probe
 
     async def watch_upstreams(
-        self, upstreams: Sequence[tuple[str, str]], interval: float = UPSTREAM_PROBE_INTERVAL
+        self, upstreams: Sequence[UpstreamConfig], interval: float = UPSTREAM_PROBE_INTERVAL
     ) -> None:
-        """Probe each (id, url) with a TCP connect now and every ``interval`` (run as a task).
+        """Probe each upstream now and every ``interval`` (run as a task), as ``/readyz`` does:
+        name, TCP and for https a TLS handshake with its trust settings (``sidecar.upstream_health``).
 
         Requests update ``sidecar_upstream_up`` too (an answer sets 1, a refused or reset
         connection 0); the probe keeps it true for an upstream nobody is calling.
         """
 
-        async def probe(up_id: str, url: str) -> None:
-            u = URL(url)
-            if not u.host:
-                return
-            try:
-                async with asyncio.timeout(UPSTREAM_PROBE_TIMEOUT):
-                    _, writer = await asyncio.open_connection(u.host, u.port)
-                    writer.close()
-                    await writer.wait_closed()
-                self.set_upstream_up(up_id, 1)
-            except (OSError, TimeoutError):
-                self.set_upstream_up(up_id, 0)
+        async def probe(up: UpstreamConfig) -> None:
+            ok = await upstream_health.check(up, UPSTREAM_PROBE_TIMEOUT) == "ok"
+            self.set_upstream_up(up.id, 1 if ok else 0)
 
         while True:
-            await asyncio.gather(*(probe(*u) for u in upstreams))
+            await asyncio.gather(*(probe(u) for u in upstreams))
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------ exposition
@@ -381,11 +380,18 @@ class Metrics:
             _Spec("sidecar_quota_remaining", "gauge",
                   "Requests left in a key's current quota window, as of its last request",
                   ("key", "upstream"), quota_remaining),
+            _Spec("sidecar_upstream_errors", "counter",
+                  "Upstream faults by error (upstream_unavailable, upstream_timeout): answered 502/504, "
+                  "or a response cut short after its headers were sent", ("upstream", "error"), self.upstream_errors),
             _Spec("sidecar_cache_requests", "counter", "Requests under a cache rule, by cache result",
                   ("upstream", "result"), self.cache_requests),
             _Spec("sidecar_mcp_tool_calls", "counter",
                   "MCP tools/call requests, by tool and outcome (ok, error, denied, rate_limited)",
                   ("key", "upstream", "tool", "outcome"), self.mcp_tool_calls),
+            _Spec("sidecar_store_write_failures", "counter",
+                  "Writes the key/state database refused (kind: key, usage, last_used, quota, audit; reason: "
+                  "locked, disk_full, read_only, io_error, other); usage, quota and audit writes are retried",
+                  ("kind", "reason"), self.store_write_failures),
             _Spec("sidecar_in_flight_requests", "gauge", "Requests being served", (), {(): self.in_flight.value}),
             _Spec("sidecar_key_info", "gauge", "Key metadata (always 1)", ("key", "name", "owner"), info),
             _Spec("sidecar_keys", "gauge", "Keys in the store, by state", ("state",),

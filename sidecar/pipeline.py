@@ -324,10 +324,9 @@ async def _repeat_hit(
         return None
     record, upstream = decided.record, decided.upstream
     verifier = sc.verifier
-    now = verifier.clock()
-    if verifier.table.get(record.id) is not record or record.state(now) != "active":
+    if verifier.table.get(record.id) is not record or verifier.state(record, verifier.clock()) != "active":
         return None  # replaced, revoked or expired: the full path says so to the client
-    if verifier.throttled(scope.client_ip, now) > 0 or request_bypass(request.method, request.headers):
+    if verifier.throttled(scope.client_ip, verifier.steady()) > 0 or request_bypass(request.method, request.headers):
         return None
     entry = sc.cache.fresh(request, decided.primary)
     if entry is None or (upstream.kind == "plex" and not entry.plain):

@@ -13,7 +13,7 @@ websockets have no idle timeout at all: a quiet event stream is normal.
 Faults map onto the contract: no answer in time is ``504 upstream_timeout``; refused,
 reset, TLS failure or a bad response before the headers is ``502 upstream_unavailable``;
 a fault after the headers went out can only cut the client's connection, so the client
-never mistakes a truncated body for a whole one.
+never mistakes a truncated body for a whole one (a websocket gets close 1014, bad gateway).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .listener import CLIENT_CLAIMS, forwarded_for
 from .scope import RequestScope
 from .scrub import ScrubFilter, Unscrubbable, whole_needed
 from .streams import Closer, StreamRegistry
+from .upstream_health import connect_problem
 
 __all__ = [
     "HOP_BY_HOP",
@@ -435,10 +436,8 @@ class Forwarder:
             ) from None
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
-        except aiohttp.ClientSSLError as e:
-            raise UpstreamUnavailable(_tls_problem(upstream, e)) from None
-        except aiohttp.ClientConnectorError:
-            raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
+        except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
+            raise UpstreamUnavailable(connect_problem(upstream, e)) from None
         except (aiohttp.ClientError, OSError) as e:
             if upload.stalled is not None:
                 raise upload.stalled from None
@@ -640,10 +639,12 @@ class Forwarder:
                 # The upstream's own refusal (401, 404, …) passes through, as for plain HTTP.
                 return web.Response(status=e.status)
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the websocket ({e.status})") from None
-        except aiohttp.ClientSSLError as e:
-            raise UpstreamUnavailable(_tls_problem(upstream, e)) from None
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamUnavailable(f"upstream {upstream.id} refused the connection") from None
+        except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
+            raise UpstreamUnavailable(connect_problem(upstream, e)) from None
+        except (aiohttp.ClientError, OSError) as e:  # e.g. closed before answering the handshake
+            raise UpstreamUnavailable(
+                f"upstream {upstream.id} broke off the websocket handshake ({type(e).__name__})"
+            ) from None
         try:
             down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), autoping=False)
             await down.prepare(request)
@@ -677,8 +678,12 @@ class Forwarder:
                     await dst.pong(msg.data)
                 elif msg.type == aiohttp.WSMsgType.CLOSE:
                     return _close_code(msg.data), str(msg.extra or "").encode()
-                else:  # CLOSING, CLOSED, ERROR: gone without a close frame
+                elif not to_client:  # CLOSING, CLOSED, ERROR: the client went without a close frame
                     return 1011 if msg.type == aiohttp.WSMsgType.ERROR else 1001, b""
+                else:  # the upstream did (killed, reset, broken frames): 1014 bad gateway, not a clean end
+                    if not scope.error and not self.shutting_down:  # not the sidecar's own close
+                        scope.error = "upstream_unavailable"
+                    return 1014, b"upstream connection lost"
 
         async def going_away() -> None:
             await asyncio.gather(
@@ -727,12 +732,3 @@ def _close_code(code: object) -> int:
     if isinstance(code, int) and (1000 <= code < 1004 or 1007 <= code < 1015 or 3000 <= code < 5000):
         return code
     return 1000
-
-
-def _tls_problem(upstream: UpstreamConfig, e: aiohttp.ClientSSLError) -> str:
-    if isinstance(e, aiohttp.ClientConnectorCertificateError):
-        return (
-            f"upstream {upstream.id}: TLS certificate verification failed "
-            "(set upstreams[].tls.ca_file to the CA that signed it)"
-        )
-    return f"upstream {upstream.id}: TLS handshake failed"

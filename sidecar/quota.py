@@ -142,7 +142,13 @@ class QuotaBook:
         return self._counters.get(key)
 
     async def flush(self) -> None:
-        """Write pending counts, then re-read totals so other processes' changes show up."""
+        """Write pending counts, then re-read totals so other processes' changes show up.
+
+        Shielded: a cancel (shutdown stopping the flush task) lets the flush finish, so its
+        batch is written or put back, never dropped halfway."""
+        await asyncio.shield(self._locked_flush())
+
+    async def _locked_flush(self) -> None:
         async with self._lock:
             await self._flush()
 

@@ -34,6 +34,13 @@ replicas) unless a test clock was injected. When Redis cannot be reached,
 ``sidecar_ratelimit_backend_errors_total``, and Redis is retried with a short back-off.
 Concurrency is always per process (see docs/ratelimits.md for why).
 
+**Clocks** (``sidecar.clocks``). Memory buckets measure on the steady clock: a step of the
+wall clock neither refills them (forward) nor refuses everything until the wall clock
+catches up (back). Quota windows are calendar windows on the wall clock: a step moves the
+window with it, the counts of each window stay its own (a step back counts on in the
+earlier window from its stored total, never from zero, and never twice). Redis buckets use
+Redis ``TIME``: that host's clock, one for all replicas.
+
 Quota windows and the persisted memory-backend counters are in ``sidecar.quota``; the
 Redis script and client in ``sidecar.ratelimit_redis``.
 """
@@ -53,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from .clocks import steady_clock
 from .config import Config, Limit, UpstreamConfig, parse_limit
 from .errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from .models import KeyRecord, iso
@@ -282,12 +290,14 @@ class RateLimiter:
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
+        steady: Callable[[], float] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.rl = config.rate_limits
         self.store = store
-        self.clock = clock
+        self.clock = clock  # wall: quota windows
+        self.steady = steady_clock(clock, steady)  # memory buckets
         self.registry = registry if registry is not None else CollectorRegistry()
         self.backend_errors = Counter(
             "sidecar_ratelimit_backend_errors",
@@ -347,7 +357,7 @@ class RateLimiter:
                 await self.book.flush()
                 tick += 1
                 if tick % ticks_per_sweep == 0:
-                    self.memory.sweep(int(self.clock() * US))
+                    self.memory.sweep(int(self.steady() * US))
             except Exception:  # keep counting; the next round retries
                 log.exception("rate-limit housekeeping failed")
 
@@ -377,12 +387,11 @@ class RateLimiter:
             return RateDecision(False, error=_concurrency_error(plan.concurrency, self.rl.headers))
         if not plan.rates and plan.quota is None:
             return RateDecision()
-        now = self.clock()
         if self.redis is None and plan.quota is None and len(plan.rates) == 1:
-            fast = self._single_allowed(plan, now)
+            fast = self._single_allowed(plan, self.steady())
             if fast is not None:
                 return fast
-        return await self._evaluate(key, plan, now, 1)
+        return await self._evaluate(key, plan, self.clock(), 1)
 
     def _single_allowed(self, plan: Plan, now: float) -> RateDecision | None:
         """The common case — one limit, memory backend, allowed — without the general loops.
@@ -440,7 +449,7 @@ class RateLimiter:
         if not plan.rates and plan.quota is None:
             return
         if self.redis is None and plan.quota is None:
-            self.memory.evaluate(plan, int(self.clock() * US), None, -1)  # buckets only: nothing to wait for
+            self.memory.evaluate(plan, int(self.steady() * US), None, -1)  # buckets only: nothing to wait for
             return
         await self._evaluate(key, plan, self.clock(), -1)
 
@@ -466,7 +475,7 @@ class RateLimiter:
                     except StoreError as e:  # fail closed: a quota nobody can count is not granted
                         msg = f"the quota store is unavailable: {e}"
                         return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
-            outcome = self.memory.evaluate(plan, now_us, counter, cost)
+            outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
         if plan.quota is not None and qkey is not None and outcome.quota_used is not None:
             used = outcome.quota_used + cost if outcome.ok else outcome.quota_used
             self.quota_levels[(key.id, qkey[1])] = (plan.quota.limit.count, used, qend)

@@ -1,10 +1,13 @@
 """Per-key usage (daily buckets) and last-used time/IP, written to the store in batches.
 
 The hot path only bumps in-memory counters; a background task flushes them every
-``interval`` seconds (one transaction per table), and ``close`` stops that task
-*between* flushes and writes what is left, so usage survives a restart without a
-write per request. A flush that fails (database locked by the CLI, disk full) puts
-its counts back for the next one: nothing is lost, nothing is counted twice.
+``interval`` seconds (``store.usage_flush_interval``, default 5 s; one transaction per
+table), and ``close`` stops that task *between* flushes and writes what is left, so usage
+survives a restart without a write per request. A flush that fails (database locked by
+the CLI, disk full, read-only) puts its counts back for the next one: nothing is lost
+while the process lives, nothing is counted twice. A ``kill -9`` forgets what was counted
+since the last flush: at most one interval (tests/faults/test_fault_crash.py). Each flush
+also retries the audit events the store held back (``Store.flush_pending``).
 
 A day bucket (UTC, ``YYYY-MM-DD``) holds, for requests made with a verified key:
 
@@ -103,6 +106,7 @@ class UsageRecorder:
                     cur = self._last_used.get(kid)
                     if cur is None or cur[0] < v[0]:
                         self._last_used[kid] = v
+            await self.store.flush_pending()  # never raises: what fails stays held
 
     def _restore_usage(self, usage: dict[tuple[str, str], UsageRow]) -> None:
         for k, row in usage.items():
@@ -116,7 +120,10 @@ class UsageRecorder:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # whatever a store does, the loop must outlive it (counts are kept)
+                log.exception("usage flush failed")
 
     def start(self) -> None:
         self._stop.clear()

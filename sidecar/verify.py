@@ -22,6 +22,14 @@ verification by about one argon2 run, not by the length of the flood.
 
 The table is the whole key set, loaded at start and refreshed by polling the store,
 so revocations, expiries and permission edits by any process apply within a second.
+
+Clocks (``sidecar.clocks``): expiry and revocation are moments on the wall clock, so a
+key expiring at T is refused from wall time T on, never before — a step forward of the
+clock past T ends it, as it should. A step *back* does not revive it: a record seen
+revoked or expired (when the table loads it, or when it is presented) stays so until the
+record itself changes (``state``). Failure throttling measures its one-minute windows on
+the steady clock, so a step back neither throttles an address for an hour nor a step
+forward forgives its failures.
 """
 
 from __future__ import annotations
@@ -38,18 +46,22 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from .clocks import steady_clock
 from .config import KeysConfig
 from .errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
 from .keys import ParsedKey, parse_key
 from .models import KeyRecord
 from .store import Store
 
-__all__ = ["FairSlots", "Verifier", "argon2_pool", "password_hasher", "throttle_bucket"]
+__all__ = ["FairSlots", "Verifier", "argon2_pool", "password_hasher", "reload_error_metric", "throttle_bucket"]
 
 log = logging.getLogger("sidecar.verify")
 
@@ -182,12 +194,16 @@ class Verifier:
         config: KeysConfig,
         *,
         clock: Callable[[], float] = time.time,
+        steady: Callable[[], float] | None = None,
         on_change: Callable[[list[KeyRecord], bool], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.prefix = config.prefix
-        self.clock = clock
+        self.clock = clock  # wall: expiry and revocation
+        self.steady = steady_clock(clock, steady)  # intervals: failure throttling
+        # key id -> (record, "revoked"/"expired") once seen so: a wall clock stepped back does not revive it
+        self._ended: dict[str, tuple[KeyRecord, str]] = {}
         self.hasher = password_hasher(config.argon2_profile)
         self.table: dict[str, KeyRecord] = {}
         # key id -> (argon2 hash it was verified against, sha256 of the secret)
@@ -202,6 +218,7 @@ class Verifier:
         # Counters for tests, benchmarks and the curious: how often the slow paths ran.
         self.argon2_runs = 0
         self.store_lookups = 0
+        self.poll_errors = 0  # polls that failed and kept the current keys (sidecar_store_reload_errors_total)
         self._on_change = on_change
         self._loaded_at = 0.0
 
@@ -210,6 +227,7 @@ class Verifier:
     async def load(self) -> None:
         started = time.perf_counter()
         self.table = await self.store.load_all()
+        self._note_ended(self.table.values())
         self._loaded_at = time.perf_counter() - started
         log.info("loaded %d keys in %.0f ms", len(self.table), self._loaded_at * 1000)
         _settle(self.table)
@@ -225,10 +243,13 @@ class Verifier:
             self.table = {r.id: r for r in changes.records}
             self._verified = {k: v for k, v in self._verified.items() if k in self.table}
             self._known = {}
+            self._ended = {k: v for k, v in self._ended.items() if self.table.get(k) is v[0]}
             _settle(self.table)
         else:
             for rec in changes.records:
                 self.table[rec.id] = rec
+                self._ended.pop(rec.id, None)
+        self._note_ended(changes.records)
         if self._on_change:
             self._on_change(changes.records, changes.full)
         return True
@@ -240,7 +261,32 @@ class Verifier:
             try:
                 await self.refresh()
             except Exception as e:  # a locked or vanished DB must not kill the server
+                self.poll_errors += 1
                 log.warning("key store poll failed, keeping current keys: %s", e)
+
+    def _note_ended(self, records: Iterable[KeyRecord]) -> None:
+        now = self.clock()
+        for rec in records:
+            if (rec.revoked_at is not None and rec.revoked_at <= now) or (
+                rec.expires_at is not None and rec.expires_at <= now
+            ):
+                self.state(rec, now)
+
+    def state(self, record: KeyRecord, now: float) -> str:
+        """``record.state(now)``, except that a record once seen revoked or expired stays so.
+
+        The latch is per record object: an admin who extends or un-revokes a key writes a new
+        record, which is judged afresh. One dict lookup on the hot path when the latch is in use.
+        """
+        state = record.state(now)
+        if state != "active":
+            self._ended[record.id] = (record, state)
+            return state
+        if self._ended:
+            ended = self._ended.get(record.id)
+            if ended is not None and ended[0] is record:
+                return ended[1]
+        return state
 
     # ------------------------------------------------------------ verification
 
@@ -256,7 +302,7 @@ class Verifier:
         return len(q)
 
     def throttled(self, ip: str, now: float) -> float:
-        """Seconds until failures from this address answer 401 again instead of 429, or 0."""
+        """Seconds until failures from this address answer 401 again instead of 429, or 0 (``now``: ``steady()``)."""
         bucket = throttle_bucket(ip)
         if self._recent(bucket, now) >= self.config.failed_attempts_per_minute:
             return self._failures[bucket][0] + THROTTLE_WINDOW - now
@@ -274,7 +320,7 @@ class Verifier:
 
     def _penalty(self, lane: Lane) -> int:
         """How far back in the argon2 queue a lane goes: recent failures of its address and key id."""
-        now = self.clock()
+        now = self.steady()
         return self._recent(lane[0], now) + self._recent("#" + lane[1], now)
 
     def _too_many(self, wait: float) -> TooManyFailures:
@@ -297,11 +343,11 @@ class Verifier:
         for a key another process created since the last poll; not for throttled addresses)
         → cached verification or argon2id through the fair queue → revoked/expired.
         """
-        now = self.clock()
         fingerprint = hashlib.sha256(raw.encode()).digest()
         known = self._known.get(fingerprint)
         if known is not None and self.table.get(known.id) is known:
-            return self._usable(known, now)
+            return self._usable(known, self.clock())
+        now = self.steady()  # failure windows (the wall clock is only for expiry)
         bucket = throttle_bucket(client_ip)
         parsed = parse_key(self.prefix, raw)
         if parsed is None:
@@ -322,9 +368,8 @@ class Verifier:
         self._known[fingerprint] = record
         return self._usable(record, self.clock())
 
-    @staticmethod
-    def _usable(record: KeyRecord, now: float) -> KeyRecord:
-        state = record.state(now)
+    def _usable(self, record: KeyRecord, now: float) -> KeyRecord:
+        state = self.state(record, now)
         if state == "revoked":
             raise RevokedKey("this API key has been revoked")
         if state == "expired":
@@ -356,7 +401,7 @@ class Verifier:
         pending = self._pending.get(token)
         if pending is None:
             lane = (bucket, record.id)
-            now = self.clock()
+            now = self.steady()
             wait = self._lane_closed(lane, now)
             if wait > 0:
                 raise self._too_many(wait)
@@ -389,7 +434,7 @@ class Verifier:
         try:
             # Re-check after queueing: guesses that queued together must not all reach
             # argon2 once the first of them has failed and the address is throttled.
-            wait = self._lane_closed(lane, self.clock())
+            wait = self._lane_closed(lane, self.steady())
             if wait > 0:
                 raise self._too_many(wait)
             self.argon2_runs += 1
@@ -398,7 +443,7 @@ class Verifier:
                 return bool(await loop.run_in_executor(argon2_pool(), self.hasher.verify, hashed, secret))
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 # Counted before the slot is released, so the next guess in line sees it.
-                now = self.clock()
+                now = self.steady()
                 wait = self.throttled(lane[0], now)
                 self._fail(lane[0], now, lane[1])
                 if wait > 0:
@@ -409,3 +454,29 @@ class Verifier:
 
     def hash_secret(self, secret: str) -> str:
         return self.hasher.hash(secret)
+
+    @property
+    def reload_errors(self) -> int:
+        """Reloads of the key set that failed and kept the last good set in force."""
+        return self.poll_errors + int(getattr(self.store, "reload_errors", 0))
+
+
+class _ReloadErrors(Collector):
+    def __init__(self, verifier: Verifier, store_kind: str) -> None:
+        self.verifier = verifier
+        self.store_kind = store_kind
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "sidecar_store_reload_errors",
+            "Reloads of the key set that failed (a broken, half-written or missing keys file, an unreadable "
+            "store); the last good key set stayed in force",
+            labels=["store"],
+        )
+        family.add_metric([self.store_kind], self.verifier.reload_errors)
+        yield family
+
+
+def reload_error_metric(verifier: Verifier, store_kind: str, registry: CollectorRegistry) -> None:
+    """Register ``sidecar_store_reload_errors_total{store}`` (read at scrape time: nothing per poll)."""
+    registry.register(_ReloadErrors(verifier, store_kind))

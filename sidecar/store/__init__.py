@@ -29,8 +29,8 @@ async def open_store(config: StoreConfig) -> Store:
     """Open the configured store; the caller closes it."""
     store: Store
     if config.kind == "yaml":
-        store = YamlStore(config.path, SqliteStore(config.state_path))
+        store = YamlStore(config.path, SqliteStore(config.state_path, config.busy_timeout))
     else:
-        store = SqliteStore(config.path)
+        store = SqliteStore(config.path, config.busy_timeout)
     await store.open()
     return store

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,23 @@ __all__ = [
 
 
 class StoreError(Exception):
-    """The store could not do what was asked; the message is safe to show."""
+    """The store could not do what was asked; the message is safe to show.
+
+    ``reason`` names a fault of the database file (``locked``, ``disk_full``, ``read_only``,
+    ``io_error``): the request was fine and may succeed later. ``""`` for anything else."""
+
+    reason = ""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
 
 
 class StoreBusy(StoreError):
     """The database stayed locked past the busy timeout (another writer holds it)."""
+
+    reason = "locked"
 
 
 class ReadOnlyStore(StoreError):
@@ -110,6 +122,12 @@ class AuditEvent:
 
 class Store(ABC):
     writable = True
+
+    @property
+    def write_failures(self) -> Mapping[tuple[str, str], int]:
+        """(what was written, ``StoreError.reason``) -> writes the database refused, since start
+        (``sidecar_store_write_failures_total``)."""
+        return {}
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -192,7 +210,12 @@ class Store(ABC):
     async def set_quota(self, key_id: str, scope: str, window: str, used: int) -> None: ...
 
     @abstractmethod
-    async def audit(self, event: AuditEvent) -> None: ...
+    async def audit(self, event: AuditEvent) -> None:
+        """Record an event. A write the database refuses is held in memory and retried by
+        ``flush_pending``, never raised: the change it describes has already been made."""
+
+    async def flush_pending(self) -> None:  # noqa: B027 - a store that holds nothing back has nothing to do
+        """Retry writes a fault held back (audit events); called with every usage flush."""
 
     @abstractmethod
     async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]: ...

@@ -11,12 +11,25 @@ brings a database one version up, inside one ``BEGIN IMMEDIATE`` that re-reads t
 version first (so two processes opening a fresh file at once migrate it once). A file
 from a newer sidecar is refused rather than guessed at. One connection is shared by
 the server's tasks, so write transactions are serialised by an ``asyncio.Lock``.
+
+Faults of the file (locked past ``store.busy_timeout``, disk full, read-only, I/O error)
+become a ``StoreError`` whose ``reason`` names them and whose message says what to do; each
+refused write is counted in ``write_failures`` (``sidecar_store_write_failures_total``). A
+failed transaction is always rolled back, so the shared connection works again as soon as
+the file does. Audit events the file refuses are held in memory and written by the next
+``flush_pending`` (the usage flush calls it), so a fault never loses one while the process lives.
+Plain reads (key lookups, quota counters, polls) go through a second, read-only connection:
+aiosqlite runs one connection's statements one after another in its thread, and a read must
+not wait behind a write that waits up to ``busy_timeout`` for another process's lock (WAL
+readers never wait for writers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -32,16 +45,19 @@ from .base import (
     KeyChanges,
     KeyMissing,
     Store,
-    StoreBusy,
     StoreError,
     UsageRow,
     check_owner_limit,
     counts_toward_limit,
 )
+from .sqlitefaults import shielded, wrap
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
-BUSY_TIMEOUT_MS = 5000
+log = logging.getLogger("sidecar.store")
+
+BUSY_TIMEOUT_MS = 5000  # the default of store.busy_timeout
+MAX_AUDIT_BACKLOG = 10_000  # audit events held while the file refuses writes; older ones are dropped past it
 
 # Migration N brings a database from user_version N to N+1. Append, never edit.
 _MIGRATIONS: list[str] = [
@@ -71,18 +87,40 @@ _MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def _wrap(e: sqlite3.Error, path: Path) -> StoreError:
-    if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-        return StoreBusy(f"the key database {path.name} is locked by another process; try again")
-    return StoreError(f"key database {path.name}: {e}")
-
-
 class SqliteStore(Store):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None  # reads outside write transactions
         self._seq = 0
         self._lock = asyncio.Lock()  # one write transaction at a time on the shared connection
+        self._failures: dict[tuple[str, str], int] = {}
+        self._audit_backlog: list[AuditEvent] = []
+        self._audit_lock = asyncio.Lock()  # one backlog write at a time: no event written twice
+
+    @property
+    def write_failures(self) -> dict[tuple[str, str], int]:
+        return self._failures
+
+    def _failed(self, kind: str, e: sqlite3.Error) -> StoreError:
+        """Count a write the file refused and return the error to raise."""
+        err = wrap(e, self.path)
+        k = (kind, err.reason or "other")
+        self._failures[k] = self._failures.get(k, 0) + 1
+        return err
+
+    async def _begin(self) -> None:
+        if self.db.in_transaction:  # a ROLLBACK that failed earlier must not wedge the connection
+            await self._rollback()
+        await self.db.execute("BEGIN IMMEDIATE")
+
+    async def _rollback(self) -> None:
+        """Undo a failed transaction. SQLite may already have rolled it back (disk full, I/O
+        error); an error here must not hide the one that made us roll back."""
+        if self._db is not None and self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -94,14 +132,17 @@ class SqliteStore(Store):
         # 0600 before SQLite sees it: -wal and -shm then get the same mode (docs/security.md).
         private_file(self.path)
         try:
-            self._db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._db = await aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             await self._wal()
-            await self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._migrate()
+            self._reader = await aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            await self._reader.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            await self._reader.execute("PRAGMA query_only=1")
         except sqlite3.Error as e:
             await self.close()
-            raise _wrap(e, self.path) from None
+            raise wrap(e, self.path) from None
         except BaseException:
             await self.close()
             raise
@@ -110,7 +151,7 @@ class SqliteStore(Store):
         """Switch to WAL, retrying: on a fresh file SQLite answers SQLITE_BUSY at once (no busy
         handler) while another process performs the same switch, so several sidecars or a CLI
         starting together would otherwise fail."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        deadline = time.monotonic() + self.busy_timeout
         delay = 0.005
         while True:
             try:
@@ -145,18 +186,31 @@ class SqliteStore(Store):
                 await self.db.execute(f"PRAGMA user_version={version + 1}")
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await self._rollback()
                 raise
 
     async def close(self) -> None:
         if self._db is not None:
+            if self._audit_backlog:
+                await self.flush_pending()
+                if self._audit_backlog:
+                    log.error("%d audit event(s) could not be written to %s and are lost: %s",
+                              len(self._audit_backlog), self.path.name,
+                              ", ".join(f"{e.action} {e.key_id}" for e in self._audit_backlog))  # fmt: skip
             db, self._db = self._db, None
             await db.close()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
 
-    async def _write(self, sql: str, params: Any = (), many: bool = False) -> None:
+    async def _write(self, sql: str, params: Any = (), many: bool = False, *, kind: str) -> None:
+        """One statement in its own write transaction; ``kind`` labels a failure (the metric)."""
+        await shielded(self._write_tx(sql, params, many, kind))
+
+    async def _write_tx(self, sql: str, params: Any, many: bool, kind: str) -> None:
         async with self._lock:
             try:
-                await self.db.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     if many:
                         await self.db.executemany(sql, params)
@@ -164,17 +218,17 @@ class SqliteStore(Store):
                         await self.db.execute(sql, params)
                     await self.db.execute("COMMIT")
                 except BaseException:
-                    await self.db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.Error as e:
-                raise _wrap(e, self.path) from None
+                raise self._failed(kind, e) from None
 
     async def _fetch(self, sql: str, params: Any = ()) -> list[Any]:
         try:
-            async with self.db.execute(sql, params) as cur:
+            async with (self._reader or self.db).execute(sql, params) as cur:
                 return list(await cur.fetchall())
         except sqlite3.Error as e:
-            raise _wrap(e, self.path) from None
+            raise wrap(e, self.path) from None
 
     # ------------------------------------------------------------------ keys
 
@@ -230,11 +284,13 @@ class SqliteStore(Store):
 
     async def insert(self, records: list[KeyRecord]) -> None:
         """Add keys in one transaction (one row or 100 000: the bulk path is the same)."""
-        if not records:
-            return
+        if records:
+            await shielded(self._insert_tx(records))
+
+    async def _insert_tx(self, records: list[KeyRecord]) -> None:
         async with self._lock:
             try:
-                await self.db.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
                         row = await cur.fetchone()
@@ -245,17 +301,18 @@ class SqliteStore(Store):
                     )
                     await self.db.execute("COMMIT")
                 except BaseException:
-                    await self.db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.IntegrityError:
                 raise StoreError("a key with that id already exists") from None
             except sqlite3.Error as e:
-                raise _wrap(e, self.path) from None
+                raise self._failed("key", e) from None
 
     async def update(self, record: KeyRecord) -> None:
         await self._write(
             "UPDATE keys SET data = ?, owner = ?, seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM keys) WHERE id = ?",
             (json.dumps(record.to_stored()), record.owner, record.id),
+            kind="key",
         )
 
     async def count_active(self, owner: str, now: float | None = None) -> int:
@@ -289,20 +346,30 @@ class SqliteStore(Store):
     ) -> tuple[KeyRecord, KeyRecord] | None:
         """Read, check and write in one ``BEGIN IMMEDIATE``: SQLite's write lock is taken before
         the first read, so no other task or process can write between the count and the insert."""
+        return await shielded(self._key_tx_locked(key_id, change, insert, limit, now))
+
+    async def _key_tx_locked(
+        self,
+        key_id: str | None,
+        change: Callable[[KeyRecord], KeyRecord] | None,
+        insert: KeyRecord | None,
+        limit: int | None,
+        now: float,
+    ) -> tuple[KeyRecord, KeyRecord] | None:
         async with self._lock:
             try:
-                await self.db.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     out = await self._key_tx_body(key_id, change, insert, limit, now)
                     await self.db.execute("COMMIT")
                     return out
                 except BaseException:
-                    await self.db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             except sqlite3.IntegrityError:
                 raise StoreError("a key with that id already exists") from None
             except sqlite3.Error as e:
-                raise _wrap(e, self.path) from None
+                raise self._failed("key", e) from None
 
     async def _key_tx_body(
         self,
@@ -361,6 +428,7 @@ class SqliteStore(Store):
                 "ON CONFLICT(id) DO UPDATE SET at = excluded.at, ip = excluded.ip WHERE excluded.at > last_used.at",
                 [(k, at, ip) for k, (at, ip) in batch.items()],
                 many=True,
+                kind="last_used",
             )
 
     async def add_usage(self, batch: dict[tuple[str, str], UsageRow]) -> None:
@@ -372,6 +440,7 @@ class SqliteStore(Store):
                 "rate_limited = rate_limited + excluded.rate_limited",
                 [(k, d, u.requests, u.errors, u.bytes, u.rate_limited) for (k, d), u in batch.items()],
                 many=True,
+                kind="usage",
             )
 
     async def usage(self, key_id: str, days: int = 30) -> list[dict[str, Any]]:
@@ -396,6 +465,7 @@ class SqliteStore(Store):
                 "ON CONFLICT(key_id, scope, window) DO UPDATE SET used = used + excluded.used",
                 [(k, s, w, n) for (k, s, w), n in batch.items()],
                 many=True,
+                kind="quota",
             )
 
     async def set_quota(self, key_id: str, scope: str, window: str, used: int) -> None:
@@ -403,13 +473,41 @@ class SqliteStore(Store):
             "INSERT INTO quota (key_id, scope, window, used) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(key_id, scope, window) DO UPDATE SET used = excluded.used",
             (key_id, scope, window, used),
+            kind="quota",
         )
 
     async def audit(self, event: AuditEvent) -> None:
-        await self._write(
-            "INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?, ?, ?, ?, ?)",
-            (event.at, event.actor, event.action, event.key_id, json.dumps(event.detail)),
-        )
+        if len(self._audit_backlog) >= MAX_AUDIT_BACKLOG:
+            lost = self._audit_backlog.pop(0)
+            self._failures[("audit", "dropped")] = self._failures.get(("audit", "dropped"), 0) + 1
+            log.error("audit backlog full (%d): dropped %s %s of %s", MAX_AUDIT_BACKLOG, lost.action, lost.key_id,
+                      lost.at)  # fmt: skip
+        self._audit_backlog.append(event)
+        await self.flush_pending()
+
+    async def flush_pending(self) -> None:
+        await shielded(self._flush_audit())  # a cancel must not leave written events in the backlog
+
+    async def _flush_audit(self) -> None:
+        async with self._audit_lock:
+            batch = list(self._audit_backlog)
+            if not batch or self._db is None:
+                return
+            try:
+                await self._write(
+                    "INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?, ?, ?, ?, ?)",
+                    [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
+                    many=True,
+                    kind="audit",
+                )
+            except StoreError as e:
+                log.warning("audit write failed, %d event(s) held for the next try: %s", len(batch), e)
+                return
+            del self._audit_backlog[: len(batch)]
+
+    def _pending_audit(self, key_id: str | None) -> list[AuditEvent]:
+        """Held events, newest first: the audit trail shows them before they reach the file."""
+        return [e for e in reversed(self._audit_backlog) if not key_id or e.key_id == key_id]
 
     async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
         if key_id:
@@ -421,4 +519,6 @@ class SqliteStore(Store):
             rows = await self._fetch(
                 "SELECT at, actor, action, key_id, detail FROM audit ORDER BY id DESC LIMIT ?", (limit,)
             )
-        return [AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in rows]
+        held = self._pending_audit(key_id)[:limit]
+        stored = [AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in rows]
+        return (held + stored)[:limit]

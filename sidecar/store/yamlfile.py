@@ -1,8 +1,17 @@
 """YAML store: keys live in a file under version control (GitOps), state in SQLite.
 
 The file holds argon2id hashes, never keys (``sidecar keys create`` prints the entry
-to paste). It is re-read when its mtime/size change (polled) and on SIGHUP; a broken
+to paste). It is re-read when its mtime/size/inode change (polled) and on SIGHUP; a broken
 edit keeps the last good set and logs why, so a typo never locks everyone out.
+
+Faults (docs/reliability.md): invalid YAML, a bad entry, a file that is not UTF-8 or was
+removed are rejected — the last good key set stays in force, the error is logged once
+(position and problem only, never the offending text: it may hold a hash) and counted in
+``reload_errors`` (``sidecar_store_reload_errors_total{store="yaml"}``). A file still being
+written (its stamp changed while it was read) is read again at the next poll; one that
+does not end with a newline — most likely cut short mid-write — is taken only once it has
+stayed the same for a poll (or on SIGHUP). Editors' and GitOps tools' atomic renames
+change the inode and are picked up at the next poll.
 Writes through the API are refused (``ReadOnlyStore``): the file is the source of truth.
 Last used, usage, quotas and the audit trail go to a SQLite state file beside it.
 """
@@ -12,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,13 +41,16 @@ __all__ = ["YamlStore", "parse_keys_file"]
 
 log = logging.getLogger("sidecar.store")
 
+# What ``sidecar keys create`` writes: $argon2id$v=19$m=…,t=…,p=…$<salt>$<hash>, base64 without padding.
+_PHC_ARGON2ID = re.compile(r"\$argon2id\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{8,}\$[A-Za-z0-9+/]{6,}\Z")
+
 
 def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord]:
     """Parse and validate a whole keys file; StoreError names the entry and field."""
     try:
         data = yaml.load(text, Loader=_Loader)  # CSafeLoader/SafeLoader: safe
     except yaml.YAMLError as e:
-        raise StoreError(f"{source}: not valid YAML: {e}") from None
+        raise StoreError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or set(data) - {"keys"}:
@@ -53,10 +66,23 @@ def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord
             rec = KeyRecord.from_dict(entry)
         except ValueError as e:
             raise StoreError(f"{source}: keys[{i}].{e}") from None
+        if not _PHC_ARGON2ID.match(rec.hash):  # e.g. a file cut short inside a hash
+            raise StoreError(f"{source}: keys[{i}].hash: not a complete argon2id hash")
         if rec.id in out:
             raise StoreError(f"{source}: keys[{i}].id: duplicate id {rec.id!r}")
         out[rec.id] = rec
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What went wrong and where, without the snippet of the file PyYAML quotes (it may hold a hash)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        what = " ".join(x for x in (e.problem, e.context) if x) or type(e).__name__
+        mark = e.problem_mark or e.context_mark
+        if mark is not None:
+            return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+        return what
+    return type(e).__name__
 
 
 def entry_yaml(record: KeyRecord) -> str:
@@ -73,6 +99,8 @@ class YamlStore(Store):
         self._stamp: tuple[int, int, int] | None = None
         self._records: dict[str, KeyRecord] = {}
         self.last_error: str | None = None
+        self.reload_errors = 0  # rejected versions of the file (sidecar_store_reload_errors_total)
+        self._unsettled: tuple[int, int, int] | None = None  # a version without a final newline, seen once
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         # The inode catches atomic replaces (editors, Kubernetes ConfigMap symlink swaps)
@@ -83,13 +111,29 @@ class YamlStore(Store):
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read(self) -> dict[str, KeyRecord]:
+    def _read_text(self) -> str:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             raise StoreError(f"keys file {self.path} does not exist") from None
         except OSError as e:
             raise StoreError(f"keys file {self.path}: {e.strerror}") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:  # e.g. cut short inside a multi-byte character
+            raise StoreError(f"keys file {self.path}: not UTF-8 text (at byte {e.start})") from None
+
+    def _read(self) -> dict[str, KeyRecord]:
+        return parse_keys_file(self._read_text(), str(self.path))
+
+    def _read_settled(self, stamp: tuple[int, int, int] | None, force: bool) -> dict[str, KeyRecord] | None:
+        """The file's keys, or None while it looks mid-write (read again at the next poll)."""
+        text = self._read_text()
+        if self._file_stamp() != stamp:
+            return None  # changed while we read it: a writer is at work
+        if text and not text.endswith("\n") and not force and stamp != self._unsettled:
+            self._unsettled = stamp  # maybe cut short mid-write: take it if it is still so next poll
+            return None
         return parse_keys_file(text, str(self.path))
 
     async def open(self) -> None:
@@ -104,14 +148,20 @@ class YamlStore(Store):
         stamp = self._file_stamp()
         if not force and stamp == self._stamp:
             return None
-        self._stamp = stamp
         try:
-            records = await asyncio.to_thread(self._read)  # a big file must not stall the loop
+            # A big file must not stall the loop; so both the read and the parse run in a thread.
+            records = await asyncio.to_thread(self._read_settled, stamp, force)
         except StoreError as e:
+            self._stamp = stamp  # this version is judged: not read again until it changes
+            self.reload_errors += 1
             if self.last_error != str(e):
                 log.error("keys file rejected, keeping the last good set of %d keys: %s", len(self._records), e)
             self.last_error = str(e)
             return None
+        if records is None:
+            return None  # self._stamp unchanged: the next poll looks again
+        self._stamp = stamp
+        self._unsettled = None
         self.last_error = None
         self._records = records
         log.info("keys file reloaded: %d keys", len(records))
@@ -150,6 +200,13 @@ class YamlStore(Store):
         raise ReadOnlyStore(f"keys are managed in {self.path.name}: edit the file instead")
 
     # State is delegated to the SQLite state database.
+    @property
+    def write_failures(self) -> dict[tuple[str, str], int]:
+        return self.state.write_failures
+
+    async def flush_pending(self) -> None:
+        await self.state.flush_pending()
+
     async def record_last_used(self, batch: dict[str, tuple[float, str]]) -> None:
         await self.state.record_last_used(batch)
 
