@@ -315,7 +315,9 @@ class Verifier:
             if q is None:
                 if len(self._failures) >= MAX_TRACKED_IPS:
                     self._failures.clear()  # bounded memory beats perfect bookkeeping under attack
-                q = self._failures[name] = deque()
+                # Only the newest `failed_attempts_per_minute` matter (``throttled`` reads the oldest of
+                # them): a flood from one address costs constant memory, not rate × window.
+                q = self._failures[name] = deque(maxlen=max(1, self.config.failed_attempts_per_minute))
             q.append(now)
 
     def _penalty(self, lane: Lane) -> int:

@@ -186,3 +186,19 @@ async def test_ipv6_failures_count_per_64(store: Any) -> None:
     assert codes == ["InvalidKey"] * 5 + ["TooManyFailures"] * 3
     assert v.throttled("2001:db8:1:2:ffff::1", v.clock()) > 0
     assert v.throttled("2001:db8:1:3::1", v.clock()) == 0  # the next /64 is someone else
+
+
+async def test_a_flood_from_one_address_costs_constant_memory(store: Any) -> None:
+    """20 000 wrong keys from one address: the client sees 429 after the first 5, and the sidecar
+    keeps only the newest 5 failure times for it, not one per request (rate × window before)."""
+    v = Verifier(store, KeysConfig(argon2_profile="cheapest", failed_attempts_per_minute=5))
+    await v.load()
+    codes: dict[str, int] = {}
+    for _ in range(20_000):
+        try:
+            await v.verify("pmcp_" + "0" * 10, "192.0.2.7")  # malformed: refused before any store work
+        except Exception as e:
+            codes[type(e).__name__] = codes.get(type(e).__name__, 0) + 1
+    assert codes == {"InvalidKey": 5, "TooManyFailures": 19_995}
+    assert max(len(q) for q in v._failures.values()) == 5
+    assert v.throttled("192.0.2.7", v.steady()) > 0
