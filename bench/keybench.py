@@ -1,6 +1,6 @@
 """In-process key measurements: a 100 000-key store, its load time, cold and warm verification.
 
-Built on Sidecar's own modules (``sidecar.keys``, ``sidecar.store``, ``sidecar.verify``)
+Built on Sidecar's own modules (``sidecar.auth.keys``, ``sidecar.store``, ``sidecar.auth.verify``)
 so the numbers are the hot path's, not a re-implementation's:
 
 - ``build_store``: N keys in one bulk ``Store.insert``. Only the ``hot`` keys that will
@@ -64,9 +64,9 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def _records(prefix: str, total: int, hot: int, profile: str) -> tuple[list[object], list[str]]:
-    from sidecar.keys import display_form, generate_key
-    from sidecar.models import KeyRecord
-    from sidecar.verify import password_hasher
+    from sidecar.auth.keys import display_form, generate_key
+    from sidecar.auth.models import KeyRecord
+    from sidecar.auth.verify import password_hasher
 
     hasher = password_hasher(profile)
     filler = hasher.hash(secrets.token_hex(24))
@@ -110,9 +110,9 @@ async def build_store(
 
 async def measure_load(path: Path, repeats: int = 3) -> tuple[float, int]:
     """Median seconds for ``Verifier.load()`` from a freshly opened store, and the key count."""
+    from sidecar.auth.verify import Verifier
     from sidecar.config import KeysConfig
     from sidecar.store import SqliteStore
-    from sidecar.verify import Verifier
 
     times: list[float] = []
     count = 0
@@ -134,9 +134,9 @@ async def measure_verify(
     workdir: Path, *, keys: int = 5, warm_calls: int = 20_000, profile: str = "rfc9106_low_memory"
 ) -> VerifyTimes:
     """Cold (first use: argon2id of ``profile``) and warm (cached) ``Verifier.verify`` times, in µs."""
+    from sidecar.auth.verify import Verifier
     from sidecar.config import KeysConfig
     from sidecar.store import SqliteStore
-    from sidecar.verify import Verifier
 
     path = workdir / f"verify-{profile}.db"
     info = await build_store(path, keys, keys, profile=profile)

@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sidecar.metrics import DURATION_BUCKETS, Metrics
-from sidecar.models import KeyRecord
-from sidecar.scope import RequestScope
+from sidecar.auth.models import KeyRecord
+from sidecar.http.scope import RequestScope
+from sidecar.observe.metrics import DURATION_BUCKETS, Metrics
 
 REQUEST_MS = 1.0  # the order of a proxied request through the sidecar on loopback
 
@@ -121,7 +121,7 @@ def main() -> None:
     m = Metrics(CollectorRegistry())
     m.set_keys([KeyRecord(id=f"{i:012x}", name=f"key {i}", hash="$argon2id$x", owner="team") for i in range(args.keys)])
     rows = [
-        ("Metrics.observe (sidecar.metrics)", per_request_us(m, batch, args.rounds)),
+        ("Metrics.observe (sidecar.observe.metrics)", per_request_us(m, batch, args.rounds)),
         ("prometheus_client, children cached", per_request_us(ClassicMetrics(True), batch, args.rounds)),
         ("prometheus_client, .labels() each time", per_request_us(ClassicMetrics(False), batch, args.rounds)),
     ]

@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from sidecar.auth.models import KeyRecord
 from sidecar.config import parse_config
 from sidecar.demo import free_port
-from sidecar.models import KeyRecord
-from sidecar.ratelimit import RateLimiter
+from sidecar.limits.ratelimit import RateLimiter
 from sidecar.store import open_store
 
 KEYS = 1000

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.keys import generate_key
+from sidecar.auth.keys import generate_key
 
 from .soak_upstream import long_stream_bytes
 

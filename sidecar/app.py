@@ -29,26 +29,26 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
-from . import logfilter
-from .accesslog import AccessLog
-from .cache import ResponseCache
+from .admin.manage import KeyManager
+from .auth.models import KeyRecord
+from .auth.verify import Verifier, reload_error_metric
+from .cache.response import ResponseCache
 from .clocks import steady_clock
 from .config import Config, UpstreamConfig
-from .errors import SidecarError
-from .listener import guarded_server
-from .looplag import LoopLag
-from .manage import KeyManager
-from .metrics import Metrics
-from .models import KeyRecord
-from .pipeline import HitMemo, Router, make_handler
-from .plex import TranscodeSessions
-from .proxy import Forwarder, make_session
-from .ratelimit import RateLimiter
-from .scope import RequestScope
+from .http.accesslog import AccessLog
+from .http.errors import SidecarError
+from .http.forwarder import Forwarder, make_session
+from .http.listener import guarded_server
+from .http.pipeline import HitMemo, Router, make_handler
+from .http.scope import RequestScope
+from .http.streams import StreamRegistry
+from .limits.ratelimit import RateLimiter
+from .observe import logfilter
+from .observe.looplag import LoopLag
+from .observe.metrics import Metrics
+from .observe.usage import UsageRecorder
 from .store import Store, open_store
-from .streams import StreamRegistry
-from .usage import UsageRecorder
-from .verify import Verifier, reload_error_metric
+from .upstreams.plex import TranscodeSessions
 
 __all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
@@ -147,7 +147,7 @@ class Sidecar:
         for up in self.config.upstreams:
             self.sessions[up.id] = make_session(up)
         if any(u.kind == "mcp" for u in self.config.upstreams):
-            from .mcp import McpGateway  # imported only when an MCP upstream exists
+            from .upstreams.mcp.gateway import McpGateway  # imported only when an MCP upstream exists
 
             self.mcp = McpGateway(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
@@ -228,7 +228,7 @@ class Sidecar:
         return {}
 
 
-class McpGatewayLike(Protocol):  # the piece of sidecar.mcp the core relies on
+class McpGatewayLike(Protocol):  # the piece of sidecar.upstreams.mcp.gateway the core relies on
     def is_rest_call(self, request: web.Request) -> bool: ...
     async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse: ...
     async def handle(self, *args: Any) -> web.StreamResponse: ...
@@ -247,9 +247,9 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
     hit). ``handler_cancellation``: a client that goes away cancels its request, which
     closes the upstream request at once (MCP 2026-07-28 treats that as cancellation).
     """
-    from .admin import create_admin_app
+    from .admin.api import create_admin_app
 
-    # Head and body deadlines, the head-size cap and keep-alive: server.* (sidecar/listener.py).
+    # Head and body deadlines, the head-size cap and keep-alive: server.* (sidecar/http/listener.py).
     proxy = guarded_server(
         sc.config.server,
         make_handler(sc),

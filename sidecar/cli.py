@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import logfilter
+from .admin.manage import KeyManager
+from .auth.models import KeyRecord, iso
 from .config import Config, ConfigError, load_config, parse_duration
-from .errors import SidecarError
-from .manage import KeyManager
-from .models import KeyRecord, iso
+from .http.errors import SidecarError
+from .observe import logfilter
 from .store import StoreError, open_store
 from .store.yamlfile import entry_yaml
 
@@ -172,7 +172,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
 
     async def usage(m: KeyManager) -> int:
-        from .usage import report
+        from .observe.usage import report
 
         rec = await m.get(args.id)
         last = rec.public_dict()["last_used_at"]
@@ -208,7 +208,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def _file_mode_warnings(config: Config) -> list[str]:
     """Existing state files (store, WAL, access log) that other local users can read."""
-    from .filemodes import readable_by_others
+    from .store.filemodes import readable_by_others
 
     dbs = {config.store.state_path} | ({config.store.path} if config.store.kind == "sqlite" else set())
     paths = [p.with_name(p.name + suffix) for p in sorted(dbs) for suffix in ("", "-wal", "-shm")]

@@ -24,9 +24,9 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import Sidecar, create_apps
+from sidecar.auth.models import KeyRecord
 from sidecar.config import Config, parse_config
 from sidecar.demo import plex_like_app
-from sidecar.models import KeyRecord
 
 PLEX_TOKEN = "real-plex-token-0123456789"
 ADMIN_TOKEN = "admin-token-for-tests"

@@ -32,8 +32,8 @@ from conftest import ADMIN_TOKEN, PLEX_TOKEN, base_config
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import Sidecar, bound_addresses, running
+from sidecar.auth.models import KeyRecord
 from sidecar.config import parse_config
-from sidecar.models import KeyRecord
 
 T = TypeVar("T")
 

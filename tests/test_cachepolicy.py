@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from sidecar import cachepolicy, config
-from sidecar.cachepolicy import (
+from sidecar import config
+from sidecar.cache import policy as cachepolicy
+from sidecar.cache.policy import (
     CacheKey,
     compile_glob,
     normalise_query,

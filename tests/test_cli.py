@@ -18,12 +18,12 @@ import pytest
 import yaml
 from conftest import ADMIN_TOKEN, PLEX_TOKEN
 
+from sidecar.auth.keys import parse_key
+from sidecar.auth.verify import Verifier
 from sidecar.cli import main
 from sidecar.config import load_config
 from sidecar.demo import free_port
-from sidecar.keys import parse_key
 from sidecar.store import SqliteStore, open_store
-from sidecar.verify import Verifier
 
 
 def write_config(tmp_path: Path, **store: Any) -> Path:
@@ -140,8 +140,8 @@ def test_rotate_with_grace(cfg: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_usage(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sidecar.observe.usage import day_of
     from sidecar.store.base import UsageRow
-    from sidecar.usage import day_of
 
     created = run_json(capsys, "keys", "create", "-c", str(cfg), "--name", "u")
 
@@ -222,9 +222,9 @@ def test_yaml_create_prints_the_entry_to_paste(tmp_path: Path, capsys: pytest.Ca
 
 @pytest.mark.slow
 async def test_serve_reloads_the_yaml_store_on_sighup(tmp_path: Path) -> None:
-    from sidecar.keys import display_form, generate_key
-    from sidecar.models import KeyRecord
-    from sidecar.verify import password_hasher
+    from sidecar.auth.keys import display_form, generate_key
+    from sidecar.auth.models import KeyRecord
+    from sidecar.auth.verify import password_hasher
 
     key, parts = generate_key("pmcp_")
     rec = KeyRecord(id=parts.key_id, name="aaaa", hash=password_hasher("cheapest").hash(parts.secret),

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestServer
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import CIMultiDict, MultiDict
 
+from sidecar.auth.credentials import extract_credential, strip_credential
 from sidecar.config import CredentialsConfig
-from sidecar.credentials import extract_credential, strip_credential
 from sidecar.demo import SEEN
-from sidecar.errors import BadRequest
+from sidecar.http.errors import BadRequest
 
 Request = tuple[dict[str, str], dict[str, str]]  # headers, query
 

@@ -644,7 +644,7 @@ def test_metrics_used_are_exported_by_sidecar() -> None:
     """Alerts and panels on a metric Sidecar does not export would silently never fire."""
     from prometheus_client import CollectorRegistry
 
-    from sidecar.metrics import Metrics
+    from sidecar.observe.metrics import Metrics
 
     registry = CollectorRegistry()
     Metrics(registry=registry)

@@ -7,8 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from sidecar.config import ConfigError, parse_config
-from sidecar.keys import (
+from sidecar.auth.keys import (
     BODY_LEN,
     ID_LEN,
     SECRET_LEN,
@@ -18,6 +17,7 @@ from sidecar.keys import (
     key_pattern,
     parse_key,
 )
+from sidecar.config import ConfigError, parse_config
 
 PREFIXES = ["pmcp_", "plx_sk_", "k"]
 

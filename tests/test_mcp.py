@@ -28,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_server import BATCH_SEEN, MCP_TOKEN, McpUpstream, batch_app
 
-from sidecar.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, TOOL_FORBIDDEN
+from sidecar.upstreams.mcp.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, TOOL_FORBIDDEN
 
 AGENT_TOOLS = {
     "tools": ["search", "fetch", "slow", "quiet"],

@@ -8,7 +8,18 @@ from typing import Any
 
 import pytest
 
-from sidecar.jsonrpc import (
+from sidecar.upstreams.mcp.authz import McpAccess
+from sidecar.upstreams.mcp.filter import (
+    JsonRewriter,
+    PendingIds,
+    Policy,
+    SseRewriter,
+    SseSplitter,
+    client_path,
+    parse_event,
+    render_event,
+)
+from sidecar.upstreams.mcp.jsonrpc import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -18,17 +29,6 @@ from sidecar.jsonrpc import (
     decode_header_value,
     error_object,
     parse_body,
-)
-from sidecar.mcp_authz import McpAccess
-from sidecar.mcp_filter import (
-    JsonRewriter,
-    PendingIds,
-    Policy,
-    SseRewriter,
-    SseSplitter,
-    client_path,
-    parse_event,
-    render_event,
 )
 
 ALLOWED = {"search", "fetch"}

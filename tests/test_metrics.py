@@ -23,10 +23,10 @@ from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.keys import generate_key
-from sidecar.metrics import DURATION_BUCKETS, MAX_TOOL_SERIES, Metrics
-from sidecar.models import KeyRecord
-from sidecar.scope import RequestScope
+from sidecar.auth.keys import generate_key
+from sidecar.auth.models import KeyRecord
+from sidecar.http.scope import RequestScope
+from sidecar.observe.metrics import DURATION_BUCKETS, MAX_TOOL_SERIES, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 DEADLINE = 10.0

@@ -12,10 +12,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 
+from sidecar.auth.models import Permissions
+from sidecar.auth.permissions import allowed, normalize_path, tool_allowed
 from sidecar.demo import SEEN
-from sidecar.errors import BadRequest, Conflict
-from sidecar.models import Permissions
-from sidecar.permissions import allowed, normalize_path, tool_allowed
+from sidecar.http.errors import BadRequest, Conflict
 
 
 def perms(**kw: Any) -> Permissions:

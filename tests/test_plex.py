@@ -15,8 +15,8 @@ from multidict import CIMultiDict, MultiDict
 
 from sidecar.config import UpstreamConfig
 from sidecar.demo import SEEN, plex_like_app
-from sidecar.errors import Forbidden
-from sidecar.plex import ScrubFilter, TranscodeSessions, inject_plex
+from sidecar.http.errors import Forbidden
+from sidecar.upstreams.plex import ScrubFilter, TranscodeSessions, inject_plex
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
 

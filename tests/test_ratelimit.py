@@ -21,10 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 
+from sidecar.auth.models import KeyRecord
 from sidecar.config import Config, parse_config, parse_limit
-from sidecar.models import KeyRecord
-from sidecar.quota import window_bounds, window_id
-from sidecar.ratelimit import RateLimiter, resolve_plan
+from sidecar.limits.quota import window_bounds, window_id
+from sidecar.limits.ratelimit import RateLimiter, resolve_plan
 from sidecar.store import Store, open_store
 
 

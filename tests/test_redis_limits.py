@@ -24,7 +24,7 @@ from test_ratelimit import T0, Clock, key
 
 from sidecar.config import parse_config
 from sidecar.demo import free_port
-from sidecar.ratelimit import RateLimiter
+from sidecar.limits.ratelimit import RateLimiter
 from sidecar.store import Store, open_store
 
 START_TIMEOUT = 10.0

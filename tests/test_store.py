@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.keys import display_form, generate_key
-from sidecar.models import KeyRecord, Permissions
+from sidecar.auth.keys import display_form, generate_key
+from sidecar.auth.models import KeyRecord, Permissions
+from sidecar.auth.verify import password_hasher
 from sidecar.store import ReadOnlyStore, SqliteStore, Store, StoreError, YamlStore
 from sidecar.store.base import AuditEvent, UsageRow
 from sidecar.store.sqlite import SCHEMA_VERSION
 from sidecar.store.yamlfile import entry_yaml, parse_keys_file
-from sidecar.verify import password_hasher
 
 HASHER = password_hasher("cheapest")
 HASH = HASHER.hash("x" * 48)

@@ -16,10 +16,10 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 
-from sidecar.scope import RequestScope
+from sidecar.http.scope import RequestScope
+from sidecar.observe.usage import UsageRecorder, day_of, report
 from sidecar.store.base import UsageRow
 from sidecar.store.sqlite import SqliteStore
-from sidecar.usage import UsageRecorder, day_of, report
 
 DAY = 86400.0
 

@@ -18,12 +18,12 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config
 
+from sidecar.auth.keys import display_form, generate_key
+from sidecar.auth.models import KeyRecord, Permissions
+from sidecar.auth.verify import ARGON2_CONCURRENCY, Verifier, password_hasher
 from sidecar.config import KeysConfig
-from sidecar.errors import ExpiredKey, InvalidKey, RevokedKey, TooManyFailures
-from sidecar.keys import display_form, generate_key
-from sidecar.models import KeyRecord, Permissions
+from sidecar.http.errors import ExpiredKey, InvalidKey, RevokedKey, TooManyFailures
 from sidecar.store import SqliteStore, YamlStore
-from sidecar.verify import ARGON2_CONCURRENCY, Verifier, password_hasher
 
 CHEAP = password_hasher("cheapest")
 
@@ -48,7 +48,7 @@ def new_record(prefix: str = "pmcp_", hasher: Any = CHEAP, **kw: Any) -> tuple[K
 
 def wrong_secret(key: str) -> str:
     """A well-formed key (valid checksum) with the same id and another secret."""
-    from sidecar.keys import ID_LEN
+    from sidecar.auth.keys import ID_LEN
 
     kid = key[len("pmcp_") : len("pmcp_") + ID_LEN]
     return generate_key("pmcp_", kid)[0]
@@ -428,7 +428,7 @@ async def test_a_big_table_is_kept_out_of_the_garbage_collectors_way(tmp_path: P
     """With 100 000 keys a full GC pass would pause the loop ~150 ms; the table is frozen out of it."""
     import gc
 
-    from sidecar.verify import GC_FREEZE_KEYS
+    from sidecar.auth.verify import GC_FREEZE_KEYS
 
     hashed = CHEAP.hash("x" * 48)
     records = [KeyRecord(id=generate_key("pmcp_")[1].key_id, name=f"k{i}", hash=hashed) for i in range(GC_FREEZE_KEYS)]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import KeyRecord
+from ..auth.models import KeyRecord
 
 __all__ = [
     "AuditEvent",

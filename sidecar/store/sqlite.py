@@ -38,8 +38,7 @@ from typing import Any
 
 import aiosqlite
 
-from ..filemodes import private_file
-from ..models import KeyRecord
+from ..auth.models import KeyRecord
 from .base import (
     AuditEvent,
     KeyChanges,
@@ -50,6 +49,7 @@ from .base import (
     check_owner_limit,
     counts_toward_limit,
 )
+from .filemodes import private_file
 from .sqlitefaults import shielded, wrap
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]

@@ -33,7 +33,7 @@ try:  # libyaml's parser is ~10x faster on a big keys file
 except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
-from ..models import KeyRecord
+from ..auth.models import KeyRecord
 from .base import AuditEvent, KeyChanges, ReadOnlyStore, Store, StoreError, UsageRow
 from .sqlite import SqliteStore
 

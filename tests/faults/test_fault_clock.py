@@ -21,9 +21,9 @@ from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from test_ratelimit import utc
 
+from sidecar.auth.keys import generate_key
 from sidecar.config import parse_limit
-from sidecar.keys import generate_key
-from sidecar.quota import window_bounds, window_id
+from sidecar.limits.quota import window_bounds, window_id
 
 HOUR = 3600.0
 

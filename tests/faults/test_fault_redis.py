@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running
 from test_redis_limits import RedisProc, cfg, get, redis_server
 
-from sidecar.ratelimit_redis import REDIS_TIMEOUT
+from sidecar.limits.redis_backend import REDIS_TIMEOUT
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 

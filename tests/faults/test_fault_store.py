@@ -42,7 +42,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config
 
-from sidecar.keys import generate_key
+from sidecar.auth.keys import generate_key
 from sidecar.store.base import AuditEvent
 
 BUSY_TIMEOUT = 0.3

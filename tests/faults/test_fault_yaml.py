@@ -21,11 +21,11 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 
-from sidecar.keys import display_form, generate_key
-from sidecar.models import KeyRecord
+from sidecar.auth.keys import display_form, generate_key
+from sidecar.auth.models import KeyRecord
+from sidecar.auth.verify import password_hasher
 from sidecar.store import SqliteStore, YamlStore
 from sidecar.store.yamlfile import _yaml_problem
-from sidecar.verify import password_hasher
 
 CHEAP = password_hasher("cheapest")
 POLL = 0.1  # seconds: the store's poll interval in these tests

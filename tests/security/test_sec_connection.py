@@ -20,9 +20,9 @@ from aiohttp.test_utils import make_mocked_request
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from plexrig import Recorder, raw_request, recording_handler
 
-from sidecar.canonical import canonical
 from sidecar.config import UpstreamConfig
-from sidecar.proxy import forward_headers
+from sidecar.http.canonical import canonical
+from sidecar.http.forwarder import forward_headers
 
 RULES = [{"upstream": "plex", "path": "/library/sections*", "ttl": "60s"}]
 

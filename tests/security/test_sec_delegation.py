@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 
-from sidecar.delegation import glob_covered
-from sidecar.models import KeyRecord
+from sidecar.admin.delegation import glob_covered
+from sidecar.auth.models import KeyRecord
 
 H = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from conftest import ADMIN_TOKEN, PLEX_TOKEN
 
-from sidecar.accesslog import AccessLog
 from sidecar.cli import main
 from sidecar.demo import free_port
+from sidecar.http.accesslog import AccessLog
 from sidecar.store import SqliteStore
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

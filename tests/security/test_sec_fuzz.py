@@ -28,10 +28,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, MultiDict
 from sec_harness import Recorder, ThreadedSidecar, recording_upstream
 
+from sidecar.auth.credentials import Credential, extract_credential
+from sidecar.auth.keys import check_prefix, display_form, generate_key, key_pattern, parse_key
+from sidecar.auth.models import Permissions
+from sidecar.auth.permissions import allowed, is_token_minting
 from sidecar.config import ConfigError, CredentialsConfig, load_config, parse_config
-from sidecar.credentials import Credential, extract_credential
-from sidecar.errors import BadRequest
-from sidecar.jsonrpc import (
+from sidecar.http.errors import BadRequest
+from sidecar.upstreams.mcp.jsonrpc import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -42,9 +45,6 @@ from sidecar.jsonrpc import (
     check_headers,
     parse_body,
 )
-from sidecar.keys import check_prefix, display_form, generate_key, key_pattern, parse_key
-from sidecar.models import Permissions
-from sidecar.permissions import allowed, is_token_minting
 
 _BASE_EXAMPLES = 400  # the "ci" profile's max_examples
 

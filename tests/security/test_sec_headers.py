@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 
-from sidecar.listener import forwarded_for
+from sidecar.http.listener import forwarded_for
 
 CLAIMS = {
     "X-Real-IP": "6.6.6.6",

@@ -20,7 +20,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 
-from sidecar.models import parse_time
+from sidecar.auth.models import parse_time
 from sidecar.store import SqliteStore
 
 H = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

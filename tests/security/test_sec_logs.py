@@ -27,9 +27,9 @@ import pytest
 import yaml
 from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config
 
-from sidecar.accesslog import redact_path
 from sidecar.demo import plex_like_app
-from sidecar.logfilter import redact
+from sidecar.http.accesslog import redact_path
+from sidecar.observe.logfilter import redact
 
 MCP_SECRET = "mcp-upstream-bearer-secret-77"
 

@@ -31,12 +31,12 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, batch_app
 from multidict import CIMultiDict
 
+from sidecar.auth.models import Permissions
 from sidecar.cli import main as cli_main
-from sidecar.errors import BadRequest
-from sidecar.jsonrpc import TOOL_FORBIDDEN
-from sidecar.mcp_authz import McpAccess, judge
-from sidecar.mcp_sessions import SessionIds, SessionTable, presented_ids
-from sidecar.models import Permissions
+from sidecar.http.errors import BadRequest
+from sidecar.upstreams.mcp.authz import McpAccess, judge
+from sidecar.upstreams.mcp.jsonrpc import TOOL_FORBIDDEN
+from sidecar.upstreams.mcp.sessions import SessionIds, SessionTable, presented_ids
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT = {
@@ -507,7 +507,7 @@ def test_permissions_round_trip_through_every_stored_form() -> None:
     perms = Permissions.from_dict(SCOPED)
     assert perms.resources == {"*": ("docs://public/*",)} and perms.prompts == {"*": ("greet",)}
     assert Permissions.from_dict(perms.to_dict()) == perms
-    from sidecar.models import KeyRecord
+    from sidecar.auth.models import KeyRecord
 
     rec = KeyRecord(id="abcdefabcdef", name="n", hash="$argon2id$x", permissions=perms)
     assert KeyRecord.from_stored(json.loads(json.dumps(rec.to_stored()))).permissions == perms

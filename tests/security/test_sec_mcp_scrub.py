@@ -28,7 +28,7 @@ from conftest import MakeSidecar, Running, base_config, log_lines
 from multidict import CIMultiDict
 
 from sidecar.config import UpstreamConfig
-from sidecar.mcp_scrub import MASK, McpScrubFilter, mcp_secrets
+from sidecar.upstreams.mcp.scrub import MASK, McpScrubFilter, mcp_secrets
 
 SECRET = "s3cr3t/mcp+token=0123456789"  # "/", "+", "=": its JSON and URL forms differ from it
 AUTH = f"Bearer {SECRET}"

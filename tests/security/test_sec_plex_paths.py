@@ -17,8 +17,8 @@ from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import MultiDict
 from plexrig import Recorder, raw_request, recording_handler
 
-from sidecar.errors import BadRequest, Forbidden, ServiceUnavailable
-from sidecar.transcode import TranscodeSessions
+from sidecar.http.errors import BadRequest, Forbidden, ServiceUnavailable
+from sidecar.upstreams.transcode import TranscodeSessions
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
 START = "/video/:/transcode/universal/start.m3u8"

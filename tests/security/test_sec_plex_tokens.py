@@ -19,7 +19,7 @@ from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import CIMultiDict, MultiDict
 from plexrig import Recorder, Seen, raw_request, recording_handler
 
-from sidecar.credentials import strip_credential
+from sidecar.auth.credentials import strip_credential
 
 READ = {"upstreams": ["plex"], "paths": ["plex:read"]}
 THUMB = "/library/metadata/1/thumb/1700000000"

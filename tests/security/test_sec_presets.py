@@ -16,10 +16,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import Running
 
+from sidecar.auth.models import Permissions
+from sidecar.auth.permissions import allowed
+from sidecar.auth.presets import PLEX_READ_EXCLUDED, PRESET_ROWS
 from sidecar.demo import SEEN
-from sidecar.models import Permissions
-from sidecar.permissions import allowed
-from sidecar.presets import PLEX_READ_EXCLUDED, PRESET_ROWS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "keys.md"
 R, P, A = "plex:read", "plex:playback", "plex:admin"

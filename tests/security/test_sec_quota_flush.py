@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 
 from sidecar.config import ConfigError, parse_config
-from sidecar.quota import window_bounds, window_id
+from sidecar.limits.quota import window_bounds, window_id
 from sidecar.store import SqliteStore
 
 
@@ -92,7 +92,7 @@ async def test_redis_backend_reports_nothing_at_stake(tmp_path: Path) -> None:
     """With Redis the quota is counted in Redis itself: the interval gauge is 0."""
     from prometheus_client import CollectorRegistry
 
-    from sidecar.ratelimit import RateLimiter
+    from sidecar.limits.ratelimit import RateLimiter
 
     cfg = parse_config(
         {**base_config("http://127.0.0.1:9", tmp_path), "rate_limits": {"backend": "redis",

@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS
 from sec_harness import ThreadedSidecar
 
-from sidecar.admin import openapi_spec
+from sidecar.admin.api import openapi_spec
 from sidecar.demo import plex_like_app
 
 # Labels such as "GET /admin/keys/{id}", from the document the code serves (the live one is fetched below).

@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestServer
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
 from multidict import CIMultiDict
 
-from sidecar.scrub import ScrubFilter, Unscrubbable, restrict_accept_encoding
+from sidecar.upstreams.scrub import ScrubFilter, Unscrubbable, restrict_accept_encoding
 
 TOKEN = PLEX_TOKEN.encode()
 MASK = b"*" * len(TOKEN)

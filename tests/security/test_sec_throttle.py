@@ -18,13 +18,13 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
 
+from sidecar.auth.keys import ID_LEN, display_form, generate_key
+from sidecar.auth.models import KeyRecord
+from sidecar.auth.verify import ARGON2_CONCURRENCY, Verifier, password_hasher
 from sidecar.config import KeysConfig
 from sidecar.demo import plex_like_app
-from sidecar.keys import ID_LEN, display_form, generate_key
-from sidecar.models import KeyRecord
-from sidecar.pipeline import client_ip
+from sidecar.http.pipeline import client_ip
 from sidecar.store import SqliteStore
-from sidecar.verify import ARGON2_CONCURRENCY, Verifier, password_hasher
 
 CHEAP = password_hasher("cheapest")
 

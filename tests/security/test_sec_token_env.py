@@ -15,10 +15,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config
 
+from sidecar.auth.keys import display_form, generate_key
+from sidecar.auth.models import KeyRecord
 from sidecar.config import ConfigError, parse_config
 from sidecar.demo import SEEN, plex_like_app
-from sidecar.keys import display_form, generate_key
-from sidecar.models import KeyRecord
 
 KIDS_TOKEN = "managed-user-token-kids-42"
 

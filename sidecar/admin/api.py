@@ -1,0 +1,457 @@
+"""The admin listener: health, readiness, /metrics, and the admin API under /admin/.
+
+Kept off the proxy listener entirely (its own app and port, loopback by default),
+so /metrics and key management are never reachable by proxy clients. The admin API
+takes the bearer admin token from the environment, or a key with ``admin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..auth.credentials import extract_credential
+from ..auth.models import KeyRecord, iso
+from ..config import UpstreamConfig, parse_duration
+from ..http.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
+from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..observe.usage import MAX_DAYS
+from ..observe.usage import report as usage_report
+from ..store import ReadOnlyStore, StoreBusy, StoreError
+from ..store.base import AuditEvent
+from ..upstreams import health as upstream_health
+from .delegation import manages_all, owns
+
+if TYPE_CHECKING:
+    from ..app import Sidecar
+
+__all__ = ["create_admin_app", "openapi_spec"]
+
+ACTOR = web.RequestKey("admin_actor", str)
+ACTOR_KEY = web.RequestKey("admin_actor_key", KeyRecord)  # absent for the admin token
+UPSTREAM_CHECK_TIMEOUT = 1.0
+MAX_AUDIT_LIMIT = 10_000
+
+
+def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """A whole-number query parameter, given at most once, within [lo, hi]; 400 otherwise
+    (never a 500 from a 30-digit number or a negative SQL ``LIMIT`` that means "all")."""
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise BadRequest(f"{name}: give it once")
+    v = values[0]
+    if not (v.isascii() and v.isdigit() and len(v) <= 12 and lo <= int(v) <= hi):
+        raise BadRequest(f"{name}: expected a whole number from {lo} to {hi}")
+    return int(v)
+
+
+def query_str(request: web.Request, name: str) -> str | None:
+    """A text query parameter given at most once (a repeated one is ambiguous: 400)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name}: give it once")
+    return values[0] if values else None
+
+
+def acting_key(request: web.Request) -> KeyRecord | None:
+    """The key making an admin request, None for the admin token (sidecar.admin.delegation)."""
+    return request.get(ACTOR_KEY)
+
+
+def require_full_admin(request: web.Request) -> None:
+    if not manages_all(acting_key(request)):
+        raise Forbidden("this needs the admin token or a key with admin: full")
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response({"success": True, "data": data}, status=status)
+
+
+def create_admin_app(sc: Sidecar) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SidecarError as e:
+            return e.response()
+        except ReadOnlyStore as e:
+            return web.json_response({"success": False, "error": {"code": "conflict", "message": str(e)}}, status=409)
+        except StoreBusy as e:
+            return ServiceUnavailable(str(e), {"Retry-After": "1"}).response()
+        except StoreError as e:
+            return ServiceUnavailable(str(e)).response()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/admin/") or request.path == "/admin/openapi.json":
+            return await handler(request)
+        token = sc.config.admin.token
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+            request[ACTOR] = "admin"
+            return await handler(request)
+        cred = extract_credential(request.headers, request.query, sc.config.credentials)
+        if cred is None:
+            if not token:
+                raise ServiceUnavailable(f"the admin API is off: set {sc.config.admin.token_env}")
+            raise Unauthorized("the admin token (Authorization: Bearer …) is required", {"WWW-Authenticate": "Bearer"})
+        key = await sc.verifier.verify(cred.key, request.remote or "")
+        if not key.permissions.admin:
+            raise Forbidden("this key does not have the admin permission")
+        request[ACTOR] = f"key:{key.id}"
+        request[ACTOR_KEY] = key
+        return await handler(request)
+
+    app = web.Application(middlewares=[errors, auth])
+    r = app.router
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks: dict[str, str] = {"config": "ok", "store": "ok" if sc.ready else "not loaded"}
+
+        async def probe(up: UpstreamConfig) -> None:
+            # Fresh on every call (name, TCP, TLS as a request would): nothing cached to go stale.
+            result = checks[f"upstream:{up.id}"] = await upstream_health.check(up, UPSTREAM_CHECK_TIMEOUT)
+            sc.metrics.set_upstream_up(up.id, 1 if result == "ok" else 0)
+
+        await asyncio.gather(*(probe(up) for up in sc.config.upstreams))
+        ready = all(v == "ok" for v in checks.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=sc.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            data = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+
+    async def applied() -> None:
+        """Make a write visible to this process's hot path now, not at the next poll."""
+        await sc.verifier.refresh()
+
+    async def visible_key(request: web.Request) -> KeyRecord:
+        """The key named in the path, if the caller may see it (a delegated key: its owner's only)."""
+        rec = await sc.manager().get(request.match_info["id"])
+        if not owns(acting_key(request), rec):
+            raise NotFound(f"no key with id {rec.id!r}")
+        return rec
+
+    async def create_key(request: web.Request) -> web.Response:
+        rec, key = await sc.manager().create(await body_of(request), request[ACTOR], by=acting_key(request))
+        await applied()
+        data = rec.public_dict()
+        data["key"] = key
+        return ok(data, 201)
+
+    async def list_keys(request: web.Request) -> web.Response:
+        by = acting_key(request)
+        return ok([r.public_dict() for r in await sc.store.list_keys() if owns(by, r)])
+
+    async def show_key(request: web.Request) -> web.Response:
+        rec = await visible_key(request)
+        return ok({**rec.public_dict(), "quota_status": await sc.limiter.quota_status(rec)})
+
+    async def key_quota(request: web.Request) -> web.Response:
+        rec = await visible_key(request)
+        require_full_admin(request)  # a reset widens what a key may spend, its own included
+        body = await body_of(request)
+        status = await sc.limiter.adjust_quota(rec, body)  # {"used": 0} resets, {"add": -500} tops up
+        await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "quota_adjusted", rec.id, body))
+        return ok({"id": rec.id, "quota_status": status})
+
+    async def patch_key(request: web.Request) -> web.Response:
+        await visible_key(request)
+        by = acting_key(request)
+        rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR], by=by)
+        await applied()
+        return ok(rec.public_dict())
+
+    async def revoke_key(request: web.Request) -> web.Response:
+        await visible_key(request)
+        rec = await sc.manager().revoke(request.match_info["id"], request[ACTOR], by=acting_key(request))
+        await applied()
+        return ok(rec.public_dict())
+
+    async def rotate_key(request: web.Request) -> web.Response:
+        await visible_key(request)
+        body = await body_of(request)
+        unknown = set(body) - {"grace"}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            grace = parse_duration(body.get("grace", 0))
+        except (ValueError, OverflowError) as e:
+            raise BadRequest(f"grace: {e}") from None
+        rec, key = await sc.manager().rotate(request.match_info["id"], request[ACTOR], grace, by=acting_key(request))
+        await applied()
+        data = rec.public_dict()
+        data["key"] = key
+        return ok(data, 201)
+
+    async def key_usage(request: web.Request) -> web.Response:
+        days = query_int(request, "days", 30, 1, MAX_DAYS)
+        await sc.usage.flush()  # what was counted but not yet written: the answer is up to date
+        rec = await visible_key(request)  # read after the flush: last_used is in the record
+        try:
+            data = await usage_report(sc.store, rec.id, days, sc.clock())
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return ok({"id": rec.id, "name": rec.name, "last_used_at": iso(rec.last_used_at),
+                   "last_used_ip": rec.last_used_ip, **data})  # fmt: skip
+
+    async def audit(request: web.Request) -> web.Response:
+        limit = query_int(request, "limit", 100, 1, MAX_AUDIT_LIMIT)
+        key_id = query_str(request, "key")
+        by = acting_key(request)
+        if key_id and not manages_all(by):
+            rec = await sc.store.get(key_id)
+            if rec is None or not owns(by, rec):
+                raise NotFound(f"no key with id {key_id!r}")
+        events = await sc.store.audit_log(key_id, limit)
+        if not manages_all(by):  # a delegated key sees the trail of its owner's keys only
+            mine = {r.id for r in await sc.store.list_keys() if owns(by, r)}
+            events = [e for e in events if e.key_id in mine]
+        return ok(
+            [{"at": iso(e.at), "actor": e.actor, "action": e.action, "key": e.key_id, **e.detail} for e in events]
+        )
+
+    async def purge_cache(request: web.Request) -> web.Response:
+        require_full_admin(request)
+        n = sc.cache.purge(query_str(request, "upstream"), query_str(request, "path"))
+        return ok({"purged": n})
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_spec())
+
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_post("/admin/keys", create_key)
+    r.add_get("/admin/keys", list_keys)
+    r.add_get("/admin/keys/{id}", show_key)
+    r.add_patch("/admin/keys/{id}", patch_key)
+    r.add_delete("/admin/keys/{id}", revoke_key)
+    r.add_post("/admin/keys/{id}/rotate", rotate_key)
+    r.add_post("/admin/keys/{id}/quota", key_quota)
+    r.add_get("/admin/keys/{id}/usage", key_usage)
+    r.add_get("/admin/audit", audit)
+    r.add_delete("/admin/cache", purge_cache)
+    r.add_get("/admin/openapi.json", openapi)
+    return app
+
+
+def _int_schema(most: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1, "maximum": most}
+
+
+def openapi_spec() -> dict[str, Any]:
+    """OpenAPI 3.1 description of the admin API (hand-written: it is small and stable)."""
+    err = {"$ref": "#/components/responses/Error"}
+    key_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    key_obj = {"$ref": "#/components/schemas/KeyEnvelope"}
+
+    def envelope(data: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "required": ["success", "data"], "properties": {"success": {"const": True},
+                                                                                 "data": data}}  # fmt: skip
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def op(
+        summary: str,
+        ok_status: str = "200",
+        body: bool | dict[str, Any] = False,
+        params: list[Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Any:
+        schema = envelope(data) if data is not None else key_obj
+        o: dict[str, Any] = {
+            "summary": summary,
+            "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": schema}}},
+                          "400": err, "401": err, "403": err, "404": err, "409": err, "429": err, "503": err},
+        }  # fmt: skip
+        if body:
+            body_schema = body if isinstance(body, dict) else ref("KeyInput")
+            o["requestBody"] = {"content": {"application/json": {"schema": body_schema}}}
+        if params:
+            o["parameters"] = params
+        return o
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sidecar admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Error": {
+                    "description": "Error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "error"],
+                    "properties": {
+                        "success": {"const": False},
+                        "error": {
+                            "type": "object",
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                    },
+                },
+                "KeyInput": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "owner": {"type": "string"},
+                        "permissions": {
+                            "type": "object",
+                            "properties": {
+                                "upstreams": {"type": "array", "items": {"type": "string"}},
+                                "methods": {"type": "array", "items": {"type": "string"}},
+                                "paths": {"type": "array", "items": {"type": "string"}},
+                                "tools": {"type": "object", "additionalProperties": {"type": "array"}},
+                                "resources": {
+                                    "type": "object",
+                                    "description": "MCP upstream id (or *) -> resource URI globs",
+                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                                },
+                                "prompts": {
+                                    "type": "object",
+                                    "description": "MCP upstream id (or *) -> prompt names or globs",
+                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                                },
+                                "admin": {
+                                    "description": 'true (= "delegate"): keys of its own owner within its '
+                                    'reach; "full": every key',
+                                    "enum": [True, False, "delegate", "full"],
+                                },
+                            },
+                        },
+                        "rate_limits": {"type": "array", "items": {"type": "string", "examples": ["60/minute"]}},
+                        "quota": {"type": ["string", "null"], "examples": ["10000/month"]},
+                        "concurrency": {"type": ["integer", "null"], "minimum": 1},
+                        "expires": {"type": ["string", "null"], "examples": ["90d", "2027-01-31"]},
+                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+                "KeyEnvelope": {
+                    "type": "object",
+                    "properties": {"success": {"const": True}, "data": {}},
+                },
+                "Key": {
+                    "type": "object",
+                    "description": "A key as shown: the display form, never the key or its hash.",
+                    "required": ["id", "name", "display", "state", "permissions", "created_at"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+                        "name": {"type": "string"},
+                        "display": {"type": "string", "examples": ["pmcp_3f9a…c41e"]},
+                        "description": {"type": "string"},
+                        "owner": {"type": ["string", "null"]},
+                        "state": {"enum": ["active", "expired", "revoked"]},
+                        "permissions": {"type": "object"},
+                        "rate_limits": {"type": "array", "items": {"type": "string"}},
+                        "quota": {"type": ["string", "null"]},
+                        "concurrency": {"type": ["integer", "null"]},
+                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "created_at": {"type": ["string", "null"], "format": "date-time"},
+                        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_ip": {"type": ["string", "null"]},
+                        "rotated_to": {"type": ["string", "null"]},
+                    },
+                },
+                "NewKey": {
+                    "description": "A key just created or rotated: ``key`` is the full key, shown this once.",
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Key"},
+                        {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
+                    ],
+                },
+                "AuditEvent": {
+                    "type": "object",
+                    "required": ["at", "actor", "action"],
+                    "properties": {
+                        "at": {"type": "string", "format": "date-time"},
+                        "actor": {"type": "string", "examples": ["admin", "cli", "key:3f9a0b1c2d3e"]},
+                        "action": {"type": "string", "examples": ["created", "patched", "revoked", "rotated"]},
+                        "key": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+        "security": [{"admin": []}],
+        "paths": {
+            "/admin/keys": {
+                "post": op(
+                    "Create a key (the full key is in data.key, shown once)", "201", body=True, data=ref("NewKey")
+                ),
+                "get": op("List keys (display form only)", data={"type": "array", "items": ref("Key")}),
+            },
+            "/admin/keys/{id}": {
+                "get": op("Show a key", params=[key_id]),
+                "patch": op(
+                    "Change a key's name, permissions, limits or expiry", body=True, params=[key_id], data=ref("Key")
+                ),
+                "delete": op("Revoke a key (it stays listed, for audit)", params=[key_id], data=ref("Key")),
+            },
+            "/admin/keys/{id}/rotate": {
+                "post": op(
+                    "Issue a replacement with the same permissions; the old key works for `grace`, then is revoked",
+                    "201",
+                    body={
+                        "type": "object",
+                        "properties": {"grace": {"type": ["string", "number"], "examples": ["1h", 3600]}},
+                    },
+                    params=[key_id],
+                    data=ref("NewKey"),
+                )
+            },
+            "/admin/keys/{id}/usage": {
+                "get": op(
+                    "Daily usage of a key, and when and from where it was last used",
+                    params=[key_id, {"name": "days", "in": "query", "schema": _int_schema(MAX_DAYS)}],
+                )
+            },
+            "/admin/keys/{id}/quota": {
+                "post": op('Reset ({"used": 0}) or top up ({"add": -500}) the current quota window', params=[key_id])
+            },
+            "/admin/audit": {
+                "get": op(
+                    "The audit trail (created, patched, revoked, rotated: who and when), newest first",
+                    params=[
+                        {"name": "key", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": _int_schema(MAX_AUDIT_LIMIT)},
+                    ],
+                    data={"type": "array", "items": ref("AuditEvent")},
+                )
+            },
+            "/admin/cache": {"delete": op("Purge the response cache (all, ?upstream=, ?path=glob)")},
+            "/admin/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}
+            },
+        },
+    }

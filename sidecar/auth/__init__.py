@@ -1,0 +1,1 @@
+"""Who is asking and what they may do: key format, credential extraction, verification, the key record, permissions."""

@@ -1,0 +1,1 @@
+"""The response cache and the HTTP caching rules it follows."""

@@ -1,0 +1,100 @@
+"""The request every stage sees: one form, so what is authorised is what is forwarded.
+
+DESIGN invariant 2. ``canonical`` runs first in the pipeline and returns the request
+itself (the usual case: nothing to do, a few string tests) or a clone in which:
+
+- **Runs of ``/`` in the path are collapsed.** ``//video/…`` and ``/video//:/…`` become
+  ``/video/:/…`` for routing, authorisation, transcode-session ownership, the cache key
+  *and* forwarding alike. (Permissions already judged the collapsed path; the upstream got
+  the raw one, which Plex may route differently.)
+- **Percent-encoded ``/`` (``%2F``) stays as sent**, as the upstream may give it meaning;
+  every check judges the *decoded* path with runs of ``/`` and ``\\`` collapsed (what a
+  lenient upstream would serve): ``permissions.normalize_path`` and
+  ``transcode.TranscodeSessions`` both do. Where it would split a routing prefix
+  (``/plex%2Fx``), ``forwarder.upstream_url`` refuses the request (400).
+- **Headers named by ``Connection`` are removed** (RFC 9110 §7.6.1: they are meant for
+  this hop, the sidecar), before the credential, cache and forwarding stages, and the
+  ``Connection`` header is left naming only the standard hop-by-hop tokens. So the cache
+  key is built from exactly the headers forwarded (``Connection: close, Accept`` can no
+  longer store an XML answer under the JSON variant), and a client cannot make the
+  forwarder drop a header the sidecar sets (``Connection: X-Plex-Token`` used to remove
+  the injected real token). Credential headers, ``Host``, ``Content-Length`` and the
+  websocket handshake headers are kept: the sidecar consumes or replaces them itself.
+
+With ``strip_prefix``, ``sidecar.http.forwarder.upstream_url`` strips the prefix by path segment,
+so a percent-encoded prefix (``/%70lex/…``) loses exactly the segment the router matched.
+
+Requests that needed a clone skip the repeat-hit memo (``pipeline.HitMemo``), which is keyed
+by the request as sent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import BadRequest
+from .forwarder import HOP_BY_HOP
+
+__all__ = ["canonical", "collapse_slashes"]
+
+_SLASHES = re.compile(r"/{2,}")
+# Connection tokens that name no end-to-end header: left in place.
+_STANDARD = HOP_BY_HOP | {"close", "keep-alive", "upgrade"}
+_COMMON = frozenset({"keep-alive", "close", "upgrade", "keep-alive, upgrade", "upgrade, keep-alive"})
+# Headers the sidecar itself consumes (credentials, the websocket handshake), replaces (Host)
+# or frames the body by (Content-Length): a Connection token naming them must not hide them.
+_KEPT = frozenset({
+    "host", "content-length", "authorization", "x-api-key", "x-plex-token",
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+})  # fmt: skip
+
+
+def collapse_slashes(raw_path: str) -> str:
+    return _SLASHES.sub("/", raw_path) if "//" in raw_path else raw_path
+
+
+def canonical(request: web.Request) -> web.Request:
+    """``request`` itself when already canonical, else a canonical clone; BadRequest if it cannot be one."""
+    url = request.rel_url
+    raw = url.raw_path
+    new_url: URL | None = None
+    if "//" in raw:
+        new_url = URL.build(path=collapse_slashes(raw), query_string=url.raw_query_string, encoded=True)
+    new_headers = _without_connection_named(request)
+    if new_url is None and new_headers is None:
+        return request
+    changes: dict[str, Any] = {}
+    if new_url is not None:
+        changes["rel_url"] = new_url
+    if new_headers is not None:
+        changes["headers"] = new_headers
+    try:
+        clone = request.clone(**changes)
+    except UnicodeEncodeError:  # a header value that is not UTF-8 cannot be re-encoded by the clone
+        raise BadRequest("request headers are not valid UTF-8") from None
+    return clone
+
+
+def _without_connection_named(request: web.Request) -> CIMultiDict[str] | None:
+    """The headers minus those ``Connection`` names, or None when it names none."""
+    listed = request.headers.getall("Connection", ())
+    if not listed or (len(listed) == 1 and listed[0].lower() in _COMMON):
+        return None  # the usual case, decided without splitting anything
+    tokens = [t.strip().lower() for value in listed for t in value.split(",") if t.strip()]
+    if all(t in _STANDARD for t in tokens):
+        return None
+    removed = {t for t in tokens if t not in _STANDARD and t not in _KEPT}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname not in removed and lname != "connection":
+            out.add(name, value)
+    standard = [t for t in dict.fromkeys(tokens) if t in _STANDARD]
+    if standard:
+        out["Connection"] = ", ".join(standard)
+    return out

@@ -1,0 +1,1 @@
+"""Rate limits (GCRA), quotas and concurrency, in process or on Redis."""

@@ -1,0 +1,518 @@
+"""Prometheus metrics: the contract's names and labels, on a registry the app owns.
+
+``key`` labels carry the key id (never the secret). Series are bounded:
+
+- traffic without a verified key uses ``key=""``, and a label that does not apply
+  (no upstream matched) is ``""`` too;
+- a key gets its own label value the first time it is seen (loaded or created while
+  active, or on first traffic) until ``max_key_series`` keys have one; every other key
+  folds into ``key="other"``;
+- methods outside the standard set are ``method="other"``; MCP tool names past
+  ``MAX_TOOL_SERIES`` are ``tool="other"``.
+
+Cost on the hot path. ``observe(scope)`` runs once per request, so the per-request
+families are not prometheus_client ``Counter``/``Histogram`` objects: every ``inc`` and
+``observe`` takes a lock, and ``.labels()`` validates and hashes on every call. Here a
+request costs one dict lookup for its (key, upstream, method, code) series, whose
+slots hold the counters and its upstream's histograms, plus a ``bisect`` per histogram;
+a collector turns them into metric families at scrape time. ``bench/observe_cost.py``
+measures it: about 6x cheaper than prometheus_client with cached children, 12x cheaper
+than ``.labels()`` per request. Everything runs on the event loop (observe in the
+handler, collect in the ``/metrics`` handler), so no locks are needed. ``exposition``
+writes the text itself with each series' label string escaped once, because
+``generate_latest`` costs tens of µs per series, on the event loop, every scrape.
+
+Key state (``sidecar_keys``, ``sidecar_key_info``, ``sidecar_key_expires_timestamp_seconds``)
+is computed at scrape time from the last key table snapshot and the clock, so a key
+that expires while nothing changes in the store is counted as expired at the next scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..auth.models import KeyRecord
+from ..config import UpstreamConfig
+from ..http.scope import RequestScope
+from ..upstreams import health as upstream_health
+
+__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "OTHER", "Metrics"]
+
+# From sub-millisecond cache hits and API calls through minute-long downloads and
+# hour-long SSE / websocket streams (which land in the top buckets or +Inf).
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    1800.0, 3600.0,
+)  # fmt: skip
+OTHER = "other"
+MAX_TOOL_SERIES = 500
+MAX_TOOL_NAME = 128
+UPSTREAM_PROBE_INTERVAL = 15.0
+UPSTREAM_PROBE_TIMEOUT = 1.0
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+AUTH_REASONS = (
+    "unauthorized", "invalid_key", "expired_key", "revoked_key", "bad_request",
+    "insufficient_permissions", "too_many_failed_attempts",
+)  # fmt: skip
+CACHE_RESULTS = ("hit", "miss", "bypass", "expired", "stale")
+KEY_STATES = ("active", "expired", "revoked")
+_AUTH_REASONS = frozenset(AUTH_REASONS) - {"bad_request"}  # bad_request is an auth failure only before a key
+_RATE_ERRORS = frozenset({"rate_limit_exceeded", "quota_exceeded"})
+_UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout"})
+_NOT_ERRORS = frozenset({"", "client_disconnected"})
+_LE = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")  # "0.0005", "1.0": what prometheus_client writes
+
+
+class _Histogram:
+    """One histogram series: per-bucket counts (not cumulative), sum and count."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for le, n in zip(_LE, self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
+
+
+class _Series:
+    """Counters of one (key, upstream, method, code); bytes are summed per (key, upstream) at scrape time."""
+
+    __slots__ = ("duration", "received", "requests", "sent", "upstream_duration")
+
+    def __init__(self, duration: _Histogram, upstream_duration: _Histogram) -> None:
+        self.requests = 0
+        self.sent = 0
+        self.received = 0
+        self.duration = duration
+        self.upstream_duration = upstream_duration
+
+
+class _InFlight:
+    """A gauge the pipeline bumps twice per request: a plain int, read at scrape time."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: int = 1) -> None:
+        self.value -= amount
+
+
+class Metrics:
+    """All of one sidecar's metrics. ``observe`` per request; everything else is rare."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        max_key_series: int = 1000,
+        *,
+        clock: Callable[[], float] = time.time,
+        upstreams: Iterable[str] = (),
+        cached_upstreams: Iterable[str] = (),
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_key_series = max_key_series
+        self.clock = clock
+        # key id -> label slot held (a set: a key either has its own label or is "other")
+        self._slots: set[str] = set()
+        self._records: list[KeyRecord] = []
+        # (key, upstream, method, code) -> its counters: the one dict lookup per request
+        self.series: dict[tuple[str, str, str, int], _Series] = {}
+        # upstream -> histogram (shared by that upstream's _Series)
+        self.request_duration: dict[str, _Histogram] = {}
+        self.upstream_duration: dict[str, _Histogram] = {}
+        self.auth_failures: dict[str, int] = dict.fromkeys(AUTH_REASONS, 0)
+        self.rate_limited: dict[tuple[str, str], int] = {}
+        self.quota_exceeded: dict[tuple[str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}  # (upstream, error), also bodies cut short
+        self.cache_requests: dict[tuple[str, str], int] = {}
+        self.mcp_tool_calls: dict[tuple[str, str, str, str], int] = {}
+        self._tools: set[tuple[str, str]] = set()
+        self.in_flight = _InFlight()
+        # (key id, scope) -> (limit, used, window end); the app points this at the limiter's
+        # table so quota gauges cost nothing per request, only at scrape time.
+        self.quota_levels: Mapping[tuple[str, str], tuple[int, int, float]] = {}
+        # (what, reason) -> writes the store refused; the app points this at the store's table.
+        self.store_write_failures: Mapping[tuple[str, str], int] = {}
+        self._up: dict[str, float] = {}
+        for up in upstreams:
+            self.request_duration[up] = _Histogram()
+            self.upstream_duration[up] = _Histogram()
+        for up in cached_upstreams:
+            for result in CACHE_RESULTS:
+                self.cache_requests[(up, result)] = 0
+
+        # Rarely updated families stay prometheus_client objects; other modules register
+        # theirs on the same registry (the rate limiter's backend errors, for one).
+        self.upstream_up = Gauge(
+            "sidecar_upstream_up", "1 if the upstream accepted a connection at the last check or request, else 0",
+            ["upstream"], registry=self.registry,
+        )  # fmt: skip
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        self._collector = _Collector(self)
+        self.registry.register(self._collector)
+        self._prefixes: dict[str, dict[Any, Any]] = {}
+
+    # ---------------------------------------------------------------- labels
+
+    def key_label(self, key_id: str) -> str:
+        """The ``key`` label for a key id: itself while slots last, then ``other``."""
+        if not key_id or key_id in self._slots:
+            return key_id
+        if len(self._slots) >= self.max_key_series:
+            return OTHER
+        self._slots.add(key_id)
+        return key_id
+
+    def _tool_label(self, upstream: str, tool: str) -> str:
+        tool = tool.strip()[:MAX_TOOL_NAME]
+        if (upstream, tool) in self._tools:
+            return tool
+        if len(self._tools) >= MAX_TOOL_SERIES:
+            return OTHER
+        self._tools.add((upstream, tool))
+        return tool
+
+    # -------------------------------------------------------------- hot path
+
+    def observe(self, scope: RequestScope) -> None:
+        """One call per finished request: the hot path's only metrics cost."""
+        key = scope.key_id
+        if key and key not in self._slots:
+            key = self.key_label(key)
+        up = scope.upstream
+        method = scope.method if scope.method in METHODS else OTHER
+        series = (key, up, method, scope.status or 500)  # 0: the handler failed unexpectedly, aiohttp sent 500
+        s = self.series.get(series)
+        if s is None:
+            s = self.series[series] = self._new_series(up)
+        s.requests += 1
+        s.sent += scope.bytes_sent
+        s.received += scope.bytes_received
+        hist = s.duration  # _Histogram.observe, inlined: this runs per request
+        elapsed = perf_counter() - scope.start
+        hist.counts[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        hist.sum += elapsed
+        upstream_seconds = scope.upstream_seconds
+        if upstream_seconds is not None:
+            hist = s.upstream_duration
+            hist.counts[bisect_left(DURATION_BUCKETS, upstream_seconds)] += 1
+            hist.sum += upstream_seconds
+
+        error = scope.error
+        if error:
+            self._observe_error(scope, key, up, error)
+        elif upstream_seconds is not None and self._up.get(up) != 1:
+            self.set_upstream_up(up, 1)
+        if scope.cache:
+            kc = (up, scope.cache.lower())
+            self.cache_requests[kc] = self.cache_requests.get(kc, 0) + 1
+        if scope.tool:
+            self._observe_tools(scope, key, up)
+
+    def _new_series(self, up: str) -> _Series:
+        duration = self.request_duration.get(up)
+        if duration is None:
+            duration = self.request_duration[up] = _Histogram()
+        upstream_duration = self.upstream_duration.get(up)
+        if upstream_duration is None:
+            upstream_duration = self.upstream_duration[up] = _Histogram()
+        return _Series(duration, upstream_duration)
+
+    def _observe_error(self, scope: RequestScope, key: str, up: str, error: str) -> None:
+        if error in _UPSTREAM_ERRORS:  # a 502/504, or a 200 whose body the upstream broke off (the code can't say)
+            self.upstream_errors[(up, error)] = self.upstream_errors.get((up, error), 0) + 1
+        if error in _AUTH_REASONS or (error == "bad_request" and not scope.key_id):
+            self.auth_failures[error] = self.auth_failures.get(error, 0) + 1
+        elif error == "rate_limit_exceeded":
+            self.rate_limited[(key, up)] = self.rate_limited.get((key, up), 0) + 1
+        elif error == "quota_exceeded":
+            self.quota_exceeded[(key, up)] = self.quota_exceeded.get((key, up), 0) + 1
+        elif error == "upstream_unavailable":
+            self.set_upstream_up(up, 0)
+        elif scope.upstream_seconds is not None and self._up.get(up) != 1:
+            self.set_upstream_up(up, 1)  # e.g. the client left mid-stream: the upstream did answer
+
+    def _observe_tools(self, scope: RequestScope, key: str, up: str) -> None:
+        error = scope.error
+        if error == "insufficient_permissions":
+            outcome = "denied"
+        elif error in _RATE_ERRORS:
+            outcome = "rate_limited"
+        elif error not in _NOT_ERRORS or (scope.status >= 400 and scope.status != 499):
+            outcome = "error"
+        else:
+            outcome = "ok"
+        for tool in scope.tool.split(","):
+            if tool.strip():
+                kt = (key, up, self._tool_label(up, tool), outcome)
+                self.mcp_tool_calls[kt] = self.mcp_tool_calls.get(kt, 0) + 1
+
+    def set_upstream_up(self, upstream: str, value: float) -> None:
+        """Record a reachability check (the probe, a request, ``/readyz``)."""
+        if upstream:
+            self._up[upstream] = value
+            self.upstream_up.labels(upstream).set(value)
+
+    # ------------------------------------------------------------- key table
+
+    def set_keys(self, records: Iterable[KeyRecord], now: float | None = None) -> None:
+        """Take a snapshot of the key table (on load and after every store change).
+
+        Active keys get their label slot here, in table order, so a key's series are
+        per-key from its first request. States are computed at scrape time, not here.
+        """
+        self._records = list(records)
+        now = self.clock() if now is None else now
+        for rec in self._records:
+            if rec.id not in self._slots and len(self._slots) < self.max_key_series and rec.state(now) == "active":
+                self._slots.add(rec.id)
+
+    # --------------------------------------------------------- upstream probe
+
+    async def watch_upstreams(
+        self, upstreams: Sequence[UpstreamConfig], interval: float = UPSTREAM_PROBE_INTERVAL
+    ) -> None:
+        """Probe each upstream now and every ``interval`` (run as a task), as ``/readyz`` does:
+        name, TCP and for https a TLS handshake with its trust settings (``sidecar.upstreams.health``).
+
+        Requests update ``sidecar_upstream_up`` too (an answer sets 1, a refused or reset
+        connection 0); the probe keeps it true for an upstream nobody is calling.
+        """
+
+        async def probe(up: UpstreamConfig) -> None:
+            ok = await upstream_health.check(up, UPSTREAM_PROBE_TIMEOUT) == "ok"
+            self.set_upstream_up(up.id, 1 if ok else 0)
+
+        while True:
+            await asyncio.gather(*(probe(u) for u in upstreams))
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------ exposition
+
+    def _specs(self) -> list[_Spec]:
+        """Every family this object owns, with its current values (no copies)."""
+        now = self.clock()
+        counts = dict.fromkeys(KEY_STATES, 0)
+        info: dict[tuple[str, ...], float] = {}
+        expires: dict[tuple[str, ...], float] = {}
+        for rec in self._records:
+            state = rec.state(now)
+            counts[state] += 1
+            if rec.id in self._slots:
+                info[(rec.id, rec.name, rec.owner or "")] = 1
+                if state == "active" and rec.expires_at is not None:
+                    expires[(rec.id,)] = rec.expires_at
+        quota_limit: dict[tuple[str, str], int] = {}
+        quota_remaining: dict[tuple[str, str], int] = {}
+        for (kid, scope), (limit, used, end) in list(self.quota_levels.items()):
+            if kid in self._slots:  # folding quotas into "other" would add up unrelated budgets
+                quota_limit[(kid, scope)] = limit
+                quota_remaining[(kid, scope)] = limit if end <= now else max(0, limit - used)
+        requests: dict[tuple[str, str, str, int], int] = {}
+        sent: dict[tuple[str, str], int] = {}
+        received: dict[tuple[str, str], int] = {}
+        for k, s in self.series.items():
+            requests[k] = s.requests
+            if s.sent:
+                sent[k[:2]] = sent.get(k[:2], 0) + s.sent
+            if s.received:
+                received[k[:2]] = received.get(k[:2], 0) + s.received
+        return [
+            _Spec("sidecar_requests", "counter", "Requests answered, by key, upstream, method and status code",
+                  ("key", "upstream", "method", "code"), requests),
+            _Spec("sidecar_request_duration_seconds", "histogram",
+                  "Time from request to the last byte sent, by upstream", ("upstream",), self.request_duration),
+            _Spec("sidecar_upstream_duration_seconds", "histogram",
+                  "Time until the upstream's response headers, by upstream", ("upstream",), self.upstream_duration),
+            _Spec("sidecar_response_bytes", "counter",
+                  "Response body bytes sent to clients (websockets: upstream to client messages)",
+                  ("key", "upstream"), sent),
+            _Spec("sidecar_request_bytes", "counter",
+                  "Request body bytes received from clients (websockets: client to upstream messages)",
+                  ("key", "upstream"), received),
+            _Spec("sidecar_auth_failures", "counter", "Requests refused for their credential or permissions, by reason",
+                  ("reason",), self.auth_failures),
+            _Spec("sidecar_rate_limited", "counter", "Requests refused by a rate limit", ("key", "upstream"),
+                  self.rate_limited),
+            _Spec("sidecar_quota_exceeded", "counter", "Requests refused by a quota", ("key", "upstream"),
+                  self.quota_exceeded),
+            _Spec("sidecar_quota_limit", "gauge",
+                  "A key's quota per window; upstream is the quota's scope (\"*\": all upstreams)",
+                  ("key", "upstream"), quota_limit),
+            _Spec("sidecar_quota_remaining", "gauge",
+                  "Requests left in a key's current quota window, as of its last request",
+                  ("key", "upstream"), quota_remaining),
+            _Spec("sidecar_upstream_errors", "counter",
+                  "Upstream faults by error (upstream_unavailable, upstream_timeout): answered 502/504, "
+                  "or a response cut short after its headers were sent", ("upstream", "error"), self.upstream_errors),
+            _Spec("sidecar_cache_requests", "counter", "Requests under a cache rule, by cache result",
+                  ("upstream", "result"), self.cache_requests),
+            _Spec("sidecar_mcp_tool_calls", "counter",
+                  "MCP tools/call requests, by tool and outcome (ok, error, denied, rate_limited)",
+                  ("key", "upstream", "tool", "outcome"), self.mcp_tool_calls),
+            _Spec("sidecar_store_write_failures", "counter",
+                  "Writes the key/state database refused (kind: key, usage, last_used, quota, audit; reason: "
+                  "locked, disk_full, read_only, io_error, other); usage, quota and audit writes are retried",
+                  ("kind", "reason"), self.store_write_failures),
+            _Spec("sidecar_in_flight_requests", "gauge", "Requests being served", (), {(): self.in_flight.value}),
+            _Spec("sidecar_key_info", "gauge", "Key metadata (always 1)", ("key", "name", "owner"), info),
+            _Spec("sidecar_keys", "gauge", "Keys in the store, by state", ("state",),
+                  {(state,): n for state, n in counts.items()}),
+            _Spec("sidecar_key_expires_timestamp_seconds", "gauge", "When an active key expires (Unix time)",
+                  ("key",), expires),
+        ]  # fmt: skip
+
+    def exposition(self) -> bytes:
+        """The text exposition (format 0.0.4) of the whole registry, for ``/metrics``.
+
+        Same content as ``generate_latest(registry)``, an order of magnitude faster for
+        our families: every series' ``name{labels} `` prefix is escaped once and cached,
+        so a scrape of tens of thousands of series does not stall the event loop.
+        """
+        out: list[str] = []
+        for spec in self._specs():
+            _write(spec, out, self._prefixes.setdefault(spec.name, {}) if spec.kind != "gauge" else {})
+        # Everything else on the registry, formatted by prometheus_client, without ours twice.
+        self._collector.muted = True
+        try:
+            out.append(generate_latest(self.registry).decode())
+        finally:
+            self._collector.muted = False
+        return "".join(out).encode()
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    name: str  # the family name (a counter's samples add ``_total``)
+    kind: str  # counter, gauge or histogram
+    doc: str
+    labels: tuple[str, ...]
+    values: Mapping[Any, Any]  # label values (tuple, or one str) -> number; histograms: upstream -> _Histogram
+
+
+def _label_values(k: Any) -> tuple[str, ...]:
+    return (k,) if isinstance(k, str) else tuple(str(x) for x in k)
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+    return value
+
+
+def _labels(names: Sequence[str], values: Sequence[str]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)) + "}"
+
+
+def _number(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+def _write(spec: _Spec, out: list[str], cache: dict[Any, Any]) -> None:
+    sample = spec.name + "_total" if spec.kind == "counter" else spec.name
+    doc = spec.doc.replace("\\", r"\\").replace("\n", r"\n")
+    out.append(f"# HELP {sample} {doc}\n# TYPE {sample} {spec.kind}\n")
+    if spec.kind != "histogram":
+        for k, v in spec.values.items():
+            prefix = cache.get(k)
+            if prefix is None:
+                prefix = cache[k] = f"{sample}{_labels(spec.labels, _label_values(k))} "
+            out.append(f"{prefix}{_number(v)}\n")
+        return
+    for up, h in spec.values.items():
+        prefixes = cache.get(up)
+        if prefixes is None:
+            lbl = f'upstream="{_escape(up)}"'
+            prefixes = cache[up] = (
+                [f'{spec.name}_bucket{{{lbl},le="{le}"}} ' for le in _LE],
+                f"{spec.name}_count{{{lbl}}} ",
+                f"{spec.name}_sum{{{lbl}}} ",
+            )
+        buckets, count, total = prefixes
+        running = 0
+        for prefix, n in zip(buckets, h.counts, strict=True):
+            running += n
+            out.append(f"{prefix}{running}\n")
+        out.append(f"{count}{running}\n{total}{_number(h.sum)}\n")
+
+
+class _Collector(Collector):
+    """The same families as prometheus_client objects: ``generate_latest(registry)``,
+    ``registry.get_sample_value`` and anything else that reads the registry."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+        self.muted = False  # set while ``Metrics.exposition`` writes these families itself
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family(spec, empty=True) for spec in self.m._specs()]
+
+    def collect(self) -> Iterable[Metric]:
+        if self.muted:
+            return []
+        return [self._family(spec, empty=False) for spec in self.m._specs()]
+
+    @staticmethod
+    def _family(spec: _Spec, empty: bool) -> Metric:
+        labels = list(spec.labels)
+        fam: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+        if spec.kind == "histogram":
+            fam = HistogramMetricFamily(spec.name, spec.doc, labels=labels)
+            if not empty:
+                for up, h in spec.values.items():
+                    fam.add_metric([up], h.cumulative(), h.sum)
+            return fam
+        fam = (CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily)(spec.name, spec.doc, labels=labels)
+        if not empty:
+            for k, v in spec.values.items():
+                fam.add_metric(list(_label_values(k)), v)
+        return fam

@@ -1,0 +1,1 @@
+"""What is specific to an upstream: Plex (token injection, scrubbing, transcode sessions), MCP, reachability."""

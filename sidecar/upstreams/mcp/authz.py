@@ -1,0 +1,252 @@
+"""What a key may do on an MCP upstream, judged from the JSON-RPC body (tools, resources, prompts).
+
+Pure but for :class:`BodyJudge`, which only decides *where* the pure work runs.
+
+* :class:`McpAccess` is a key's ``tools`` / ``resources`` / ``prompts`` globs for one
+  upstream, resolved once per request (see ``permissions.mcp_globs`` for the rule: a key
+  that names any of the three on an upstream is limited in all three, and what it does
+  not name is denied; a key that names none is not limited).
+* :func:`judge` parses a POST body, checks it against its ``Mcp-*`` headers and decides,
+  message by message, what is refused, what is dropped, which list answers must be
+  filtered and which bytes go upstream. It returns a small :class:`Decision`, so the
+  parsed tree (up to ``mcp.max_body`` of JSON) is freed where it was built.
+* :class:`BodyJudge` runs :func:`judge` inline for small bodies and in a worker thread,
+  one at a time, for large ones (with the cyclic GC paused): a large body then holds the
+  event loop for at most one parse (the json module keeps the GIL while it parses),
+  never for the sum of all the bodies that arrived together, and only one large tree
+  is alive at a time.
+
+The standard library's json is used on purpose, not orjson: orjson reads integers above
+64 bits as floats, so a batch re-serialised after a refusal would differ from what the
+client sent, and the sidecar must judge exactly what the upstream reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import gc
+import json
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from typing import Any, TypeVar
+
+from ...auth.models import Permissions
+from ...auth.permissions import mcp_globs
+from .jsonrpc import TOOL_FORBIDDEN, JsonRpcError, Message, check_headers, dumps, error_object, parse_body
+
+__all__ = ["CALLS", "LISTS", "BodyJudge", "Decision", "McpAccess", "judge", "refusal"]
+
+_T = TypeVar("_T")
+INLINE_MAX = 64 * 1024  # bodies up to this size are judged on the event loop (well under a millisecond)
+
+# Requests that act on one named thing: method -> (kind, params key, what the refusal says).
+CALLS: dict[str, tuple[str, str, str]] = {
+    "tools/call": ("tools", "name", "call tool"),
+    "resources/read": ("resources", "uri", "read resource"),
+    "resources/subscribe": ("resources", "uri", "subscribe to resource"),
+    "resources/unsubscribe": ("resources", "uri", "unsubscribe from resource"),
+    "prompts/get": ("prompts", "name", "get prompt"),
+}
+# List requests whose answers are filtered: method -> (kind, result field, item key).
+LISTS: dict[str, tuple[str, str, str]] = {
+    "tools/list": ("tools", "tools", "name"),
+    "resources/list": ("resources", "resources", "uri"),
+    "resources/templates/list": ("resources", "resourceTemplates", "uriTemplate"),
+    "prompts/list": ("prompts", "prompts", "name"),
+}
+_COMPLETION_REFS = {
+    "ref/prompt": ("prompts", "name", "complete prompt"),
+    "ref/resource": ("resources", "uri", "complete resource"),
+}
+
+
+@lru_cache(maxsize=4096)
+def _pattern(globs: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not globs:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+
+
+@dataclass(frozen=True, slots=True)
+class McpAccess:
+    """One key's MCP limits on one upstream: per kind, the globs it may use (None = everything)."""
+
+    tools: tuple[str, ...] | None = None
+    resources: tuple[str, ...] | None = None
+    prompts: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, perms: Permissions, upstream_id: str) -> McpAccess:
+        return cls(
+            mcp_globs(perms, upstream_id, "tools"),
+            mcp_globs(perms, upstream_id, "resources"),
+            mcp_globs(perms, upstream_id, "prompts"),
+        )
+
+    @property
+    def restricted(self) -> bool:
+        """Whether any list answer needs filtering (if not, the upstream's answers pass untouched)."""
+        return self.tools is not None or self.resources is not None or self.prompts is not None
+
+    def allows(self, kind: str, name: Any) -> bool:
+        """Tool name, resource URI (or a template's text, for template lists) or prompt name."""
+        globs: tuple[str, ...] | None = getattr(self, kind)
+        if globs is None:
+            return True
+        pat = _pattern(globs)
+        return pat is not None and isinstance(name, str) and pat.match(name) is not None
+
+
+def refusal(rid: Any, verb: str, name: Any) -> dict[str, Any]:
+    """The JSON-RPC error a refused call gets (the same code for tools, resources and prompts)."""
+    shown = name if isinstance(name, str) else "?"
+    return error_object(rid, TOOL_FORBIDDEN, f"this key may not {verb} {shown!r}", {"code": "insufficient_permissions"})
+
+
+def _target(msg: Message) -> tuple[str, Any, str] | None:
+    """``(kind, name, verb)`` for a message that names a tool, resource or prompt; None otherwise."""
+    method = msg.method
+    if method is None:
+        return None
+    spec = CALLS.get(method)
+    if spec is not None:
+        kind, key, verb = spec
+        return kind, msg.params.get(key), verb
+    if method == "completion/complete":  # completions describe a prompt's or a template's arguments
+        ref = msg.params.get("ref")
+        if isinstance(ref, dict) and ref.get("type") in _COMPLETION_REFS:
+            kind, key, verb = _COMPLETION_REFS[ref["type"]]
+            return kind, ref.get(key), verb
+    return None
+
+
+@dataclass(slots=True)
+class Decision:
+    """What to do with one POST body (everything the gateway needs once the tree is gone)."""
+
+    error: JsonRpcError | None = None
+    batch: bool = False
+    tools: list[str] = field(default_factory=list)  # tools named by tools/call (logs and metrics)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # the refusals of requests, in order
+    dropped: int = 0  # refused notifications: nothing to answer
+    kept: int = 0  # the client's messages that go upstream
+    lists: list[tuple[Any, str]] = field(default_factory=list)  # (id, method) of list answers to filter
+    forward: bytes | None = None  # the body for the upstream; None: nothing goes up
+    forward_has_request: bool = False  # the forwarded body holds a request (an answer will come)
+
+    @property
+    def denied(self) -> bool:
+        return bool(self.refused) or self.dropped > 0
+
+
+def judge(raw: bytes, headers: Iterable[tuple[str, str]], access: McpAccess, *, legacy: bool) -> Decision:
+    """Parse, check and authorize a POST body.
+
+    ``legacy``: answers travel down a legacy SSE stream, so a refused request goes up as a
+    ``ping`` with the same id (the gateway swaps its answer for the refusal on the way
+    down) instead of being answered here.
+    """
+    try:
+        body = parse_body(raw)
+        check_headers(body, headers)
+    except JsonRpcError as e:
+        return Decision(error=e)
+    d = Decision(batch=body.batch)
+    out: list[Any] = []
+    changed = False
+    for msg in body.messages:
+        target = _target(msg)
+        if target is not None:
+            kind, name, verb = target
+            if kind == "tools" and isinstance(name, str):
+                d.tools.append(name)
+            if not access.allows(kind, name):
+                changed = True
+                if msg.is_request:
+                    d.refused.append(refusal(msg.id, verb, name))
+                    if legacy:
+                        out.append({"jsonrpc": "2.0", "id": msg.id, "method": "ping"})
+                        d.forward_has_request = True
+                else:
+                    d.dropped += 1
+                continue
+        d.kept += 1
+        out.append(msg.raw)
+        d.forward_has_request = d.forward_has_request or msg.is_request
+        if access.restricted and msg.is_request and msg.method in LISTS:
+            d.lists.append((msg.id, msg.method))
+    if not changed:
+        d.forward = raw
+    elif out:
+        d.forward = dumps(out if body.batch else out[0])
+    return d
+
+
+class BodyJudge:
+    """Runs :func:`judge` without stalling other clients: large bodies in a thread, one at a time.
+
+    The thread is its own (started once, on the first large body), not the loop's default
+    executor: starting a pool thread waits for it to run, and while another thread holds
+    the GIL in a parse that wait stalls the loop; sharing a pool with argon2 and DNS would
+    also let a burst of bodies queue ahead of them.
+    """
+
+    def __init__(self, inline_max: int = INLINE_MAX, parallel: int = 1) -> None:
+        self.inline_max = inline_max
+        self.parallel = parallel
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def judge(
+        self, raw: bytes, headers: Iterable[tuple[str, str]], access: McpAccess, *, legacy: bool
+    ) -> Decision:
+        if len(raw) <= self.inline_max:
+            return judge(raw, headers, access, legacy=legacy)
+        items = list(headers)  # the thread gets its own copy
+        return await self._run(partial(_without_gc, judge, raw, items, access, legacy=legacy))
+
+    async def loads(self, raw: bytes) -> Any:
+        """``json.loads`` under the same rule (the REST tool call's body); ValueError if it is not JSON."""
+        if len(raw) <= self.inline_max:
+            return _loads(raw)
+        return await self._run(partial(_without_gc, _loads, raw))
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="sidecar-mcp-body")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def close(self) -> None:
+        """Let the thread go (a parse under way finishes; nothing waits for it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _without_gc(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a large parse with the cyclic GC paused.
+
+    A megabyte of tiny JSON values is hundreds of thousands of allocations: enough to set
+    off collections of every generation, and a full one walks the whole heap while the
+    parse holds the GIL (100 ms measured, on top of the parse). A parsed JSON tree has no
+    cycles, so there is nothing for the collector to find in it. Only this module's one
+    worker thread pauses it, and only if it was on.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

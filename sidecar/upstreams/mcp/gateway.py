@@ -1,0 +1,762 @@
+"""The MCP gateway: Streamable HTTP and legacy SSE through the sidecar, tool by tool.
+
+The pipeline has already routed, verified the key, checked upstream/method/path
+and the rate limit when it calls :meth:`McpGateway.handle`; what is left is what
+only an MCP-aware proxy can do:
+
+* **Authorize from the body.** A POST's JSON-RPC body (bounded by
+  ``upstreams[].mcp.max_body``) is parsed and every message — each element of a
+  batch — is checked. ``Mcp-Method`` / ``Mcp-Name`` headers are compared with the
+  body and a disagreement is refused; they are never trusted on their own.
+* **Per-tool, per-resource, per-prompt permissions** (``sidecar/upstreams/mcp/authz.py``, where
+  bodies are also parsed without stalling the loop). A ``tools/call``,
+  ``resources/read`` / ``subscribe`` / ``unsubscribe``, ``prompts/get`` or
+  ``completion/complete`` the key may not make is answered by
+  the sidecar with a JSON-RPC error carrying the request's id (HTTP 200, so the
+  client's session lives on). In a batch, the allowed elements go upstream and the
+  refusals are merged into the upstream's answer (JSON array or SSE stream). On the
+  legacy SSE transport the answer has to come down the event stream, so the
+  forbidden call is sent up as a ``ping`` with the same id and its answer is
+  replaced by the refusal on the way down: ordering stays natural and nothing is
+  injected out of band.
+* **Filtered lists.** ``tools/list``, ``resources/list``, ``resources/templates/list``
+  and ``prompts/list`` results — JSON, or events in any SSE stream of the session —
+  lose what the key may not use.
+* **Sessions belong to keys** (``sidecar/upstreams/mcp/sessions.py``). An ``Mcp-Session-Id`` (or
+  a legacy SSE session) is bound to the key that opened it; another key presenting it,
+  in any form, is refused, and ambiguous forms (repeated, empty, header and query
+  disagreeing) are a 400, since the upstream sees one credential for everybody.
+* **Refusals are free.** A request refused here after the rate limiter ran (another
+  key's session, a body whose every message is refused) gets its budget back.
+* **The sidecar is the protected resource.** The upstream's 401 becomes a 502, its
+  ``WWW-Authenticate`` and OAuth metadata never reach the client; 401s on MCP routes
+  point at the sidecar's own RFC 9728 metadata.
+* **Redirects and endpoints stay inside the prefix.** ``Location`` and the legacy
+  ``endpoint`` event are mapped back under the upstream's ``path_prefix``.
+* **CORS** for browser clients, and the PlexMCP-style **REST tool call**
+  (``POST /mcp`` with ``{"mcp_id", "tool", "arguments"}``).
+
+Streams are never buffered: the forwarder relays SSE without an idle timeout, and
+the rewriters hold at most one incomplete event. A client that goes away cancels
+the handler (``handler_cancellation``), which closes the upstream request at once —
+MCP 2026-07-28 treats that as cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from ...auth.credentials import extract_credential
+from ...auth.models import KeyRecord
+from ...auth.permissions import allowed, tool_allowed
+from ...config import DEFAULT_MCP_MAX_BODY, UpstreamConfig
+from ...http.errors import (
+    BadRequest,
+    Forbidden,
+    NoRoute,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ...http.listener import public_base
+from ...http.pipeline import WELL_KNOWN
+from ...http.scope import RequestScope
+from ..health import connect_problem
+from .authz import BodyJudge, Decision, McpAccess
+from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
+from .jsonrpc import dumps
+from .scrub import scrub_bytes, scrub_text, scrubbed
+from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
+
+if TYPE_CHECKING:
+    from ...app import Sidecar
+
+__all__ = ["REST_PATH", "McpGateway", "McpSession", "RestClient", "SessionTable"]
+
+REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
+CLIENT_NAME = "sidecar"
+HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
+CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+
+CORS_ALLOW_HEADERS = (
+    "Authorization", "Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID",
+    "Mcp-Method", "Mcp-Name", "x-api-key",
+)  # fmt: skip
+CORS_EXPOSE_HEADERS = (
+    "Mcp-Session-Id", "MCP-Protocol-Version", "WWW-Authenticate", "Retry-After", "RateLimit", "RateLimit-Policy",
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+)  # fmt: skip
+_OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
+
+
+# ----------------------------------------------------------------------------- response filter
+
+
+class _Filter:
+    """The forwarder's ResponseFilter for MCP routes: header policy always, body rewriting when needed."""
+
+    def __init__(
+        self,
+        gw: McpGateway,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        *,
+        sid: str | None = None,
+        sse: Callable[[], SseRewriter] | None = None,
+        json_body: Callable[[], JsonRewriter] | None = None,
+    ) -> None:
+        self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
+        self._sse, self._json = sse, json_body
+        self._body: SseRewriter | JsonRewriter | None = None
+        self.status = 0
+
+    def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
+        self.status = status
+        if status == 401:
+            # The upstream's challenge is about the sidecar's credential, not the client's.
+            raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+        headers.popall("WWW-Authenticate", None)
+        for name in ("Location", "Content-Location"):
+            value = headers.get(name)
+            if value:
+                mapped = self.gw.client_path(self.upstream, value)
+                if mapped is not None:
+                    headers[name] = mapped
+        new_sid = headers.get(SESSION_HEADER)
+        if new_sid and status < 400:
+            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
+        if status == 404 and self.sid:
+            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
+        if not 200 <= status < 300:
+            return False  # the upstream's errors pass through untouched
+        ctype = headers.get("Content-Type", "").lower()
+        if ctype.startswith("text/event-stream") and self._sse is not None:
+            self._body = self._sse()
+        elif ctype.startswith("application/json") and self._json is not None:
+            self._body = self._json()
+        if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
+            self._body = None  # asked for identity; a compressed answer cannot be read, so it passes
+        return self._body is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._body.feed(chunk) if self._body is not None else chunk
+
+    def flush(self) -> bytes:
+        return self._body.flush() if self._body is not None else b""
+
+
+# ----------------------------------------------------------------------------- gateway
+
+
+class McpGateway:
+    """Everything MCP-specific; built by ``Sidecar.start`` when an MCP upstream exists."""
+
+    def __init__(self, sc: Sidecar) -> None:
+        self.sc = sc
+        self.sessions = SessionTable()
+        self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
+        self.rest = RestClient(sc.sessions)
+        # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
+        # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
+        owner = sc.router.match(REST_PATH)
+        self._rest_enabled = not any(u.path_prefix == REST_PATH for u in sc.config.upstreams) and (
+            owner is None or owner.kind != "mcp"
+        )
+        self._rest_limit = max(
+            (u.mcp_max_body for u in sc.config.upstreams if u.kind == "mcp"), default=DEFAULT_MCP_MAX_BODY
+        )
+
+    # ------------------------------------------------------------------ hooks the pipeline calls
+
+    def is_rest_call(self, request: web.Request) -> bool:
+        """Requests the gateway answers before routing: the REST tool call and CORS preflights."""
+        if request.method == "OPTIONS" and self._is_preflight(request):
+            return True
+        return self._rest_enabled and request.method == "POST" and request.path == REST_PATH
+
+    async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return self._preflight(request)
+        return await self._rest(request, scope)
+
+    async def handle(
+        self,
+        sc: Sidecar,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        rate_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """One request on an MCP route, after auth, permission and rate limit."""
+        sub = self._upstream_path(upstream, request.path)
+        if sub.startswith(_OAUTH_PATHS):
+            raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
+        url = self._exact_url(upstream, request, url)
+        headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
+        if self._cors_origin(request) is not None:
+            # The sidecar already vetted this origin; the SDK's DNS-rebinding guard would refuse it.
+            headers.popall("Origin", None)
+
+        def on_headers(status: int, out: CIMultiDict[str]) -> None:
+            out.update(rate_headers)
+
+        ids = presented_ids(request.headers, request.rel_url.raw_query_string)  # 400 for ambiguous forms
+        sid = ids.header
+        try:
+            session, legacy = self.sessions.resolve(upstream.id, key.id, ids, post=request.method == "POST")
+        except Forbidden:
+            await self.sc.limiter.refund(key, upstream)  # refusals are free
+            raise
+        if request.method == "POST":
+            return await self._post(
+                request, scope, upstream, key, url, headers, on_headers, rate_headers, session, legacy
+            )
+        if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
+            return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
+        filt = _Filter(self, upstream, key, sid=sid)
+        response = await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
+        )
+        if request.method == "DELETE" and sid and 200 <= filt.status < 300:
+            self.sessions.forget(upstream.id, "http", sid)
+        return response
+
+    def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
+        """``WWW-Authenticate`` for a 401 on an MCP route: where the sidecar's resource metadata lives."""
+        upstream = self.sc.config.upstream(upstream_id)
+        if upstream is None or upstream.kind != "mcp":
+            return {}
+        prefix = "" if upstream.path_prefix == "/" else upstream.path_prefix
+        meta = f"{self.base_url(request)}{WELL_KNOWN}{prefix}"
+        return {"WWW-Authenticate": f'Bearer realm="sidecar", resource_metadata="{meta}", ApiKey realm="sidecar"'}
+
+    async def well_known(self, request: web.Request) -> web.StreamResponse:
+        """RFC 9728 metadata naming the sidecar (not the upstream) as the protected resource.
+
+        No ``authorization_servers``: keys are issued out of band (CLI, admin API), so
+        there is no OAuth flow to discover; clients send the key as a bearer token.
+        """
+        tail = request.path[len(WELL_KNOWN) :].rstrip("/")
+        base = self.base_url(request)
+        if tail:
+            up = next((u for u in self.sc.config.upstreams if u.kind == "mcp" and u.path_prefix == tail), None)
+            if up is None and not (self._rest_enabled and tail == REST_PATH):
+                return NoRoute(f"no MCP resource at {tail}").response()
+            name = f"Sidecar MCP gateway ({up.id})" if up else "Sidecar MCP REST tool calls"
+        else:
+            name = "Sidecar MCP gateway"
+        body = {"resource": base + tail, "bearer_methods_supported": ["header"], "resource_name": name}
+        return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS headers on every answer of an MCP route (errors included, so browsers can read them)."""
+        origin = self._cors_origin(request)
+        if origin is None or not (self._is_mcp_path(request.path) or request.path.startswith(WELL_KNOWN)):
+            return
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = ", ".join(CORS_EXPOSE_HEADERS)
+        if origin != "*" and "Origin" not in response.headers.getall("Vary", []):
+            response.headers.add("Vary", "Origin")
+
+    async def close(self) -> None:
+        self.judge.close()
+        await self.rest.close(self.sc.config.upstreams)
+
+    # ------------------------------------------------------------------ helpers
+
+    def base_url(self, request: web.Request) -> str:
+        """The sidecar's public origin: ``server.public_url``, a trusted proxy's ``X-Forwarded-*``,
+        else the listener's own address — never the client's ``Host`` (``listener.public_base``)."""
+        return public_base(request, self.sc.config.server.public_url, self.sc.trusted_proxies)
+
+    def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:
+        return client_path(
+            location, upstream_url=upstream.url, prefix=upstream.path_prefix, strip_prefix=upstream.strip_prefix
+        )
+
+    @staticmethod
+    def _upstream_path(upstream: UpstreamConfig, path: str) -> str:
+        if upstream.strip_prefix and upstream.path_prefix != "/":
+            return path[len(upstream.path_prefix) :] or "/"
+        return path
+
+    @staticmethod
+    def _exact_url(upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
+        """``/mcp/tools`` → the upstream URL itself, not ``…/mcp/`` (the SDK would answer 307 to ``…/mcp``)."""
+        exact = upstream.strip_prefix and upstream.path_prefix != "/" and request.path == upstream.path_prefix
+        if exact and urlsplit(upstream.url).path not in ("", "/"):
+            query = url.raw_query_string
+            return URL(upstream.url + (f"?{query}" if query else ""), encoded=True)
+        return url
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes:
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"MCP request body over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if limit and size > limit:
+                raise PayloadTooLarge(f"MCP request body over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _json(obj: Any, status: int, headers: dict[str, str]) -> web.Response:
+        return web.Response(status=status, body=dumps(obj), content_type="application/json", headers=headers)
+
+    # ------------------------------------------------------------------ POST: the JSON-RPC body
+
+    async def _post(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        rate_headers: dict[str, str],
+        session: McpSession | None,
+        legacy: McpSession | None,
+    ) -> web.StreamResponse:
+        """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
+        raw = await self._read_body(request, upstream.mcp_max_body)
+        access = McpAccess.of(key.permissions, upstream.id)
+        d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        del raw  # the decision holds what goes upstream
+        if d.error is not None:
+            # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
+            scope.error = "bad_request"
+            return self._json(d.error.body(code="bad_request"), 400, rate_headers)
+        scope.tool = ",".join(dict.fromkeys(d.tools))
+        if d.denied:
+            scope.error = "insufficient_permissions"
+            if not d.kept:
+                await self.sc.limiter.refund(key, upstream)  # nothing the client asked for went up: free
+
+        # List answers are filtered on whichever channel they come down (this POST's answer,
+        # the session's GET stream after a resumption, a legacy event stream): every session
+        # the request names learns the ids, so filtering never depends on the form used.
+        sessions = [s for s in (session, legacy) if s is not None]
+        lists = PendingIds()
+        for rid, method in d.lists:
+            lists.add(rid, method)
+            for s in sessions:
+                s.lists.add(rid, method)
+        refusals = (legacy.refusals,) if legacy is not None else ()
+        policy = Policy(access, lists=(lists, *(s.lists for s in sessions)), refusals=refusals)
+        if legacy is not None:
+            return await self._post_legacy(request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
+                                           legacy, policy)  # fmt: skip
+
+        answers = d.refused
+        if d.forward is None:
+            if not answers:
+                return web.Response(status=202, headers=rate_headers)
+            return self._json(answers if d.batch else answers[0], 200, rate_headers)
+        if answers and not d.forward_has_request:
+            # Upstream will say 202 for the notifications; the refusals still need an answer.
+            await self._send_only(upstream, url, headers, d.forward, scope)
+            return self._json(answers, 200, rate_headers)
+        want = bool(d.lists) or bool(answers)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sid=request.headers.get(SESSION_HEADER),
+            sse=partial(SseRewriter, policy, extra=answers) if want else None,
+            json_body=(
+                partial(JsonRewriter, policy, extra=answers, own=[rid for rid, _ in d.lists], batch=d.batch)
+                if want
+                else None
+            ),
+        )
+        return await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
+            on_headers=on_headers,
+        )  # fmt: skip
+
+    async def _post_legacy(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        rate_headers: dict[str, str],
+        d: Decision,
+        legacy: McpSession,
+        policy: Policy,
+    ) -> web.StreamResponse:
+        """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
+        for answer in d.refused:
+            legacy.refusals.add(answer["id"], answer)
+        if d.forward is None:
+            return web.Response(status=202, text="Accepted", headers=rate_headers)
+        # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
+        # same policy applies there.
+        want = bool(d.lists) or bool(d.refused)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sse=partial(SseRewriter, policy) if want else None,
+            json_body=partial(JsonRewriter, policy) if want else None,
+        )
+        return await self.sc.forwarder.forward(
+            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
+            on_headers=on_headers,
+        )  # fmt: skip
+
+    async def _send_only(
+        self, upstream: UpstreamConfig, url: URL, headers: CIMultiDict[str], body: bytes, scope: RequestScope
+    ) -> None:
+        """POST notifications upstream and wait for the (bodiless) answer."""
+        headers["Content-Length"] = str(len(body))
+        started = time.perf_counter()
+        resp = await _open(self.sc.sessions[upstream.id], upstream, "POST", url, headers, body)
+        scope.upstream_seconds = time.perf_counter() - started
+        async with resp:
+            if resp.status == 401:
+                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+
+    # ------------------------------------------------------------------ GET: event streams
+
+    async def _stream(
+        self,
+        request: web.Request,
+        scope: RequestScope,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        url: URL,
+        headers: CIMultiDict[str],
+        on_headers: Callable[[int, CIMultiDict[str]], None],
+        session: McpSession | None,
+    ) -> web.StreamResponse:
+        """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
+        policy = Policy(McpAccess.of(key.permissions, upstream.id))
+        legacy_sid: list[str] = []
+
+        def endpoint(data: str) -> str:
+            # The legacy transport's first event names the URL to POST messages to.
+            sid = parse_qs(urlsplit(data).query)
+            found = (sid.get("session_id") or sid.get("sessionId") or [""])[0]
+            s = self.sessions.bind(upstream.id, "sse", found, key.id) if found else None
+            if s is not None:
+                policy.lists, policy.refusals = (s.lists,), (s.refusals,)
+                legacy_sid.append(found)
+            return self.client_path(upstream, data) or data
+
+        if session is not None:
+            policy.lists = (session.lists,)
+        filt = _Filter(
+            self,
+            upstream,
+            key,
+            sid=request.headers.get(SESSION_HEADER),
+            sse=partial(SseRewriter, policy, endpoint=None if session is not None else endpoint),
+        )
+        try:
+            return await self.sc.forwarder.forward(
+                request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
+            )
+        finally:
+            for found in legacy_sid:
+                self.sessions.forget(upstream.id, "sse", found)
+
+    # ------------------------------------------------------------------ CORS
+
+    def _cors_origin(self, request: web.Request) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for this request, or None (CORS off, no or foreign origin)."""
+        cors = self.sc.config.cors
+        origin = request.headers.get("Origin")
+        if not cors.enabled or not origin:
+            return None
+        if "*" in cors.origins:
+            return "*"
+        return origin if origin in cors.origins else None
+
+    def _is_mcp_path(self, path: str) -> bool:
+        if self._rest_enabled and path == REST_PATH:
+            return True
+        up = self.sc.router.match(path)
+        return up is not None and up.kind == "mcp"
+
+    def _is_preflight(self, request: web.Request) -> bool:
+        return (
+            self.sc.config.cors.enabled
+            and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers
+            and self._is_mcp_path(request.path)
+        )
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        origin = self._cors_origin(request)
+        if origin is None:
+            raise Forbidden("this origin may not use the MCP routes (cors.origins)")
+        requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+        allow = list(CORS_ALLOW_HEADERS) + [h for h in requested if h.lower().startswith("mcp-param-")]
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": ", ".join(allow),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            },
+        )
+
+    # ------------------------------------------------------------------ REST tool call
+
+    async def _rest(self, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+        """``POST /mcp {"mcp_id", "tool", "arguments"}``: verify, authorize, limit, call, answer JSON."""
+        sc = self.sc
+        credential = extract_credential(request.headers, request.query, sc.config.credentials)
+        if credential is None:
+            raise Unauthorized("an API key is required")
+        scope.credential = ",".join(credential.forms)
+        key = await sc.verifier.verify(credential.key, scope.client_ip)
+        scope.key_id, scope.key_name = key.id, key.name
+
+        raw = await self._read_body(request, self._rest_limit)
+        try:
+            data = await self.judge.loads(raw)  # off the loop when large; deep nesting is a ValueError too
+        except ValueError:
+            raise BadRequest('the body must be JSON: {"mcp_id": …, "tool": …, "arguments": {…}}') from None
+        if not isinstance(data, dict):
+            raise BadRequest('the body must be a JSON object: {"mcp_id": …, "tool": …, "arguments": {…}}')
+        mcp_id, tool, arguments = data.get("mcp_id"), data.get("tool"), data.get("arguments", {})
+        if not isinstance(mcp_id, str) or not mcp_id:
+            raise BadRequest("mcp_id: required (the id of an MCP upstream)")
+        if not isinstance(tool, str) or not tool:
+            raise BadRequest("tool: required (the name of the tool to call)")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise BadRequest("arguments: expected an object")
+        unknown = set(data) - {"mcp_id", "tool", "arguments"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+        upstream = sc.config.upstream(mcp_id)
+        if upstream is None or upstream.kind != "mcp":
+            raise NoRoute(f"no MCP upstream with id {mcp_id!r}")
+        scope.upstream, scope.tool = upstream.id, tool
+
+        reason = allowed(key.permissions, upstream.id, upstream.kind, "POST", "/")
+        if reason:
+            raise Forbidden(reason)
+        if not tool_allowed(key.permissions, upstream.id, tool):
+            raise Forbidden(f"this key may not call tool {tool!r}")
+        decision = await sc.limiter.check(key, upstream)
+        if not decision.allowed and decision.error is not None:
+            scope.rate_limited = True
+            raise decision.error
+        async with sc.limiter.slot(key, upstream):
+            result = await self.rest.call(upstream, tool, arguments, scope)
+        body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
+        return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)
+
+
+async def _open(
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    method: str,
+    url: URL | str,
+    headers: CIMultiDict[str] | dict[str, str],
+    body: bytes,
+) -> aiohttp.ClientResponse:
+    """One upstream request, with the forwarder's mapping of failures to contract errors."""
+    try:
+        async with asyncio.timeout(upstream.read_timeout):
+            return await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not accept a connection in time") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
+    except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
+        raise UpstreamUnavailable(connect_problem(upstream, e)) from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+
+
+# ----------------------------------------------------------------------------- REST caller
+
+
+@dataclass
+class _Pooled:
+    """The REST caller's one MCP session with an upstream (re-initialised when it expires)."""
+
+    session_id: str | None = None
+    version: str | None = None
+    ready: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class RestClient:
+    """Minimal JSON-RPC over Streamable HTTP, on the forwarder's pooled aiohttp sessions.
+
+    Hand-rolled rather than the SDK's client: the SDK is not a runtime dependency of
+    the sidecar, and its client brings httpx and a task group per connection, where a
+    REST call needs three small POSTs (``initialize``, ``notifications/initialized``
+    once per upstream, then ``tools/call``) over connections the sidecar already pools.
+    """
+
+    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+        self.sessions = sessions
+        self._pool: dict[str, _Pooled] = {}
+
+    def pooled(self, upstream_id: str) -> _Pooled:
+        return self._pool.setdefault(upstream_id, _Pooled())
+
+    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
+        pooled = self.pooled(upstream.id)
+        status, msg = 0, None
+        for attempt in range(2):
+            await self._ensure(upstream, pooled)
+            sid = pooled.session_id
+            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/call",
+                       "params": {"name": tool, "arguments": arguments}}  # fmt: skip
+            started = time.perf_counter()
+            status, _, msg = await self._rpc(upstream, pooled, request)
+            scope.upstream_seconds = time.perf_counter() - started
+            if status == 404 and sid is not None and attempt == 0:
+                async with pooled.lock:  # the session expired upstream: initialise a new one, once
+                    if pooled.session_id == sid:
+                        pooled.ready, pooled.session_id = False, None
+                continue
+            break
+        if msg is None:
+            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
+        if "error" in msg:
+            err = msg["error"] if isinstance(msg["error"], dict) else {}
+            code, text = err.get("code"), scrub_text(upstream, str(err.get("message", "error")))
+            if code in (-32600, -32601, -32602):
+                raise BadRequest(f"the upstream refused the call: {text}")
+            raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
+        return msg.get("result")
+
+    async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        if pooled.ready:
+            return
+        async with pooled.lock:
+            if not pooled.ready:  # another call may have initialised it while this one waited
+                await self._initialize(upstream, pooled)
+
+    async def _initialize(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        pooled.session_id = pooled.version = None
+        init = {
+            "jsonrpc": "2.0", "id": next(pooled.ids), "method": "initialize",
+            "params": {"protocolVersion": HANDSHAKE_VERSION, "capabilities": {},
+                       "clientInfo": {"name": CLIENT_NAME, "version": "1.0"}},
+        }  # fmt: skip
+        status, headers, msg = await self._rpc(upstream, pooled, init)
+        result = msg.get("result") if msg else None
+        if status >= 300 or not isinstance(result, dict):
+            raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
+        pooled.session_id = headers.get(SESSION_HEADER)
+        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
+        await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        pooled.ready = True
+
+    def _headers(self, upstream: UpstreamConfig, pooled: _Pooled) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Accept-Encoding": "identity",
+            **upstream.headers,
+        }
+        if pooled.session_id:
+            headers[SESSION_HEADER] = pooled.session_id
+        if pooled.version:
+            headers["MCP-Protocol-Version"] = pooled.version
+        return headers
+
+    async def _rpc(
+        self, upstream: UpstreamConfig, pooled: _Pooled, msg: dict[str, Any]
+    ) -> tuple[int, CIMultiDict[str], dict[str, Any] | None]:
+        """POST one message; the JSON-RPC answer to it (from JSON or an SSE stream), if any."""
+        session = self.sessions[upstream.id]
+        resp = await _open(session, upstream, "POST", upstream.url, self._headers(upstream, pooled), dumps(msg))
+        async with resp:
+            headers = CIMultiDict(resp.headers)
+            if resp.status == 401:
+                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+            if "id" not in msg or resp.status == 202:
+                return resp.status, headers, None
+            ctype = resp.headers.get("Content-Type", "").lower()
+            try:
+                if ctype.startswith("text/event-stream"):
+                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
+                if ctype.startswith("application/json"):
+                    async with asyncio.timeout(upstream.read_timeout):
+                        body = json.loads(await resp.read())
+                    return resp.status, headers, body if isinstance(body, dict) else None
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
+            except (aiohttp.ClientError, ValueError) as e:
+                raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+            return resp.status, headers, None
+
+    async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
+        """End the pooled sessions politely (DELETE), best effort and quickly."""
+        for up in upstreams:
+            pooled = self._pool.get(up.id)
+            session = self.sessions.get(up.id)
+            if pooled is None or not pooled.session_id or session is None or session.closed:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    resp = await session.delete(up.url, headers=self._headers(up, pooled))
+                    resp.release()
+        self._pool.clear()
+
+
+async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
+    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
+
+    ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
+    holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
+    """
+    splitter = SseSplitter()
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await resp.content.readany()
+        if not chunk:
+            break
+        for raw, complete in splitter.feed(chunk):
+            if not complete:
+                continue
+            ev = parse_event(raw)
+            if ev.event != "message" or not ev.has_data:
+                continue
+            try:
+                msg = json.loads(ev.data)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("id") == rid and ("result" in msg or "error" in msg):
+                return msg
+    return None
