@@ -655,7 +655,7 @@ def test_metrics_used_are_exported_by_sidecar() -> None:
     for expr in [r["expr"] for r in _rules()] + _dashboard_exprs(_dashboard()):
         used |= {_contract_name(n) for n in metric_names(expr)} - PROMETHEUS_OWN
     missing = used - exported
-    assert not missing, f"used by deploy/prometheus but not exported by sidecar.metrics: {sorted(missing)}"
+    assert not missing, f"used by deploy/prometheus but not exported by sidecar.observe.metrics: {sorted(missing)}"
 
 
 def test_promtool_check_config() -> None:
