@@ -458,3 +458,23 @@ def test_a_secret_cut_at_every_offset_never_gets_out(ctype: str) -> None:
                 assert first.startswith(b"data: first\n\n")
             if ctype == "application/octet-stream":
                 assert len(out) == len(data)
+
+
+async def test_a_compressed_list_from_an_upstream_without_credential_is_refused(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """No credential headers configured, so nothing to scrub; the upstream ignores ``identity`` and
+    gzips tools/list. The client gets 502 upstream_unavailable, never the unfiltered list (before,
+    a compressed list passed unread: every tool the key may not call was listed)."""
+    up: TestServer = await aiohttp_server(misbehaving_mcp())
+    root = str(up.make_url("")).rstrip("/")
+    cfg = base_config(root, tmp_path)
+    cfg["upstreams"] = [{"id": "echo", "kind": "mcp", "url": f"{root}/mcp", "path_prefix": "/mcp/echo"}]
+    run = await make_sidecar(cfg)
+    _, key = await run.create_key(name="agent", permissions={"upstreams": ["*"], "tools": {"echo": ["echo"]}})
+    resp, body = await rpc(run, key, "gzip", method="tools/list")
+    assert resp.status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unavailable"
+    assert b"forbidden_tool" not in body and b"\x1f\x8b" not in body
+    resp, body = await rpc(run, key, "result", method="tools/list")
+    assert resp.status == 200 and [t["name"] for t in json.loads(body)["result"]["tools"]] == ["echo"]

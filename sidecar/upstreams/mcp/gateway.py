@@ -150,7 +150,9 @@ class _Filter:
         elif ctype.startswith("application/json") and self._json is not None:
             self._body = self._json()
         if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
-            self._body = None  # asked for identity; a compressed answer cannot be read, so it passes
+            # Asked for identity. A list that must be filtered is never relayed unread (the key would see
+            # what it may not); with a credential configured, McpScrubFilter has decoded it before this.
+            raise UpstreamUnavailable("the MCP upstream compressed an answer that must be filtered")
         return self._body is not None
 
     def feed(self, chunk: bytes) -> bytes:
