@@ -31,7 +31,7 @@ from sidecar.config import (
     parse_size,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.yaml"
 ENV = {"PLEX_TOKEN": "plex-token-value", "SIDECAR_ADMIN_TOKEN": "admin-token-value", "MCP_TOKEN": "mcp-token-value"}
 
