@@ -36,7 +36,7 @@ from __future__ import annotations
 from ..auth.models import KeyRecord
 from ..auth.permissions import MCP_KINDS, mcp_globs
 from ..config import Config, Limit
-from ..http.errors import Forbidden
+from ..core.errors import Forbidden
 
 __all__ = ["check_grant", "check_target", "glob_covered", "manages_all", "owns"]
 

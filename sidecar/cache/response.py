@@ -60,9 +60,9 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..config import CacheConfig, CacheRule, UpstreamConfig
-from ..http.errors import UpstreamTimeout, UpstreamUnavailable
-from ..http.forwarder import HOP_BY_HOP, ResponseFilter, ResponseTap
-from ..http.scope import RequestScope
+from ..core.errors import UpstreamTimeout, UpstreamUnavailable
+from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
+from ..core.scope import RequestScope
 from ..upstreams.scrub import ScrubFilter
 from .policy import (
     CONDITIONAL_HEADERS,

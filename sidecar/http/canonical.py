@@ -37,7 +37,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
 from .forwarder import HOP_BY_HOP
 
 __all__ = ["canonical", "collapse_slashes"]

@@ -25,7 +25,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Protocol
 from urllib.parse import unquote
 
 import aiohttp
@@ -34,11 +33,12 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 from yarl import URL
 
 from ..config import UpstreamConfig
+from ..core.errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
+from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
-from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .listener import CLIENT_CLAIMS, forwarded_for
-from .scope import RequestScope
 from .streams import Closer, StreamRegistry
 
 __all__ = [
@@ -54,44 +54,9 @@ __all__ = [
     "upstream_url",
 ]
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Trailers", "Transfer-Encoding", "Upgrade", "Proxy-Connection",
-    )
-)  # fmt: skip
 CHUNK = 64 * 1024
 MAX_HEADER_SIZE = 65536  # the same bound the proxy listener applies to clients
 _WS_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
-
-
-class ResponseFilter(Protocol):
-    """Rewrites a response on its way down (token scrubbing, MCP tool-list filtering)."""
-
-    def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
-        """Edit headers in place; return True if the body must pass through ``feed``."""
-
-    def feed(self, chunk: bytes) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-
-class ResponseTap(Protocol):
-    """Sees the upstream's answer as it arrived, before any filter (the response cache records through it)."""
-
-    def start(self, status: int, headers: CIMultiDict[str]) -> bool:
-        """Called before anything is sent (``headers`` is a copy, hop-by-hop removed); True to receive the body.
-
-        May raise to refuse the answer: nothing has reached the client yet, so the caller
-        of ``forward`` can still answer otherwise (the cache serves a stale copy).
-        """
-
-    def feed(self, chunk: bytes) -> bool:
-        """One raw body chunk; False to stop receiving (the stream itself goes on)."""
-
-    def end(self) -> None:
-        """The upstream body arrived complete."""
 
 
 def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:

@@ -63,7 +63,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ..auth.models import KeyRecord, iso
 from ..clocks import steady_clock
 from ..config import Config, Limit, UpstreamConfig, parse_limit
-from ..http.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
+from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
 from .quota import CounterKey, QuotaBook, QuotaCounter, quota_metrics, window_bounds, window_id
 

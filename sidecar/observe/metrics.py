@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from ..auth.models import KeyRecord
 from ..config import UpstreamConfig
-from ..http.scope import RequestScope
+from ..core.scope import RequestScope
 from ..upstreams import health as upstream_health
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "OTHER", "Metrics"]

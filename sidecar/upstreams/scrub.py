@@ -43,7 +43,7 @@ from typing import Final
 from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..http.errors import UpstreamUnavailable
+from ..core.errors import UpstreamUnavailable
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 

@@ -64,7 +64,8 @@ from ...auth.credentials import extract_credential
 from ...auth.models import KeyRecord
 from ...auth.permissions import allowed, tool_allowed
 from ...config import DEFAULT_MCP_MAX_BODY, UpstreamConfig
-from ...http.errors import (
+from ...core.addresses import public_base
+from ...core.errors import (
     BadRequest,
     Forbidden,
     NoRoute,
@@ -73,9 +74,7 @@ from ...http.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ...http.listener import public_base
-from ...http.pipeline import WELL_KNOWN
-from ...http.scope import RequestScope
+from ...core.scope import RequestScope
 from ..health import connect_problem
 from .authz import BodyJudge, Decision, McpAccess
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
@@ -86,8 +85,9 @@ from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 if TYPE_CHECKING:
     from ...app import Sidecar
 
-__all__ = ["REST_PATH", "McpGateway", "McpSession", "RestClient", "SessionTable"]
+__all__ = ["REST_PATH", "WELL_KNOWN", "McpGateway", "McpSession", "RestClient", "SessionTable"]
 
+WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 metadata, answered here
 REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
