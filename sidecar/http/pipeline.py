@@ -43,7 +43,7 @@ from ..config import UpstreamConfig
 from ..core.errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from ..core.scope import SCOPE, RequestScope
 from ..limits.ratelimit import RateDecision
-from ..upstreams.mcp.gateway import WELL_KNOWN
+from ..upstreams.mcp import WELL_KNOWN
 from ..upstreams.plex import inject_plex
 from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
