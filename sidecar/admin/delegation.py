@@ -100,7 +100,7 @@ def _rate_dominated(parent: Limit, child: Limit) -> bool:
 
 
 def _reach_problem(config: Config, actor: KeyRecord, other: KeyRecord, now: float) -> str | None:
-    from ..limits.ratelimit import resolve_plan  # the limits exactly as the limiter applies them
+    from ..limits.gcra import resolve_plan  # the limits exactly as the limiter applies them
 
     a, o = actor.permissions, other.permissions
     if actor.owner is None:
