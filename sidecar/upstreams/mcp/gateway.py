@@ -78,7 +78,7 @@ from .scrub import scrub_bytes, scrubbed
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 
 if TYPE_CHECKING:
-    from ...app import Sidecar
+    from .host import GatewayHost
 
 __all__ = ["REST_PATH", "WELL_KNOWN", "GatewayFilter", "McpGateway", "McpSession", "RestClient", "SessionTable"]
 
@@ -101,7 +101,7 @@ _OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
 class McpGateway:
     """Everything MCP-specific; built by ``Sidecar.start`` when an MCP upstream exists."""
 
-    def __init__(self, sc: Sidecar) -> None:
+    def __init__(self, sc: GatewayHost) -> None:
         self.sc = sc
         self.sessions = SessionTable()
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
@@ -124,14 +124,14 @@ class McpGateway:
             return True
         return self._rest_enabled and request.method == "POST" and request.path == REST_PATH
 
-    async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+    async def rest_call(self, sc: GatewayHost, request: web.Request, scope: RequestScope) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return self._preflight(request)
         return await self._rest(request, scope)
 
     async def handle(
         self,
-        sc: Sidecar,
+        sc: GatewayHost,
         request: web.Request,
         scope: RequestScope,
         upstream: UpstreamConfig,
