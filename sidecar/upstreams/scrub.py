@@ -159,7 +159,7 @@ class _Inflate:
 
 
 class ScrubFilter:
-    """Replace the real upstream token on the way down (a ``forwarder.ResponseFilter``, one per request).
+    """Replace the real upstream token on the way down (a ``core.relay.ResponseFilter``, one per request).
 
     ``replacement`` is the client's own key (it already has it), or ``REDACTED``. ``also``
     are further secrets replaced the same way (an MCP upstream's credential headers: the

@@ -219,7 +219,7 @@ class McpGateway:
 
     def base_url(self, request: web.Request) -> str:
         """The sidecar's public origin: ``server.public_url``, a trusted proxy's ``X-Forwarded-*``,
-        else the listener's own address — never the client's ``Host`` (``listener.public_base``)."""
+        else the listener's own address — never the client's ``Host`` (``core.addresses.public_base``)."""
         return public_base(request, self.sc.config.server.public_url, self.sc.trusted_proxies)
 
     def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:
