@@ -21,7 +21,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sidecar.auth.models import KeyRecord
-from sidecar.http.scope import RequestScope
+from sidecar.core.scope import RequestScope
 from sidecar.observe.metrics import DURATION_BUCKETS, Metrics
 
 REQUEST_MS = 1.0  # the order of a proxied request through the sidecar on loopback

@@ -35,12 +35,12 @@ from .auth.verify import Verifier, reload_error_metric
 from .cache.response import ResponseCache
 from .clocks import steady_clock
 from .config import Config, UpstreamConfig
+from .core.errors import SidecarError
+from .core.scope import RequestScope
 from .http.accesslog import AccessLog
-from .http.errors import SidecarError
 from .http.forwarder import Forwarder, make_session
 from .http.listener import guarded_server
 from .http.pipeline import HitMemo, Router, make_handler
-from .http.scope import RequestScope
 from .http.streams import StreamRegistry
 from .limits.ratelimit import RateLimiter
 from .observe import logfilter

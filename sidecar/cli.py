@@ -21,7 +21,7 @@ from typing import Any
 from .admin.manage import KeyManager
 from .auth.models import KeyRecord, iso
 from .config import Config, ConfigError, load_config, parse_duration
-from .http.errors import SidecarError
+from .core.errors import SidecarError
 from .observe import logfilter
 from .store import StoreError, open_store
 from .store.yamlfile import entry_yaml

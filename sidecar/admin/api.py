@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from ..auth.credentials import extract_credential
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
-from ..http.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
 from ..observe.usage import report as usage_report

@@ -36,7 +36,7 @@ from __future__ import annotations
 from ..auth.models import KeyRecord
 from ..auth.permissions import MCP_KINDS, mcp_globs
 from ..config import Config, Limit
-from ..http.errors import Forbidden
+from ..core.errors import Forbidden
 
 __all__ = ["check_grant", "check_target", "glob_covered", "manages_all", "owns"]
 
@@ -100,7 +100,7 @@ def _rate_dominated(parent: Limit, child: Limit) -> bool:
 
 
 def _reach_problem(config: Config, actor: KeyRecord, other: KeyRecord, now: float) -> str | None:
-    from ..limits.ratelimit import resolve_plan  # the limits exactly as the limiter applies them
+    from ..limits.gcra import resolve_plan  # the limits exactly as the limiter applies them
 
     a, o = actor.permissions, other.permissions
     if actor.owner is None:

@@ -27,7 +27,7 @@ from ..auth.keys import display_form, generate_key
 from ..auth.models import KeyRecord, Permissions, iso, parse_time
 from ..auth.verify import argon2_pool, password_hasher
 from ..config import Config, parse_duration, parse_limit
-from ..http.errors import BadRequest, Conflict, NotFound
+from ..core.errors import BadRequest, Conflict, NotFound
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
 from .delegation import check_grant, check_target

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 from multidict import CIMultiDict, MultiDict, MultiMapping
 
 from ..config import CredentialsConfig
-from ..http.errors import BadRequest
+from ..core.errors import BadRequest
 from .keys import key_pattern
 
 __all__ = [

@@ -18,6 +18,8 @@ import secrets
 import zlib
 from dataclasses import dataclass
 
+from ..config.units import check_prefix  # the config validates the prefix; key format re-exports it
+
 __all__ = [
     "BODY_LEN",
     "ID_LEN",
@@ -36,7 +38,6 @@ CHECK_LEN = 8
 BODY_LEN = ID_LEN + SECRET_LEN + CHECK_LEN
 _HEX = re.compile(r"^[0-9a-f]+$")
 _ID = re.compile(r"^[0-9a-f]{12}$")
-_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +47,6 @@ class ParsedKey:
 
     def __repr__(self) -> str:  # never print the secret
         return f"ParsedKey(key_id={self.key_id!r})"
-
-
-def check_prefix(prefix: str) -> str | None:
-    """None when ``prefix`` is usable, else why not (for config validation)."""
-    if not _PREFIX.match(prefix):
-        return f"{prefix!r} must be 1-16 lowercase letters, digits or '_', starting with a letter"
-    if "http" in prefix:
-        # python-plexapi rewrites every "http" in a notification URL, token included.
-        return f"{prefix!r} must not contain 'http' (python-plexapi would rewrite it to 'ws')"
-    return None
 
 
 def _checksum(prefix: str, key_id: str, secret: str) -> str:

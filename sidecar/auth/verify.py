@@ -47,6 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -56,10 +57,12 @@ from prometheus_client.registry import Collector
 
 from ..clocks import steady_clock
 from ..config import KeysConfig
-from ..http.errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
-from ..store import Store
+from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
 from .keys import ParsedKey, parse_key
 from .models import KeyRecord
+
+if TYPE_CHECKING:  # the verifier reads a store; it never depends on store/ at run time
+    from ..store import Store
 
 __all__ = ["FairSlots", "Verifier", "argon2_pool", "password_hasher", "reload_error_metric", "throttle_bucket"]
 

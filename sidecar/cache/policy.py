@@ -41,7 +41,7 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from ..config import CacheRule
+from ..config import PER_CLIENT_HEADERS, CacheRule
 
 __all__ = [
     "CONDITIONAL_HEADERS",
@@ -69,8 +69,6 @@ CREDENTIAL_PARAMS = frozenset({"x-plex-token"})
 # place (or none), and the identity is part of every key.
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-plex-token"})
 
-# Headers the sidecar sets from the client's address: an answer varying on them is per-client.
-PER_CLIENT_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 
 _KEY_PLACEHOLDER = "\0key"  # stands for the client's key inside a query value
 

@@ -2,7 +2,7 @@
 
 Nothing is cached without a rule (``cache.rules``: upstream, path glob, TTL, …); what
 may be stored and under which key is decided in ``sidecar.cache.policy`` (pure). This
-module stores, serves, coalesces and purges.
+module serves, coalesces and refreshes; ``sidecar.cache.store`` keeps the entries (LRU, purge).
 
 Where it sits. The pipeline authenticates, authorizes and rate-limits *before* calling
 ``hit`` or ``serve``, so a hit is never served to a key that may not see the path.
@@ -49,7 +49,6 @@ import contextlib
 import os
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -60,9 +59,9 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..config import CacheConfig, CacheRule, UpstreamConfig
-from ..http.errors import UpstreamTimeout, UpstreamUnavailable
-from ..http.forwarder import HOP_BY_HOP, ResponseFilter, ResponseTap
-from ..http.scope import RequestScope
+from ..core.errors import UpstreamTimeout, UpstreamUnavailable
+from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
+from ..core.scope import RequestScope
 from ..upstreams.scrub import ScrubFilter
 from .policy import (
     CONDITIONAL_HEADERS,
@@ -75,6 +74,7 @@ from .policy import (
     storable,
     variant_key,
 )
+from .store import Entry, EntryStore
 
 __all__ = ["Entry", "Fetch", "OnHeaders", "ResponseCache"]
 
@@ -83,29 +83,8 @@ Fetch = Callable[[ResponseTap | None, OnHeaders], Awaitable[web.StreamResponse]]
 
 HIT, MISS, BYPASS, EXPIRED, STALE = "HIT", "MISS", "BYPASS", "EXPIRED", "STALE"
 COALESCE_WAIT: Final = 30.0  # longest a follower waits for its leader before going alone
-ENTRY_OVERHEAD: Final = 256  # bytes charged per entry on top of body, headers and key
-# Never stored with an entry: recomputed per answer, or meaningless once stored.
-_UNSTORED = frozenset({"content-length", "age", "x-cache-status"})
 
 _STORED, _PASS, _FAILED = "stored", "pass", "failed"
-
-
-@dataclass(slots=True, eq=False)
-class Entry:
-    key: CacheKey
-    primary: CacheKey
-    upstream: str
-    path: str
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-    stored_at: float
-    age: int  # the upstream's Age when stored
-    fresh_until: float
-    stale_revalidate_until: float
-    stale_error_until: float
-    size: int
-    plain: bool  # neither body nor headers hold the upstream token, and the body is not encoded
 
 
 @dataclass(slots=True, eq=False)
@@ -143,7 +122,7 @@ class _Ask:
     fetch: Fetch
 
 
-class ResponseCache:
+class ResponseCache(EntryStore):
     """Interface used by the pipeline and admin API:
 
     ``rule_for(upstream_id, method, path) -> CacheRule | None``;
@@ -160,27 +139,18 @@ class ResponseCache:
         clock: Callable[[], float] = time.monotonic,
         sessions: Mapping[str, aiohttp.ClientSession] | None = None,
     ) -> None:
+        super().__init__(config.max_bytes, clock)
         self.config = config
-        self.clock = clock
-        self.max_bytes = config.max_bytes
         self.sessions = sessions if sessions is not None else {}
-        self.size = 0  # bytes charged, never above max_bytes
         self.waiting = 0  # requests waiting on another's fill right now
         self._salt = os.urandom(16)  # identities are keyed digests in keys: no token is guessable from them
-        self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
-        self._variants: dict[CacheKey, tuple[str, ...]] = {}  # primary key -> the upstream's Vary names
-        self._per_primary: dict[CacheKey, int] = {}  # entries per primary key (to forget its Vary)
         self._flights: dict[CacheKey, _Flight] = {}
         self._refreshing: set[CacheKey] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._generation = 0  # bumped by purge: fills started before it are not stored
         self._rules: dict[str, list[tuple[CacheRule, re.Pattern[str]]]] = {}
         if config.max_bytes > 0:
             for rule in config.rules:
                 self._rules.setdefault(rule.upstream, []).append((rule, compile_glob(rule.path)))
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     # ------------------------------------------------------------------ lookup
 
@@ -367,86 +337,6 @@ class ResponseCache:
         if inm is not None and "ETag" in out and _etag_matches(inm, out["ETag"]):
             return web.Response(status=304, headers=_not_modified(out))
         return response
-
-    # ------------------------------------------------------------------ storing
-
-    def _store(
-        self,
-        primary: CacheKey,
-        upstream: str,
-        path: str,
-        status: int,
-        headers: CIMultiDict[str],
-        body: bytes,
-        verdict: Storable,
-        client_headers: MultiMapping[str],
-        token: bytes,
-    ) -> bool:
-        stored = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _UNSTORED)
-        key = variant_key(primary, verdict.vary, client_headers)
-        size = len(body) + sum(len(k) + len(v) + 4 for k, v in stored.items()) + len(repr(key)) + ENTRY_OVERHEAD
-        if size > self.max_bytes:
-            return False
-        age = headers.get("Age", "")
-        tok = token.decode()
-        plain = (
-            bool(token)
-            and token not in body
-            and not any(tok in k or tok in v for k, v in stored.items())
-            and stored.get("Content-Encoding", "identity").strip().lower() in ("identity", "")
-        )
-        now = self.clock()
-        self._set_variants(primary, verdict.vary)
-        self._remove(key)
-        fresh = now + verdict.ttl
-        entry = Entry(
-            key=key, primary=primary, upstream=upstream, path=path, status=status, headers=stored,
-            body=body, stored_at=now, age=int(age) if age.isdigit() else 0, fresh_until=fresh,
-            stale_revalidate_until=fresh + verdict.stale_while_revalidate,
-            stale_error_until=fresh + verdict.stale_if_error, size=size, plain=plain,
-        )  # fmt: skip
-        self._entries[key] = entry
-        self._per_primary[primary] = self._per_primary.get(primary, 0) + 1
-        self.size += size
-        while self.size > self.max_bytes and self._entries:
-            self._remove(next(iter(self._entries)))
-        return True
-
-    def _set_variants(self, primary: CacheKey, vary: tuple[str, ...]) -> None:
-        if vary:
-            self._variants[primary] = vary
-        else:
-            self._variants.pop(primary, None)
-
-    def _drop(self, entry: Entry) -> None:
-        """Remove this entry, unless it has been replaced meanwhile."""
-        if self._entries.get(entry.key) is entry:
-            self._remove(entry.key)
-
-    def _remove(self, key: CacheKey) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return
-        self.size -= entry.size
-        left = self._per_primary.get(entry.primary, 1) - 1
-        if left > 0:
-            self._per_primary[entry.primary] = left
-        else:
-            self._per_primary.pop(entry.primary, None)
-            self._variants.pop(entry.primary, None)
-
-    def purge(self, upstream: str | None = None, path_glob: str | None = None) -> int:
-        """Drop entries (all, one upstream's, or those whose path matches a glob); return how many."""
-        self._generation += 1
-        pattern = compile_glob(path_glob) if path_glob else None
-        doomed = [
-            k
-            for k, e in self._entries.items()
-            if (upstream is None or e.upstream == upstream) and (pattern is None or pattern.match(e.path))
-        ]
-        for k in doomed:
-            self._remove(k)
-        return len(doomed)
 
     # ------------------------------------------------------------------ background refresh
 

@@ -20,9 +20,9 @@ from typing import TextIO
 
 import orjson
 
+from ..core.scope import RequestScope
 from ..observe.logfilter import redact_path_keys
 from ..store.filemodes import open_private_append
-from .scope import RequestScope
 
 __all__ = ["FLUSH_AFTER", "AccessLog", "redact_path"]
 

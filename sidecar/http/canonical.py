@@ -11,7 +11,7 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   every check judges the *decoded* path with runs of ``/`` and ``\\`` collapsed (what a
   lenient upstream would serve): ``permissions.normalize_path`` and
   ``transcode.TranscodeSessions`` both do. Where it would split a routing prefix
-  (``/plex%2Fx``), ``forwarder.upstream_url`` refuses the request (400).
+  (``/plex%2Fx``), ``outbound.upstream_url`` refuses the request (400).
 - **Headers named by ``Connection`` are removed** (RFC 9110 §7.6.1: they are meant for
   this hop, the sidecar), before the credential, cache and forwarding stages, and the
   ``Connection`` header is left naming only the standard hop-by-hop tokens. So the cache
@@ -21,7 +21,7 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   the injected real token). Credential headers, ``Host``, ``Content-Length`` and the
   websocket handshake headers are kept: the sidecar consumes or replaces them itself.
 
-With ``strip_prefix``, ``sidecar.http.forwarder.upstream_url`` strips the prefix by path segment,
+With ``strip_prefix``, ``sidecar.http.outbound.upstream_url`` strips the prefix by path segment,
 so a percent-encoded prefix (``/%70lex/…``) loses exactly the segment the router matched.
 
 Requests that needed a clone skip the repeat-hit memo (``pipeline.HitMemo``), which is keyed
@@ -37,7 +37,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
 from .forwarder import HOP_BY_HOP
 
 __all__ = ["canonical", "collapse_slashes"]

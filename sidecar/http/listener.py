@@ -32,10 +32,8 @@ address — never the client's ``Host``.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +44,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from ..config import ServerConfig
-from .errors import BadRequest, HeadersTooLarge, RequestTimeout, SidecarError, UpstreamTimeout
+from ..core.addresses import forwarded_for, public_base
+from ..core.errors import BadRequest, HeadersTooLarge, RequestTimeout, SidecarError, UpstreamTimeout
 
 __all__ = [
     "CLIENT_CLAIMS",
@@ -73,8 +72,6 @@ LINGER = 2.0
 CLIENT_CLAIMS = frozenset(
     ("host", "expect", "x-real-ip", "forwarded", "x-http-method-override", "x-http-method", "x-method-override")
 )
-
-_Nets = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,63 +341,3 @@ def odd_target(request: web.BaseRequest) -> SidecarError | None:
     if target.startswith("/") or target.startswith(("http://", "https://")):
         return None
     return BadRequest("the request target must be a path")
-
-
-def _trusted(addr: str, trusted: _Nets) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return any(ip in net for net in trusted)
-
-
-def forwarded_for(peer: str, claimed: Iterable[str], trusted: _Nets) -> str:
-    """``X-Forwarded-For`` for the upstream: the hops trusted proxies vouch for, then the peer.
-
-    From an untrusted peer nothing the client wrote is kept. Behind trusted proxies the
-    chain is read from the right: each trusted hop vouches for the one before it, up to and
-    including the first untrusted address (the client); anything further left is the
-    client's own word and is dropped, as is a hop that is not an IP address.
-    """
-    if not trusted or not _trusted(peer, trusted):
-        return peer
-    hops = [h.strip() for value in claimed for h in value.split(",")]
-    kept: list[str] = []
-    for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break
-        kept.append(hop)
-        if not _trusted(hop, trusted):
-            break
-    kept.reverse()
-    kept.append(peer)
-    return ", ".join(kept)
-
-
-def public_base(request: web.BaseRequest, public_url: str | None, trusted: _Nets) -> str:
-    """The origin clients reach the sidecar at, for URLs the sidecar hands out (RFC 9728, challenges).
-
-    ``server.public_url`` when configured; else what a trusted proxy in front says
-    (``X-Forwarded-Proto``/``-Host``, documented in docs/mcp.md); else the address this
-    listener accepted the connection on. Never the client's own ``Host``: reflected, it
-    would let anyone point a victim's client at another authority.
-    """
-    if public_url:
-        return public_url
-    proto, host = request.scheme, ""
-    if trusted and _trusted(request.remote or "", trusted):
-        proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
-        host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
-    if not host:
-        host = _own_address(request)
-    return f"{proto}://{host}"
-
-
-def _own_address(request: web.BaseRequest) -> str:
-    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    if not sock or not isinstance(sock, tuple):
-        return "localhost"
-    host, port = str(sock[0]), int(sock[1])
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -40,21 +40,21 @@ from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
+from ..core.errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.scope import SCOPE, RequestScope
 from ..limits.ratelimit import RateDecision
+from ..upstreams.mcp import WELL_KNOWN
 from ..upstreams.plex import inject_plex
 from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
 from .canonical import canonical
-from .errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from .forwarder import Networks, ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
 from .listener import odd_target
-from .scope import SCOPE, RequestScope
 
 if TYPE_CHECKING:
     from ..app import Sidecar
 
 MAX_MEMO = 50_000  # remembered repeat-hit decisions (cleared when full)
-WELL_KNOWN = "/.well-known/oauth-protected-resource"  # RFC 9728 metadata, answered by the MCP gateway
 
 __all__ = ["Decided", "HitMemo", "Router", "handle", "make_handler"]
 

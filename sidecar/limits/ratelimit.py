@@ -42,7 +42,9 @@ earlier window from its stored total, never from zero, and never twice). Redis b
 Redis ``TIME``: that host's clock, one for all replicas.
 
 Quota windows and the persisted memory-backend counters are in ``sidecar.limits.quota``; the
-Redis script and client in ``sidecar.limits.redis_backend``.
+Redis script and client in ``sidecar.limits.redis_backend``; plans, GCRA arithmetic and the
+in-memory backend in ``sidecar.limits.gcra``; concurrency slots in ``sidecar.limits.concurrency``.
+This module is the facade the pipeline and the admin API call.
 """
 
 from __future__ import annotations
@@ -52,233 +54,46 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from ..auth.models import KeyRecord, iso
 from ..clocks import steady_clock
-from ..config import Config, Limit, UpstreamConfig, parse_limit
-from ..http.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
+from ..config import Config, Limit, UpstreamConfig
+from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
-from .quota import CounterKey, QuotaBook, QuotaCounter, quota_metrics, window_bounds, window_id
+from .concurrency import NO_SLOT, ConcurrencySlot, concurrency_error
+from .gcra import (
+    QUOTA_POLICY,
+    US,
+    BackendDown,
+    MemoryBackend,
+    Outcome,
+    Plan,
+    QuotaRule,
+    RateDecision,
+    resolve_plan,
+)
+from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
 
 if TYPE_CHECKING:
     from .redis_backend import RedisBackend
 
-__all__ = ["RateDecision", "RateLimiter", "read_quota_status"]
+__all__ = ["RateDecision", "RateLimiter", "read_quota_status", "resolve_plan"]
 
 log = logging.getLogger("sidecar.ratelimit")
 
-US = 1_000_000  # bucket arithmetic is in integer microseconds
 SWEEP_INTERVAL = 30.0  # seconds between sweeps of idle in-memory buckets
 REDIS_BACKOFF_MIN = 0.1  # seconds before the first retry after Redis failed
 REDIS_BACKOFF_MAX = 2.0  # cap on the doubling back-off while Redis stays down
-REDIS_PREFIX = "sidecar"
 DENY_RETRY_AFTER = "1"  # Retry-After on the 503 when on_redis_error is deny
-QUOTA_POLICY = "quota"
 MAX_QUOTA_ADJUST = 10**15  # what an admin quota change may set or add
-CONCURRENCY_POLICY = "concurrency"
-
-
-@dataclass(slots=True)
-class RateDecision:
-    allowed: bool = True
-    headers: dict[str, str] = field(default_factory=dict)
-    error: SidecarError | None = None
-
-
-# ---------------------------------------------------------------------------- plans
-
-
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    """One GCRA bucket: ``interval`` T and ``capacity`` N·T, both in microseconds."""
-
-    limit: Limit
-    scope: str
-    policy: str  # name in RateLimit-Policy
-    interval: int
-    capacity: int
-    suffix: str  # identifies the bucket among the key's: scope, period, count
-
-    @classmethod
-    def build(cls, limit: Limit, scope: str, policy: str) -> RateRule:
-        interval = max(1, limit.period * US // limit.count)
-        suffix = f"{scope}:{limit.period}:{limit.count}"
-        return cls(limit, scope, policy, interval, interval * limit.count, suffix)
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaRule:
-    limit: Limit
-    scope: str
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything that limits one key on one upstream, resolved once per key version."""
-
-    rates: tuple[RateRule, ...] = ()
-    quota: QuotaRule | None = None
-    concurrency: int | None = None
-    concurrency_scope: str = "*"
-    rate_policy: str = ""  # the static part of RateLimit-Policy
-    buckets: tuple[str, ...] = ()  # one storage key per rate rule (the same in memory and Redis)
-
-    @property
-    def empty(self) -> bool:
-        return not self.rates and self.quota is None and self.concurrency is None
-
-
-def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Plan:
-    """Key, else upstream, else global — for rates, quota and concurrency independently."""
-    rl = config.rate_limits
-    limits: Iterable[Limit]
-    if key.rate_limits:
-        limits, scope = (parse_limit(x) for x in key.rate_limits), "*"
-    elif upstream.rate_limits is not None:
-        limits, scope = upstream.rate_limits, upstream.id
-    else:
-        limits, scope = rl.default, "*"
-    rates: list[RateRule] = []
-    names: set[str] = set()
-    for lim in limits:
-        name = lim.name if lim.name not in names else lim.text
-        names.add(name)
-        rates.append(RateRule.build(lim, scope, name))
-    quota: QuotaRule | None = None
-    if key.quota:
-        quota = QuotaRule(parse_limit(key.quota), "*")
-    elif upstream.quota is not None:
-        quota = QuotaRule(upstream.quota, upstream.id)
-    elif rl.quota is not None:
-        quota = QuotaRule(rl.quota, "*")
-    conc: int | None
-    if key.concurrency is not None:
-        conc, cscope = key.concurrency, "*"
-    elif upstream.concurrency is not None:
-        conc, cscope = upstream.concurrency, upstream.id
-    else:
-        conc, cscope = rl.concurrency, "*"
-    policy = ", ".join(f'"{r.policy}";q={r.limit.count};w={r.limit.period}' for r in rates)
-    buckets = tuple(bucket_key(key.id, r.suffix) for r in rates)
-    return Plan(tuple(rates), quota, conc, cscope, policy, buckets)
-
-
-# -------------------------------------------------------------------------- backends
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a backend saw: each bucket's debt (TAT - now, µs) and the quota count, before this request."""
-
-    ok: bool
-    debts: list[int]
-    quota_used: int | None
-
-
-class BackendDown(Exception):
-    """The shared backend could not be reached; ``on_redis_error`` decides."""
-
-
-def bucket_key(key_id: str, suffix: str) -> str:
-    return f"{REDIS_PREFIX}:rl:{{{key_id}}}:{suffix}"  # {key id}: one cluster slot per key
-
-
-def quota_key(qkey: CounterKey) -> str:
-    key_id, scope, window = qkey
-    return f"{REDIS_PREFIX}:q:{{{key_id}}}:{scope}:{window}"
-
-
-class MemoryBackend:
-    """Buckets and quota counters of this process (quotas persisted through the store)."""
-
-    def __init__(self) -> None:
-        self.tats: dict[str, int] = {}  # bucket key -> theoretical arrival time (µs)
-
-    def evaluate(self, plan: Plan, now_us: int, counter: QuotaCounter | None, cost: int) -> Outcome:
-        """Read, decide and commit in one synchronous step (nothing can interleave)."""
-        tats = self.tats
-        ok = True
-        debts: list[int] = []
-        for rule, bucket in zip(plan.rates, plan.buckets, strict=True):
-            debt = tats.get(bucket, 0) - now_us
-            if debt < 0:
-                debt = 0
-            debts.append(debt)
-            if cost > 0 and debt + rule.interval > rule.capacity:
-                ok = False
-        used = None
-        if counter is not None and plan.quota is not None:
-            used = counter.used
-            if cost > 0 and used + cost > plan.quota.limit.count:
-                ok = False
-        if ok:
-            for rule, bucket, debt in zip(plan.rates, plan.buckets, debts, strict=True):
-                new = debt + rule.interval * cost
-                if new > 0:
-                    tats[bucket] = now_us + new
-                else:
-                    tats.pop(bucket, None)
-            if counter is not None:
-                counter.pending += cost
-        return Outcome(ok, debts, used)
-
-    def sweep(self, now_us: int) -> None:
-        """Forget buckets that are full again (absent and idle are the same state)."""
-        for k in [k for k, tat in self.tats.items() if tat <= now_us]:
-            del self.tats[k]
 
 
 # --------------------------------------------------------------------------- limiter
-
-
-class _Slot:
-    """Holds one concurrency slot from ``__aenter__`` until the response is finished or abandoned."""
-
-    __slots__ = ("counts", "headers", "ident", "limit")
-
-    def __init__(self, counts: dict[tuple[str, str], int], ident: tuple[str, str], limit: int, headers: bool) -> None:
-        self.counts = counts
-        self.ident = ident
-        self.limit = limit
-        self.headers = headers
-
-    async def __aenter__(self) -> None:
-        n = self.counts.get(self.ident, 0)
-        if n >= self.limit:
-            raise _concurrency_error(self.limit, self.headers)
-        self.counts[self.ident] = n + 1
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        left = self.counts[self.ident] - 1
-        if left > 0:
-            self.counts[self.ident] = left
-        else:
-            del self.counts[self.ident]
-
-
-_NO_SLOT = contextlib.nullcontext()
-
-
-def _concurrency_error(limit: int, with_headers: bool) -> RateLimited:
-    headers: dict[str, str] = {}
-    if with_headers:
-        headers = {
-            "RateLimit-Policy": f'"{CONCURRENCY_POLICY}";q={limit};qu="concurrent-requests"',
-            "RateLimit": f'"{CONCURRENCY_POLICY}";r=0;t=1',
-            "X-RateLimit-Limit": str(limit),
-            "X-RateLimit-Remaining": "0",
-            "X-RateLimit-Reset": "1",
-        }
-    return RateLimited(f"too many concurrent requests for this key (limit {limit})", 1, headers)
 
 
 class RateLimiter:
@@ -384,7 +199,7 @@ class RateLimiter:
         if plan.empty:
             return RateDecision()
         if plan.concurrency is not None and self._inflight.get((key.id, plan.concurrency_scope), 0) >= plan.concurrency:
-            return RateDecision(False, error=_concurrency_error(plan.concurrency, self.rl.headers))
+            return RateDecision(False, error=concurrency_error(plan.concurrency, self.rl.headers))
         if not plan.rates and plan.quota is None:
             return RateDecision()
         if self.redis is None and plan.quota is None and len(plan.rates) == 1:
@@ -425,8 +240,8 @@ class RateLimiter:
     def slot(self, key: KeyRecord, upstream: UpstreamConfig) -> AbstractAsyncContextManager[Any]:
         plan = self.plan(key, upstream)
         if plan.concurrency is None:
-            return _NO_SLOT
-        return _Slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)
+            return NO_SLOT
+        return ConcurrencySlot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)
 
     def in_flight(self, key_id: str) -> int:
         """Slots this key holds in this process (all scopes)."""

@@ -15,8 +15,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .gcra import BackendDown, Outcome, Plan, quota_key
 from .quota import CounterKey
-from .ratelimit import BackendDown, Outcome, Plan, quota_key
 
 __all__ = ["GCRA_LUA", "QUOTA_EXPIRE_SLACK", "REDIS_TIMEOUT", "RedisBackend"]
 

@@ -19,7 +19,7 @@ a collector turns them into metric families at scrape time. ``bench/observe_cost
 measures it: about 6x cheaper than prometheus_client with cached children, 12x cheaper
 than ``.labels()`` per request. Everything runs on the event loop (observe in the
 handler, collect in the ``/metrics`` handler), so no locks are needed. ``exposition``
-writes the text itself with each series' label string escaped once, because
+(``sidecar.observe.families``) writes the text itself with each series' label string escaped once, because
 ``generate_latest`` costs tens of µs per series, on the event loop, every scrape.
 
 Key state (``sidecar_keys``, ``sidecar_key_info``, ``sidecar_key_expires_timestamp_seconds``)
@@ -33,7 +33,6 @@ import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -45,22 +44,15 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from ..auth.models import KeyRecord
 from ..config import UpstreamConfig
-from ..http.scope import RequestScope
+from ..core.scope import RequestScope
 from ..upstreams import health as upstream_health
+from .families import CONTENT_TYPE, DURATION_BUCKETS, FamilyCollector, Histogram, Spec, write_family
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "OTHER", "Metrics"]
 
-# From sub-millisecond cache hits and API calls through minute-long downloads and
-# hour-long SSE / websocket streams (which land in the top buckets or +Inf).
-DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-    1800.0, 3600.0,
-)  # fmt: skip
 OTHER = "other"
 MAX_TOOL_SERIES = 500
 MAX_TOOL_NAME = 128
@@ -78,29 +70,6 @@ _AUTH_REASONS = frozenset(AUTH_REASONS) - {"bad_request"}  # bad_request is an a
 _RATE_ERRORS = frozenset({"rate_limit_exceeded", "quota_exceeded"})
 _UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout"})
 _NOT_ERRORS = frozenset({"", "client_disconnected"})
-_LE = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")  # "0.0005", "1.0": what prometheus_client writes
-
-
-class _Histogram:
-    """One histogram series: per-bucket counts (not cumulative), sum and count."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for le, n in zip(_LE, self.counts, strict=True):
-            running += n
-            out.append((le, running))
-        return out
 
 
 class _Series:
@@ -108,7 +77,7 @@ class _Series:
 
     __slots__ = ("duration", "received", "requests", "sent", "upstream_duration")
 
-    def __init__(self, duration: _Histogram, upstream_duration: _Histogram) -> None:
+    def __init__(self, duration: Histogram, upstream_duration: Histogram) -> None:
         self.requests = 0
         self.sent = 0
         self.received = 0
@@ -153,8 +122,8 @@ class Metrics:
         # (key, upstream, method, code) -> its counters: the one dict lookup per request
         self.series: dict[tuple[str, str, str, int], _Series] = {}
         # upstream -> histogram (shared by that upstream's _Series)
-        self.request_duration: dict[str, _Histogram] = {}
-        self.upstream_duration: dict[str, _Histogram] = {}
+        self.request_duration: dict[str, Histogram] = {}
+        self.upstream_duration: dict[str, Histogram] = {}
         self.auth_failures: dict[str, int] = dict.fromkeys(AUTH_REASONS, 0)
         self.rate_limited: dict[tuple[str, str], int] = {}
         self.quota_exceeded: dict[tuple[str, str], int] = {}
@@ -170,8 +139,8 @@ class Metrics:
         self.store_write_failures: Mapping[tuple[str, str], int] = {}
         self._up: dict[str, float] = {}
         for up in upstreams:
-            self.request_duration[up] = _Histogram()
-            self.upstream_duration[up] = _Histogram()
+            self.request_duration[up] = Histogram()
+            self.upstream_duration[up] = Histogram()
         for up in cached_upstreams:
             for result in CACHE_RESULTS:
                 self.cache_requests[(up, result)] = 0
@@ -186,7 +155,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
-        self._collector = _Collector(self)
+        self._collector = FamilyCollector(self._specs)
         self.registry.register(self._collector)
         self._prefixes: dict[str, dict[Any, Any]] = {}
 
@@ -226,7 +195,7 @@ class Metrics:
         s.requests += 1
         s.sent += scope.bytes_sent
         s.received += scope.bytes_received
-        hist = s.duration  # _Histogram.observe, inlined: this runs per request
+        hist = s.duration  # Histogram.observe, inlined: this runs per request
         elapsed = perf_counter() - scope.start
         hist.counts[bisect_left(DURATION_BUCKETS, elapsed)] += 1
         hist.sum += elapsed
@@ -250,10 +219,10 @@ class Metrics:
     def _new_series(self, up: str) -> _Series:
         duration = self.request_duration.get(up)
         if duration is None:
-            duration = self.request_duration[up] = _Histogram()
+            duration = self.request_duration[up] = Histogram()
         upstream_duration = self.upstream_duration.get(up)
         if upstream_duration is None:
-            upstream_duration = self.upstream_duration[up] = _Histogram()
+            upstream_duration = self.upstream_duration[up] = Histogram()
         return _Series(duration, upstream_duration)
 
     def _observe_error(self, scope: RequestScope, key: str, up: str, error: str) -> None:
@@ -327,7 +296,7 @@ class Metrics:
 
     # ------------------------------------------------------------ exposition
 
-    def _specs(self) -> list[_Spec]:
+    def _specs(self) -> list[Spec]:
         """Every family this object owns, with its current values (no copies)."""
         now = self.clock()
         counts = dict.fromkeys(KEY_STATES, 0)
@@ -356,47 +325,47 @@ class Metrics:
             if s.received:
                 received[k[:2]] = received.get(k[:2], 0) + s.received
         return [
-            _Spec("sidecar_requests", "counter", "Requests answered, by key, upstream, method and status code",
+            Spec("sidecar_requests", "counter", "Requests answered, by key, upstream, method and status code",
                   ("key", "upstream", "method", "code"), requests),
-            _Spec("sidecar_request_duration_seconds", "histogram",
+            Spec("sidecar_request_duration_seconds", "histogram",
                   "Time from request to the last byte sent, by upstream", ("upstream",), self.request_duration),
-            _Spec("sidecar_upstream_duration_seconds", "histogram",
+            Spec("sidecar_upstream_duration_seconds", "histogram",
                   "Time until the upstream's response headers, by upstream", ("upstream",), self.upstream_duration),
-            _Spec("sidecar_response_bytes", "counter",
+            Spec("sidecar_response_bytes", "counter",
                   "Response body bytes sent to clients (websockets: upstream to client messages)",
                   ("key", "upstream"), sent),
-            _Spec("sidecar_request_bytes", "counter",
+            Spec("sidecar_request_bytes", "counter",
                   "Request body bytes received from clients (websockets: client to upstream messages)",
                   ("key", "upstream"), received),
-            _Spec("sidecar_auth_failures", "counter", "Requests refused for their credential or permissions, by reason",
+            Spec("sidecar_auth_failures", "counter", "Requests refused for their credential or permissions, by reason",
                   ("reason",), self.auth_failures),
-            _Spec("sidecar_rate_limited", "counter", "Requests refused by a rate limit", ("key", "upstream"),
+            Spec("sidecar_rate_limited", "counter", "Requests refused by a rate limit", ("key", "upstream"),
                   self.rate_limited),
-            _Spec("sidecar_quota_exceeded", "counter", "Requests refused by a quota", ("key", "upstream"),
+            Spec("sidecar_quota_exceeded", "counter", "Requests refused by a quota", ("key", "upstream"),
                   self.quota_exceeded),
-            _Spec("sidecar_quota_limit", "gauge",
+            Spec("sidecar_quota_limit", "gauge",
                   "A key's quota per window; upstream is the quota's scope (\"*\": all upstreams)",
                   ("key", "upstream"), quota_limit),
-            _Spec("sidecar_quota_remaining", "gauge",
+            Spec("sidecar_quota_remaining", "gauge",
                   "Requests left in a key's current quota window, as of its last request",
                   ("key", "upstream"), quota_remaining),
-            _Spec("sidecar_upstream_errors", "counter",
+            Spec("sidecar_upstream_errors", "counter",
                   "Upstream faults by error (upstream_unavailable, upstream_timeout): answered 502/504, "
                   "or a response cut short after its headers were sent", ("upstream", "error"), self.upstream_errors),
-            _Spec("sidecar_cache_requests", "counter", "Requests under a cache rule, by cache result",
+            Spec("sidecar_cache_requests", "counter", "Requests under a cache rule, by cache result",
                   ("upstream", "result"), self.cache_requests),
-            _Spec("sidecar_mcp_tool_calls", "counter",
+            Spec("sidecar_mcp_tool_calls", "counter",
                   "MCP tools/call requests, by tool and outcome (ok, error, denied, rate_limited)",
                   ("key", "upstream", "tool", "outcome"), self.mcp_tool_calls),
-            _Spec("sidecar_store_write_failures", "counter",
+            Spec("sidecar_store_write_failures", "counter",
                   "Writes the key/state database refused (kind: key, usage, last_used, quota, audit; reason: "
                   "locked, disk_full, read_only, io_error, other); usage, quota and audit writes are retried",
                   ("kind", "reason"), self.store_write_failures),
-            _Spec("sidecar_in_flight_requests", "gauge", "Requests being served", (), {(): self.in_flight.value}),
-            _Spec("sidecar_key_info", "gauge", "Key metadata (always 1)", ("key", "name", "owner"), info),
-            _Spec("sidecar_keys", "gauge", "Keys in the store, by state", ("state",),
+            Spec("sidecar_in_flight_requests", "gauge", "Requests being served", (), {(): self.in_flight.value}),
+            Spec("sidecar_key_info", "gauge", "Key metadata (always 1)", ("key", "name", "owner"), info),
+            Spec("sidecar_keys", "gauge", "Keys in the store, by state", ("state",),
                   {(state,): n for state, n in counts.items()}),
-            _Spec("sidecar_key_expires_timestamp_seconds", "gauge", "When an active key expires (Unix time)",
+            Spec("sidecar_key_expires_timestamp_seconds", "gauge", "When an active key expires (Unix time)",
                   ("key",), expires),
         ]  # fmt: skip
 
@@ -409,7 +378,7 @@ class Metrics:
         """
         out: list[str] = []
         for spec in self._specs():
-            _write(spec, out, self._prefixes.setdefault(spec.name, {}) if spec.kind != "gauge" else {})
+            write_family(spec, out, self._prefixes.setdefault(spec.name, {}) if spec.kind != "gauge" else {})
         # Everything else on the registry, formatted by prometheus_client, without ours twice.
         self._collector.muted = True
         try:
@@ -417,102 +386,3 @@ class Metrics:
         finally:
             self._collector.muted = False
         return "".join(out).encode()
-
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    name: str  # the family name (a counter's samples add ``_total``)
-    kind: str  # counter, gauge or histogram
-    doc: str
-    labels: tuple[str, ...]
-    values: Mapping[Any, Any]  # label values (tuple, or one str) -> number; histograms: upstream -> _Histogram
-
-
-def _label_values(k: Any) -> tuple[str, ...]:
-    return (k,) if isinstance(k, str) else tuple(str(x) for x in k)
-
-
-def _escape(value: str) -> str:
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-    return value
-
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)) + "}"
-
-
-def _number(v: float) -> str:
-    if isinstance(v, int):
-        return str(v)
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(v)
-
-
-def _write(spec: _Spec, out: list[str], cache: dict[Any, Any]) -> None:
-    sample = spec.name + "_total" if spec.kind == "counter" else spec.name
-    doc = spec.doc.replace("\\", r"\\").replace("\n", r"\n")
-    out.append(f"# HELP {sample} {doc}\n# TYPE {sample} {spec.kind}\n")
-    if spec.kind != "histogram":
-        for k, v in spec.values.items():
-            prefix = cache.get(k)
-            if prefix is None:
-                prefix = cache[k] = f"{sample}{_labels(spec.labels, _label_values(k))} "
-            out.append(f"{prefix}{_number(v)}\n")
-        return
-    for up, h in spec.values.items():
-        prefixes = cache.get(up)
-        if prefixes is None:
-            lbl = f'upstream="{_escape(up)}"'
-            prefixes = cache[up] = (
-                [f'{spec.name}_bucket{{{lbl},le="{le}"}} ' for le in _LE],
-                f"{spec.name}_count{{{lbl}}} ",
-                f"{spec.name}_sum{{{lbl}}} ",
-            )
-        buckets, count, total = prefixes
-        running = 0
-        for prefix, n in zip(buckets, h.counts, strict=True):
-            running += n
-            out.append(f"{prefix}{running}\n")
-        out.append(f"{count}{running}\n{total}{_number(h.sum)}\n")
-
-
-class _Collector(Collector):
-    """The same families as prometheus_client objects: ``generate_latest(registry)``,
-    ``registry.get_sample_value`` and anything else that reads the registry."""
-
-    def __init__(self, m: Metrics) -> None:
-        self.m = m
-        self.muted = False  # set while ``Metrics.exposition`` writes these families itself
-
-    def describe(self) -> Iterable[Metric]:
-        return [self._family(spec, empty=True) for spec in self.m._specs()]
-
-    def collect(self) -> Iterable[Metric]:
-        if self.muted:
-            return []
-        return [self._family(spec, empty=False) for spec in self.m._specs()]
-
-    @staticmethod
-    def _family(spec: _Spec, empty: bool) -> Metric:
-        labels = list(spec.labels)
-        fam: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
-        if spec.kind == "histogram":
-            fam = HistogramMetricFamily(spec.name, spec.doc, labels=labels)
-            if not empty:
-                for up, h in spec.values.items():
-                    fam.add_metric([up], h.cumulative(), h.sum)
-            return fam
-        fam = (CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily)(spec.name, spec.doc, labels=labels)
-        if not empty:
-            for k, v in spec.values.items():
-                fam.add_metric(list(_label_values(k)), v)
-        return fam

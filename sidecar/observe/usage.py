@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..http.scope import RequestScope
+from ..core.scope import RequestScope
 from ..store import Store
 from ..store.base import UsageRow
 

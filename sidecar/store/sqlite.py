@@ -6,7 +6,7 @@ runs. Every key write bumps a monotonically increasing ``seq`` inside one
 every ``poll_interval`` and reloads only the rows past the last one it saw. That is
 how a CLI revoke reaches a running sidecar within a second without any IPC.
 
-The schema is versioned with ``PRAGMA user_version``: each entry of ``_MIGRATIONS``
+The schema is versioned with ``PRAGMA user_version``: each entry of ``MIGRATIONS`` (``sqlite_schema.py``)
 brings a database one version up, inside one ``BEGIN IMMEDIATE`` that re-reads the
 version first (so two processes opening a fresh file at once migrate it once). A file
 from a newer sidecar is refused rather than guessed at. One connection is shared by
@@ -50,6 +50,7 @@ from .base import (
     counts_toward_limit,
 )
 from .filemodes import private_file
+from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlitefaults import shielded, wrap
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -58,33 +59,6 @@ log = logging.getLogger("sidecar.store")
 
 BUSY_TIMEOUT_MS = 5000  # the default of store.busy_timeout
 MAX_AUDIT_BACKLOG = 10_000  # audit events held while the file refuses writes; older ones are dropped past it
-
-# Migration N brings a database from user_version N to N+1. Append, never edit.
-_MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, data TEXT NOT NULL, seq INTEGER NOT NULL);
-    CREATE INDEX IF NOT EXISTS keys_seq ON keys(seq);
-    CREATE TABLE IF NOT EXISTS last_used (id TEXT PRIMARY KEY, at REAL NOT NULL, ip TEXT);
-    CREATE TABLE IF NOT EXISTS usage (
-        key_id TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
-        errors INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0,
-        rate_limited INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (key_id, day));
-    CREATE TABLE IF NOT EXISTS quota (
-        key_id TEXT NOT NULL, scope TEXT NOT NULL, window TEXT NOT NULL, used INTEGER NOT NULL,
-        PRIMARY KEY (key_id, scope, window));
-    CREATE TABLE IF NOT EXISTS audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
-        action TEXT NOT NULL, key_id TEXT, detail TEXT NOT NULL DEFAULT '{}');
-    CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);
-    """,
-    # 1 -> 2: owner as a column, so max_keys_per_owner is an index lookup, not a scan of every key.
-    """
-    ALTER TABLE keys ADD COLUMN owner TEXT;
-    UPDATE keys SET owner = json_extract(data, '$.owner');
-    CREATE INDEX IF NOT EXISTS keys_owner ON keys(owner);
-    """,
-]
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SqliteStore(Store):
@@ -181,7 +155,7 @@ class SqliteStore(Store):
                 if version == SCHEMA_VERSION:
                     await self.db.execute("COMMIT")
                     return
-                for stmt in filter(str.strip, _MIGRATIONS[version].split(";")):
+                for stmt in filter(str.strip, MIGRATIONS[version].split(";")):
                     await self.db.execute(stmt)
                 await self.db.execute(f"PRAGMA user_version={version + 1}")
                 await self.db.execute("COMMIT")

@@ -33,7 +33,7 @@ PROBE_TIMEOUT = 1.0
 
 @functools.lru_cache(maxsize=64)
 def _client_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """The trust the upstream's session uses (``forwarder.make_session``), built once per setting."""
+    """The trust the upstream's session uses (``http.outbound.make_session``), built once per setting."""
     if not verify:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False

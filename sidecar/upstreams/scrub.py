@@ -43,7 +43,7 @@ from typing import Final
 from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..http.errors import UpstreamUnavailable
+from ..core.errors import UpstreamUnavailable
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 
@@ -159,7 +159,7 @@ class _Inflate:
 
 
 class ScrubFilter:
-    """Replace the real upstream token on the way down (a ``forwarder.ResponseFilter``, one per request).
+    """Replace the real upstream token on the way down (a ``core.relay.ResponseFilter``, one per request).
 
     ``replacement`` is the client's own key (it already has it), or ``REDACTED``. ``also``
     are further secrets replaced the same way (an MCP upstream's credential headers: the

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 from multidict import MultiMapping
 
-from ..http.errors import BadRequest, Forbidden, ServiceUnavailable
+from ..core.errors import BadRequest, Forbidden, ServiceUnavailable
 
 __all__ = ["TranscodeSessions"]
 

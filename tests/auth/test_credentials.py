@@ -15,8 +15,8 @@ from multidict import CIMultiDict, MultiDict
 
 from sidecar.auth.credentials import extract_credential, strip_credential
 from sidecar.config import CredentialsConfig
+from sidecar.core.errors import BadRequest
 from sidecar.demo import SEEN
-from sidecar.http.errors import BadRequest
 
 Request = tuple[dict[str, str], dict[str, str]]  # headers, query
 

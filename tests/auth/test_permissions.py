@@ -14,8 +14,8 @@ from conftest import MakeSidecar, Running, base_config
 
 from sidecar.auth.models import Permissions
 from sidecar.auth.permissions import allowed, normalize_path, tool_allowed
+from sidecar.core.errors import BadRequest, Conflict
 from sidecar.demo import SEEN
-from sidecar.http.errors import BadRequest, Conflict
 
 
 def perms(**kw: Any) -> Permissions:

@@ -22,7 +22,7 @@ from sidecar.auth.keys import display_form, generate_key
 from sidecar.auth.models import KeyRecord, Permissions
 from sidecar.auth.verify import ARGON2_CONCURRENCY, Verifier, password_hasher
 from sidecar.config import KeysConfig
-from sidecar.http.errors import ExpiredKey, InvalidKey, RevokedKey, TooManyFailures
+from sidecar.core.errors import ExpiredKey, InvalidKey, RevokedKey, TooManyFailures
 from sidecar.store import SqliteStore, YamlStore
 
 CHEAP = password_hasher("cheapest")

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import pytest
 from conftest import PLEX_TOKEN, Running, log_lines
 
+from sidecar.core.scope import RequestScope
 from sidecar.http.accesslog import FLUSH_AFTER, MAX_PENDING, AccessLog, redact_path
-from sidecar.http.scope import RequestScope
 
 
 @pytest.mark.parametrize(

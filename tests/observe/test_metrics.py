@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.auth.keys import generate_key
 from sidecar.auth.models import KeyRecord
-from sidecar.http.scope import RequestScope
+from sidecar.core.scope import RequestScope
 from sidecar.observe.metrics import DURATION_BUCKETS, MAX_TOOL_SERIES, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

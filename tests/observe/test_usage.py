@@ -16,7 +16,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 
-from sidecar.http.scope import RequestScope
+from sidecar.core.scope import RequestScope
 from sidecar.observe.usage import UsageRecorder, day_of, report
 from sidecar.store.base import UsageRow
 from sidecar.store.sqlite import SqliteStore

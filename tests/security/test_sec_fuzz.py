@@ -33,7 +33,7 @@ from sidecar.auth.keys import check_prefix, display_form, generate_key, key_patt
 from sidecar.auth.models import Permissions
 from sidecar.auth.permissions import allowed, is_token_minting
 from sidecar.config import ConfigError, CredentialsConfig, load_config, parse_config
-from sidecar.http.errors import BadRequest
+from sidecar.core.errors import BadRequest
 from sidecar.upstreams.mcp.jsonrpc import (
     HEADER_MISMATCH,
     INVALID_PARAMS,

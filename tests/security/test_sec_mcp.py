@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 
 from sidecar.auth.models import Permissions
 from sidecar.cli import main as cli_main
-from sidecar.http.errors import BadRequest
+from sidecar.core.errors import BadRequest
 from sidecar.upstreams.mcp.authz import McpAccess, judge
 from sidecar.upstreams.mcp.jsonrpc import TOOL_FORBIDDEN
 from sidecar.upstreams.mcp.sessions import SessionIds, SessionTable, presented_ids

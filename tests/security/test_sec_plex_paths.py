@@ -17,7 +17,7 @@ from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import MultiDict
 from plexrig import Recorder, raw_request, recording_handler
 
-from sidecar.http.errors import BadRequest, Forbidden, ServiceUnavailable
+from sidecar.core.errors import BadRequest, Forbidden, ServiceUnavailable
 from sidecar.upstreams.transcode import TranscodeSessions
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}

@@ -14,8 +14,8 @@ from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import CIMultiDict, MultiDict
 
 from sidecar.config import UpstreamConfig
+from sidecar.core.errors import Forbidden
 from sidecar.demo import SEEN, plex_like_app
-from sidecar.http.errors import Forbidden
 from sidecar.upstreams.plex import ScrubFilter, TranscodeSessions, inject_plex
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}

@@ -1,7 +1,7 @@
 """Rewriting MCP answers on their way down: tool lists, refusals, the legacy ``endpoint`` event.
 
 Pure: no aiohttp, no I/O. The gateway (``sidecar.upstreams.mcp.gateway``) wires these into the
-forwarder's ``ResponseFilter`` hook; everything here works on bytes and dicts.
+forwarder's ``ResponseFilter`` hook (``core.relay``); everything here works on bytes and dicts.
 
 * :class:`SseSplitter` cuts an event stream into complete events whatever the
   chunking and line endings (``\\r\\n``, ``\\n``, ``\\r``). Complete events leave as

@@ -44,18 +44,12 @@ MCP 2026-07-28 treats that as cancellation.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import json
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -64,34 +58,31 @@ from ...auth.credentials import extract_credential
 from ...auth.models import KeyRecord
 from ...auth.permissions import allowed, tool_allowed
 from ...config import DEFAULT_MCP_MAX_BODY, UpstreamConfig
-from ...http.errors import (
+from ...core.addresses import public_base
+from ...core.errors import (
     BadRequest,
     Forbidden,
     NoRoute,
     PayloadTooLarge,
     Unauthorized,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ...http.listener import public_base
-from ...http.pipeline import WELL_KNOWN
-from ...http.scope import RequestScope
-from ..health import connect_problem
+from ...core.scope import RequestScope
+from . import WELL_KNOWN
 from .authz import BodyJudge, Decision, McpAccess
-from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, SseSplitter, client_path, parse_event
+from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps
-from .scrub import scrub_bytes, scrub_text, scrubbed
+from .response import GatewayFilter
+from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
+from .scrub import scrub_bytes, scrubbed
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 
 if TYPE_CHECKING:
-    from ...app import Sidecar
+    from .host import GatewayHost
 
-__all__ = ["REST_PATH", "McpGateway", "McpSession", "RestClient", "SessionTable"]
+__all__ = ["REST_PATH", "WELL_KNOWN", "GatewayFilter", "McpGateway", "McpSession", "RestClient", "SessionTable"]
 
 REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
-CLIENT_NAME = "sidecar"
-HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
-CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
 
 CORS_ALLOW_HEADERS = (
     "Authorization", "Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID",
@@ -104,71 +95,13 @@ CORS_EXPOSE_HEADERS = (
 _OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
 
 
-# ----------------------------------------------------------------------------- response filter
-
-
-class _Filter:
-    """The forwarder's ResponseFilter for MCP routes: header policy always, body rewriting when needed."""
-
-    def __init__(
-        self,
-        gw: McpGateway,
-        upstream: UpstreamConfig,
-        key: KeyRecord,
-        *,
-        sid: str | None = None,
-        sse: Callable[[], SseRewriter] | None = None,
-        json_body: Callable[[], JsonRewriter] | None = None,
-    ) -> None:
-        self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
-        self._sse, self._json = sse, json_body
-        self._body: SseRewriter | JsonRewriter | None = None
-        self.status = 0
-
-    def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
-        self.status = status
-        if status == 401:
-            # The upstream's challenge is about the sidecar's credential, not the client's.
-            raise UpstreamUnavailable(CREDENTIAL_REJECTED)
-        headers.popall("WWW-Authenticate", None)
-        for name in ("Location", "Content-Location"):
-            value = headers.get(name)
-            if value:
-                mapped = self.gw.client_path(self.upstream, value)
-                if mapped is not None:
-                    headers[name] = mapped
-        new_sid = headers.get(SESSION_HEADER)
-        if new_sid and status < 400:
-            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
-        if status == 404 and self.sid:
-            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
-        if not 200 <= status < 300:
-            return False  # the upstream's errors pass through untouched
-        ctype = headers.get("Content-Type", "").lower()
-        if ctype.startswith("text/event-stream") and self._sse is not None:
-            self._body = self._sse()
-        elif ctype.startswith("application/json") and self._json is not None:
-            self._body = self._json()
-        if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
-            # Asked for identity. A list that must be filtered is never relayed unread (the key would see
-            # what it may not); with a credential configured, McpScrubFilter has decoded it before this.
-            raise UpstreamUnavailable("the MCP upstream compressed an answer that must be filtered")
-        return self._body is not None
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._body.feed(chunk) if self._body is not None else chunk
-
-    def flush(self) -> bytes:
-        return self._body.flush() if self._body is not None else b""
-
-
 # ----------------------------------------------------------------------------- gateway
 
 
 class McpGateway:
     """Everything MCP-specific; built by ``Sidecar.start`` when an MCP upstream exists."""
 
-    def __init__(self, sc: Sidecar) -> None:
+    def __init__(self, sc: GatewayHost) -> None:
         self.sc = sc
         self.sessions = SessionTable()
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
@@ -191,14 +124,14 @@ class McpGateway:
             return True
         return self._rest_enabled and request.method == "POST" and request.path == REST_PATH
 
-    async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+    async def rest_call(self, sc: GatewayHost, request: web.Request, scope: RequestScope) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return self._preflight(request)
         return await self._rest(request, scope)
 
     async def handle(
         self,
-        sc: Sidecar,
+        sc: GatewayHost,
         request: web.Request,
         scope: RequestScope,
         upstream: UpstreamConfig,
@@ -233,7 +166,7 @@ class McpGateway:
             )
         if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
-        filt = _Filter(self, upstream, key, sid=sid)
+        filt = GatewayFilter(self, upstream, key, sid=sid)
         response = await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
         )
@@ -286,7 +219,7 @@ class McpGateway:
 
     def base_url(self, request: web.Request) -> str:
         """The sidecar's public origin: ``server.public_url``, a trusted proxy's ``X-Forwarded-*``,
-        else the listener's own address — never the client's ``Host`` (``listener.public_base``)."""
+        else the listener's own address — never the client's ``Host`` (``core.addresses.public_base``)."""
         return public_base(request, self.sc.config.server.public_url, self.sc.trusted_proxies)
 
     def client_path(self, upstream: UpstreamConfig, location: str) -> str | None:
@@ -381,7 +314,7 @@ class McpGateway:
             await self._send_only(upstream, url, headers, d.forward, scope)
             return self._json(answers, 200, rate_headers)
         want = bool(d.lists) or bool(answers)
-        filt = _Filter(
+        filt = GatewayFilter(
             self,
             upstream,
             key,
@@ -420,7 +353,7 @@ class McpGateway:
         # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
         # same policy applies there.
         want = bool(d.lists) or bool(d.refused)
-        filt = _Filter(
+        filt = GatewayFilter(
             self,
             upstream,
             key,
@@ -438,7 +371,7 @@ class McpGateway:
         """POST notifications upstream and wait for the (bodiless) answer."""
         headers["Content-Length"] = str(len(body))
         started = time.perf_counter()
-        resp = await _open(self.sc.sessions[upstream.id], upstream, "POST", url, headers, body)
+        resp = await open_upstream(self.sc.sessions[upstream.id], upstream, "POST", url, headers, body)
         scope.upstream_seconds = time.perf_counter() - started
         async with resp:
             if resp.status == 401:
@@ -473,7 +406,7 @@ class McpGateway:
 
         if session is not None:
             policy.lists = (session.lists,)
-        filt = _Filter(
+        filt = GatewayFilter(
             self,
             upstream,
             key,
@@ -580,185 +513,3 @@ class McpGateway:
             result = await self.rest.call(upstream, tool, arguments, scope)
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)
-
-
-async def _open(
-    session: aiohttp.ClientSession,
-    upstream: UpstreamConfig,
-    method: str,
-    url: URL | str,
-    headers: CIMultiDict[str] | dict[str, str],
-    body: bytes,
-) -> aiohttp.ClientResponse:
-    """One upstream request, with the forwarder's mapping of failures to contract errors."""
-    try:
-        async with asyncio.timeout(upstream.read_timeout):
-            return await session.request(method, url, headers=headers, data=body, allow_redirects=False)
-    except aiohttp.ConnectionTimeoutError:
-        raise UpstreamTimeout(f"upstream {upstream.id} did not accept a connection in time") from None
-    except TimeoutError:
-        raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
-    except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
-        raise UpstreamUnavailable(connect_problem(upstream, e)) from None
-    except (aiohttp.ClientError, OSError) as e:
-        raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
-
-
-# ----------------------------------------------------------------------------- REST caller
-
-
-@dataclass
-class _Pooled:
-    """The REST caller's one MCP session with an upstream (re-initialised when it expires)."""
-
-    session_id: str | None = None
-    version: str | None = None
-    ready: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-
-class RestClient:
-    """Minimal JSON-RPC over Streamable HTTP, on the forwarder's pooled aiohttp sessions.
-
-    Hand-rolled rather than the SDK's client: the SDK is not a runtime dependency of
-    the sidecar, and its client brings httpx and a task group per connection, where a
-    REST call needs three small POSTs (``initialize``, ``notifications/initialized``
-    once per upstream, then ``tools/call``) over connections the sidecar already pools.
-    """
-
-    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
-        self.sessions = sessions
-        self._pool: dict[str, _Pooled] = {}
-
-    def pooled(self, upstream_id: str) -> _Pooled:
-        return self._pool.setdefault(upstream_id, _Pooled())
-
-    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
-        pooled = self.pooled(upstream.id)
-        status, msg = 0, None
-        for attempt in range(2):
-            await self._ensure(upstream, pooled)
-            sid = pooled.session_id
-            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/call",
-                       "params": {"name": tool, "arguments": arguments}}  # fmt: skip
-            started = time.perf_counter()
-            status, _, msg = await self._rpc(upstream, pooled, request)
-            scope.upstream_seconds = time.perf_counter() - started
-            if status == 404 and sid is not None and attempt == 0:
-                async with pooled.lock:  # the session expired upstream: initialise a new one, once
-                    if pooled.session_id == sid:
-                        pooled.ready, pooled.session_id = False, None
-                continue
-            break
-        if msg is None:
-            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
-        if "error" in msg:
-            err = msg["error"] if isinstance(msg["error"], dict) else {}
-            code, text = err.get("code"), scrub_text(upstream, str(err.get("message", "error")))
-            if code in (-32600, -32601, -32602):
-                raise BadRequest(f"the upstream refused the call: {text}")
-            raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
-        return msg.get("result")
-
-    async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
-        if pooled.ready:
-            return
-        async with pooled.lock:
-            if not pooled.ready:  # another call may have initialised it while this one waited
-                await self._initialize(upstream, pooled)
-
-    async def _initialize(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
-        pooled.session_id = pooled.version = None
-        init = {
-            "jsonrpc": "2.0", "id": next(pooled.ids), "method": "initialize",
-            "params": {"protocolVersion": HANDSHAKE_VERSION, "capabilities": {},
-                       "clientInfo": {"name": CLIENT_NAME, "version": "1.0"}},
-        }  # fmt: skip
-        status, headers, msg = await self._rpc(upstream, pooled, init)
-        result = msg.get("result") if msg else None
-        if status >= 300 or not isinstance(result, dict):
-            raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
-        pooled.session_id = headers.get(SESSION_HEADER)
-        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
-        await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
-        pooled.ready = True
-
-    def _headers(self, upstream: UpstreamConfig, pooled: _Pooled) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json, text/event-stream",
-            "Accept-Encoding": "identity",
-            **upstream.headers,
-        }
-        if pooled.session_id:
-            headers[SESSION_HEADER] = pooled.session_id
-        if pooled.version:
-            headers["MCP-Protocol-Version"] = pooled.version
-        return headers
-
-    async def _rpc(
-        self, upstream: UpstreamConfig, pooled: _Pooled, msg: dict[str, Any]
-    ) -> tuple[int, CIMultiDict[str], dict[str, Any] | None]:
-        """POST one message; the JSON-RPC answer to it (from JSON or an SSE stream), if any."""
-        session = self.sessions[upstream.id]
-        resp = await _open(session, upstream, "POST", upstream.url, self._headers(upstream, pooled), dumps(msg))
-        async with resp:
-            headers = CIMultiDict(resp.headers)
-            if resp.status == 401:
-                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
-            if "id" not in msg or resp.status == 202:
-                return resp.status, headers, None
-            ctype = resp.headers.get("Content-Type", "").lower()
-            try:
-                if ctype.startswith("text/event-stream"):
-                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
-                if ctype.startswith("application/json"):
-                    async with asyncio.timeout(upstream.read_timeout):
-                        body = json.loads(await resp.read())
-                    return resp.status, headers, body if isinstance(body, dict) else None
-            except TimeoutError:
-                raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
-            except (aiohttp.ClientError, ValueError) as e:
-                raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
-            return resp.status, headers, None
-
-    async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
-        """End the pooled sessions politely (DELETE), best effort and quickly."""
-        for up in upstreams:
-            pooled = self._pool.get(up.id)
-            session = self.sessions.get(up.id)
-            if pooled is None or not pooled.session_id or session is None or session.closed:
-                continue
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    resp = await session.delete(up.url, headers=self._headers(up, pooled))
-                    resp.release()
-        self._pool.clear()
-
-
-async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
-    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
-
-    ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
-    holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
-    """
-    splitter = SseSplitter()
-    while True:
-        async with asyncio.timeout(idle):
-            chunk = await resp.content.readany()
-        if not chunk:
-            break
-        for raw, complete in splitter.feed(chunk):
-            if not complete:
-                continue
-            ev = parse_event(raw)
-            if ev.event != "message" or not ev.has_data:
-                continue
-            try:
-                msg = json.loads(ev.data)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("id") == rid and ("result" in msg or "error" in msg):
-                return msg
-    return None

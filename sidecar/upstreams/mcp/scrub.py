@@ -38,7 +38,7 @@ from ..scrub import ScrubFilter
 
 if TYPE_CHECKING:
     from ...config import UpstreamConfig
-    from ...http.forwarder import ResponseFilter
+    from ...core.relay import ResponseFilter
 
 __all__ = ["MASK", "MIN_SECRET", "McpScrubFilter", "mcp_secrets", "scrub_bytes", "scrub_text", "scrubbed"]
 

@@ -22,7 +22,7 @@ from urllib.parse import unquote_plus
 
 from multidict import MultiMapping
 
-from ...http.errors import BadRequest, Forbidden, NoRoute
+from ...core.errors import BadRequest, Forbidden, NoRoute
 from .filter import PendingIds
 
 __all__ = ["SESSION_HEADER", "McpSession", "SessionIds", "SessionTable", "presented_ids"]

@@ -1,0 +1,77 @@
+"""Where a request came from and where the sidecar is reached: pure functions over a request.
+
+``forwarded_for`` builds the X-Forwarded-For chain (only trusted proxies' claims kept);
+``public_base`` is the origin the sidecar hands out in URLs. Shared by the listener, the
+forwarder and the MCP gateway, so it depends on none of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from aiohttp import web
+
+__all__ = ["forwarded_for", "public_base"]
+
+_Nets = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _trusted(addr: str, trusted: _Nets) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def forwarded_for(peer: str, claimed: Iterable[str], trusted: _Nets) -> str:
+    """``X-Forwarded-For`` for the upstream: the hops trusted proxies vouch for, then the peer.
+
+    From an untrusted peer nothing the client wrote is kept. Behind trusted proxies the
+    chain is read from the right: each trusted hop vouches for the one before it, up to and
+    including the first untrusted address (the client); anything further left is the
+    client's own word and is dropped, as is a hop that is not an IP address.
+    """
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for value in claimed for h in value.split(",")]
+    kept: list[str] = []
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break
+        kept.append(hop)
+        if not _trusted(hop, trusted):
+            break
+    kept.reverse()
+    kept.append(peer)
+    return ", ".join(kept)
+
+
+def public_base(request: web.BaseRequest, public_url: str | None, trusted: _Nets) -> str:
+    """The origin clients reach the sidecar at, for URLs the sidecar hands out (RFC 9728, challenges).
+
+    ``server.public_url`` when configured; else what a trusted proxy in front says
+    (``X-Forwarded-Proto``/``-Host``, documented in docs/mcp.md); else the address this
+    listener accepted the connection on. Never the client's own ``Host``: reflected, it
+    would let anyone point a victim's client at another authority.
+    """
+    if public_url:
+        return public_url
+    proto, host = request.scheme, ""
+    if trusted and _trusted(request.remote or "", trusted):
+        proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
+        host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    if not host:
+        host = _own_address(request)
+    return f"{proto}://{host}"
+
+
+def _own_address(request: web.BaseRequest) -> str:
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sock or not isinstance(sock, tuple):
+        return "localhost"
+    host, port = str(sock[0]), int(sock[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,180 @@
+"""GCRA buckets and the limit plan: which limits apply to a key on an upstream, and the in-memory
+backend that evaluates a plan atomically (integer microseconds; see ``sidecar.limits.ratelimit``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..auth.models import KeyRecord
+from ..config import Config, Limit, UpstreamConfig, parse_limit
+from ..core.errors import SidecarError
+from .quota import CounterKey, QuotaCounter
+
+__all__ = [
+    "BackendDown",
+    "MemoryBackend",
+    "Outcome",
+    "Plan",
+    "QuotaRule",
+    "RateDecision",
+    "RateRule",
+    "bucket_key",
+    "quota_key",
+    "resolve_plan",
+]
+
+US = 1_000_000  # bucket arithmetic is in integer microseconds
+REDIS_PREFIX = "sidecar"
+QUOTA_POLICY = "quota"
+CONCURRENCY_POLICY = "concurrency"
+
+
+@dataclass(slots=True)
+class RateDecision:
+    allowed: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
+    error: SidecarError | None = None
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """One GCRA bucket: ``interval`` T and ``capacity`` N·T, both in microseconds."""
+
+    limit: Limit
+    scope: str
+    policy: str  # name in RateLimit-Policy
+    interval: int
+    capacity: int
+    suffix: str  # identifies the bucket among the key's: scope, period, count
+
+    @classmethod
+    def build(cls, limit: Limit, scope: str, policy: str) -> RateRule:
+        interval = max(1, limit.period * US // limit.count)
+        suffix = f"{scope}:{limit.period}:{limit.count}"
+        return cls(limit, scope, policy, interval, interval * limit.count, suffix)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRule:
+    limit: Limit
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything that limits one key on one upstream, resolved once per key version."""
+
+    rates: tuple[RateRule, ...] = ()
+    quota: QuotaRule | None = None
+    concurrency: int | None = None
+    concurrency_scope: str = "*"
+    rate_policy: str = ""  # the static part of RateLimit-Policy
+    buckets: tuple[str, ...] = ()  # one storage key per rate rule (the same in memory and Redis)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rates and self.quota is None and self.concurrency is None
+
+
+def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Plan:
+    """Key, else upstream, else global — for rates, quota and concurrency independently."""
+    rl = config.rate_limits
+    limits: Iterable[Limit]
+    if key.rate_limits:
+        limits, scope = (parse_limit(x) for x in key.rate_limits), "*"
+    elif upstream.rate_limits is not None:
+        limits, scope = upstream.rate_limits, upstream.id
+    else:
+        limits, scope = rl.default, "*"
+    rates: list[RateRule] = []
+    names: set[str] = set()
+    for lim in limits:
+        name = lim.name if lim.name not in names else lim.text
+        names.add(name)
+        rates.append(RateRule.build(lim, scope, name))
+    quota: QuotaRule | None = None
+    if key.quota:
+        quota = QuotaRule(parse_limit(key.quota), "*")
+    elif upstream.quota is not None:
+        quota = QuotaRule(upstream.quota, upstream.id)
+    elif rl.quota is not None:
+        quota = QuotaRule(rl.quota, "*")
+    conc: int | None
+    if key.concurrency is not None:
+        conc, cscope = key.concurrency, "*"
+    elif upstream.concurrency is not None:
+        conc, cscope = upstream.concurrency, upstream.id
+    else:
+        conc, cscope = rl.concurrency, "*"
+    policy = ", ".join(f'"{r.policy}";q={r.limit.count};w={r.limit.period}' for r in rates)
+    buckets = tuple(bucket_key(key.id, r.suffix) for r in rates)
+    return Plan(tuple(rates), quota, conc, cscope, policy, buckets)
+
+
+# -------------------------------------------------------------------------- backends
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a backend saw: each bucket's debt (TAT - now, µs) and the quota count, before this request."""
+
+    ok: bool
+    debts: list[int]
+    quota_used: int | None
+
+
+class BackendDown(Exception):
+    """The shared backend could not be reached; ``on_redis_error`` decides."""
+
+
+def bucket_key(key_id: str, suffix: str) -> str:
+    return f"{REDIS_PREFIX}:rl:{{{key_id}}}:{suffix}"  # {key id}: one cluster slot per key
+
+
+def quota_key(qkey: CounterKey) -> str:
+    key_id, scope, window = qkey
+    return f"{REDIS_PREFIX}:q:{{{key_id}}}:{scope}:{window}"
+
+
+class MemoryBackend:
+    """Buckets and quota counters of this process (quotas persisted through the store)."""
+
+    def __init__(self) -> None:
+        self.tats: dict[str, int] = {}  # bucket key -> theoretical arrival time (µs)
+
+    def evaluate(self, plan: Plan, now_us: int, counter: QuotaCounter | None, cost: int) -> Outcome:
+        """Read, decide and commit in one synchronous step (nothing can interleave)."""
+        tats = self.tats
+        ok = True
+        debts: list[int] = []
+        for rule, bucket in zip(plan.rates, plan.buckets, strict=True):
+            debt = tats.get(bucket, 0) - now_us
+            if debt < 0:
+                debt = 0
+            debts.append(debt)
+            if cost > 0 and debt + rule.interval > rule.capacity:
+                ok = False
+        used = None
+        if counter is not None and plan.quota is not None:
+            used = counter.used
+            if cost > 0 and used + cost > plan.quota.limit.count:
+                ok = False
+        if ok:
+            for rule, bucket, debt in zip(plan.rates, plan.buckets, debts, strict=True):
+                new = debt + rule.interval * cost
+                if new > 0:
+                    tats[bucket] = now_us + new
+                else:
+                    tats.pop(bucket, None)
+            if counter is not None:
+                counter.pending += cost
+        return Outcome(ok, debts, used)
+
+    def sweep(self, now_us: int) -> None:
+        """Forget buckets that are full again (absent and idle are the same state)."""
+        for k in [k for k, tat in self.tats.items() if tat <= now_us]:
+            del self.tats[k]

@@ -1,0 +1,77 @@
+"""The forwarder's ResponseFilter for MCP routes (header policy, session binding, list filtering)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict
+
+from ...auth.models import KeyRecord
+from ...config import UpstreamConfig
+from ...core.errors import (
+    UpstreamUnavailable,
+)
+from .filter import JsonRewriter, SseRewriter
+from .rest import CREDENTIAL_REJECTED
+from .sessions import SESSION_HEADER
+
+if TYPE_CHECKING:
+    from .gateway import McpGateway
+
+__all__ = ["GatewayFilter"]
+
+
+class GatewayFilter:
+    """The forwarder's ResponseFilter for MCP routes: header policy always, body rewriting when needed."""
+
+    def __init__(
+        self,
+        gw: McpGateway,
+        upstream: UpstreamConfig,
+        key: KeyRecord,
+        *,
+        sid: str | None = None,
+        sse: Callable[[], SseRewriter] | None = None,
+        json_body: Callable[[], JsonRewriter] | None = None,
+    ) -> None:
+        self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
+        self._sse, self._json = sse, json_body
+        self._body: SseRewriter | JsonRewriter | None = None
+        self.status = 0
+
+    def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
+        self.status = status
+        if status == 401:
+            # The upstream's challenge is about the sidecar's credential, not the client's.
+            raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+        headers.popall("WWW-Authenticate", None)
+        for name in ("Location", "Content-Location"):
+            value = headers.get(name)
+            if value:
+                mapped = self.gw.client_path(self.upstream, value)
+                if mapped is not None:
+                    headers[name] = mapped
+        new_sid = headers.get(SESSION_HEADER)
+        if new_sid and status < 400:
+            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
+        if status == 404 and self.sid:
+            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
+        if not 200 <= status < 300:
+            return False  # the upstream's errors pass through untouched
+        ctype = headers.get("Content-Type", "").lower()
+        if ctype.startswith("text/event-stream") and self._sse is not None:
+            self._body = self._sse()
+        elif ctype.startswith("application/json") and self._json is not None:
+            self._body = self._json()
+        if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Asked for identity. A list that must be filtered is never relayed unread (the key would see
+            # what it may not); with a credential configured, McpScrubFilter has decoded it before this.
+            raise UpstreamUnavailable("the MCP upstream compressed an answer that must be filtered")
+        return self._body is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._body.feed(chunk) if self._body is not None else chunk
+
+    def flush(self) -> bytes:
+        return self._body.flush() if self._body is not None else b""

@@ -1,0 +1,218 @@
+"""The REST tool call's client: minimal JSON-RPC over Streamable HTTP on the pooled sessions, and
+``open_upstream``, one upstream request with the forwarder's mapping of failures to contract errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from ...config import UpstreamConfig
+from ...core.errors import (
+    BadRequest,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ...core.scope import RequestScope
+from ..health import connect_problem
+from .filter import SseSplitter, parse_event
+from .jsonrpc import dumps
+from .scrub import scrub_text
+from .sessions import SESSION_HEADER
+
+__all__ = ["CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "open_upstream"]
+
+CLIENT_NAME = "sidecar"
+HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
+CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    method: str,
+    url: URL | str,
+    headers: CIMultiDict[str] | dict[str, str],
+    body: bytes,
+) -> aiohttp.ClientResponse:
+    """One upstream request, with the forwarder's mapping of failures to contract errors."""
+    try:
+        async with asyncio.timeout(upstream.read_timeout):
+            return await session.request(method, url, headers=headers, data=body, allow_redirects=False)
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not accept a connection in time") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None
+    except aiohttp.ClientConnectorError as e:  # refused, name not resolved, TLS
+        raise UpstreamUnavailable(connect_problem(upstream, e)) from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+
+
+# ----------------------------------------------------------------------------- REST caller
+
+
+@dataclass
+class _Pooled:
+    """The REST caller's one MCP session with an upstream (re-initialised when it expires)."""
+
+    session_id: str | None = None
+    version: str | None = None
+    ready: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class RestClient:
+    """Minimal JSON-RPC over Streamable HTTP, on the forwarder's pooled aiohttp sessions.
+
+    Hand-rolled rather than the SDK's client: the SDK is not a runtime dependency of
+    the sidecar, and its client brings httpx and a task group per connection, where a
+    REST call needs three small POSTs (``initialize``, ``notifications/initialized``
+    once per upstream, then ``tools/call``) over connections the sidecar already pools.
+    """
+
+    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+        self.sessions = sessions
+        self._pool: dict[str, _Pooled] = {}
+
+    def pooled(self, upstream_id: str) -> _Pooled:
+        return self._pool.setdefault(upstream_id, _Pooled())
+
+    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
+        pooled = self.pooled(upstream.id)
+        status, msg = 0, None
+        for attempt in range(2):
+            await self._ensure(upstream, pooled)
+            sid = pooled.session_id
+            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/call",
+                       "params": {"name": tool, "arguments": arguments}}  # fmt: skip
+            started = time.perf_counter()
+            status, _, msg = await self._rpc(upstream, pooled, request)
+            scope.upstream_seconds = time.perf_counter() - started
+            if status == 404 and sid is not None and attempt == 0:
+                async with pooled.lock:  # the session expired upstream: initialise a new one, once
+                    if pooled.session_id == sid:
+                        pooled.ready, pooled.session_id = False, None
+                continue
+            break
+        if msg is None:
+            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
+        if "error" in msg:
+            err = msg["error"] if isinstance(msg["error"], dict) else {}
+            code, text = err.get("code"), scrub_text(upstream, str(err.get("message", "error")))
+            if code in (-32600, -32601, -32602):
+                raise BadRequest(f"the upstream refused the call: {text}")
+            raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
+        return msg.get("result")
+
+    async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        if pooled.ready:
+            return
+        async with pooled.lock:
+            if not pooled.ready:  # another call may have initialised it while this one waited
+                await self._initialize(upstream, pooled)
+
+    async def _initialize(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
+        pooled.session_id = pooled.version = None
+        init = {
+            "jsonrpc": "2.0", "id": next(pooled.ids), "method": "initialize",
+            "params": {"protocolVersion": HANDSHAKE_VERSION, "capabilities": {},
+                       "clientInfo": {"name": CLIENT_NAME, "version": "1.0"}},
+        }  # fmt: skip
+        status, headers, msg = await self._rpc(upstream, pooled, init)
+        result = msg.get("result") if msg else None
+        if status >= 300 or not isinstance(result, dict):
+            raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
+        pooled.session_id = headers.get(SESSION_HEADER)
+        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
+        await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        pooled.ready = True
+
+    def _headers(self, upstream: UpstreamConfig, pooled: _Pooled) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Accept-Encoding": "identity",
+            **upstream.headers,
+        }
+        if pooled.session_id:
+            headers[SESSION_HEADER] = pooled.session_id
+        if pooled.version:
+            headers["MCP-Protocol-Version"] = pooled.version
+        return headers
+
+    async def _rpc(
+        self, upstream: UpstreamConfig, pooled: _Pooled, msg: dict[str, Any]
+    ) -> tuple[int, CIMultiDict[str], dict[str, Any] | None]:
+        """POST one message; the JSON-RPC answer to it (from JSON or an SSE stream), if any."""
+        session = self.sessions[upstream.id]
+        resp = await open_upstream(session, upstream, "POST", upstream.url, self._headers(upstream, pooled), dumps(msg))
+        async with resp:
+            headers = CIMultiDict(resp.headers)
+            if resp.status == 401:
+                raise UpstreamUnavailable(CREDENTIAL_REJECTED)
+            if "id" not in msg or resp.status == 202:
+                return resp.status, headers, None
+            ctype = resp.headers.get("Content-Type", "").lower()
+            try:
+                if ctype.startswith("text/event-stream"):
+                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
+                if ctype.startswith("application/json"):
+                    async with asyncio.timeout(upstream.read_timeout):
+                        body = json.loads(await resp.read())
+                    return resp.status, headers, body if isinstance(body, dict) else None
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
+            except (aiohttp.ClientError, ValueError) as e:
+                raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+            return resp.status, headers, None
+
+    async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
+        """End the pooled sessions politely (DELETE), best effort and quickly."""
+        for up in upstreams:
+            pooled = self._pool.get(up.id)
+            session = self.sessions.get(up.id)
+            if pooled is None or not pooled.session_id or session is None or session.closed:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    resp = await session.delete(up.url, headers=self._headers(up, pooled))
+                    resp.release()
+        self._pool.clear()
+
+
+async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
+    """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
+
+    ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
+    holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
+    """
+    splitter = SseSplitter()
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await resp.content.readany()
+        if not chunk:
+            break
+        for raw, complete in splitter.feed(chunk):
+            if not complete:
+                continue
+            ev = parse_event(raw)
+            if ev.event != "message" or not ev.has_data:
+                continue
+            try:
+                msg = json.loads(ev.data)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("id") == rid and ("result" in msg or "error" in msg):
+                return msg
+    return None
