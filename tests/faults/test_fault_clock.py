@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
-from test_ratelimit import utc
+from limits_support import utc
 
 from sidecar.auth.keys import generate_key
 from sidecar.config import parse_limit

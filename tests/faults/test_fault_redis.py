@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running
-from test_redis_limits import RedisProc, cfg, get, redis_server
+from redis_support import RedisProc, cfg, get, redis_server
 
 from sidecar.limits.redis_backend import REDIS_TIMEOUT
 

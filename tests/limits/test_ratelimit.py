@@ -10,7 +10,6 @@ a restart, and the admin reset / top-up. Time is a controllable clock, never a s
 from __future__ import annotations
 
 import asyncio
-import calendar
 import random
 import time
 from pathlib import Path
@@ -20,36 +19,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
+from limits_support import T0, Clock, key, utc
 
-from sidecar.auth.models import KeyRecord
 from sidecar.config import Config, parse_config, parse_limit
 from sidecar.limits.quota import window_bounds, window_id
 from sidecar.limits.ratelimit import RateLimiter, resolve_plan
 from sidecar.store import Store, open_store
-
-
-def utc(*parts: int) -> float:
-    return float(calendar.timegm((*parts, 0, 0, 0)[:6]))
-
-
-T0 = utc(2025, 6, 15, 12, 0, 0)  # a minute boundary, mid-month
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def key(kid: str = "k1", **fields: Any) -> KeyRecord:
-    return KeyRecord(id=kid, name="test", hash="$argon2id$unused", **fields)
 
 
 def config(tmp_path: Path, rate_limits: dict[str, Any] | None = None, **upstream: Any) -> Config:

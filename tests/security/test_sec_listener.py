@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
-from test_serve import sidecar_process, write_config
+from serve_support import sidecar_process, write_config
 from yarl import URL
 
 from sidecar.config import ConfigError, parse_config

@@ -1,0 +1,32 @@
+"""A hand-moved clock and bare key records, shared by the limiter tests (memory, Redis, clock faults)."""
+
+from __future__ import annotations
+
+import calendar
+from typing import Any
+
+from sidecar.auth.models import KeyRecord
+
+
+def utc(*parts: int) -> float:
+    return float(calendar.timegm((*parts, 0, 0, 0)[:6]))
+
+
+T0 = utc(2025, 6, 15, 12, 0, 0)  # a minute boundary, mid-month
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def key(kid: str = "k1", **fields: Any) -> KeyRecord:
+    return KeyRecord(id=kid, name="test", hash="$argon2id$unused", **fields)
