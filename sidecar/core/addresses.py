@@ -1,6 +1,7 @@
 """Where a request came from and where the sidecar is reached: pure functions over a request.
 
 ``forwarded_for`` builds the X-Forwarded-For chain (only trusted proxies' claims kept);
+``proxied_origin`` is the scheme and host a trusted proxy says the client used;
 ``public_base`` is the origin the sidecar hands out in URLs. Shared by the listener, the
 forwarder and the MCP gateway, so it depends on none of them.
 """
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-__all__ = ["forwarded_for", "public_base"]
+__all__ = ["forwarded_for", "proxied_origin", "public_base"]
 
 _Nets = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
@@ -60,13 +61,18 @@ def public_base(request: web.BaseRequest, public_url: str | None, trusted: _Nets
     """
     if public_url:
         return public_url
-    proto, host = request.scheme, ""
-    if trusted and _trusted(request.remote or "", trusted):
-        proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
-        host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
-    if not host:
-        host = _own_address(request)
-    return f"{proto}://{host}"
+    proto, host = proxied_origin(request, trusted) or (request.scheme, "")
+    return f"{proto}://{host or _own_address(request)}"
+
+
+def proxied_origin(request: web.BaseRequest, trusted: _Nets) -> tuple[str, str] | None:
+    """``X-Forwarded-Proto``/``-Host`` (first values; the request's own where absent) when the
+    peer is a trusted proxy (TLS terminated at an ingress), else None: a client's own claim."""
+    if not trusted or not _trusted(request.remote or "", trusted):
+        return None
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    return proto, host
 
 
 def _own_address(request: web.BaseRequest) -> str:

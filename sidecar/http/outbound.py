@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 from yarl import URL
 
 from ..config import UpstreamConfig
-from ..core.addresses import forwarded_for
+from ..core.addresses import forwarded_for, proxied_origin
 from ..core.errors import BadRequest
 from ..core.relay import HOP_BY_HOP
 from .listener import CLIENT_CLAIMS
@@ -83,16 +83,7 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 def public_origin(request: web.Request, trusted_proxies: Networks = ()) -> tuple[str, str]:
     """The scheme and host the client used: the listener's own, or what a trusted proxy in front says."""
-    proto, host = request.scheme, request.host
-    if trusted_proxies:
-        try:
-            trusted = any(ipaddress.ip_address(request.remote or "") in net for net in trusted_proxies)
-        except ValueError:
-            trusted = False
-        if trusted:
-            proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
-            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
-    return proto, host
+    return proxied_origin(request, trusted_proxies) or (request.scheme, request.host)
 
 
 def forward_headers(
