@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+from raw_http import read_response
 
 
 @dataclass
@@ -98,26 +99,7 @@ async def raw_request(
     try:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        out: CIMultiDict[str] = CIMultiDict()
-        for line in header_lines:
-            if line:
-                k, _, v = line.partition(":")
-                out.add(k.strip(), v.strip())
-        if "Content-Length" in out:
-            body = await reader.readexactly(int(out["Content-Length"]))
-        elif out.get("Transfer-Encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                chunk = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                body += chunk[:-2]
-        else:
-            body = await reader.read()
-        return Answer(int(status_line.split(" ")[1]), out, body)
+        return Answer(*await read_response(reader, to_eof=True))
     finally:
         writer.close()
         await writer.wait_closed()

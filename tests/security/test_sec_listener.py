@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import raw_http
 from aiohttp import web
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
+from multidict import CIMultiDict
 from serve_support import sidecar_process, write_config
 from yarl import URL
 
@@ -29,18 +31,9 @@ FAST = {"header_timeout": "0.4s", "body_idle_timeout": "0.4s", "max_header_size"
 BOUND = 5.0  # no answer within this long is a failure (the limits above are 0.4s)
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length body: status, headers (lower-case names), body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), BOUND)
-    return status, headers, body
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[str], bytes]:
+    """One response (``raw_http.read_response``), within BOUND."""
+    return await asyncio.wait_for(raw_http.read_response(reader), BOUND)
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
