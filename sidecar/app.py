@@ -19,7 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -49,6 +49,9 @@ from .observe.metrics import Metrics
 from .observe.usage import UsageRecorder
 from .store import Store, open_store
 from .upstreams.plex import TranscodeSessions
+
+if TYPE_CHECKING:
+    from .auth.jwt import JwtAuthenticator
 
 __all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
@@ -93,6 +96,7 @@ class Sidecar:
         mcp = any(u.kind == "mcp" for u in config.upstreams)
         self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules and not mcp else None
         self.mcp: McpGatewayLike | None = None
+        self.jwt: JwtAuthenticator | None = None  # JWTs from identity providers (jwt:, auth/jwt.py)
         self._store: Store | None = None
         self._verifier: Verifier | None = None
         self._limiter: RateLimiter | None = None
@@ -150,6 +154,13 @@ class Sidecar:
             from .upstreams.mcp.gateway import McpGateway  # imported only when an MCP upstream exists
 
             self.mcp = McpGateway(self)
+        if self.config.jwt:
+            from .auth.jwt import JwtAuthenticator  # imported only when jwt: providers are configured
+
+            self.jwt = JwtAuthenticator(
+                self.config.jwt, env=self.env, clock=self.clock, steady=self.steady, registry=self.metrics.registry
+            )
+            self.jwt.start()
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(asyncio.create_task(self.streams.run(self.config.keys.stream_check_interval)))
         self._tasks.append(asyncio.create_task(self.loop_lag.run()))
@@ -165,6 +176,8 @@ class Sidecar:
         await self.streams.close()
         if self.mcp is not None:
             await self.mcp.close()
+        if self.jwt is not None:
+            await self.jwt.close()
         await self.cache.close()
         for s in self.sessions.values():
             await s.close()
@@ -208,6 +221,8 @@ class Sidecar:
 
     def _key_state(self, key_id: str) -> str:
         """``active``, ``revoked`` or ``expired`` as the verifier's table says now (gone counts as revoked)."""
+        if self.jwt is not None and key_id.startswith("jwt:"):
+            return self.jwt.state(key_id)  # a JWT subject: active while its latest token is
         record = self.verifier.table.get(key_id)
         return self.verifier.state(record, self.clock()) if record is not None else "revoked"
 
@@ -220,6 +235,7 @@ class Sidecar:
                 if any(w in name.lower() for w in ("auth", "token", "key", "secret", "cookie", "pass")):
                     out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
+        out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .jwt import load_jwt
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -187,6 +188,7 @@ def parse_config(
         {
             "listen", "tls", "admin", "store", "keys", "credentials", "upstreams", "rate_limits",
             "cache", "metrics", "log", "server", "cors",
+            "jwt",
         },
     )  # fmt: skip
 
@@ -428,6 +430,8 @@ def parse_config(
         enabled=r.boolean(cod, "enabled", "cors", False), origins=tuple(r.str_list(cod, "origins", "cors")) or ("*",)
     )
 
+    jwt = load_jwt(top.get("jwt"), {u.id: u.kind for u in upstreams}, r.problems, r.env)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -445,6 +449,7 @@ def parse_config(
         server=server,
         cors=cors,
         source=source,
+        jwt=jwt,
     )
 
 

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .jwt import JwtProvider
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -200,6 +201,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
+    jwt: tuple[JwtProvider, ...] = ()  # identity providers whose JWTs are accepted (config/jwt.py, docs/jwt.md)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:

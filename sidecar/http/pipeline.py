@@ -372,6 +372,9 @@ async def _authenticate(
 ) -> KeyRecord:
     if credential is not None:
         scope.credential = ",".join(credential.forms)
+        if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
+            scope.credential = "jwt"
+            return await sc.jwt.verify(credential.key)
         return await sc.verifier.verify(credential.key, scope.client_ip)
     if upstream.kind == "plex":
         # Transcode segments come back without any key: they belong to the key that started the session.

@@ -12,6 +12,7 @@ redacted:
 * anything shaped like a key body (a run of 40+ hex digits, also percent-encoded):
   every prefix's key, whatever parameter or header carried it;
 * argon2 hashes (``$argon2id$v=19$…``);
+* JWTs (``eyJ…``.``…``.``…``, sidecar/auth/jwt.py), signed or not;
 * the configured secrets themselves (upstream tokens and credential headers, the admin
   token, allow-listed per-key upstream tokens).
 
@@ -40,6 +41,7 @@ _PLAIN_RUN = re.compile(r"[0-9a-fA-F]{40}")  # the cheap test: most text has no 
 _ENCODED_HEX = re.compile(r"%(?:3[0-9]|[46][1-6])")
 _KEY_RUN = re.compile(r"(?:[a-z][a-z0-9_]{0,15})?(?:[0-9a-fA-F]|%(?:3[0-9]|[46][1-6])){40,}")
 _ARGON2 = re.compile(r"\$argon2(?:id|i|d)\$[A-Za-z0-9+/=$,.-]*")  # parameters, salt and hash
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # a JWS compact token
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -60,6 +62,8 @@ def redact_path_keys(text: str) -> str:
     """Key-shaped runs replaced, for a request target (per request: ~0.6 µs, short targets free)."""
     if len(text) < 40:
         return text
+    if "eyJ" in text:  # a JWT (base64url of '{"'): header.payload.signature
+        text = _JWT.sub(REDACTED, text)
     if _PLAIN_RUN.search(text) or _ENCODED_HEX.search(text):
         return _KEY_RUN.sub(_key_run, text)
     return text

@@ -62,7 +62,7 @@ UPSTREAM_PROBE_TIMEOUT = 1.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 AUTH_REASONS = (
     "unauthorized", "invalid_key", "expired_key", "revoked_key", "bad_request",
-    "insufficient_permissions", "too_many_failed_attempts",
+    "insufficient_permissions", "too_many_failed_attempts", "invalid_token",  # invalid_token: a JWT (auth/jwt.py)
 )  # fmt: skip
 CACHE_RESULTS = ("hit", "miss", "bypass", "expired", "stale")
 KEY_STATES = ("active", "expired", "revoked")

@@ -1,0 +1,344 @@
+"""JWTs from an existing identity provider, verified and turned into a key-like identity.
+
+``Authorization: Bearer xxx.yyy.zzz`` — three dot-separated parts, which an API key never
+has (prefix and lowercase hex, ``sidecar.auth.keys``) — goes here instead of the key
+verifier, when ``jwt:`` providers are configured. JWTs are accepted in that header only:
+never in a query string, ``x-api-key`` or ``X-Plex-Token``, where URLs and logs would
+carry them.
+
+Verification (joserfc; nothing hand-rolled): the token's ``iss`` picks the provider
+(exact match), its ``alg`` must be one the provider allows (``none`` never is; HMAC only
+for a provider configured with a shared secret, and then nothing else), the key comes
+from the provider's JWKS by ``kid`` (``sidecar.auth.jwks``) and must be of the type the
+algorithm needs (joserfc checks, so an RSA key is never an HMAC secret); then ``exp``
+(required), ``nbf`` and ``iat`` with ``clock_skew`` of leeway, ``iss`` and ``aud``. Header
+URLs (``jku``, ``x5u``) are never followed: keys come only from the configured JWKS.
+
+The identity: a ``KeyRecord`` with the id ``jwt:`` + 16 hex of SHA-256(issuer, subject)
+(stable across tokens, never the token), the name of its subject, and the permissions and
+limits of the first rule that matches (``sidecar.auth.jwt_rules``). Rate limits, quota,
+MCP sessions, metrics (bounded like keys) and usage all key on that id, so they apply per
+subject across token refreshes. A verified token is remembered (SHA-256 of the token ->
+identity) until it expires, in a bounded LRU: the next request costs one hash and one
+dict lookup. Failures are ``401 invalid_token`` with the reason and an RFC 6750
+``WWW-Authenticate``; the token itself is never logged, echoed or stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from joserfc.errors import ClaimError, ExpiredTokenError, JoseError, MissingClaimError
+from joserfc.jwk import OctKey
+from joserfc.jws import JWSRegistry, extract_compact, validate_compact
+from joserfc.jwt import JWTClaimsRegistry
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..clocks import steady_clock
+from ..config.jwt import JwtProvider
+from ..core.errors import Forbidden, SidecarError
+from .credentials import Credential
+from .jwks import JwksCache, PublicKey
+from .jwt_rules import Grant, Identity, RuleSet
+from .models import KeyRecord
+
+__all__ = ["FAILURE_REASONS", "ID_PREFIX", "InvalidToken", "JwtAuthenticator", "identity_id"]
+
+ID_PREFIX = "jwt:"
+MAX_TOKENS = 10_000  # verified tokens remembered (LRU)
+MAX_IDENTITIES = 100_000  # subjects whose latest expiry is known (open streams end with it)
+MAX_KEYS_TRIED = 4  # keys sharing one kid (or a set without kids) tried per token
+# Bounded reasons for sidecar_jwt_failures_total (the message says more).
+FAILURE_REASONS = (
+    "malformed", "issuer", "algorithm", "unknown_key", "signature", "expired", "not_yet_valid", "audience", "claims",
+)  # fmt: skip
+
+
+class InvalidToken(SidecarError):
+    """401 ``invalid_token``: a JWT that does not verify (RFC 6750's code, with its challenge)."""
+
+    status, code = 401, "invalid_token"
+
+    def __init__(self, reason: str, kind: str = "claims") -> None:
+        super().__init__(
+            f"invalid token: {reason}",
+            {"WWW-Authenticate": f'Bearer realm="sidecar", error="invalid_token", error_description="{reason}"'},
+        )
+        self.kind = kind  # one of FAILURE_REASONS (the metric's label)
+
+
+def identity_id(issuer: str, subject: str) -> str:
+    """The stable, opaque id of a subject of an issuer: what metrics, limits and usage key on."""
+    digest = hashlib.sha256(f"{issuer}\n{subject}".encode()).hexdigest()
+    return ID_PREFIX + digest[:16]
+
+
+@dataclass(slots=True)
+class _Seen:
+    """A remembered verified token."""
+
+    record: KeyRecord
+    until: float  # wall time it stops being accepted (exp + clock skew)
+    provider: _Provider
+    generation: int  # the provider's JWKS generation it was verified under
+
+
+class _Provider:
+    """One configured provider, ready for the hot path (registries and rules built once)."""
+
+    def __init__(self, cfg: JwtProvider, jwks: JwksCache | None, secret: str | None) -> None:
+        self.cfg = cfg
+        self.issuer = cfg.issuer
+        self.algorithms = frozenset(cfg.algorithms)
+        # strict_check_header=False: IdPs add header fields of their own (x5t, …); crit is still enforced.
+        self.registry = JWSRegistry(algorithms=list(cfg.algorithms), strict_check_header=False)
+        self.jwks = jwks
+        self.secret = OctKey.import_key(secret.encode()) if secret is not None else None
+        self.rules = RuleSet(cfg.rules)
+        self.leeway = int(cfg.clock_skew)
+        self.display = f"jwt {urlsplit(cfg.issuer).hostname or cfg.issuer}"[:64]
+
+    @property
+    def generation(self) -> int:
+        return self.jwks.generation if self.jwks is not None else 0
+
+    async def keys(self, header: Mapping[str, Any]) -> Sequence[PublicKey | OctKey]:
+        if self.secret is not None:
+            return (self.secret,)
+        assert self.jwks is not None
+        kid = header.get("kid", "")
+        if not isinstance(kid, str):
+            raise InvalidToken("malformed token header (kid)", "malformed")
+        keys, why = await self.jwks.find(kid)
+        if not keys:
+            raise InvalidToken(why, "unknown_key")
+        return keys[:MAX_KEYS_TRIED]
+
+    def check_claims(self, claims: dict[str, Any], now: float) -> None:
+        """exp (required), nbf, iat with leeway; iss; aud — each failure named."""
+        registry = JWTClaimsRegistry(
+            now=int(now),
+            leeway=self.leeway,
+            iss={"essential": True, "value": self.issuer},
+            aud={"essential": True, "values": list(self.cfg.audience)},
+            exp={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except ExpiredTokenError:
+            raise InvalidToken("token expired", "expired") from None
+        except MissingClaimError as e:
+            raise InvalidToken(f"missing claim {_claim_names(e.claim)}", "claims") from None
+        except ClaimError as e:
+            if e.claim == "aud":
+                raise InvalidToken("wrong audience", "audience") from None
+            if e.claim == "nbf":
+                raise InvalidToken("token not yet valid", "not_yet_valid") from None
+            if e.claim == "iat":
+                raise InvalidToken("token issued in the future", "not_yet_valid") from None
+            if e.claim == "iss":
+                raise InvalidToken("wrong issuer", "issuer") from None
+            raise InvalidToken(f"invalid claim {_claim_names(e.claim)}", "claims") from None
+
+
+def _claim_names(names: str) -> str:
+    """Registered claim names only (they come from our own registry, but stay on the safe side)."""
+    return ",".join(n for n in names.split(",") if n in ("iss", "aud", "exp", "nbf", "iat", "sub")) or "?"
+
+
+class JwtAuthenticator:
+    """Every ``jwt:`` provider of one sidecar; ``verify`` is the pipeline's entry point."""
+
+    def __init__(
+        self,
+        providers: Sequence[JwtProvider],
+        *,
+        env: Mapping[str, str],
+        clock: Callable[[], float] = time.time,
+        steady: Callable[[], float] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.clock = clock  # wall: exp, nbf, iat
+        self.steady = steady_clock(clock, steady)  # intervals: JWKS TTL and refetch spacing
+        self._session: aiohttp.ClientSession | None = None
+        self.providers: dict[str, _Provider] = {}
+        for p in providers:
+            jwks = None
+            if p.jwks_url:
+                jwks = JwksCache(
+                    p.jwks_url, self._client, timeout=p.timeout, ttl=p.jwks_cache_ttl,
+                    refetch_interval=p.jwks_refetch_interval, steady=self.steady,
+                )  # fmt: skip
+            secret = env.get(p.secret_env) if p.secret_env else None
+            self.providers[p.issuer] = _Provider(p, jwks, secret)
+        self._tokens: OrderedDict[bytes, _Seen] = OrderedDict()
+        self._expiry: OrderedDict[str, float] = OrderedDict()  # identity id -> latest until
+        self._records: dict[tuple[str, int, str], KeyRecord] = {}
+        self.verified = 0  # full verifications (signature checked): tests and benchmarks
+        self.failures = Counter(
+            "sidecar_jwt_failures", "JWTs refused, by reason (the 401's message says more)", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
+        if registry is not None:
+            registry.register(_JwksCollector(self))
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def start(self) -> None:
+        """Fetch every JWKS in the background, so the first requests find the keys there."""
+        for p in self.providers.values():
+            if p.jwks is not None:
+                p.jwks.refresh()
+
+    async def close(self) -> None:
+        for p in self.providers.values():
+            if p.jwks is not None:
+                await p.jwks.close()
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------ hot path
+
+    @staticmethod
+    def accepts(credential: Credential) -> bool:
+        """A JWT in ``Authorization: Bearer`` (an API key never has a dot)."""
+        return credential.forms == ("bearer",) and credential.key.count(".") == 2
+
+    async def verify(self, token: str) -> KeyRecord:
+        """The identity this token proves, or ``InvalidToken`` (401) / ``Forbidden`` (no rule grants it)."""
+        fingerprint = hashlib.sha256(token.encode()).digest()
+        seen = self._tokens.get(fingerprint)
+        if seen is not None:
+            if self.clock() < seen.until and seen.generation == seen.provider.generation:
+                self._tokens.move_to_end(fingerprint)
+                return seen.record
+            del self._tokens[fingerprint]
+        try:
+            return await self._verify(token, fingerprint)
+        except InvalidToken as e:
+            self.failures.labels(e.kind).inc()
+            raise
+
+    async def _verify(self, token: str, fingerprint: bytes) -> KeyRecord:
+        try:
+            obj = extract_compact(token.encode("ascii"))
+            header = obj.headers()
+            claims = json.loads(obj.payload)
+        except (JoseError, ValueError, RecursionError, UnicodeError):
+            raise InvalidToken("malformed token", "malformed") from None
+        if not isinstance(claims, dict) or "b64" in header:
+            raise InvalidToken("malformed token", "malformed")
+        iss = claims.get("iss")
+        provider = self.providers.get(iss) if isinstance(iss, str) else None
+        if provider is None:
+            raise InvalidToken("wrong issuer (not a configured identity provider)", "issuer")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in provider.algorithms:
+            raise InvalidToken("token algorithm not allowed", "algorithm")
+        keys = await provider.keys(header)
+        generation = provider.generation  # after the lookup: a refetch it caused is the set it verified under
+        if not any(_signed_by(obj, key, provider.registry) for key in keys):
+            raise InvalidToken("bad signature", "signature")
+        now = self.clock()
+        provider.check_claims(claims, now)
+        who = Identity.of(claims, provider.cfg.claims)
+        if who is None:
+            raise InvalidToken(f"missing subject claim ({provider.cfg.claims.subject})", "claims")
+        self.verified += 1
+        match = provider.rules.first(who)
+        if match is None:
+            raise Forbidden("no jwt rule of this identity provider grants this token any access")
+        record = self._record(provider, who, *match)
+        until = float(claims["exp"]) + provider.leeway
+        self._remember(fingerprint, _Seen(record, until, provider, generation))
+        return record
+
+    def _record(self, provider: _Provider, who: Identity, index: int, grant: Grant) -> KeyRecord:
+        """One record per (subject, rule, name): the limiter caches its plan per record object."""
+        ident = identity_id(provider.issuer, who.subject)
+        cache_key = (ident, index, who.name)
+        record = self._records.get(cache_key)
+        if record is None:
+            if len(self._records) >= MAX_IDENTITIES:
+                self._records.clear()
+            record = self._records[cache_key] = KeyRecord(
+                id=ident,
+                name=who.name,
+                hash="",
+                display=provider.display,
+                description=f"JWT subject of {provider.issuer} (rule {index})",
+                owner=provider.issuer,
+                permissions=grant.permissions,
+                rate_limits=grant.rate_limits,
+                quota=grant.quota,
+                concurrency=grant.concurrency,
+                created_at=self.clock(),
+            )
+        return record
+
+    def _remember(self, fingerprint: bytes, seen: _Seen) -> None:
+        self._tokens[fingerprint] = seen
+        if len(self._tokens) > MAX_TOKENS:
+            self._tokens.popitem(last=False)
+        ident = seen.record.id
+        if self._expiry.get(ident, 0.0) < seen.until:
+            self._expiry[ident] = seen.until
+            self._expiry.move_to_end(ident)
+            if len(self._expiry) > MAX_IDENTITIES:
+                self._expiry.popitem(last=False)
+
+    # ------------------------------------------------------------ streams
+
+    def state(self, key_id: str) -> str:
+        """``active`` while the subject's latest token is valid, else ``expired`` (streams end then)."""
+        until = self._expiry.get(key_id)
+        return "active" if until is not None and self.clock() < until else "expired"
+
+    def jwks(self) -> Iterator[tuple[str, JwksCache]]:
+        for issuer, p in self.providers.items():
+            if p.jwks is not None:
+                yield issuer, p.jwks
+
+
+def _signed_by(obj: Any, key: PublicKey | OctKey, registry: JWSRegistry) -> bool:
+    """joserfc's check: the algorithm is allowed, the key's type fits it, the signature verifies."""
+    with contextlib.suppress(JoseError, ValueError, TypeError):
+        return bool(validate_compact(obj, key, registry=registry))
+    return False
+
+
+class _JwksCollector(Collector):
+    """``sidecar_jwks_fetches_total{issuer,result}`` and ``sidecar_jwks_keys{issuer}``, read at scrape time."""
+
+    def __init__(self, auth: JwtAuthenticator) -> None:
+        self.auth = auth
+
+    def collect(self) -> Iterator[Metric]:
+        fetches = CounterMetricFamily(
+            "sidecar_jwks_fetches", "JWKS fetches from each identity provider, by result", labels=["issuer", "result"]
+        )
+        keys = GaugeMetricFamily("sidecar_jwks_keys", "Signing keys held for each identity provider", labels=["issuer"])
+        for issuer, cache in self.auth.jwks():
+            fetches.add_metric([issuer, "ok"], cache.fetches - cache.failures)
+            fetches.add_metric([issuer, "error"], cache.failures)
+            keys.add_metric([issuer], sum(map(len, cache.keys.values())))
+        yield fetches
+        yield keys
