@@ -166,6 +166,10 @@ class JwksCache:
         except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as e:
             self._failed(type(e).__name__)
             return
+        except Exception as e:  # never let a fetch fail the requests waiting on it with a 500
+            log.exception("JWKS fetch from %s failed unexpectedly", self.url)
+            self._failed(type(e).__name__)
+            return
         if any(kid not in keys for kid in self.keys):
             self.generation += 1  # a key went away: what it verified is verified again
         self.keys = keys

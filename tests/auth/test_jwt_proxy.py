@@ -123,7 +123,9 @@ async def test_a_verified_token_is_remembered_until_it_expires(gw: Running, idp:
     clock.advance(120 + 59)  # inside the 60 s skew: still good
     assert (await gw.proxy.get("/library/sections", headers=bearer(token))).status == 200
     clock.advance(2)
-    status, body, _ = await refused(gw, token)
+    for _ in range(3):
+        status, body, _ = await refused(gw, token)
+    assert gw.sc.jwt.verified == 2  # checked once more when it expired, then refused from memory
     assert (status, body["error"]["code"], body["error"]["message"]) == (
         401,
         "invalid_token",
