@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,17 @@ async def test_a_verified_token_is_remembered_until_it_expires(gw: Running, idp:
     )
 
 
+async def test_a_jwt_is_redacted_from_every_log(gw: Running, idp: IdP, tmp_path: Path, caplog: Any) -> None:
+    token, other = idp.token(**ROLES), idp.token(sub="someone-else", **ROLES)
+    r = await gw.proxy.get(f"/library/sections?id_token={other}", headers=bearer(token))
+    assert r.status == 200
+    logging.getLogger("some.library").warning("failed to parse header line: Authorization: Bearer %s", token)
+    assert token not in caplog.text and "REDACTED" in caplog.text
+    gw.sc.access_log.flush()
+    (line,) = await log_lines(tmp_path / "access.log")
+    assert line["path"] == "/library/sections?id_token=REDACTED"
+
+
 async def test_api_keys_keep_working_next_to_jwt(gw: Running) -> None:
     _, key = await gw.create_key(permissions={"upstreams": ["plex"]})
     assert (await gw.proxy.get("/library/sections", headers=bearer(key))).status == 200
@@ -163,6 +175,12 @@ def _forged(idp: IdP, case: str) -> str:
         case "signed by another key":
             idp.add_key("stranger", publish=False)
             return idp.token("stranger", header={"kid": "k1"}, **ROLES)  # kid says k1; the key is not k1
+        case "jku to the attacker's keys":
+            idp.add_key("evil", "EC", publish=False)
+            return idp.token("evil", header={"jku": "https://attacker.test/jwks.json"}, **ROLES)
+        case "embedded jwk":
+            evil = idp.add_key("evil", "EC", publish=False)
+            return idp.token("evil", header={"jwk": evil.as_dict(private=False)}, **ROLES)
         case "tampered payload":
             head, _, sig = idp.token(**ROLES).split(".")
             body = b64(json.dumps(idp.claims("mallory", realm_access={"roles": ["viewers"]})).encode())
@@ -182,6 +200,8 @@ REFUSALS = [
     ("alg none", "token algorithm not allowed", "algorithm"),
     ("HS256 keyed with the RSA public key", "token algorithm not allowed", "algorithm"),
     ("signed by another key", "bad signature", "signature"),
+    ("jku to the attacker's keys", "unknown signing key (kid)", "unknown_key"),
+    ("embedded jwk", "unknown signing key (kid)", "unknown_key"),
     ("tampered payload", "bad signature", "signature"),
     ("garbage", "malformed token", "malformed"),
 ]
