@@ -38,6 +38,7 @@ class IdP:
         self.clock = clock
         self.keys: dict[str, RSAKey | ECKey] = {}
         self.published: list[str] = []
+        self.kidless: set[str] = set()  # published without their kid (some IdPs publish one key, unnamed)
         self.fetches = 0
         self.status = 200  # what the JWKS endpoint answers (503: the IdP is having a bad day)
         self.server: TestServer | None = None
@@ -55,7 +56,8 @@ class IdP:
         return key
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [self.keys[k].as_dict(private=False) for k in self.published]}
+        keys = [self.keys[k].as_dict(private=False) for k in self.published]
+        return {"keys": [{n: v for n, v in k.items() if n != "kid" or v not in self.kidless} for k in keys]}
 
     async def start(self, aiohttp_server: Any) -> IdP:
         async def certs(request: web.Request) -> web.Response:
@@ -86,6 +88,7 @@ class IdP:
         key = self.keys[kid]
         alg = "RS256" if isinstance(key, RSAKey) else "ES256"
         head = {"alg": alg, "kid": kid, "typ": "JWT", **(header or {})}
+        head = {k: v for k, v in head.items() if v is not None}  # header={"kid": None}: no kid
         return jwt.encode(head, self.claims(sub, **claims), key, algorithms=[head["alg"]])
 
     def unsigned(self, sub: str = "alice", **claims: Any) -> str:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from joserfc.errors import ClaimError, ExpiredTokenError, JoseError, MissingClaimError
-from joserfc.jwk import OctKey
+from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry, extract_compact, validate_compact
 from joserfc.jwt import JWTClaimsRegistry
 from prometheus_client import CollectorRegistry, Counter
@@ -58,6 +58,7 @@ __all__ = ["FAILURE_REASONS", "ID_PREFIX", "InvalidToken", "JwtAuthenticator", "
 ID_PREFIX = "jwt:"
 MAX_TOKENS = 10_000  # verified tokens remembered (LRU)
 MAX_IDENTITIES = 100_000  # subjects whose latest expiry is known (open streams end with it)
+NO_RULE = "no jwt rule of this identity provider grants this token any access"
 MAX_KEYS_TRIED = 4  # keys sharing one kid (or a set without kids) tried per token
 # Bounded reasons for sidecar_jwt_failures_total (the message says more).
 FAILURE_REASONS = (
@@ -71,9 +72,10 @@ class InvalidToken(SidecarError):
     status, code = 401, "invalid_token"
 
     def __init__(self, reason: str, kind: str = "claims") -> None:
+        quoted = reason.replace("\\", "").replace('"', "'")  # a quoted-string (RFC 9110), whatever a claim name holds
         super().__init__(
             f"invalid token: {reason}",
-            {"WWW-Authenticate": f'Bearer realm="sidecar", error="invalid_token", error_description="{reason}"'},
+            {"WWW-Authenticate": f'Bearer realm="sidecar", error="invalid_token", error_description="{quoted}"'},
         )
         self.kind = kind  # one of FAILURE_REASONS (the metric's label)
 
@@ -113,17 +115,19 @@ class _Provider:
     def generation(self) -> int:
         return self.jwks.generation if self.jwks is not None else 0
 
-    async def keys(self, header: Mapping[str, Any]) -> Sequence[PublicKey | OctKey]:
+    async def keys(self, header: Mapping[str, Any], alg: str) -> Sequence[PublicKey | OctKey]:
+        """The keys that may have signed: the shared secret, or the JWKS keys of the token's
+        ``kid`` whose type fits ``alg`` (all of them when the token names no kid)."""
         if self.secret is not None:
             return (self.secret,)
         assert self.jwks is not None
         kid = header.get("kid", "")
         if not isinstance(kid, str):
-            raise InvalidToken("malformed token header (kid)", "malformed")
+            raise InvalidToken("malformed token", "malformed")
         keys, why = await self.jwks.find(kid)
         if not keys:
             raise InvalidToken(why, "unknown_key")
-        return keys[:MAX_KEYS_TRIED]
+        return [k for k in keys if _fits(k, alg)][:MAX_KEYS_TRIED]
 
     def check_claims(self, claims: dict[str, Any], now: float) -> None:
         """exp (required), nbf, iat with leeway; iss; aud — each failure named."""
@@ -183,7 +187,7 @@ class JwtAuthenticator:
             secret = env.get(p.secret_env) if p.secret_env else None
             self.providers[p.issuer] = _Provider(p, jwks, secret)
         self._tokens: OrderedDict[bytes, _Seen] = OrderedDict()
-        self._expired: set[bytes] = set()  # tokens seen verified but expired (for good: exp never moves)
+        self._refused: dict[bytes, tuple[float, str]] = {}  # settled refusals (see _settle)
         self._expiry: OrderedDict[str, float] = OrderedDict()  # identity id -> latest until
         self._records: dict[tuple[str, int, str], KeyRecord] = {}
         self.verified = 0  # signatures that verified (the slow path ran): tests and benchmarks
@@ -232,17 +236,29 @@ class JwtAuthenticator:
                 self._tokens.move_to_end(fingerprint)
                 return seen.record
             del self._tokens[fingerprint]
+        refused = self._refused.get(fingerprint)
+        if refused is not None and (refused[1] == "expired" or self.clock() < refused[0]):
+            raise self._again(refused[1])  # settled for this token: no signature check again
         try:
-            if fingerprint in self._expired:  # a client retrying its expired token: no signature check again
-                raise InvalidToken("token expired", "expired")
             return await self._verify(token, fingerprint)
         except InvalidToken as e:
             self.failures.labels(e.kind).inc()
             if e.kind == "expired":
-                if len(self._expired) >= MAX_TOKENS:
-                    self._expired.clear()
-                self._expired.add(fingerprint)
+                self._settle(fingerprint, 0.0, "expired")
             raise
+
+    def _again(self, outcome: str) -> SidecarError:
+        if outcome == "expired":
+            self.failures.labels("expired").inc()
+            return InvalidToken("token expired", "expired")
+        return Forbidden(NO_RULE)
+
+    def _settle(self, fingerprint: bytes, until: float, outcome: str) -> None:
+        """Remember a refusal that cannot change for this token: expired (for good), or no rule grants it
+        (until it expires: its claims and the rules are fixed). A client retrying it costs one hash."""
+        if len(self._refused) >= MAX_TOKENS:
+            self._refused.clear()
+        self._refused[fingerprint] = (until, outcome)
 
     async def _verify(self, token: str, fingerprint: bytes) -> KeyRecord:
         try:
@@ -260,7 +276,7 @@ class JwtAuthenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in provider.algorithms:
             raise InvalidToken("token algorithm not allowed", "algorithm")
-        keys = await provider.keys(header)
+        keys = await provider.keys(header, alg)
         generation = provider.generation  # after the lookup: a refetch it caused is the set it verified under
         if not any(_signed_by(obj, key, provider.registry) for key in keys):
             raise InvalidToken("bad signature", "signature")
@@ -270,11 +286,12 @@ class JwtAuthenticator:
         who = Identity.of(claims, provider.cfg.claims)
         if who is None:
             raise InvalidToken(f"missing subject claim ({provider.cfg.claims.subject})", "claims")
+        until = float(claims["exp"]) + provider.leeway
         match = provider.rules.first(who)
         if match is None:
-            raise Forbidden("no jwt rule of this identity provider grants this token any access")
+            self._settle(fingerprint, until, "no_rule")
+            raise Forbidden(NO_RULE)
         record = self._record(provider, who, *match)
-        until = float(claims["exp"]) + provider.leeway
         self._remember(fingerprint, _Seen(record, until, provider, generation))
         return record
 
@@ -323,6 +340,15 @@ class JwtAuthenticator:
         for issuer, p in self.providers.items():
             if p.jwks is not None:
                 yield issuer, p.jwks
+
+
+_KEY_TYPES = {"RS": RSAKey, "PS": RSAKey, "ES": ECKey, "Ed": OKPKey}
+
+
+def _fits(key: PublicKey, alg: str) -> bool:
+    """The key's type suits the algorithm, and the key names no other algorithm (RFC 7517 §4.4)."""
+    declared = key.get("alg")
+    return isinstance(key, _KEY_TYPES.get(alg[:2], ())) and (declared is None or declared == alg)
 
 
 def _signed_by(obj: Any, key: PublicKey | OctKey, registry: JWSRegistry) -> bool:

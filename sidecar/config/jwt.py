@@ -17,7 +17,7 @@ token minted for any other application of the same IdP would be accepted here).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -235,8 +235,3 @@ def load_jwt(
         _check_upstreams(p, path, upstreams, problems)
         out.append(p)
     return tuple(out)
-
-
-def provider_ids(providers: Sequence[JwtProvider]) -> list[str]:
-    """The issuers, in file order (for metrics labels and logs)."""
-    return [p.issuer for p in providers]

@@ -114,6 +114,13 @@ async def test_a_token_no_rule_grants_is_forbidden(gw: Running, idp: IdP) -> Non
         "error": {"code": "insufficient_permissions", "message": body["error"]["message"]},
     }
     assert "no jwt rule" in body["error"]["message"]
+    token = idp.token(realm_access={"roles": ["guests"]}, lifetime=60)
+    for _ in range(3):
+        assert (await gw.proxy.get("/library/sections", headers=bearer(token))).status == 403
+    assert gw.sc.jwt is not None and gw.sc.jwt.verified == 2  # once per token: then refused from memory
+    idp.clock.advance(61 + 60)  # type: ignore[attr-defined]
+    r = await gw.proxy.get("/library/sections", headers=bearer(token))
+    assert (r.status, (await r.json())["error"]["message"]) == (401, "invalid token: token expired")
 
 
 async def test_a_verified_token_is_remembered_until_it_expires(gw: Running, idp: IdP, clock: Clock) -> None:
@@ -296,6 +303,19 @@ async def test_key_rotation(gw: Running, idp: IdP, clock: Clock) -> None:
         status, body, _ = await refused(gw, token)
         assert (status, body["error"]["message"]) == (401, "invalid token: unknown signing key (kid)")
     assert (await gw.proxy.get("/library/sections", headers=bearer(new))).status == 200
+
+
+async def test_a_token_without_kid_is_checked_against_the_keys_of_its_type(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, clock: Clock, idp: IdP
+) -> None:
+    idp.kidless = {"k1", "e1"}
+    gw = await start(make_sidecar, plex_upstream, tmp_path, clock, [provider(idp, [VIEWERS])])
+    for kid in ("k1", "e1"):
+        r = await gw.proxy.get("/library/sections", headers=bearer(idp.token(kid, header={"kid": None}, **ROLES)))
+        assert r.status == 200, await r.text()
+    idp.add_key("stranger", publish=False)
+    status, body, _ = await refused(gw, idp.token("stranger", header={"kid": None}, **ROLES))
+    assert (status, body["error"]["message"]) == (401, "invalid token: bad signature")
 
 
 async def test_keys_are_refreshed_after_their_ttl(gw: Running, idp: IdP, clock: Clock) -> None:
