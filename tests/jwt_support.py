@@ -15,13 +15,15 @@ import hashlib
 import hmac
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from joserfc import jwt
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.errors import SecurityWarning
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 ISSUER = "https://idp.test/realms/test"
 AUDIENCE = "sidecar"
@@ -36,7 +38,7 @@ class IdP:
     def __init__(self, issuer: str = ISSUER, clock: Callable[[], float] = time.time) -> None:
         self.issuer = issuer
         self.clock = clock
-        self.keys: dict[str, RSAKey | ECKey] = {}
+        self.keys: dict[str, RSAKey | ECKey | OKPKey] = {}
         self.published: list[str] = []
         self.kidless: set[str] = set()  # published without their kid (some IdPs publish one key, unnamed)
         self.fetches = 0
@@ -45,11 +47,15 @@ class IdP:
 
     # ------------------------------------------------------------ keys
 
-    def add_key(self, kid: str, kind: str = "RSA", publish: bool = True) -> RSAKey | ECKey:
+    def add_key(self, kid: str, kind: str = "RSA", publish: bool = True) -> RSAKey | ECKey | OKPKey:
         params = {"kid": kid, "use": "sig"}
-        key: RSAKey | ECKey = (
-            RSAKey.generate_key(2048, parameters=params) if kind == "RSA" else ECKey.generate_key("P-256", params)
-        )
+        key: RSAKey | ECKey | OKPKey
+        if kind == "RSA":
+            key = RSAKey.generate_key(2048, parameters=params)
+        elif kind == "EC":
+            key = ECKey.generate_key("P-256", params)
+        else:
+            key = OKPKey.generate_key("Ed25519", params)
         self.keys[kid] = key
         if publish:
             self.published.append(kid)
@@ -86,10 +92,12 @@ class IdP:
 
     def token(self, kid: str = "k1", sub: str = "alice", header: dict[str, Any] | None = None, **claims: Any) -> str:
         key = self.keys[kid]
-        alg = "RS256" if isinstance(key, RSAKey) else "ES256"
+        alg = "RS256" if isinstance(key, RSAKey) else "ES256" if isinstance(key, ECKey) else "Ed25519"
         head = {"alg": alg, "kid": kid, "typ": "JWT", **(header or {})}
         head = {k: v for k, v in head.items() if v is not None}  # header={"kid": None}: no kid
-        return jwt.encode(head, self.claims(sub, **claims), key, algorithms=[head["alg"]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SecurityWarning)  # "EdDSA is deprecated": tests sign with it on purpose
+            return jwt.encode(head, self.claims(sub, **claims), key, algorithms=[head["alg"]])
 
     def unsigned(self, sub: str = "alice", **claims: Any) -> str:
         """``alg: none``: no signature at all."""
@@ -98,7 +106,7 @@ class IdP:
 
     def hs256_with_public_key(self, kid: str = "k1", sub: str = "alice", **claims: Any) -> str:
         """The algorithm-confusion forgery: HS256 keyed with the RSA key's public PEM (anyone has it)."""
-        public_pem = self.keys[kid].as_pem(private=False)
+        public_pem = self.keys[kid].as_pem(private=False)  # type: ignore[union-attr]
         head = b64(json.dumps({"alg": "HS256", "kid": kid, "typ": "JWT"}).encode())
         body = b64(json.dumps(self.claims(sub, **claims)).encode())
         sig = hmac.new(public_pem, f"{head}.{body}".encode(), hashlib.sha256).digest()

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from joserfc.errors import ClaimError, ExpiredTokenError, JoseError, MissingClaimError
+from joserfc.errors import ClaimError, ExpiredTokenError, JoseError, MissingClaimError, SecurityWarning
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry, extract_compact, validate_compact
 from joserfc.jwt import JWTClaimsRegistry
@@ -191,14 +192,14 @@ class JwtAuthenticator:
         self._expiry: OrderedDict[str, float] = OrderedDict()  # identity id -> latest until
         self._records: dict[tuple[str, int, str], KeyRecord] = {}
         self.verified = 0  # signatures that verified (the slow path ran): tests and benchmarks
+        registry = registry if registry is not None else CollectorRegistry()
         self.failures = Counter(
             "sidecar_jwt_failures", "JWTs refused, by reason (the 401's message says more)", ["reason"],
             registry=registry,
         )  # fmt: skip
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
-        if registry is not None:
-            registry.register(_JwksCollector(self))
+        registry.register(_JwksCollector(self))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -353,7 +354,9 @@ def _fits(key: PublicKey, alg: str) -> bool:
 
 def _signed_by(obj: Any, key: PublicKey | OctKey, registry: JWSRegistry) -> bool:
     """joserfc's check: the algorithm is allowed, the key's type fits it, the signature verifies."""
-    with contextlib.suppress(JoseError, ValueError, TypeError):
+    with contextlib.suppress(JoseError, ValueError, TypeError), warnings.catch_warnings():
+        # "EdDSA is deprecated via RFC 9864" (in favour of "Ed25519"): the operator allowed it on purpose.
+        warnings.simplefilter("ignore", SecurityWarning)
         return bool(validate_compact(obj, key, registry=registry))
     return False
 

@@ -105,6 +105,21 @@ async def test_a_valid_token_is_proxied_with_its_rules_permissions(
     assert sample("sidecar_requests_total", {"key": ident, "upstream": "plex", "method": "GET", "code": "200"}) == 1
 
 
+async def test_eddsa_when_the_provider_allows_it(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, clock: Clock, idp: IdP
+) -> None:
+    idp.add_key("ed", "OKP")
+    algorithms = ["RS256", "Ed25519", "EdDSA"]  # EdDSA: the name most IdPs still send (RFC 9864 deprecates it)
+    gw = await start(make_sidecar, plex_upstream, tmp_path, clock, [provider(idp, [VIEWERS], algorithms=algorithms)])
+    for alg in ("Ed25519", "EdDSA"):
+        token = idp.token("ed", sub=alg, header={"alg": alg}, **ROLES)
+        assert (await gw.proxy.get("/library/sections", headers=bearer(token))).status == 200
+    # Not allowed by default: the same key's tokens are refused on their algorithm.
+    assert (await refused(gw, idp.token("e1", **ROLES)))[1]["error"][
+        "message"
+    ] == "invalid token: token algorithm not allowed"
+
+
 async def test_a_token_no_rule_grants_is_forbidden(gw: Running, idp: IdP) -> None:
     r = await gw.proxy.get("/library/sections", headers=bearer(idp.token(realm_access={"roles": ["guests"]})))
     assert r.status == 403
