@@ -451,3 +451,18 @@ async def test_an_hmac_provider_takes_only_its_shared_secret(
     assert (await refused(gw, rs))[1]["error"]["message"] == "invalid token: token algorithm not allowed"
     wrong = jwt.encode({"alg": "HS256"}, claims, OctKey.import_key("y" * 48), algorithms=["HS256"])
     assert (await refused(gw, wrong))[1]["error"]["message"] == "invalid token: bad signature"
+
+
+async def test_quota_and_usage_are_kept_per_subject(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, clock: Clock, idp: IdP
+) -> None:
+    rule = {"when": {"group": "viewers"}, "grant": {"upstreams": ["plex"], "quota": "2/day"}}
+    gw = await start(make_sidecar, plex_upstream, tmp_path, clock, [provider(idp, [rule])])
+    token = idp.token(**ROLES)
+    statuses = [(await gw.proxy.get("/library/sections", headers=bearer(token))).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    r = await gw.proxy.get("/library/sections", headers=bearer(idp.token(jti="fresh", **ROLES)))
+    assert (r.status, (await r.json())["error"]["code"]) == (429, "quota_exceeded")  # a new token, the same subject
+    await gw.sc.usage.flush()
+    (day,) = await gw.sc.store.usage(identity_id(idp.issuer, "alice"))
+    assert (day["requests"], day["errors"], day["rate_limited"]) == (4, 2, 2)
