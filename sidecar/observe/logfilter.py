@@ -59,7 +59,7 @@ def _key_run(m: re.Match[str]) -> str:
 
 
 def redact_path_keys(text: str) -> str:
-    """Key-shaped runs replaced, for a request target (per request: ~0.6 µs, short targets free)."""
+    """Key-shaped runs and JWTs replaced, for a request target (per request: ~0.6 µs, short targets free)."""
     if len(text) < 40:
         return text
     if "eyJ" in text:  # a JWT (base64url of '{"'): header.payload.signature
