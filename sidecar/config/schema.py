@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .console import ConsoleConfig
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -200,6 +201,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)  # admin.console (sidecar/config/console.py)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:
