@@ -2,7 +2,8 @@
 
 Every console response goes through :func:`harden`: a strict Content-Security-Policy (only
 this origin's script and stylesheet; no inline script or style; ``frame-ancestors 'none'``;
-forms post only here), ``no-store`` for pages, no referrer (the one-time link must not leak),
+forms post only here), ``no-store`` for pages, a referrer only to this origin (browsers then send
+``Origin`` on its own form posts, which the CSRF check reads; the one-time link never leaves it),
 ``nosniff``. Every page but sign-in goes through :func:`page`: no session → the sign-in page;
 a state-changing request whose CSRF token does not match the session's (or that comes from
 another origin) → 403, and nothing is done.
@@ -42,7 +43,7 @@ _HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",

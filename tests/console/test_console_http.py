@@ -45,7 +45,7 @@ async def test_pages_need_a_session_and_every_answer_is_hardened(
     assert "unsafe-inline" not in csp and "http" not in csp
     assert page.headers["X-Frame-Options"] == "DENY"
     assert page.headers["Cache-Control"] == "no-store"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     html = await page.text()
     assert "<script>" not in html and "style=" not in html  # nothing inline: the CSP allows none
@@ -261,3 +261,9 @@ def test_recent_requests_are_bounded_and_newest_first() -> None:
     assert len(ring.failures) == 5 and ring.failures_by_reason == {"invalid_key": 10}
     assert list(ring.failures_by_ip) == ["10.0.0.8", "10.0.0.9"]
     assert [e.error for e in ring.refusals] == ["rate_limit_exceeded"]
+
+
+def test_screenshots_are_committed() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "console"
+    for name in ("signin", "keys", "create", "created", "key", "revoke", "activity"):
+        assert (docs / f"{name}.png").is_file(), f"docs/console/{name}.png: run python docs/console/shoot.py"
