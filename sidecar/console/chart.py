@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 
 __all__ = ["Day", "bar_chart", "fill_days", "human_bytes"]
 
-WIDTH, HEIGHT = 600, 150
+WIDTH, HEIGHT = 900, 150
 TOP, BOTTOM, LEFT = 14, 20, 4  # room for the scale label above and the dates below
 
 
@@ -64,7 +64,7 @@ def bar_chart(days: list[Day]) -> Markup:
     label = f"Requests per day, {days[0].day} to {days[-1].day}: {total} requests, {errors} errors" if days else ""
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
-        f'preserveAspectRatio="none" xmlns="http://www.w3.org/2000/svg">',
+        f'xmlns="http://www.w3.org/2000/svg">',
         f'<line class="axis" x1="0" y1="{HEIGHT - BOTTOM}" x2="{WIDTH}" y2="{HEIGHT - BOTTOM}"/>',
         f'<text class="scale" x="{LEFT}" y="10">{top} req/day</text>',
     ]

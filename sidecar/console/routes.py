@@ -65,6 +65,12 @@ def _time(ts: float | None) -> str:
     return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
+def _short(ts: float | None) -> str:
+    import time
+
+    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
 def _iso(ts: float | None) -> str:
     import time
 
@@ -101,7 +107,7 @@ class Console:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.globals.update(asset=self.asset, when=_time, iso=_iso, detail=audit_detail)
+        self.env.globals.update(asset=self.asset, when=_time, short=_short, iso=_iso, detail=audit_detail)
 
     def asset(self, name: str) -> str:
         return f"/static/{name}?v={self.versions[name]}"

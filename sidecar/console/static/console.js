@@ -35,8 +35,9 @@ document.addEventListener("click", (ev) => {
 function syncWhen() {
   document.querySelectorAll("[data-when]").forEach((el) => {
     const [name, value] = el.dataset.when.split("=");
-    const checked = document.querySelector(`input[name="${CSS.escape(name)}"]:checked`);
-    el.hidden = !checked || checked.value !== value;
+    const field = document.querySelector(`[name="${CSS.escape(name)}"]`);
+    const chosen = field && field.tagName === "SELECT" ? field : document.querySelector(`input[name="${CSS.escape(name)}"]:checked`);
+    el.hidden = !chosen || chosen.value !== value;
   });
 }
 document.addEventListener("change", syncWhen);
