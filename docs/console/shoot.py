@@ -38,29 +38,64 @@ async def main() -> None:
         async with start_stack(Path(tmp)) as st, async_playwright() as pw:
             sc = st.sc
             m = sc.manager()
-            player, player_key = await m.create({"name": "Living-room TV", "owner": "home", "description": "Plex app on the TV",
-                                                 "permissions": {"upstreams": ["plex"], "paths": ["plex:playback"]},
-                                                 "rate_limits": ["20/second"], "quota": "100000/month", "expires": "365d"}, "cli")  # fmt: skip
-            agent, agent_key = await m.create({"name": "Research agent", "owner": "lab", "permissions": {
-                "upstreams": ["tools"], "tools": {"tools": ["search", "fetch"]}}, "rate_limits": ["60/minute"],
-                "expires": "90d"}, "cli")  # fmt: skip
-            await m.create({"name": "Contractor (read-only)", "owner": "lab", "permissions": {"upstreams": ["plex"],
-                            "paths": ["plex:read"]}, "expires": "30d"}, "cli")  # fmt: skip
+            player, player_key = await m.create(
+                {
+                    "name": "Living-room TV",
+                    "owner": "home",
+                    "description": "Plex app on the TV",
+                    "permissions": {"upstreams": ["plex"], "paths": ["plex:playback"]},
+                    "rate_limits": ["20/second"],
+                    "quota": "100000/month",
+                    "expires": "365d",
+                },
+                "cli",
+            )
+            _, agent_key = await m.create(
+                {
+                    "name": "Research agent",
+                    "owner": "lab",
+                    "permissions": {"upstreams": ["tools"], "tools": {"tools": ["search", "fetch"]}},
+                    "rate_limits": ["60/minute"],
+                    "expires": "90d",
+                },
+                "cli",
+            )
+            await m.create(
+                {
+                    "name": "Contractor (read-only)",
+                    "owner": "lab",
+                    "permissions": {"upstreams": ["plex"], "paths": ["plex:read"]},
+                    "expires": "30d",
+                },
+                "cli",
+            )
             old, _ = await m.create({"name": "Old laptop", "owner": "home"}, "cli")
             await m.revoke(old.id, "cli")
             await sc.verifier.refresh()
             now = time.time()
-            await sc.store.add_usage({
-                (player.id, day_of(now - d * 86400)): UsageRow(200 + (d * 37) % 180, (d * 7) % 15, 5_000_000 * (1 + d % 4), 0)
-                for d in range(1, 30)
-            })  # fmt: skip
+            await sc.store.add_usage(
+                {
+                    (player.id, day_of(now - d * 86400)): UsageRow(
+                        200 + (d * 37) % 180, (d * 7) % 15, 5_000_000 * (1 + d % 4), 0
+                    )
+                    for d in range(1, 30)
+                }
+            )
             async with aiohttp.ClientSession() as http:
-                for path in ("/library/sections", "/library/sections/1/all", "/identity", "/library/parts/300/file.mp4",
-                             "/library/sections?X-Plex-Token=" + player_key, "/security/token"):  # fmt: skip
+                for path in (
+                    "/library/sections",
+                    "/library/sections/1/all",
+                    "/identity",
+                    "/library/parts/300/file.mp4",
+                    "/library/sections?X-Plex-Token=" + player_key,
+                    "/security/token",
+                ):
                     async with http.get(st.proxy + path, headers={"X-Plex-Token": player_key}) as resp:
                         await resp.read()
                 for _ in range(3):
-                    async with http.get(st.proxy + "/library/sections", headers={"X-Plex-Token": "pmcp_" + "1" * 40}) as r:
+                    async with http.get(
+                        st.proxy + "/library/sections", headers={"X-Plex-Token": "pmcp_" + "1" * 40}
+                    ) as r:
                         await r.read()
                 async with http.get(st.proxy + "/library/sections") as r:
                     await r.read()
@@ -104,8 +139,12 @@ async def main() -> None:
                   el.textContent = el.textContent.replaceAll(real, 'pmcp_3f9a0b1c2d3e5be1…(shown once)'); }); }""")
             await page.screenshot(path=HERE / "created.png", full_page=True)
 
-            phone = await browser.new_context(base_url=st.admin, viewport={"width": 390, "height": 844},
-                                              storage_state=await ctx.storage_state(), is_mobile=True)  # fmt: skip
+            phone = await browser.new_context(
+                base_url=st.admin,
+                viewport={"width": 390, "height": 844},
+                storage_state=await ctx.storage_state(),
+                is_mobile=True,
+            )
             mobile = await phone.new_page()
             await mobile.goto("/")
             await mobile.screenshot(path=HERE / "keys-phone.png", full_page=True)
@@ -119,8 +158,11 @@ async def main() -> None:
         def med(field: str, runs: list[dict[str, float]] = runs) -> float:
             return statistics.median(r[field] for r in runs)
 
-        print(f"| {pages[name]} ({name}) | {int(med('html_bytes'))} | {int(first['assets'])}, {int(first['assets_bytes'])} "
-              f"| {med('ttfb_ms'):.1f} | {med('dcl_ms'):.1f} | {med('load_ms'):.1f} |")  # fmt: skip
+        print(
+            f"| {pages[name]} ({name}) | {int(med('html_bytes'))} "
+            f"| {int(first['assets'])}, {int(first['assets_bytes'])} "
+            f"| {med('ttfb_ms'):.1f} | {med('dcl_ms'):.1f} | {med('load_ms'):.1f} |"
+        )
 
 
 if __name__ == "__main__":

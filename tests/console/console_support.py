@@ -34,6 +34,6 @@ def key_form(name: str, **extra: str | list[str]) -> dict[str, Any]:
 
 
 def shown_key(html: str, prefix: str = "pmcp_") -> str:
-    m = re.search(r'<code id="new-key" data-secret>(' + re.escape(prefix) + r'[0-9a-z]+)</code>', html)
+    m = re.search(r'<code id="new-key" data-secret>(' + re.escape(prefix) + r"[0-9a-z]+)</code>", html)
     assert m, html[:2000]
     return m.group(1)

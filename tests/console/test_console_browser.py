@@ -12,13 +12,21 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from browser_support import CHROMIUM, CHROMIUM_ARGS, KEY_RE, Stack, chromium_problem, mcp_tools, random_name, start_stack
+from browser_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    KEY_RE,
+    Stack,
+    chromium_problem,
+    mcp_tools,
+    random_name,
+    start_stack,
+)
 from conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -256,4 +264,3 @@ async def test_pages_are_small_and_fast_in_the_browser(page: Any, stack: Stack) 
         assert m["dcl_ms"] < PAGE_BUDGET_MS, (url, m)
     print("\nconsole pages (bytes of HTML, DOMContentLoaded ms):",
           {u: (int(m["html_bytes"]), round(m["dcl_ms"])) for u, m in figures.items()})  # fmt: skip
-

@@ -102,7 +102,9 @@ async def test_over_tls_the_cookie_is_secure_with_the_host_prefix(
 async def test_failed_sign_ins_are_throttled_per_address(
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
 ) -> None:
-    sc = await start(make_sidecar, plex_upstream, tmp_path, keys={"argon2": "cheapest", "failed_attempts_per_minute": 3})
+    sc = await start(
+        make_sidecar, plex_upstream, tmp_path, keys={"argon2": "cheapest", "failed_attempts_per_minute": 3}
+    )
     for guess in ("nope", "admin", "pmcp_" + "0" * 40):
         resp = await sc.admin.post("/signin", data={"token": guess}, allow_redirects=False)
         assert resp.status == 401
@@ -153,7 +155,9 @@ async def test_state_changes_need_the_session_csrf_token_and_same_origin(
     assert (await sc.admin.get("/", allow_redirects=False)).status == 303
 
 
-async def test_sessions_end_after_inactivity(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path) -> None:
+async def test_sessions_end_after_inactivity(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
     admin = {"listen": "127.0.0.1:0", "token_env": "SIDECAR_ADMIN_TOKEN", "console": {"session_idle": "2m"}}
     sc = await start(make_sidecar, plex_upstream, tmp_path, admin=admin)
     hidden = await sign_in(sc.admin)
@@ -170,7 +174,9 @@ async def test_sessions_end_after_inactivity(make_sidecar: MakeSidecar, plex_ups
     assert len(console.sessions) == 0
 
 
-async def test_one_time_sign_in_link_works_once(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path) -> None:
+async def test_one_time_sign_in_link_works_once(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
     sc = await start(make_sidecar, plex_upstream, tmp_path)
     console = sc.admin.app[CONSOLE]
     token = console.links.issue()
@@ -231,7 +237,9 @@ async def test_key_pages_never_show_a_key_or_its_hash(
     assert "/library/sections?X-Plex-Token=REDACTED" in page  # the path as the access log writes it
 
 
-async def test_forms_report_the_admin_api_errors(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path) -> None:
+async def test_forms_report_the_admin_api_errors(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
     sc = await start(make_sidecar, plex_upstream, tmp_path)
     hidden = await sign_in(sc.admin)
     resp = await sc.admin.post("/keys/new", data={**key_form("bad", rate_limits="lots"), **hidden})
