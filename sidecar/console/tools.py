@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from ..config import UpstreamConfig
-from ..core.errors import NotFound, SidecarError
+from ..core.errors import NotFound, UpstreamUnavailable
 from ..upstreams.mcp.rest import RestClient
 from ..upstreams.mcp.scrub import scrub_text
 
@@ -56,7 +56,7 @@ class ToolLister:
         for _ in range(MAX_PAGES):
             result = await self.client.request(upstream, "tools/list", params)
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-                raise SidecarError(f"upstream {upstream.id} answered tools/list without a list of tools")
+                raise UpstreamUnavailable(f"upstream {upstream.id} answered tools/list without a list of tools")
             for tool in result["tools"]:
                 if isinstance(tool, dict) and isinstance(tool.get("name"), str) and len(out) < MAX_TOOLS:
                     desc = tool.get("description") if isinstance(tool.get("description"), str) else ""

@@ -28,6 +28,7 @@ from browser_support import (
     start_stack,
 )
 from conftest import ADMIN_TOKEN
+from mcp_server import MCP_TOKEN
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -99,6 +100,8 @@ async def test_create_a_key_with_an_mcp_tool_subset_copy_it_and_use_it(page: Any
     await picker.get_by_label("search").check()
     await picker.get_by_label("fetch").check()
     assert await picker.get_by_label("delete_everything").count() == 1
+    asked = [r for r in stack.mcp.rec.requests if b'"tools/list"' in r.body]
+    assert asked and asked[-1].header("Authorization") == f"Bearer {MCP_TOKEN}"  # the upstream's own credential
     await page.get_by_label("Rate limits").fill("600/minute")
     await page.get_by_role("button", name="Create").click()
 

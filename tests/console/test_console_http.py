@@ -134,8 +134,9 @@ async def test_state_changes_need_the_session_csrf_token_and_same_origin(
     forged = {**key_form("forged"), **hidden}
     resp = await sc.admin.post("/keys/new", data=forged, headers={"Origin": "http://evil.example"})
     assert resp.status == 403
-    resp = await sc.admin.post("/keys/new", data=forged, headers={"Sec-Fetch-Site": "cross-site"})
-    assert resp.status == 403
+    for site in ("cross-site", "same-site"):  # same-site: e.g. a page served through the proxy's port
+        resp = await sc.admin.post("/keys/new", data=forged, headers={"Sec-Fetch-Site": site})
+        assert resp.status == 403
     assert await sc.sc.store.list_keys() == []  # nothing was created by any of them
     resp = await sc.admin.post("/keys/new", data=forged)
     assert resp.status == 200, await resp.text()
@@ -275,3 +276,23 @@ def test_screenshots_are_committed() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "console"
     for name in ("signin", "keys", "create", "created", "key", "revoke", "activity"):
         assert (docs / f"{name}.png").is_file(), f"docs/console/{name}.png: run python docs/console/shoot.py"
+
+
+async def test_the_tools_picker_says_when_the_upstream_cannot_list(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    from sidecar.demo import free_port
+
+    dead = {"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{free_port()}/mcp", "path_prefix": "/mcp/tools",
+            "headers": {"Authorization": "Bearer upstream-secret-0123456789"}}  # fmt: skip
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
+    cfg["upstreams"].append(dead)
+    sc = await make_sidecar(cfg)
+    await sign_in(sc.admin)
+    resp = await sc.admin.get("/console/tools/tools")
+    assert resp.status == 502
+    body = await resp.json()
+    assert "tools" in body["error"] and "upstream-secret" not in await resp.text()
+    assert (await sc.admin.get("/console/tools/plex")).status == 404  # not an MCP upstream
+    form = await (await sc.admin.get("/keys/new")).text()
+    assert 'name="typed.tools"' in form  # names can always be typed
