@@ -19,7 +19,10 @@ from ..auth.presets import PLEX_PRESETS
 from ..config import Config
 from ..core.errors import BadRequest
 
-__all__ = ["EXPIRY_CHOICES", "GRACE_CHOICES", "FormState", "blank_form", "fields_from_form", "form_from_record"]
+__all__ = [
+    "EXPIRY_CHOICES", "GRACE_CHOICES", "FormState", "blank_form", "changed_fields", "fields_from_form",
+    "form_from_record",
+]  # fmt: skip
 
 # The seeds' presets: 30 days short-term, 90 days regular rotation, 1 year long-term, or never.
 EXPIRY_CHOICES = (("30d", "30 days"), ("90d", "90 days"), ("365d", "1 year"), ("never", "Never"))
@@ -45,7 +48,7 @@ def _get(form: MultiDictProxy[str], name: str) -> str:
     value = values[0] if values else ""
     if len(value) > MAX_FIELD:
         raise BadRequest(f"{name}: too long")
-    return value
+    return value.replace("\r\n", "\n")  # browsers send a textarea's line breaks as CRLF
 
 
 def blank_form(config: Config) -> FormState:
@@ -65,7 +68,7 @@ def form_from_record(config: Config, rec: KeyRecord) -> FormState:
     state.update(
         name=rec.name, description=rec.description, owner=rec.owner or "", expires="keep",
         access="all" if "*" in p.upstreams else "some", upstreams=[u for u in p.upstreams if u != "*"],
-        methods=", ".join(p.methods), presets=[x for x in p.paths if x in PLEX_PRESETS],
+        methods=", ".join(p.methods), presets=[x for x in PLEX_PRESETS if x in p.paths],
         paths="\n".join(x for x in p.paths if x not in PLEX_PRESETS),
         admin=("full" if p.full_admin else "delegate") if p.admin else "",
         rate_limits=", ".join(rec.rate_limits), quota=rec.quota or "",
@@ -96,11 +99,20 @@ def _state(form: MultiDictProxy[str], config: Config) -> FormState:
     return state
 
 
-def fields_from_form(
-    form: MultiDictProxy[str], config: Config, *, edit: bool, now_date: str = ""
-) -> tuple[dict[str, Any], FormState]:
+def fields_from_form(form: MultiDictProxy[str], config: Config, *, edit: bool) -> tuple[dict[str, Any], FormState]:
     """(admin API fields, form state). Shape errors are a BadRequest, like a bad JSON body."""
     st = _state(form, config)
+    return fields_from_state(st, edit=edit), st
+
+
+def changed_fields(config: Config, rec: KeyRecord, fields: dict[str, Any]) -> dict[str, Any]:
+    """Only what the edit form changes (so the audit entry names just that): each field compared with
+    what the unchanged form would have sent."""
+    before = fields_from_state(form_from_record(config, rec), edit=True)
+    return {k: v for k, v in fields.items() if k not in before or before[k] != v}
+
+
+def fields_from_state(st: FormState, *, edit: bool) -> dict[str, Any]:
     fields: dict[str, Any] = {"name": st["name"], "description": st["description"], "owner": st["owner"] or None}
     if st["access"] == "all":
         upstreams = ["*"]
@@ -148,7 +160,7 @@ def fields_from_form(
         fields["expires"] = None if expires == "never" else expires
     elif not (edit and expires == "keep"):
         raise BadRequest("expires: choose one of the choices")
-    return fields, st
+    return fields
 
 
 def lifetime_choices(config: Config) -> list[tuple[str, str]]:

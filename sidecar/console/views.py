@@ -22,7 +22,7 @@ from ..config import parse_duration
 from ..core.errors import BadRequest, NotFound, SidecarError
 from ..observe.usage import report as usage_report
 from .chart import bar_chart, fill_days, human_bytes
-from .forms import GRACE_CHOICES, blank_form, fields_from_form, form_from_record, lifetime_choices
+from .forms import GRACE_CHOICES, blank_form, changed_fields, fields_from_form, form_from_record, lifetime_choices
 from .routes import Console, harden, see_other
 from .sessions import Session
 
@@ -225,6 +225,10 @@ async def edit_key(request: web.Request, console: Console, session: Session) -> 
     state = form_from_record(sc.config, rec)
     try:
         fields, state = fields_from_form(form, sc.config, edit=True)  # type: ignore[arg-type]
+        fields = changed_fields(sc.config, rec, fields)
+        if not fields:
+            session.flash = "Nothing changed."
+            return see_other(f"/keys/{rec.id}")
         await sc.manager().patch(rec.id, fields, session.actor, by=console.acting_key(session))
     except SidecarError as e:
         return _form_page(request, console, session, state, rec=rec, message=e.message, status=e.status)

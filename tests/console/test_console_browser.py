@@ -192,8 +192,13 @@ async def test_edit_rotate_and_revoke_a_key(page: Any, stack: Stack) -> None:
     await page.get_by_text("revoked. It stays listed, for audit.").wait_for()
     assert await refused_within(stack, new_key, 1.0) + (time.monotonic() - clicked) < 1.5
     assert await page.locator(".state.revoked").count() >= 1
-    actions = [(e.actor, e.action) for e in await stack.sc.store.audit_log(rec.id)]
-    assert actions == [("console", "rotated"), ("console", "patched"), ("test", "created")]
+    events = await stack.sc.store.audit_log(rec.id)
+    assert [(e.actor, e.action) for e in events] == [
+        ("console", "rotated"),
+        ("console", "patched"),
+        ("test", "created"),
+    ]
+    assert events[1].detail == {"fields": ["rate_limits"]}  # the edit sent only what changed
     assert [(e.actor, e.action) for e in await stack.sc.store.audit_log(new_id)] == [("console", "revoked")]
     # Revoked keys stay listed, for audit.
     await page.goto("/?state=revoked")
