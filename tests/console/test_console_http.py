@@ -296,3 +296,30 @@ async def test_the_tools_picker_says_when_the_upstream_cannot_list(
     assert (await sc.admin.get("/console/tools/plex")).status == 404  # not an MCP upstream
     form = await (await sc.admin.get("/keys/new")).text()
     assert 'name="typed.tools"' in form  # names can always be typed
+
+
+async def test_an_unchanged_edit_form_changes_nothing_and_an_edit_changes_only_its_field(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    perms = {"upstreams": ["plex"], "methods": ["GET"], "paths": ["/library/*", "plex:read"]}
+    rec, _ = await sc.create_key(
+        name="kept", description="two\nlines", owner="ops", permissions=perms,
+        rate_limits=["5/second", "100/minute"], quota="1000/day", concurrency=3,
+    )  # fmt: skip
+    hidden = await sign_in(sc.admin)
+    form_html = await (await sc.admin.get(f"/keys/{rec.id}/edit")).text()
+    assert 'value="kept"' in form_html and "two\nlines</textarea>" in form_html
+    # What a browser sends back for the form as shown (textarea line breaks as CRLF).
+    sent = key_form("kept", description="two\r\nlines", owner="ops", expires="keep", access="some", upstream="plex",
+                    methods="GET", preset="plex:read", paths="/library/*", rate_limits="5/second, 100/minute",
+                    quota="1000/day", concurrency="3", csrf=hidden["csrf"])  # fmt: skip
+    resp = await sc.admin.post(f"/keys/{rec.id}/edit", data=sent)
+    assert "Nothing changed." in await resp.text()
+    resp = await sc.admin.post(f"/keys/{rec.id}/edit", data={**sent, "quota": "2000/day"})
+    assert "Changes saved." in await resp.text()
+    after = await sc.sc.store.get(rec.id)
+    assert after is not None and after.quota == "2000/day"
+    assert after.permissions == rec.permissions and after.description == "two\nlines"
+    events = await sc.sc.store.audit_log(rec.id)
+    assert (events[0].actor, events[0].action, events[0].detail) == ("console", "patched", {"fields": ["quota"]})
