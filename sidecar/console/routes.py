@@ -217,7 +217,15 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
     if console.session(request) is not None:
         return see_other(_safe_next(request.query.get("next")))
-    return console.render(request, "signin.html", message="", next=_safe_next(request.query.get("next")))
+    message = (
+        ""
+        if console.sc.config.admin.token
+        else (
+            f"The admin token is not set ({console.sc.config.admin.token_env}): "
+            "only a key with the admin permission can sign in."
+        )
+    )
+    return console.render(request, "signin.html", message=message, next=_safe_next(request.query.get("next")))
 
 
 async def sign_in(request: web.Request) -> web.StreamResponse:

@@ -268,6 +268,9 @@ async def revoke_key(request: web.Request, console: Console, session: Session) -
 async def tools_json(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
     """The picker's list: ``{"tools": [{"name", "description"}]}``, or ``{"error": "…"}``."""
     upstream = console.sc.config.upstream(request.match_info["upstream"])
+    by = console.acting_key(session)
+    if upstream is not None and by is not None and not ({"*", upstream.id} & set(by.permissions.upstreams)):
+        upstream = None  # a delegated admin key sees the tools of the upstreams it reaches only
     started = time.perf_counter()
     try:
         tools = await console.tools.tools(upstream)

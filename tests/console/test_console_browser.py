@@ -188,9 +188,9 @@ async def test_edit_rotate_and_revoke_a_key(page: Any, stack: Stack) -> None:
     assert (await proxy_status(stack, new_key))[0] in (200, 429)
     await page.get_by_role("link", name="Revoke").click()
     await dialog.get_by_role("button", name=f"Revoke “{rec.name}”").click()
-    clicked = time.monotonic()
+    # Polled from the click on (the page's own round trip included): refused within a second.
+    assert await refused_within(stack, new_key, 1.0) < 1.0
     await page.get_by_text("revoked. It stays listed, for audit.").wait_for()
-    assert await refused_within(stack, new_key, 1.0) + (time.monotonic() - clicked) < 1.5
     assert await page.locator(".state.revoked").count() >= 1
     events = await stack.sc.store.audit_log(rec.id)
     assert [(e.actor, e.action) for e in events] == [
