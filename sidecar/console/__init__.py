@@ -30,7 +30,7 @@ def mount(app: web.Application, sc: Sidecar) -> Console:
     r.add_get("/", page(keys_page))
     r.add_get("/signin", sign_in_page)
     r.add_post("/signin", sign_in)
-    r.add_get("/signin/once/{token}", sign_in_once)
+    r.add_get("/signin/once/{token}", sign_in_once, allow_head=False)  # a HEAD (link preview) must not spend it
     r.add_post("/signout", page(sign_out))
     r.add_get("/keys/new", page(new_key))
     r.add_post("/keys/new", page(new_key))
