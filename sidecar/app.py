@@ -274,6 +274,10 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
         access_log=None,
     )
     admin = create_admin_app(sc)
+    if sc.config.console.enabled:
+        from .console import mount  # the web console at / of the admin listener (docs/console.md)
+
+        mount(admin, sc)
     return proxy, admin
 
 

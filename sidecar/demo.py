@@ -161,6 +161,17 @@ def plex_like_app(token: str) -> web.Application:
     return app
 
 
+def _console_link(admin_app: web.Application, admin: str, proxy: str) -> str:
+    """The web console's one-time sign-in link (single use, short-lived: sidecar/console/sessions.py)."""
+    from .console import CONSOLE
+
+    console = admin_app.get(CONSOLE)
+    if console is None:
+        return f"{admin}/ (admin.console.enabled is false)"
+    console.proxy_url = proxy  # the examples shown with a new key point at the demo's proxy
+    return f"{admin}/signin/once/{console.links.issue()}"
+
+
 def _demo_listen(listen: str | None) -> tuple[str, int]:
     """``--listen host:port`` as given; without it 127.0.0.1:8080, or a free port when 8080 is taken."""
     if listen is not None:
@@ -215,7 +226,7 @@ async def run_demo(listen: str | None = None) -> None:
                 base=Path(tmp),
             )
             sc = Sidecar(config, env=env)
-            async with running(sc):
+            async with running(sc) as (_, admin_runner):
                 _, key = await sc.manager().create(
                     {"name": "demo", "permissions": {"upstreams": ["plex"], "paths": ["plex:playback"]},
                      "rate_limits": ["5/second"]},
@@ -228,11 +239,14 @@ async def run_demo(listen: str | None = None) -> None:
                 shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
                 base = f"http://{shown}:{proxy_port}"
                 admin = f"http://{config.admin.listen}"
+                console = _console_link(admin_runner.app, admin, base)
                 print(
                     f"""
 Sidecar demo is running (Ctrl-C to stop). State lives in {tmp}.
   proxy:    {base}   ->  a built-in Plex-like server (its real token stays hidden)
   admin:    {admin}  (admin token: {admin_token})
+  console:  {console}
+            (signs you in once, within 2 minutes; then sign in with the admin token)
 
 Demo key (plex:playback, 5/second), shown once:  {key}
 Read-only key (plex:read):                        {ro_key}

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from .jwt import load_jwt
+from .console import ConsoleConfig
+from .models import validate_section
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -210,7 +212,7 @@ def parse_config(
             tls = TlsConfig(cert=cert, key=key)
 
     ad = r.mapping(top.get("admin"), "admin")
-    r.check_keys(ad, "admin", {"listen", "token_env"})
+    r.check_keys(ad, "admin", {"listen", "token_env", "console"})
     admin_listen = r.string(ad, "listen", "admin", DEFAULT_ADMIN_LISTEN) or DEFAULT_ADMIN_LISTEN
     _check_listen(r, admin_listen, "admin.listen")
     if admin_listen == listen and not admin_listen.endswith(":0"):
@@ -218,6 +220,7 @@ def parse_config(
     token_env = r.string(ad, "token_env", "admin", DEFAULT_ADMIN_TOKEN_ENV) or DEFAULT_ADMIN_TOKEN_ENV
     # A missing admin token is not an error: the admin API then answers 503 (health and metrics stay up).
     admin = AdminConfig(listen=admin_listen, token_env=token_env, token=r.env.get(token_env) or None)
+    console = validate_section(ConsoleConfig, ad.get("console"), "admin.console", r.problems, r.env)
 
     sd = r.mapping(top.get("store"), "store")
     r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval"})
@@ -450,6 +453,7 @@ def parse_config(
         cors=cors,
         source=source,
         jwt=jwt,
+        console=console or ConsoleConfig(),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .jwt import JwtProvider
+from .console import ConsoleConfig
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -202,6 +203,7 @@ class Config:
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
     jwt: tuple[JwtProvider, ...] = ()  # identity providers whose JWTs are accepted (config/jwt.py, docs/jwt.md)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)  # admin.console (sidecar/config/console.py)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:

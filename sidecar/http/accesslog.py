@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -62,6 +63,9 @@ class AccessLog:
         self._second_text = ""
         self._ms = -1  # the millisecond last formatted, and its timestamp
         self._stamp = ""
+        # Also called with every finished request, whatever the target (the console's recent requests,
+        # sidecar.observe.recent): it sees what the line says, the path redacted as logged.
+        self.tap: Callable[[RequestScope], None] | None = None
         self.stream: TextIO | None
         if target == "off":
             self.stream = None
@@ -73,6 +77,8 @@ class AccessLog:
             self._own = True
 
     def write(self, scope: RequestScope) -> None:
+        if self.tap is not None:
+            self.tap(scope)
         if self.stream is None:
             return
         entry = {

@@ -115,6 +115,27 @@ class RestClient:
             raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
         return msg.get("result")
 
+    async def request(self, upstream: UpstreamConfig, method: str, params: dict[str, Any]) -> Any:
+        """Any JSON-RPC request (the console's live ``tools/list``) on the pooled session, with the
+        upstream's own credential; its result, or a contract error (sidecar/console/tools.py)."""
+        pooled = self.pooled(upstream.id)
+        status, msg = 0, None
+        for attempt in range(2):
+            await self._ensure(upstream, pooled)
+            sid = pooled.session_id
+            status, _, msg = await self._rpc(
+                upstream, pooled, {"jsonrpc": "2.0", "id": next(pooled.ids), "method": method, "params": params}
+            )
+            if status == 404 and sid is not None and attempt == 0:
+                async with pooled.lock:  # the session expired upstream: initialise a new one, once
+                    if pooled.session_id == sid:
+                        pooled.ready, pooled.session_id = False, None
+                continue
+            break
+        if msg is None or "error" in msg:
+            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a result to {method}")
+        return msg.get("result")
+
     async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
         if pooled.ready:
             return
