@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .jwt import load_jwt
 from .console import ConsoleConfig
+from .jwt import load_jwt
 from .models import validate_section
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (

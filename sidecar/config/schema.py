@@ -8,8 +8,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .jwt import JwtProvider
 from .console import ConsoleConfig
+from .jwt import JwtProvider
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
