@@ -19,7 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -49,6 +49,9 @@ from .observe.metrics import Metrics
 from .observe.usage import UsageRecorder
 from .store import Store, open_store
 from .upstreams.plex import TranscodeSessions
+
+if TYPE_CHECKING:
+    from .oauth.server import OAuthServer
 
 __all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
@@ -93,6 +96,7 @@ class Sidecar:
         mcp = any(u.kind == "mcp" for u in config.upstreams)
         self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules and not mcp else None
         self.mcp: McpGatewayLike | None = None
+        self.oauth: OAuthServer | None = None  # the OAuth authorization server (oauth.enabled)
         self._store: Store | None = None
         self._verifier: Verifier | None = None
         self._limiter: RateLimiter | None = None
@@ -150,6 +154,10 @@ class Sidecar:
             from .upstreams.mcp.gateway import McpGateway  # imported only when an MCP upstream exists
 
             self.mcp = McpGateway(self)
+        if self.config.oauth.enabled:
+            from .oauth.server import OAuthServer
+
+            self.oauth = OAuthServer(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(asyncio.create_task(self.streams.run(self.config.keys.stream_check_interval)))
         self._tasks.append(asyncio.create_task(self.loop_lag.run()))
@@ -223,6 +231,8 @@ class Sidecar:
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
+        if self.oauth is not None and (oauth := self.oauth.challenge_headers(upstream_id)):
+            return oauth
         if self.mcp is not None:
             return self.mcp.challenge_headers(request, upstream_id)
         return {}
@@ -258,6 +268,10 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
         access_log=None,
     )
     admin = create_admin_app(sc)
+    if sc.oauth is not None:
+        from .oauth.adminroutes import add_routes
+
+        add_routes(admin, sc)  # grants and clients under /admin/oauth/
     return proxy, admin
 
 

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .models import validate_section
+from .oauth import OAuthConfig, check_oauth
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -186,7 +188,7 @@ def parse_config(
         "",
         {
             "listen", "tls", "admin", "store", "keys", "credentials", "upstreams", "rate_limits",
-            "cache", "metrics", "log", "server", "cors",
+            "cache", "metrics", "log", "server", "cors", "oauth",
         },
     )  # fmt: skip
 
@@ -428,6 +430,10 @@ def parse_config(
         enabled=r.boolean(cod, "enabled", "cors", False), origins=tuple(r.str_list(cod, "origins", "cors")) or ("*",)
     )
 
+    oauth = validate_section(OAuthConfig, top.get("oauth"), "oauth", r.problems, r.env) or OAuthConfig()
+    mcp_ids = [u.id for u in upstreams if u.kind == "mcp"]
+    check_oauth(oauth, mcp_ids, server.public_url, store.kind, r.problems)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -444,6 +450,7 @@ def parse_config(
         log=log,
         server=server,
         cors=cors,
+        oauth=oauth,
         source=source,
     )
 

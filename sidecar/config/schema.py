@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .oauth import OAuthConfig
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -199,6 +200,7 @@ class Config:
     log: LogConfig = LogConfig()
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
+    oauth: OAuthConfig = OAuthConfig()  # Sidecar as the OAuth 2.1 authorization server (sidecar/oauth/)
     source: Path | None = None
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:

@@ -1,0 +1,88 @@
+"""Shared pieces of the OAuth tests: a sidecar whose issuer is its own address, the SDK's
+MCP server behind it, and a person filling the consent form (plain aiohttp, no browser).
+
+The issuer (``oauth.public_url``) must be the address clients reach, so the proxy listener
+is bound to a port chosen before the config is written.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+from conftest import ADMIN_TOKEN, ProxyTestServer, Running, base_config
+from mcp_server import MCP_TOKEN, McpUpstream
+from prometheus_client import CollectorRegistry
+
+from sidecar.app import Sidecar, create_apps
+from sidecar.config import parse_config
+
+CALLBACK = "http://127.0.0.1:1/callback"  # never contacted: the test reads the redirect's Location
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def oauth_config(upstream: McpUpstream, tmp_path: Path, port: int, **oauth: Any) -> dict[str, Any]:
+    cfg = base_config(upstream.url, tmp_path)
+    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
+    cfg["listen"] = f"127.0.0.1:{port}"
+    cfg["upstreams"] = [
+        {"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools", "headers": auth},
+        {"id": "other", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/other", "headers": auth},
+    ]
+    cfg["oauth"] = {"enabled": True, "public_url": f"http://127.0.0.1:{port}", **oauth}
+    return cfg
+
+
+async def start_sidecar(aiohttp_client: Any, cfg: dict[str, Any], tmp_path: Path, started: list[Sidecar],
+                        **kw: Any) -> Running:  # fmt: skip
+    env = {"SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, "MCP_TOKEN": MCP_TOKEN, "PLEX_TOKEN": "x"}
+    config = parse_config(cfg, env=env, base=tmp_path)
+    sc = Sidecar(config, registry=CollectorRegistry(), env=env, **kw)
+    await sc.start()
+    started.append(sc)
+    proxy_app, admin_app = create_apps(sc)
+    port = int(cfg["listen"].rsplit(":", 1)[1])
+    proxy = await aiohttp_client(ProxyTestServer(proxy_app, port=port))
+    admin = await aiohttp_client(admin_app)
+    return Running(sc=sc, proxy=proxy, admin=admin, config=config, env=env)
+
+
+@dataclass
+class Redirect:
+    location: str
+
+    @property
+    def params(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.location).query).items()}
+
+
+_HIDDEN = re.compile(r'name=(request_id|csrf) value="([^"]+)"')
+
+
+async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime: int = 86400,
+                  decision: str = "allow") -> Redirect:  # fmt: skip
+    """Open the consent page like a browser and submit it; the redirect back to the client."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.get(authorize_url, allow_redirects=False) as page:
+            html = await page.text()
+            if page.status != 200:
+                return Redirect(page.headers.get("Location", f"status:{page.status}:{html}"))
+            assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        hidden = dict(_HIDDEN.findall(html))
+        form = {**hidden, "api_key": api_key, "tools": tools, "lifetime": str(lifetime), "decision": decision}
+        base = f"{urlsplit(authorize_url).scheme}://{urlsplit(authorize_url).netloc}"
+        async with http.post(base + "/oauth/authorize", data=form, allow_redirects=False) as answer:
+            if answer.status != 303:
+                return Redirect(f"status:{answer.status}:{await answer.text()}")
+            return Redirect(answer.headers["Location"])
