@@ -200,7 +200,7 @@ class Config:
     log: LogConfig = LogConfig()
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
-    oauth: OAuthConfig = OAuthConfig()  # Sidecar as the OAuth 2.1 authorization server (sidecar/oauth/)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)  # the OAuth 2.1 authorization server (sidecar/oauth/)
     source: Path | None = None
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:

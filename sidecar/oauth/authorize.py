@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from aiohttp import web
-from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN
+from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN  # type: ignore[import-untyped]
 
 from ..core.errors import SidecarError
 from ..store.base import OAuthToken
@@ -143,7 +143,9 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
     if row is None or row.kind != CONSENT or row.used_at is not None or row.expires_at <= now:
         return error_page("this authorization request has expired or was already answered; start again")
     cookie = request.cookies.get(COOKIE, "")
-    if not (csrf and cookie and hmac.compare_digest(csrf, cookie) and hmac.compare_digest(digest(csrf), row.data["csrf"])):
+    if not (
+        csrf and cookie and hmac.compare_digest(csrf, cookie) and hmac.compare_digest(digest(csrf), row.data["csrf"])
+    ):
         return error_page("the form did not come from this page (CSRF check failed)", 403)
     data = dict(row.data)
     back = {"state": data["state"]} if data.get("state") is not None else {}

@@ -125,7 +125,7 @@ class ClientRegistry:
         if cached is not None and now - cached[0] < cimd.cache_ttl:
             return cached[1]
         try:
-            doc = await fetch_document(url, allowed_hosts=self._allowed, timeout=cimd.timeout,
+            doc = await fetch_document(url, allowed_hosts=self._allowed, time_limit=cimd.timeout,
                                        max_bytes=cimd.max_bytes, ca_file=cimd.tls_ca_file)  # fmt: skip
         except FetchRefused as e:
             raise ClientError("invalid_client", str(e)) from None
@@ -133,7 +133,9 @@ class ClientRegistry:
             raise ClientError("invalid_client", "the metadata document's client_id is not its own URL")
         method = doc.get("token_endpoint_auth_method", "none")
         if method != "none":
-            raise ClientError("invalid_client", "a metadata-document client must be public (token_endpoint_auth_method none)")
+            raise ClientError(
+                "invalid_client", "a metadata-document client must be public (token_endpoint_auth_method none)"
+            )
         client = Client(url, _name(doc.get("client_name")), _redirects(doc.get("redirect_uris")), "metadata")
         if len(self._documents) >= 1000:
             self._documents.clear()
@@ -148,7 +150,9 @@ class ClientRegistry:
         name = _name(body.get("client_name"))
         method = body.get("token_endpoint_auth_method") or "none"
         if method not in _AUTH_METHODS:
-            raise ClientError("invalid_client_metadata", f"token_endpoint_auth_method: one of {', '.join(_AUTH_METHODS)}")
+            raise ClientError(
+                "invalid_client_metadata", f"token_endpoint_auth_method: one of {', '.join(_AUTH_METHODS)}"
+            )
         grants = body.get("grant_types") or ["authorization_code", "refresh_token"]
         if not isinstance(grants, list) or not set(grants) <= _GRANTS or "authorization_code" not in grants:
             raise ClientError("invalid_client_metadata", "grant_types: authorization_code (and refresh_token) only")

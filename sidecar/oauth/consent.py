@@ -76,12 +76,15 @@ def consent_page(
 ) -> web.Response:
     host = urlsplit(redirect_uri).netloc
     who = escape(client_name or client_id)
-    note = "" if vouched else '<p class=warn>This name was given by the application itself; check the address.</p>'
-    options = "".join(
-        f'<option value="{int(sec)}"{" selected" if i == 2 else ""}>{escape(label)}</option>'
-        for i, (label, sec) in enumerate(LIFETIMES)
-        if sec <= max_lifetime
-    ) or f'<option value="{int(max_lifetime)}">{int(max_lifetime)} seconds</option>'
+    note = "" if vouched else "<p class=warn>This name was given by the application itself; check the address.</p>"
+    options = (
+        "".join(
+            f'<option value="{int(sec)}"{" selected" if i == 2 else ""}>{escape(label)}</option>'
+            for i, (label, sec) in enumerate(LIFETIMES)
+            if sec <= max_lifetime
+        )
+        or f'<option value="{int(max_lifetime)}">{int(max_lifetime)} seconds</option>'
+    )
     err = f"<p class=err>{escape(error)}</p>" if error else ""
     body = f"""<h1>Allow {who} to use your MCP tools?</h1>
 <div class=box><p><b>{who}</b> (<code>{escape(client_id)}</code>) asks for access to

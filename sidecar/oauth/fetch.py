@@ -52,7 +52,9 @@ class GuardedResolver(AbstractResolver):
         self._allowed = allowed_hosts
         self.refused = False
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         infos = await self._inner.resolve(host, port, family)
         if host.lower() not in self._allowed and not all(public_address(i["host"]) for i in infos):
             self.refused = True
@@ -82,14 +84,14 @@ def _check_url(url: str, allowed: frozenset[str]) -> None:
 
 
 async def fetch_document(
-    url: str, *, allowed_hosts: frozenset[str], timeout: float, max_bytes: int, ca_file: str | None
+    url: str, *, allowed_hosts: frozenset[str], time_limit: float, max_bytes: int, ca_file: str | None
 ) -> dict[str, Any]:
     """The JSON object at ``url``, or ``FetchRefused``."""
     _check_url(url, allowed_hosts)
     ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
     resolver = GuardedResolver(allowed_hosts)
     connector = aiohttp.TCPConnector(resolver=resolver, ssl=ctx, use_dns_cache=False)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    client_timeout = aiohttp.ClientTimeout(total=time_limit)
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=client_timeout, trust_env=False) as session,

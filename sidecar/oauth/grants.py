@@ -56,12 +56,13 @@ def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...
     if any(v is not None for v in own.values()):
         for kind, globs in own.items():
             tables[kind] = {upstream_id: globs if globs is not None else ("*",)}
-    return Permissions(upstreams=(upstream_id,), methods=p.methods, paths=p.paths, **tables)
+    return Permissions(
+        upstreams=(upstream_id,), methods=p.methods, paths=p.paths,
+        tools=tables["tools"], resources=tables["resources"], prompts=tables["prompts"],
+    )  # fmt: skip
 
 
-async def create_grant(
-    sc: Sidecar, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float
-) -> KeyRecord:
+async def create_grant(sc: Sidecar, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float) -> KeyRecord:
     """Write the child key for an exchanged code (``spec``: what the consent page recorded)."""
     parent = sc.verifier.table.get(parent_id) or await sc.store.get(parent_id)
     if parent is None or sc.verifier.state(parent, now) != "active":

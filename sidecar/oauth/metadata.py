@@ -10,12 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata  # type: ignore[import-untyped]
 
 from ..config import UpstreamConfig
 from ..config.oauth import OAuthConfig
 
-__all__ = ["AS_WELL_KNOWN", "ENDPOINTS", "SCOPE", "PRM_WELL_KNOWN", "resource_url", "resource_metadata", "server_metadata"]
+__all__ = [
+    "AS_WELL_KNOWN",
+    "ENDPOINTS",
+    "PRM_WELL_KNOWN",
+    "SCOPE",
+    "resource_metadata",
+    "resource_url",
+    "server_metadata",
+]
 
 AS_WELL_KNOWN = "/.well-known/oauth-authorization-server"
 PRM_WELL_KNOWN = "/.well-known/oauth-protected-resource"

@@ -32,8 +32,16 @@ from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
 from ..store import StoreError
 from ..store.base import OAuthToken
 from .clients import ClientRegistry
-from .metadata import AS_WELL_KNOWN, ENDPOINTS, PRM_WELL_KNOWN, challenge, protected, resource_metadata
-from .metadata import resource_url, server_metadata
+from .metadata import (
+    AS_WELL_KNOWN,
+    ENDPOINTS,
+    PRM_WELL_KNOWN,
+    challenge,
+    protected,
+    resource_metadata,
+    resource_url,
+    server_metadata,
+)
 from .tokenformat import ACCESS, digest, parse, token_kind
 
 if TYPE_CHECKING:
@@ -43,6 +51,7 @@ __all__ = ["OAuthServer", "oauth_error"]
 
 MAX_CACHED_TOKENS = 100_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Endpoint = Callable[["OAuthServer", web.Request], Awaitable[web.StreamResponse]]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -73,11 +82,11 @@ class OAuthServer:
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)
             routes[path] = {"GET": self._resource_metadata(resource_metadata(self.issuer, up))}
-        endpoints: dict[str, dict[str, Handler]] = {
+        endpoints: dict[str, dict[str, Endpoint]] = {
             "authorize": {"GET": authorize.start, "POST": authorize.decide},
             "token": {"POST": tokens.token},
             "revoke": {"POST": tokens.revoke},
-            "register": {"POST": self._register},
+            "register": {"POST": _register},
         }
         for name, methods in endpoints.items():
             bound = {m: self._bind(h) for m, h in methods.items()}
@@ -88,7 +97,7 @@ class OAuthServer:
                 routes[root] = bound
         self._routes = routes
 
-    def _bind(self, fn: Callable[[OAuthServer, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+    def _bind(self, fn: Endpoint) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             return await fn(self, request)
 
@@ -122,17 +131,6 @@ class OAuthServer:
             return web.Response(body=body, content_type="application/json", headers=_PUBLIC)
 
         return answer
-
-    async def _register(self, server: OAuthServer, request: web.Request) -> web.StreamResponse:
-        from .clients import ClientError
-        from .tokens import read_json
-
-        try:
-            body = await read_json(request)
-            answer = await self.clients.register(body)
-        except ClientError as e:
-            return oauth_error(e.error, e.description)
-        return web.json_response(answer, status=201, headers={**NO_STORE, "Access-Control-Allow-Origin": "*"})
 
     # ------------------------------------------------------------------ resource server (hot path)
 
@@ -189,3 +187,15 @@ class OAuthServer:
 
 
 _PUBLIC = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
+
+
+async def _register(server: OAuthServer, request: web.Request) -> web.StreamResponse:
+    from .clients import ClientError
+    from .tokens import read_json
+
+    try:
+        body = await read_json(request)
+        answer = await server.clients.register(body)
+    except ClientError as e:
+        return oauth_error(e.error, e.description)
+    return web.json_response(answer, status=201, headers={**NO_STORE, "Access-Control-Allow-Origin": "*"})

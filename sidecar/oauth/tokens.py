@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from aiohttp import web
-from authlib.oauth2.rfc7636.challenge import CODE_VERIFIER_PATTERN, create_s256_code_challenge
+from authlib.oauth2.rfc7636.challenge import CODE_VERIFIER_PATTERN, create_s256_code_challenge  # type: ignore[import-untyped]
 from multidict import MultiDictProxy
 
 from ..store.base import OAuthToken
@@ -56,8 +56,9 @@ async def _body(request: web.Request) -> bytes:
 
 
 async def read_form(request: web.Request) -> MultiDictProxy[str]:
-    from multidict import MultiDict
     from urllib.parse import parse_qsl
+
+    from multidict import MultiDict
 
     if request.content_type != "application/x-www-form-urlencoded":
         raise TokenError("invalid_request", "send application/x-www-form-urlencoded")
@@ -111,12 +112,16 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
     return client
 
 
-async def _issue(server: OAuthServer, key_id: str, client: Client, resource: str, grant_end: float | None) -> dict[str, Any]:
+async def _issue(
+    server: OAuthServer, key_id: str, client: Client, resource: str, grant_end: float | None
+) -> dict[str, Any]:
     """A new access and refresh token for a grant (neither outlives it)."""
     cfg, now = server.config, server.sc.clock()
     end = grant_end if grant_end is not None else float("inf")
     access, refresh = mint(server.prefix, ACCESS), mint(server.prefix, REFRESH)
-    access_row = OAuthToken(digest(access), ACCESS, key_id, client.client_id, resource, min(now + cfg.access_token_ttl, end))
+    access_row = OAuthToken(
+        digest(access), ACCESS, key_id, client.client_id, resource, min(now + cfg.access_token_ttl, end)
+    )
     refresh_row = OAuthToken(digest(refresh), REFRESH, key_id, client.client_id, resource,
                              min(now + cfg.refresh_token_ttl, end))  # fmt: skip
     await server.sc.store.oauth_save(access_row)

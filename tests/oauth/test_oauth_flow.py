@@ -20,8 +20,8 @@ from conftest import Running
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.exceptions import MCPError
 from mcp_server import McpUpstream
 from oauth_support import CALLBACK, consent, free_port, oauth_config, start_sidecar
 
@@ -103,8 +103,8 @@ async def list_and_call(gw: Running, auth: OAuthClientProvider) -> tuple[set[str
 
 
 async def test_sdk_client_completes_the_flow_with_dynamic_registration(gw: Running) -> None:
-    parent, key = await gw.create_key(name="person", owner="alice",
-                                      permissions={"upstreams": ["*"], "tools": {"tools": ["search", "fetch"]}})  # fmt: skip
+    perms = {"upstreams": ["*"], "tools": {"tools": ["search", "fetch"]}}
+    parent, key = await gw.create_key(name="person", owner="alice", permissions=perms)
     storage = Memory()
     auth, seen = provider(gw, key, storage, tools="search")
     names, ok, refused = await list_and_call(gw, auth)
@@ -133,14 +133,18 @@ async def test_sdk_client_completes_the_flow_with_dynamic_registration(gw: Runni
     r = await gw.proxy.post(token_url, data=form)
     fresh = await r.json()
     assert r.status == 200 and fresh["refresh_token"] != old and fresh["access_token"] != access
-    r = await gw.proxy.post("/mcp/tools", json=PING, headers={**ACCEPT, "Authorization": f"Bearer {fresh['access_token']}"})
+    r = await gw.proxy.post(
+        "/mcp/tools", json=PING, headers={**ACCEPT, "Authorization": f"Bearer {fresh['access_token']}"}
+    )
     assert r.status == 200
 
     # Revoke (RFC 7009): the grant ends, the access token answers 401 with the challenge.
     r = await gw.proxy.post("/oauth/revoke", data={"token": fresh["refresh_token"],
                                                    "client_id": storage.client.client_id})  # fmt: skip
     assert r.status == 200
-    r = await gw.proxy.post("/mcp/tools", json=PING, headers={**ACCEPT, "Authorization": f"Bearer {fresh['access_token']}"})
+    r = await gw.proxy.post(
+        "/mcp/tools", json=PING, headers={**ACCEPT, "Authorization": f"Bearer {fresh['access_token']}"}
+    )
     assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
     challenge = r.headers["WWW-Authenticate"]
     assert 'resource_metadata="http://127.0.0.1:' in challenge and 'scope="mcp"' in challenge
@@ -159,7 +163,9 @@ async def test_discovery_documents(gw: Running) -> None:
     assert r.status == 401
     challenge = r.headers["WWW-Authenticate"]
     issuer = str(gw.proxy.make_url("")).rstrip("/")
-    assert challenge == f'Bearer resource_metadata="{issuer}/.well-known/oauth-protected-resource/mcp/tools", scope="mcp"'
+    assert (
+        challenge == f'Bearer resource_metadata="{issuer}/.well-known/oauth-protected-resource/mcp/tools", scope="mcp"'
+    )
     r = await gw.proxy.get("/.well-known/oauth-protected-resource/mcp/tools", headers={"Host": "evil.example"})
     prm = await r.json()
     assert prm["resource"] == f"{issuer}/mcp/tools" and prm["authorization_servers"] == [issuer]
@@ -168,7 +174,9 @@ async def test_discovery_documents(gw: Running) -> None:
     assert asm["issuer"] == issuer and asm["code_challenge_methods_supported"] == ["S256"]
     assert asm["client_id_metadata_document_supported"] is True
     assert asm["authorization_response_iss_parameter_supported"] is True
-    assert asm["token_endpoint"] == f"{issuer}/oauth/token" and asm["registration_endpoint"] == f"{issuer}/oauth/register"
+    assert (
+        asm["token_endpoint"] == f"{issuer}/oauth/token" and asm["registration_endpoint"] == f"{issuer}/oauth/register"
+    )
     # the root paths older clients guess
     r = await gw.proxy.post("/token", data={"grant_type": "password"})
     assert r.status == 401 and (await r.json())["error"] == "invalid_client"
