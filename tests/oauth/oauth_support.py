@@ -86,3 +86,47 @@ async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime
             if answer.status != 303:
                 return Redirect(f"status:{answer.status}:{await answer.text()}")
             return Redirect(answer.headers["Location"])
+
+
+def pkce(verifier: str | None = None) -> tuple[str, str]:
+    """(verifier, S256 challenge), computed here independently of the server's code."""
+    import base64
+    import hashlib
+    import secrets
+
+    v = verifier or secrets.token_urlsafe(48)
+    return v, base64.urlsafe_b64encode(hashlib.sha256(v.encode()).digest()).decode().rstrip("=")
+
+
+def authorize_url(gw: Running, client_id: str, challenge: str, **params: str) -> str:
+    from urllib.parse import urlencode
+
+    issuer = gw.config.oauth.public_url
+    q = {
+        "response_type": "code", "client_id": client_id, "redirect_uri": CALLBACK, "state": "st-1",
+        "code_challenge": challenge, "code_challenge_method": "S256", "resource": f"{issuer}/mcp/tools",
+        **params,
+    }  # fmt: skip
+    return f"{issuer}/oauth/authorize?{urlencode({k: v for k, v in q.items() if v != ''})}"
+
+
+async def register(gw: Running, **fields: Any) -> dict[str, Any]:
+    body = {"redirect_uris": [CALLBACK], "client_name": "Raw client", **fields}
+    r = await gw.proxy.post("/oauth/register", json=body)
+    assert r.status == 201, await r.text()
+    return dict(await r.json())
+
+
+async def code_for(gw: Running, api_key: str, client_id: str, *, tools: str = "", **params: str) -> tuple[str, str]:
+    """A fresh authorization code and its PKCE verifier."""
+    verifier, challenge = pkce()
+    back = await consent(authorize_url(gw, client_id, challenge, **params), api_key, tools=tools)
+    assert "code" in back.params, back.location
+    return back.params["code"], verifier
+
+
+async def exchange(gw: Running, client_id: str, code: str, verifier: str, **extra: str) -> tuple[int, dict[str, Any]]:
+    form = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier, "redirect_uri": CALLBACK,
+            "client_id": client_id, **extra}  # fmt: skip
+    r = await gw.proxy.post("/oauth/token", data={k: v for k, v in form.items() if v != ""})
+    return r.status, dict(await r.json())
