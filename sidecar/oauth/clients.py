@@ -110,6 +110,8 @@ class ClientRegistry:
             return found
         if client_id.startswith("https://"):
             return await self._document(client_id)
+        if client_id.startswith("http://"):
+            raise ClientError("invalid_client", "a client metadata document's URL must be https")
         data = await self.store.oauth_client(client_id)
         if data is None:
             raise ClientError("invalid_client", "unknown client")

@@ -11,8 +11,18 @@ from typing import Any
 import pytest
 from conftest import Running
 from mcp_server import MCP_TOKEN, McpUpstream
-from oauth_support import CALLBACK, authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce
-from oauth_support import register, start_sidecar
+from oauth_support import (
+    CALLBACK,
+    authorize_url,
+    code_for,
+    consent,
+    exchange,
+    free_port,
+    oauth_config,
+    pkce,
+    register,
+    start_sidecar,
+)
 
 from sidecar.app import Sidecar
 
