@@ -85,8 +85,9 @@ async def gateway(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, st
     return await start_sidecar(aiohttp_client, cfg, tmp_path, started)
 
 
-async def test_sdk_client_with_a_metadata_document(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path,
-                                                   started: list[Sidecar], tls: TlsFiles, docs: TestServer) -> None:  # fmt: skip
+async def test_sdk_client_with_a_metadata_document(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], tls: TlsFiles, docs: TestServer
+) -> None:
     gw = await gateway(aiohttp_client, upstream, tmp_path, started, tls, ["127.0.0.1"])
     _, key = await gw.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["search", "fetch"]}})
     url = doc_url(docs, "client.json")
@@ -151,8 +152,9 @@ async def test_ssrf_guard_refuses_private_and_loopback_addresses(aiohttp_client:
     assert "https" in await refusal(gw, f"http://127.0.0.1:{docs.port}/client.json")
 
 
-async def test_metadata_document_rules(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path,
-                                       started: list[Sidecar], tls: TlsFiles, docs: TestServer) -> None:  # fmt: skip
+async def test_metadata_document_rules(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], tls: TlsFiles, docs: TestServer
+) -> None:
     gw = await gateway(aiohttp_client, upstream, tmp_path, started, tls, ["127.0.0.1"])
     other = doc_url(docs, "other.json")
     docs.app[DOCS]["liar.json"] = {"client_id": other, "redirect_uris": [CALLBACK]}
