@@ -43,9 +43,10 @@ def oauth_config(upstream: McpUpstream, tmp_path: Path, port: int, **oauth: Any)
     return cfg
 
 
-async def start_sidecar(aiohttp_client: Any, cfg: dict[str, Any], tmp_path: Path, started: list[Sidecar],
+async def start_sidecar(aiohttp_client: Any, cfg: dict[str, Any], tmp_path: Path, started: list[Sidecar], *,
+                        extra_env: dict[str, str] | None = None,
                         **kw: Any) -> Running:  # fmt: skip
-    env = {"SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, "MCP_TOKEN": MCP_TOKEN, "PLEX_TOKEN": "x"}
+    env = {"SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, "MCP_TOKEN": MCP_TOKEN, "PLEX_TOKEN": "x", **(extra_env or {})}
     config = parse_config(cfg, env=env, base=tmp_path)
     sc = Sidecar(config, registry=CollectorRegistry(), env=env, **kw)
     await sc.start()
