@@ -228,6 +228,7 @@ class Sidecar:
                 if any(w in name.lower() for w in ("auth", "token", "key", "secret", "cookie", "pass")):
                     out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
+        out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:

@@ -180,4 +180,12 @@ async def test_discovery_documents(gw: Running) -> None:
     # the root paths older clients guess
     r = await gw.proxy.post("/token", data={"grant_type": "password"})
     assert r.status == 401 and (await r.json())["error"] == "invalid_client"
+    r = await gw.proxy.get("/authorize", params={"client_id": "nobody"})
+    assert r.status == 400 and "unknown" in await r.text() and r.headers["X-Frame-Options"] == "DENY"
+    r = await gw.proxy.get("/oauth/token")
+    assert r.status == 405 and r.headers["Allow"] == "POST"
+    r = await gw.proxy.post(
+        "/oauth/token", data="x" * 20_000, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status == 400 and (await r.json())["error"] == "invalid_request"
     await asyncio.sleep(0)
