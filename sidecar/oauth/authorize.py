@@ -26,7 +26,7 @@ from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN  # type: ign
 
 from ..core.errors import SidecarError
 from ..store.base import OAuthToken
-from .clients import Client, ClientError
+from .clients import Client, ClientError, redirect_matches
 from .consent import consent_page, error_page
 from .grants import GrantError, active_grants, child_permissions, new_grant_id
 from .metadata import SCOPE
@@ -64,7 +64,8 @@ async def _client_and_redirect(server: OAuthServer, q: Any) -> tuple[Client, str
     redirect_uri = q.get("redirect_uri")
     if redirect_uri is None and len(client.redirect_uris) == 1:
         redirect_uri = client.redirect_uris[0]
-    if redirect_uri not in client.redirect_uris:  # exact string match (OAuth 2.1 §2.3.1)
+    # Exact string match (OAuth 2.1 §2.3.1), any port on a loopback IP (RFC 8252 §7.3).
+    if redirect_uri is None or not any(redirect_matches(r, redirect_uri) for r in client.redirect_uris):
         raise _Page("the redirect URI is not one this client registered")
     return client, redirect_uri
 

@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config.oauth import OAuthConfig, check_redirect_uri
 from ..store import Store
 from .fetch import FetchRefused, fetch_document
 
-__all__ = ["Client", "ClientError", "ClientRegistry"]
+__all__ = ["Client", "ClientError", "ClientRegistry", "redirect_matches"]
 
 MAX_REGISTERED = 10_000  # dynamically registered clients kept; past it registration is refused
 MAX_NAME = 100
@@ -37,6 +38,23 @@ class ClientError(Exception):
     def __init__(self, error: str, description: str) -> None:
         super().__init__(description)
         self.error, self.description = error, description
+
+
+def redirect_matches(registered: str, given: str) -> bool:
+    """Exact string match, except that a loopback IP redirect may name any port (RFC 8252 §7.3,
+    OAuth 2.1 §8.4.2: native apps such as VS Code listen on whatever port is free)."""
+    if given == registered:
+        return True
+    try:
+        r, g = urlsplit(registered), urlsplit(given)
+        g.port  # noqa: B018 - a malformed port raises here
+    except ValueError:
+        return False
+    loopback = r.hostname in ("127.0.0.1", "::1")
+    return (
+        loopback and r.scheme == g.scheme == "http" and g.hostname == r.hostname and g.username is None
+        and (r.path, r.query) == (g.path, g.query) and not g.fragment and "#" not in given
+    )  # fmt: skip
 
 
 def _hash(secret: str) -> str:

@@ -119,6 +119,18 @@ async def test_redirect_uri_mismatch_is_refused_without_redirecting(gw: Running)
     assert status == 400 and answer["error"] == "invalid_grant"
 
 
+async def test_loopback_redirect_may_name_any_port_nothing_else(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw, redirect_uris=["http://127.0.0.1/cb", "http://localhost:7777/cb"]))["client_id"]
+    _, challenge = pkce()
+    back = await consent(authorize_url(gw, client, challenge, redirect_uri="http://127.0.0.1:5555/cb"), key)
+    assert back.location.startswith("http://127.0.0.1:5555/cb?code="), back.location
+    for evil in ("http://127.0.0.1:5555/cb2", "http://localhost:5555/cb", "http://127.0.0.2:5555/cb",
+                 "http://127.0.0.1:5555/cb?x=1", "https://127.0.0.1:5555/cb", "http://127.0.0.1:99999/cb"):  # fmt: skip
+        back = await consent(authorize_url(gw, client, challenge, redirect_uri=evil), key)
+        assert back.location.startswith("status:400:"), evil
+
+
 async def test_dynamic_registration_refuses_bad_redirect_uris(gw: Running) -> None:
     for uris in (
         ["http://evil.example/cb"],
