@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from mcp_server import MCP_TOKEN, McpUpstream
 from oauth_support import CALLBACK, code_for, exchange, free_port, oauth_config, register, start_sidecar
 
 from sidecar.app import Sidecar
+from sidecar.cli import main
 
 PERMS = {"upstreams": ["*"], "tools": {"tools": ["search", "fetch"]}}
 INIT = {
@@ -104,13 +105,26 @@ async def test_admin_api_lists_and_revokes_grants_and_clients(gw: Running) -> No
     assert {"oauth_granted", "revoked"} <= actions
 
 
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, "MCP_TOKEN": MCP_TOKEN, "CONNECTOR_SECRET": "x"}
-    return subprocess.run([sys.executable, "-m", "sidecar", "oauth", *args, "-c", str(config)],
-                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-async def test_cli_lists_and_revokes_grants(gw: Running, cfg: dict[str, Any], tmp_path: Path) -> None:
+def _cli(config: Path, *args: str) -> Done:
+    """``sidecar oauth …`` in this process (a subprocess per call costs a second of imports)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["oauth", *args, "-c", str(config)])
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+async def test_cli_lists_and_revokes_grants(
+    gw: Running, cfg: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {"SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN, "MCP_TOKEN": MCP_TOKEN, "CONNECTOR_SECRET": "x"}.items():
+        monkeypatch.setenv(name, value)
     parent, key = await gw.create_key(permissions=PERMS)
     client = (await register(gw))["client_id"]
     code, verifier = await code_for(gw, key, client)
