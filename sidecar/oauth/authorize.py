@@ -107,12 +107,16 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
         upstream_id = _resource(server, q.get("resource"))
     except _Redirect as e:
         return _back(server, redirect_uri, {"error": e.error, "error_description": e.description, **back})
+    if not server.gate.allow(server.client_ip(request)):
+        return error_page("too many authorization requests from this address; try again in a minute", 429)
     request_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     now = server.sc.clock()
+    if secrets.randbelow(100) == 0:
+        await server.sc.store.oauth_forget("", now)  # now and then: expired codes, tokens, requests
     data = {"redirect_uri": redirect_uri, "code_challenge": challenge, "state": state, "resource": upstream_id,
             "client_name": client.name, "csrf": digest(csrf), "scope": SCOPE}  # fmt: skip
     await server.sc.store.oauth_save(
-        OAuthToken(digest(request_id), CONSENT, "", client.client_id, upstream_id, now + CONSENT_TTL, data)
+        OAuthToken(digest(request_id), CONSENT, "-", client.client_id, upstream_id, now + CONSENT_TTL, data)
     )
     return _consent(server, client, request_id, csrf, data)
 
@@ -159,7 +163,7 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
             return error_page("this authorization request was already answered")
         return _back(server, data["redirect_uri"], {"error": "access_denied", "error_description": "denied", **back})
     try:
-        parent = await server.sc.verifier.verify(str(form.get("api_key") or "").strip(), request.remote or "")
+        parent = await server.sc.verifier.verify(str(form.get("api_key") or "").strip(), server.client_ip(request))
         tools = tuple(t.strip() for t in str(form.get("tools") or "").split(",") if t.strip())
         if parent.parent_id is not None:
             raise GrantError("an OAuth grant cannot approve another grant: use an API key")

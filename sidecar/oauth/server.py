@@ -20,6 +20,7 @@ here instead, small and with every check visible.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["OAuthServer", "oauth_error"]
 
 MAX_CACHED_TOKENS = 100_000
+# Unauthenticated writes (authorization requests, registrations) per client address per minute.
+REQUESTS_PER_MINUTE = 30
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Endpoint = Callable[["OAuthServer", web.Request], Awaitable[web.StreamResponse]]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -59,6 +62,26 @@ def oauth_error(error: str, description: str, status: int = 400, headers: dict[s
     """RFC 6749 §5.2 / RFC 7591 §3.2.2 error body: the shape OAuth clients parse (docs/oauth.md)."""
     body = {"error": error, "error_description": description}
     return web.json_response(body, status=status, headers={**NO_STORE, **(headers or {})})
+
+
+class Gate:
+    """At most ``limit`` events per client address (IPv6: per /64) in a sliding minute, in bounded memory."""
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self.limit, self.clock = limit, clock
+        self._seen: dict[str, deque[float]] = {}
+
+    def allow(self, ip: str) -> bool:
+        now, bucket = self.clock(), throttle_bucket(ip)
+        q = self._seen.get(bucket)
+        if q is None:
+            if len(self._seen) >= 100_000:
+                self._seen.clear()
+            q = self._seen[bucket] = deque(maxlen=self.limit)
+        if len(q) >= self.limit and q[0] > now - 60:
+            return False
+        q.append(now)
+        return True
 
 
 class OAuthServer:
@@ -78,6 +101,8 @@ class OAuthServer:
         self.clients = ClientRegistry(self.config, sc.store, clock=sc.clock)
         self._metadata = json.dumps(server_metadata(self.config, self.issuer)).encode()
         self._access: dict[str, OAuthToken] = {}  # digest -> access token row, once seen
+        self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
+        self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)
@@ -111,6 +136,10 @@ class OAuthServer:
         if methods is None:
             return None
         method = "GET" if request.method == "HEAD" else request.method
+        if method == "OPTIONS" and not ("GET" in methods and "POST" in methods):
+            # CORS preflight from browser-based clients: these endpoints use no cookies, so any origin
+            # may ask. Not for the authorize endpoint: a person's browser navigates there, never fetches.
+            return web.Response(status=204, headers=_PREFLIGHT)
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods))
@@ -133,6 +162,11 @@ class OAuthServer:
         return answer
 
     # ------------------------------------------------------------------ resource server (hot path)
+
+    def client_ip(self, request: web.Request) -> str:
+        from ..http.pipeline import client_ip
+
+        return client_ip(request, self.sc.trusted_proxies)
 
     def claims(self, value: str) -> bool:
         """Does the credential look like one of this server's tokens (prefix test only)?"""
@@ -187,12 +221,21 @@ class OAuthServer:
 
 
 _PUBLIC = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
+_PREFLIGHT = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, MCP-Protocol-Version",
+    "Access-Control-Max-Age": "600",
+}
 
 
 async def _register(server: OAuthServer, request: web.Request) -> web.StreamResponse:
     from .clients import ClientError
     from .tokens import read_json
 
+    if not server.register_gate.allow(server.client_ip(request)):
+        return oauth_error("slow_down", "too many registrations from this address; try again in a minute", 429,
+                           {"Retry-After": "60"})  # fmt: skip
     try:
         body = await read_json(request)
         answer = await server.clients.register(body)

@@ -258,7 +258,7 @@ class Store(ABC):
         raise StoreError(_NO_OAUTH)
 
     async def oauth_forget(self, key_id: str, now: float) -> None:
-        """Delete every code and token of grant ``key_id``, and any token expired before ``now``."""
+        """Delete every code and token of grant ``key_id`` (``""``: none), and any expired a day before ``now``."""
         raise StoreError(_NO_OAUTH)
 
     async def oauth_save_client(self, client_id: str, data: Mapping[str, Any], now: float) -> None:

@@ -184,6 +184,10 @@ async def test_discovery_documents(gw: Running) -> None:
     assert r.status == 400 and "unknown" in await r.text() and r.headers["X-Frame-Options"] == "DENY"
     r = await gw.proxy.get("/oauth/token")
     assert r.status == 405 and r.headers["Allow"] == "POST"
+    r = await gw.proxy.options("/oauth/register", headers={"Origin": "https://inspector.example"})
+    assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
+    r = await gw.proxy.options("/oauth/authorize")
+    assert r.status == 405
     r = await gw.proxy.post(
         "/oauth/token", data="x" * 20_000, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )

@@ -290,3 +290,13 @@ async def test_secrets_stay_out_of_the_store_and_the_log(gw: Running, tmp_path: 
     log = (tmp_path / "access.log").read_text() if (tmp_path / "access.log").exists() else ""
     for secret in (answer["access_token"], answer["refresh_token"], key):
         assert secret not in dump and secret not in log
+
+
+async def test_unauthenticated_writes_are_bounded_per_address(gw: Running) -> None:
+    client = (await register(gw))["client_id"]
+    _, challenge = pkce()
+    url = authorize_url(gw, client, challenge).split("/oauth/authorize", 1)[1]
+    statuses = [(await gw.proxy.get("/oauth/authorize" + url)).status for _ in range(31)]
+    assert statuses[:29] == [200] * 29 and statuses[-1] == 429
+    statuses = [(await gw.proxy.post("/oauth/register", json={"redirect_uris": [CALLBACK]})).status for _ in range(31)]
+    assert statuses[:29] == [201] * 29 and statuses[-1] == 429
