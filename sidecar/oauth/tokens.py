@@ -131,6 +131,14 @@ async def _issue(
             "refresh_token": refresh, "scope": SCOPE}  # fmt: skip
 
 
+async def _held_by(server: OAuthServer, d: str, kind: str, client: Client) -> None:
+    """Refuse a code or refresh token of another client *before* it is marked used: otherwise
+    whoever saw one could burn it, and the rightful client's next use would look like a replay."""
+    row = await server.sc.store.oauth_get(d)
+    if row is None or row.kind != kind or row.client_id != client.client_id:
+        raise TokenError("invalid_grant", f"unknown {'authorization code' if kind == CODE else 'refresh token'}")
+
+
 async def _revoke_for_replay(server: OAuthServer, key_id: str, why: str) -> None:
     if await server.sc.store.get(key_id) is not None:
         await revoke_grant(server.sc, key_id, f"oauth:{why}")
@@ -147,6 +155,7 @@ async def _authorization_code(server: OAuthServer, client: Client, form: MultiDi
     if not parse(server.prefix, code, CODE):
         raise TokenError("invalid_grant", "unknown authorization code")
     now = server.sc.clock()
+    await _held_by(server, digest(code), CODE, client)
     row = await server.sc.store.oauth_use(digest(code), now)
     if row is None or row.kind != CODE:
         raise TokenError("invalid_grant", "unknown authorization code")
@@ -176,6 +185,7 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
     if not parse(server.prefix, value, REFRESH):
         raise TokenError("invalid_grant", "unknown refresh token")
     now = server.sc.clock()
+    await _held_by(server, digest(value), REFRESH, client)
     row = await server.sc.store.oauth_use(digest(value), now)
     if row is None or row.kind != REFRESH or row.client_id != client.client_id:
         raise TokenError("invalid_grant", "unknown refresh token")

@@ -213,6 +213,22 @@ async def test_reused_refresh_token_revokes_the_grant(gw: Running) -> None:
     assert r.status == 400 and (await r.json())["error"] == "invalid_grant"
 
 
+async def test_another_client_cannot_burn_a_code_or_refresh_token(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    thief = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client)
+    status, answer = await exchange(gw, thief, code, verifier)
+    assert status == 400 and answer["error"] == "invalid_grant"
+    status, answer = await exchange(gw, client, code, verifier)
+    assert status == 200
+    form = {"grant_type": "refresh_token", "refresh_token": answer["refresh_token"]}
+    r = await gw.proxy.post("/oauth/token", data={**form, "client_id": thief})
+    assert r.status == 400
+    r = await gw.proxy.post("/oauth/token", data={**form, "client_id": client})
+    assert r.status == 200
+
+
 async def test_expired_access_token_is_refused(gw: Running, clock: Clock) -> None:
     _, key = await gw.create_key(permissions=PERMS)
     _, answer = await tokens(gw, key)
