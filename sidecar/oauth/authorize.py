@@ -17,6 +17,7 @@ the code is exchanged (``tokens.py``).
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -24,6 +25,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 from authlib.oauth2.rfc7636.challenge import CODE_CHALLENGE_PATTERN  # type: ignore[import-untyped]
 
+from ..auth.models import KeyRecord
+from ..auth.permissions import tool_allowed
 from ..core.errors import SidecarError
 from ..store.base import OAuthToken
 from .clients import Client, ClientError, redirect_matches
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
 
 __all__ = ["decide", "start"]
 
+log = logging.getLogger("sidecar.oauth")
+
 CONSENT = "consent"
+MAX_TOOLS = 500  # checkboxes on the page
 CONSENT_TTL = 900.0  # seconds a person has to decide
 COOKIE = "sidecar_oauth_csrf"
 MAX_STATE = 1024
@@ -131,14 +137,29 @@ def _consent(server: OAuthServer, client: Client, request_id: str, csrf: str, da
         resource=resource_url(server.issuer, server.protected[data["resource"]]),
         max_lifetime=server.config.max_grant_lifetime, error=error, status=status,
         secure_cookie=server.issuer.startswith("https://"),
+        step="tools" if data.get("parent_id") else "key", tools=data.get("offered"),
     )  # fmt: skip
 
 
+async def _offered(server: OAuthServer, parent: KeyRecord, upstream_id: str) -> list[str] | None:
+    """The upstream's tools this key may use, for the checkboxes; None when the upstream cannot say."""
+    rest = getattr(server.sc.mcp, "rest", None)
+    if rest is None:
+        return None
+    try:
+        names = await rest.list_tools(server.protected[upstream_id])
+    except SidecarError as e:
+        log.warning("consent page: could not list the tools of %s: %s", upstream_id, e.message)
+        return None
+    return sorted({n for n in names if tool_allowed(parent.permissions, upstream_id, n)})[:MAX_TOOLS]
+
+
 async def decide(server: OAuthServer, request: web.Request) -> web.StreamResponse:
+    """Step 1 (an API key and a lifetime) → step 2 (tools among the key's own) → a code."""
     from .tokens import TokenError, read_form
 
     try:
-        form = await read_form(request)  # bounded: the proxy listener sets no body limit of its own
+        form = await read_form(request, repeatable=("tool",))  # bounded: the proxy listener has no body limit
     except TokenError as e:
         return error_page(e.description)
     request_id, csrf = str(form.get("request_id") or ""), str(form.get("csrf") or "")
@@ -158,24 +179,19 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
         client = await server.clients.get(row.client_id)
     except ClientError as e:
         return error_page(e.description)
-    if form.get("decision") != "allow":
+    if form.get("decision") not in ("allow", "continue"):
         if await store.oauth_use(row.digest, now) is None:
             return error_page("this authorization request was already answered")
         return _back(server, data["redirect_uri"], {"error": "access_denied", "error_description": "denied", **back})
     try:
-        parent = await server.sc.verifier.verify(str(form.get("api_key") or "").strip(), server.client_ip(request))
-        tools = tuple(t.strip() for t in str(form.get("tools") or "").split(",") if t.strip())
-        if parent.parent_id is not None:
-            raise GrantError("an OAuth grant cannot approve another grant: use an API key")
+        if not data.get("parent_id"):
+            return await _key_step(server, request, form, row, client, data, csrf, now)
+        tools = _chosen(form, data)
+        verifier = server.sc.verifier
+        parent = verifier.table.get(data["parent_id"])
+        if parent is None or verifier.state(parent, now) != "active":
+            raise GrantError("the API key is no longer active")
         child_permissions(parent, data["resource"], tools)  # refuses anything wider than the key
-        if active_grants(server.sc, parent.id, now) >= server.config.max_grants_per_key:
-            raise GrantError("this API key has reached its number of OAuth grants; revoke one first")
-        try:
-            lifetime = min(float(str(form.get("lifetime") or "")), server.config.max_grant_lifetime)
-        except ValueError:
-            raise GrantError("choose a lifetime") from None
-        if lifetime <= 0:
-            raise GrantError("choose a lifetime")
     except (SidecarError, GrantError) as e:
         return _consent(server, client, request_id, csrf, data, error=str(e), status=400)
     used = await store.oauth_use(row.digest, now)
@@ -184,7 +200,50 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
     code = mint(server.prefix, CODE)
     spec = {"redirect_uri": data["redirect_uri"], "code_challenge": data["code_challenge"], "parent_id": parent.id,
             "client_id": client.client_id, "client_name": client.name, "resource": data["resource"],
-            "tools": list(tools), "expires_at": now + lifetime, "scope": SCOPE}  # fmt: skip
+            "tools": list(tools), "expires_at": now + float(data["lifetime"]), "scope": SCOPE}  # fmt: skip
     await store.oauth_save(OAuthToken(digest(code), CODE, new_grant_id(), client.client_id, data["resource"],
                                       now + server.config.code_ttl, spec))  # fmt: skip
     return _back(server, data["redirect_uri"], {"code": code, **back})
+
+
+def _chosen(form: Any, data: dict[str, Any]) -> tuple[str, ...]:
+    """The tools ticked (or typed, when the upstream could not list them); () means all of the key's."""
+    if form.get("all_tools") == "1":
+        return ()
+    offered = data.get("offered")
+    if offered is None:
+        tools = tuple(t.strip() for t in str(form.get("tools") or "").split(",") if t.strip())
+    else:
+        tools = tuple(dict.fromkeys(str(t) for t in form.getall("tool", ())))
+        if any(t not in offered for t in tools):
+            raise GrantError("choose among the listed tools")
+    if not tools:
+        raise GrantError("choose at least one tool, or every tool")
+    return tools
+
+
+async def _key_step(server: OAuthServer, request: web.Request, form: Any, row: OAuthToken, client: Client,
+                    data: dict[str, Any], csrf: str, now: float) -> web.Response:  # fmt: skip
+    """Verify the API key as the proxy would; on success the request moves to its tools step."""
+    parent = await server.sc.verifier.verify(str(form.get("api_key") or "").strip(), server.client_ip(request))
+    if parent.parent_id is not None:
+        raise GrantError("an OAuth grant cannot approve another grant: use an API key")
+    child_permissions(parent, data["resource"], ())  # may this key use the resource at all?
+    if active_grants(server.sc, parent.id, now) >= server.config.max_grants_per_key:
+        raise GrantError("this API key has reached its number of OAuth grants; revoke one first")
+    try:
+        lifetime = min(float(str(form.get("lifetime") or "")), server.config.max_grant_lifetime)
+    except ValueError:
+        raise GrantError("choose a lifetime") from None
+    if not lifetime > 0:
+        raise GrantError("choose a lifetime")
+    used = await server.sc.store.oauth_use(row.digest, now)
+    if used is None or used.used_at is not None:
+        raise GrantError("this authorization request was already answered")
+    data = {**data, "parent_id": parent.id, "lifetime": lifetime,
+            "offered": await _offered(server, parent, data["resource"])}  # fmt: skip
+    request_id = secrets.token_urlsafe(32)
+    await server.sc.store.oauth_save(
+        OAuthToken(digest(request_id), CONSENT, "-", client.client_id, data["resource"], row.expires_at, data)
+    )
+    return _consent(server, client, request_id, csrf, data)

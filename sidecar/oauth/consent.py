@@ -26,7 +26,7 @@ _STYLE = (
     "h1{font-size:1.3rem}.box{border:1px solid #ccc;border-radius:6px;padding:1rem;margin:1rem 0}"
     "label{display:block;margin:.8rem 0 .2rem;font-weight:600}input,select{width:100%;padding:.4rem;"
     "box-sizing:border-box}.warn{color:#8a5300}.err{color:#b00020;font-weight:600}button{padding:.5rem 1.2rem;"
-    "margin:1rem .5rem 0 0}code{background:#f3f3f3;padding:0 .2rem}"
+    "margin:1rem .5rem 0 0}code{background:#f3f3f3;padding:0 .2rem}input[type=checkbox]{width:auto}"
 )
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
@@ -73,31 +73,49 @@ def consent_page(
     error: str = "",
     status: int = 200,
     secure_cookie: bool,
+    tools: list[str] | None = None,
+    step: str = "key",
 ) -> web.Response:
+    """Step ``key``: the person proves their right with an API key and picks a lifetime.
+    Step ``tools``: they tick the tools to allow among those the key may use (``tools``;
+    None when the upstream could not list them: a text field instead)."""
     host = urlsplit(redirect_uri).netloc
     who = escape(client_name or client_id)
     note = "" if vouched else "<p class=warn>This name was given by the application itself; check the address.</p>"
-    options = (
-        "".join(
-            f'<option value="{int(sec)}"{" selected" if i == 2 else ""}>{escape(label)}</option>'
-            for i, (label, sec) in enumerate(LIFETIMES)
-            if sec <= max_lifetime
-        )
-        or f'<option value="{int(max_lifetime)}">{int(max_lifetime)} seconds</option>'
-    )
     err = f"<p class=err>{escape(error)}</p>" if error else ""
+    if step == "key":
+        options = (
+            "".join(
+                f'<option value="{int(sec)}"{" selected" if i == 2 else ""}>{escape(label)}</option>'
+                for i, (label, sec) in enumerate(LIFETIMES)
+                if sec <= max_lifetime
+            )
+            or f'<option value="{int(max_lifetime)}">{int(max_lifetime)} seconds</option>'
+        )
+        fields = f"""<label for=k>Your API key (proves you may grant this; it is not given to the application)</label>
+<input id=k name=api_key type=password autocomplete=off required>
+<label for=l>For how long</label><select id=l name=lifetime>{options}</select>
+<button name=decision value=continue>Continue</button><button name=decision value=deny>Deny</button>"""
+    else:
+        if tools is None:
+            choice = """<label for=t>Tools to allow (names, comma separated)</label><input id=t name=tools>"""
+        else:
+            choice = (
+                "".join(
+                    f'<label><input type=checkbox name=tool value="{escape(t)}"> {escape(t)}</label>' for t in tools
+                )
+                or "<p>The server lists no tool this key may use.</p>"
+            )
+        fields = f"""<p>Tools to allow (only those your key may use are listed):</p>{choice}
+<label><input type=checkbox name=all_tools value=1> every tool your key may use, now and later</label>
+<button name=decision value=allow>Allow</button><button name=decision value=deny>Deny</button>"""
     body = f"""<h1>Allow {who} to use your MCP tools?</h1>
 <div class=box><p><b>{who}</b> (<code>{escape(client_id)}</code>) asks for access to
 <code>{escape(resource)}</code>.</p>{note}
 <p>If you allow it, you will be sent back to <b>{escape(host)}</b>.</p></div>{err}
 <form method=post action="{escape(action)}">
 <input type=hidden name=request_id value="{escape(request_id)}"><input type=hidden name=csrf value="{escape(csrf)}">
-<label for=k>Your API key (proves you may grant this; it is not given to the application)</label>
-<input id=k name=api_key type=password autocomplete=off required>
-<label for=t>Tools to allow (names or globs, comma separated; empty: every tool your key may use)</label>
-<input id=t name=tools>
-<label for=l>For how long</label><select id=l name=lifetime>{options}</select>
-<button name=decision value=allow>Allow</button><button name=decision value=deny>Deny</button>
+{fields}
 </form>"""
     target = f"{urlsplit(redirect_uri).scheme}://{host}"
     form_action = "'self' " + target if _ORIGIN.match(target) else "'self'"  # nothing that could end the directive

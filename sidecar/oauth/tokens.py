@@ -55,7 +55,7 @@ async def _body(request: web.Request) -> bytes:
     return raw
 
 
-async def read_form(request: web.Request) -> MultiDictProxy[str]:
+async def read_form(request: web.Request, repeatable: tuple[str, ...] = ()) -> MultiDictProxy[str]:
     from urllib.parse import parse_qsl
 
     from multidict import MultiDict
@@ -69,7 +69,7 @@ async def read_form(request: web.Request) -> MultiDictProxy[str]:
         raise TokenError("invalid_request", "malformed form body") from None
     form: MultiDict[str] = MultiDict(pairs)
     for name in set(form):
-        if len(form.getall(name)) > 1:  # RFC 6749 §3.2: parameters must not be repeated
+        if name not in repeatable and len(form.getall(name)) > 1:  # RFC 6749 §3.2: parameters must not be repeated
             raise TokenError("invalid_request", f"{name} given twice")
     return MultiDictProxy(form)
 

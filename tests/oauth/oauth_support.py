@@ -71,8 +71,10 @@ _HIDDEN = re.compile(r'name=(request_id|csrf) value="([^"]+)"')
 
 
 async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime: int = 86400,
-                  decision: str = "allow") -> Redirect:  # fmt: skip
-    """Open the consent page like a browser and submit it; the redirect back to the client."""
+                  decision: str = "allow", pages: list[str] | None = None) -> Redirect:  # fmt: skip
+    """Open the consent page like a browser and go through its two steps (key, then tools); the
+    redirect back to the client, or ``status:<code>:<page>`` where it stopped. ``tools`` "" ticks
+    "every tool"; otherwise the named tools are ticked (or typed, when the page has no list)."""
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
     async with aiohttp.ClientSession(cookie_jar=jar) as http:
         async with http.get(authorize_url, allow_redirects=False) as page:
@@ -80,10 +82,24 @@ async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime
             if page.status != 200:
                 return Redirect(page.headers.get("Location", f"status:{page.status}:{html}"))
             assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
-        hidden = dict(_HIDDEN.findall(html))
-        form = {**hidden, "api_key": api_key, "tools": tools, "lifetime": str(lifetime), "decision": decision}
         base = f"{urlsplit(authorize_url).scheme}://{urlsplit(authorize_url).netloc}"
-        async with http.post(base + "/oauth/authorize", data=form, allow_redirects=False) as answer:
+        step1 = {**dict(_HIDDEN.findall(html)), "api_key": api_key, "lifetime": str(lifetime),
+                 "decision": "continue" if decision == "allow" else decision}  # fmt: skip
+        async with http.post(base + "/oauth/authorize", data=step1, allow_redirects=False) as answer:
+            html = await answer.text()
+            if answer.status != 200:
+                return Redirect(answer.headers.get("Location", f"status:{answer.status}:{html}"))
+        if pages is not None:
+            pages.append(html)
+        step2: list[tuple[str, str]] = [*_HIDDEN.findall(html), ("decision", decision)]
+        names = [t.strip() for t in tools.split(",") if t.strip()]
+        if not names:
+            step2.append(("all_tools", "1"))
+        elif "name=tools" in html:
+            step2.append(("tools", tools))
+        else:
+            step2.extend(("tool", n) for n in names)
+        async with http.post(base + "/oauth/authorize", data=step2, allow_redirects=False) as answer:
             if answer.status != 303:
                 return Redirect(f"status:{answer.status}:{await answer.text()}")
             return Redirect(answer.headers["Location"])

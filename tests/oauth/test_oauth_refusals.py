@@ -259,9 +259,12 @@ async def test_consent_never_grants_more_than_the_key(gw: Running) -> None:
     back = await consent(authorize_url(gw, client, challenge), key)
     assert back.location.startswith("status:400:") and "may not use" in back.location
     _, key = await gw.create_key(permissions=PERMS)
+    pages: list[str] = []
     for tools in ("delete_everything", "*", "search,fetch*"):
-        back = await consent(authorize_url(gw, client, challenge), key, tools=tools)
-        assert back.location.startswith("status:400:") and "not among" in back.location, tools
+        back = await consent(authorize_url(gw, client, challenge), key, tools=tools, pages=pages)
+        assert back.location.startswith("status:400:") and "choose among the listed" in back.location, tools
+    # the tools step lists the upstream's tools that this key may use, and no other
+    assert 'value="search"' in pages[0] and 'value="fetch"' in pages[0] and "delete_everything" not in pages[0]
     back = await consent(authorize_url(gw, client, challenge), "pmcp_" + "0" * 68)
     assert back.location.startswith("status:400:") and "API key" in back.location
 
@@ -316,3 +319,16 @@ async def test_unauthenticated_writes_are_bounded_per_address(gw: Running) -> No
     assert statuses[:29] == [200] * 29 and statuses[-1] == 429
     statuses = [(await gw.proxy.post("/oauth/register", json={"redirect_uris": [CALLBACK]})).status for _ in range(31)]
     assert statuses[:29] == [201] * 29 and statuses[-1] == 429
+
+
+async def test_tools_are_typed_when_the_upstream_cannot_list_them(gw: Running, upstream: McpUpstream) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    await upstream.stop()
+    _, challenge = pkce()
+    pages: list[str] = []
+    back = await consent(authorize_url(gw, client, challenge), key, tools="search,delete_everything", pages=pages)
+    assert "name=tools" in pages[0]
+    assert back.location.startswith("status:400:") and "not among" in back.location
+    back = await consent(authorize_url(gw, client, challenge), key, tools="search")
+    assert "code" in back.params, back.location
