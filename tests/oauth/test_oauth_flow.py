@@ -193,3 +193,21 @@ async def test_discovery_documents(gw: Running) -> None:
     )
     assert r.status == 400 and (await r.json())["error"] == "invalid_request"
     await asyncio.sleep(0)
+
+
+async def test_auto_mode_client_negotiates_2026_with_an_oauth_token(gw: Running) -> None:
+    from mcp.client import Client
+
+    _, key = await gw.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["search", "fetch"]}})
+    storage = Memory()
+    auth, _ = provider(gw, key, storage, tools="fetch")
+    async with (
+        httpx2.AsyncClient(auth=auth) as http,
+        Client(streamable_http_client(str(gw.proxy.make_url("/mcp/tools")), http_client=http), mode="auto") as client,
+    ):
+        assert client.protocol_version == "2026-07-28"
+        assert {t.name for t in (await client.list_tools()).tools} == {"fetch"}
+        found = await client.call_tool("fetch", {"url": "x"})
+        assert found.content[0].text == "fetched x"  # type: ignore[union-attr]
+        with pytest.raises(MCPError):
+            await client.call_tool("search", {"query": "x"})
