@@ -52,6 +52,7 @@ from .upstreams.plex import TranscodeSessions
 
 if TYPE_CHECKING:
     from .auth.jwt import JwtAuthenticator
+    from .oauth.server import OAuthServer
 
 __all__ = ["Sidecar", "bound_addresses", "create_apps", "running", "serve"]
 
@@ -97,6 +98,7 @@ class Sidecar:
         self.hit_memo: HitMemo | None = HitMemo() if config.cache.rules and not mcp else None
         self.mcp: McpGatewayLike | None = None
         self.jwt: JwtAuthenticator | None = None  # JWTs from identity providers (jwt:, auth/jwt.py)
+        self.oauth: OAuthServer | None = None  # the OAuth authorization server (oauth.enabled)
         self._store: Store | None = None
         self._verifier: Verifier | None = None
         self._limiter: RateLimiter | None = None
@@ -161,6 +163,10 @@ class Sidecar:
                 self.config.jwt, env=self.env, clock=self.clock, steady=self.steady, registry=self.metrics.registry
             )
             self.jwt.start()
+        if self.config.oauth.enabled:
+            from .oauth.server import OAuthServer
+
+            self.oauth = OAuthServer(self)
         self._tasks.append(asyncio.create_task(self.verifier.watch(self.config.store.poll_interval)))
         self._tasks.append(asyncio.create_task(self.streams.run(self.config.keys.stream_check_interval)))
         self._tasks.append(asyncio.create_task(self.loop_lag.run()))
@@ -236,9 +242,12 @@ class Sidecar:
                     out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
         out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
+        out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
+        if self.oauth is not None and (oauth := self.oauth.challenge_headers(upstream_id)):
+            return oauth
         if self.mcp is not None:
             return self.mcp.challenge_headers(request, upstream_id)
         return {}
@@ -278,6 +287,10 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
         from .console import mount  # the web console at / of the admin listener (docs/console.md)
 
         mount(admin, sc)
+    if sc.oauth is not None:
+        from .oauth.adminroutes import add_routes
+
+        add_routes(admin, sc)  # grants and clients under /admin/oauth/
     return proxy, admin
 
 

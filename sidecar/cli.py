@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         with_config(sp)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.set_defaults(fn=cmd_keys)
+    from .oauth.cli import add_commands as add_oauth_commands
+
+    add_oauth_commands(sub, with_config)  # sidecar oauth grants|revoke|clients|remove-client
     return p
 
 

@@ -144,6 +144,11 @@ class KeyRecord:
     last_used_at: float | None = None
     last_used_ip: str | None = None
     rotated_to: str | None = None
+    # An OAuth grant is a child key of the key that approved it (sidecar/oauth/grants.py): the
+    # parent's revocation or expiry ends it (``Verifier.state``); ``grant`` holds client_id,
+    # client_name, resource and the granted tools.
+    parent_id: str | None = None
+    grant: Mapping[str, Any] = field(default_factory=dict)
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -176,6 +181,8 @@ class KeyRecord:
             "last_used_at": iso(self.last_used_at),
             "last_used_ip": self.last_used_ip,
             "rotated_to": self.rotated_to,
+            "parent_id": self.parent_id,
+            "grant": dict(self.grant),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,6 +215,10 @@ class KeyRecord:
                 d[name] = v
         if self.rotated_to:
             d["rotated_to"] = self.rotated_to
+        if self.parent_id:
+            d["parent_id"] = self.parent_id
+        if self.grant:
+            d["grant"] = dict(self.grant)
         return d
 
     @classmethod
@@ -262,6 +273,8 @@ class KeyRecord:
             last_used_at=last_used_at,
             last_used_ip=last_used_ip,
             rotated_to=get("rotated_to"),
+            parent_id=get("parent_id"),
+            grant=get("grant") or _EMPTY,
         )
 
     @classmethod
@@ -273,7 +286,7 @@ class KeyRecord:
         known = {
             "id", "name", "hash", "display", "description", "owner", "permissions", "rate_limits", "quota",
             "concurrency", "upstream_token_env", "created_at", "expires_at", "revoked_at", "last_used_at",
-            "last_used_ip", "rotated_to", "state",
+            "last_used_ip", "rotated_to", "state", "parent_id", "grant",
         }  # fmt: skip
         unknown = set(data) - known
         if unknown:
@@ -310,4 +323,6 @@ class KeyRecord:
             last_used_at=parse_time(data.get("last_used_at")),
             last_used_ip=data.get("last_used_ip"),
             rotated_to=data.get("rotated_to"),
+            parent_id=str(data["parent_id"]) if data.get("parent_id") else None,
+            grant=dict(data.get("grant") or {}),
         )

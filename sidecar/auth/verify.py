@@ -282,6 +282,9 @@ class Verifier:
         record, which is judged afresh. One dict lookup on the hot path when the latch is in use.
         """
         state = record.state(now)
+        if state == "active" and record.parent_id is not None:  # an OAuth grant ends with its parent key
+            parent = self.table.get(record.parent_id)
+            state = "revoked" if parent is None or parent.parent_id is not None else self.state(parent, now)
         if state != "active":
             self._ended[record.id] = (record, state)
             return state

@@ -14,6 +14,7 @@ import yaml
 from .console import ConsoleConfig
 from .jwt import load_jwt
 from .models import validate_section
+from .oauth import OAuthConfig, check_oauth
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -191,6 +192,7 @@ def parse_config(
             "listen", "tls", "admin", "store", "keys", "credentials", "upstreams", "rate_limits",
             "cache", "metrics", "log", "server", "cors",
             "jwt",
+            "oauth",
         },
     )  # fmt: skip
 
@@ -434,6 +436,9 @@ def parse_config(
     )
 
     jwt = load_jwt(top.get("jwt"), {u.id: u.kind for u in upstreams}, r.problems, r.env)
+    oauth = validate_section(OAuthConfig, top.get("oauth"), "oauth", r.problems, r.env) or OAuthConfig()
+    mcp_ids = [u.id for u in upstreams if u.kind == "mcp"]
+    check_oauth(oauth, mcp_ids, server.public_url, store.kind, r.problems)
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -451,6 +456,7 @@ def parse_config(
         log=log,
         server=server,
         cors=cors,
+        oauth=oauth,
         source=source,
         jwt=jwt,
         console=console or ConsoleConfig(),

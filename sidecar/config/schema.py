@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from .console import ConsoleConfig
 from .jwt import JwtProvider
+from .oauth import OAuthConfig
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -201,6 +202,7 @@ class Config:
     log: LogConfig = LogConfig()
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)  # the OAuth 2.1 authorization server (sidecar/oauth/)
     source: Path | None = None
     jwt: tuple[JwtProvider, ...] = ()  # identity providers whose JWTs are accepted (config/jwt.py, docs/jwt.md)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)  # admin.console (sidecar/config/console.py)

@@ -99,11 +99,14 @@ def client_ip(request: web.Request, trusted: Networks) -> str:
 def make_handler(sc: Sidecar) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The proxy listener's one handler (MCP's RFC 9728 metadata is the only path it answers itself)."""
     mcp = sc.mcp
+    oauth = sc.oauth
 
     async def handler(base: web.BaseRequest) -> web.StreamResponse:
         request = cast(web.Request, base)  # the listener's request factory makes web.Requests
         if "Expect" in request.headers:
             await _expect(request)
+        if oauth is not None and (answer := await oauth.route(request)) is not None:
+            return answer  # OAuth metadata and endpoints (sidecar/oauth/server.py): an exact-path lookup
         if mcp is not None and request.method in ("GET", "HEAD") and request.path.startswith(WELL_KNOWN):
             return await mcp.well_known(request)
         return await handle(sc, request)
@@ -375,6 +378,8 @@ async def _authenticate(
         if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
             scope.credential = "jwt"
             return await sc.jwt.verify(credential.key)
+        if sc.oauth is not None and sc.oauth.claims(credential.key):  # an OAuth access token (sidecar/oauth/)
+            return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip)
         return await sc.verifier.verify(credential.key, scope.client_ip)
     if upstream.kind == "plex":
         # Transcode segments come back without any key: they belong to the key that started the session.

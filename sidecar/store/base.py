@@ -18,6 +18,7 @@ __all__ = [
     "AuditEvent",
     "KeyChanges",
     "KeyMissing",
+    "OAuthToken",
     "OwnerLimitReached",
     "ReadOnlyStore",
     "Store",
@@ -68,7 +69,8 @@ class KeyMissing(StoreError):
 def counts_toward_limit(rec: KeyRecord, now: float) -> bool:
     """Does this key count for its owner's ``max_keys_per_owner``? Active keys do, except one that
     was rotated and is only living out its grace period (its successor counts instead)."""
-    return rec.owner is not None and rec.rotated_to is None and rec.state(now) == "active"
+    # OAuth grants (child keys) are capped per approving key (oauth.max_grants_per_key), not here.
+    return rec.owner is not None and rec.rotated_to is None and rec.parent_id is None and rec.state(now) == "active"
 
 
 def check_owner_limit(
@@ -118,6 +120,24 @@ class AuditEvent:
     action: str
     key_id: str | None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthToken:
+    """An OAuth authorization code, access or refresh token as stored: under the SHA-256 of the
+    token (``digest``, hex), never the token itself (sidecar/oauth/tokens.py)."""
+
+    digest: str
+    kind: str  # "code" | "access" | "refresh"
+    key_id: str  # the grant (a child key) it belongs to; for a code, the id the grant will get
+    client_id: str
+    resource: str  # the MCP upstream id it is valid at (RFC 8707)
+    expires_at: float
+    data: Mapping[str, Any] = field(default_factory=dict)  # a code's redirect URI, PKCE challenge, grant
+    used_at: float | None = None  # codes and refresh tokens are single-use
+
+
+_NO_OAUTH = "this store does not hold OAuth state (use the sqlite store)"
 
 
 class Store(ABC):
@@ -219,3 +239,39 @@ class Store(ABC):
 
     @abstractmethod
     async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]: ...
+
+    # -- OAuth (sidecar/oauth/). Grants are keys (``KeyRecord.parent_id``/``grant``); these hold
+    # codes, tokens (by digest) and registered clients. Not abstract: a store without them
+    # refuses ``oauth.enabled`` at start. SQLite: sidecar/store/sqlite_oauth.py.
+
+    async def oauth_save(self, token: OAuthToken) -> None:
+        """Store a new code or token."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_get(self, digest: str) -> OAuthToken | None:
+        """The token stored under ``digest``, used or not, expired or not (the caller judges)."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_use(self, digest: str, now: float) -> OAuthToken | None:
+        """Mark a code or refresh token used, atomically across processes; it is returned as it was
+        *before*, so ``used_at is None`` means this call was its one use and anything else a replay."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_forget(self, key_id: str, now: float) -> None:
+        """Delete every code and token of grant ``key_id`` (``""``: none), and any expired a day before ``now``."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_save_client(self, client_id: str, data: Mapping[str, Any], now: float) -> None:
+        """Register (or replace) a client (RFC 7591 dynamic registration)."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_client(self, client_id: str) -> dict[str, Any] | None:
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_clients(self) -> list[dict[str, Any]]:
+        """Every registered client, oldest first."""
+        raise StoreError(_NO_OAUTH)
+
+    async def oauth_delete_client(self, client_id: str) -> bool:
+        """Remove a registered client; False when there was none."""
+        raise StoreError(_NO_OAUTH)

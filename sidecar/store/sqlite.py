@@ -50,6 +50,7 @@ from .base import (
     counts_toward_limit,
 )
 from .filemodes import private_file
+from .sqlite_oauth import OAuthTables
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlitefaults import shielded, wrap
 
@@ -61,7 +62,7 @@ BUSY_TIMEOUT_MS = 5000  # the default of store.busy_timeout
 MAX_AUDIT_BACKLOG = 10_000  # audit events held while the file refuses writes; older ones are dropped past it
 
 
-class SqliteStore(Store):
+class SqliteStore(OAuthTables, Store):
     def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout

@@ -28,5 +28,14 @@ MIGRATIONS: list[str] = [
     UPDATE keys SET owner = json_extract(data, '$.owner');
     CREATE INDEX IF NOT EXISTS keys_owner ON keys(owner);
     """,
+    # 2 -> 3: OAuth (sidecar/oauth/): codes and tokens by SHA-256 digest only, and registered clients.
+    # Grants are keys: KeyRecord.parent_id and .grant live in the keys' JSON data.
+    """
+    CREATE TABLE IF NOT EXISTS oauth_tokens (
+        digest TEXT PRIMARY KEY, kind TEXT NOT NULL, key_id TEXT NOT NULL, client_id TEXT NOT NULL,
+        resource TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL, data TEXT NOT NULL DEFAULT '{}');
+    CREATE INDEX IF NOT EXISTS oauth_tokens_key ON oauth_tokens(key_id);
+    CREATE TABLE IF NOT EXISTS oauth_clients (client_id TEXT PRIMARY KEY, data TEXT NOT NULL, created_at REAL NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -135,6 +135,31 @@ class RestClient:
         if msg is None or "error" in msg:
             raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a result to {method}")
         return msg.get("result")
+    async def list_tools(self, upstream: UpstreamConfig, max_pages: int = 10) -> list[str]:
+        """The names of the tools the upstream offers (the OAuth consent page lets a person pick some)."""
+        pooled = self.pooled(upstream.id)
+        names: list[str] = []
+        cursor: Any = None
+        retried = False
+        for _ in range(max_pages + 1):
+            await self._ensure(upstream, pooled)
+            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/list",
+                       "params": {"cursor": cursor} if cursor else {}}  # fmt: skip
+            status, _, msg = await self._rpc(upstream, pooled, request)
+            if status == 404 and pooled.session_id is not None and not retried:
+                retried = True
+                async with pooled.lock:  # the session expired upstream: a new one, once
+                    pooled.ready, pooled.session_id = False, None
+                continue
+            result = msg.get("result") if msg else None
+            if not isinstance(result, dict):
+                raise UpstreamUnavailable(f"upstream {upstream.id} did not list its tools ({status})")
+            tools = result.get("tools")
+            names.extend(str(t["name"]) for t in tools or () if isinstance(t, dict) and isinstance(t.get("name"), str))
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        return names
 
     async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
         if pooled.ready:

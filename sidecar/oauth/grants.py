@@ -1,0 +1,128 @@
+"""A grant is a key: the child key of the API key that approved it.
+
+Made when a code is exchanged (``create``): same owner, limits and upstream identity as
+its parent, permissions narrowed to the one resource (MCP upstream) and the tools the
+person chose, an expiry no later than the parent's, and ``grant`` naming the client.
+From then on the pipeline treats it as any key: permissions, tool filtering, rate
+limits, quota, metrics, usage and audit are the key machinery's. ``Verifier.state``
+ends it with its parent. Revoking one (``revoke``) goes through ``KeyManager.revoke``
+(audited) and deletes its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..admin.delegation import glob_covered
+from ..auth.keys import display_form
+from ..auth.models import KeyRecord, Permissions
+from ..auth.permissions import MCP_KINDS, mcp_globs
+from ..auth.verify import argon2_pool
+from ..core.errors import NotFound
+from ..store.base import AuditEvent
+
+if TYPE_CHECKING:
+    from ..app import Sidecar
+
+__all__ = ["GrantError", "child_permissions", "create_grant", "grants_of", "new_grant_id", "revoke_grant"]
+
+
+class GrantError(Exception):
+    """The approving key cannot grant this; the message is shown on the consent page."""
+
+
+def new_grant_id() -> str:
+    return secrets.token_hex(6)  # a key id: 12 hex
+
+
+def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...]) -> Permissions:
+    """The parent's permissions narrowed to ``upstream_id`` and ``tools`` (empty: every tool the parent may use).
+
+    ``GrantError`` when a tool is not within the parent's own (``glob_covered``: sound, never wider)."""
+    p = parent.permissions
+    if "*" not in p.upstreams and upstream_id not in p.upstreams:
+        raise GrantError(f"this API key may not use {upstream_id!r}")
+    own = {kind: mcp_globs(p, upstream_id, kind) for kind in MCP_KINDS}
+    if tools:
+        allowed = own["tools"]
+        for t in tools:
+            if allowed is not None and not any(glob_covered(t, g) for g in allowed):
+                raise GrantError(f"tool {t!r} is not among this API key's own tools")
+        own["tools"] = tools
+    tables: dict[str, dict[str, tuple[str, ...]]] = {k: {} for k in MCP_KINDS}
+    if any(v is not None for v in own.values()):
+        for kind, globs in own.items():
+            tables[kind] = {upstream_id: globs if globs is not None else ("*",)}
+    return Permissions(
+        upstreams=(upstream_id,), methods=p.methods, paths=p.paths,
+        tools=tables["tools"], resources=tables["resources"], prompts=tables["prompts"],
+    )  # fmt: skip
+
+
+async def create_grant(sc: Sidecar, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float) -> KeyRecord:
+    """Write the child key for an exchanged code (``spec``: what the consent page recorded)."""
+    parent = sc.verifier.table.get(parent_id) or await sc.store.get(parent_id)
+    if parent is None or sc.verifier.state(parent, now) != "active":
+        raise GrantError("the API key that approved this grant is no longer active")
+    perms = child_permissions(parent, spec["resource"], tuple(spec.get("tools") or ()))
+    expires = float(spec["expires_at"])
+    if parent.expires_at is not None:
+        expires = min(expires, parent.expires_at)
+    # The child is reached only through OAuth tokens: its own secret is random and thrown away.
+    hashed = await asyncio.get_running_loop().run_in_executor(
+        argon2_pool(), sc.verifier.hasher.hash, secrets.token_hex(24)
+    )
+    grant = {k: spec[k] for k in ("client_id", "client_name", "resource", "tools", "scope") if k in spec}
+    child = KeyRecord(
+        id=grant_id,
+        name=f"oauth: {spec.get('client_name') or spec['client_id']}"[:200],
+        hash=hashed,
+        display=display_form(sc.config.keys.prefix, grant_id) + " (oauth)",
+        description=f"OAuth grant approved with key {parent.id}",
+        owner=parent.owner,
+        permissions=perms,
+        rate_limits=parent.rate_limits,
+        quota=parent.quota,
+        concurrency=parent.concurrency,
+        upstream_token_env=parent.upstream_token_env,
+        created_at=now,
+        expires_at=expires,
+        parent_id=parent.id,
+        grant=grant,
+    )
+    await sc.store.create_key(child, max_per_owner=None, now=now)  # grants are capped per key instead
+    await sc.store.audit(AuditEvent(now, f"key:{parent.id}", "oauth_granted", child.id, dict(grant)))
+    await sc.verifier.refresh()
+    return child
+
+
+def grants_of(records: list[KeyRecord], *, key_id: str | None = None, client_id: str | None = None) -> list[KeyRecord]:
+    """Grants (child keys), optionally of one approving key or one client."""
+    return [
+        r
+        for r in records
+        if r.parent_id is not None
+        and (key_id is None or r.parent_id == key_id)
+        and (client_id is None or r.grant.get("client_id") == client_id)
+    ]
+
+
+async def revoke_grant(sc: Sidecar, grant_id: str, actor: str) -> KeyRecord:
+    """Revoke a grant (audited as any key's revocation) and delete its codes and tokens."""
+    rec = await sc.store.get(grant_id)
+    if rec is None or rec.parent_id is None:
+        raise NotFound(f"no OAuth grant with id {grant_id!r}")
+    after = await sc.manager().revoke(grant_id, actor)
+    await sc.store.oauth_forget(grant_id, sc.clock())
+    await sc.verifier.refresh()
+    return after
+
+
+def active_grants(sc: Sidecar, parent_id: str, now: float) -> int:
+    """Active grants of one key (the consent page caps them: each grant has its own rate budget)."""
+    return sum(
+        1 for r in sc.verifier.table.values() if r.parent_id == parent_id and sc.verifier.state(r, now) == "active"
+    )
