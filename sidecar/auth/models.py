@@ -144,6 +144,8 @@ class KeyRecord:
     last_used_at: float | None = None
     last_used_ip: str | None = None
     rotated_to: str | None = None
+    parent_id: str | None = None
+    grant: Mapping[str, Any] = field(default_factory=dict)
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now

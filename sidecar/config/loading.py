@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .postgres import PostgresStoreOptions, postgres_options
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -218,8 +219,10 @@ def parse_config(
     admin = AdminConfig(listen=admin_listen, token_env=token_env, token=r.env.get(token_env) or None)
 
     sd = r.mapping(top.get("store"), "store")
-    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval"})
-    skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml"))
+    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval",
+                               *PostgresStoreOptions.model_fields})  # fmt: skip
+    skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml", "postgres"))
+    pg_options, pg_dsn = postgres_options(sd, skind, r.problems, r.env)
     spath = r.path_value(sd, "path", "store", None)
     if spath is None:
         spath = r.base / ("sidecar.db" if skind == "sqlite" else "keys.yaml")
@@ -233,6 +236,8 @@ def parse_config(
         poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, 0.5),
         busy_timeout=r.parsed(sd, "busy_timeout", "store", _busy_timeout, 5.0),
         usage_flush_interval=r.parsed(sd, "usage_flush_interval", "store", _flush_interval, 5.0),
+        postgres=pg_options,
+        dsn=pg_dsn,
     )
 
     kd = r.mapping(top.get("keys"), "keys")
