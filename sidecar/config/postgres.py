@@ -69,8 +69,7 @@ def dsn_secrets(dsn: str | None) -> Iterator[str]:
     if password:
         yield password
         yield unquote(password)
-    for pw in parse_qs(parts.query).get("password", []):
-        yield pw
+    yield from parse_qs(parts.query).get("password", [])
 
 
 def check_dsn(dsn: str) -> str | None:

@@ -96,7 +96,7 @@ class Listener:
             lost = asyncio.Event()
             try:
                 self._conn = await self._connect()
-                self._conn.add_termination_listener(lambda _c: lost.set())
+                self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._conn.add_listener(self.channel, self._notified)
                 self.listening = True
                 self.connected.set()

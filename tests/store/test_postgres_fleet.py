@@ -18,13 +18,15 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, base_config
-from pg_support import PgServer, pg_dsn, pg_server  # noqa: F401 - fixtures
+from pg_support import PgServer, pg_dsn, pg_server
 from serve_support import sidecar_process
 
 from sidecar.store.postgres import PostgresStore
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PATH = "/library/sections"
+
+__all__ = ["pg_dsn", "pg_server"]  # the fixtures, re-exported for pytest
 
 
 def fleet_config(upstream: TestServer, tmp: Path, **store: Any) -> dict[str, Any]:
@@ -189,4 +191,3 @@ async def _until_async(pred: Any, timeout: float = 5.0) -> None:
     while not await pred():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pg_support import PgServer, pg_dsn, pg_server  # noqa: F401 - fixtures
+from pg_support import PgServer, pg_dsn, pg_server
 
 from sidecar.auth.keys import display_form, generate_key
 from sidecar.auth.models import KeyRecord, Permissions
@@ -25,6 +25,8 @@ from sidecar.store.postgres import PostgresStore
 from sidecar.store.postgres_schema import SCHEMA_VERSION, migrate, version
 
 HASH = password_hasher("cheapest").hash("x" * 48)
+
+__all__ = ["pg_dsn", "pg_server"]  # the fixtures, re-exported for pytest
 
 
 def record(name: str = "k", **kw: Any) -> KeyRecord:
@@ -294,7 +296,10 @@ async def test_owner_limit_holds_across_processes_writing_at_once(pg_dsn: str) -
     stores = [await opened(pg_dsn, listen=False) for _ in range(10)]
     try:
         results = await asyncio.gather(
-            *(s.create_key(record(f"k{i}", owner="ann"), max_per_owner=3, now=time.time()) for i, s in enumerate(stores)),
+            *(
+                s.create_key(record(f"k{i}", owner="ann"), max_per_owner=3, now=time.time())
+                for i, s in enumerate(stores)
+            ),
             return_exceptions=True,
         )
         assert sum(r is None for r in results) == 3
@@ -331,7 +336,8 @@ async def test_the_dsn_password_never_shows(pg_server: PgServer, pg_dsn: str, ca
         parse_config({"upstreams": up, "store": {"kind": "postgres"}}, env={"T": "x"})
     assert "store.dsn_env: environment variable SIDECAR_DATABASE_URL is not set" in ce.value.problems
     with pytest.raises(ConfigError) as ce:
-        parse_config({"upstreams": up, "store": {"kind": "postgres", "dsn_env": "DB"}}, env={"T": "x", "DB": "mysql://u:" + pg_server.password + "@h/db"})  # fmt: skip
+        bad = "mysql://u:" + pg_server.password + "@h/db"
+        parse_config({"upstreams": up, "store": {"kind": "postgres", "dsn_env": "DB"}}, env={"T": "x", "DB": bad})
     assert pg_server.password not in str(ce.value.problems) and "store.dsn_env: DB: expected a postgresql://" in str(
         ce.value.problems
     )
