@@ -289,6 +289,14 @@ class PostgresStore(Store):
         self._next_resync = now + self.resync_interval
         self._dirty = False
         try:
+            # Every write stamps a new seq: equal (count, max, sum) means nothing was missed,
+            # checked without sending the table (100 000 keys: one row instead of 0.4 s).
+            ((count, top, total),) = await self._fetch(
+                "SELECT count(*), COALESCE(max(seq), 0), COALESCE(sum(seq), 0) FROM sidecar_keys"
+            )
+            known = self._known.values()
+            if (count, top, total) == (len(self._known), max(known, default=0), sum(known)):
+                return None
             pairs = await self._fetch("SELECT id, seq FROM sidecar_keys")
         except StoreError:
             self._dirty = True

@@ -349,3 +349,42 @@ async def test_the_dsn_password_never_shows(pg_server: PgServer, pg_dsn: str, ca
     assert cfg.store.dsn == pg_dsn and cfg.store.postgres is not None and cfg.store.postgres.resync_interval == 10
     assert pg_server.password not in repr(cfg)
     assert pg_server.password not in caplog.text
+
+
+async def test_concurrent_writers_never_leave_a_poller_behind(pg_dsn: str) -> None:
+    """Eight writers (replicas, CLIs) changing keys at once: seq order is commit order (the keys
+    lock), so a poller reading "past the last seq" ends with exactly the database's records."""
+    watcher = await opened(pg_dsn, resync_interval=3600)
+    writers = [await opened(pg_dsn, listen=False) for _ in range(8)]
+    try:
+        await writers[0].insert(RECORDS)
+        view = await watcher.load_all()
+
+        async def churn(w: PostgresStore, n: int) -> None:
+            for i in range(15):
+                rec = RECORDS[(n + i) % len(RECORDS)]
+                await w.update(rec.with_changes(description=f"w{n} #{i}"))
+                await w.insert([record(f"w{n}-{i}")])
+
+        async def follow() -> None:
+            while True:
+                ch = await watcher.poll()
+                view.update({r.id: r for r in (ch.records if ch else [])})
+                await asyncio.sleep(0.002)
+
+        poller = asyncio.create_task(follow())
+        try:
+            await asyncio.gather(*(churn(w, n) for n, w in enumerate(writers)))
+            truth = {r.id: r for r in await writers[0].list_keys()}
+
+            async def caught_up() -> bool:
+                return view == truth
+
+            await until(caught_up)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        assert len(view) == len(RECORDS) + 8 * 15 and watcher.resync_repairs == 0
+    finally:
+        for s in (watcher, *writers):
+            await s.close()
