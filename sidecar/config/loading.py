@@ -223,6 +223,7 @@ def parse_config(
                                *PostgresStoreOptions.model_fields})  # fmt: skip
     skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml", "postgres"))
     pg_options, pg_dsn = postgres_options(sd, skind, r.problems, r.env)
+    poll_default = 0.1 if skind == "postgres" else 0.5  # postgres: a memory check until a NOTIFY arrives
     spath = r.path_value(sd, "path", "store", None)
     if spath is None:
         spath = r.base / ("sidecar.db" if skind == "sqlite" else "keys.yaml")
@@ -233,7 +234,7 @@ def parse_config(
         kind=skind,
         path=spath,
         state_path=state_path,
-        poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, 0.5),
+        poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, poll_default),
         busy_timeout=r.parsed(sd, "busy_timeout", "store", _busy_timeout, 5.0),
         usage_flush_interval=r.parsed(sd, "usage_flush_interval", "store", _flush_interval, 5.0),
         postgres=pg_options,

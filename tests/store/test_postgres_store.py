@@ -347,6 +347,7 @@ async def test_the_dsn_password_never_shows(pg_server: PgServer, pg_dsn: str, ca
     cfg = parse_config({"upstreams": up, "store": {"kind": "postgres", "dsn_env": "DB", "resync_interval": "10s"}},
                        env={"T": "x", "DB": pg_dsn})  # fmt: skip
     assert cfg.store.dsn == pg_dsn and cfg.store.postgres is not None and cfg.store.postgres.resync_interval == 10
+    assert cfg.store.poll_interval == 0.1  # postgres: polls are free until a NOTIFY, so 100ms by default
     assert pg_server.password not in repr(cfg)
     assert pg_server.password not in caplog.text
 
