@@ -22,6 +22,7 @@ from conftest import ADMIN_TOKEN, MakeSidecar, base_config
 from pg_support import PgServer, pg_dsn, pg_server
 from serve_support import sidecar_process
 
+from sidecar.auth.keys import generate_key
 from sidecar.store.postgres import PostgresStore
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -151,6 +152,12 @@ async def test_database_restart_mid_traffic(
             assert (await resp.json())["error"]["code"] == "service_unavailable"
             resp = await r.admin.delete(f"/admin/keys/{other.id}", headers=r.admin_headers())
             assert resp.status == 503
+            # A key this replica never saw cannot be looked up: a plain 401, never a 500.
+            unknown, _ = generate_key("pmcp_")
+            resp = await r.proxy.get(PATH, headers={"X-Plex-Token": unknown})
+            assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_key"
+            # Still ready: the keys are in memory, the load balancer keeps sending traffic.
+            assert (await r.admin.get("/readyz")).status == 200
             await _until(lambda: len(statuses) > during + 20)
         finally:
             await asyncio.to_thread(pg_server.start)
