@@ -48,11 +48,11 @@ from .base import (
     KeyMissing,
     Store,
     StoreError,
-    UsageRow,
     check_owner_limit,
     counts_toward_limit,
 )
 from .pglisten import Listener, is_connection_error, wrap
+from .pgstate import PgState
 from .postgres_schema import CHANNEL, KEYS_LOCK, SCHEMA_VERSION, NewerSchema, migrate, version
 from .sqlitefaults import shielded
 
@@ -60,7 +60,6 @@ __all__ = ["PostgresStore", "record_of", "row_of"]
 
 log = logging.getLogger("sidecar.store")
 
-MAX_AUDIT_BACKLOG = 10_000
 MAX_BACKOFF = 5.0
 _KEY_COLS = 'k.data::text, k.seq, k.parent_id, k."grant"::text, l.at, l.ip'
 _FROM = "FROM sidecar_keys k LEFT JOIN sidecar_last_used l ON l.id = k.id"
@@ -82,7 +81,13 @@ def record_of(data: str, parent_id: str | None, grant: str | None, at: float | N
     return rec
 
 
-class PostgresStore(Store):
+class Unreachable(StoreError):
+    """Refused without trying: the last attempt, moments ago, found the database unreachable."""
+
+    reason = "unavailable"
+
+
+class PostgresStore(PgState, Store):
     def __init__(
         self,
         dsn: str,
@@ -127,7 +132,13 @@ class PostgresStore(Store):
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self.pool_size, timeout=self.timeout, command_timeout=self.timeout
+                # min_size 0: connections are made when needed; asyncpg's own floor keeping would retry
+                # (and log a traceback) in the background through an outage the listener already handles.
+                self._dsn,
+                min_size=0,
+                max_size=self.pool_size,
+                timeout=self.timeout,
+                command_timeout=self.timeout,
             )
             async with self._pool.acquire() as conn:
                 if self.auto_migrate:
@@ -204,7 +215,7 @@ class PostgresStore(Store):
         if self._pool is None:
             raise StoreError("store is not open")
         if not self.available:
-            err = StoreError(f"the key database ({self.where}) is unreachable; retrying", "unavailable")
+            err: StoreError = Unreachable(f"the key database ({self.where}) is unreachable; retrying")
             if kind:
                 self._count(kind, err)
             raise err
@@ -225,16 +236,19 @@ class PostgresStore(Store):
         self._failures[k] = self._failures.get(k, 0) + 1
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        """A read; retried once on a fresh connection when a pooled one turns out dead."""
+        """A read; retried once at once on fresh connections when a pooled one turns out dead
+        (the database restarted since it was opened), before the fail-fast window applies."""
         for attempt in (1, 2):
             try:
                 async with self._conn() as conn:
                     return list(await conn.fetch(sql, *args))
+            except Unreachable:
+                raise
             except StoreError as e:
-                if attempt == 2 or e.reason != "unavailable" or not self.available:
+                if attempt == 2 or e.reason != "unavailable" or self._pool is None:
                     raise
-                if self._pool is not None:
-                    await self._pool.expire_connections()
+                await self._pool.expire_connections()
+                self._retry_at = 0.0
         raise AssertionError("unreachable")
 
     async def _write(self, kind: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
@@ -413,94 +427,3 @@ class PostgresStore(Store):
         if before is None or after is None:
             return None
         return before, after
-
-    # ----------------------------------------------------------------- state
-
-    async def record_last_used(self, batch: dict[str, tuple[float, str]]) -> None:
-        await self._write(
-            "last_used",
-            "INSERT INTO sidecar_last_used (id, at, ip) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE "
-            "SET at = excluded.at, ip = excluded.ip WHERE excluded.at > sidecar_last_used.at",
-            [(k, at, ip) for k, (at, ip) in sorted(batch.items())],  # sorted: replicas lock rows in one order
-        )
-
-    async def add_usage(self, batch: dict[tuple[str, str], UsageRow]) -> None:
-        await self._write(
-            "usage",
-            "INSERT INTO sidecar_usage AS u (key_id, day, requests, errors, bytes, rate_limited) "
-            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id, day) DO UPDATE SET "
-            "requests = u.requests + excluded.requests, errors = u.errors + excluded.errors, "
-            "bytes = u.bytes + excluded.bytes, rate_limited = u.rate_limited + excluded.rate_limited",
-            [(k, d, u.requests, u.errors, u.bytes, u.rate_limited) for (k, d), u in sorted(batch.items())],
-        )
-
-    async def usage(self, key_id: str, days: int = 30) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            "SELECT day, requests, errors, bytes, rate_limited FROM sidecar_usage WHERE key_id = $1 "
-            "ORDER BY day DESC LIMIT $2",
-            key_id,
-            days,
-        )
-        return [
-            {"day": d, "requests": r, "errors": e, "bytes": b, "rate_limited": rl} for d, r, e, b, rl in reversed(rows)
-        ]
-
-    async def quota_used(self, key_id: str, scope: str, window: str) -> int:
-        rows = await self._fetch(
-            "SELECT used FROM sidecar_quota WHERE key_id = $1 AND scope = $2 AND window_id = $3", key_id, scope, window
-        )
-        return int(rows[0][0]) if rows else 0
-
-    async def add_quota(self, batch: dict[tuple[str, str, str], int]) -> None:
-        await self._write(
-            "quota",
-            "INSERT INTO sidecar_quota AS q (key_id, scope, window_id, used) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (key_id, scope, window_id) DO UPDATE SET used = q.used + excluded.used",
-            [(k, s, w, n) for (k, s, w), n in sorted(batch.items())],
-        )
-
-    async def set_quota(self, key_id: str, scope: str, window: str, used: int) -> None:
-        await self._write(
-            "quota",
-            "INSERT INTO sidecar_quota (key_id, scope, window_id, used) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (key_id, scope, window_id) DO UPDATE SET used = excluded.used",
-            [(key_id, scope, window, used)],
-        )
-
-    async def audit(self, event: AuditEvent) -> None:
-        if len(self._audit_backlog) >= MAX_AUDIT_BACKLOG:
-            lost = self._audit_backlog.pop(0)
-            self._failures[("audit", "dropped")] = self._failures.get(("audit", "dropped"), 0) + 1
-            log.error("audit backlog full (%d): dropped %s %s of %s", MAX_AUDIT_BACKLOG, lost.action, lost.key_id,
-                      lost.at)  # fmt: skip
-        self._audit_backlog.append(event)
-        await self.flush_pending()
-
-    async def flush_pending(self) -> None:
-        await shielded(self._flush_audit())
-
-    async def _flush_audit(self) -> None:
-        async with self._audit_lock:
-            batch = list(self._audit_backlog)
-            if not batch or self._pool is None:
-                return
-            try:
-                await self._write(
-                    "audit",
-                    "INSERT INTO sidecar_audit (at, actor, action, key_id, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
-                    [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
-                )
-            except StoreError as e:
-                log.warning("audit write failed, %d event(s) held for the next try: %s", len(batch), e)
-                return
-            del self._audit_backlog[: len(batch)]
-
-    async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        cols = "SELECT at, actor, action, key_id, detail::text FROM sidecar_audit"
-        if key_id:
-            rows = await self._fetch(f"{cols} WHERE key_id = $1 ORDER BY id DESC LIMIT $2", key_id, limit)
-        else:
-            rows = await self._fetch(f"{cols} ORDER BY id DESC LIMIT $1", limit)
-        held = [e for e in reversed(self._audit_backlog) if not key_id or e.key_id == key_id][:limit]
-        stored = [AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in rows]
-        return (held + stored)[:limit]

@@ -108,11 +108,11 @@ async def test_two_sidecar_processes_one_database(
 
 
 async def test_database_restart_mid_traffic(
+    pg_server: PgServer,
+    pg_dsn: str,  # before make_sidecar: the database outlives the sidecar at teardown
     make_sidecar: MakeSidecar,
     plex_upstream: TestServer,
     tmp_path: Path,
-    pg_server: PgServer,
-    pg_dsn: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """What clients see while the database is down and after it restarts:
