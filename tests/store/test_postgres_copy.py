@@ -3,6 +3,7 @@ operator runs them: the real command in a child process, against a real server."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,17 @@ def test_store_migrate_command(tmp_path: Path, pg_server: PgServer, pg_dsn: str)
     path.write_text(yaml.safe_dump(cfg))
     sqlite = cli("store", "migrate", "-c", str(path))
     assert sqlite.returncode == 1 and "for postgres" in sqlite.stderr
+
+
+def test_key_commands_on_the_fleet_store(tmp_path: Path, pg_dsn: str) -> None:
+    """``sidecar keys`` works on the fleet's store as on SQLite (no upstream secret needed either)."""
+    cfg = base_config("http://127.0.0.1:9", tmp_path, store={"kind": "postgres", "dsn_env": "PGDSN"})
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    made = cli("keys", "create", "--name", "cli", "--json", "-c", str(path), env={"PGDSN": pg_dsn})
+    assert made.returncode == 0, made.stderr
+    kid = json.loads(made.stdout)["id"]
+    gone = cli("keys", "revoke", kid, "--json", "-c", str(path), env={"PGDSN": pg_dsn})
+    assert gone.returncode == 0 and json.loads(gone.stdout)["state"] == "revoked"
+    listed = cli("keys", "list", "--json", "-c", str(path), env={"PGDSN": pg_dsn})
+    assert [k["id"] for k in json.loads(listed.stdout)] == [kid]
