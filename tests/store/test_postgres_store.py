@@ -86,6 +86,10 @@ async def test_load_get_list_round_trip(store: Store) -> None:
         assert await store.get(r.id) == r == table[r.id]
     assert [r.id for r in await store.list_keys()] == [r.id for r in RECORDS]
     assert await store.get("000000000000") is None
+    assert await store.get("x' OR '1'='1") is None  # parameters, never SQL text
+    odd = record("Robert'); DROP TABLE keys;--", owner="o'hara", description='{"$ne": null} \\ \u2603')
+    await store.insert([odd])
+    assert await store.get(odd.id) == odd and await store.count_active("o'hara") == 1
     with pytest.raises(StoreError, match="already exists"):
         await store.insert([RECORDS[0]])
 
@@ -237,6 +241,14 @@ async def test_notify_reaches_another_store_without_a_poll_query(pg_dsn: str) ->
         took = time.monotonic() - started
         assert [r.id for r in got] == [rec.id] and got[0].state() == "revoked"
         assert took < 0.5, f"NOTIFY took {took:.3f}s"
+        # Anyone may NOTIFY the channel: a notification is only a hint to read, its payload is ignored.
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f"NOTIFY sidecar_keys, '{{\"revoke\": \"{RECORDS[0].id}\"}}'")
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.1)
+        assert await b.poll() is None
     finally:
         await a.close()
         await b.close()
