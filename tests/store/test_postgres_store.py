@@ -244,7 +244,7 @@ async def test_notify_reaches_another_store_without_a_poll_query(pg_dsn: str) ->
         # Anyone may NOTIFY the channel: a notification is only a hint to read, its payload is ignored.
         conn = await asyncpg.connect(pg_dsn)
         try:
-            await conn.execute(f"NOTIFY sidecar_keys, '{{\"revoke\": \"{RECORDS[0].id}\"}}'")
+            await conn.execute(f'NOTIFY sidecar_keys, \'{{"revoke": "{RECORDS[0].id}"}}\'')
         finally:
             await conn.close()
         await asyncio.sleep(0.1)
