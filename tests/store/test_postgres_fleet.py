@@ -20,6 +20,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, base_config
 from pg_support import PgServer, pg_dsn, pg_server
+from redis_support import RedisProc, redis_server
 from serve_support import sidecar_process
 
 from sidecar.auth.keys import generate_key
@@ -28,7 +29,7 @@ from sidecar.store.postgres import PostgresStore
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PATH = "/library/sections"
 
-__all__ = ["pg_dsn", "pg_server"]  # the fixtures, re-exported for pytest
+__all__ = ["pg_dsn", "pg_server", "redis_server"]  # the fixtures, re-exported for pytest
 
 
 def fleet_config(upstream: TestServer, tmp: Path, **store: Any) -> dict[str, Any]:
@@ -209,3 +210,28 @@ async def _until_async(pred: Any, timeout: float = 5.0) -> None:
     while not await pred():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_fleet_quota_is_exact_with_redis_and_usage_adds_up(
+    pg_dsn: str, make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, redis_server: RedisProc
+) -> None:
+    """The deploy examples' combination: keys and usage in PostgreSQL, limits in Redis. Two
+    replicas, a key with 10/day, 20 requests spread over both: exactly 10 pass, on either
+    replica; each replica writes its own usage batch and the database holds the sum."""
+    replicas = []
+    for name in ("a", "b"):
+        cfg = fleet_config(plex_upstream, tmp_path / name, usage_flush_interval="100ms")
+        cfg["rate_limits"] = {"backend": "redis", "redis_url": redis_server.url}
+        replicas.append(await make_sidecar(cfg, extra_env={"SIDECAR_DATABASE_URL": pg_dsn}))
+    a, b = replicas
+    rec, key = await a.create_key(name="metered", quota="10/day")
+    statuses = []
+    for i in range(20):
+        r = (a, b)[i % 2]
+        resp = await r.proxy.get(PATH, headers={"X-Plex-Token": key})
+        statuses.append(resp.status)
+    assert statuses.count(200) == 10 and statuses.count(429) == 10
+    for r in replicas:
+        await r.sc.usage.flush()
+    rows = await a.sc.store.usage(rec.id)
+    assert sum(x["requests"] for x in rows) == 20 and sum(x["rate_limited"] for x in rows) == 10
