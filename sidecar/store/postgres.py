@@ -186,7 +186,10 @@ class PostgresStore(PgState, Store):
             await self.listener.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            pool.terminate() if self._retry_at > time.monotonic() else await pool.close()
+            try:  # gracefully unless the database is gone: then a goodbye would wait out the timeout
+                await asyncio.wait_for(pool.close(), self.timeout if self.available else 0.01)
+            except TimeoutError:
+                pool.terminate()
 
     def _notified(self) -> None:
         self._dirty = True
