@@ -1,7 +1,8 @@
 """Key stores: SQLite (the embedded default), a YAML file (for GitOps), PostgreSQL (fleets).
 
 Both hold keys; mutable state (last used, usage history, quotas, audit) always lives
-in SQLite, because a YAML keys file is typically a read-only ConfigMap.
+in SQLite, because a YAML keys file is typically a read-only ConfigMap. A PostgreSQL
+store (``store.kind: postgres``, docs/postgres.md) holds keys and state for a fleet.
 """
 
 from __future__ import annotations
