@@ -35,6 +35,7 @@ from .auth.verify import Verifier, reload_error_metric
 from .cache.response import ResponseCache
 from .clocks import steady_clock
 from .config import Config, UpstreamConfig
+from .config.postgres import dsn_secrets
 from .core.errors import SidecarError
 from .core.scope import RequestScope
 from .http.accesslog import AccessLog
@@ -243,6 +244,7 @@ class Sidecar:
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
         out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
         out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
+        out.extend(dsn_secrets(self.config.store.dsn))  # a postgres store's DSN and its password
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:

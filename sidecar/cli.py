@@ -21,9 +21,11 @@ from typing import Any
 from .admin.manage import KeyManager
 from .auth.models import KeyRecord, iso
 from .config import Config, ConfigError, load_config, parse_duration
+from .config.postgres import describe_dsn
 from .core.errors import SidecarError
 from .observe import logfilter
 from .store import StoreError, open_store
+from .store.commands import add_store_commands
 from .store.yamlfile import entry_yaml
 
 __all__ = ["main"]
@@ -44,7 +46,7 @@ _UNSET_ENV = re.compile(r"^(upstreams\[\d+\]\.token_env): environment variable (
 
 
 def _load(args: argparse.Namespace) -> Config:
-    if args.command != "keys":
+    if args.command not in ("keys", "store"):
         return load_config(args.config)
     # Managing keys needs the store, not the upstreams' secrets: an operator running
     # `sidecar keys list` need not export PLEX_TOKEN. Only those errors are forgiven.
@@ -199,8 +201,9 @@ async def _quota_used(m: KeyManager, rec: KeyRecord) -> Any:
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
     ups = ", ".join(f"{u.id} ({u.kind}) {u.path_prefix} -> {u.url}" for u in config.upstreams)
+    where = describe_dsn(config.store.dsn) if config.store.dsn else config.store.path
     print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
-          f"{config.store.path}, upstreams: {ups}")  # fmt: skip
+          f"{where}, upstreams: {ups}")  # fmt: skip
     for warning in _file_mode_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -298,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .oauth.cli import add_commands as add_oauth_commands
 
     add_oauth_commands(sub, with_config)  # sidecar oauth grants|revoke|clients|remove-client
+    add_store_commands(sub, with_config, _load)  # store migrate | copy (sidecar/store/commands.py)
     return p
 
 

@@ -74,7 +74,7 @@ PROMETHEUS_OWN = {"up", "ALERTS"}  # series Prometheus makes itself
 # Kubernetes versions to validate against: native sidecars are on by default from 1.29.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 # Kustomization folders that render to something applyable.
-KUSTOMIZATIONS = ["base", "overlays/sqlite", "overlays/yaml", "overlays/mcp", "monitoring"]
+KUSTOMIZATIONS = ["base", "overlays/sqlite", "overlays/yaml", "overlays/mcp", "overlays/fleet", "monitoring"]
 # Which config file each rendered ConfigMap sidecar-config must hold.
 CONFIG_OF = {
     "base": CONFIG,

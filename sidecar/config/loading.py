@@ -15,6 +15,7 @@ from .console import ConsoleConfig
 from .jwt import load_jwt
 from .models import validate_section
 from .oauth import OAuthConfig, check_oauth
+from .postgres import PostgresStoreOptions, postgres_options
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -225,8 +226,11 @@ def parse_config(
     console = validate_section(ConsoleConfig, ad.get("console"), "admin.console", r.problems, r.env)
 
     sd = r.mapping(top.get("store"), "store")
-    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval"})
-    skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml"))
+    r.check_keys(sd, "store", {"kind", "path", "state_path", "poll_interval", "busy_timeout", "usage_flush_interval",
+                               *PostgresStoreOptions.model_fields})  # fmt: skip
+    skind = r.choice(sd, "kind", "store", "sqlite", ("sqlite", "yaml", "postgres"))
+    pg_options, pg_dsn = postgres_options(sd, skind, r.problems, r.env)
+    poll_default = 0.1 if skind == "postgres" else 0.5  # postgres: a memory check until a NOTIFY arrives
     spath = r.path_value(sd, "path", "store", None)
     if spath is None:
         spath = r.base / ("sidecar.db" if skind == "sqlite" else "keys.yaml")
@@ -237,9 +241,11 @@ def parse_config(
         kind=skind,
         path=spath,
         state_path=state_path,
-        poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, 0.5),
+        poll_interval=r.parsed(sd, "poll_interval", "store", parse_positive_duration, poll_default),
         busy_timeout=r.parsed(sd, "busy_timeout", "store", _busy_timeout, 5.0),
         usage_flush_interval=r.parsed(sd, "usage_flush_interval", "store", _flush_interval, 5.0),
+        postgres=pg_options,
+        dsn=pg_dsn,
     )
 
     kd = r.mapping(top.get("keys"), "keys")

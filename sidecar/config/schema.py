@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from .console import ConsoleConfig
 from .jwt import JwtProvider
 from .oauth import OAuthConfig
+from .postgres import PostgresStoreOptions, dsn_secrets
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -54,7 +55,7 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    kind: str = "sqlite"  # sqlite | yaml
+    kind: str = "sqlite"  # sqlite | yaml | postgres
     path: Path = Path("./sidecar.db")
     # Mutable state (last used, usage, quotas, audit) always lives in SQLite: for a sqlite
     # store it is the same file; for a yaml store (often a read-only ConfigMap) a file of its own.
@@ -65,6 +66,9 @@ class StoreConfig:
     busy_timeout: float = 5.0
     # Seconds between writes of usage counts and last-used times: a kill -9 forgets at most this long.
     usage_flush_interval: float = 5.0
+    # kind postgres: its options (sidecar/config/postgres.py) and the DSN read from store.dsn_env.
+    postgres: PostgresStoreOptions | None = None
+    dsn: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,7 @@ def iter_secrets(config: Config) -> Iterator[str]:
     """Every secret the config holds, so tests and log scrubbers can look for leaks."""
     if config.admin.token:
         yield config.admin.token
+    yield from dsn_secrets(config.store.dsn)
     for u in config.upstreams:
         if u.token:
             yield u.token

@@ -1,7 +1,8 @@
-"""Key stores: SQLite (the embedded default) and a YAML file (for GitOps).
+"""Key stores: SQLite (the embedded default), a YAML file (for GitOps), PostgreSQL (fleets).
 
 Both hold keys; mutable state (last used, usage history, quotas, audit) always lives
-in SQLite, because a YAML keys file is typically a read-only ConfigMap.
+in SQLite, because a YAML keys file is typically a read-only ConfigMap. A PostgreSQL
+store (``store.kind: postgres``, docs/postgres.md) holds keys and state for a fleet.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ async def open_store(config: StoreConfig) -> Store:
     store: Store
     if config.kind == "yaml":
         store = YamlStore(config.path, SqliteStore(config.state_path, config.busy_timeout))
+    elif config.kind == "postgres" and config.postgres is not None:
+        from .postgres import PostgresStore  # asyncpg is imported only when used
+
+        store = PostgresStore(config.dsn or "", **config.postgres.model_dump(exclude={"dsn_env"}))
     else:
         store = SqliteStore(config.path, config.busy_timeout)
     await store.open()

@@ -254,7 +254,7 @@ ERROR_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("no upstreams", _set("upstreams", []), "upstreams: at least one upstream is required"),
     ("bad listen", _set("listen", 8080), "listen: '8080' is not host:port"),
     ("bad admin listen", _set("admin.listen", "localhost:http"), "admin.listen: 'localhost:http' is not host:port"),
-    ("bad store kind", _set("store.kind", "postgres"), "store.kind: expected one of sqlite, yaml, got 'postgres'"),
+    ("bad store kind", _set("store.kind", "mysql"), "store.kind: expected one of sqlite, yaml, postgres, got 'mysql'"),
     ("redis without url", _set("rate_limits.backend", "redis"),
      "rate_limits.redis_url: required when backend is redis"),
     ("cache rule for unknown upstream", _set("cache.rules", [{"upstream": "jellyfin", "path": "/*", "ttl": "1m"}]),
