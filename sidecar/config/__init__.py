@@ -18,7 +18,7 @@ dataclass plus one line in ``build``.
 Layout: ``file`` (the file's models, cross-section checks), ``models`` (the ``Section`` base,
 value types, path-named errors), ``schema`` (the runtime dataclasses and defaults), ``units``
 (value parsers: durations, sizes, limits, networks, key prefixes), ``loading`` (YAML in,
-``Config`` out), ``jsonschema`` (the published JSON Schema). Import from ``sidecar.config``.
+``Config`` out), ``json_schema`` (the published JSON Schema). Import from ``sidecar.config``.
 
 Secrets never live in the file: ``token_env: NAME`` names an environment
 variable, and any string may use ``${NAME}``; a missing variable is an error
