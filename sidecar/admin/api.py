@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,7 +31,16 @@ from .delegation import manages_all, owns
 from .openapi import MAX_AUDIT_LIMIT, openapi_spec
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from collections.abc import Callable
+
+    from ..auth.verify import Verifier
+    from ..cache.response import ResponseCache
+    from ..config import Config
+    from ..limits.ratelimit import RateLimiter
+    from ..observe.metrics import Metrics
+    from ..observe.usage import UsageRecorder
+    from ..store import Store
+    from .manage import KeyManager
 
 __all__ = ["create_admin_app", "openapi_spec"]
 
@@ -77,7 +86,31 @@ def ok(data: Any, status: int = 200) -> web.Response:
     return web.json_response({"success": True, "data": data}, status=status)
 
 
-def create_admin_app(sc: Sidecar) -> web.Application:
+class AdminHost(Protocol):
+    """What the admin listener needs of the running application (``sidecar.app.Sidecar`` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def verifier(self) -> Verifier: ...
+    @property
+    def limiter(self) -> RateLimiter: ...
+    @property
+    def usage(self) -> UsageRecorder: ...
+    @property
+    def cache(self) -> ResponseCache: ...
+    def manager(self) -> KeyManager: ...
+
+
+def create_admin_app(sc: AdminHost) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:

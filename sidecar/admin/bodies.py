@@ -21,7 +21,7 @@ from .manage import MAX_CONCURRENCY, MAX_GRACE
 
 _NAME = 200
 _DESCRIPTION = 2000
-_REF = "#/components/schemas/{model}"
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 class Request(BaseModel):
@@ -74,7 +74,7 @@ class Permissions(BaseModel):
     """true (= "delegate"): keys of its own owner within its reach; "full": every key."""
 
 
-_PERMISSIONS = Annotated[dict[str, Any], WithJsonSchema({"$ref": _REF.format(model="Permissions")})]
+_PERMISSIONS = Annotated[dict[str, Any], WithJsonSchema({"$ref": REF_TEMPLATE.format(model="Permissions")})]
 _LIMIT_EXAMPLE: dict[str, Any] = {"examples": ["60/minute"]}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from ..observe.usage import MAX_DAYS
-from .bodies import _REF, REQUESTS, RESPONSES
+from .bodies import REF_TEMPLATE, REQUESTS, RESPONSES
 
 MAX_AUDIT_LIMIT = 10_000
 _ERR = {"$ref": "#/components/responses/Error"}
@@ -17,7 +17,7 @@ _KEY_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "str
 
 
 def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": _REF.format(model=name)}
+    return {"$ref": REF_TEMPLATE.format(model=name)}
 
 
 def _envelope(data: dict[str, Any] | None) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _public(summary: str) -> dict[str, Any]:
 @cache
 def _schemas() -> dict[str, Any]:
     pairs = [(m, "validation") for m in REQUESTS] + [(m, "serialization") for m in RESPONSES]
-    _, top = models_json_schema(pairs, ref_template=_REF)  # type: ignore[arg-type]
+    _, top = models_json_schema(pairs, ref_template=REF_TEMPLATE)  # type: ignore[arg-type]
     return dict(top["$defs"])
 
 
