@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
+from . import schema
 from .models import (
     DURATION_SCHEMA,
     ONE_OR_MANY,
@@ -33,29 +34,6 @@ from .models import (
     TextList,
     Wording,
     problem_at,
-)
-from .schema import (
-    DEFAULT_ADMIN_LISTEN,
-    DEFAULT_ADMIN_TOKEN_ENV,
-    DEFAULT_BODY_IDLE_TIMEOUT,
-    DEFAULT_CACHE_MAX_BYTES,
-    DEFAULT_CACHE_MAX_OBJECT,
-    DEFAULT_CACHE_STATUSES,
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_KEEPALIVE_TIMEOUT,
-    DEFAULT_KEY_PREFIX,
-    DEFAULT_LISTEN,
-    DEFAULT_MAX_BODY,
-    DEFAULT_MAX_HEADER_SIZE,
-    DEFAULT_MCP_MAX_BODY,
-    DEFAULT_METRICS_MAX_KEYS,
-    DEFAULT_PLEX_CLIENT_ID,
-    DEFAULT_PLEX_PRODUCT,
-    DEFAULT_PLEX_VERSION,
-    DEFAULT_READ_TIMEOUT,
-    DEFAULT_SHUTDOWN_GRACE,
-    PER_CLIENT_HEADERS,
 )
 from .units import (
     check_prefix,
@@ -122,20 +100,21 @@ def _methods(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 def _vary(headers: tuple[str, ...]) -> tuple[str, ...]:
     for h in headers:
-        if h in PER_CLIENT_HEADERS:
+        if h in schema.PER_CLIENT_HEADERS:
             raise ValueError(f"{h} is set per client by the sidecar: an answer varying on it cannot be shared")
     return headers
 
 
 def _token_env_pattern(pattern: str) -> str | None:
-    if TOKEN_ENV_PATTERN.match(pattern) and pattern.strip("*"):
-        return None
-    return "expected a variable name or a prefix glob such as PLEX_TOKEN_*"
+    return (
+        None if TOKEN_ENV_PATTERN.match(pattern) else "expected a variable name or a prefix glob such as PLEX_TOKEN_*"
+    )
 
 
 Listen = Annotated[Text, _checked(_listen)]
-UpstreamId = Annotated[Text, _checked(lambda v: None if ID_RE.match(v) else f"{v!r} must be lowercase letters, digits, "
-                                      "'-' or '_'")]  # fmt: skip
+_ID_PROBLEM = "{input!r} must be lowercase letters, digits, '-' or '_'"
+UpstreamId = Annotated[Text, Field(pattern=ID_RE.pattern, json_schema_extra={"pattern": ID_RE.pattern}),
+                       Wording({"string_pattern_mismatch": _ID_PROBLEM})]  # fmt: skip
 HeaderName = Annotated[str, _checked(lambda v: None if HEADER_NAME_RE.match(v) else f"{v!r} is not a valid header "
                                      "name")]  # fmt: skip
 Headers = dict[HeaderName, Annotated[str, AfterValidator(_header_value)]]
@@ -160,9 +139,9 @@ class TlsSection(Section):
 class AdminSection(Section):
     """The admin listener: /metrics, /healthz, /readyz and the admin API under /admin/."""
 
-    listen: Listen = DEFAULT_ADMIN_LISTEN
+    listen: Listen = schema.DEFAULT_ADMIN_LISTEN
     """host:port of the admin listener (never the proxy's)."""
-    token_env: Text = DEFAULT_ADMIN_TOKEN_ENV
+    token_env: Text = schema.DEFAULT_ADMIN_TOKEN_ENV
     """Environment variable holding the admin API's bearer token; unset: the admin API answers 503."""
 
 
@@ -186,7 +165,7 @@ class StoreSection(Section):
 class KeysSection(Section):
     """Keys: their prefix and the bounds on them."""
 
-    prefix: Annotated[Text, _checked(check_prefix)] = DEFAULT_KEY_PREFIX
+    prefix: Annotated[Text, _checked(check_prefix)] = schema.DEFAULT_KEY_PREFIX
     """Prefix of every key (1-16 lowercase letters, digits, '_'; never containing "http")."""
     max_lifetime: Duration | None = None
     """Longest lifetime a key may have, from its creation. Default: unlimited."""
@@ -222,17 +201,17 @@ class CredentialsSection(Section):
 class PlexSection(Section):
     """Identity sent to Plex when the client sent none of its own."""
 
-    client_identifier: Text = DEFAULT_PLEX_CLIENT_ID
-    product: Text = DEFAULT_PLEX_PRODUCT
-    version: Text = DEFAULT_PLEX_VERSION
+    client_identifier: Text = schema.DEFAULT_PLEX_CLIENT_ID
+    product: Text = schema.DEFAULT_PLEX_PRODUCT
+    version: Text = schema.DEFAULT_PLEX_VERSION
 
 
 class TimeoutsSection(Section):
     """Upstream timeouts."""
 
-    connect: PositiveDuration = DEFAULT_CONNECT_TIMEOUT
+    connect: PositiveDuration = schema.DEFAULT_CONNECT_TIMEOUT
     """To open a connection (else 504)."""
-    read: PositiveDuration = DEFAULT_READ_TIMEOUT
+    read: PositiveDuration = schema.DEFAULT_READ_TIMEOUT
     """Idle time between chunks, never a total."""
 
 
@@ -247,7 +226,7 @@ class UpstreamTlsSection(Section):
 class McpSection(Section):
     """Options of an MCP upstream."""
 
-    max_body: Size = DEFAULT_MCP_MAX_BODY
+    max_body: Size = schema.DEFAULT_MCP_MAX_BODY
     """Largest JSON-RPC body (read whole to authorize it)."""
 
 
@@ -272,7 +251,7 @@ class UpstreamSection(Section):
     plex: PlexSection = PlexSection()
     timeouts: TimeoutsSection = TimeoutsSection()
     tls: UpstreamTlsSection = UpstreamTlsSection()
-    max_body: Size = DEFAULT_MAX_BODY
+    max_body: Size = schema.DEFAULT_MAX_BODY
     """Largest request body; 0 = unlimited."""
     rate_limits: LimitList | None = None
     """Rate limits for keys that carry none of their own (overrides rate_limits.default)."""
@@ -324,9 +303,9 @@ class CacheRuleSection(Section):
     """Freshness when the upstream's Cache-Control gives no max-age."""
     methods: Annotated[tuple[Upper, ...], ONE_OR_MANY, AfterValidator(_methods)] = ("GET", "HEAD")
     statuses: Annotated[tuple[Status, ...], Wording({"tuple_type": "expected a list of HTTP status codes"})] = (
-        DEFAULT_CACHE_STATUSES
+        schema.DEFAULT_CACHE_STATUSES
     )
-    max_object_bytes: Size = DEFAULT_CACHE_MAX_OBJECT
+    max_object_bytes: Size = schema.DEFAULT_CACHE_MAX_OBJECT
     vary: Annotated[tuple[Lower, ...], ONE_OR_MANY, AfterValidator(_vary)] = ()
     """Request headers that vary an entry, besides the upstream's Vary."""
     stale_while_revalidate: Duration = 0.0
@@ -336,13 +315,13 @@ class CacheRuleSection(Section):
 class CacheSection(Section):
     """The response cache (nothing is cached unless a rule says so)."""
 
-    max_bytes: Size = DEFAULT_CACHE_MAX_BYTES
+    max_bytes: Size = schema.DEFAULT_CACHE_MAX_BYTES
     rules: tuple[CacheRuleSection, ...] = ()
     """First matching rule wins."""
 
 
 class MetricsSection(Section):
-    max_key_series: Count = DEFAULT_METRICS_MAX_KEYS
+    max_key_series: Count = schema.DEFAULT_METRICS_MAX_KEYS
     """Keys beyond this many share the label key="other"."""
 
 
@@ -355,13 +334,13 @@ class LogSection(Section):
 class ServerSection(Section):
     """Connection limits, shutdown, and what the sidecar believes of proxies."""
 
-    shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE
+    shutdown_grace: Duration = schema.DEFAULT_SHUTDOWN_GRACE
     trusted_proxies: Annotated[tuple[Network, ...], ONE_OR_MANY] = ()
     """Proxies whose X-Forwarded-For is believed (CIDRs or addresses)."""
-    header_timeout: PositiveDuration = DEFAULT_HEADER_TIMEOUT
-    max_header_size: HeaderSize = DEFAULT_MAX_HEADER_SIZE
-    body_idle_timeout: PositiveDuration = DEFAULT_BODY_IDLE_TIMEOUT
-    keepalive_timeout: PositiveDuration = DEFAULT_KEEPALIVE_TIMEOUT
+    header_timeout: PositiveDuration = schema.DEFAULT_HEADER_TIMEOUT
+    max_header_size: HeaderSize = schema.DEFAULT_MAX_HEADER_SIZE
+    body_idle_timeout: PositiveDuration = schema.DEFAULT_BODY_IDLE_TIMEOUT
+    keepalive_timeout: PositiveDuration = schema.DEFAULT_KEEPALIVE_TIMEOUT
     public_url: Annotated[Text, AfterValidator(parse_public_url)] | None = None
     """The origin clients reach the sidecar at."""
 
@@ -374,7 +353,7 @@ class CorsSection(Section):
 class ConfigFile(Section):
     """Sidecar's configuration file (sidecar.yaml)."""
 
-    listen: Listen = DEFAULT_LISTEN
+    listen: Listen = schema.DEFAULT_LISTEN
     """Proxy listener for clients (host:port)."""
     tls: TlsSection | None = None
     admin: AdminSection = AdminSection()

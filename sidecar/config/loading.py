@@ -52,18 +52,18 @@ def parse_config(
     return build(file, env, base, source)
 
 
-def _values(section: BaseModel) -> dict[str, Any]:
-    """A section's options by name, for the runtime object whose fields are the same."""
-    return {name: getattr(section, name) for name in type(section).model_fields}
+def _values(section: BaseModel, *leave: str) -> dict[str, Any]:
+    """A section's options by name (but ``leave``): the runtime object's fields of the same names.
+
+    So an option added to a ``Section`` model and, under the same name, to its dataclass
+    reaches the sidecar with no line here; only what is resolved or renamed is spelled out.
+    """
+    return {name: getattr(section, name) for name in type(section).model_fields if name not in leave}
 
 
 def _upstream(u: UpstreamSection, env: Mapping[str, str]) -> UpstreamConfig:
     return UpstreamConfig(
-        id=u.id,
-        kind=u.kind,
-        url=u.url,
-        path_prefix=u.path_prefix,
-        strip_prefix=u.strip_prefix,
+        **_values(u, "token_env", "token", "headers", "plex", "timeouts", "tls", "mcp"),
         token=u.token if u.token is not None else env.get(u.token_env or ""),
         headers=dict(u.headers),
         plex_client_identifier=u.plex.client_identifier,
@@ -73,50 +73,35 @@ def _upstream(u: UpstreamSection, env: Mapping[str, str]) -> UpstreamConfig:
         read_timeout=u.timeouts.read,
         tls_verify=u.tls.verify,
         tls_ca_file=u.tls.ca_file,
-        max_body=u.max_body,
-        rate_limits=u.rate_limits,
-        quota=u.quota,
-        concurrency=u.concurrency,
         mcp_max_body=u.mcp.max_body,
     )
 
 
 def build(f: ConfigFile, env: Mapping[str, str], base: Path, source: Path | None = None) -> Config:
     """What the sidecar runs on, from what a valid file says: secrets read from the environment,
-    defaults that depend on other options filled in, an upstream's sub-sections flattened."""
+    defaults that depend on other options filled in, an upstream's sub-sections flattened.
+    A section without a dataclass of its own (a ``Section`` the ``Config`` field holds as is) passes through."""
     store_path = f.store.path or base / ("sidecar.db" if f.store.kind == "sqlite" else "keys.yaml")
     default_state = store_path if f.store.kind == "sqlite" else base / "sidecar-state.db"
-    k = f.keys
-    return Config(
+    built = dict(
         upstreams=tuple(_upstream(u, env) for u in f.upstreams),
-        listen=f.listen,
         tls=TlsConfig(cert=f.tls.cert, key=f.tls.key) if f.tls else None,
         # A missing admin token is not an error: the admin API then answers 503 (health and metrics stay up).
-        admin=AdminConfig(listen=f.admin.listen, token_env=f.admin.token_env, token=env.get(f.admin.token_env) or None),
-        store=StoreConfig(
-            **{**_values(f.store), "path": store_path, "state_path": f.store.state_path or default_state}
-        ),
-        keys=KeysConfig(
-            prefix=k.prefix,
-            max_lifetime=k.max_lifetime,
-            max_keys_per_owner=k.max_keys_per_owner,
-            failed_attempts_per_minute=k.failed_attempts_per_minute,
-            argon2_profile=k.argon2,
-            upstream_token_envs=k.upstream_token_envs,
-            stream_check_interval=k.stream_check_interval,
-        ),
+        admin=AdminConfig(**_values(f.admin), token=env.get(f.admin.token_env) or None),
+        store=StoreConfig(**_values(f.store, "path", "state_path"), path=store_path,
+                          state_path=f.store.state_path or default_state),
+        keys=KeysConfig(**_values(f.keys, "argon2"), argon2_profile=f.keys.argon2),
         credentials=CredentialsConfig(**_values(f.credentials)),
         rate_limits=RateLimitConfig(**_values(f.rate_limits)),
-        cache=CacheConfig(
-            max_bytes=f.cache.max_bytes,
-            rules=tuple(CacheRule(**{**_values(r), "methods": r.methods or ("GET", "HEAD")}) for r in f.cache.rules),
-        ),
+        cache=CacheConfig(max_bytes=f.cache.max_bytes, rules=tuple(
+            CacheRule(**_values(r, "methods"), methods=r.methods or ("GET", "HEAD")) for r in f.cache.rules)),
         metrics=MetricsConfig(**_values(f.metrics)),
         log=LogConfig(**_values(f.log)),
         server=ServerConfig(**_values(f.server)),
         cors=CorsConfig(enabled=f.cors.enabled, origins=f.cors.origins or ("*",)),
         source=source,
-    )
+    )  # fmt: skip
+    return Config(**{**_values(f), **built})
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -110,7 +110,7 @@ ExistingFile = Annotated[RelPath, AfterValidator(_is_file)]
 
 @dataclass(frozen=True)
 class Wording:
-    """Field metadata: this field's own message for some pydantic error types (``{type}``: the input's type)."""
+    """Field metadata: this field's own message for some pydantic error types (``{input}``, ``{type}``: its type)."""
 
     messages: Mapping[str, str]
 
@@ -156,7 +156,7 @@ def _message(err: Any, model: type[BaseModel], loc: tuple[int | str, ...]) -> st
     field = _field_at(model, loc)
     wording = next((m for m in (field.metadata if field else ()) if isinstance(m, Wording)), None)
     if wording and kind in wording.messages:
-        return wording.messages[kind].format(type=type(err["input"]).__name__)
+        return wording.messages[kind].format(type=type(err["input"]).__name__, input=err["input"])
     if kind == "value_error" and "error" in err.get("ctx", {}):
         return str(err["ctx"]["error"])
     if kind == "field_problem":

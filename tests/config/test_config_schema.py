@@ -61,6 +61,7 @@ def test_the_example_and_the_design_minimal_file_are_valid() -> None:
         ({"cache": {"rules": [{"upstream": "plex", "path": "/*"}]}}, ["cache", "rules", 0]),  # no ttl
         ({"upstreams": [{"id": "plex", "url": "http://p", "timeouts": {"idle": "5s"}}]}, ["upstreams", 0, "timeouts"]),
         ({"server": {"shutdown_grace": "soon"}}, ["server", "shutdown_grace"]),
+        ({"upstreams": [{"id": "Plex Server", "url": "http://p"}]}, ["upstreams", 0, "id"]),
     ],
 )
 def test_a_wrong_file_is_refused_by_the_schema(change: dict[str, Any], where: list[Any]) -> None:
