@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from . import schema
 from .models import (
+    BLANK_IS_DEFAULT,
     DURATION_SCHEMA,
     ONE_OR_MANY,
     SIZE_SCHEMA,
@@ -24,6 +25,7 @@ from .models import (
     Duration,
     EnvName,
     ExistingFile,
+    Item,
     LimitList,
     LimitValue,
     PositiveDuration,
@@ -111,7 +113,7 @@ def _token_env_pattern(pattern: str) -> str | None:
     )
 
 
-Listen = Annotated[Text, _checked(_listen)]
+Listen = Annotated[Text, _checked(_listen), BLANK_IS_DEFAULT]
 _ID_PROBLEM = "{input!r} must be lowercase letters, digits, '-' or '_'"
 UpstreamId = Annotated[Text, Field(pattern=ID_RE.pattern, json_schema_extra={"pattern": ID_RE.pattern}),
                        Wording({"string_pattern_mismatch": _ID_PROBLEM})]  # fmt: skip
@@ -122,9 +124,11 @@ BusyTimeout = Annotated[float, BeforeValidator(parse_busy_timeout), DURATION_SCH
 FlushInterval = Annotated[float, BeforeValidator(parse_flush_interval), DURATION_SCHEMA]
 HeaderSize = Annotated[int, BeforeValidator(parse_header_size), SIZE_SCHEMA]
 Status = Annotated[int, Field(ge=100, le=599)]
-Network = Annotated[Text, AfterValidator(parse_network)]
-Upper = Annotated[Text, AfterValidator(str.upper)]
-Lower = Annotated[Text, AfterValidator(str.lower)]
+_NOT_STATUSES = ("tuple_type", "int_type", "greater_than_equal", "less_than_equal")
+Network = Annotated[Item, AfterValidator(parse_network)]
+Upper = Annotated[Item, AfterValidator(str.upper)]
+Lower = Annotated[Item, AfterValidator(str.lower)]
+OrDefault = Annotated[Text, BLANK_IS_DEFAULT]
 
 
 class TlsSection(Section):
@@ -141,7 +145,7 @@ class AdminSection(Section):
 
     listen: Listen = schema.DEFAULT_ADMIN_LISTEN
     """host:port of the admin listener (never the proxy's)."""
-    token_env: Text = schema.DEFAULT_ADMIN_TOKEN_ENV
+    token_env: OrDefault = schema.DEFAULT_ADMIN_TOKEN_ENV
     """Environment variable holding the admin API's bearer token; unset: the admin API answers 503."""
 
 
@@ -165,7 +169,7 @@ class StoreSection(Section):
 class KeysSection(Section):
     """Keys: their prefix and the bounds on them."""
 
-    prefix: Annotated[Text, _checked(check_prefix)] = schema.DEFAULT_KEY_PREFIX
+    prefix: Annotated[Text, _checked(check_prefix), BLANK_IS_DEFAULT] = schema.DEFAULT_KEY_PREFIX
     """Prefix of every key (1-16 lowercase letters, digits, '_'; never containing "http")."""
     max_lifetime: Duration | None = None
     """Longest lifetime a key may have, from its creation. Default: unlimited."""
@@ -175,7 +179,7 @@ class KeysSection(Section):
     """Failed key checks allowed per client address per minute before 429."""
     argon2: Literal["rfc9106_low_memory", "cheapest"] = "rfc9106_low_memory"
     """argon2id parameters: rfc9106_low_memory (production) or cheapest (tests only)."""
-    upstream_token_envs: Annotated[tuple[Annotated[Text, _checked(_token_env_pattern)], ...], ONE_OR_MANY] = ()
+    upstream_token_envs: Annotated[tuple[Annotated[Item, _checked(_token_env_pattern)], ...], ONE_OR_MANY] = ()
     """Variables a key's upstream_token_env may name: names or a prefix with one trailing *."""
     stream_check_interval: PositiveDuration = 1.0
     """How often open streams are checked against the key table."""
@@ -201,9 +205,9 @@ class CredentialsSection(Section):
 class PlexSection(Section):
     """Identity sent to Plex when the client sent none of its own."""
 
-    client_identifier: Text = schema.DEFAULT_PLEX_CLIENT_ID
-    product: Text = schema.DEFAULT_PLEX_PRODUCT
-    version: Text = schema.DEFAULT_PLEX_VERSION
+    client_identifier: OrDefault = schema.DEFAULT_PLEX_CLIENT_ID
+    product: OrDefault = schema.DEFAULT_PLEX_PRODUCT
+    version: OrDefault = schema.DEFAULT_PLEX_VERSION
 
 
 class TimeoutsSection(Section):
@@ -302,9 +306,9 @@ class CacheRuleSection(Section):
     ttl: Duration
     """Freshness when the upstream's Cache-Control gives no max-age."""
     methods: Annotated[tuple[Upper, ...], ONE_OR_MANY, AfterValidator(_methods)] = ("GET", "HEAD")
-    statuses: Annotated[tuple[Status, ...], Wording({"tuple_type": "expected a list of HTTP status codes"})] = (
-        schema.DEFAULT_CACHE_STATUSES
-    )
+    statuses: Annotated[
+        tuple[Status, ...], Wording(dict.fromkeys(_NOT_STATUSES, "expected a list of HTTP status codes"))
+    ] = schema.DEFAULT_CACHE_STATUSES
     max_object_bytes: Size = schema.DEFAULT_CACHE_MAX_OBJECT
     vary: Annotated[tuple[Lower, ...], ONE_OR_MANY, AfterValidator(_vary)] = ()
     """Request headers that vary an entry, besides the upstream's Vary."""
@@ -316,7 +320,7 @@ class CacheSection(Section):
     """The response cache (nothing is cached unless a rule says so)."""
 
     max_bytes: Size = schema.DEFAULT_CACHE_MAX_BYTES
-    rules: tuple[CacheRuleSection, ...] = ()
+    rules: Annotated[tuple[CacheRuleSection, ...], BLANK_IS_DEFAULT] = ()
     """First matching rule wins."""
 
 
@@ -326,7 +330,7 @@ class MetricsSection(Section):
 
 
 class LogSection(Section):
-    access: Text = "stdout"
+    access: OrDefault = "stdout"
     """stdout, off, or a file path."""
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -404,7 +408,7 @@ def duplicates(raw: dict[str, Any], problems: list[str]) -> None:
             continue
         uid = up.get("id") if isinstance(up.get("id"), str) else None
         given = up.get("path_prefix")
-        prefix = "/" + (given if isinstance(given, str) else "/").strip("/")
+        prefix = "/" + (str(given) if isinstance(given, str | int | float) and given != "" else "/").strip("/")
         if uid is not None and uid in seen_ids:
             problems.append(f"upstreams[{i}].id: duplicate id {uid!r}")
         seen_ids.add(uid)

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticUseDefault
 
 from .units import Limit, parse_duration, parse_limit, parse_positive_duration, parse_size
 
@@ -60,6 +60,19 @@ def _text(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"expected a string, got {type(value).__name__}")
     return str(value)
+
+
+def _item(value: object) -> str:
+    """An item of a list of names, globs or addresses: text (a YAML whole number stands for its digits)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def _blank_is_default(value: object) -> object:
+    if value == "":
+        raise PydanticUseDefault()
+    return value
 
 
 def _one_or_many(value: object) -> object:
@@ -96,7 +109,10 @@ def _is_file(p: Path) -> Path:
 
 
 Text = Annotated[str, BeforeValidator(_text)]
-TextList = Annotated[tuple[Text, ...], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])]
+Item = Annotated[str, BeforeValidator(_item)]
+BLANK_IS_DEFAULT = BeforeValidator(_blank_is_default)
+"""Metadata: an empty string (``listen: ""``) means the option's default."""
+TextList = Annotated[tuple[Item, ...], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])]
 LimitList = Annotated[tuple[LimitValue, ...], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])]
 ONE_OR_MANY = BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])
 """Metadata for a list option that may be given as one item."""
@@ -134,8 +150,18 @@ class Section(BaseModel):
         """YAML lists become the tuples the frozen fields declare (strict mode takes no list for a tuple);
         an option set to null (``quota:``) means its default, as everywhere in the file."""
         if isinstance(data, dict):
-            return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if v is not None}
+            fields = cls.model_fields
+            return {
+                k: tuple(v) if isinstance(v, list) and k in fields and _takes_tuple(fields[k].annotation) else v
+                for k, v in data.items()
+                if v is not None
+            }
         return data
+
+
+def _takes_tuple(annotation: Any) -> bool:
+    """Does a field's type hold a tuple (``tuple[X, ...]``, ``tuple[X, ...] | None``)?"""
+    return get_origin(annotation) is tuple or any(_takes_tuple(a) for a in get_args(annotation))
 
 
 S = TypeVar("S", bound=Section)
@@ -156,7 +182,7 @@ def _message(err: Any, model: type[BaseModel], loc: tuple[int | str, ...]) -> st
     field = _field_at(model, loc)
     wording = next((m for m in (field.metadata if field else ()) if isinstance(m, Wording)), None)
     if wording and kind in wording.messages:
-        return wording.messages[kind].format(type=type(err["input"]).__name__, input=err["input"])
+        return wording.messages[kind].format(type=_type_name(err["input"]), input=err["input"])
     if kind == "value_error" and "error" in err.get("ctx", {}):
         return str(err["ctx"]["error"])
     if kind == "field_problem":
@@ -175,12 +201,16 @@ def _message(err: Any, model: type[BaseModel], loc: tuple[int | str, ...]) -> st
     if kind in ("int_type", "int_parsing"):
         return f"expected a whole number, got {err['input']!r}"
     if kind in ("string_type",):
-        return f"expected a string, got {type(err['input']).__name__}"
+        return f"expected a string, got {_type_name(err['input'])}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"expected a mapping, got {type(err['input']).__name__}"
+        return f"expected a mapping, got {_type_name(err['input'])}"
     if kind in ("tuple_type", "list_type"):
-        return f"expected a list, got {type(err['input']).__name__}"
+        return f"expected a list, got {_type_name(err['input'])}"
     return str(err["msg"][0].lower() + err["msg"][1:]) if err["msg"] else kind
+
+
+def _type_name(value: object) -> str:
+    return "list" if isinstance(value, tuple) else type(value).__name__  # a tuple here was a YAML list
 
 
 def _literal_options(annotation: Any) -> tuple[Any, ...]:
