@@ -48,11 +48,6 @@ def parse(model: type[R], data: dict[str, Any]) -> R:
         raise BadRequest(f"{field}: {model.messages.get(field) or errors[0]['msg']}") from None
 
 
-def given(body: BaseModel) -> dict[str, Any]:
-    """The fields the client sent, as sent (absent stays absent: a PATCH changes only those)."""
-    return {name: getattr(body, name) for name in body.model_fields_set}
-
-
 class Permissions(BaseModel):
     """What a key may reach. Absent lists mean all; MCP tables map an upstream id (or *) to globs."""
 

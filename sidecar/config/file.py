@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from . import schema
 from .models import (
@@ -356,6 +356,8 @@ class CorsSection(Section):
 
 class ConfigFile(Section):
     """Sidecar's configuration file (sidecar.yaml)."""
+
+    model_config = ConfigDict(title="Sidecar configuration")
 
     listen: Listen = schema.DEFAULT_LISTEN
     """Proxy listener for clients (host:port)."""
