@@ -108,18 +108,20 @@ def _vary(headers: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _token_env_pattern(pattern: str) -> str | None:
-    return (
-        None if TOKEN_ENV_PATTERN.match(pattern) else "expected a variable name or a prefix glob such as PLEX_TOKEN_*"
-    )
+    if TOKEN_ENV_PATTERN.match(pattern):
+        return None
+    return "expected a variable name or a prefix glob such as PLEX_TOKEN_*"
+
+
+def _header_name(name: str) -> str | None:
+    return None if HEADER_NAME_RE.match(name) else f"{name!r} is not a valid header name"
 
 
 Listen = Annotated[Text, _checked(_listen), BLANK_IS_DEFAULT]
 _ID_PROBLEM = "{input!r} must be lowercase letters, digits, '-' or '_'"
 UpstreamId = Annotated[Text, Field(pattern=ID_RE.pattern, json_schema_extra={"pattern": ID_RE.pattern}),
                        Wording({"string_pattern_mismatch": _ID_PROBLEM})]  # fmt: skip
-HeaderName = Annotated[str, _checked(lambda v: None if HEADER_NAME_RE.match(v) else f"{v!r} is not a valid header "
-                                     "name")]  # fmt: skip
-Headers = dict[HeaderName, Annotated[str, AfterValidator(_header_value)]]
+Headers = dict[Annotated[str, _checked(_header_name)], Annotated[str, AfterValidator(_header_value)]]
 BusyTimeout = Annotated[float, BeforeValidator(parse_busy_timeout), DURATION_SCHEMA]
 FlushInterval = Annotated[float, BeforeValidator(parse_flush_interval), DURATION_SCHEMA]
 HeaderSize = Annotated[int, BeforeValidator(parse_header_size), SIZE_SCHEMA]
