@@ -112,10 +112,10 @@ Text = Annotated[str, BeforeValidator(_text)]
 Item = Annotated[str, BeforeValidator(_item)]
 BLANK_IS_DEFAULT = BeforeValidator(_blank_is_default)
 """Metadata: an empty string (``listen: ""``) means the option's default."""
-TextList = Annotated[tuple[Item, ...], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])]
-LimitList = Annotated[tuple[LimitValue, ...], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])]
 ONE_OR_MANY = BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])
 """Metadata for a list option that may be given as one item."""
+TextList = Annotated[tuple[Item, ...], ONE_OR_MANY]
+LimitList = Annotated[tuple[LimitValue, ...], ONE_OR_MANY]
 Count = Annotated[int, BeforeValidator(_count), WithJsonSchema({"type": "integer", "minimum": 1})]
 EnvName = Annotated[Text, AfterValidator(_env_is_set)]
 """The name of an environment variable that must be set (the value is read where it is used)."""
