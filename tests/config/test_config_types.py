@@ -62,3 +62,10 @@ def test_section_types_read_the_environment_and_the_folder_from_the_context() ->
     assert validate_section(_Secrets, {"token_env": "SET", "file": "x"}, "s", problems, {"SET": "v"}) is not None
     assert validate_section(_Secrets, {"token_env": "UNSET"}, "s", problems, {}) is None
     assert problems == ["s.token_env: environment variable UNSET is not set"]
+
+
+def test_an_empty_key_is_named_too() -> None:
+    """Found by tests/security/test_sec_fuzz.py: ``'': ${NOPE}`` gave a problem with no path."""
+    problems = problems_of({**good(), "": "${NOPE}"}, env={"PLEX_TOKEN": "t"})
+    assert problems[0] == "'': environment variable NOPE is not set"
+    assert all(p.startswith("'': ") for p in problems), problems
