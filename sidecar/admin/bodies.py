@@ -69,7 +69,10 @@ class Permissions(BaseModel):
     """true (= "delegate"): keys of its own owner within its reach; "full": every key."""
 
 
-_PERMISSIONS = Annotated[dict[str, Any], WithJsonSchema({"$ref": REF_TEMPLATE.format(model="Permissions")})]
+# Checked by Permissions.from_dict (its messages, shared with the CLI); documented inline as Permissions.
+_PERMISSIONS = Annotated[
+    dict[str, Any] | None, WithJsonSchema({**Permissions.model_json_schema(), "type": ["object", "null"]})
+]
 _LIMIT_EXAMPLE: dict[str, Any] = {"examples": ["60/minute"]}
 
 
@@ -93,7 +96,7 @@ class KeyInput(Request):
     description: str | None = Field(None, json_schema_extra={"maxLength": _DESCRIPTION})
     owner: str | None = Field(None, json_schema_extra={"maxLength": _NAME})
     """Who the key belongs to (a metrics label; delegated admin works per owner)."""
-    permissions: _PERMISSIONS | None = None
+    permissions: _PERMISSIONS = None
     rate_limits: list[str] | str | None = Field(None, json_schema_extra=_LIMIT_EXAMPLE)
     """Limits of this key (else the upstream's, else rate_limits.default)."""
     quota: str | None = Field(None, json_schema_extra={"examples": ["10000/month"]})

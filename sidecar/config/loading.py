@@ -42,7 +42,9 @@ def parse_config(
         raise ConfigError([f"expected a mapping, got {type(data).__name__}"])
     problems: list[str] = []
     literal_secrets(data or {}, problems)
-    raw = expand_env(data or {}, env, "", problems)
+    # ${VAR} in the options the sidecar knows (an unknown one is refused without reading it).
+    known = ConfigFile.model_fields
+    raw = {k: expand_env(v, env, str(k), problems) if k in known else v for k, v in (data or {}).items()}
     file = validate_model(ConfigFile, raw, "", problems, {"env": env, "base": base}, unknown_first=True)
     duplicates(raw, problems)
     if file is not None:

@@ -265,7 +265,7 @@ def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str
 
         return _ENV_RE.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, env, _loc(path, (str(k),)) or repr(k), problems) for k, v in value.items()}
+        return {k: expand_env(v, env, _loc(path, (str(k),)), problems) for k, v in value.items()}
     if isinstance(value, list):
         return [expand_env(v, env, _loc(path, (i,)), problems) for i, v in enumerate(value)]
     return value
