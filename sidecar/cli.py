@@ -209,6 +209,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from .config.json_schema import config_json_schema_text
+
+    sys.stdout.write(config_json_schema_text())
+    return 0
+
+
 def _file_mode_warnings(config: Config) -> list[str]:
     """Existing state files (store, WAL, access log) that other local users can read."""
     from .store.filemodes import readable_by_others
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file and exit")
     with_config(cc)
     cc.set_defaults(fn=cmd_config_check)
+    cs = csub.add_parser("schema", help="print the config file's JSON Schema (editors: config.schema.json)")
+    cs.set_defaults(fn=cmd_config_schema)
 
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="action", required=True)

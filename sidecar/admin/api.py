@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from ..auth.credentials import extract_credential
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
+from ..config.json_schema import config_json_schema
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
@@ -25,17 +26,28 @@ from ..observe.usage import report as usage_report
 from ..store import ReadOnlyStore, StoreBusy, StoreError
 from ..store.base import AuditEvent
 from ..upstreams import health as upstream_health
+from .bodies import KeyInput, QuotaChange, Rotate, parse
 from .delegation import manages_all, owns
+from .openapi import MAX_AUDIT_LIMIT, openapi_spec
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from collections.abc import Callable
+
+    from ..auth.verify import Verifier
+    from ..cache.response import ResponseCache
+    from ..config import Config
+    from ..limits.ratelimit import RateLimiter
+    from ..observe.metrics import Metrics
+    from ..observe.usage import UsageRecorder
+    from ..store import Store
+    from .manage import KeyManager
 
 __all__ = ["create_admin_app", "openapi_spec"]
 
 ACTOR = web.RequestKey("admin_actor", str)
 ACTOR_KEY = web.RequestKey("admin_actor_key", KeyRecord)  # absent for the admin token
 UPSTREAM_CHECK_TIMEOUT = 1.0
-MAX_AUDIT_LIMIT = 10_000
+PUBLIC = frozenset({"/admin/openapi.json", "/admin/config.schema.json"})  # documents without secrets: no auth
 
 
 def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -74,7 +86,31 @@ def ok(data: Any, status: int = 200) -> web.Response:
     return web.json_response({"success": True, "data": data}, status=status)
 
 
-def create_admin_app(sc: Sidecar) -> web.Application:
+class AdminHost(Protocol):
+    """What the admin listener needs of the running application (``sidecar.app.Sidecar`` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def verifier(self) -> Verifier: ...
+    @property
+    def limiter(self) -> RateLimiter: ...
+    @property
+    def usage(self) -> UsageRecorder: ...
+    @property
+    def cache(self) -> ResponseCache: ...
+    def manager(self) -> KeyManager: ...
+
+
+def create_admin_app(sc: AdminHost) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -90,7 +126,7 @@ def create_admin_app(sc: Sidecar) -> web.Application:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/admin/") or request.path == "/admin/openapi.json":
+        if not request.path.startswith("/admin/") or request.path in PUBLIC:
             return await handler(request)
         token = sc.config.admin.token
         header = request.headers.get("Authorization", "")
@@ -156,7 +192,9 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         return rec
 
     async def create_key(request: web.Request) -> web.Response:
-        rec, key = await sc.manager().create(await body_of(request), request[ACTOR], by=acting_key(request))
+        fields = await body_of(request)
+        parse(KeyInput, fields)  # the shape; KeyManager judges the values, as for the CLI
+        rec, key = await sc.manager().create(fields, request[ACTOR], by=acting_key(request))
         await applied()
         data = rec.public_dict()
         data["key"] = key
@@ -174,6 +212,7 @@ def create_admin_app(sc: Sidecar) -> web.Application:
         rec = await visible_key(request)
         require_full_admin(request)  # a reset widens what a key may spend, its own included
         body = await body_of(request)
+        parse(QuotaChange, body)
         status = await sc.limiter.adjust_quota(rec, body)  # {"used": 0} resets, {"add": -500} tops up
         await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "quota_adjusted", rec.id, body))
         return ok({"id": rec.id, "quota_status": status})
@@ -181,7 +220,9 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     async def patch_key(request: web.Request) -> web.Response:
         await visible_key(request)
         by = acting_key(request)
-        rec = await sc.manager().patch(request.match_info["id"], await body_of(request), request[ACTOR], by=by)
+        fields = await body_of(request)
+        parse(KeyInput, fields)
+        rec = await sc.manager().patch(request.match_info["id"], fields, request[ACTOR], by=by)
         await applied()
         return ok(rec.public_dict())
 
@@ -193,12 +234,9 @@ def create_admin_app(sc: Sidecar) -> web.Application:
 
     async def rotate_key(request: web.Request) -> web.Response:
         await visible_key(request)
-        body = await body_of(request)
-        unknown = set(body) - {"grace"}
-        if unknown:
-            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        body = parse(Rotate, await body_of(request))
         try:
-            grace = parse_duration(body.get("grace", 0))
+            grace = parse_duration(body.grace)
         except (ValueError, OverflowError) as e:
             raise BadRequest(f"grace: {e}") from None
         rec, key = await sc.manager().rotate(request.match_info["id"], request[ACTOR], grace, by=acting_key(request))
@@ -242,6 +280,9 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(openapi_spec())
 
+    async def config_schema(request: web.Request) -> web.Response:
+        return web.json_response(config_json_schema())
+
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
@@ -256,202 +297,5 @@ def create_admin_app(sc: Sidecar) -> web.Application:
     r.add_get("/admin/audit", audit)
     r.add_delete("/admin/cache", purge_cache)
     r.add_get("/admin/openapi.json", openapi)
+    r.add_get("/admin/config.schema.json", config_schema)
     return app
-
-
-def _int_schema(most: int) -> dict[str, Any]:
-    return {"type": "integer", "minimum": 1, "maximum": most}
-
-
-def openapi_spec() -> dict[str, Any]:
-    """OpenAPI 3.1 description of the admin API (hand-written: it is small and stable)."""
-    err = {"$ref": "#/components/responses/Error"}
-    key_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    key_obj = {"$ref": "#/components/schemas/KeyEnvelope"}
-
-    def envelope(data: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "object", "required": ["success", "data"], "properties": {"success": {"const": True},
-                                                                                 "data": data}}  # fmt: skip
-
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def op(
-        summary: str,
-        ok_status: str = "200",
-        body: bool | dict[str, Any] = False,
-        params: list[Any] | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> Any:
-        schema = envelope(data) if data is not None else key_obj
-        o: dict[str, Any] = {
-            "summary": summary,
-            "responses": {ok_status: {"description": "OK", "content": {"application/json": {"schema": schema}}},
-                          "400": err, "401": err, "403": err, "404": err, "409": err, "429": err, "503": err},
-        }  # fmt: skip
-        if body:
-            body_schema = body if isinstance(body, dict) else ref("KeyInput")
-            o["requestBody"] = {"content": {"application/json": {"schema": body_schema}}}
-        if params:
-            o["parameters"] = params
-        return o
-
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Sidecar admin API", "version": "1"},
-        "components": {
-            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
-            "responses": {
-                "Error": {
-                    "description": "Error",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                }
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["success", "error"],
-                    "properties": {
-                        "success": {"const": False},
-                        "error": {
-                            "type": "object",
-                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                        },
-                    },
-                },
-                "KeyInput": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "description": {"type": "string"},
-                        "owner": {"type": "string"},
-                        "permissions": {
-                            "type": "object",
-                            "properties": {
-                                "upstreams": {"type": "array", "items": {"type": "string"}},
-                                "methods": {"type": "array", "items": {"type": "string"}},
-                                "paths": {"type": "array", "items": {"type": "string"}},
-                                "tools": {"type": "object", "additionalProperties": {"type": "array"}},
-                                "resources": {
-                                    "type": "object",
-                                    "description": "MCP upstream id (or *) -> resource URI globs",
-                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
-                                },
-                                "prompts": {
-                                    "type": "object",
-                                    "description": "MCP upstream id (or *) -> prompt names or globs",
-                                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
-                                },
-                                "admin": {
-                                    "description": 'true (= "delegate"): keys of its own owner within its '
-                                    'reach; "full": every key',
-                                    "enum": [True, False, "delegate", "full"],
-                                },
-                            },
-                        },
-                        "rate_limits": {"type": "array", "items": {"type": "string", "examples": ["60/minute"]}},
-                        "quota": {"type": ["string", "null"], "examples": ["10000/month"]},
-                        "concurrency": {"type": ["integer", "null"], "minimum": 1},
-                        "expires": {"type": ["string", "null"], "examples": ["90d", "2027-01-31"]},
-                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    },
-                },
-                "KeyEnvelope": {
-                    "type": "object",
-                    "properties": {"success": {"const": True}, "data": {}},
-                },
-                "Key": {
-                    "type": "object",
-                    "description": "A key as shown: the display form, never the key or its hash.",
-                    "required": ["id", "name", "display", "state", "permissions", "created_at"],
-                    "properties": {
-                        "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
-                        "name": {"type": "string"},
-                        "display": {"type": "string", "examples": ["pmcp_3f9a…c41e"]},
-                        "description": {"type": "string"},
-                        "owner": {"type": ["string", "null"]},
-                        "state": {"enum": ["active", "expired", "revoked"]},
-                        "permissions": {"type": "object"},
-                        "rate_limits": {"type": "array", "items": {"type": "string"}},
-                        "quota": {"type": ["string", "null"]},
-                        "concurrency": {"type": ["integer", "null"]},
-                        "upstream_token_env": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "created_at": {"type": ["string", "null"], "format": "date-time"},
-                        "expires_at": {"type": ["string", "null"], "format": "date-time"},
-                        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
-                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
-                        "last_used_ip": {"type": ["string", "null"]},
-                        "rotated_to": {"type": ["string", "null"]},
-                    },
-                },
-                "NewKey": {
-                    "description": "A key just created or rotated: ``key`` is the full key, shown this once.",
-                    "allOf": [
-                        {"$ref": "#/components/schemas/Key"},
-                        {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
-                    ],
-                },
-                "AuditEvent": {
-                    "type": "object",
-                    "required": ["at", "actor", "action"],
-                    "properties": {
-                        "at": {"type": "string", "format": "date-time"},
-                        "actor": {"type": "string", "examples": ["admin", "cli", "key:3f9a0b1c2d3e"]},
-                        "action": {"type": "string", "examples": ["created", "patched", "revoked", "rotated"]},
-                        "key": {"type": ["string", "null"]},
-                    },
-                },
-            },
-        },
-        "security": [{"admin": []}],
-        "paths": {
-            "/admin/keys": {
-                "post": op(
-                    "Create a key (the full key is in data.key, shown once)", "201", body=True, data=ref("NewKey")
-                ),
-                "get": op("List keys (display form only)", data={"type": "array", "items": ref("Key")}),
-            },
-            "/admin/keys/{id}": {
-                "get": op("Show a key", params=[key_id]),
-                "patch": op(
-                    "Change a key's name, permissions, limits or expiry", body=True, params=[key_id], data=ref("Key")
-                ),
-                "delete": op("Revoke a key (it stays listed, for audit)", params=[key_id], data=ref("Key")),
-            },
-            "/admin/keys/{id}/rotate": {
-                "post": op(
-                    "Issue a replacement with the same permissions; the old key works for `grace`, then is revoked",
-                    "201",
-                    body={
-                        "type": "object",
-                        "properties": {"grace": {"type": ["string", "number"], "examples": ["1h", 3600]}},
-                    },
-                    params=[key_id],
-                    data=ref("NewKey"),
-                )
-            },
-            "/admin/keys/{id}/usage": {
-                "get": op(
-                    "Daily usage of a key, and when and from where it was last used",
-                    params=[key_id, {"name": "days", "in": "query", "schema": _int_schema(MAX_DAYS)}],
-                )
-            },
-            "/admin/keys/{id}/quota": {
-                "post": op('Reset ({"used": 0}) or top up ({"add": -500}) the current quota window', params=[key_id])
-            },
-            "/admin/audit": {
-                "get": op(
-                    "The audit trail (created, patched, revoked, rotated: who and when), newest first",
-                    params=[
-                        {"name": "key", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": _int_schema(MAX_AUDIT_LIMIT)},
-                    ],
-                    data={"type": "array", "items": ref("AuditEvent")},
-                )
-            },
-            "/admin/cache": {"delete": op("Purge the response cache (all, ?upstream=, ?path=glob)")},
-            "/admin/openapi.json": {
-                "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}
-            },
-        },
-    }

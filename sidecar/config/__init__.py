@@ -1,13 +1,24 @@
 """Configuration: one YAML file parsed once into frozen, typed objects.
 
-Why hand-rolled instead of pydantic: the dependency budget is small, and what
-operators need most is one message listing *every* problem with its YAML path
-(``upstreams[1].url: not an http(s) URL``), as oauth2-proxy's validation does.
-The small ``_Reader`` (``reader.py``) collects problems instead of raising on the first.
+Declared once, with pydantic v2: ``file`` holds the file's structure as frozen, strict
+``Section`` models (unknown options refused). Validation, every "unknown option (expected one
+of: …)" hint and the JSON Schema (``config.schema.json``) come from those classes; operators
+still get one message listing *every* problem with its YAML path (``upstreams[1].url: not an
+http(s) URL``), as oauth2-proxy's validation does (``models.validate_section``).
 
-Layout: ``schema`` (the frozen dataclasses and defaults), ``units`` (value parsers:
-durations, sizes, limits, networks, key prefixes), ``reader`` (the problem-collecting
-walker), ``loading`` (YAML in, ``Config`` out). Import from ``sidecar.config``.
+Why two layers: the models say what the file *says*; the frozen, slotted dataclasses of
+``schema`` are what the sidecar *runs* on, read on every request: secrets resolved from the
+environment, relative paths made absolute, defaults that depend on other options filled in, an
+upstream's ``plex``/``timeouts``/``tls``/``mcp`` sub-sections flattened. ``loading.build`` maps
+one to the other once, at load; nothing is validated per request. Tests and code build the
+dataclasses directly (``UpstreamConfig(id=…)``) without a file. A new option: a field on a
+``Section`` model (validation and schema follow) and, if the sidecar reads it, a field on the
+dataclass plus one line in ``build``.
+
+Layout: ``file`` (the file's models, cross-section checks), ``models`` (the ``Section`` base,
+value types, path-named errors), ``schema`` (the runtime dataclasses and defaults), ``units``
+(value parsers: durations, sizes, limits, networks, key prefixes), ``loading`` (YAML in,
+``Config`` out), ``json_schema`` (the published JSON Schema). Import from ``sidecar.config``.
 
 Secrets never live in the file: ``token_env: NAME`` names an environment
 variable, and any string may use ``${NAME}``; a missing variable is an error

@@ -216,12 +216,21 @@ def load_jwt(
         problems.append(f"jwt: expected a list of providers, got {type(raw).__name__}")
         return ()
     out: list[JwtProvider] = []
-    seen: dict[str, int] = {}
     for i, item in enumerate(raw):
+        p = validate_section(JwtProvider, item, f"jwt[{i}]", problems, env)
+        if p is not None:
+            out.append(p)
+    check_jwt(tuple(out), upstreams, problems, env)
+    return tuple(out)
+
+
+def check_jwt(
+    providers: tuple[JwtProvider, ...], upstreams: Mapping[str, str], problems: list[str], env: Mapping[str, str]
+) -> None:
+    """What the ``jwt:`` list needs from the rest of the file and the environment (``upstreams``: id -> kind)."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(providers):
         path = f"jwt[{i}]"
-        p = validate_section(JwtProvider, item, path, problems, env)
-        if p is None:
-            continue
         if p.issuer in seen:
             problems.append(f"{path}.issuer: {p.issuer!r} is already jwt[{seen[p.issuer]}]'s issuer")
         seen[p.issuer] = i
@@ -233,5 +242,3 @@ def load_jwt(
             elif len(secret.encode()) < need:
                 problems.append(f"{path}.secret_env: {p.secret_env} must hold at least {need} bytes for {p.algorithms}")
         _check_upstreams(p, path, upstreams, problems)
-        out.append(p)
-    return tuple(out)

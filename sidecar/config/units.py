@@ -77,7 +77,7 @@ def parse_header_size(value: object) -> int:
     return size
 
 
-def _busy_timeout(value: object) -> float:
+def parse_busy_timeout(value: object) -> float:
     """``store.busy_timeout``: 10 ms to 5 minutes."""
     seconds = parse_duration(value)
     if not 0.01 <= seconds <= 300:
@@ -85,7 +85,7 @@ def _busy_timeout(value: object) -> float:
     return seconds
 
 
-def _flush_interval(value: object) -> float:
+def parse_flush_interval(value: object) -> float:
     """``rate_limits.quota_flush_interval``, ``store.usage_flush_interval``: 100 ms to 5 minutes."""
     seconds = parse_duration(value)
     if not 0.1 <= seconds <= 300:
