@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .models import validate_section
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -62,6 +63,7 @@ from .units import (
     parse_public_url,
     parse_size,
 )
+from .workers import WorkersSection
 
 
 def _check_listen(r: _Reader, value: str, path: str) -> None:
@@ -187,6 +189,7 @@ def parse_config(
         {
             "listen", "tls", "admin", "store", "keys", "credentials", "upstreams", "rate_limits",
             "cache", "metrics", "log", "server", "cors",
+            "workers",
         },
     )  # fmt: skip
 
@@ -428,6 +431,10 @@ def parse_config(
         enabled=r.boolean(cod, "enabled", "cors", False), origins=tuple(r.str_list(cod, "origins", "cors")) or ("*",)
     )
 
+    workers_section = validate_section(
+        WorkersSection, {"workers": top["workers"]} if "workers" in top else {}, "", r.problems, r.env
+    )
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -445,6 +452,7 @@ def parse_config(
         server=server,
         cors=cors,
         source=source,
+        workers=workers_section.count() if workers_section is not None else 1,
     )
 
 

@@ -200,6 +200,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
+    workers: int = 1  # worker processes on the proxy port (sidecar.workers); 1: no supervisor
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:
