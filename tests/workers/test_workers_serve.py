@@ -1,0 +1,164 @@
+"""``sidecar serve --workers 2`` for real (issue 19): one port, two workers, one host.
+
+Each test starts the supervisor as a child process on free ports in front of a real
+aiohttp upstream, and talks to it as a client would: requests on fresh connections (so
+``SO_REUSEPORT`` spreads them over both workers), the admin API and ``/metrics`` of the
+supervisor, and signals. Which worker answered is read from ``/metrics``
+(``sidecar_worker_requests_total``), never from a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+from workers_support import AUTH, Host, cli, metric, slow_upstream, workers_process, write_config
+
+PATH = "/library/sections"
+
+
+async def upstream(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(slow_upstream())
+    return server
+
+
+async def new_key(config: Path, *args: str) -> tuple[str, str]:
+    data = json.loads(await cli(config, "keys", "create", "--name", "t", "--json", *args))
+    return str(data["id"]), str(data["key"])
+
+
+async def fan_out(host: Host, key: str, n: int, path: str = PATH) -> list[int]:
+    """``n`` concurrent requests, each on its own connection."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as http:
+
+        async def one() -> int:
+            async with http.get(host.proxy + path, headers={"X-Plex-Token": key}) as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def scrape(host: Host) -> str:
+    async with aiohttp.ClientSession() as http, http.get(host.admin + "/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def served(text: str) -> dict[str, float]:
+    return {w: metric(text, "sidecar_worker_requests_total", lambda s, w=w: f'worker="{w}"' in s) for w in "01"}
+
+
+async def test_exact_limit_spread_over_workers_and_one_metrics(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")))
+    _, key = await new_key(config, "--rate", "10/minute")
+    async with workers_process(config, "--workers", "2") as host:
+        statuses = await fan_out(host, key, 30)
+        assert sorted(statuses) == [200] * 10 + [429] * 20  # the host's budget, not 10 per worker
+        text = await scrape(host)
+        assert metric(text, "sidecar_requests_total") == 30  # each request counted once, both workers summed
+        assert metric(text, "sidecar_requests_total", lambda s: 'code="429"' in s) == 20
+        assert metric(text, "sidecar_rate_limited_total") == 20
+        assert metric(text, "sidecar_workers") == 2
+        per_worker = served(text)
+        assert sum(per_worker.values()) == 30 and min(per_worker.values()) > 0, per_worker
+        assert metric(text, "process_resident_memory_bytes", lambda s: 'worker="supervisor"' in s) > 0
+        assert metric(text, "sidecar_keys", lambda s: 'state="active"' in s) == 1  # the key table, not N times
+
+
+async def test_inherited_socket_when_no_reuseport(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")), workers=2)
+    _, key = await new_key(config)
+    async with workers_process(config, extra_env={"SIDECAR_WORKERS_SOCKET": "inherit"}) as host:
+        assert any("(one inherited socket)" in line for line in host.log)
+        assert await fan_out(host, key, 20) == [200] * 20
+        assert metric(await scrape(host), "sidecar_requests_total") == 20
+
+
+async def test_killed_worker_is_restarted_and_serves(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")))
+    _, key = await new_key(config)
+    async with workers_process(config, "--workers", "2") as host:
+        victim = host.pids[0]
+        mark = len(host.log)
+        os.kill(victim, signal.SIGKILL)
+        await host.wait_log(rf"worker 0 \(pid {victim}\) exited with signal SIGKILL; restarting", mark)
+        await host.wait_log(r"worker 0 listening on", mark)
+        assert host.pids[0] != victim
+        deadline = time.monotonic() + 10
+        while True:  # the supervisor sees it answer on its admin socket
+            text = await scrape(host)
+            if metric(text, "sidecar_workers") == 2:
+                break
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.05)
+        assert metric(text, "sidecar_worker_restarts_total", lambda s: 'worker="0"' in s) == 1
+        assert await fan_out(host, key, 30) == [200] * 30
+        assert min(served(await scrape(host)).values()) > 0  # the new worker 0 takes its share
+
+
+async def test_sigterm_drains_requests_in_flight(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")), server={"shutdown_grace": "10s"})
+    _, key = await new_key(config)
+    async with workers_process(config, "--workers", "2") as host:
+        slow = asyncio.create_task(fan_out(host, key, 6, "/slow"))
+        deadline = time.monotonic() + 10
+        while metric(await scrape(host), "sidecar_in_flight_requests") < 6:  # summed over both workers
+            assert time.monotonic() < deadline and not slow.done()
+            await asyncio.sleep(0.02)
+        host.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(slow, 10) == [200] * 6  # every request in flight finished
+        assert await asyncio.wait_for(host.proc.wait(), 10) == 0
+        assert any("draining 2 workers" in line for line in host.log)
+        for pid in host.pids.values():
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+async def test_sighup_reload_reaches_every_worker(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    # No store poll within the test: only the SIGHUP can make the workers see the revocation.
+    config = write_config(tmp_path, str(up.make_url("")), store={"kind": "sqlite", "poll_interval": "1h"})
+    key_id, key = await new_key(config)
+    async with workers_process(config, "--workers", "2") as host:
+        assert await fan_out(host, key, 10) == [200] * 10
+        await cli(config, "keys", "revoke", key_id)
+        assert await fan_out(host, key, 10) == [200] * 10  # not polled: the workers do not know yet
+        host.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while set(statuses := await fan_out(host, key, 20)) != {401}:
+            assert time.monotonic() < deadline, statuses
+            await asyncio.sleep(0.05)
+        before = served(await scrape(host))
+        assert await fan_out(host, key, 30) == [401] * 30
+        after = served(await scrape(host))
+        assert all(after[w] > before[w] for w in "01"), (before, after)  # both workers reloaded
+
+
+async def test_revoked_key_refused_by_every_worker_within_a_second(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")))
+    key_id, key = await new_key(config)
+    async with workers_process(config, "--workers", "2") as host:
+        assert await fan_out(host, key, 10) == [200] * 10
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"{host.admin}/admin/keys/{key_id}", headers=AUTH) as resp:
+                assert resp.status == 200, await resp.text()
+        revoked = time.monotonic()
+        while set(statuses := await fan_out(host, key, 10)) != {401}:
+            assert time.monotonic() - revoked < 1.0, statuses
+            await asyncio.sleep(0.02)
+        before = served(await scrape(host))
+        assert set(await fan_out(host, key, 30)) == {401}
+        after = served(await scrape(host))
+        assert all(after[w] > before[w] for w in "01"), (before, after)  # both workers refuse it
