@@ -138,7 +138,11 @@ class Sidecar:
         await self.verifier.load()
         reload_error_metric(self.verifier, self.config.store.kind, self.metrics.registry)
         self._limiter = RateLimiter(
-            self.config, self.store, clock=self.clock, steady=self.steady, registry=self.metrics.registry,
+            self.config,
+            self.store,
+            clock=self.clock,
+            steady=self.steady,
+            registry=self.metrics.registry,
             shared=self.shared_limits,
         )
         await self.limiter.start()
@@ -328,10 +332,10 @@ async def running(sc: Sidecar, worker: Any = None) -> AsyncIterator[tuple[web.Ba
         ahost, aport = _host_port(sc.config.admin.listen)
         if worker is not None:  # one of several processes on the port: sidecar.workers.worker
             await worker.bind(proxy_runner, admin_runner, host, port, ssl_ctx)
-        for runner, where, h, p, ctx in () if worker is not None else (
+        for runner, where, h, p, ctx in (
             (proxy_runner, sc.config.listen, host, port, ssl_ctx),
             (admin_runner, sc.config.admin.listen, ahost, aport, None),
-        ):
+        )[: 0 if worker is not None else 2]:  # a worker has bound its own
             try:
                 await web.TCPSite(runner, h, p, ssl_context=ctx, reuse_address=True).start()
             except OSError as e:
@@ -369,10 +373,11 @@ async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: sc.spawn(sc.verifier.refresh(force=True)))
+    banner = "sidecar listening on %s (admin %s)" if worker is None else f"worker {worker.index} listening on %s%.0s"
     try:
         async with running(sc, worker) as (proxy_runner, admin_runner):
             log.info(
-                "sidecar listening on %s (admin %s)" if worker is None else f"worker {worker.index} listening on %s%.0s",
+                banner,
                 ", ".join(bound_addresses(proxy_runner, tls=config.tls is not None)),
                 ", ".join(bound_addresses(admin_runner)),
             )

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,5 +30,5 @@ def serve_workers(
         return 0
     from .supervisor import supervise
 
-    run(supervise(config, config_path, workers or config.workers))
+    run(supervise(config, os.path.abspath(config_path), workers or config.workers))
     return 0

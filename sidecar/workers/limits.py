@@ -216,16 +216,17 @@ class SharedLimits:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._proto is not None and self._proto.open:
-                return self._proto
+            current = self._proto
+            if current is not None and current.open:
+                return current  # another caller connected meanwhile
             loop = asyncio.get_running_loop()
             try:
-                _, proto = await asyncio.wait_for(loop.create_unix_connection(_ClientConn, self.path), TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as e:
+                _, fresh = await asyncio.wait_for(loop.create_unix_connection(_ClientConn, self.path), TIMEOUT)
+            except (TimeoutError, OSError) as e:
                 raise BackendDown(f"the limiter owner (supervisor) is unreachable: {e}") from None
-            self._proto = proto
+            self._proto = fresh
             self._plans.clear()  # a new connection knows no plan
-            return proto
+            return fresh
 
     async def evaluate(self, plan: Plan, now_us: int, qkey: CounterKey | None, qend: float, cost: int) -> Outcome:
         conn = self._proto

@@ -34,7 +34,6 @@ import socket
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -95,7 +94,7 @@ class WorkerPool:
         self.inherit = inherit
         self.procs: list[asyncio.subprocess.Process | None] = [None] * n
         self.restarts = [0] * n
-        self.stopping = False
+        self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started: list[asyncio.Event] = [asyncio.Event() for _ in range(n)]
 
@@ -116,11 +115,11 @@ class WorkerPool:
 
     async def _keep(self, i: int) -> None:
         backoff = BACKOFF_MIN
-        while not self.stopping:
+        while not self._stopping.is_set():
             began = time.monotonic()
             proc = await self._spawn(i)
             rc = await proc.wait()
-            if self.stopping:
+            if self._stopping.is_set():
                 return
             how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
             backoff = BACKOFF_MIN if time.monotonic() - began >= STABLE_AFTER else min(BACKOFF_MAX, backoff * 2)
@@ -131,11 +130,11 @@ class WorkerPool:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep(i)) for i in range(self.n)]
 
-    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Until every worker answers ``/readyz`` on its admin socket (or one cannot start)."""
-        deadline = time.monotonic() + timeout
+    async def wait_ready(self) -> None:
+        """Until every worker answers on its admin socket (or one cannot start)."""
+        deadline = time.monotonic() + READY_TIMEOUT
         for i in range(self.n):
-            await asyncio.wait_for(self._started[i].wait(), timeout)
+            await asyncio.wait_for(self._started[i].wait(), READY_TIMEOUT)
             while True:
                 if await self.scrape(i, "/healthz") is not None:
                     break
@@ -148,10 +147,12 @@ class WorkerPool:
         try:
             conn = aiohttp.UnixConnector(path=admin_socket(self.directory, i))
             timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-            async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
-                async with http.get(f"http://worker{path}") as resp:
-                    return await resp.text() if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            async with (
+                aiohttp.ClientSession(connector=conn, timeout=timeout) as http,
+                http.get(f"http://worker{path}") as resp,
+            ):
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
     def signal_all(self, sig: signal.Signals) -> None:
@@ -162,12 +163,12 @@ class WorkerPool:
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each drains up to ``grace``), then SIGKILL what is left."""
-        self.stopping = True
+        self._stopping.set()
         self.signal_all(signal.SIGTERM)
         waits = [p.wait() for p in self.procs if p is not None and p.returncode is None]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), grace + KILL_AFTER)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("workers still running %.0fs after SIGTERM: killing them", grace + KILL_AFTER)
             self.signal_all(signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in self.procs if p is not None))
@@ -185,7 +186,7 @@ def _private_dir() -> str:
 
 
 async def supervise(config: Config, config_path: str, n: int) -> None:
-    """Run N workers until SIGTERM/SIGINT; then drain them all and return."""
+    """Run N workers until SIGTERM/SIGINT; then drain them all and return (``config_path``: absolute)."""
     from ..admin.api import create_admin_app
 
     directory = _private_dir()
@@ -212,7 +213,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             await owner.start(limits_socket(directory))
         inherit = inherit_fallback()
         sock = proxy_socket(config.listen, inherit)
-        pool = WorkerPool(n, str(Path(config_path).resolve()), directory, sock, inherit)
+        pool = WorkerPool(n, config_path, directory, sock, inherit)
         pool.start()
         await pool.wait_ready()
         admin = create_admin_app(sc)

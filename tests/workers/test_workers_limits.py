@@ -35,9 +35,13 @@ async def host(
 
     async def make(**rate_limits: Any) -> tuple[Any, LimitsOwner, list[Worker]]:
         """The supervisor's sidecar, its owner, and two workers' proxies (their key tables follow the store)."""
-        cfg_dict = base_config(str(plex_upstream.make_url("")), tmp_path, rate_limits={"backend": "memory", **rate_limits})
+        cfg_dict = base_config(
+            str(plex_upstream.make_url("")), tmp_path, rate_limits={"backend": "memory", **rate_limits}
+        )
         sup = await make_sidecar(cfg_dict)
-        owner = LimitsOwner(sup.sc.limiter.memory, sup.sc.limiter.book, sup.sc.limiter.quota_levels, steady=sup.sc.steady)
+        owner = LimitsOwner(
+            sup.sc.limiter.memory, sup.sc.limiter.book, sup.sc.limiter.quota_levels, steady=sup.sc.steady
+        )
         path = str(tmp_path / "limits.sock")
         await owner.start(path)
         owners.append(owner)

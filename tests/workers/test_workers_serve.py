@@ -151,9 +151,11 @@ async def test_revoked_key_refused_by_every_worker_within_a_second(tmp_path: Pat
     key_id, key = await new_key(config)
     async with workers_process(config, "--workers", "2") as host:
         assert await fan_out(host, key, 10) == [200] * 10
-        async with aiohttp.ClientSession() as http:
-            async with http.delete(f"{host.admin}/admin/keys/{key_id}", headers=AUTH) as resp:
-                assert resp.status == 200, await resp.text()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.delete(f"{host.admin}/admin/keys/{key_id}", headers=AUTH) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
         revoked = time.monotonic()
         while set(statuses := await fan_out(host, key, 10)) != {401}:
             assert time.monotonic() - revoked < 1.0, statuses

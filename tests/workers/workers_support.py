@@ -72,9 +72,7 @@ async def cli(config: Path, *args: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def workers_process(
-    config: Path, *args: str, extra_env: dict[str, str] | None = None
-) -> AsyncIterator[Host]:
+async def workers_process(config: Path, *args: str, extra_env: dict[str, str] | None = None) -> AsyncIterator[Host]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "serve", "-c", str(config), *args,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={**env(), **(extra_env or {})},
@@ -105,7 +103,7 @@ async def workers_process(
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         await asyncio.wait_for(reader, 10)
