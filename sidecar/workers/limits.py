@@ -1,26 +1,29 @@
-"""Exact rate limits and quotas across the workers of one host, without Redis: an owner process.
+"""Exact rate limits and quotas across the workers of one host, without Redis.
 
-The supervisor owns the host's one ``MemoryBackend`` (GCRA buckets) and ``QuotaBook``
-(quota counters, flushed to the store once for the host); workers ask it over a unix
-socket in the supervisor's private directory. One request costs one round trip on a
-connection each worker keeps open, and the wire is as small as the question:
+Two places hold the host's state, each where it is cheapest to keep exact:
 
-- a plan (buckets, GCRA interval and capacity, quota limit) is sent once per key version
-  (``[0, "p", pid, buckets, rates, quota]``), then referred to by its number;
-- a check is ``[rid, "e", pid, cost, now_us, qkey, qend]`` and its answer
-  ``[rid, ok, debts, quota_used]`` — the same ``Outcome`` ``MemoryBackend.evaluate`` gives
-  in a single process, computed by that same code, so the arithmetic and the headers
-  cannot drift from the one-process limiter;
-- questions written in one event-loop turn leave in one ``write`` (pipelined: answers come
-  back by request id, in any order), and the owner answers a batch with one ``write`` too.
+- **GCRA buckets** live in a table in shared memory (``sidecar.workers.shm``): a worker
+  checks a plan without a quota there itself, under a ``flock``, with no round trip —
+  a few µs, the common case (``rate_limits`` without ``quota``).
+- **Quotas** live in the supervisor, the owner process: its one ``QuotaBook`` loads a
+  counter from the store once, counts, flushes once for the host, and applies admin
+  resets to the live count. A plan with a quota is one round trip to it over a unix
+  socket in the supervisor's private directory; the owner checks the plan's buckets in
+  the same shared table and its quota in one synchronous, all-or-nothing step.
 
-Why an owner process and not a shared-memory table: quotas need the store (a counter's
-first read, the flush) and admin resets must reach the live count, which the existing
-``QuotaBook`` already does right in one process; GCRA and the quota then stay one
-atomic, all-or-nothing step (nothing interleaves on the owner's event loop). The cost
-is a loopback round trip per limited request (see docs/scaling.md for the figures
-against Redis). The client quacks like ``RedisBackend``, so ``RateLimiter`` treats it as
-its shared backend: a dead owner is ``on_redis_error``, with the same back-off.
+The wire is as small as the question: a plan (buckets, GCRA interval and capacity, quota
+limit) is sent once per key version (``[0, "p", pid, buckets, rates, quota]``), then named
+by its number; a check is ``[rid, "e", pid, cost, now_us, qkey, qend]`` and its answer
+``[rid, ok, debts, quota_used]`` — the ``Outcome`` a one-process limiter computes, by the
+same arithmetic, so headers cannot drift. Questions written in one event-loop turn leave
+in one ``write`` (pipelined, answered by id), and the owner answers a batch with one.
+
+Why not everything in the owner: a round trip costs the worker ~20-35 µs of CPU and the
+owner ~15-25 µs per check (bench/workers_bench.py), which the 2-worker bench felt; why
+not quotas in shared memory too: their first read and flush need the store, and admin
+resets must reach the live count, which ``QuotaBook`` already does right in one process.
+The client quacks like ``RedisBackend``, so ``RateLimiter`` treats it as its shared
+backend: an unreachable owner is ``on_redis_error``, with the same back-off.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..config import parse_limit
 from ..limits.gcra import US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateRule
 from ..limits.quota import CounterKey, QuotaBook
 from ..store import StoreError
+from .shm import ShmBuckets
 
 __all__ = ["LimitsOwner", "SharedLimits"]
 
@@ -58,16 +62,16 @@ class LimitsOwner:
 
     def __init__(
         self,
-        memory: MemoryBackend,
+        buckets: MemoryBackend | ShmBuckets,
         book: QuotaBook,
         quota_levels: dict[tuple[str, str], tuple[int, int, float]],
         *,
-        steady: Callable[[], float],
+        steady: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.memory = memory
+        self.buckets = buckets  # the host's shared table (the workers check plans without a quota there)
         self.book = book
         self.quota_levels = quota_levels  # the supervisor's sidecar_quota_* gauges: the host's count
-        self.steady = steady
+        self.steady = steady  # the table's clock: time.monotonic, one for every process of the host
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[_OwnerConn] = set()
         self.checks = 0
@@ -91,7 +95,7 @@ class LimitsOwner:
             counter = self.book.peek(qkey)
             if counter is None or not counter.loaded:
                 return None
-        out = self.memory.evaluate(plan, now_us or int(self.steady() * US), counter, cost)
+        out = self.buckets.evaluate(plan, now_us or int(self.steady() * US), counter, cost)
         self.checks += 1
         if qkey is not None and plan.quota is not None and out.quota_used is not None:
             used = out.quota_used + cost if out.ok else out.quota_used
@@ -199,8 +203,9 @@ class _OwnerConn(asyncio.Protocol):
 class SharedLimits:
     """A worker's side: ``RateLimiter``'s shared backend, in place of ``RedisBackend``."""
 
-    def __init__(self, path: str, *, send_clock: bool = False) -> None:
+    def __init__(self, path: str, buckets: ShmBuckets | None = None, *, send_clock: bool = False) -> None:
         self.path = path
+        self.buckets = buckets  # plans without a quota are checked here, in shared memory, with no round trip
         self.send_clock = send_clock
         self.errors: tuple[type[BaseException], ...] = (BackendDown, OSError)
         self.expire_slack = 0  # ttl = window end - now: the owner needs the window end, not a TTL
@@ -229,6 +234,8 @@ class SharedLimits:
             return fresh
 
     async def evaluate(self, plan: Plan, now_us: int, qkey: CounterKey | None, qend: float, cost: int) -> Outcome:
+        if qkey is None and self.buckets is not None:
+            return self.buckets.evaluate(plan, int(time.monotonic() * US), None, cost)
         conn = self._proto
         if conn is None or not conn.open:
             conn = await self._conn()

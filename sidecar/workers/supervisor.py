@@ -5,9 +5,10 @@ The supervisor does not proxy. It holds what must exist once per host:
 - the **admin listener** (``admin.listen``): the admin API, health, and ``/metrics`` for the
   whole host (``sidecar.workers.aggregate`` merges every worker's registry at scrape time);
   key changes made there reach the workers through the store, as they reach any process;
-- the **rate-limit owner** (memory backend): every worker's checks go to its one GCRA
-  table and quota book (``sidecar.workers.limits``), so limits are exact, not divided by N,
-  and quota counts are flushed to the store once. With ``backend: redis`` workers use Redis;
+- the **rate-limit state** (memory backend): the host's GCRA table in shared memory, which
+  every worker checks under one lock, and the one quota book, which workers ask over a
+  unix socket (``sidecar.workers.limits``): limits are exact, not divided by N, and quota
+  counts are flushed to the store once. With ``backend: redis`` workers use Redis;
 - the proxy port: bound with ``SO_REUSEPORT`` by each worker (the supervisor holds one
   bound, never listening, socket so the port stays reserved across restarts), or, without
   ``SO_REUSEPORT``, one listening socket every worker inherits.
@@ -45,7 +46,8 @@ from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import merge
 from .limits import LimitsOwner
-from .worker import WorkerRole, admin_socket, limits_socket
+from .shm import ShmBuckets
+from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
 
 __all__ = ["WorkerPool", "supervise"]
 
@@ -209,7 +211,8 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
     try:
         await sc.start()
         if config.rate_limits.backend == "memory":
-            owner = LimitsOwner(sc.limiter.memory, sc.limiter.book, sc.limiter.quota_levels, steady=sc.steady)
+            buckets = ShmBuckets(buckets_file(directory), create=True)
+            owner = LimitsOwner(buckets, sc.limiter.book, sc.limiter.quota_levels)
             await owner.start(limits_socket(directory))
         inherit = inherit_fallback()
         sock = proxy_socket(config.listen, inherit)

@@ -9,8 +9,8 @@ platform has no ``SO_REUSEPORT`` — the number of the listening socket it inher
   over the workers), or the one inherited socket (every worker accepts from one queue).
 - Admin: not on ``admin.listen`` (the supervisor serves that, for the host) but on a unix
   socket in the private directory, which the supervisor reads ``/metrics`` from.
-- Limits: the memory backend becomes the supervisor's (``SharedLimits``), so counts are
-  the host's; with ``backend: redis`` nothing changes.
+- Limits: the memory backend becomes the host's (``SharedLimits``: buckets in the shared
+  table, quotas in the supervisor), so counts are exact; with ``backend: redis`` nothing changes.
 - The supervisor gone (killed hard), the worker stops: ``PR_SET_PDEATHSIG`` on Linux, and
   a check of the parent pid every second everywhere.
 """
@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .limits import SharedLimits
+from .shm import ShmBuckets
 
 if TYPE_CHECKING:
     from ..app import Sidecar
 
-__all__ = ["WorkerRole", "admin_socket", "limits_socket"]
+__all__ = ["WorkerRole", "admin_socket", "buckets_file", "limits_socket"]
 
 log = logging.getLogger("sidecar.workers")
 
@@ -46,6 +47,10 @@ PARENT_CHECK = 1.0  # seconds between checks that the supervisor is still there
 
 def limits_socket(directory: str) -> str:
     return os.path.join(directory, "limits.sock")
+
+
+def buckets_file(directory: str) -> str:
+    return os.path.join(directory, "buckets")
 
 
 def admin_socket(directory: str, index: int) -> str:
@@ -78,7 +83,8 @@ class WorkerRole:
     def attach(self, sc: Sidecar) -> None:
         """Before ``Sidecar.start``: the supervisor's limiter, and stop when the supervisor is gone."""
         if self.shared_limits and sc.config.rate_limits.backend == "memory":
-            sc.shared_limits = SharedLimits(limits_socket(self.directory))
+            buckets = ShmBuckets(buckets_file(self.directory))
+            sc.shared_limits = SharedLimits(limits_socket(self.directory), buckets)
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))
 

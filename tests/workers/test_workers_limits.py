@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.app import Sidecar, create_apps
 from sidecar.config import parse_config
 from sidecar.workers.limits import LimitsOwner, SharedLimits
+from sidecar.workers.shm import ShmBuckets
 
 Worker = TestClient[web.Request, web.Application]
 
@@ -39,16 +40,15 @@ async def host(
             str(plex_upstream.make_url("")), tmp_path, rate_limits={"backend": "memory", **rate_limits}
         )
         sup = await make_sidecar(cfg_dict)
-        owner = LimitsOwner(
-            sup.sc.limiter.memory, sup.sc.limiter.book, sup.sc.limiter.quota_levels, steady=sup.sc.steady
-        )
+        table = ShmBuckets(str(tmp_path / "buckets"), create=True, slots=1024)
+        owner = LimitsOwner(table, sup.sc.limiter.book, sup.sc.limiter.quota_levels)
         path = str(tmp_path / "limits.sock")
         await owner.start(path)
         owners.append(owner)
         workers = []
         for _ in range(2):
             sc = Sidecar(parse_config(cfg_dict, env=env, base=tmp_path), registry=CollectorRegistry(), env=env)
-            sc.shared_limits = SharedLimits(path)
+            sc.shared_limits = SharedLimits(path, ShmBuckets(str(tmp_path / "buckets")))
             await sc.start()
             started.append(sc)
             workers.append(await aiohttp_client(ProxyTestServer(create_apps(sc)[0])))
@@ -115,9 +115,18 @@ async def test_quota_refusal_spends_no_rate_and_admin_reset_reaches_workers(host
     assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "2"
 
 
-async def test_owner_gone_applies_on_redis_error(host: Any) -> None:
+async def test_rates_without_quota_need_no_round_trip(host: Any) -> None:
+    sup, owner, (w0, w1) = await host(on_redis_error="deny")
+    _, k = await sup.create_key(rate_limits=["3/minute"])
+    await owner.close()  # the shared table alone holds the buckets: the owner is not asked
+    got = [(await w.get("/library/sections", headers={"X-Plex-Token": k})).status for w in (w0, w1, w0, w1)]
+    assert got == [200, 200, 200, 429]
+    assert owner.checks == 0
+
+
+async def test_owner_gone_applies_on_redis_error_to_quotas(host: Any) -> None:
     sup, owner, (w0, _) = await host(on_redis_error="deny")
-    _, k = await sup.create_key(rate_limits=["100/minute"])
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
     assert (await w0.get("/library/sections", headers={"X-Plex-Token": k})).status == 200
     await owner.close()
     resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
