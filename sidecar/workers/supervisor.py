@@ -214,6 +214,11 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             buckets = ShmBuckets(buckets_file(directory), create=True)
             owner = LimitsOwner(buckets, sc.limiter.book, sc.limiter.quota_levels)
             await owner.start(limits_socket(directory))
+        if any(u.kind == "mcp" for u in config.upstreams):
+            log.warning(
+                "workers: MCP sessions are held per worker; a client whose connections land on different "
+                "workers needs session ids that any worker can check (docs/scaling.md, Workers)"
+            )
         inherit = inherit_fallback()
         sock = proxy_socket(config.listen, inherit)
         pool = WorkerPool(n, config_path, directory, sock, inherit)
