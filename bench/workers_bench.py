@@ -1,6 +1,6 @@
 """Workers (issue 19): Sidecar at 1, 2 and ``auto`` workers next to nginx at the same worker count.
 
-    bench/run workers [--duration 3] [--rounds 2] [--connections 32] [--limiter-only]
+    bench/run workers [--duration 3] [--rounds 2] [--connections 32] [--limiter-only] [--baseline CHECKOUT]
 
 **Serving rows.** An nginx upstream (static 1 KiB file), then for each worker count W in
 {1, 2, cores}: nginx ``proxy_pass`` with ``worker_processes W`` and ``sidecar serve`` with
@@ -59,7 +59,7 @@ def cpu_seconds(pids: list[int]) -> float:
 # ------------------------------------------------------------------------------ serving
 
 
-def sidecar_config(workdir: Path, port: int, admin: int, up: int, workers: int, limits: bool) -> Path:
+def sidecar_config(workdir: Path, port: int, admin: int, up: int, workers: int | None, limits: bool) -> Path:
     import yaml
 
     cfg = {
@@ -71,8 +71,9 @@ def sidecar_config(workdir: Path, port: int, admin: int, up: int, workers: int, 
         "rate_limits": {"backend": "memory", "default": ["1000000/second"] if limits else []},
         "log": {"access": str(workdir / "access.log"), "level": "warning"},
         "server": {"shutdown_grace": "1s"},
-        "workers": workers,
     }
+    if workers is not None:  # None: a checkout from before workers (the --baseline row)
+        cfg["workers"] = workers
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "sidecar.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -121,6 +122,14 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
                 wait_http(p, f"http://127.0.0.1:{sadmin}/healthz", timeout=120)
                 label = f"Sidecar, {w} worker{'s' * (w > 1)}{'' if limits else ', no rate limits'}"
                 targets.append((label, w, f"http://127.0.0.1:{sport}", p))
+        if args.baseline:  # the same Sidecar from another checkout: does workers: 1 cost the hot path anything?
+            sport, sadmin = free_ports(2)
+            path = sidecar_config(tmp / "baseline", sport, sadmin, up, None, True)
+            benv = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
+            p = Proc("baseline", [sys.executable, "-m", "sidecar", "serve", "-c", str(path)], tmp / "b.log", env=benv)
+            procs.append(p)
+            wait_http(p, f"http://127.0.0.1:{sadmin}/healthz", timeout=120)
+            targets.insert(1, (f"Sidecar, 1 process, {args.baseline} (baseline)", 1, f"http://127.0.0.1:{sport}", p))
         script = write_script(tmp / "plain.lua")
         headers = {"x-api-key": key}
         for _, _, url, _ in targets:  # warm-up: connections, key verification, plans
@@ -270,7 +279,16 @@ def report(serve_rows: list[dict[str, Any]], lim_rows: list[dict[str, Any]], arg
             per_cpu = r["requests"] / r["cpu"] if r["cpu"] else 0
             r["rps"], r["per_cpu"] = rps, per_cpu
             out.append(f"| {r['target']} | {rps:,.0f} | {r['cpu']:.1f} | {per_cpu:,.0f} | {r['errors']} |")
-        sc = {r["workers"]: r for r in serve_rows if r["target"].startswith("Sidecar") and "no rate" not in r["target"]}
+        sc = {
+            r["workers"]: r
+            for r in serve_rows
+            if r["target"].startswith("Sidecar") and "no rate" not in r["target"] and "baseline" not in r["target"]
+        }
+        base = [r for r in serve_rows if "baseline" in r["target"]]
+        if base and 1 in sc:
+            b = base[0]
+            rps, cpu = sc[1]["rps"] / b["rps"], sc[1]["per_cpu"] / b["per_cpu"]
+            out += ["", f"- workers: 1 / baseline: req/s {rps:.2f}×, req per CPU-s {cpu:.2f}× (must not be slower)"]
         if 1 in sc and 2 in sc:
             out += ["", f"- Sidecar 2 workers / 1 worker, req/s: **{sc[2]['rps'] / sc[1]['rps']:.2f}×** (goal ≥ 1.4×)",
                     f"- Sidecar 2 workers / 1 worker, req per CPU-s: **{sc[2]['per_cpu'] / sc[1]['per_cpu']:.2f}×** "
@@ -293,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--checks", type=int, default=20000, help="rate-limit checks per limiter row")
     ap.add_argument("--limiter-only", action="store_true")
+    ap.add_argument("--baseline", help="a checkout from before workers (e.g. /work/main): its Sidecar as a row too")
     ap.add_argument("--serve-only", action="store_true")
     args = ap.parse_args(argv)
     env = dict(os.environ, SIDECAR_ADMIN_TOKEN=os.urandom(16).hex(), PLEX_TOKEN=os.urandom(10).hex())
