@@ -120,6 +120,8 @@ class WorkerPool:
         while not self._stopping.is_set():
             began = time.monotonic()
             proc = await self._spawn(i)
+            if self._stopping.is_set():  # stop() came while this one was starting: it missed the SIGTERM
+                proc.terminate()
             rc = await proc.wait()
             if self._stopping.is_set():
                 return

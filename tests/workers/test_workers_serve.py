@@ -13,13 +13,14 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from workers_support import AUTH, Host, cli, metric, slow_upstream, workers_process, write_config
+from workers_support import AUTH, Host, cli, env, metric, slow_upstream, workers_process, write_config
 
 PATH = "/library/sections"
 
@@ -164,3 +165,19 @@ async def test_revoked_key_refused_by_every_worker_within_a_second(tmp_path: Pat
         assert set(await fan_out(host, key, 30)) == {401}
         after = served(await scrape(host))
         assert all(after[w] > before[w] for w in "01"), (before, after)  # both workers refuse it
+
+
+async def test_bad_worker_counts_are_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9", workers=0)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "serve", "-c", str(config), "--workers", "lots",
+        stderr=asyncio.subprocess.PIPE, env=env(),
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and "--workers: expected a whole number from 1 to 256, or auto" in err.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "config", "check", "-c", str(config),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, env=env(),
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and "workers: expected a whole number from 1 to 256, or auto; got 0" in err.decode()
