@@ -85,6 +85,7 @@ class WorkerRole:
         if self.shared_limits and sc.config.rate_limits.backend == "memory":
             buckets = ShmBuckets(buckets_file(self.directory))
             sc.shared_limits = SharedLimits(limits_socket(self.directory), buckets)
+        sc.access_log.shared = True  # every worker writes to the same stdout or file
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))
 
