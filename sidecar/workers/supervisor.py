@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import shutil
@@ -262,11 +263,25 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
     log.info("stopped")
 
 
+def _with_workers(resp: web.StreamResponse, pool: WorkerPool) -> web.StreamResponse:
+    """``/readyz`` with a ``workers`` check: not ready while no worker is running (all restarting)."""
+    if not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
+        return resp
+    body = json.loads(resp.body)
+    running = sum(1 for p in pool.procs if p is not None and p.returncode is None)
+    body["checks"]["workers"] = "ok" if running else "none running"
+    ready = resp.status == 200 and running > 0
+    body["status"] = "ready" if ready else "not ready"
+    return web.json_response(body, status=200 if ready else 503)
+
+
 def _host_metrics(sc: Sidecar, pool: WorkerPool) -> Any:
-    """``/metrics`` on the admin listener: the supervisor's registry and every worker's, merged."""
+    """``/metrics`` and ``/readyz`` on the admin listener: the host's, all workers included."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/readyz":
+            return _with_workers(await handler(request), pool)
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
             return await handler(request)  # type: ignore[no-any-return]
         texts = await asyncio.gather(*(pool.scrape(i) for i in range(pool.n)))

@@ -73,6 +73,8 @@ async def test_exact_limit_spread_over_workers_and_one_metrics(tmp_path: Path, a
         assert sum(per_worker.values()) == 30 and min(per_worker.values()) > 0, per_worker
         assert metric(text, "process_resident_memory_bytes", lambda s: 'worker="supervisor"' in s) > 0
         assert metric(text, "sidecar_keys", lambda s: 'state="active"' in s) == 1  # the key table, not N times
+        async with aiohttp.ClientSession() as http, http.get(host.admin + "/readyz") as resp:
+            assert resp.status == 200 and (await resp.json())["checks"]["workers"] == "ok"
     # Both workers wrote the one access log: every request once, every line whole.
     lines = (tmp_path / "access.log").read_text().splitlines()
     assert sorted(json.loads(line)["status"] for line in lines) == [200] * 10 + [429] * 20
