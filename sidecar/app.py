@@ -100,7 +100,7 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self.loop_lag = LoopLag(self.metrics.registry)  # sidecar_event_loop_lag_seconds
         self.ready = False
-        self.shared_limits: Any = None  # a worker's limiter backend: the supervisor (sidecar.workers)
+        self.shared_limits: Any = None  # a worker: the host's limiter state (sidecar.workers.limits)
 
     # Owned parts that exist only once started.
     @property

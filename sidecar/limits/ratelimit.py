@@ -131,7 +131,7 @@ class RateLimiter:
             from .redis_backend import RedisBackend  # redis-py is imported only when used
 
             self.redis = RedisBackend(self.rl.redis_url, send_clock=clock is not time.time)
-        elif shared is not None:  # a worker: the supervisor owns the host's buckets (sidecar.workers.limits)
+        elif shared is not None:  # a worker: the host's buckets and quotas (sidecar.workers.limits)
             self.redis = shared
         quota_metrics(self.book if self.redis is None else None, self.registry, self.rl.quota_flush_interval)
         self._plans: dict[tuple[str, str], tuple[KeyRecord, Plan]] = {}
