@@ -103,7 +103,8 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
             p = Proc(f"nginx{w}", ["nginx", "-p", str(nd), "-c", str(conf), "-g", "daemon off;"], nd / "log")
             procs.append(p)
             wait_http(p, f"http://127.0.0.1:{port}/small.bin")
-            targets.append((f"nginx proxy_pass, {w} worker{'s' * (w > 1)}", w, f"http://127.0.0.1:{port}", p))
+            auto = " (auto)" if w == os.cpu_count() else ""
+            targets.append((f"nginx proxy_pass, {w} worker{'s' * (w > 1)}{auto}", w, f"http://127.0.0.1:{port}", p))
             variants = [True] + ([False] if w == counts[-1] and w > 1 else [])
             for limits in variants:
                 if not limits:
@@ -120,7 +121,7 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
                 p = Proc(name, argv, tmp / f"{name}.log", env=env)
                 procs.append(p)
                 wait_http(p, f"http://127.0.0.1:{sadmin}/healthz", timeout=120)
-                label = f"Sidecar, {w} worker{'s' * (w > 1)}{'' if limits else ', no rate limits'}"
+                label = f"Sidecar, {w} worker{'s' * (w > 1)}{auto}{'' if limits else ', no rate limits'}"
                 targets.append((label, w, f"http://127.0.0.1:{sport}", p))
         if args.baseline:  # the same Sidecar from another checkout: does workers: 1 cost the hot path anything?
             sport, sadmin = free_ports(2)
