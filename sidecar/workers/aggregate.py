@@ -14,6 +14,12 @@ always were); the supervisor reads them all at scrape time and merges by family 
 
 Added families: ``sidecar_workers`` (running), ``sidecar_worker_restarts_total`` and
 ``sidecar_worker_requests_total`` per worker (how the port spreads the load).
+
+A worker that dies takes its counters with it; its replacement starts from zero. So that
+the host's sums never step down (which Prometheus would read as a reset of the whole
+host), the counters and histograms of a worker's last exposition the supervisor read are
+kept (``Retired``) and added to every later merge: what a dead worker counted after that
+last read is lost, as a crashed single process loses it, but nothing is counted twice.
 Why not prometheus_client's multiprocess mode: it keeps one mmap file per process and
 metric, reads them all at scrape time, cannot express the cheap per-request families
 (``sidecar.observe.metrics``) and has no per-key label cap of its own.
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["HOST_GAUGES", "merge"]
+__all__ = ["HOST_GAUGES", "Retired", "merge"]
 
 HOST_GAUGES = frozenset(
     {
@@ -34,6 +40,7 @@ HOST_GAUGES = frozenset(
 )  # fmt: skip
 PER_PROCESS = ("process_", "python_", "sidecar_event_loop_lag_seconds")
 REQUESTS = "sidecar_requests_total"
+SUMMED = frozenset({"counter", "histogram", "summary"})
 
 
 class _Family:
@@ -80,7 +87,36 @@ def _parse(text: str) -> Iterable[tuple[str, str, str, str, float]]:
         yield family, help_line, type_line + "\x00" + kind, series, float(value)
 
 
-def merge(own: str, workers: Sequence[tuple[int, str | None]], restarts: Sequence[int]) -> str:
+class Retired:
+    """Counters and histograms of workers that exited, as last read (summed over all of them)."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, _Family] = {}
+
+    def add(self, text: str) -> None:
+        for name, help_line, typed, series, value in _parse(text):
+            type_line, _, kind = typed.partition("\x00")
+            if kind not in SUMMED or name.startswith(PER_PROCESS):
+                continue
+            fam = self.families.get(name)
+            if fam is None:
+                fam = self.families[name] = _Family(help_line, type_line, kind)
+            _add(fam, name, series, value)
+
+
+def _add(fam: _Family, name: str, series: str, value: float) -> None:
+    old = fam.samples.get(series)
+    if old is None:
+        fam.samples[series] = value
+    elif series.startswith(name.removesuffix("_total") + "_created"):
+        fam.samples[series] = min(old, value)
+    else:
+        fam.samples[series] = old + value
+
+
+def merge(
+    own: str, workers: Sequence[tuple[int, str | None]], restarts: Sequence[int], retired: Retired | None = None
+) -> str:
     """The host's exposition from the supervisor's (``own``) and each worker's (None: unreadable now)."""
     families: dict[str, _Family] = {}
     per_worker: dict[int, float] = {}
@@ -102,13 +138,13 @@ def merge(own: str, workers: Sequence[tuple[int, str | None]], restarts: Sequenc
                     continue
             elif name == REQUESTS and who != "supervisor":
                 per_worker[int(who)] = per_worker.get(int(who), 0) + value
-            old = fam.samples.get(series)
-            if old is None:
-                fam.samples[series] = value
-            elif series.startswith(name.removesuffix("_total") + "_created"):
-                fam.samples[series] = min(old, value)
-            else:
-                fam.samples[series] = old + value
+            _add(fam, name, series, value)
+    for name, gone in (retired.families if retired is not None else {}).items():
+        fam = families.get(name)
+        if fam is None:
+            fam = families[name] = _Family(gone.help, gone.type, gone.kind)
+        for series, value in gone.samples.items():
+            _add(fam, name, series, value)
     out: list[str] = []
     for fam in families.values():
         if fam.help:

@@ -45,7 +45,7 @@ from ..app import Sidecar, _host_port, bound_addresses
 from ..config import Config
 from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
-from .aggregate import merge
+from .aggregate import Retired, merge
 from .limits import LimitsOwner
 from .shm import ShmBuckets
 from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
@@ -97,6 +97,8 @@ class WorkerPool:
         self.inherit = inherit
         self.procs: list[asyncio.subprocess.Process | None] = [None] * n
         self.restarts = [0] * n
+        self.last: dict[int, str] = {}  # each worker's last /metrics read, kept when it dies
+        self.retired = Retired()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started: list[asyncio.Event] = [asyncio.Event() for _ in range(n)]
@@ -126,6 +128,8 @@ class WorkerPool:
             rc = await proc.wait()
             if self._stopping.is_set():
                 return
+            if i in self.last:  # its counts so far stay in the host's sums
+                self.retired.add(self.last.pop(i))
             how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
             backoff = BACKOFF_MIN if time.monotonic() - began >= STABLE_AFTER else min(BACKOFF_MAX, backoff * 2)
             self.restarts[i] += 1
@@ -285,7 +289,8 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool) -> Any:
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
             return await handler(request)  # type: ignore[no-any-return]
         texts = await asyncio.gather(*(pool.scrape(i) for i in range(pool.n)))
-        body = merge(sc.metrics.exposition().decode(), list(enumerate(texts)), pool.restarts)
+        pool.last.update((i, text) for i, text in enumerate(texts) if text is not None)
+        body = merge(sc.metrics.exposition().decode(), list(enumerate(texts)), pool.restarts, pool.retired)
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     return middleware

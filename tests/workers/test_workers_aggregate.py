@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.auth.models import KeyRecord
 from sidecar.core.scope import RequestScope
 from sidecar.observe.metrics import Metrics
-from sidecar.workers.aggregate import merge
+from sidecar.workers.aggregate import Retired, merge
 
 
 def exposition(requests: dict[str, int], in_flight: int = 0) -> str:
@@ -56,3 +56,13 @@ def test_a_worker_that_does_not_answer_is_left_out() -> None:
     got = samples(merge(exposition({}), [(0, exposition({"k1": 2})), (1, None)], [0, 0]))
     assert got[("sidecar_workers", ())] == 1
     assert sum(v for (name, _), v in got.items() if name == "sidecar_requests_total") == 2
+
+
+def test_a_dead_workers_counters_stay_in_the_sums() -> None:
+    retired = Retired()
+    retired.add(exposition({"k1": 4}, in_flight=3))  # worker 0 as last read, before it died
+    got = samples(merge(exposition({}), [(0, exposition({"k1": 1})), (1, exposition({"k2": 2}))], [1, 0], retired))
+    assert sum(v for (name, _), v in got.items() if name == "sidecar_requests_total") == 7
+    assert got[("sidecar_request_duration_seconds_count", (("upstream", "plex"),))] == 7
+    assert got[("sidecar_in_flight_requests", ())] == 0  # gauges of the dead are not kept
+    assert got[("sidecar_worker_requests_total", (("worker", "0"),))] == 1  # per worker: since it started
