@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from workers_support import AUTH, Host, cli, env, metric, slow_upstream, workers_process, write_config
+from workers_support import AUTH, Host, env, manage, metric, slow_upstream, workers_process, write_config
 
 PATH = "/library/sections"
 
@@ -30,9 +30,9 @@ async def upstream(aiohttp_server: Any) -> TestServer:
     return server
 
 
-async def new_key(config: Path, *args: str) -> tuple[str, str]:
-    data = json.loads(await cli(config, "keys", "create", "--name", "t", "--json", *args))
-    return str(data["id"]), str(data["key"])
+async def new_key(config: Path, **fields: Any) -> tuple[str, str]:
+    rec, key = await manage(config, "create", **fields)
+    return rec.id, key
 
 
 async def fan_out(host: Host, key: str, n: int, path: str = PATH) -> list[int]:
@@ -60,7 +60,7 @@ def served(text: str) -> dict[str, float]:
 async def test_exact_limit_spread_over_workers_and_one_metrics(tmp_path: Path, aiohttp_server: Any) -> None:
     up = await upstream(aiohttp_server)
     config = write_config(tmp_path, str(up.make_url("")))
-    _, key = await new_key(config, "--rate", "10/minute")
+    _, key = await new_key(config, rate_limits=["10/minute"])
     async with workers_process(config, "--workers", "2") as host:
         statuses = await fan_out(host, key, 30)
         assert sorted(statuses) == [200] * 10 + [429] * 20  # the host's budget, not 10 per worker
@@ -143,7 +143,7 @@ async def test_sighup_reload_reaches_every_worker(tmp_path: Path, aiohttp_server
     key_id, key = await new_key(config)
     async with workers_process(config, "--workers", "2") as host:
         assert await fan_out(host, key, 10) == [200] * 10
-        await cli(config, "keys", "revoke", key_id)
+        await manage(config, "revoke", key_id)
         assert await fan_out(host, key, 10) == [200] * 10  # not polled: the workers do not know yet
         host.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 5

@@ -23,6 +23,10 @@ import yaml
 from aiohttp import web
 from conftest import ADMIN_TOKEN, PLEX_TOKEN, base_config
 
+from sidecar.admin.manage import KeyManager
+from sidecar.config import load_config
+from sidecar.store import open_store
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 ENV = {"PLEX_TOKEN": PLEX_TOKEN, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -61,14 +65,17 @@ def write_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Path:
     return path
 
 
-async def cli(config: Path, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", *args, "-c", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env(),
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+async def manage(config: Path, action: str, *args: Any, **fields: Any) -> Any:
+    """A key change written to the store in process, as ``sidecar keys …`` would (without its start-up)."""
+    cfg = load_config(config, env=ENV)
+    store = await open_store(cfg.store)
+    try:
+        m = KeyManager(cfg, store)
+        if action == "create":
+            return await m.create({"name": "t", **fields}, "test")
+        return await m.revoke(args[0], "test")
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager
