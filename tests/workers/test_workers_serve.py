@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from tlscerts import make_tls
 from workers_support import AUTH, Host, env, manage, metric, slow_upstream, workers_process, write_config
 
 PATH = "/library/sections"
@@ -88,6 +89,24 @@ async def test_inherited_socket_when_no_reuseport(tmp_path: Path, aiohttp_server
         assert any("(one inherited socket)" in line for line in host.log)
         assert await fan_out(host, key, 20) == [200] * 20
         assert metric(await scrape(host), "sidecar_requests_total") == 20
+
+
+async def test_tls_on_the_shared_port(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    tls = make_tls(tmp_path)
+    config = write_config(tmp_path, str(up.make_url("")), tls={"cert": str(tls.cert), "key": str(tls.key)})
+    _, key = await new_key(config)
+    async with workers_process(config, "--workers", "2") as host:
+        assert host.proxy.startswith("https://")
+        connector = aiohttp.TCPConnector(force_close=True, ssl=tls.client_context())
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one() -> int:
+                async with http.get(host.proxy + PATH, headers={"X-Plex-Token": key}) as resp:
+                    return resp.status
+
+            assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+        assert min(served(await scrape(host)).values()) > 0
 
 
 async def test_killed_worker_is_restarted_and_serves(tmp_path: Path, aiohttp_server: Any) -> None:
