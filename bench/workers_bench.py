@@ -81,7 +81,9 @@ def sidecar_config(workdir: Path, port: int, admin: int, up: int, workers: int |
 
 
 def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    counts = sorted({1, 2, os.cpu_count() or 1})
+    from sidecar.config.workers import available_cpus
+
+    counts = sorted({1, 2, available_cpus()})
     procs: list[Proc] = []
     try:
         docroot = tmp / "www"
@@ -103,7 +105,7 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
             p = Proc(f"nginx{w}", ["nginx", "-p", str(nd), "-c", str(conf), "-g", "daemon off;"], nd / "log")
             procs.append(p)
             wait_http(p, f"http://127.0.0.1:{port}/small.bin")
-            auto = " (auto)" if w == os.cpu_count() else ""
+            auto = " (auto)" if w == available_cpus() else ""
             targets.append((f"nginx proxy_pass, {w} worker{'s' * (w > 1)}{auto}", w, f"http://127.0.0.1:{port}", p))
             variants = [True] + ([False] if w == counts[-1] and w > 1 else [])
             for limits in variants:
