@@ -210,3 +210,23 @@ async def test_bad_worker_counts_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and "workers: expected a whole number from 1 to 256, or auto; got 0" in err.decode()
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, aiohttp_server: Any) -> None:
+    up = await upstream(aiohttp_server)
+    config = write_config(tmp_path, str(up.make_url("")))
+    async with workers_process(config, "--workers", "2") as host:
+        workers = list(host.pids.values())
+        host.proc.kill()
+        await host.proc.wait()
+        deadline = time.monotonic() + 5
+        while alive := [pid for pid in workers if _running(pid)]:  # no orphan keeps the port
+            assert time.monotonic() < deadline, alive
+            await asyncio.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
