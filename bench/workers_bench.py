@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--checks", type=int, default=20000, help="rate-limit checks per limiter row")
     ap.add_argument("--limiter-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"Markdown copy of the table (default {OUT})")
     ap.add_argument("--baseline", help="a checkout from before workers (e.g. /work/main): its Sidecar as a row too")
     ap.add_argument("--serve-only", action="store_true")
     args = ap.parse_args(argv)
@@ -325,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         lim_rows = [] if args.serve_only else asyncio.run(limiter_rows(tmp, args.checks))
     text = report(serve_rows, lim_rows, args)
     print(text)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     return 0
 
 
