@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -60,6 +61,7 @@ STABLE_AFTER = 10.0  # a worker up this long resets the back-off
 READY_TIMEOUT = 60.0  # seconds for every worker to answer at start
 SCRAPE_TIMEOUT = 2.0  # a worker's /metrics, at scrape time
 KILL_AFTER = 5.0  # seconds past shutdown_grace before a draining worker is killed
+PRIVATE_PREFIX = "sidecar-w-"
 
 
 def inherit_fallback() -> bool:
@@ -187,11 +189,31 @@ class WorkerPool:
 
 
 def _private_dir() -> str:
-    d = tempfile.mkdtemp(prefix="sidecar-w-")  # mode 0700: only this user reaches the sockets
+    """Mode 0700 (only this user reaches the sockets), in memory where possible: the bucket
+    table is a mapped file, and on a disk-backed /tmp its pages would be written back."""
+    shm = "/dev/shm"  # noqa: S108 - mkdtemp makes a private, unique directory inside it
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    d = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=base)
     if len(d) > 80:  # unix socket paths are short (108 bytes)
         shutil.rmtree(d)
-        d = tempfile.mkdtemp(prefix="sidecar-w-", dir="/tmp")
+        d = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir="/tmp")
+    _sweep_stale(os.path.dirname(d))
+    Path(d, "supervisor.pid").write_text(str(os.getpid()))
     return d
+
+
+def _sweep_stale(base: str) -> None:
+    """Directories of supervisors that were killed hard (no cleanup ran): this user's, their pid gone."""
+    for entry in Path(base).glob(PRIVATE_PREFIX + "*"):
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            pid = int((entry / "supervisor.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 async def supervise(config: Config, config_path: str, n: int) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,22 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, aiohtt
         while alive := [pid for pid in workers if _running(pid)]:  # no orphan keeps the port
             assert time.monotonic() < deadline, alive
             await asyncio.sleep(0.05)
+    # Its private directory (sockets, bucket table) outlived it; the next supervisor removes it.
+    stale = [d for d in _private_dirs() if _pid_file(d) == str(host.proc.pid)]
+    assert len(stale) == 1
+    async with workers_process(config, "--workers", "2"):
+        assert not stale[0].exists()
+
+
+def _pid_file(d: Path) -> str:
+    try:
+        return (d / "supervisor.pid").read_text()
+    except OSError:
+        return ""
+
+
+def _private_dirs() -> list[Path]:
+    return [d for base in ("/dev/shm", tempfile.gettempdir(), "/tmp") for d in Path(base).glob("sidecar-w-*")]
 
 
 def _running(pid: int) -> bool:
