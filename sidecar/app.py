@@ -107,6 +107,7 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self.loop_lag = LoopLag(self.metrics.registry)  # sidecar_event_loop_lag_seconds
         self.ready = False
+        self.shared_limits: Any = None  # a worker: the host's limiter state (sidecar.workers.limits)
 
     # Owned parts that exist only once started.
     @property
@@ -144,7 +145,12 @@ class Sidecar:
         await self.verifier.load()
         reload_error_metric(self.verifier, self.config.store.kind, self.metrics.registry)
         self._limiter = RateLimiter(
-            self.config, self.store, clock=self.clock, steady=self.steady, registry=self.metrics.registry
+            self.config,
+            self.store,
+            clock=self.clock,
+            steady=self.steady,
+            registry=self.metrics.registry,
+            shared=self.shared_limits,
         )
         await self.limiter.start()
         self.metrics.quota_levels = self.limiter.quota_levels
@@ -336,7 +342,7 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def running(sc: Sidecar) -> AsyncIterator[tuple[web.BaseRunner, web.AppRunner]]:
+async def running(sc: Sidecar, worker: Any = None) -> AsyncIterator[tuple[web.BaseRunner, web.AppRunner]]:
     """Start both listeners; on exit stop accepting, drain, and close everything.
 
     The drain follows what a load balancer expects: ``/readyz`` turns 503 first, the proxy
@@ -359,10 +365,12 @@ async def running(sc: Sidecar) -> AsyncIterator[tuple[web.BaseRunner, web.AppRun
             ssl_ctx.load_cert_chain(str(sc.config.tls.cert), str(sc.config.tls.key))
         host, port = _host_port(sc.config.listen)
         ahost, aport = _host_port(sc.config.admin.listen)
+        if worker is not None:  # one of several processes on the port: sidecar.workers.worker
+            await worker.bind(proxy_runner, admin_runner, host, port, ssl_ctx)
         for runner, where, h, p, ctx in (
             (proxy_runner, sc.config.listen, host, port, ssl_ctx),
             (admin_runner, sc.config.admin.listen, ahost, aport, None),
-        ):
+        )[: 0 if worker is not None else 2]:  # a worker has bound its own
             try:
                 await web.TCPSite(runner, h, p, ssl_context=ctx, reuse_address=True).start()
             except OSError as e:
@@ -387,19 +395,24 @@ def bound_addresses(runner: web.BaseRunner, tls: bool = False) -> list[str]:
     return out
 
 
-async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; then drain in-flight requests (up to the grace period) and return."""
+async def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None, worker: Any = None) -> None:
+    """Run until SIGTERM/SIGINT; then drain in-flight requests (up to the grace period) and return.
+
+    ``worker``: this process is one of ``workers: N`` (``sidecar.workers.worker.WorkerRole``)."""
     sc = Sidecar(config)
+    if worker is not None:
+        worker.attach(sc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: sc.spawn(sc.verifier.refresh(force=True)))
+    banner = "sidecar listening on %s (admin %s)" if worker is None else f"worker {worker.index} listening on %s%.0s"
     try:
-        async with running(sc) as (proxy_runner, admin_runner):
+        async with running(sc, worker) as (proxy_runner, admin_runner):
             log.info(
-                "sidecar listening on %s (admin %s)",
+                banner,
                 ", ".join(bound_addresses(proxy_runner, tls=config.tls is not None)),
                 ", ".join(bound_addresses(admin_runner)),
             )

@@ -232,6 +232,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logging.getLogger().setLevel(config.log.level.upper())
+    if os.environ.get("SIDECAR_WORKER") or (args.workers or config.workers) > 1:  # sidecar.workers
+        from .workers import serve_workers
+
+        return serve_workers(config, args.config, args.workers, _run_loop)
     _run_loop(serve(config))
     return 0
 
@@ -246,6 +250,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_arg(value: str) -> int:
+    from .config.workers import resolve_workers
+
+    try:
+        return resolve_workers(int(value) if value.isdigit() else value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="Reverse-proxy auth sidecar for Plex and MCP servers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -255,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the sidecar")
     with_config(s)
+    s.add_argument("--workers", type=_workers_arg, help="worker processes on the proxy port: a number or auto "
+                   "(default: the config's workers, 1)")  # fmt: skip
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="run a demo: a Plex-like server behind the sidecar, with keys")

@@ -49,6 +49,7 @@ from .units import (
     parse_network,
     parse_public_url,
 )
+from .workers import WorkerCount
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
@@ -405,6 +406,8 @@ class ConfigFile(Section):
     """Identity providers whose JWTs are accepted as Bearer credentials (docs/jwt.md)."""
     oauth: OAuthConfig = OAuthConfig()
     """Sidecar as the OAuth 2.1 authorization server of its MCP upstreams (docs/oauth.md)."""
+    workers: WorkerCount = 1
+    """Worker processes sharing the proxy port (auto: one per available CPU); 1: one process, no supervisor."""
 
     @field_validator("tls", mode="before")
     @classmethod

@@ -210,6 +210,7 @@ class Config:
     source: Path | None = None
     jwt: tuple[JwtProvider, ...] = ()  # identity providers whose JWTs are accepted (config/jwt.py, docs/jwt.md)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)  # admin.console (sidecar/config/console.py)
+    workers: int = 1  # worker processes on the proxy port (sidecar.workers); 1: no supervisor
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:

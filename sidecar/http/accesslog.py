@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +67,9 @@ class AccessLog:
         # Also called with every finished request, whatever the target (the console's recent requests,
         # sidecar.observe.recent): it sees what the line says, the path redacted as logged.
         self.tap: Callable[[RequestScope], None] | None = None
+        # Several processes share the stream (workers: N): each write at most PIPE_BUF bytes of whole
+        # lines, which a pipe (stdout under a container runtime) never interleaves with another's.
+        self.shared = False
         self.stream: TextIO | None
         if target == "off":
             self.stream = None
@@ -131,10 +135,27 @@ class AccessLog:
             return
         lines, self._pending = self._pending, []
         try:
-            self.stream.write("\n".join(lines) + "\n")
+            if self.shared:
+                self._write_whole(lines)
+            else:
+                self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a full disk or closed stdout must not fail requests
+
+    def _write_whole(self, lines: list[str]) -> None:
+        assert self.stream is not None
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            n = len(line.encode()) + 1
+            if chunk and size + n > select.PIPE_BUF:
+                self.stream.write("\n".join(chunk) + "\n")
+                self.stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
+        self.stream.write("\n".join(chunk) + "\n")
 
     def close(self) -> None:
         self.flush()

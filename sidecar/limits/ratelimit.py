@@ -107,6 +107,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.time,
         steady: Callable[[], float] | None = None,
         registry: CollectorRegistry | None = None,
+        shared: Any = None,
     ) -> None:
         self.config = config
         self.rl = config.rate_limits
@@ -130,6 +131,8 @@ class RateLimiter:
             from .redis_backend import RedisBackend  # redis-py is imported only when used
 
             self.redis = RedisBackend(self.rl.redis_url, send_clock=clock is not time.time)
+        elif shared is not None:  # a worker: the host's buckets and quotas (sidecar.workers.limits)
+            self.redis = shared
         quota_metrics(self.book if self.redis is None else None, self.registry, self.rl.quota_flush_interval)
         self._plans: dict[tuple[str, str], tuple[KeyRecord, Plan]] = {}
         self._windows: dict[Limit, tuple[float, float, str]] = {}

@@ -1,0 +1,119 @@
+"""GCRA buckets in memory shared by every worker of a host: one table, one lock, no round trip.
+
+A GCRA bucket is one integer (its theoretical arrival time, µs), so the host's buckets
+fit a fixed table of ``(hash, tat)`` slots in a file the supervisor creates in its
+private directory and every worker maps (``mmap``, ``MAP_SHARED``): open addressing on a
+64-bit BLAKE2b hash of the bucket key (collisions between 2^64 values are not a concern
+next to the table size), linear probing. A slot whose bucket is full again (``tat <=
+now``) is as good as empty and is reused in place, so the table needs no sweep.
+
+One ``flock`` on the file serialises checks across processes (the kernel drops it if a
+worker dies holding it); inside, a check reads, decides and commits every bucket of the
+plan, all or nothing — the same arithmetic as ``MemoryBackend.evaluate`` (the tests hold
+both to the same answers). Times are ``time.monotonic()`` microseconds: one clock for
+every process of the host.
+
+A plan with a quota goes to the supervisor (``sidecar.workers.limits``), which evaluates
+its buckets in this same table under the same lock and its quota in the host's one
+``QuotaBook``: a key's buckets live in one place whatever its plan.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+
+from ..limits.gcra import BackendDown, Outcome, Plan
+from ..limits.quota import QuotaCounter
+
+__all__ = ["SLOTS", "ShmBuckets"]
+
+SLOTS = 1 << 18  # 4 MiB: a quarter of a million buckets in use at once before probes run long
+MAX_PROBE = 64
+_SLOT = struct.Struct("<qq")  # hash, tat (µs; 0: full, i.e. free to take)
+_MAX_HASHES = 100_000  # cached bucket hashes per process before the cache starts over
+
+
+class ShmBuckets:
+    """The host's GCRA table; ``evaluate`` has ``MemoryBackend.evaluate``'s contract."""
+
+    def __init__(self, path: str, *, create: bool = False, slots: int = SLOTS) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        self.fd = os.open(path, flags, 0o600)
+        if create:
+            os.ftruncate(self.fd, slots * _SLOT.size)
+        size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, size)
+        self.mask = size // _SLOT.size - 1
+        self._hashes: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+    def _hash(self, bucket: str) -> int:
+        h = self._hashes.get(bucket)
+        if h is None:
+            if len(self._hashes) >= _MAX_HASHES:
+                self._hashes.clear()
+            digest = hashlib.blake2b(bucket.encode(), digest_size=8).digest()
+            h = (int.from_bytes(digest, "little") >> 1) or 1  # 63 bits, never 0 (0 marks an empty slot)
+            self._hashes[bucket] = h
+        return h
+
+    def _slot(self, h: int, now_us: int) -> tuple[int, int]:
+        """(offset, tat) of ``h``'s slot, claiming an empty or spent one when it has none."""
+        mm, mask, unpack = self.mm, self.mask, _SLOT.unpack_from
+        i = h & mask
+        spare = -1
+        for _ in range(MAX_PROBE):
+            off = i * 16
+            sh, tat = unpack(mm, off)
+            if sh == h:
+                return off, tat
+            if sh == 0:  # the end of the chain: h is not in the table
+                if spare < 0:
+                    spare = off
+                break
+            if spare < 0 and tat <= now_us:  # another bucket's, full again: as good as empty
+                spare = off
+            i = (i + 1) & mask
+        if spare < 0:
+            raise BackendDown("the shared rate-limit table is full")
+        _SLOT.pack_into(mm, spare, h, 0)  # claimed: a second bucket of this plan cannot take it too
+        return spare, 0
+
+    def evaluate(self, plan: Plan, now_us: int, counter: QuotaCounter | None, cost: int) -> Outcome:
+        """Read, decide and commit in one step under the table's lock (see ``MemoryBackend.evaluate``)."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            ok = True
+            debts: list[int] = []
+            slots: list[tuple[int, int]] = []
+            for rule, bucket in zip(plan.rates, plan.buckets, strict=True):
+                h = self._hash(bucket)
+                off, tat = self._slot(h, now_us)
+                slots.append((off, h))
+                debt = tat - now_us
+                if debt < 0:
+                    debt = 0
+                debts.append(debt)
+                if cost > 0 and debt + rule.interval > rule.capacity:
+                    ok = False
+            used = None
+            if counter is not None and plan.quota is not None:
+                used = counter.used
+                if cost > 0 and used + cost > plan.quota.limit.count:
+                    ok = False
+            if ok:
+                for rule, (off, h), debt in zip(plan.rates, slots, debts, strict=True):
+                    new = debt + rule.interval * cost
+                    _SLOT.pack_into(self.mm, off, h, now_us + new if new > 0 else 0)
+                if counter is not None:
+                    counter.pending += cost
+            return Outcome(ok, debts, used)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -1,0 +1,135 @@
+"""Exact limits across workers without Redis (issue 19): the supervisor's owner backend.
+
+In process and real: a "supervisor" sidecar whose limiter owns the buckets, a
+``LimitsOwner`` on a unix socket, and two "worker" sidecars whose limiters ask it
+(``SharedLimits``), each with its own proxy listener. What a client sees must be what one
+process would answer: one budget, one quota, the same headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import ADMIN_TOKEN, MakeSidecar, ProxyTestServer, base_config
+from prometheus_client import CollectorRegistry
+
+from sidecar.app import Sidecar, create_apps
+from sidecar.config import parse_config
+from sidecar.workers.limits import LimitsOwner, SharedLimits
+from sidecar.workers.shm import ShmBuckets
+
+Worker = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def host(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, env: dict[str, str], aiohttp_client: Any
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Any, LimitsOwner, list[Worker]]]]]:
+    started: list[Sidecar] = []
+    owners: list[LimitsOwner] = []
+
+    async def make(**rate_limits: Any) -> tuple[Any, LimitsOwner, list[Worker]]:
+        """The supervisor's sidecar, its owner, and two workers' proxies (their key tables follow the store)."""
+        cfg_dict = base_config(
+            str(plex_upstream.make_url("")), tmp_path, rate_limits={"backend": "memory", **rate_limits}
+        )
+        sup = await make_sidecar(cfg_dict)
+        table = ShmBuckets(str(tmp_path / "buckets"), create=True, slots=1024)
+        owner = LimitsOwner(table, sup.sc.limiter.book, sup.sc.limiter.quota_levels)
+        path = str(tmp_path / "limits.sock")
+        await owner.start(path)
+        owners.append(owner)
+        workers = []
+        for _ in range(2):
+            sc = Sidecar(parse_config(cfg_dict, env=env, base=tmp_path), registry=CollectorRegistry(), env=env)
+            sc.shared_limits = SharedLimits(path, ShmBuckets(str(tmp_path / "buckets")))
+            await sc.start()
+            started.append(sc)
+            workers.append(await aiohttp_client(ProxyTestServer(create_apps(sc)[0])))
+        sup.create_key = _creating(sup, started[-2:])
+        return sup, owner, workers
+
+    yield make
+    for owner in owners:
+        await owner.close()
+    for sc in started:
+        await sc.close()
+
+
+def _creating(sup: Any, workers: list[Sidecar]) -> Callable[..., Awaitable[Any]]:
+    """``create_key`` that also refreshes the workers' key tables (the store poll, without its wait)."""
+    create = sup.create_key
+
+    async def run(**fields: Any) -> Any:
+        out = await create(**fields)
+        for sc in workers:
+            await sc.verifier.refresh()
+        return out
+
+    return run
+
+
+async def test_one_budget_and_quota_across_workers(host: Any) -> None:
+    sup, owner, (w0, w1) = await host()
+    rec, k = await sup.create_key(rate_limits=["5/minute"], quota="100/day")
+    seen = []
+    for i in range(8):
+        w = w0 if i % 2 == 0 else w1
+        resp = await w.get("/library/sections", headers={"X-Plex-Token": k})
+        seen.append((resp.status, resp.headers.get("X-RateLimit-Remaining")))
+    assert seen == [(200, "4"), (200, "3"), (200, "2"), (200, "1"), (200, "0"), (429, "0"), (429, "0"), (429, "0")]
+    # The quota is the host's: the supervisor's admin API reads the owner's live count.
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    shown = await (await sup.admin.get(f"/admin/keys/{rec.id}", headers=auth)).json()
+    assert [(s["used"], s["remaining"]) for s in shown["data"]["quota_status"]] == [(5, 95)]
+    assert owner.checks >= 8
+
+
+async def test_exactly_the_limit_out_of_concurrent_requests(host: Any) -> None:
+    sup, _, workers = await host()
+    _, k = await sup.create_key(rate_limits=["10/minute"])
+
+    async def one(i: int) -> int:
+        resp = await workers[i % 2].get("/library/sections", headers={"X-Plex-Token": k})
+        return resp.status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(30)))
+    assert sorted(statuses) == [200] * 10 + [429] * 20
+
+
+async def test_quota_refusal_spends_no_rate_and_admin_reset_reaches_workers(host: Any) -> None:
+    sup, _, (w0, w1) = await host()
+    rec, k = await sup.create_key(rate_limits=["100/minute"], quota="3/day")
+    got = [(await w.get("/library/sections", headers={"X-Plex-Token": k})).status for w in (w0, w1, w0, w1)]
+    assert got == [200, 200, 200, 429]
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    resp = await sup.admin.post(f"/admin/keys/{rec.id}/quota", json={"used": 0}, headers=auth)
+    assert resp.status == 200
+    resp = await w1.get("/library/sections", headers={"X-Plex-Token": k})
+    assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "2"
+
+
+async def test_rates_without_quota_need_no_round_trip(host: Any) -> None:
+    sup, owner, (w0, w1) = await host(on_redis_error="deny")
+    _, k = await sup.create_key(rate_limits=["3/minute"])
+    await owner.close()  # the shared table alone holds the buckets: the owner is not asked
+    got = [(await w.get("/library/sections", headers={"X-Plex-Token": k})).status for w in (w0, w1, w0, w1)]
+    assert got == [200, 200, 200, 429]
+    assert owner.checks == 0
+
+
+async def test_owner_gone_applies_on_redis_error_to_quotas(host: Any) -> None:
+    sup, owner, (w0, _) = await host(on_redis_error="deny")
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
+    assert (await w0.get("/library/sections", headers={"X-Plex-Token": k})).status == 200
+    await owner.close()
+    resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
+    body = await resp.json()
+    assert resp.status == 503, body
+    assert body["error"]["code"] == "service_unavailable"
