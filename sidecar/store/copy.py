@@ -78,7 +78,7 @@ class Dump:
 
     def counts(self) -> dict[str, int]:
         return {"keys": len(self.keys), "usage": len(self.usage), "quota": len(self.quota), "audit": len(self.audit),
-                "oauth clients": len(self.oauth_clients), "oauth tokens": len(self.oauth_tokens)}  # fmt: skip
+                "oauth_clients": len(self.oauth_clients), "oauth_tokens": len(self.oauth_tokens)}  # fmt: skip
 
     def empty(self) -> bool:
         return not any(self.counts().values())

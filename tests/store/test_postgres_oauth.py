@@ -217,7 +217,7 @@ async def test_copy_moves_clients_and_live_tokens_both_ways(tmp_path: Path, pg_d
     finally:
         await src.close()
     counts = await copy_store(Endpoint("sqlite", str(tmp_path / "src.db")), Endpoint("postgres", pg_dsn))
-    assert counts["oauth clients"] == 2 and counts["oauth tokens"] == 2 and counts["keys"] == 2
+    assert counts["oauth_clients"] == 2 and counts["oauth_tokens"] == 2 and counts["keys"] == 2
     pg = PostgresStore(pg_dsn, listen=False)
     await pg.open()
     try:
@@ -232,7 +232,7 @@ async def test_copy_moves_clients_and_live_tokens_both_ways(tmp_path: Path, pg_d
     await copy_store(Endpoint("postgres", pg_dsn), back)
     moved, via_pg = await read_store(back), await read_store(Endpoint("postgres", pg_dsn))
     assert moved == via_pg and len(moved.oauth_tokens) == 2 and moved.oauth_clients[0][1]["client_name"] == "X"
-    with pytest.raises(StoreError, match=r"is not empty \(2 keys, 2 oauth clients, 2 oauth tokens\)"):
+    with pytest.raises(StoreError, match=r"is not empty \(2 keys, 2 oauth_clients, 2 oauth_tokens\)"):
         await copy_store(Endpoint("postgres", pg_dsn), back)
 
 
