@@ -127,7 +127,9 @@ def check_oauth(
         elif urlsplit(server_public_url).scheme != "https" and not loopback_host(urlsplit(server_public_url).hostname):
             problems.append("oauth.public_url: server.public_url is not https; give an https issuer here")
     if store_kind == "yaml":
-        problems.append("oauth.enabled: grants are keys written by the sidecar: use a writable store (sqlite)")
+        problems.append(
+            "oauth.enabled: grants are keys written by the sidecar: use a writable store (sqlite or postgres)"
+        )
     if not mcp_ids:
         problems.append("oauth.enabled: no upstream of kind mcp to protect")
     for i, uid in enumerate(oauth.upstreams):

@@ -18,7 +18,7 @@ from aiohttp import web
 from ..admin.api import ACTOR, ok, query_str, require_full_admin
 from ..core.errors import BadRequest, NotFound
 from .clients import ClientError
-from .grants import grants_of, revoke_grant
+from .grants import revoke_grant
 
 if TYPE_CHECKING:
     from ..app import Sidecar
@@ -29,8 +29,7 @@ __all__ = ["add_routes"]
 def add_routes(app: web.Application, sc: Sidecar) -> None:
     async def list_grants(request: web.Request) -> web.Response:
         require_full_admin(request)
-        records = await sc.store.list_keys()
-        found = grants_of(records, key_id=query_str(request, "key"), client_id=query_str(request, "client"))
+        found = await sc.store.list_grants(query_str(request, "key"), query_str(request, "client"))
         return ok([r.public_dict() for r in found])
 
     async def delete_grant(request: web.Request) -> web.Response:

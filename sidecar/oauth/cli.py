@@ -18,7 +18,6 @@ from ..config import load_config
 from ..core.errors import NotFound
 from ..store import open_store
 from .clients import ClientError, ClientRegistry
-from .grants import grants_of
 
 __all__ = ["add_commands"]
 
@@ -34,7 +33,7 @@ async def _main(args: argparse.Namespace) -> int:
     store = await open_store(config.store)
     try:
         if args.action == "grants":
-            found = grants_of(await store.list_keys(), key_id=args.key, client_id=args.client)
+            found = await store.list_grants(args.key, args.client)
             rows = [r.public_dict() for r in found]
             if args.json:
                 print(json.dumps(rows, indent=2))

@@ -204,6 +204,10 @@ class OAuthServer:
         if tok.expires_at <= now:
             raise ExpiredKey("this access token has expired", headers)
         record = verifier.table.get(tok.key_id)
+        if record is None:  # a fleet: a grant another replica made since this one's last poll (as for keys)
+            record = await verifier._lookup(tok.key_id)
+            if record is not None and record.parent_id is not None and record.parent_id not in verifier.table:
+                await verifier._lookup(record.parent_id)
         if record is None:
             raise RevokedKey("this access token's grant has been revoked", headers)
         state = verifier.state(record, now)

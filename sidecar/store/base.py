@@ -137,7 +137,7 @@ class OAuthToken:
     used_at: float | None = None  # codes and refresh tokens are single-use
 
 
-_NO_OAUTH = "this store does not hold OAuth state (use the sqlite store)"
+_NO_OAUTH = "this store does not hold OAuth state (use the sqlite or postgres store)"
 
 
 class Store(ABC):
@@ -243,6 +243,16 @@ class Store(ABC):
     # -- OAuth (sidecar/oauth/). Grants are keys (``KeyRecord.parent_id``/``grant``); these hold
     # codes, tokens (by digest) and registered clients. Not abstract: a store without them
     # refuses ``oauth.enabled`` at start. SQLite: sidecar/store/sqlite_oauth.py.
+    # Postgres: sidecar/store/pg_oauth.py.
+
+    async def list_grants(self, key_id: str | None = None, client_id: str | None = None) -> list[KeyRecord]:
+        """Grants (child keys), optionally of one approving key or one client. Postgres: by its
+        indexed parent_id column; others: a scan of every key."""
+        return [
+            r for r in await self.list_keys()
+            if r.parent_id is not None and (key_id is None or r.parent_id == key_id)
+            and (client_id is None or r.grant.get("client_id") == client_id)
+        ]  # fmt: skip
 
     async def oauth_save(self, token: OAuthToken) -> None:
         """Store a new code or token."""

@@ -1,10 +1,12 @@
 """Moving an installation between SQLite and PostgreSQL: keys (hashes included), last use,
-usage, quotas and the audit trail, read whole from one store and written to another.
+usage, quotas, the audit trail and OAuth state (registered clients, and codes and tokens
+not yet expired: by digest, as stored), read whole from one store and written to another.
 
 The target must be empty: ``copy`` refuses to merge into a store that already holds anything
 (a second run after a successful copy is refused, not doubled). Each side is opened through
 its store class first, so the target's schema is created (or migrated) the ordinary way.
-Keys keep their ids and hashes: every client key keeps working after the move.
+Keys keep their ids and hashes: every client key keeps working after the move, and so do
+OAuth grants (keys) and their access and refresh tokens.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import json
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..auth.models import KeyRecord
-from .base import AuditEvent, StoreError, UsageRow
+from .base import AuditEvent, OAuthToken, Store, StoreError, UsageRow
 from .sqlite import SqliteStore
 
 __all__ = ["Dump", "Endpoint", "copy_store", "parse_endpoint", "read_store", "write_store"]
@@ -70,15 +73,35 @@ class Dump:
     usage: list[tuple[str, str, UsageRow]] = field(default_factory=list)
     quota: list[tuple[str, str, str, int]] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
+    oauth_clients: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)  # id, data, created_at
+    oauth_tokens: list[OAuthToken] = field(default_factory=list)  # live ones (not expired), by digest
 
     def counts(self) -> dict[str, int]:
-        return {"keys": len(self.keys), "usage": len(self.usage), "quota": len(self.quota), "audit": len(self.audit)}
+        return {"keys": len(self.keys), "usage": len(self.usage), "quota": len(self.quota), "audit": len(self.audit),
+                "oauth_clients": len(self.oauth_clients), "oauth_tokens": len(self.oauth_tokens)}  # fmt: skip
 
     def empty(self) -> bool:
         return not any(self.counts().values())
 
 
+_TOKENS = (
+    "SELECT digest, kind, key_id, client_id, resource, expires_at, used_at, {data} FROM {table} WHERE expires_at > "
+)
+
+
+def _oauth(clients: list[Any], tokens: list[Any]) -> dict[str, Any]:
+    return {
+        "oauth_clients": [(c, json.loads(d), float(at)) for c, d, at in clients],
+        "oauth_tokens": sorted(
+            (OAuthToken(dg, k, kid, cid, res, exp, json.loads(data), used) for dg, k, kid, cid, res, exp, used, data
+             in tokens),
+            key=lambda t: t.digest,
+        ),
+    }  # fmt: skip
+
+
 async def read_store(ep: Endpoint, *, must_exist: bool = True) -> Dump:
+    now = time.time()
     if ep.kind == "sqlite":
         path = Path(ep.where)
         if must_exist and not path.exists():  # noqa: ASYNC240 - one stat, in a CLI command
@@ -93,6 +116,12 @@ async def read_store(ep: Endpoint, *, must_exist: bool = True) -> Dump:
             usage = db.execute("SELECT key_id, day, requests, errors, bytes, rate_limited FROM usage").fetchall()
             quota = db.execute("SELECT key_id, scope, window, used FROM quota").fetchall()
             audit = db.execute("SELECT at, actor, action, key_id, detail FROM audit ORDER BY id").fetchall()
+            oauth = _oauth(
+                db.execute(
+                    "SELECT client_id, data, created_at FROM oauth_clients ORDER BY created_at, client_id"
+                ).fetchall(),
+                db.execute(_TOKENS.format(data="data", table="oauth_tokens") + "?", (now,)).fetchall(),
+            )
         db.close()
     else:
         from .postgres import PostgresStore
@@ -104,6 +133,11 @@ async def read_store(ep: Endpoint, *, must_exist: bool = True) -> Dump:
             usage = await pg._fetch("SELECT key_id, day, requests, errors, bytes, rate_limited FROM sidecar_usage")
             quota = await pg._fetch("SELECT key_id, scope, window_id, used FROM sidecar_quota")
             audit = await pg._fetch("SELECT at, actor, action, key_id, detail::text FROM sidecar_audit ORDER BY id")
+            oauth = _oauth(
+                await pg._fetch("SELECT client_id, data::text, created_at FROM sidecar_oauth_clients "
+                                "ORDER BY created_at, client_id"),
+                await pg._fetch(_TOKENS.format(data="data::text", table="sidecar_oauth_tokens") + "$1", now),
+            )  # fmt: skip
         finally:
             await pg.close()
     return Dump(
@@ -111,6 +145,7 @@ async def read_store(ep: Endpoint, *, must_exist: bool = True) -> Dump:
         usage=sorted((k, d, UsageRow(r, e, b, rl)) for k, d, r, e, b, rl in usage),
         quota=sorted((k, s, w, int(n)) for k, s, w, n in quota),
         audit=[AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in audit],
+        **oauth,
     )
 
 
@@ -134,6 +169,7 @@ async def write_store(ep: Endpoint, dump: Dump) -> None:
             await store.record_last_used(_last_used(dump.keys))
             await store.add_usage(usage)
             await store.add_quota(quota)
+            await _write_oauth(store, dump)
         finally:
             await store.close()
         with sqlite3.connect(ep.where) as db:
@@ -151,6 +187,7 @@ async def write_store(ep: Endpoint, dump: Dump) -> None:
         await pg.record_last_used(_last_used(dump.keys))
         await pg.add_usage(usage)
         await pg.add_quota(quota)
+        await _write_oauth(pg, dump)
         await pg._write(
             "audit",
             "INSERT INTO sidecar_audit (at, actor, action, key_id, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
@@ -158,6 +195,13 @@ async def write_store(ep: Endpoint, dump: Dump) -> None:
         )
     finally:
         await pg.close()
+
+
+async def _write_oauth(store: Store, dump: Dump) -> None:
+    for client_id, data, created_at in dump.oauth_clients:
+        await store.oauth_save_client(client_id, data, created_at)
+    for token in dump.oauth_tokens:
+        await store.oauth_save(token)
 
 
 def _audit_rows(dump: Dump) -> list[tuple[Any, ...]]:

@@ -51,6 +51,7 @@ from .base import (
     check_owner_limit,
     counts_toward_limit,
 )
+from .pg_oauth import PgOAuth
 from .pglisten import Listener, is_connection_error, wrap
 from .pgstate import PgState
 from .postgres_schema import CHANNEL, KEYS_LOCK, SCHEMA_VERSION, NewerSchema, migrate, version
@@ -87,7 +88,7 @@ class Unreachable(StoreError):
     reason = "unavailable"
 
 
-class PostgresStore(PgState, Store):
+class PostgresStore(PgOAuth, PgState, Store):
     def __init__(
         self,
         dsn: str,
@@ -339,6 +340,13 @@ class PostgresStore(PgState, Store):
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._fetch(f"SELECT {_KEY_COLS} {_FROM} ORDER BY k.seq")
         return [record_of(d, p, g, at, ip) for d, _, p, g, at, ip in rows]
+
+    async def list_grants(self, key_id: str | None = None, client_id: str | None = None) -> list[KeyRecord]:
+        """Grants by the ``parent_id`` column (indexed): not a scan of every key."""
+        where, args = ("k.parent_id = $1", [key_id]) if key_id is not None else ("k.parent_id IS NOT NULL", [])
+        rows = await self._fetch(f"SELECT {_KEY_COLS} {_FROM} WHERE {where} ORDER BY k.seq", *args)
+        found = [record_of(d, p, g, at, ip) for d, _, p, g, at, ip in rows]
+        return [r for r in found if client_id is None or r.grant.get("client_id") == client_id]
 
     async def insert(self, records: list[KeyRecord]) -> None:
         if records:

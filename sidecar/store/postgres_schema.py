@@ -20,7 +20,8 @@ CHANNEL = "sidecar_keys"
 # Advisory lock ids (64-bit, arbitrary, shared by every sidecar on the database).
 MIGRATE_LOCK = 0x5349_4445_4341_0001  # "SIDECA" 1: schema migrations
 KEYS_LOCK = 0x5349_4445_4341_0002  # key writes: one at a time, so seq order is commit order
-TABLES = ("sidecar_keys", "sidecar_last_used", "sidecar_usage", "sidecar_quota", "sidecar_audit")
+TABLES = ("sidecar_keys", "sidecar_last_used", "sidecar_usage", "sidecar_quota", "sidecar_audit",
+          "sidecar_oauth_tokens", "sidecar_oauth_clients")  # fmt: skip
 
 # Migration N brings a database from version N to N+1. Append, never edit.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -66,6 +67,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         END $$;
         CREATE TRIGGER sidecar_keys_notify AFTER INSERT OR UPDATE OR DELETE ON sidecar_keys
             FOR EACH STATEMENT EXECUTE FUNCTION sidecar_keys_notify();
+        """,
+    ),
+    (
+        # As SQLite's migration 3 (sqlite_schema.py): codes and tokens only by SHA-256 digest. Grants are
+        # keys (sidecar_keys.parent_id, "grant"). Used by sidecar/store/pg_oauth.py.
+        "OAuth codes, tokens (by digest) and registered clients",
+        """
+        CREATE TABLE sidecar_oauth_tokens (
+            digest text PRIMARY KEY, kind text NOT NULL, key_id text NOT NULL, client_id text NOT NULL,
+            resource text NOT NULL, expires_at double precision NOT NULL, used_at double precision,
+            data jsonb NOT NULL DEFAULT '{}');
+        CREATE INDEX sidecar_oauth_tokens_key ON sidecar_oauth_tokens (key_id);
+        CREATE INDEX sidecar_oauth_tokens_expiry ON sidecar_oauth_tokens (expires_at);
+        CREATE TABLE sidecar_oauth_clients (
+            client_id text PRIMARY KEY, data jsonb NOT NULL, created_at double precision NOT NULL);
         """,
     ),
 ]

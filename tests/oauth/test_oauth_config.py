@@ -33,7 +33,7 @@ def problems(oauth: dict[str, Any], **top: Any) -> list[str]:
         ({"enabled": True, "public_url": "https://x.example", "upstreams": ["plex"]}, {},
          "oauth.upstreams[0]: 'plex' is not an upstream of kind mcp"),
         ({"enabled": True, "public_url": "https://x.example"}, {"store": {"kind": "yaml", "path": "/nonexistent.yaml"}},
-         "oauth.enabled: grants are keys written by the sidecar: use a writable store (sqlite)"),
+         "oauth.enabled: grants are keys written by the sidecar: use a writable store (sqlite or postgres)"),
         ({"clients": [{"client_id": "a", "redirect_uris": ["http://evil.example/cb"]}]}, {},
          "oauth.clients[0].redirect_uris: 'http://evil.example/cb': a redirect URI must be https, or http on a "
          "loopback address"),
