@@ -98,6 +98,7 @@ async def test_deny_unknown_request_and_csrf(gw: Running) -> None:
     await _sign_in(gw)
     assert (await _page(gw, "nope"))[0] == 410
     status, _, csrf = await _page(gw, rid)
+    assert status == 200
     r = await gw.admin.post(f"/oauth/consent/{rid}", data={"decision": "deny", "csrf": "x"}, allow_redirects=False)
     assert r.status == 403
     r = await gw.admin.post(f"/oauth/consent/{rid}", data={"decision": "deny", "csrf": csrf}, allow_redirects=False)
@@ -130,3 +131,10 @@ async def test_revoke_a_grant_from_the_console(gw: Running) -> None:
     assert gw.sc.verifier.state(gw.sc.verifier.table[grant.id], gw.sc.clock()) == "revoked"
     keys = await (await gw.admin.get("/?kind=grant")).text()
     assert f'data-key="{grant.id}"' in keys and f'data-key="{parent.id}"' not in keys and "OAuth: Raw client" in keys
+
+
+def test_the_oauth_screenshots_are_committed() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "console"
+    for name in ("consent", "grants"):
+        hint = "run tests/console/test_console_oauth.py with SIDECAR_SCREENSHOTS=1"
+        assert (docs / f"{name}.png").is_file(), f"docs/console/{name}.png: {hint}"
