@@ -93,6 +93,14 @@ class OAuthConfig(Section):
     allow_dynamic_registration: bool = True
     clients: tuple[OAuthClientConfig, ...] = ()
     cimd: CimdConfig = CimdConfig()
+    # The console's origin as the person's browser reaches it (the admin listener, e.g. https://admin.example:9090).
+    # When set, the consent page offers "Approve from the console" (<console_url>/oauth/consent/<request>).
+    console_url: str | None = None
+
+    @field_validator("console_url")
+    @classmethod
+    def _console_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_public_url(value)
 
     @field_validator("public_url")
     @classmethod

@@ -43,6 +43,11 @@ def mount(app: web.Application, sc: Sidecar) -> Console:
     r.add_get("/activity", page(activity_page))
     r.add_get("/console/tools/{upstream}", page(tools_json))
     r.add_get("/static/{name}", static)
+    console.env.globals["oauth_nav"] = sc.oauth is not None
+    if sc.oauth is not None:
+        from .oauthviews import mount_oauth
+
+        mount_oauth(app)  # grants on key pages, the clients page, approving from the console
 
     async def close(_: web.Application) -> None:
         await console.tools.close(list(sc.config.upstreams))

@@ -23,6 +23,7 @@ from ..core.errors import BadRequest, NotFound, SidecarError
 from ..observe.usage import report as usage_report
 from .chart import bar_chart, fill_days, human_bytes
 from .forms import GRACE_CHOICES, blank_form, changed_fields, fields_from_form, form_from_record, lifetime_choices
+from .oauthviews import key_oauth
 from .routes import Console, harden, see_other
 from .sessions import Session
 
@@ -74,18 +75,27 @@ async def keys_page(request: web.Request, console: Console, session: Session) ->
     owner = request.query.get("owner", "")
     upstream = request.query.get("upstream", "")
     sort = request.query.get("sort", "last_used")
+    kind = request.query.get("kind", "")  # "key" | "grant" (OAuth grants are child keys)
     sort = sort if sort in SORTS else "last_used"
     owners = sorted({r.owner for r in records if r.owner})
     rows = []
     for r in records:
         label = _state_label(console, r, now)
-        if q and q not in r.name.lower() and q not in r.id and q not in (r.description or "").lower():
+        if (
+            q
+            and q not in r.name.lower()
+            and q not in r.id
+            and q not in (r.description or "").lower()
+            and not (r.parent_id and q == str(r.grant.get("client_id", "")).lower())
+        ):
             continue
         if state and label != state and not (state == "active" and label == "rotating"):
             continue
         if owner and r.owner != owner:
             continue
         if upstream and "*" not in r.permissions.upstreams and upstream not in r.permissions.upstreams:
+            continue
+        if (kind == "key" and r.parent_id) or (kind == "grant" and not r.parent_id):
             continue
         rows.append((r, label))
     keyfn = {
@@ -105,8 +115,8 @@ async def keys_page(request: web.Request, console: Console, session: Session) ->
     return console.render(
         request, "keys.html", session=session, rows=shown, total=len(rows), all_count=len(records),
         more=max(0, len(rows) - PAGE_ROWS), owners=owners, upstreams=[u.id for u in sc.config.upstreams],
-        sorts=SORTS, f={"q": q, "state": state, "owner": owner, "upstream": upstream, "sort": sort},
-        flash=session.take_flash(),
+        sorts=SORTS, f={"q": q, "state": state, "owner": owner, "upstream": upstream, "sort": sort, "kind": kind},
+        flash=session.take_flash(), oauth=sc.oauth is not None,
     )  # fmt: skip
 
 
@@ -195,7 +205,7 @@ async def key_page(request: web.Request, console: Console, session: Session) -> 
         perms=_permission_lines(rec), chart=bar_chart(days), days=[d for d in days if d.requests],
         total=total, total_bytes=human_bytes(int(total["bytes"])), quota=await sc.limiter.quota_status(rec),
         recent=console.recent.for_key(rec.id), audit=audit, grace=GRACE_CHOICES, nonce=session.nonce(),
-        flash=session.take_flash(), human_bytes=human_bytes,
+        flash=session.take_flash(), human_bytes=human_bytes, **key_oauth(console, session, rec, now),
     )  # fmt: skip
 
 

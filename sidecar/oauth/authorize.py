@@ -138,6 +138,7 @@ def _consent(server: OAuthServer, client: Client, request_id: str, csrf: str, da
         max_lifetime=server.config.max_grant_lifetime, error=error, status=status,
         secure_cookie=server.issuer.startswith("https://"),
         step="tools" if data.get("parent_id") else "key", tools=data.get("offered"),
+        console_url=server.config.console_url,
     )  # fmt: skip
 
 

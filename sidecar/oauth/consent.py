@@ -75,6 +75,7 @@ def consent_page(
     secure_cookie: bool,
     tools: list[str] | None = None,
     step: str = "key",
+    console_url: str | None = None,
 ) -> web.Response:
     """Step ``key``: the person proves their right with an API key and picks a lifetime.
     Step ``tools``: they tick the tools to allow among those the key may use (``tools``;
@@ -96,6 +97,10 @@ def consent_page(
 <input id=k name=api_key type=password autocomplete=off required>
 <label for=l>For how long</label><select id=l name=lifetime>{options}</select>
 <button name=decision value=continue>Continue</button><button name=decision value=deny>Deny</button>"""
+        if console_url:  # the console is another origin: it answers this same request (oauth/approve.py)
+            href = escape(f"{console_url}/oauth/consent/{request_id}")
+            fields += f"""<p>Or, signed in to the Sidecar console:
+<a id=console href="{href}">Approve from the console</a> (choose the key, tools and lifetime there).</p>"""
     else:
         if tools is None:
             choice = """<label for=t>Tools to allow (names, comma separated)</label><input id=t name=tools>"""

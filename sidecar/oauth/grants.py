@@ -75,7 +75,9 @@ async def create_grant(sc: Sidecar, grant_id: str, parent_id: str, spec: Mapping
     hashed = await asyncio.get_running_loop().run_in_executor(
         argon2_pool(), sc.verifier.hasher.hash, secrets.token_hex(24)
     )
-    grant = {k: spec[k] for k in ("client_id", "client_name", "resource", "tools", "scope") if k in spec}
+    grant = {
+        k: spec[k] for k in ("client_id", "client_name", "resource", "tools", "scope", "redirect_uri") if k in spec
+    }
     child = KeyRecord(
         id=grant_id,
         name=f"oauth: {spec.get('client_name') or spec['client_id']}"[:200],
