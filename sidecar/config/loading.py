@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .mcp_scale import parse_mcp_sessions, parse_tool_limits
 from .reader import _ENV_RE, _HEADER_NAME_RE, _ID_RE, _TOKEN_ENV_PATTERN, _join, _Reader
 from .schema import (
     DEFAULT_ADMIN_LISTEN,
@@ -143,7 +144,7 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
     tls = r.mapping(d.get("tls"), _join(path, "tls"))
     r.check_keys(tls, _join(path, "tls"), {"verify", "ca_file"})
     mcp = r.mapping(d.get("mcp"), _join(path, "mcp"))
-    r.check_keys(mcp, _join(path, "mcp"), {"max_body"})
+    r.check_keys(mcp, _join(path, "mcp"), {"max_body", "tool_limits"})
     ca = r.path_value(tls, "ca_file", _join(path, "tls"), None)
     if ca is not None and not ca.is_file():
         r.err(_join(path, "tls.ca_file"), f"no such file: {ca}")
@@ -170,6 +171,7 @@ def _upstream(r: _Reader, raw: object, path: str, rl_default: RateLimitConfig) -
         quota=r.parsed(d, "quota", path, parse_limit, None),
         concurrency=r.integer(d, "concurrency", path, None, minimum=1),
         mcp_max_body=r.parsed(mcp, "max_body", _join(path, "mcp"), parse_size, DEFAULT_MCP_MAX_BODY),
+        mcp_tool_limits=parse_tool_limits(mcp.get("tool_limits"), _join(path, "mcp.tool_limits"), r.problems),
     )
 
 
@@ -187,6 +189,7 @@ def parse_config(
         {
             "listen", "tls", "admin", "store", "keys", "credentials", "upstreams", "rate_limits",
             "cache", "metrics", "log", "server", "cors",
+            "mcp_sessions",
         },
     )  # fmt: skip
 
@@ -428,6 +431,8 @@ def parse_config(
         enabled=r.boolean(cod, "enabled", "cors", False), origins=tuple(r.str_list(cod, "origins", "cors")) or ("*",)
     )
 
+    mcp_sessions = parse_mcp_sessions(top.get("mcp_sessions"), r.env, r.problems)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -445,6 +450,7 @@ def parse_config(
         server=server,
         cors=cors,
         source=source,
+        mcp_sessions=mcp_sessions,
     )
 
 

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .mcp_scale import McpSessions, ToolLimits
 from .units import Limit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -116,6 +117,7 @@ class UpstreamConfig:
     quota: Limit | None = None
     concurrency: int | None = None  # max in-flight requests per key
     mcp_max_body: int = DEFAULT_MCP_MAX_BODY
+    mcp_tool_limits: ToolLimits = ToolLimits()  # per (key, upstream, tool) limits on tools/call
 
     @property
     def host(self) -> str:
@@ -200,6 +202,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
+    mcp_sessions: McpSessions = McpSessions()  # keys that seal Mcp-Session-Id (upstreams/mcp/sealing.py)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:
@@ -216,3 +219,4 @@ def iter_secrets(config: Config) -> Iterator[str]:
         if u.token:
             yield u.token
         yield from (v for v in u.headers.values() if v)
+    yield from config.mcp_sessions.texts

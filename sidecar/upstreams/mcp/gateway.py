@@ -63,6 +63,7 @@ from ...core.errors import (
     BadRequest,
     Forbidden,
     NoRoute,
+    NotFound,
     PayloadTooLarge,
     Unauthorized,
     UpstreamUnavailable,
@@ -75,6 +76,7 @@ from .jsonrpc import dumps
 from .response import GatewayFilter
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
+from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 
 if TYPE_CHECKING:
@@ -104,6 +106,7 @@ class McpGateway:
     def __init__(self, sc: GatewayHost) -> None:
         self.sc = sc
         self.sessions = SessionTable()
+        self.sealer = Sealer.from_config(sc.config.mcp_sessions)  # Mcp-Session-Id travels sealed
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
         self.rest = RestClient(sc.sessions)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
@@ -154,25 +157,33 @@ class McpGateway:
             out.update(rate_headers)
 
         ids = presented_ids(request.headers, request.rel_url.raw_query_string)  # 400 for ambiguous forms
-        sid = ids.header
         try:
-            session, legacy = self.sessions.resolve(upstream.id, key.id, ids, post=request.method == "POST")
-        except Forbidden:
+            session, legacy, sid = self.sessions.resolve(
+                upstream.id, key.id, ids, post=request.method == "POST",
+                unseal=partial(self._unseal, upstream.id, key.id),
+            )  # fmt: skip
+        except (Forbidden, NotFound):
             await self.sc.limiter.refund(key, upstream)  # refusals are free
             raise
+        if session is not None and sid is not None:
+            headers[SESSION_HEADER] = sid  # the upstream gets its own id, never the sealed one
         if request.method == "POST":
             return await self._post(
                 request, scope, upstream, key, url, headers, on_headers, rate_headers, session, legacy
             )
         if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
-        filt = GatewayFilter(self, upstream, key, sid=sid)
+        filt = GatewayFilter(self, upstream, key, sid=ids.header, upstream_sid=sid)
         response = await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
         )
-        if request.method == "DELETE" and sid and 200 <= filt.status < 300:
+        if request.method == "DELETE" and session is not None and sid and 200 <= filt.status < 300:
             self.sessions.forget(upstream.id, "http", sid)
         return response
+
+    def _unseal(self, upstream_id: str, owner: str, token: str) -> str:
+        """The upstream's session id inside a sealed ``Mcp-Session-Id`` (``403`` another key's, ``404`` bad)."""
+        return self.sealer.open_for(upstream_id, token, owner).sid
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
         """``WWW-Authenticate`` for a 401 on an MCP route: where the sidecar's resource metadata lives."""
@@ -319,6 +330,7 @@ class McpGateway:
             upstream,
             key,
             sid=request.headers.get(SESSION_HEADER),
+            upstream_sid=headers.get(SESSION_HEADER),
             sse=partial(SseRewriter, policy, extra=answers) if want else None,
             json_body=(
                 partial(JsonRewriter, policy, extra=answers, own=[rid for rid, _ in d.lists], batch=d.batch)
@@ -411,6 +423,7 @@ class McpGateway:
             upstream,
             key,
             sid=request.headers.get(SESSION_HEADER),
+            upstream_sid=headers.get(SESSION_HEADER),
             sse=partial(SseRewriter, policy, endpoint=None if session is not None else endpoint),
         )
         try:

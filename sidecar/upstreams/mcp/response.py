@@ -32,10 +32,12 @@ class GatewayFilter:
         key: KeyRecord,
         *,
         sid: str | None = None,
+        upstream_sid: str | None = None,
         sse: Callable[[], SseRewriter] | None = None,
         json_body: Callable[[], JsonRewriter] | None = None,
     ) -> None:
         self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
+        self.upstream_sid = upstream_sid  # what the upstream was sent in Mcp-Session-Id (``sid`` unsealed)
         self._sse, self._json = sse, json_body
         self._body: SseRewriter | JsonRewriter | None = None
         self.status = 0
@@ -53,10 +55,16 @@ class GatewayFilter:
                 if mapped is not None:
                     headers[name] = mapped
         new_sid = headers.get(SESSION_HEADER)
-        if new_sid and status < 400:
-            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
-        if status == 404 and self.sid:
-            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
+        if new_sid:
+            if status < 400:
+                self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
+            # The client only ever sees the sealed form (sealing.py); its own token again when unchanged.
+            if new_sid == self.upstream_sid and self.sid:
+                headers[SESSION_HEADER] = self.sid
+            else:
+                headers[SESSION_HEADER] = self.gw.sealer.seal(self.upstream.id, self.key.id, new_sid)
+        if status == 404 and self.upstream_sid:
+            self.gw.sessions.forget(self.upstream.id, "http", self.upstream_sid)
         if not 200 <= status < 300:
             return False  # the upstream's errors pass through untouched
         ctype = headers.get("Content-Type", "").lower()
