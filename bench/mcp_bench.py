@@ -19,8 +19,8 @@ Prints a Markdown table and writes ``bench/results/mcp-latest.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -128,7 +128,10 @@ async def drive(
     return len(lat), lat, elapsed, used
 
 
-async def sdk_session(url: str, headers: dict[str, str], seconds: float, cpu: Callable[[], float]) -> tuple[int, list[float], float, float]:
+Run = tuple[int, list[float], float, float]  # calls, latencies (ms), elapsed (s), Sidecar CPU used (s)
+
+
+async def sdk_session(url: str, headers: dict[str, str], seconds: float, cpu: Callable[[], float]) -> Run:
     """The issue's measurement: the SDK's ClientSession calling the tool in a loop, one session."""
     import httpx2
     from mcp.client.session import ClientSession
@@ -151,7 +154,9 @@ async def sdk_session(url: str, headers: dict[str, str], seconds: float, cpu: Ca
         return len(lat), lat, time.perf_counter() - t0, cpu() - cpu0
 
 
-async def session_cost(url: str, headers: dict[str, str], n: int, cpu: Callable[[], float]) -> tuple[list[float], float]:
+async def session_cost(
+    url: str, headers: dict[str, str], n: int, cpu: Callable[[], float]
+) -> tuple[list[float], float]:
     """``n`` sessions opened one after another on one connection: latencies (ms), CPU used."""
     lat: list[float] = []
     async with aiohttp.ClientSession() as http:
@@ -258,7 +263,7 @@ def run(seconds: float, rounds: int, out: Path) -> str:
         up, sc, direct, proxied, auth = start(tmp, env)
         try:
             cpu = lambda: cpu_seconds(sc.pid)  # noqa: E731
-            cases: list[tuple[str, Callable[[str, dict[str, str]], Awaitable[tuple[int, list[float], float, float]]]]] = []
+            cases: list[tuple[str, Callable[[str, dict[str, str]], Awaitable[Run]]]] = []
             for method, label in (("tools/call", "tools/call"), ("tools/list", "tools/list")):
                 for conns in (1, 32):
                     cases.append(
@@ -300,7 +305,8 @@ def report(
         f"interleaved; load average at the end {' '.join(load)} (other work on the machine skews req/s, "
         "not CPU per call).",
         "",
-        "| scenario | direct calls/s | Sidecar calls/s | ratio | direct p50 | Sidecar p50 | added p50 | Sidecar CPU/call |",
+        "| scenario | direct calls/s | Sidecar calls/s | ratio | direct p50 | Sidecar p50 | added p50 "
+        "| Sidecar CPU/call |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -117,7 +117,7 @@ class UpstreamConfig:
     quota: Limit | None = None
     concurrency: int | None = None  # max in-flight requests per key
     mcp_max_body: int = DEFAULT_MCP_MAX_BODY
-    mcp_tool_limits: ToolLimits = ToolLimits()  # per (key, upstream, tool) limits on tools/call
+    mcp_tool_limits: ToolLimits = field(default_factory=ToolLimits)  # per (key, upstream, tool) limits on tools/call
 
     @property
     def host(self) -> str:
@@ -202,7 +202,9 @@ class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     source: Path | None = None
-    mcp_sessions: McpSessions = McpSessions()  # keys that seal Mcp-Session-Id (upstreams/mcp/sealing.py)
+    mcp_sessions: McpSessions = field(
+        default_factory=McpSessions
+    )  # keys that seal Mcp-Session-Id (upstreams/mcp/sealing.py)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:

@@ -268,6 +268,10 @@ class RateLimiter:
             return
         await self._evaluate(key, plan, self.clock(), -1)
 
+    async def check_plan(self, key: KeyRecord, plan: Plan) -> RateDecision:
+        """One request against a plan built elsewhere (per-tool MCP limits): same backends, same headers."""
+        return await self._evaluate(key, plan, self.clock(), 1)
+
     async def _evaluate(self, key: KeyRecord, plan: Plan, now: float, cost: int) -> RateDecision:
         qkey: CounterKey | None = None
         qstart = qend = now

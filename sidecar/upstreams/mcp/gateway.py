@@ -70,14 +70,16 @@ from ...core.errors import (
 )
 from ...core.scope import RequestScope
 from . import WELL_KNOWN
-from .authz import BodyJudge, Decision, McpAccess
+from .authz import BodyJudge, McpAccess
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps
+from .legacy import post_legacy
 from .response import GatewayFilter
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
 from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
+from .toollimits import ToolLimiter
 
 if TYPE_CHECKING:
     from .host import GatewayHost
@@ -108,6 +110,7 @@ class McpGateway:
         self.sessions = SessionTable()
         self.sealer = Sealer.from_config(sc.config.mcp_sessions)  # Mcp-Session-Id travels sealed
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
+        self.tool_limits = ToolLimiter(sc.limiter)  # upstreams[].mcp.tool_limits, per (key, upstream, tool)
         self.rest = RestClient(sc.sessions)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
         # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
@@ -289,6 +292,12 @@ class McpGateway:
         raw = await self._read_body(request, upstream.mcp_max_body)
         access = McpAccess.of(key.permissions, upstream.id)
         d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        limited = None
+        if d.calls and upstream.mcp_tool_limits:
+            limited = await self.tool_limits.check(key, upstream, d.calls)
+            if limited:  # judged again with those calls refused (rare: only when a tool is over its limit)
+                d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None,
+                                           limited=limited)  # fmt: skip
         del raw  # the decision holds what goes upstream
         if d.error is not None:
             # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
@@ -296,7 +305,9 @@ class McpGateway:
             return self._json(d.error.body(code="bad_request"), 400, rate_headers)
         scope.tool = ",".join(dict.fromkeys(d.tools))
         if d.denied:
-            scope.error = "insufficient_permissions"
+            scope.error = "insufficient_permissions" if len(d.refused) + d.dropped > len(limited or ()) else (
+                "rate_limit_exceeded"
+            )  # fmt: skip
             if not d.kept:
                 await self.sc.limiter.refund(key, upstream)  # nothing the client asked for went up: free
 
@@ -312,8 +323,8 @@ class McpGateway:
         refusals = (legacy.refusals,) if legacy is not None else ()
         policy = Policy(access, lists=(lists, *(s.lists for s in sessions)), refusals=refusals)
         if legacy is not None:
-            return await self._post_legacy(request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
-                                           legacy, policy)  # fmt: skip
+            return await post_legacy(self, request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
+                                     legacy, policy)  # fmt: skip
 
         answers = d.refused
         if d.forward is None:
@@ -337,40 +348,6 @@ class McpGateway:
                 if want
                 else None
             ),
-        )
-        return await self.sc.forwarder.forward(
-            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers,
-        )  # fmt: skip
-
-    async def _post_legacy(
-        self,
-        request: web.Request,
-        scope: RequestScope,
-        upstream: UpstreamConfig,
-        key: KeyRecord,
-        url: URL,
-        headers: CIMultiDict[str],
-        on_headers: Callable[[int, CIMultiDict[str]], None],
-        rate_headers: dict[str, str],
-        d: Decision,
-        legacy: McpSession,
-        policy: Policy,
-    ) -> web.StreamResponse:
-        """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
-        for answer in d.refused:
-            legacy.refusals.add(answer["id"], answer)
-        if d.forward is None:
-            return web.Response(status=202, text="Accepted", headers=rate_headers)
-        # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
-        # same policy applies there.
-        want = bool(d.lists) or bool(d.refused)
-        filt = GatewayFilter(
-            self,
-            upstream,
-            key,
-            sse=partial(SseRewriter, policy) if want else None,
-            json_body=partial(JsonRewriter, policy) if want else None,
         )
         return await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
@@ -522,6 +499,14 @@ class McpGateway:
         if not decision.allowed and decision.error is not None:
             scope.rate_limited = True
             raise decision.error
+        plan = self.tool_limits.plan(key, upstream, tool) if upstream.mcp_tool_limits else None
+        if plan is not None:
+            over = await sc.limiter.check_plan(key, plan)
+            if not over.allowed and over.error is not None:
+                await sc.limiter.refund(key, upstream)  # the call never went up: the request's budget is back
+                scope.rate_limited = True
+                over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
+                raise over.error
         async with sc.limiter.slot(key, upstream):
             result = await self.rest.call(upstream, tool, arguments, scope)
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential

@@ -249,7 +249,7 @@ async def test_legacy_sse_message_on_a_process_without_the_stream_is_a_clear_404
         first = b""
         while b"\n\n" not in first.replace(b"\r\n", b"\n"):
             first += await stream.content.readany()
-        endpoint = [x for x in first.decode().splitlines() if x.startswith("data:")][0][5:].strip()
+        endpoint = next(x for x in first.decode().splitlines() if x.startswith("data:"))[5:].strip()
         assert endpoint.startswith("/mcp/legacy/messages/?session_id=")
         seen = len(upstream.rec.requests)
         r = await b.proxy.post(endpoint, json=INIT, headers={**ACCEPT, **bearer(key)})
