@@ -198,7 +198,10 @@ async def test_rest_tool_call_is_a_429_with_the_headers(gw: Running, upstream: M
 
 
 async def test_tool_limits_shared_through_redis(
-    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path, redis_server: RedisProc  # noqa: F811
+    make_sidecar: MakeSidecar,
+    upstream: McpUpstream,
+    tmp_path: Path,
+    redis_server: RedisProc,  # noqa: F811
 ) -> None:
     """Two sidecars on one Redis: one budget per (key, tool), whichever sidecar the calls go through."""
     rl = {"backend": "redis", "redis_url": redis_server.url}
