@@ -201,7 +201,7 @@ def judge(
         d.kept += 1
         out.append(msg.raw)
         d.forward_has_request = d.forward_has_request or msg.is_request
-        if access.restricted and msg.is_request and msg.method in LISTS:
+        if msg.is_request and msg.method in LISTS:  # filtered, or at least its cacheScope checked
             d.lists.append((msg.id, msg.method))
     if not changed:
         d.forward = raw
