@@ -245,18 +245,23 @@ class Policy:
     filtered: int = field(default=0, init=False)  # items removed so far (for tests and logs)
     # Whether the key's lists lose anything; if not, a list is only read for its cacheScope.
     restricted: bool = field(default=True, init=False)
+    # A session's GET stream: answers replayed after a resumption on another worker or replica
+    # carry ids this process never saw, so a restricted key's lists are also found by their shape.
+    by_shape: bool = False
 
     def __post_init__(self) -> None:
         self.restricted = bool(getattr(self.access, "restricted", True))
 
     def active(self) -> bool:
-        return any(self.lists) or any(self.refusals)
+        return any(self.lists) or any(self.refusals) or (self.by_shape and self.restricted)
 
     def guarding(self) -> bool:
         """Whether an answer may have to be withheld (a list to filter for this key, or a refusal)."""
         return (self.restricted and any(self.lists)) or any(self.refusals)
 
     def skips(self, raw: bytes) -> bool:
+        if self.by_shape and self.restricted:
+            return False
         """An answer that needs no reading: nothing to filter or refuse, and no public cacheScope to take back."""
         # "public" may also be written with \u escapes: any escape means the answer is read.
         return b"public" not in raw and b"\\u" not in raw and not self.guarding()
@@ -295,6 +300,8 @@ class Policy:
             listed = pending.pop(rid)
             if listed is not None:
                 method = listed if isinstance(listed, str) else "tools/list"
+        if method is None and self.by_shape and self.restricted:
+            method = _list_shape(msg.get("result"))
         if method is None or method not in LISTS:
             return None
         kind, name, key = LISTS[method]
@@ -316,6 +323,17 @@ class Policy:
         if "cacheScope" in new_result:
             new_result["cacheScope"] = "private"  # the list now depends on the key
         return dict(msg, result=new_result)
+
+
+_SHAPES = {field_name: method for method, (_, field_name, _) in LISTS.items()}
+
+
+def _list_shape(result: Any) -> str | None:
+    """The list method a result answers, from its shape (``{"tools": [...]}`` …); None for anything else."""
+    if not isinstance(result, dict):
+        return None
+    found = [m for f, m in _SHAPES.items() if isinstance(result.get(f), list)]
+    return found[0] if len(found) == 1 else None
 
 
 class SseRewriter:

@@ -395,6 +395,7 @@ class McpGateway:
 
         if session is not None:
             policy.lists = (session.lists,)
+            policy.by_shape = True  # answers replayed here may be to requests another process saw
         filt = GatewayFilter(
             self,
             upstream,

@@ -307,3 +307,22 @@ def test_sealing_key_forms_and_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(cfg, env={"PLEX_TOKEN": "p" * 20}, base=tmp_path)
     assert "mcp_sessions.seal_key: unknown option" in str(e.value)
+
+
+def test_a_get_stream_filters_lists_it_never_saw_asked_for() -> None:
+    """After a resumption on another replica, a replayed tools/list answer has an id this process never saw."""
+    from sidecar.upstreams.mcp.authz import McpAccess
+    from sidecar.upstreams.mcp.filter import Policy, SseRewriter
+
+    tools = [{"name": n, "inputSchema": {}} for n in ("search", "delete_everything")]
+    replay = {"jsonrpc": "2.0", "id": 99, "result": {"tools": tools}}
+    call_result = {"jsonrpc": "2.0", "id": 100, "result": {"content": [{"type": "text", "text": "x"}]}}
+    event = b"".join(b"id: e%d\nevent: message\ndata: %s\n\n" % (i, json.dumps(m).encode())
+                     for i, m in enumerate((replay, call_result)))  # fmt: skip
+    out = SseRewriter(Policy(McpAccess(tools=("search",)), by_shape=True)).feed(event)
+    got = messages(out.decode())
+    assert [t["name"] for t in got[0]["result"]["tools"]] == ["search"]
+    assert got[1] == call_result
+    assert b"id: e0\n" in out  # the event ids (resumption points) are kept
+    unrestricted = SseRewriter(Policy(McpAccess(), by_shape=True)).feed(event)
+    assert unrestricted == event  # a key without MCP limits gets the stream byte for byte
