@@ -37,7 +37,7 @@ from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
 from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
-from .bodies import IdleDeadline, Upload, is_stream, small_body
+from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
 from .outbound import (
     Networks,
     connection_tokens,
@@ -253,6 +253,11 @@ class Forwarder:
         streaming = is_stream(out_headers)
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
+            if resp.content.is_eof() and resp.content.total_bytes <= SMALL_BODY:
+                # The whole stream came in with its headers (an MCP POST's one-answer SSE): one write
+                # with a Content-Length, so the client holds a complete answer (and can reuse its connection).
+                return await self._relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
+                                               response_filter, rewrite, recording, tap, reason)  # fmt: skip
         else:
             size = small_body(request.method, resp)
             if size is not None:
@@ -264,6 +269,7 @@ class Forwarder:
         await response.prepare(request)
         scope.status = resp.status  # sent: a client that leaves from here on is logged with it, not 499
         deadline = IdleDeadline(None if streaming else upstream.read_timeout)
+        last = b""
 
         async def end_stream() -> None:
             resp.close()  # the pending read fails; the client's connection is then cut
@@ -302,6 +308,9 @@ class Forwarder:
                             return self._cut(request, response, scope, "upstream_unavailable")
                         if not chunk:
                             continue
+                    if resp.content.at_eof():
+                        last = chunk  # the end came with it: sent together with the end of the answer
+                        break
                     deadline.pause()  # a client that reads slowly is not a slow upstream
                     if not await self._write(response, scope, chunk):
                         return response
@@ -315,10 +324,14 @@ class Forwarder:
                 return self._cut(request, response, scope, "upstream_unavailable")
         if recording and tap is not None:
             tap.end()  # after the filter accepted the whole body: an answer it refuses is never stored
-        if tail and not await self._write(response, scope, tail):
+        tail = last + tail if last else tail
+        try:
+            await response.write_eof(tail)  # the last bytes and the end of the body in one write
+        except ConnectionError:
+            if tail:
+                scope.error = "client_disconnected"
             return response
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()
+        scope.bytes_sent += len(tail)
         return response
 
     @staticmethod
