@@ -251,8 +251,11 @@ class Forwarder:
         if on_headers:
             on_headers(resp.status, out_headers)
         streaming = is_stream(out_headers)
+        short = streaming and request.method == "POST"  # an MCP POST's SSE answer: usually one event, then the end
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
+            if short and not resp.content.is_eof():
+                await asyncio.sleep(0)  # one turn of the loop: the rest of a short answer is usually on its way
             if resp.content.is_eof() and resp.content.total_bytes <= SMALL_BODY:
                 # The whole stream came in with its headers (an MCP POST's one-answer SSE): one write
                 # with a Content-Length, so the client holds a complete answer (and can reuse its connection).
@@ -308,6 +311,8 @@ class Forwarder:
                             return self._cut(request, response, scope, "upstream_unavailable")
                         if not chunk:
                             continue
+                    if short and not resp.content.is_eof():
+                        await asyncio.sleep(0)  # let an end sent right behind this chunk arrive
                     if resp.content.at_eof():
                         last = chunk  # the end came with it: sent together with the end of the answer
                         break

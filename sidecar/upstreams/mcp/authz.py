@@ -96,6 +96,18 @@ class McpAccess:
             mcp_globs(perms, upstream_id, "prompts"),
         )
 
+    @classmethod
+    def cached(cls, perms: Permissions, upstream_id: str) -> McpAccess:
+        """``of``, memoised per permission set (records share interned ``Permissions``; a key edit makes a new one)."""
+        ident = (id(perms), upstream_id)
+        hit = _ACCESS.get(ident)
+        if hit is not None and hit[0] is perms:
+            return hit[1]
+        if len(_ACCESS) >= 4096:
+            _ACCESS.clear()
+        access = _ACCESS[ident] = (perms, cls.of(perms, upstream_id))
+        return access[1]
+
     @property
     def restricted(self) -> bool:
         """Whether any list answer needs filtering (if not, the upstream's answers pass untouched)."""
@@ -108,6 +120,9 @@ class McpAccess:
             return True
         pat = _pattern(globs)
         return pat is not None and isinstance(name, str) and pat.match(name) is not None
+
+
+_ACCESS: dict[tuple[int, str], tuple[Permissions, McpAccess]] = {}  # the object is kept: its id stays its own
 
 
 def refusal(rid: Any, verb: str, name: Any) -> dict[str, Any]:

@@ -290,7 +290,7 @@ class McpGateway:
     ) -> web.StreamResponse:
         """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
         raw = await self._read_body(request, upstream.mcp_max_body)
-        access = McpAccess.of(key.permissions, upstream.id)
+        access = McpAccess.cached(key.permissions, upstream.id)
         d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
         limited = None
         if d.calls and upstream.mcp_tool_limits:
@@ -380,7 +380,7 @@ class McpGateway:
         session: McpSession | None,
     ) -> web.StreamResponse:
         """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
-        policy = Policy(McpAccess.of(key.permissions, upstream.id))
+        policy = Policy(McpAccess.cached(key.permissions, upstream.id))
         legacy_sid: list[str] = []
 
         def endpoint(data: str) -> str:
