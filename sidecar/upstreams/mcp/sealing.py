@@ -54,6 +54,7 @@ _HEAD = struct.Struct(">BI")  # version, key id
 _EXPIRES = struct.Struct(">QB")  # expires (unix seconds), owner length
 _NONCE = 12
 _MIN_LEN = _HEAD.size + _NONCE + _EXPIRES.size + 16
+MEMO = 20_000  # tokens that opened, remembered per process (cleared when full)
 _MAX_TOKEN = 1024  # characters; anything longer is not ours (and is not decoded)
 _B64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -86,6 +87,7 @@ class Sealer:
         self._seal = AESGCM(keys[0])
         self._open = {key_id(k): AESGCM(k) for k in keys}
         self._head = _HEAD.pack(SEAL_VERSION, self._kid)
+        self._opened: dict[tuple[str, str], Unsealed] = {}
 
     @classmethod
     def random(cls, ttl: float = DEFAULT_SESSION_TTL) -> Sealer:
@@ -111,7 +113,24 @@ class Sealer:
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
 
     def unseal(self, upstream_id: str, token: str) -> Unsealed:
-        """The session a token names, or ``404`` (not ours, tampered, expired)."""
+        """The session a token names, or ``404`` (not ours, tampered, expired).
+
+        A token that opened once is remembered (bounded): a session's every request carries
+        the same token, and a dictionary hit is a fraction of a decryption. Only tokens that
+        opened are kept, so garbage cannot fill the memo; the expiry is checked every time.
+        """
+        hit = self._opened.get((upstream_id, token))
+        if hit is not None:
+            if hit.expires <= self.clock():
+                raise NotFound("this MCP session has expired: start a new session")
+            return hit
+        opened = self._unseal(upstream_id, token)
+        if len(self._opened) >= MEMO:
+            self._opened.clear()
+        self._opened[(upstream_id, token)] = opened
+        return opened
+
+    def _unseal(self, upstream_id: str, token: str) -> Unsealed:
         raw = _decode(token)
         if raw is None or len(raw) < _MIN_LEN:
             raise NotFound(GONE)

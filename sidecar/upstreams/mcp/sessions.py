@@ -63,7 +63,8 @@ class SessionIds:
 
 def _valid(sid: str) -> bool:
     """MCP: a session id is visible ASCII (0x21-0x7E); a comma would read as a list to some servers."""
-    return bool(sid) and all("\x21" <= c <= "\x7e" for c in sid) and "," not in sid and ";" not in sid
+    # isascii + isprintable is 0x20-0x7E, checked in C (a sealed id is ~120 characters); minus the space.
+    return bool(sid) and sid.isascii() and sid.isprintable() and " " not in sid and "," not in sid and ";" not in sid
 
 
 def presented_ids(headers: MultiMapping[str], raw_query: str) -> SessionIds:
