@@ -304,6 +304,8 @@ class McpGateway:
             scope.error = "bad_request"
             return self._json(d.error.body(code="bad_request"), 400, rate_headers)
         scope.tool = ",".join(dict.fromkeys(d.tools))
+        if d.lists and not access.restricted and request.headers.get("MCP-Protocol-Version", "") < "2026":
+            d.lists = []  # lists this key may see whole carry no cacheScope before 2026-07-28: nothing to read
         if d.denied:
             scope.error = "insufficient_permissions" if len(d.refused) + d.dropped > len(limited or ()) else (
                 "rate_limit_exceeded"

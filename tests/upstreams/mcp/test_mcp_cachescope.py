@@ -57,7 +57,7 @@ async def gw(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) -> 
 
 async def listed(gw: Running, key: str, answer: str, scope: str) -> tuple[dict[str, Any], bytes]:
     headers = {"Authorization": f"Bearer {key}", "X-Answer": answer, "X-Scope": scope,
-               "Accept": "application/json, text/event-stream"}  # fmt: skip
+               "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28"}  # fmt: skip
     r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 7, "method": "tools/list"}, headers=headers)
     assert r.status == 200
     raw = await r.read()
