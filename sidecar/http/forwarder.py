@@ -311,8 +311,6 @@ class Forwarder:
                             return self._cut(request, response, scope, "upstream_unavailable")
                         if not chunk:
                             continue
-                    if short and not resp.content.is_eof():
-                        await asyncio.sleep(0)  # let an end sent right behind this chunk arrive
                     if resp.content.at_eof():
                         last = chunk  # the end came with it: sent together with the end of the answer
                         break
