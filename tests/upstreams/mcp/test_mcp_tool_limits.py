@@ -243,3 +243,24 @@ def test_first_matching_glob_decides(tmp_path: Path) -> None:
     assert [(g, [x.text for x in lim]) for g, lim in [tl.for_tool(t) or ("", ()) for t in ("delete_all", "delete_x",
             "search", "Delete_x")]] == [("delete_all", ["1/day"]), ("delete_*", ["1/hour"]), ("*", ["100/minute"]),
                                          ("*", ["100/minute"])]  # fmt: skip
+
+
+def test_in_a_batch_only_the_calls_over_their_limit_are_refused() -> None:
+    """judge() with the limiter's verdict: the other messages go up byte-exact, the refusal keeps its id."""
+    from sidecar.upstreams.mcp.authz import McpAccess, judge
+
+    batch = [call(1, "search", query="a"), call(2, "search", query="b"), {"jsonrpc": "2.0", "method": "ping", "id": 3}]
+    raw = json.dumps(batch).encode()
+    first = judge(raw, [], McpAccess(), legacy=False)
+    assert first.calls == [(0, "search"), (1, "search")]
+    over = {1: ("rate limit of 1/minute exceeded for tool 'search' and this key", {"code": "rate_limit_exceeded"})}
+    d = judge(raw, [], McpAccess(), legacy=False, limited=over)
+    assert d.refused == [{"jsonrpc": "2.0", "id": 2, "error": {"code": TOOL_RATE_LIMITED, "message": over[1][0],
+                                                               "data": {"code": "rate_limit_exceeded"}}}]  # fmt: skip
+    assert d.forward is not None and [m["id"] for m in json.loads(d.forward)] == [1, 3]
+    legacy = judge(raw, [], McpAccess(), legacy=True, limited=over)
+    assert json.loads(legacy.forward or b"")[1] == {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "ping",
+    }  # answered on the stream
