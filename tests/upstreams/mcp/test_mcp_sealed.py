@@ -326,3 +326,56 @@ def test_a_get_stream_filters_lists_it_never_saw_asked_for() -> None:
     assert b"id: e0\n" in out  # the event ids (resumption points) are kept
     unrestricted = SseRewriter(Policy(McpAccess(), by_shape=True)).feed(event)
     assert unrestricted == event  # a key without MCP limits gets the stream byte for byte
+
+
+async def test_the_sdk_client_through_a_round_robin_balancer(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """The SDK's ClientSession behind a balancer that alternates between two sidecars, request by request."""
+    import aiohttp
+    import httpx2
+    from aiohttp import web
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    a = await sidecar(make_sidecar, upstream, tmp_path, {"seal_key_env": "SEAL_K1"})
+    b = await sidecar(make_sidecar, upstream, tmp_path, {"seal_key_env": "SEAL_K1"})
+    key = await key_on([a, b], "agent")
+    targets = [a.proxy.make_url("/mcp/tools"), b.proxy.make_url("/mcp/tools")]
+    served: list[int] = []
+    http = aiohttp.ClientSession(auto_decompress=False)
+
+    async def balance(request: web.Request) -> web.StreamResponse:
+        i = len(served) % 2
+        served.append(i)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with http.request(request.method, targets[i], headers=headers, data=await request.read()) as up:
+            resp = web.StreamResponse(
+                status=up.status,
+                headers={
+                    k: v for k, v in up.headers.items() if k.lower() not in ("content-length", "transfer-encoding")
+                },
+            )
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", balance)
+    lb = await aiohttp_server(app)
+    try:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as hc,
+            streamable_http_client(str(lb.make_url("/mcp")), http_client=hc) as (read, write),
+            ClientSession(read, write) as s,
+        ):
+            await s.initialize()
+            for i in range(4):
+                found = await s.call_tool("search", {"query": f"q{i}"})
+                assert found.content[0].text == f"results for q{i}"  # type: ignore[union-attr]
+            assert [t.name for t in (await s.list_tools()).tools] == ["search", "fetch"]
+    finally:
+        await http.close()
+    assert {0, 1} <= set(served) and len(upstream_sids(upstream)) == 1  # both sidecars, one upstream session
