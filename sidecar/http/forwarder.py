@@ -64,6 +64,19 @@ __all__ = [
 ]
 
 
+END_WAIT = 0.1  # seconds an answered stream may take to end once its client has left
+
+
+class _Seen:
+    """Whether the answer a client waits for has been sent (``Forwarder.forward``'s ``answered``)."""
+
+    __slots__ = ("done", "test")
+
+    def __init__(self, test: Callable[[bytes], bool]) -> None:
+        self.test = test
+        self.done = False
+
+
 class Forwarder:
     """Sends one request upstream and streams the answer back."""
 
@@ -73,6 +86,7 @@ class Forwarder:
         # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
         self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
         self.streams: StreamRegistry | None = None  # set by the app: revocation ends open streams
+        self._ending: set[asyncio.Task[None]] = set()  # answered streams waiting for their end (``_release_later``)
 
     async def end_streams(self) -> None:
         """Close websockets (1001 going away) and SSE streams, so a drain does not wait out its grace.
@@ -140,8 +154,14 @@ class Forwarder:
         response_filter: ResponseFilter | None = None,
         on_headers: Callable[[int, CIMultiDict[str]], None] | None = None,
         tap: ResponseTap | None = None,
+        answered: Callable[[bytes], bool] | None = None,
     ) -> web.StreamResponse:
-        """Stream the request up and the response down; raise contract errors before the first byte."""
+        """Stream the request up and the response down; raise contract errors before the first byte.
+
+        ``answered(chunk)``: whether a chunk sent to the client completes what it asked for (an
+        MCP POST's answer). A client that leaves after that has nothing left to cancel, so the
+        upstream connection is given a moment (``END_WAIT``) to end its stream and is kept.
+        """
         scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
         if request.headers.get("Upgrade", "").lower() == "websocket":
             if request.method != "GET" or request.body_exists:
@@ -173,10 +193,33 @@ class Forwarder:
                 headers.popall(name, None)
             resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
         scope.upstream_seconds = time.perf_counter() - started
+        seen = _Seen(answered) if answered is not None else None
         try:
-            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload)
+            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload, seen)
         finally:
-            resp.release() if resp.content.at_eof() else resp.close()
+            if resp.content.at_eof():
+                resp.release()
+            elif seen is not None and seen.done and not self.shutting_down:
+                self._release_later(resp)  # the answer is out: nothing to cancel upstream
+            else:
+                resp.close()  # closing is cancellation (MCP 2026-07-28)
+
+    def _release_later(self, resp: aiohttp.ClientResponse) -> None:
+        """Let an answered stream end (bounded) and keep its connection; close it if it does not."""
+
+        async def end() -> None:
+            try:
+                async with asyncio.timeout(END_WAIT):
+                    while await resp.content.readany():
+                        pass
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                resp.close()
+                return
+            resp.release()
+
+        task = asyncio.get_running_loop().create_task(end())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     @staticmethod
     async def _send(
@@ -231,6 +274,7 @@ class Forwarder:
         on_headers: Callable[[int, CIMultiDict[str]], None] | None,
         tap: ResponseTap | None = None,
         upload: Upload | None = None,
+        seen: _Seen | None = None,
     ) -> web.StreamResponse:
         drop = connection_tokens(resp.headers)
         if "Transfer-Encoding" in resp.headers:
@@ -317,6 +361,8 @@ class Forwarder:
                     deadline.pause()  # a client that reads slowly is not a slow upstream
                     if not await self._write(response, scope, chunk):
                         return response
+                    if seen is not None and not seen.done:
+                        seen.done = seen.test(chunk)
         except TimeoutError:  # only the idle deadline: it is paused whenever anything else is awaited
             return self._cut(request, response, scope, "upstream_timeout")
         tail = b""

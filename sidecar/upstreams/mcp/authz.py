@@ -162,6 +162,7 @@ class Decision:
     calls: list[tuple[int, str]] = field(default_factory=list)  # (message index, tool) of tools/call going up
     forward: bytes | None = None  # the body for the upstream; None: nothing goes up
     forward_has_request: bool = False  # the forwarded body holds a request (an answer will come)
+    single_id: Any = None  # the id of a lone request (not a batch): its answer ends the POST's stream
 
     @property
     def denied(self) -> bool:
@@ -218,6 +219,8 @@ def judge(
         d.forward_has_request = d.forward_has_request or msg.is_request
         if msg.is_request and msg.method in LISTS:  # filtered, or at least its cacheScope checked
             d.lists.append((msg.id, msg.method))
+    if not body.batch and d.kept and body.messages[0].is_request:
+        d.single_id = body.messages[0].id
     if not changed:
         d.forward = raw
     elif out:

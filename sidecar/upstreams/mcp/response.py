@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -13,13 +13,27 @@ from ...core.errors import (
     UpstreamUnavailable,
 )
 from .filter import JsonRewriter, SseRewriter
+from .jsonrpc import dumps
 from .rest import CREDENTIAL_REJECTED
 from .sessions import SESSION_HEADER
 
 if TYPE_CHECKING:
     from .gateway import McpGateway
 
-__all__ = ["GatewayFilter"]
+__all__ = ["GatewayFilter", "answer_sent"]
+
+
+def answer_sent(rid: Any) -> Callable[[bytes], bool] | None:
+    """Whether a chunk of a POST's answer stream carries the answer to its request ``rid``.
+
+    A cheap byte test (``"id":<rid>`` next to ``"result"`` or ``"error"``) for the forwarder's
+    ``answered``: once it is out, a client that hangs up has nothing left to cancel, and the
+    upstream connection is kept. A false positive only delays closing by ``END_WAIT``.
+    """
+    if rid is None:
+        return None
+    needle = b'"id":' + dumps(rid)
+    return lambda chunk: needle in chunk and (b'"result"' in chunk or b'"error"' in chunk)
 
 
 class GatewayFilter:
