@@ -14,11 +14,20 @@ from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from . import schema
 from .console import ConsoleConfig
 from .jwt import JwtProvider, check_jwt
+from .mcp_scale import McpSessionsSection, parse_tool_limits
 from .models import (
     BLANK_IS_DEFAULT,
     DURATION_SCHEMA,
@@ -253,6 +262,23 @@ class McpSection(Section):
 
     max_body: Size = schema.DEFAULT_MCP_MAX_BODY
     """Largest JSON-RPC body (read whole to authorize it)."""
+    tool_limits: Annotated[
+        dict[str, Any],
+        WithJsonSchema({"type": "object", "additionalProperties": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}),
+        Wording({"dict_type": "expected a mapping of tool name or glob to limits, got {type}"}),
+    ] = Field(default_factory=dict)  # fmt: skip
+    """Rate limits on tools/call per (key, upstream, tool): tool name or glob -> a limit or a list of them
+    (e.g. search: 60/minute, "delete_*": 1/hour); the first matching glob, in file order, decides."""
+
+    @model_validator(mode="after")
+    def _tool_limits(self) -> McpSection:
+        problems: list[str] = []
+        parse_tool_limits(self.tool_limits, "tool_limits", problems)
+        if problems:
+            where, _, message = problems[0].partition(": ")
+            raise problem_at(where, message)
+        return self
 
 
 class UpstreamSection(Section):
@@ -406,6 +432,8 @@ class ConfigFile(Section):
     """Identity providers whose JWTs are accepted as Bearer credentials (docs/jwt.md)."""
     oauth: OAuthConfig = OAuthConfig()
     """Sidecar as the OAuth 2.1 authorization server of its MCP upstreams (docs/oauth.md)."""
+    mcp_sessions: McpSessionsSection = McpSessionsSection()
+    """Keys that seal the Mcp-Session-Id handed to clients, so any worker or replica serves a session (docs/mcp.md)."""
     workers: WorkerCount = 1
     """Worker processes sharing the proxy port (auto: one per available CPU); 1: one process, no supervisor."""
 

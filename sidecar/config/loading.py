@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from .file import ConfigFile, UpstreamSection, cross_checks, duplicates, literal_secrets
+from .mcp_scale import McpSessions, mcp_sessions_from, parse_tool_limits
 from .models import expand_env, validate_model
 from .postgres import PostgresStoreOptions, postgres_options
 from .schema import (
@@ -51,6 +52,7 @@ def parse_config(
     if file is not None:
         cross_checks(file, problems, env)
         _postgres(file, env, problems)
+        mcp_sessions_from(file.mcp_sessions, env, problems)
     if problems or file is None:
         raise ConfigError(problems)
     return build(file, env, base, source)
@@ -78,6 +80,7 @@ def _upstream(u: UpstreamSection, env: Mapping[str, str]) -> UpstreamConfig:
         tls_verify=u.tls.verify,
         tls_ca_file=u.tls.ca_file,
         mcp_max_body=u.mcp.max_body,
+        mcp_tool_limits=parse_tool_limits(u.mcp.tool_limits, "", []),
     )
 
 
@@ -93,6 +96,14 @@ def _postgres(
     elif found:
         raise ConfigError(found)
     return options
+
+
+def _sealing_keys(f: ConfigFile, env: Mapping[str, str]) -> McpSessions:
+    problems: list[str] = []
+    sessions = mcp_sessions_from(f.mcp_sessions, env, problems)
+    if problems:
+        raise ConfigError(problems)
+    return sessions
 
 
 def build(f: ConfigFile, env: Mapping[str, str], base: Path, source: Path | None = None) -> Config:
@@ -120,6 +131,7 @@ def build(f: ConfigFile, env: Mapping[str, str], base: Path, source: Path | None
         metrics=MetricsConfig(**_values(f.metrics)),
         log=LogConfig(**_values(f.log)),
         server=ServerConfig(**_values(f.server)),
+        mcp_sessions=_sealing_keys(f, env),
         cors=CorsConfig(enabled=f.cors.enabled, origins=f.cors.origins or ("*",)),
         source=source,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from .console import ConsoleConfig
 from .jwt import JwtProvider
+from .mcp_scale import McpSessions, ToolLimits
 from .oauth import OAuthConfig
 from .postgres import PostgresStoreOptions, dsn_secrets
 from .units import Limit
@@ -123,6 +124,7 @@ class UpstreamConfig:
     quota: Limit | None = None
     concurrency: int | None = None  # max in-flight requests per key
     mcp_max_body: int = DEFAULT_MCP_MAX_BODY
+    mcp_tool_limits: ToolLimits = field(default_factory=ToolLimits)  # per (key, upstream, tool) limits on tools/call
 
     @property
     def host(self) -> str:
@@ -211,6 +213,9 @@ class Config:
     jwt: tuple[JwtProvider, ...] = ()  # identity providers whose JWTs are accepted (config/jwt.py, docs/jwt.md)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)  # admin.console (sidecar/config/console.py)
     workers: int = 1  # worker processes on the proxy port (sidecar.workers); 1: no supervisor
+    mcp_sessions: McpSessions = field(
+        default_factory=McpSessions
+    )  # keys that seal Mcp-Session-Id (upstreams/mcp/sealing.py)
 
     def upstream(self, upstream_id: str) -> UpstreamConfig | None:
         for u in self.upstreams:
@@ -228,3 +233,4 @@ def iter_secrets(config: Config) -> Iterator[str]:
         if u.token:
             yield u.token
         yield from (v for v in u.headers.values() if v)
+    yield from config.mcp_sessions.texts

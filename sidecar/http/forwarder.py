@@ -37,7 +37,7 @@ from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
 from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
-from .bodies import IdleDeadline, Upload, is_stream, small_body
+from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
 from .outbound import (
     Networks,
     connection_tokens,
@@ -64,6 +64,19 @@ __all__ = [
 ]
 
 
+END_WAIT = 0.1  # seconds an answered stream may take to end once its client has left
+
+
+class _Seen:
+    """Whether the answer a client waits for has been sent (``Forwarder.forward``'s ``answered``)."""
+
+    __slots__ = ("done", "test")
+
+    def __init__(self, test: Callable[[bytes], bool]) -> None:
+        self.test = test
+        self.done = False
+
+
 class Forwarder:
     """Sends one request upstream and streams the answer back."""
 
@@ -73,6 +86,7 @@ class Forwarder:
         # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
         self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
         self.streams: StreamRegistry | None = None  # set by the app: revocation ends open streams
+        self._ending: set[asyncio.Task[None]] = set()  # answered streams waiting for their end (``_release_later``)
 
     async def end_streams(self) -> None:
         """Close websockets (1001 going away) and SSE streams, so a drain does not wait out its grace.
@@ -140,8 +154,14 @@ class Forwarder:
         response_filter: ResponseFilter | None = None,
         on_headers: Callable[[int, CIMultiDict[str]], None] | None = None,
         tap: ResponseTap | None = None,
+        answered: Callable[[bytes], bool] | None = None,
     ) -> web.StreamResponse:
-        """Stream the request up and the response down; raise contract errors before the first byte."""
+        """Stream the request up and the response down; raise contract errors before the first byte.
+
+        ``answered(chunk)``: whether a chunk sent to the client completes what it asked for (an
+        MCP POST's answer). A client that leaves after that has nothing left to cancel, so the
+        upstream connection is given a moment (``END_WAIT``) to end its stream and is kept.
+        """
         scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
         if request.headers.get("Upgrade", "").lower() == "websocket":
             if request.method != "GET" or request.body_exists:
@@ -173,10 +193,33 @@ class Forwarder:
                 headers.popall(name, None)
             resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
         scope.upstream_seconds = time.perf_counter() - started
+        seen = _Seen(answered) if answered is not None else None
         try:
-            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload)
+            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload, seen)
         finally:
-            resp.release() if resp.content.at_eof() else resp.close()
+            if resp.content.at_eof():
+                resp.release()
+            elif seen is not None and seen.done and not self.shutting_down:
+                self._release_later(resp)  # the answer is out: nothing to cancel upstream
+            else:
+                resp.close()  # closing is cancellation (MCP 2026-07-28)
+
+    def _release_later(self, resp: aiohttp.ClientResponse) -> None:
+        """Let an answered stream end (bounded) and keep its connection; close it if it does not."""
+
+        async def end() -> None:
+            try:
+                async with asyncio.timeout(END_WAIT):
+                    while await resp.content.readany():
+                        pass
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                resp.close()
+                return
+            resp.release()
+
+        task = asyncio.get_running_loop().create_task(end())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     @staticmethod
     async def _send(
@@ -231,6 +274,7 @@ class Forwarder:
         on_headers: Callable[[int, CIMultiDict[str]], None] | None,
         tap: ResponseTap | None = None,
         upload: Upload | None = None,
+        seen: _Seen | None = None,
     ) -> web.StreamResponse:
         drop = connection_tokens(resp.headers)
         if "Transfer-Encoding" in resp.headers:
@@ -251,8 +295,16 @@ class Forwarder:
         if on_headers:
             on_headers(resp.status, out_headers)
         streaming = is_stream(out_headers)
+        short = streaming and request.method == "POST"  # an MCP POST's SSE answer: usually one event, then the end
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
+            if short and not resp.content.is_eof():
+                await asyncio.sleep(0)  # one turn of the loop: the rest of a short answer is usually on its way
+            if resp.content.is_eof() and resp.content.total_bytes <= SMALL_BODY:
+                # The whole stream came in with its headers (an MCP POST's one-answer SSE): one write
+                # with a Content-Length, so the client holds a complete answer (and can reuse its connection).
+                return await self._relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
+                                               response_filter, rewrite, recording, tap, reason)  # fmt: skip
         else:
             size = small_body(request.method, resp)
             if size is not None:
@@ -264,6 +316,7 @@ class Forwarder:
         await response.prepare(request)
         scope.status = resp.status  # sent: a client that leaves from here on is logged with it, not 499
         deadline = IdleDeadline(None if streaming else upstream.read_timeout)
+        last = b""
 
         async def end_stream() -> None:
             resp.close()  # the pending read fails; the client's connection is then cut
@@ -302,9 +355,14 @@ class Forwarder:
                             return self._cut(request, response, scope, "upstream_unavailable")
                         if not chunk:
                             continue
+                    if resp.content.at_eof():
+                        last = chunk  # the end came with it: sent together with the end of the answer
+                        break
                     deadline.pause()  # a client that reads slowly is not a slow upstream
                     if not await self._write(response, scope, chunk):
                         return response
+                    if seen is not None and not seen.done:
+                        seen.done = seen.test(chunk)
         except TimeoutError:  # only the idle deadline: it is paused whenever anything else is awaited
             return self._cut(request, response, scope, "upstream_timeout")
         tail = b""
@@ -315,10 +373,14 @@ class Forwarder:
                 return self._cut(request, response, scope, "upstream_unavailable")
         if recording and tap is not None:
             tap.end()  # after the filter accepted the whole body: an answer it refuses is never stored
-        if tail and not await self._write(response, scope, tail):
+        tail = last + tail if last else tail
+        try:
+            await response.write_eof(tail)  # the last bytes and the end of the body in one write
+        except ConnectionError:
+            if tail:
+                scope.error = "client_disconnected"
             return response
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()
+        scope.bytes_sent += len(tail)
         return response
 
     @staticmethod

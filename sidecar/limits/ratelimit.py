@@ -93,9 +93,6 @@ DENY_RETRY_AFTER = "1"  # Retry-After on the 503 when on_redis_error is deny
 MAX_QUOTA_ADJUST = 10**15  # what an admin quota change may set or add
 
 
-# --------------------------------------------------------------------------- limiter
-
-
 class RateLimiter:
     """Rate limits, quotas and concurrency for one sidecar. See the module docstring."""
 
@@ -270,6 +267,10 @@ class RateLimiter:
             self.memory.evaluate(plan, int(self.steady() * US), None, -1)  # buckets only: nothing to wait for
             return
         await self._evaluate(key, plan, self.clock(), -1)
+
+    async def check_plan(self, key: KeyRecord, plan: Plan) -> RateDecision:
+        """One request against a plan built elsewhere (per-tool MCP limits): same backends, same headers."""
+        return await self._evaluate(key, plan, self.clock(), 1)
 
     async def _evaluate(self, key: KeyRecord, plan: Plan, now: float, cost: int) -> RateDecision:
         qkey: CounterKey | None = None

@@ -202,8 +202,8 @@ ERROR_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "upstreams[0].url: must not carry a query or fragment: 'http://plex:32400/?x=1'"),
     ("url missing", _set("upstreams.0.url", ...), "upstreams[0].url: required"),
     ("unknown top-level key", _set("colour", "blue"),
-     "colour: unknown option (expected one of: admin, cache, cors, credentials, jwt, keys, listen, log, metrics, "
-     "oauth, rate_limits, server, store, tls, upstreams, workers)"),
+     "colour: unknown option (expected one of: admin, cache, cors, credentials, jwt, keys, listen, log, mcp_sessions, "
+     "metrics, oauth, rate_limits, server, store, tls, upstreams, workers)"),
     ("unknown upstream key", _set("upstreams.0.timeout", "5s"),
      f"upstreams[0].timeout: unknown option (expected one of: {UPSTREAM_KEYS})"),
     ("unknown nested key", _set("upstreams.0.timeouts", {"idle": "5s"}),

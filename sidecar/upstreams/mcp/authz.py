@@ -28,7 +28,7 @@ import fnmatch
 import gc
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -36,7 +36,16 @@ from typing import Any, TypeVar
 
 from ...auth.models import Permissions
 from ...auth.permissions import mcp_globs
-from .jsonrpc import TOOL_FORBIDDEN, JsonRpcError, Message, check_headers, dumps, error_object, parse_body
+from .jsonrpc import (
+    TOOL_FORBIDDEN,
+    TOOL_RATE_LIMITED,
+    JsonRpcError,
+    Message,
+    check_headers,
+    dumps,
+    error_object,
+    parse_body,
+)
 
 __all__ = ["CALLS", "LISTS", "BodyJudge", "Decision", "McpAccess", "judge", "refusal"]
 
@@ -87,6 +96,18 @@ class McpAccess:
             mcp_globs(perms, upstream_id, "prompts"),
         )
 
+    @classmethod
+    def cached(cls, perms: Permissions, upstream_id: str) -> McpAccess:
+        """``of``, memoised per permission set (records share interned ``Permissions``; a key edit makes a new one)."""
+        ident = (id(perms), upstream_id)
+        hit = _ACCESS.get(ident)
+        if hit is not None and hit[0] is perms:
+            return hit[1]
+        if len(_ACCESS) >= 4096:
+            _ACCESS.clear()
+        access = _ACCESS[ident] = (perms, cls.of(perms, upstream_id))
+        return access[1]
+
     @property
     def restricted(self) -> bool:
         """Whether any list answer needs filtering (if not, the upstream's answers pass untouched)."""
@@ -99,6 +120,9 @@ class McpAccess:
             return True
         pat = _pattern(globs)
         return pat is not None and isinstance(name, str) and pat.match(name) is not None
+
+
+_ACCESS: dict[tuple[int, str], tuple[Permissions, McpAccess]] = {}  # the object is kept: its id stays its own
 
 
 def refusal(rid: Any, verb: str, name: Any) -> dict[str, Any]:
@@ -135,20 +159,31 @@ class Decision:
     dropped: int = 0  # refused notifications: nothing to answer
     kept: int = 0  # the client's messages that go upstream
     lists: list[tuple[Any, str]] = field(default_factory=list)  # (id, method) of list answers to filter
+    calls: list[tuple[int, str]] = field(default_factory=list)  # (message index, tool) of tools/call going up
     forward: bytes | None = None  # the body for the upstream; None: nothing goes up
     forward_has_request: bool = False  # the forwarded body holds a request (an answer will come)
+    single_id: Any = None  # the id of a lone request (not a batch): its answer ends the POST's stream
 
     @property
     def denied(self) -> bool:
         return bool(self.refused) or self.dropped > 0
 
 
-def judge(raw: bytes, headers: Iterable[tuple[str, str]], access: McpAccess, *, legacy: bool) -> Decision:
+def judge(
+    raw: bytes,
+    headers: Iterable[tuple[str, str]],
+    access: McpAccess,
+    *,
+    legacy: bool,
+    limited: Mapping[int, tuple[str, dict[str, Any]]] | None = None,
+) -> Decision:
     """Parse, check and authorize a POST body.
 
     ``legacy``: answers travel down a legacy SSE stream, so a refused request goes up as a
     ``ping`` with the same id (the gateway swaps its answer for the refusal on the way
-    down) instead of being answered here.
+    down) instead of being answered here. ``limited``: message index -> (message, data) of
+    a ``tools/call`` over its per-tool rate limit (``toollimits.py``), refused like a
+    forbidden one but with ``TOOL_RATE_LIMITED``.
     """
     try:
         body = parse_body(raw)
@@ -158,27 +193,34 @@ def judge(raw: bytes, headers: Iterable[tuple[str, str]], access: McpAccess, *, 
     d = Decision(batch=body.batch)
     out: list[Any] = []
     changed = False
-    for msg in body.messages:
+    for i, msg in enumerate(body.messages):
         target = _target(msg)
         if target is not None:
             kind, name, verb = target
             if kind == "tools" and isinstance(name, str):
                 d.tools.append(name)
-            if not access.allows(kind, name):
+            over = limited.get(i) if limited else None
+            if over is not None or not access.allows(kind, name):
                 changed = True
                 if msg.is_request:
-                    d.refused.append(refusal(msg.id, verb, name))
+                    d.refused.append(
+                        refusal(msg.id, verb, name) if over is None else error_object(msg.id, TOOL_RATE_LIMITED, *over)
+                    )
                     if legacy:
                         out.append({"jsonrpc": "2.0", "id": msg.id, "method": "ping"})
                         d.forward_has_request = True
                 else:
                     d.dropped += 1
                 continue
+            if kind == "tools" and isinstance(name, str):
+                d.calls.append((i, name))
         d.kept += 1
         out.append(msg.raw)
         d.forward_has_request = d.forward_has_request or msg.is_request
-        if access.restricted and msg.is_request and msg.method in LISTS:
+        if msg.is_request and msg.method in LISTS:  # filtered, or at least its cacheScope checked
             d.lists.append((msg.id, msg.method))
+    if not body.batch and d.kept and body.messages[0].is_request:
+        d.single_id = body.messages[0].id
     if not changed:
         d.forward = raw
     elif out:
@@ -201,12 +243,18 @@ class BodyJudge:
         self._pool: ThreadPoolExecutor | None = None
 
     async def judge(
-        self, raw: bytes, headers: Iterable[tuple[str, str]], access: McpAccess, *, legacy: bool
+        self,
+        raw: bytes,
+        headers: Iterable[tuple[str, str]],
+        access: McpAccess,
+        *,
+        legacy: bool,
+        limited: Mapping[int, tuple[str, dict[str, Any]]] | None = None,
     ) -> Decision:
         if len(raw) <= self.inline_max:
-            return judge(raw, headers, access, legacy=legacy)
+            return judge(raw, headers, access, legacy=legacy, limited=limited)
         items = list(headers)  # the thread gets its own copy
-        return await self._run(partial(_without_gc, judge, raw, items, access, legacy=legacy))
+        return await self._run(partial(_without_gc, judge, raw, items, access, legacy=legacy, limited=limited))
 
     async def loads(self, raw: bytes) -> Any:
         """``json.loads`` under the same rule (the REST tool call's body); ValueError if it is not JSON."""

@@ -243,13 +243,33 @@ class Policy:
     lists: tuple[PendingIds, ...] = ()
     refusals: tuple[PendingIds, ...] = ()
     filtered: int = field(default=0, init=False)  # items removed so far (for tests and logs)
+    # Whether the key's lists lose anything; if not, a list is only read for its cacheScope.
+    restricted: bool = field(default=True, init=False)
+    # A session's GET stream: answers replayed after a resumption on another worker or replica
+    # carry ids this process never saw, so a restricted key's lists are also found by their shape.
+    by_shape: bool = False
+
+    def __post_init__(self) -> None:
+        self.restricted = bool(getattr(self.access, "restricted", True))
 
     def active(self) -> bool:
-        return any(self.lists) or any(self.refusals)
+        return any(self.lists) or any(self.refusals) or (self.by_shape and self.restricted)
+
+    def guarding(self) -> bool:
+        """Whether an answer may have to be withheld (a list to filter for this key, or a refusal)."""
+        return (self.restricted and any(self.lists)) or any(self.refusals)
+
+    def skips(self, raw: bytes) -> bool:
+        if self.by_shape and self.restricted:
+            return False
+        """An answer that needs no reading: nothing to filter or refuse, and no public cacheScope to take back."""
+        # "public" may also be written with \u escapes: any escape means the answer is read.
+        return b"public" not in raw and b"\\u" not in raw and not self.guarding()
 
     def guards(self, rid: Any) -> bool:
         """Whether an answer with this id must be rewritten (a list to filter, or a refusal)."""
-        return any(rid in p for p in self.lists) or any(rid in p for p in self.refusals)
+        listed = self.restricted and any(rid in p for p in self.lists)
+        return listed or any(rid in p for p in self.refusals)
 
     def too_large(self, rid: Any, limit: int) -> dict[str, Any] | None:
         """The error that replaces a guarded answer too large to filter (fail closed); None if not guarded."""
@@ -261,7 +281,7 @@ class Policy:
             listed = pending.pop(rid) is not None or listed
         if refusal is not None:
             return refusal  # type: ignore[no-any-return]
-        if not listed:
+        if not listed or not self.restricted:
             return None
         msg = f"the answer is over {limit} bytes, too large for the sidecar to filter for this key"
         return error_object(rid, INTERNAL_ERROR, msg, {"code": "payload_too_large"})
@@ -280,6 +300,8 @@ class Policy:
             listed = pending.pop(rid)
             if listed is not None:
                 method = listed if isinstance(listed, str) else "tools/list"
+        if method is None and self.by_shape and self.restricted:
+            method = _list_shape(msg.get("result"))
         if method is None or method not in LISTS:
             return None
         kind, name, key = LISTS[method]
@@ -288,7 +310,11 @@ class Policy:
             return None
         items = result[name]
         kept = [t for t in items if isinstance(t, dict) and self.access.allows(kind, t.get(key))]
-        removed = len(items) - len(kept)
+        removed = len(items) - len(kept) if self.restricted else 0
+        if not removed and result.get("cacheScope") == "public":
+            # Through the sidecar a list depends on the key: a client cache shared across
+            # authorization contexts must never serve it to another key (MCP 2026-07-28).
+            return dict(msg, result=dict(result, cacheScope="private"))
         if not removed:
             return None
         self.filtered += removed
@@ -297,6 +323,17 @@ class Policy:
         if "cacheScope" in new_result:
             new_result["cacheScope"] = "private"  # the list now depends on the key
         return dict(msg, result=new_result)
+
+
+_SHAPES = {field_name: method for method, (_, field_name, _) in LISTS.items()}
+
+
+def _list_shape(result: Any) -> str | None:
+    """The list method a result answers, from its shape (``{"tools": [...]}`` …); None for anything else."""
+    if not isinstance(result, dict):
+        return None
+    found = [m for f, m in _SHAPES.items() if isinstance(result.get(f), list)]
+    return found[0] if len(found) == 1 else None
 
 
 class SseRewriter:
@@ -339,7 +376,7 @@ class SseRewriter:
         Fail closed: while anything is guarded, an oversized event whose id cannot be read is
         dropped too; one with a readable id passes only when that id is not guarded.
         """
-        if not self.policy.active():
+        if not self.policy.guarding():
             return False
         rid = sniff_id(head)
         if rid is not _NO_ID and not self.policy.guards(rid):
@@ -363,7 +400,7 @@ class SseRewriter:
             return raw
         if ev.event == "endpoint" and self.endpoint is not None:
             return render_event(raw, self.endpoint(ev.data))
-        if ev.event != "message" or not self.policy.active():
+        if ev.event != "message" or not self.policy.active() or self.policy.skips(raw):
             return raw
         try:
             msg = json.loads(ev.data)
@@ -402,7 +439,7 @@ class JsonRewriter:
         self._size += len(chunk)
         if self._size > self.max_body:
             held, self._chunks = b"".join(self._chunks), []
-            if any(rid in p for rid in self.own for p in self.policy.lists):
+            if self.policy.restricted and any(rid in p for rid in self.own for p in self.policy.lists):
                 self._dropping = True  # fail closed: the list cannot be filtered, so it is not relayed
                 return b""
             self._passing = True
@@ -418,6 +455,8 @@ class JsonRewriter:
             return b""
         raw = b"".join(self._chunks)
         self._chunks = []
+        if not self.extra and self.policy.skips(raw):
+            return raw
         try:
             body = json.loads(raw)
         except ValueError:

@@ -63,19 +63,23 @@ from ...core.errors import (
     BadRequest,
     Forbidden,
     NoRoute,
+    NotFound,
     PayloadTooLarge,
     Unauthorized,
     UpstreamUnavailable,
 )
 from ...core.scope import RequestScope
 from . import WELL_KNOWN
-from .authz import BodyJudge, Decision, McpAccess
+from .authz import BodyJudge, McpAccess
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps
-from .response import GatewayFilter
+from .legacy import post_legacy
+from .response import GatewayFilter, answer_sent
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
+from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
+from .toollimits import ToolLimiter
 
 if TYPE_CHECKING:
     from .host import GatewayHost
@@ -104,7 +108,9 @@ class McpGateway:
     def __init__(self, sc: GatewayHost) -> None:
         self.sc = sc
         self.sessions = SessionTable()
+        self.sealer = Sealer.from_config(sc.config.mcp_sessions)  # Mcp-Session-Id travels sealed
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
+        self.tool_limits = ToolLimiter(sc.limiter)  # upstreams[].mcp.tool_limits, per (key, upstream, tool)
         self.rest = RestClient(sc.sessions)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
         # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
@@ -154,25 +160,33 @@ class McpGateway:
             out.update(rate_headers)
 
         ids = presented_ids(request.headers, request.rel_url.raw_query_string)  # 400 for ambiguous forms
-        sid = ids.header
         try:
-            session, legacy = self.sessions.resolve(upstream.id, key.id, ids, post=request.method == "POST")
-        except Forbidden:
+            session, legacy, sid = self.sessions.resolve(
+                upstream.id, key.id, ids, post=request.method == "POST",
+                unseal=partial(self._unseal, upstream.id, key.id),
+            )  # fmt: skip
+        except (Forbidden, NotFound):
             await self.sc.limiter.refund(key, upstream)  # refusals are free
             raise
+        if session is not None and sid is not None:
+            headers[SESSION_HEADER] = sid  # the upstream gets its own id, never the sealed one
         if request.method == "POST":
             return await self._post(
                 request, scope, upstream, key, url, headers, on_headers, rate_headers, session, legacy
             )
         if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
             return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
-        filt = GatewayFilter(self, upstream, key, sid=sid)
+        filt = GatewayFilter(self, upstream, key, sid=ids.header, upstream_sid=sid)
         response = await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=scrubbed(upstream, filt), on_headers=on_headers
         )
-        if request.method == "DELETE" and sid and 200 <= filt.status < 300:
+        if request.method == "DELETE" and session is not None and sid and 200 <= filt.status < 300:
             self.sessions.forget(upstream.id, "http", sid)
         return response
+
+    def _unseal(self, upstream_id: str, owner: str, token: str) -> str:
+        """The upstream's session id inside a sealed ``Mcp-Session-Id`` (``403`` another key's, ``404`` bad)."""
+        return self.sealer.open_for(upstream_id, token, owner).sid
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
         """``WWW-Authenticate`` for a 401 on an MCP route: where the sidecar's resource metadata lives."""
@@ -276,16 +290,26 @@ class McpGateway:
     ) -> web.StreamResponse:
         """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
         raw = await self._read_body(request, upstream.mcp_max_body)
-        access = McpAccess.of(key.permissions, upstream.id)
+        access = McpAccess.cached(key.permissions, upstream.id)
         d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        limited = None
+        if d.calls and upstream.mcp_tool_limits:
+            limited = await self.tool_limits.check(key, upstream, d.calls)
+            if limited:  # judged again with those calls refused (rare: only when a tool is over its limit)
+                d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None,
+                                           limited=limited)  # fmt: skip
         del raw  # the decision holds what goes upstream
         if d.error is not None:
             # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
             scope.error = "bad_request"
             return self._json(d.error.body(code="bad_request"), 400, rate_headers)
         scope.tool = ",".join(dict.fromkeys(d.tools))
+        if d.lists and not access.restricted and request.headers.get("MCP-Protocol-Version", "") < "2026":
+            d.lists = []  # lists this key may see whole carry no cacheScope before 2026-07-28: nothing to read
         if d.denied:
-            scope.error = "insufficient_permissions"
+            scope.error = "insufficient_permissions" if len(d.refused) + d.dropped > len(limited or ()) else (
+                "rate_limit_exceeded"
+            )  # fmt: skip
             if not d.kept:
                 await self.sc.limiter.refund(key, upstream)  # nothing the client asked for went up: free
 
@@ -301,8 +325,8 @@ class McpGateway:
         refusals = (legacy.refusals,) if legacy is not None else ()
         policy = Policy(access, lists=(lists, *(s.lists for s in sessions)), refusals=refusals)
         if legacy is not None:
-            return await self._post_legacy(request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
-                                           legacy, policy)  # fmt: skip
+            return await post_legacy(self, request, scope, upstream, key, url, headers, on_headers, rate_headers, d,
+                                     legacy, policy)  # fmt: skip
 
         answers = d.refused
         if d.forward is None:
@@ -319,6 +343,7 @@ class McpGateway:
             upstream,
             key,
             sid=request.headers.get(SESSION_HEADER),
+            upstream_sid=headers.get(SESSION_HEADER),
             sse=partial(SseRewriter, policy, extra=answers) if want else None,
             json_body=(
                 partial(JsonRewriter, policy, extra=answers, own=[rid for rid, _ in d.lists], batch=d.batch)
@@ -328,41 +353,7 @@ class McpGateway:
         )
         return await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers,
-        )  # fmt: skip
-
-    async def _post_legacy(
-        self,
-        request: web.Request,
-        scope: RequestScope,
-        upstream: UpstreamConfig,
-        key: KeyRecord,
-        url: URL,
-        headers: CIMultiDict[str],
-        on_headers: Callable[[int, CIMultiDict[str]], None],
-        rate_headers: dict[str, str],
-        d: Decision,
-        legacy: McpSession,
-        policy: Policy,
-    ) -> web.StreamResponse:
-        """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
-        for answer in d.refused:
-            legacy.refusals.add(answer["id"], answer)
-        if d.forward is None:
-            return web.Response(status=202, text="Accepted", headers=rate_headers)
-        # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
-        # same policy applies there.
-        want = bool(d.lists) or bool(d.refused)
-        filt = GatewayFilter(
-            self,
-            upstream,
-            key,
-            sse=partial(SseRewriter, policy) if want else None,
-            json_body=partial(JsonRewriter, policy) if want else None,
-        )
-        return await self.sc.forwarder.forward(
-            request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers,
+            on_headers=on_headers, answered=answer_sent(d.single_id),
         )  # fmt: skip
 
     async def _send_only(
@@ -391,7 +382,7 @@ class McpGateway:
         session: McpSession | None,
     ) -> web.StreamResponse:
         """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
-        policy = Policy(McpAccess.of(key.permissions, upstream.id))
+        policy = Policy(McpAccess.cached(key.permissions, upstream.id))
         legacy_sid: list[str] = []
 
         def endpoint(data: str) -> str:
@@ -406,11 +397,13 @@ class McpGateway:
 
         if session is not None:
             policy.lists = (session.lists,)
+            policy.by_shape = True  # answers replayed here may be to requests another process saw
         filt = GatewayFilter(
             self,
             upstream,
             key,
             sid=request.headers.get(SESSION_HEADER),
+            upstream_sid=headers.get(SESSION_HEADER),
             sse=partial(SseRewriter, policy, endpoint=None if session is not None else endpoint),
         )
         try:
@@ -509,6 +502,14 @@ class McpGateway:
         if not decision.allowed and decision.error is not None:
             scope.rate_limited = True
             raise decision.error
+        plan = self.tool_limits.plan(key, upstream, tool) if upstream.mcp_tool_limits else None
+        if plan is not None:
+            over = await sc.limiter.check_plan(key, plan)
+            if not over.allowed and over.error is not None:
+                await sc.limiter.refund(key, upstream)  # the call never went up: the request's budget is back
+                scope.rate_limited = True
+                over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
+                raise over.error
         async with sc.limiter.slot(key, upstream):
             result = await self.rest.call(upstream, tool, arguments, scope)
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential

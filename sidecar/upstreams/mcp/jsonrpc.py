@@ -29,6 +29,7 @@ __all__ = [
     "NAME_BEARING_METHODS",
     "PARSE_ERROR",
     "TOOL_FORBIDDEN",
+    "TOOL_RATE_LIMITED",
     "Body",
     "JsonRpcError",
     "Message",
@@ -48,6 +49,7 @@ HEADER_MISMATCH = -32020  # MCP 2026-07-28: headers disagree with the body
 # The key may not call this tool. MCP leaves -32000..-32019 to implementations; the
 # Python SDK uses -32000 and -32001 internally, so the sidecar takes -32010.
 TOOL_FORBIDDEN = -32010
+TOOL_RATE_LIMITED = -32011  # a tools/call over its per-tool rate limit (toollimits.py); data has the headers' fields
 
 # Method -> the params key mirrored into the ``Mcp-Name`` header (MCP 2026-07-28).
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}

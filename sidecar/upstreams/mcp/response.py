@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -13,13 +13,27 @@ from ...core.errors import (
     UpstreamUnavailable,
 )
 from .filter import JsonRewriter, SseRewriter
+from .jsonrpc import dumps
 from .rest import CREDENTIAL_REJECTED
 from .sessions import SESSION_HEADER
 
 if TYPE_CHECKING:
     from .gateway import McpGateway
 
-__all__ = ["GatewayFilter"]
+__all__ = ["GatewayFilter", "answer_sent"]
+
+
+def answer_sent(rid: Any) -> Callable[[bytes], bool] | None:
+    """Whether a chunk of a POST's answer stream carries the answer to its request ``rid``.
+
+    A cheap byte test (``"id":<rid>`` next to ``"result"`` or ``"error"``) for the forwarder's
+    ``answered``: once it is out, a client that hangs up has nothing left to cancel, and the
+    upstream connection is kept. A false positive only delays closing by ``END_WAIT``.
+    """
+    if rid is None:
+        return None
+    needle = b'"id":' + dumps(rid)
+    return lambda chunk: needle in chunk and (b'"result"' in chunk or b'"error"' in chunk)
 
 
 class GatewayFilter:
@@ -32,10 +46,12 @@ class GatewayFilter:
         key: KeyRecord,
         *,
         sid: str | None = None,
+        upstream_sid: str | None = None,
         sse: Callable[[], SseRewriter] | None = None,
         json_body: Callable[[], JsonRewriter] | None = None,
     ) -> None:
         self.gw, self.upstream, self.key, self.sid = gw, upstream, key, sid
+        self.upstream_sid = upstream_sid  # what the upstream was sent in Mcp-Session-Id (``sid`` unsealed)
         self._sse, self._json = sse, json_body
         self._body: SseRewriter | JsonRewriter | None = None
         self.status = 0
@@ -53,10 +69,16 @@ class GatewayFilter:
                 if mapped is not None:
                     headers[name] = mapped
         new_sid = headers.get(SESSION_HEADER)
-        if new_sid and status < 400:
-            self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
-        if status == 404 and self.sid:
-            self.gw.sessions.forget(self.upstream.id, "http", self.sid)
+        if new_sid:
+            if status < 400:
+                self.gw.sessions.bind(self.upstream.id, "http", new_sid, self.key.id)  # never moves another key's
+            # The client only ever sees the sealed form (sealing.py); its own token again when unchanged.
+            if new_sid == self.upstream_sid and self.sid:
+                headers[SESSION_HEADER] = self.sid
+            else:
+                headers[SESSION_HEADER] = self.gw.sealer.seal(self.upstream.id, self.key.id, new_sid)
+        if status == 404 and self.upstream_sid:
+            self.gw.sessions.forget(self.upstream.id, "http", self.upstream_sid)
         if not 200 <= status < 300:
             return False  # the upstream's errors pass through untouched
         ctype = headers.get("Content-Type", "").lower()

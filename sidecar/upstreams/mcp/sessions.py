@@ -17,6 +17,7 @@ memory backstop far above the per-key one.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
@@ -33,6 +34,11 @@ MAX_SESSIONS = 50_000  # all keys together (memory backstop)
 MAX_SESSIONS_PER_KEY = 500
 
 HTTP, SSE = "http", "sse"
+LEGACY_ELSEWHERE = (
+    "no such MCP SSE session in this sidecar process: a legacy SSE session lives in the process that holds "
+    "its event stream (open the stream through this sidecar, and route a client's requests to one "
+    "worker/replica: see docs/mcp.md, 'Legacy SSE needs affinity')"
+)
 
 
 @dataclass
@@ -57,7 +63,8 @@ class SessionIds:
 
 def _valid(sid: str) -> bool:
     """MCP: a session id is visible ASCII (0x21-0x7E); a comma would read as a list to some servers."""
-    return bool(sid) and all("\x21" <= c <= "\x7e" for c in sid) and "," not in sid and ";" not in sid
+    # isascii + isprintable is 0x20-0x7E, checked in C (a sealed id is ~120 characters); minus the space.
+    return bool(sid) and sid.isascii() and sid.isprintable() and " " not in sid and "," not in sid and ";" not in sid
 
 
 def presented_ids(headers: MultiMapping[str], raw_query: str) -> SessionIds:
@@ -140,15 +147,23 @@ class SessionTable:
                 del self._by_owner[s.owner]
 
     def resolve(
-        self, upstream: str, owner: str, ids: SessionIds, *, post: bool
-    ) -> tuple[McpSession | None, McpSession | None]:
-        """``(streamable session, legacy session)`` of a request, checked against its key.
+        self,
+        upstream: str,
+        owner: str,
+        ids: SessionIds,
+        *,
+        post: bool,
+        unseal: Callable[[str], str] | None = None,
+    ) -> tuple[McpSession | None, McpSession | None, str | None]:
+        """``(streamable session, legacy session, upstream session id)`` of a request, checked against its key.
 
-        Every id presented is looked up in both tables: another key's session, in any form,
-        is ``403``. A header id not seen before is claimed by this key (after a restart,
-        clients carry on with their sessions). A legacy message POST must name a legacy
-        session opened through this sidecar (``404`` otherwise): its answer goes down that
-        session's event stream, which only the sidecar can filter.
+        Every id presented is looked up in the legacy table (raw ids): another key's session,
+        in any form, is ``403``. A legacy message POST must name a legacy session opened
+        through this process (``404`` otherwise): its answer goes down that session's event
+        stream, which only this process holds and filters. A header id that is not a legacy
+        session is a sealed Streamable HTTP session (``sealing.py``): ``unseal`` opens it
+        (``403`` for another key's, ``404`` for anything that does not open) and returns the
+        upstream's id, which is what goes upstream.
         """
         for sid in {ids.header, ids.query}:
             if sid is None:
@@ -161,11 +176,16 @@ class SessionTable:
         if ids.query is not None:
             legacy = self.get(upstream, SSE, ids.query)
             if legacy is None and post:
-                raise NoRoute("no such MCP SSE session on this sidecar (open the event stream through it first)")
+                raise NoRoute(LEGACY_ELSEWHERE)
         http = None
-        if ids.header is not None:
-            http = self.get(upstream, HTTP, ids.header) or self.bind(upstream, HTTP, ids.header, owner)
-        return http, legacy
+        sid = ids.header
+        if sid is not None and legacy is None and self._items.get((upstream, SSE, sid)) is None:
+            if unseal is not None:
+                sid = unseal(sid)
+            http = self.get(upstream, HTTP, sid) or self.bind(upstream, HTTP, sid, owner)
+            if http is None:
+                raise Forbidden("this MCP session belongs to another key")
+        return http, legacy, sid
 
     def __len__(self) -> int:
         return len(self._items)

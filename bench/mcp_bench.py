@@ -1,0 +1,364 @@
+"""MCP through Sidecar against the SDK's own server directly (``bench/run mcp``).
+
+Starts, on loopback ports the OS hands out, the official SDK's MCP server
+(``bench/mcp_upstream.py``, a process of its own) and ``sidecar serve`` in front of it,
+then measures, direct and through Sidecar, in interleaved rounds:
+
+- ``tools/call`` (a small JSON answer) and ``tools/list`` at 1 and 32 connections, each
+  connection its own Streamable HTTP session, driven by raw aiohttp (so the client costs
+  little next to the server): calls/s and p50;
+- one SDK ``ClientSession`` calling the tool in a loop (what an agent does): calls/s, p50;
+- session creation (``initialize`` + ``notifications/initialized``): p50, with sealing;
+- Sidecar's CPU per call: ``utime + stime`` of its process from ``/proc/PID/stat`` over
+  the round, divided by the calls (robust to a loaded machine, unlike req/s);
+- sealing and unsealing one session id, in process.
+
+Prints a Markdown table and writes ``bench/results/mcp-latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .procs import Proc, free_ports, wait_http
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "results" / "mcp-latest.md"
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+TICK = os.sysconf("SC_CLK_TCK")
+SEALING = importlib.util.find_spec("sidecar.upstreams.mcp.sealing") is not None
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+@dataclass
+class Row:
+    name: str
+    direct: list[float] = field(default_factory=list)  # calls/s per round
+    sidecar: list[float] = field(default_factory=list)
+    p50_direct: list[float] = field(default_factory=list)  # ms
+    p50_sidecar: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # Sidecar CPU ms per call
+
+
+# ------------------------------------------------------------------ raw Streamable HTTP client
+
+
+async def _answer(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The JSON-RPC answer of a POST: a JSON body or the first ``message`` event of an SSE body."""
+    body = await resp.read()
+    if resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        for line in body.split(b"\n"):
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data:
+                    return json.loads(data)  # type: ignore[no-any-return]
+        raise RuntimeError(f"no message in the SSE answer: {body[:200]!r}")
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def open_session(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> dict[str, str]:
+    async with http.post(url, json=INIT, headers={**ACCEPT, **headers}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"initialize: HTTP {r.status}: {(await r.text())[:200]}")
+        sid = r.headers["Mcp-Session-Id"]
+        await _answer(r)
+    h = {**ACCEPT, **headers, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    async with http.post(url, json=INITIALIZED, headers=h) as r:
+        await r.read()
+    return h
+
+
+async def drive(
+    url: str, headers: dict[str, str], method: str, connections: int, seconds: float, cpu: Callable[[], float]
+) -> tuple[int, list[float], float, float]:
+    """``connections`` sessions calling ``method`` back to back: (calls, latencies in ms, elapsed, cpu used)."""
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if method == "tools/call":
+        body["params"] = {"name": "echo", "arguments": {"text": "hello"}}
+    raw = json.dumps(body).encode()
+    conn = aiohttp.TCPConnector(limit=connections, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        sessions = [await open_session(http, url, headers) for _ in range(connections)]
+        for h in sessions:  # warm each connection
+            async with http.post(url, data=raw, headers=h) as r:
+                await _answer(r)
+        lat: list[float] = []
+        stop = time.perf_counter() + seconds
+        cpu0, t0 = cpu(), time.perf_counter()
+
+        async def worker(h: dict[str, str]) -> None:
+            while time.perf_counter() < stop:
+                s = time.perf_counter()
+                async with http.post(url, data=raw, headers=h) as r:
+                    msg = await _answer(r)
+                if "result" not in msg:
+                    raise RuntimeError(f"{method}: {msg}")
+                lat.append((time.perf_counter() - s) * 1000)
+
+        await asyncio.gather(*(worker(h) for h in sessions))
+        elapsed, used = time.perf_counter() - t0, cpu() - cpu0
+    return len(lat), lat, elapsed, used
+
+
+Run = tuple[int, list[float], float, float]  # calls, latencies (ms), elapsed (s), Sidecar CPU used (s)
+
+
+async def sdk_session(url: str, headers: dict[str, str], seconds: float, cpu: Callable[[], float]) -> Run:
+    """The issue's measurement: the SDK's ClientSession calling the tool in a loop, one session."""
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async with (
+        httpx2.AsyncClient(headers=headers) as hc,
+        streamable_http_client(url, http_client=hc) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        await session.call_tool("echo", {"text": "warm"})
+        lat: list[float] = []
+        stop = time.perf_counter() + seconds
+        cpu0, t0 = cpu(), time.perf_counter()
+        while time.perf_counter() < stop:
+            s = time.perf_counter()
+            await session.call_tool("echo", {"text": "hello"})
+            lat.append((time.perf_counter() - s) * 1000)
+        return len(lat), lat, time.perf_counter() - t0, cpu() - cpu0
+
+
+async def session_cost(
+    url: str, headers: dict[str, str], n: int, cpu: Callable[[], float]
+) -> tuple[list[float], float]:
+    """``n`` sessions opened one after another on one connection: latencies (ms), CPU used."""
+    lat: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        await open_session(http, url, headers)
+        cpu0 = cpu()
+        for _ in range(n):
+            s = time.perf_counter()
+            await open_session(http, url, headers)
+            lat.append((time.perf_counter() - s) * 1000)
+        return lat, cpu() - cpu0
+
+
+def seal_cost(n: int = 20_000) -> tuple[float, float, float]:
+    """µs to seal one session id, to open a token the first time, and to open it again (remembered)."""
+    from sidecar.upstreams.mcp.sealing import Sealer
+
+    sealer = Sealer.random()
+    sid = "3f9a" * 8
+    t = time.perf_counter()
+    tokens = [sealer.seal("tools", "61157d8cc790", sid) for _ in range(n)]
+    sealed = (time.perf_counter() - t) / n * 1e6
+    sealer = Sealer.random()
+    tokens = [sealer.seal("tools", "61157d8cc790", sid) for _ in range(min(n, 10_000))]
+    t = time.perf_counter()
+    for token in tokens:
+        sealer.unseal("tools", token)
+    first = (time.perf_counter() - t) / len(tokens) * 1e6
+    t = time.perf_counter()
+    for token in tokens:
+        sealer.unseal("tools", token)
+    return sealed, first, (time.perf_counter() - t) / len(tokens) * 1e6
+
+
+# ------------------------------------------------------------------ processes
+
+
+def start(tmp: Path, env: dict[str, str]) -> tuple[Proc, Proc, str, str, dict[str, str]]:
+    import yaml
+
+    up_port, port, admin = free_ports(3)
+    py = sys.executable
+    up = Proc("mcp-upstream", [py, "-m", "bench.mcp_upstream", str(up_port)], tmp / "upstream.log", env=env)
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": {"listen": f"127.0.0.1:{admin}", "token_env": "SIDECAR_ADMIN_TOKEN"},
+        "store": {"kind": "sqlite", "path": str(tmp / "sidecar.db")},
+        "keys": {"argon2": "cheapest"},
+        "upstreams": [
+            {
+                "id": "tools",
+                "kind": "mcp",
+                "url": f"http://127.0.0.1:{up_port}/mcp",
+                "path_prefix": "/mcp/tools",
+                "timeouts": {"read": "30s"},
+            }
+        ],
+        "rate_limits": {"backend": "memory", "default": ["1000000/second"]},
+        "log": {"access": str(tmp / "access.log"), "level": "warning"},
+        "server": {"shutdown_grace": "1s"},
+    }
+    if SEALING:
+        cfg["mcp_sessions"] = {"seal_key_env": "SIDECAR_SEAL_KEY"}
+    path = tmp / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    argv = [py, "-m", "sidecar"]
+    out = subprocess.run(
+        [*argv, "keys", "create", "-c", str(path), "--name", "bench", "--upstream", "tools", "--json"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    key = json.loads(out.stdout)["key"]
+    sc = Proc("sidecar", [*argv, "serve", "-c", str(path)], tmp / "sidecar.log", env=env)
+    wait_http(sc, f"http://127.0.0.1:{admin}/healthz", timeout=60)
+    direct = f"http://127.0.0.1:{up_port}/mcp"
+    deadline = time.monotonic() + 30
+    while True:  # the upstream has no health route: wait until initialize answers
+        try:
+            asyncio.run(_probe(direct))
+            break
+        except (OSError, aiohttp.ClientError, RuntimeError):
+            if time.monotonic() > deadline or not up.alive():
+                raise up.fail("not ready") from None
+            time.sleep(0.05)
+    return up, sc, direct, f"http://127.0.0.1:{port}/mcp/tools", {"Authorization": f"Bearer {key}"}
+
+
+async def _probe(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        await open_session(http, url, {})
+
+
+# ------------------------------------------------------------------ run
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run(seconds: float, rounds: int, out: Path) -> str:
+    import base64
+    import secrets
+
+    env = dict(os.environ)
+    env["SIDECAR_ADMIN_TOKEN"] = secrets.token_hex(16)
+    env["SIDECAR_SEAL_KEY"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    env["PYTHONPATH"] = str(BENCH_DIR.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="sidecar-mcp-bench-") as d:
+        tmp = Path(d)
+        up, sc, direct, proxied, auth = start(tmp, env)
+        try:
+            cpu = lambda: cpu_seconds(sc.pid)  # noqa: E731
+            cases: list[tuple[str, Callable[[str, dict[str, str]], Awaitable[Run]]]] = []
+            for method, label in (("tools/call", "tools/call"), ("tools/list", "tools/list")):
+                for conns in (1, 32):
+                    cases.append(
+                        (f"{label}, {conns} conn.", lambda u, h, m=method, c=conns: drive(u, h, m, c, seconds, cpu))
+                    )
+            cases.append(("SDK ClientSession, 1 session", lambda u, h: sdk_session(u, h, seconds, cpu)))
+            for name, fn in cases:
+                row = Row(name)
+                for i in range(rounds):
+                    order = [("direct", direct, {}), ("sidecar", proxied, auth)]
+                    for which, url, h in order if i % 2 == 0 else order[::-1]:
+                        n, lat, elapsed, used = asyncio.run(fn(url, h))
+                        if which == "direct":
+                            row.direct.append(n / elapsed)
+                            row.p50_direct.append(p50(lat))
+                        else:
+                            row.sidecar.append(n / elapsed)
+                            row.p50_sidecar.append(p50(lat))
+                            row.cpu_ms.append(used / n * 1000)
+                rows.append(row)
+                print(f"  {name}: done", file=sys.stderr)
+            sess_d, _ = asyncio.run(session_cost(direct, {}, 40, cpu))
+            sess_s, sess_cpu = asyncio.run(session_cost(proxied, auth, 40, cpu))
+        finally:
+            sc.stop()
+            up.stop()
+    seal = seal_cost() if SEALING else (float("nan"),) * 3
+    return report(rows, seconds, rounds, (p50(sess_d), p50(sess_s), sess_cpu / 40 * 1000), seal, out)
+
+
+def report(
+    rows: list[Row],
+    seconds: float,
+    rounds: int,
+    sess: tuple[float, float, float],
+    seal: tuple[float, float, float],
+    out: Path,
+) -> str:
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    lines = [
+        "# MCP through Sidecar vs the SDK server directly",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {rounds} round(s) of {seconds:g}s per cell, "
+        f"interleaved; load average at the end {' '.join(load)} (other work on the machine skews req/s, "
+        "not CPU per call).",
+        "",
+        "| scenario | direct calls/s | Sidecar calls/s | ratio | direct p50 | Sidecar p50 | added p50 "
+        "| Sidecar CPU/call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d, s = statistics.mean(r.direct), statistics.mean(r.sidecar)
+        pd, ps = p50(r.p50_direct), p50(r.p50_sidecar)
+        lines.append(
+            f"| {r.name} | {d:,.0f} | {s:,.0f} | {s / d:.2f}× | {pd:.2f} ms | {ps:.2f} ms | "
+            f"{ps - pd:+.2f} ms | {p50(r.cpu_ms):.3f} ms |"
+        )
+    lines += [
+        "",
+        f"Session creation (initialize + initialized, sealed id): direct p50 {sess[0]:.2f} ms, "
+        f"through Sidecar p50 {sess[1]:.2f} ms (added {sess[1] - sess[0]:+.2f} ms), Sidecar CPU "
+        f"{sess[2]:.3f} ms per session. Sealing one id: {seal[0]:.1f} µs; opening a token: {seal[1]:.1f} µs "
+        f"the first time, {seal[2]:.2f} µs after (remembered).",
+        "",
+        "Goals (issue 19): added p50 ≤ 1 ms, Sidecar CPU ≤ 0.5 ms per call, ≥ 0.9× direct throughput.",
+    ]
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/run mcp", description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per cell (default 4)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per scenario (default 2)")
+    ap.add_argument("--quick", action="store_true", help="1.5 s cells, one round")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = ap.parse_args(argv)
+    seconds, rounds = (1.5, 1) if a.quick else (a.duration, a.rounds)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(run(seconds, rounds, a.out))
+    print(f"bench/run mcp: wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

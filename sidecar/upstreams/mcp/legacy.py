@@ -1,0 +1,71 @@
+"""Legacy HTTP+SSE (2024-11-05): a message POST whose answer travels down another request's event stream.
+
+**Affinity.** The legacy transport has one long ``GET /sse`` per session, and the
+answers to the messages the client POSTs to ``/messages/?session_id=…`` come down *that*
+stream, which one sidecar process holds and filters (tool lists, refusals). So a message
+must reach the process that holds its stream: a POST naming a legacy session this
+process does not hold is refused with ``404 no_route`` and a message that says so
+(``sessions.LEGACY_ELSEWHERE``), never forwarded to be answered on a stream nobody here
+filters. Run legacy SSE with ``workers: 1`` per host and sticky routing (by client, or by
+the ``session_id`` parameter) across replicas. Streamable HTTP sessions need none of this:
+their ids are sealed (``sealing.py``) and any process serves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from ...auth.models import KeyRecord
+from ...config import UpstreamConfig
+from ...core.scope import RequestScope
+from .authz import Decision
+from .filter import JsonRewriter, Policy, SseRewriter
+from .response import GatewayFilter
+from .scrub import scrubbed
+from .sessions import McpSession
+
+if TYPE_CHECKING:
+    from .gateway import McpGateway
+
+__all__ = ["post_legacy"]
+
+
+async def post_legacy(
+    gw: McpGateway,
+    request: web.Request,
+    scope: RequestScope,
+    upstream: UpstreamConfig,
+    key: KeyRecord,
+    url: URL,
+    headers: CIMultiDict[str],
+    on_headers: Callable[[int, CIMultiDict[str]], None],
+    rate_headers: dict[str, str],
+    d: Decision,
+    legacy: McpSession,
+    policy: Policy,
+) -> web.StreamResponse:
+    """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
+    for answer in d.refused:
+        legacy.refusals.add(answer["id"], answer)
+    if d.forward is None:
+        return web.Response(status=202, text="Accepted", headers=rate_headers)
+    # Should the upstream answer on the POST after all (it also got an Mcp-Session-Id), the
+    # same policy applies there.
+    want = bool(d.lists) or bool(d.refused)
+    filt = GatewayFilter(
+        gw,
+        upstream,
+        key,
+        sse=partial(SseRewriter, policy) if want else None,
+        json_body=partial(JsonRewriter, policy) if want else None,
+    )
+    return await gw.sc.forwarder.forward(
+        request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
+        on_headers=on_headers,
+    )  # fmt: skip
