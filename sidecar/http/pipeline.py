@@ -40,7 +40,7 @@ from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
-from ..core.errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.errors import Forbidden, InvalidToken, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from ..core.scope import SCOPE, RequestScope
 from ..limits.ratelimit import RateDecision
 from ..upstreams.mcp import WELL_KNOWN
@@ -143,6 +143,8 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
         scope.error = e.code
         if isinstance(e, Unauthorized) and scope.upstream:
             e.headers.update(sc.challenge_headers(request, scope.upstream))
+        elif isinstance(e, InvalidToken) and scope.upstream and (meta := sc.resource_metadata(request, scope.upstream)):
+            e.at_resource(meta)  # a JWT that did not verify at an MCP route: where to find its IdP (RFC 9728)
         response = e.response()
     except asyncio.CancelledError:
         scope.error = scope.error or "client_disconnected"
@@ -377,7 +379,7 @@ async def _authenticate(
         scope.credential = ",".join(credential.forms)
         if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
             scope.credential = "jwt"
-            return await sc.jwt.verify(credential.key)
+            return await sc.jwt.verify(credential.key, scope.client_ip)
         if sc.oauth is not None and sc.oauth.claims(credential.key):  # an OAuth access token (sidecar/oauth/)
             return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip)
         return await sc.verifier.verify(credential.key, scope.client_ip)
