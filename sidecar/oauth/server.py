@@ -48,7 +48,7 @@ from .metadata import (
 from .tokenformat import ACCESS, digest, parse, token_kind
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import OAuthHost
 
 __all__ = ["OAuthServer", "oauth_error"]
 
@@ -87,7 +87,7 @@ class Gate:
 
 
 class OAuthServer:
-    def __init__(self, sc: Sidecar) -> None:
+    def __init__(self, sc: OAuthHost) -> None:
         from . import authorize, tokens  # the endpoint modules import this one for its helpers
 
         self.sc = sc
