@@ -116,8 +116,16 @@ async def test_the_rest_tool_call_takes_a_jwt_with_its_rules_tools_and_limits(
 
 
 async def test_the_rest_tool_call_refuses_a_bad_jwt_as_invalid_token(gw: Running, idp: IdP) -> None:
-    status, body = await rest(gw, idp.token(groups=["agents"], lifetime=-120), "search")
-    assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: token expired"})
+    expired = idp.token(groups=["agents"], lifetime=-120)
+    r = await gw.proxy.post("/mcp", json={"mcp_id": "tools", "tool": "search"}, headers=bearer(expired))
+    assert (r.status, (await r.json())["error"]) == (
+        401,
+        {"code": "invalid_token", "message": "invalid token: token expired"},
+    )
+    meta = f"{base(gw)}{WELL_KNOWN}/mcp"  # the REST resource's metadata, which names the IdPs
+    assert r.headers["WWW-Authenticate"] == (
+        f'Bearer realm="sidecar", resource_metadata="{meta}", error="invalid_token", error_description="token expired"'
+    )
     status, body = await rest(gw, idp.token(groups=["staff"]), "search")  # verifies, but no rule grants it
     assert status == 403 and body["error"]["code"] == "insufficient_permissions"
     status, body = await rest(gw, idp.token(sub="x", groups=["agents"]), "search", **{"x-api-key": "also"})

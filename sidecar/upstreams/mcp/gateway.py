@@ -63,6 +63,7 @@ from ...core.addresses import public_base
 from ...core.errors import (
     BadRequest,
     Forbidden,
+    InvalidToken,
     NoRoute,
     NotFound,
     PayloadTooLarge,
@@ -459,7 +460,10 @@ class McpGateway:
         credential = extract_credential(request.headers, request.query, sc.config.credentials)
         if credential is None:
             raise Unauthorized("an API key is required")
-        key = await key_or_jwt(sc, credential, scope)  # a JWT works here as on the MCP routes
+        try:
+            key = await key_or_jwt(sc, credential, scope)  # a JWT works here as on the MCP routes
+        except InvalidToken as e:  # point the client at the REST resource's metadata, as the MCP routes do
+            raise e.at_resource(f"{self.base_url(request)}{WELL_KNOWN}{REST_PATH}") from None
         scope.key_id, scope.key_name = key.id, key.name
 
         raw = await self._read_body(request, self._rest_limit)
