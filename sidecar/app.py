@@ -167,7 +167,12 @@ class Sidecar:
             from .auth.jwt import JwtAuthenticator  # imported only when jwt: providers are configured
 
             self.jwt = JwtAuthenticator(
-                self.config.jwt, env=self.env, clock=self.clock, steady=self.steady, registry=self.metrics.registry
+                self.config.jwt,
+                env=self.env,
+                clock=self.clock,
+                steady=self.steady,
+                registry=self.metrics.registry,
+                throttle=self.verifier,  # bad tokens count against the address like bad keys
             )
             self.jwt.start()
         if self.config.oauth.enabled:
@@ -260,12 +265,19 @@ class Sidecar:
             return self.mcp.challenge_headers(request, upstream_id)
         return {}
 
+    def resource_metadata(self, request: web.Request, upstream_id: str) -> str | None:
+        """The RFC 9728 metadata URL of an MCP upstream (an invalid JWT's 401 points at it), or None."""
+        if self.oauth is not None and (url := self.oauth.metadata_url(upstream_id)):
+            return url
+        return self.mcp.metadata_url(request, upstream_id) if self.mcp is not None else None
+
 
 class McpGatewayLike(Protocol):  # the piece of sidecar.upstreams.mcp.gateway the core relies on
     def is_rest_call(self, request: web.Request) -> bool: ...
     async def rest_call(self, sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse: ...
     async def handle(self, *args: Any) -> web.StreamResponse: ...
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]: ...
+    def metadata_url(self, request: web.Request, upstream_id: str) -> str | None: ...
     async def well_known(self, request: web.Request) -> web.StreamResponse: ...
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None: ...
     async def close(self) -> None: ...

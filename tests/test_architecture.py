@@ -140,3 +140,41 @@ def test_graph_sees_the_package() -> None:
     graph = package_graph()
     assert {"config", "http", "auth", "store", "limits", "cache", "upstreams"} <= set(graph)
     assert "config" in graph["app"]
+
+
+# Modules that may import sidecar.app: the entry points, the package root's re-exports, and the workers
+# (which run whole applications). Everything else reads the application through a narrow protocol
+# (http/host.py, admin/api.py, upstreams/mcp/host.py, oauth/host.py, console/host.py).
+APP_IMPORTERS = {"sidecar", "sidecar.app", "sidecar.cli", "sidecar.demo", "sidecar.__main__"}
+
+
+def _all_imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every sidecar module a file names in an import, ``if TYPE_CHECKING:`` ones included."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                if not is_package:
+                    base = base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_only_entry_points_and_workers_import_the_application() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if module in APP_IMPORTERS or module.startswith("sidecar.workers"):
+            continue
+        names = _all_imports(ast.parse(path.read_text(encoding="utf-8")), module, path.name == "__init__.py")
+        if "sidecar.app" in names or any(n.startswith("sidecar.app.") for n in names):
+            offenders.append(module)
+    assert not offenders, f"modules that import sidecar.app (use a narrow host protocol instead): {offenders}"

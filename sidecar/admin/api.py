@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..auth.credentials import extract_credential
+from ..auth.identify import looks_like_jwt, not_for_admin
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
@@ -139,6 +140,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             if not token:
                 raise ServiceUnavailable(f"the admin API is off: set {sc.config.admin.token_env}")
             raise Unauthorized("the admin token (Authorization: Bearer …) is required", {"WWW-Authenticate": "Bearer"})
+        if looks_like_jwt(cred):  # never verified here: a JWT is never admin (counted like a forged key)
+            raise sc.verifier.refuse(request.remote or "", not_for_admin())
         key = await sc.verifier.verify(cred.key, request.remote or "")
         if not key.permissions.admin:
             raise Forbidden("this key does not have the admin permission")

@@ -21,7 +21,9 @@ MCP sessions, metrics (bounded like keys) and usage all key on that id, so they 
 subject across token refreshes. A verified token is remembered (SHA-256 of the token ->
 identity) until it expires, in a bounded LRU: the next request costs one hash and one
 dict lookup. Failures are ``401 invalid_token`` with the reason and an RFC 6750
-``WWW-Authenticate``; the token itself is never logged, echoed or stored.
+``WWW-Authenticate``; the token itself is never logged, echoed or stored. Each failure also
+counts against the client's address in the key verifier's failed-attempts throttle
+(``throttle``), so a flood of forged tokens turns into 429s like a flood of forged keys.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from prometheus_client.registry import Collector
 
 from ..clocks import steady_clock
 from ..config.jwt import JwtProvider
-from ..core.errors import Forbidden, SidecarError
+from ..core.errors import Forbidden, InvalidToken, SidecarError
 from .credentials import Credential
+from .identify import FailureThrottle, looks_like_jwt
 from .jwks import JwksCache, PublicKey
 from .jwt_rules import Grant, Identity, RuleSet
 from .models import KeyRecord
@@ -65,20 +68,6 @@ MAX_KEYS_TRIED = 4  # keys sharing one kid (or a set without kids) tried per tok
 FAILURE_REASONS = (
     "malformed", "issuer", "algorithm", "unknown_key", "signature", "expired", "not_yet_valid", "audience", "claims",
 )  # fmt: skip
-
-
-class InvalidToken(SidecarError):
-    """401 ``invalid_token``: a JWT that does not verify (RFC 6750's code, with its challenge)."""
-
-    status, code = 401, "invalid_token"
-
-    def __init__(self, reason: str, kind: str = "claims") -> None:
-        quoted = reason.replace("\\", "").replace('"', "'")  # a quoted-string (RFC 9110), whatever a claim name holds
-        super().__init__(
-            f"invalid token: {reason}",
-            {"WWW-Authenticate": f'Bearer realm="sidecar", error="invalid_token", error_description="{quoted}"'},
-        )
-        self.kind = kind  # one of FAILURE_REASONS (the metric's label)
 
 
 def identity_id(issuer: str, subject: str) -> str:
@@ -173,6 +162,7 @@ class JwtAuthenticator:
         clock: Callable[[], float] = time.time,
         steady: Callable[[], float] | None = None,
         registry: CollectorRegistry | None = None,
+        throttle: FailureThrottle | None = None,
     ) -> None:
         self.clock = clock  # wall: exp, nbf, iat
         self.steady = steady_clock(clock, steady)  # intervals: JWKS TTL and refetch spacing
@@ -191,6 +181,7 @@ class JwtAuthenticator:
         self._refused: dict[bytes, tuple[float, str]] = {}  # settled refusals (see _settle)
         self._expiry: OrderedDict[str, float] = OrderedDict()  # identity id -> latest until
         self._records: dict[tuple[str, int, str], KeyRecord] = {}
+        self.throttle = throttle  # per-address failed attempts, shared with API keys (auth/verify.py)
         self.verified = 0  # signatures that verified (the slow path ran): tests and benchmarks
         registry = registry if registry is not None else CollectorRegistry()
         self.failures = Counter(
@@ -226,10 +217,14 @@ class JwtAuthenticator:
     @staticmethod
     def accepts(credential: Credential) -> bool:
         """A JWT in ``Authorization: Bearer`` (an API key never has a dot)."""
-        return credential.forms == ("bearer",) and credential.key.count(".") == 2
+        return looks_like_jwt(credential)
 
-    async def verify(self, token: str) -> KeyRecord:
-        """The identity this token proves, or ``InvalidToken`` (401) / ``Forbidden`` (no rule grants it)."""
+    async def verify(self, token: str, client_ip: str | None = None) -> KeyRecord:
+        """The identity this token proves, or ``InvalidToken`` (401) / ``Forbidden`` (no rule grants it).
+
+        With ``client_ip``, a refusal counts as a failed attempt of that address: past
+        ``keys.failed_attempts_per_minute`` it is a 429 instead (a token that verifies always passes).
+        """
         fingerprint = hashlib.sha256(token.encode()).digest()
         seen = self._tokens.get(fingerprint)
         if seen is not None:
@@ -237,6 +232,15 @@ class JwtAuthenticator:
                 self._tokens.move_to_end(fingerprint)
                 return seen.record
             del self._tokens[fingerprint]
+        try:
+            return await self._check(token, fingerprint)
+        except InvalidToken as e:
+            if self.throttle is None or client_ip is None:
+                raise
+            raise self.throttle.refuse(client_ip, e) from None
+
+    async def _check(self, token: str, fingerprint: bytes) -> KeyRecord:
+        """A token not remembered as verified: a settled refusal, or the full check."""
         refused = self._refused.get(fingerprint)
         if refused is not None and (refused[1] == "expired" or self.clock() < refused[0]):
             raise self._again(refused[1])  # settled for this token: no signature check again

@@ -334,7 +334,12 @@ class Verifier:
     def _too_many(self, wait: float) -> TooManyFailures:
         return TooManyFailures("too many failed key attempts from this address; slow down", wait)
 
-    def _refuse(self, bucket: str, now: float, error: InvalidKey, key_id: str | None = None) -> SidecarError:
+    def refuse(self, client_ip: str, error: SidecarError) -> SidecarError:
+        """Count a failure of another credential kind (a JWT that does not verify, a JWT at the admin
+        API) against the address, like a forged key's; past the threshold the answer is 429, not 401."""
+        return self._refuse(throttle_bucket(client_ip), self.steady(), error)
+
+    def _refuse(self, bucket: str, now: float, error: SidecarError, key_id: str | None = None) -> SidecarError:
         """Count a failure; past the threshold the answer is 429 rather than 401."""
         wait = self.throttled(bucket, now)
         self._fail(bucket, now, key_id)

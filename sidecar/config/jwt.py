@@ -17,7 +17,7 @@ token minted for any other application of the same IdP would be accepted here).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -28,7 +28,7 @@ from .units import parse_limit
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS", "DEFAULT_ALGORITHMS", "HMAC_ALGORITHMS", "JwtClaims", "JwtGrant", "JwtProvider",
-    "JwtRule", "JwtWhen", "load_jwt",
+    "JwtRule", "JwtWhen", "issuers_granting", "load_jwt",
 ]  # fmt: skip
 
 DEFAULT_ALGORITHMS = ("RS256", "ES256")
@@ -242,3 +242,14 @@ def check_jwt(
             elif len(secret.encode()) < need:
                 problems.append(f"{path}.secret_env: {p.secret_env} must hold at least {need} bytes for {p.algorithms}")
         _check_upstreams(p, path, upstreams, problems)
+
+
+def issuers_granting(providers: Sequence[JwtProvider], upstream_ids: Collection[str]) -> list[str]:
+    """The issuers whose tokens some rule lets use one of ``upstream_ids``: the authorization servers an
+    MCP resource's RFC 9728 metadata names. Only providers with a ``jwks_url``: a shared-secret (HS*)
+    issuer is a token minter of your own, not an OAuth server a client could log in to."""
+    return [
+        p.issuer
+        for p in providers
+        if p.jwks_url and any("*" in r.grant.upstreams or set(r.grant.upstreams) & set(upstream_ids) for r in p.rules)
+    ]

@@ -17,12 +17,12 @@ from .routes import CONSOLE, Console, page, sign_in, sign_in_once, sign_in_page,
 from .views import edit_key, key_page, keys_page, new_key, revoke_key, rotate_key, tools_json
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import ConsoleHost
 
 __all__ = ["CONSOLE", "Console", "mount"]
 
 
-def mount(app: web.Application, sc: Sidecar) -> Console:
+def mount(app: web.Application, sc: ConsoleHost) -> Console:
     """Serve the console at / of ``app`` (the admin app); returns it (``sidecar demo`` issues its link)."""
     console = Console(sc)
     app[CONSOLE] = console

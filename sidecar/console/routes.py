@@ -31,7 +31,7 @@ from .sessions import OneTimeLinks, Session, SessionStore, SignInThrottle, cooki
 from .tools import ToolLister
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import ConsoleHost
 
 __all__ = ["CONSOLE", "Console", "harden", "page", "see_other"]
 
@@ -80,7 +80,7 @@ def _iso(ts: float | None) -> str:
 class Console:
     """What the console holds: sessions, the throttle, one-time links, recent requests, templates."""
 
-    def __init__(self, sc: Sidecar) -> None:
+    def __init__(self, sc: ConsoleHost) -> None:
         cfg = sc.config.console
         self.sc = sc
         self.sessions = SessionStore(

@@ -6,6 +6,7 @@ Hierarchy (each carries its HTTP status and contract code)::
     ├── BadRequest            400 bad_request
     ├── Unauthorized          401 unauthorized        (no credential; adds WWW-Authenticate)
     ├── InvalidKey            401 invalid_key
+    ├── InvalidToken          401 invalid_token       (a JWT that does not verify; RFC 6750's challenge)
     ├── ExpiredKey            401 expired_key
     ├── RevokedKey            401 revoked_key
     ├── Forbidden             403 insufficient_permissions
@@ -40,6 +41,7 @@ __all__ = [
     "Forbidden",
     "HeadersTooLarge",
     "InvalidKey",
+    "InvalidToken",
     "NoRoute",
     "NotFound",
     "PayloadTooLarge",
@@ -92,6 +94,28 @@ class Unauthorized(SidecarError):
 
 class InvalidKey(SidecarError):
     status, code = 401, "invalid_key"
+
+
+class InvalidToken(SidecarError):
+    """401 ``invalid_token``: a JWT that does not verify (RFC 6750's code, with its challenge).
+
+    ``kind`` is one of ``sidecar.auth.jwt.FAILURE_REASONS`` (the failures metric's label). On an
+    MCP route the challenge also names the resource's RFC 9728 metadata (``at_resource``).
+    """
+
+    status, code = 401, "invalid_token"
+
+    def __init__(self, reason: str, kind: str = "claims") -> None:
+        super().__init__(f"invalid token: {reason}")
+        self.kind = kind
+        quoted = reason.replace("\\", "").replace('"', "'")  # a quoted-string (RFC 9110), whatever a claim name holds
+        self._params = f'error="invalid_token", error_description="{quoted}"'
+        self.headers["WWW-Authenticate"] = f'Bearer realm="sidecar", {self._params}'
+
+    def at_resource(self, metadata_url: str) -> InvalidToken:
+        """Point the challenge at the protected resource's metadata, so an MCP client can find the IdP."""
+        self.headers["WWW-Authenticate"] = f'Bearer realm="sidecar", resource_metadata="{metadata_url}", {self._params}'
+        return self
 
 
 class ExpiredKey(SidecarError):

@@ -40,7 +40,7 @@ from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
-from ..core.errors import Forbidden, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.errors import Forbidden, InvalidToken, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
 from ..core.scope import SCOPE, RequestScope
 from ..limits.ratelimit import RateDecision
 from ..upstreams.mcp import WELL_KNOWN
@@ -52,7 +52,7 @@ from .forwarder import Networks, ResponseFilter, ResponseTap, forward_headers, s
 from .listener import odd_target
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import PipelineHost  # what the pipeline reads of the application (Sidecar is one)
 
 MAX_MEMO = 50_000  # remembered repeat-hit decisions (cleared when full)
 
@@ -96,7 +96,7 @@ def client_ip(request: web.Request, trusted: Networks) -> str:
     return client
 
 
-def make_handler(sc: Sidecar) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+def make_handler(sc: PipelineHost) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The proxy listener's one handler (MCP's RFC 9728 metadata is the only path it answers itself)."""
     mcp = sc.mcp
     oauth = sc.oauth
@@ -128,7 +128,7 @@ async def _expect(request: web.Request) -> None:
     await request.writer.drain()
 
 
-async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
+async def handle(sc: PipelineHost, request: web.Request) -> web.StreamResponse:
     scope = RequestScope(
         method=request.method,
         path=redact_path(request.raw_path),  # as the client sent it (like nginx's $request_uri)
@@ -143,6 +143,8 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
         scope.error = e.code
         if isinstance(e, Unauthorized) and scope.upstream:
             e.headers.update(sc.challenge_headers(request, scope.upstream))
+        elif isinstance(e, InvalidToken) and scope.upstream and (meta := sc.resource_metadata(request, scope.upstream)):
+            e.at_resource(meta)  # a JWT that did not verify at an MCP route: where to find its IdP (RFC 9728)
         response = e.response()
     except asyncio.CancelledError:
         scope.error = scope.error or "client_disconnected"
@@ -158,7 +160,7 @@ async def handle(sc: Sidecar, request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _stages(sc: Sidecar, request: web.Request, scope: RequestScope) -> web.StreamResponse:
+async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -> web.StreamResponse:
     cfg = sc.config
     if request.method == "CONNECT" or request.raw_path[:1] != "/":  # rare: two compares on the hot path
         refusal = odd_target(request)  # CONNECT, `OPTIONS *`, authority-form: 400, never forwarded
@@ -325,7 +327,7 @@ class HitMemo:
 
 
 async def _repeat_hit(
-    sc: Sidecar, memo: HitMemo, memo_key: bytes, request: web.Request, scope: RequestScope
+    sc: PipelineHost, memo: HitMemo, memo_key: bytes, request: web.Request, scope: RequestScope
 ) -> web.StreamResponse | None:
     """The cache's answer for a request that repeats a decided one, or None to go the whole way."""
     decided = memo.get(memo_key)
@@ -351,7 +353,7 @@ async def _repeat_hit(
 
 
 async def _rate_limit(
-    sc: Sidecar, key: KeyRecord, upstream: UpstreamConfig, scope: RequestScope
+    sc: PipelineHost, key: KeyRecord, upstream: UpstreamConfig, scope: RequestScope
 ) -> tuple[RateDecision, OnHeaders]:
     """Raise the limiter's refusal; else its decision and the hook that puts its headers on the answer."""
     decision = await sc.limiter.check(key, upstream)
@@ -366,7 +368,7 @@ async def _rate_limit(
 
 
 async def _authenticate(
-    sc: Sidecar,
+    sc: PipelineHost,
     request: web.Request,
     scope: RequestScope,
     upstream: UpstreamConfig,
@@ -377,7 +379,7 @@ async def _authenticate(
         scope.credential = ",".join(credential.forms)
         if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
             scope.credential = "jwt"
-            return await sc.jwt.verify(credential.key)
+            return await sc.jwt.verify(credential.key, scope.client_ip)
         if sc.oauth is not None and sc.oauth.claims(credential.key):  # an OAuth access token (sidecar/oauth/)
             return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip)
         return await sc.verifier.verify(credential.key, scope.client_ip)

@@ -21,12 +21,12 @@ from .clients import ClientError
 from .grants import revoke_grant
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import OAuthHost
 
 __all__ = ["add_routes"]
 
 
-def add_routes(app: web.Application, sc: Sidecar) -> None:
+def add_routes(app: web.Application, sc: OAuthHost) -> None:
     async def list_grants(request: web.Request) -> web.Response:
         require_full_admin(request)
         found = await sc.store.list_grants(query_str(request, "key"), query_str(request, "client"))

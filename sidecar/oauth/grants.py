@@ -25,7 +25,7 @@ from ..core.errors import NotFound
 from ..store.base import AuditEvent
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import GrantHost
 
 __all__ = ["GrantError", "child_permissions", "create_grant", "grants_of", "new_grant_id", "revoke_grant"]
 
@@ -62,7 +62,7 @@ def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...
     )  # fmt: skip
 
 
-async def create_grant(sc: Sidecar, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float) -> KeyRecord:
+async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float) -> KeyRecord:
     """Write the child key for an exchanged code (``spec``: what the consent page recorded)."""
     parent = sc.verifier.table.get(parent_id) or await sc.store.get(parent_id)
     if parent is None or sc.verifier.state(parent, now) != "active":
@@ -112,7 +112,7 @@ def grants_of(records: list[KeyRecord], *, key_id: str | None = None, client_id:
     ]
 
 
-async def revoke_grant(sc: Sidecar, grant_id: str, actor: str) -> KeyRecord:
+async def revoke_grant(sc: GrantHost, grant_id: str, actor: str) -> KeyRecord:
     """Revoke a grant (audited as any key's revocation) and delete its codes and tokens."""
     rec = await sc.store.get(grant_id)
     if rec is None or rec.parent_id is None:
@@ -123,7 +123,7 @@ async def revoke_grant(sc: Sidecar, grant_id: str, actor: str) -> KeyRecord:
     return after
 
 
-def active_grants(sc: Sidecar, parent_id: str, now: float) -> int:
+def active_grants(sc: GrantHost, parent_id: str, now: float) -> int:
     """Active grants of one key (the consent page caps them: each grant has its own rate budget)."""
     return sum(
         1 for r in sc.verifier.table.values() if r.parent_id == parent_id and sc.verifier.state(r, now) == "active"

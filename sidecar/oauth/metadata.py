@@ -7,7 +7,7 @@ The server metadata is checked with authlib's ``AuthorizationServerMetadata.vali
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata  # type: ignore[import-untyped]
@@ -60,21 +60,26 @@ def server_metadata(config: OAuthConfig, issuer: str) -> dict[str, Any]:
     return doc
 
 
-def resource_metadata(issuer: str, upstream: UpstreamConfig) -> dict[str, Any]:
-    """RFC 9728 §2 for one MCP upstream, naming the sidecar as its authorization server."""
+def resource_metadata(issuer: str, upstream: UpstreamConfig, idps: Sequence[str] = ()) -> dict[str, Any]:
+    """RFC 9728 §2 for one MCP upstream, naming the sidecar as its authorization server — first, so
+    clients that take the first one get the full flow — then the ``jwt:`` identity providers (``idps``)."""
     return {
         "resource": resource_url(issuer, upstream),
-        "authorization_servers": [issuer],
+        "authorization_servers": [issuer, *(i for i in idps if i != issuer)],
         "scopes_supported": [SCOPE],
         "bearer_methods_supported": ["header"],
         "resource_name": f"Sidecar MCP gateway ({upstream.id})",
     }
 
 
+def metadata_url(issuer: str, upstream: UpstreamConfig) -> str:
+    """Where the RFC 9728 metadata of ``upstream`` is served."""
+    return f"{issuer}{PRM_WELL_KNOWN}{'' if upstream.path_prefix == '/' else upstream.path_prefix}"
+
+
 def challenge(issuer: str, upstream: UpstreamConfig, error: str | None = None) -> str:
     """``WWW-Authenticate`` for a 401 at an OAuth-protected MCP upstream (RFC 6750 §3, RFC 9728 §5.1)."""
-    prefix = "" if upstream.path_prefix == "/" else upstream.path_prefix
-    value = f'Bearer resource_metadata="{issuer}{PRM_WELL_KNOWN}{prefix}", scope="{SCOPE}"'
+    value = f'Bearer resource_metadata="{metadata_url(issuer, upstream)}", scope="{SCOPE}"'
     if error:
         value += f', error="{error}"'
     return value

@@ -29,6 +29,7 @@ from aiohttp import web
 from ..auth.credentials import Credential
 from ..auth.models import KeyRecord
 from ..auth.verify import throttle_bucket
+from ..config.jwt import issuers_granting
 from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
 from ..store import StoreError
 from ..store.base import OAuthToken
@@ -38,6 +39,7 @@ from .metadata import (
     ENDPOINTS,
     PRM_WELL_KNOWN,
     challenge,
+    metadata_url,
     protected,
     resource_metadata,
     resource_url,
@@ -46,7 +48,7 @@ from .metadata import (
 from .tokenformat import ACCESS, digest, parse, token_kind
 
 if TYPE_CHECKING:
-    from ..app import Sidecar
+    from .host import OAuthHost
 
 __all__ = ["OAuthServer", "oauth_error"]
 
@@ -85,7 +87,7 @@ class Gate:
 
 
 class OAuthServer:
-    def __init__(self, sc: Sidecar) -> None:
+    def __init__(self, sc: OAuthHost) -> None:
         from . import authorize, tokens  # the endpoint modules import this one for its helpers
 
         self.sc = sc
@@ -106,7 +108,8 @@ class OAuthServer:
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)
-            routes[path] = {"GET": self._resource_metadata(resource_metadata(self.issuer, up))}
+            idps = issuers_granting(sc.config.jwt, (up.id,))  # jwt: providers whose tokens work here too
+            routes[path] = {"GET": self._resource_metadata(resource_metadata(self.issuer, up, idps))}
         endpoints: dict[str, dict[str, Endpoint]] = {
             "authorize": {"GET": authorize.start, "POST": authorize.decide},
             "token": {"POST": tokens.token},
@@ -175,6 +178,11 @@ class OAuthServer:
     def challenge_headers(self, upstream_id: str, error: str | None = None) -> dict[str, str]:
         up = self.protected.get(upstream_id)
         return {"WWW-Authenticate": challenge(self.issuer, up, error)} if up is not None else {}
+
+    def metadata_url(self, upstream_id: str) -> str | None:
+        """The RFC 9728 metadata URL of a protected upstream (None: not protected by this server)."""
+        up = self.protected.get(upstream_id)
+        return metadata_url(self.issuer, up) if up is not None else None
 
     async def authenticate(self, credential: Credential, upstream_id: str, client_ip: str) -> KeyRecord:
         """The grant (child key) an access token stands for, or the contract's 401."""

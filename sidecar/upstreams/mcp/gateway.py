@@ -55,6 +55,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...auth.credentials import extract_credential
+from ...auth.identify import key_or_jwt
 from ...auth.models import KeyRecord
 from ...auth.permissions import allowed, tool_allowed
 from ...config import DEFAULT_MCP_MAX_BODY, UpstreamConfig
@@ -62,6 +63,7 @@ from ...core.addresses import public_base
 from ...core.errors import (
     BadRequest,
     Forbidden,
+    InvalidToken,
     NoRoute,
     NotFound,
     PayloadTooLarge,
@@ -71,6 +73,7 @@ from ...core.errors import (
 from ...core.scope import RequestScope
 from . import WELL_KNOWN
 from .authz import BodyJudge, McpAccess
+from .discovery import Discovery
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps
 from .legacy import post_legacy
@@ -118,6 +121,7 @@ class McpGateway:
         self._rest_enabled = not any(u.path_prefix == REST_PATH for u in sc.config.upstreams) and (
             owner is None or owner.kind != "mcp"
         )
+        self.discovery = Discovery(sc.config, REST_PATH if self._rest_enabled else None)
         self._rest_limit = max(
             (u.mcp_max_body for u in sc.config.upstreams if u.kind == "mcp"), default=DEFAULT_MCP_MAX_BODY
         )
@@ -190,29 +194,20 @@ class McpGateway:
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:
         """``WWW-Authenticate`` for a 401 on an MCP route: where the sidecar's resource metadata lives."""
-        upstream = self.sc.config.upstream(upstream_id)
-        if upstream is None or upstream.kind != "mcp":
+        meta = self.metadata_url(request, upstream_id)
+        if meta is None:
             return {}
-        prefix = "" if upstream.path_prefix == "/" else upstream.path_prefix
-        meta = f"{self.base_url(request)}{WELL_KNOWN}{prefix}"
         return {"WWW-Authenticate": f'Bearer realm="sidecar", resource_metadata="{meta}", ApiKey realm="sidecar"'}
 
-    async def well_known(self, request: web.Request) -> web.StreamResponse:
-        """RFC 9728 metadata naming the sidecar (not the upstream) as the protected resource.
+    def metadata_url(self, request: web.Request, upstream_id: str) -> str | None:
+        return self.discovery.metadata_url(self.base_url(request), upstream_id)
 
-        No ``authorization_servers``: keys are issued out of band (CLI, admin API), so
-        there is no OAuth flow to discover; clients send the key as a bearer token.
-        """
+    async def well_known(self, request: web.Request) -> web.StreamResponse:
+        """RFC 9728 metadata naming the sidecar (not the upstream) as the protected resource (discovery.py)."""
         tail = request.path[len(WELL_KNOWN) :].rstrip("/")
-        base = self.base_url(request)
-        if tail:
-            up = next((u for u in self.sc.config.upstreams if u.kind == "mcp" and u.path_prefix == tail), None)
-            if up is None and not (self._rest_enabled and tail == REST_PATH):
-                return NoRoute(f"no MCP resource at {tail}").response()
-            name = f"Sidecar MCP gateway ({up.id})" if up else "Sidecar MCP REST tool calls"
-        else:
-            name = "Sidecar MCP gateway"
-        body = {"resource": base + tail, "bearer_methods_supported": ["header"], "resource_name": name}
+        body = self.discovery.document(self.base_url(request), tail)
+        if body is None:
+            return NoRoute(f"no MCP resource at {tail}").response()
         return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -465,8 +460,10 @@ class McpGateway:
         credential = extract_credential(request.headers, request.query, sc.config.credentials)
         if credential is None:
             raise Unauthorized("an API key is required")
-        scope.credential = ",".join(credential.forms)
-        key = await sc.verifier.verify(credential.key, scope.client_ip)
+        try:
+            key = await key_or_jwt(sc, credential, scope)  # a JWT works here as on the MCP routes
+        except InvalidToken as e:  # point the client at the REST resource's metadata, as the MCP routes do
+            raise e.at_resource(f"{self.base_url(request)}{WELL_KNOWN}{REST_PATH}") from None
         scope.key_id, scope.key_name = key.id, key.name
 
         raw = await self._read_body(request, self._rest_limit)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import aiohttp
 
+    from ...auth.jwt import JwtAuthenticator
     from ...auth.verify import Verifier
     from ...config import Config
     from ...http.forwarder import Forwarder, Networks
@@ -40,3 +41,6 @@ class GatewayHost(Protocol):
 
     @property
     def verifier(self) -> Verifier: ...
+
+    @property
+    def jwt(self) -> JwtAuthenticator | None: ...
