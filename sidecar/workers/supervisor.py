@@ -48,6 +48,7 @@ from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
 from .limits import LimitsOwner
+from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
 from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
 
@@ -91,8 +92,11 @@ def proxy_socket(listen: str, inherit: bool) -> socket.socket:
 class WorkerPool:
     """N ``sidecar serve`` children, kept running until ``stop``."""
 
-    def __init__(self, n: int, config_path: str, directory: str, sock: socket.socket, inherit: bool) -> None:
+    def __init__(
+        self, n: int, config_path: str, directory: str, sock: socket.socket, inherit: bool, seal: bytes | None = None
+    ) -> None:
         self.n = n
+        self.seal = seal  # the host's MCP sealing key, handed to each worker through a pipe (sealkey)
         self.config_path = config_path
         self.directory = directory
         self.sock = sock
@@ -105,16 +109,22 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._started: list[asyncio.Event] = [asyncio.Event() for _ in range(n)]
 
-    def role(self, i: int) -> WorkerRole:
+    def role(self, i: int, seal_fd: int | None = None) -> WorkerRole:
         port = self.sock.getsockname()[1]
-        return WorkerRole(i, self.directory, port, self.sock.fileno() if self.inherit else None)
+        return WorkerRole(i, self.directory, port, self.sock.fileno() if self.inherit else None, seal_fd=seal_fd)
 
     async def _spawn(self, i: int) -> asyncio.subprocess.Process:
-        env = {**os.environ, WorkerRole.ENV: self.role(i).to_env()}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "serve", "-c", self.config_path,
-            stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=(self.sock.fileno(),) if self.inherit else (),
-        )  # fmt: skip
+        seal_fd = send(self.seal) if self.seal is not None else None
+        fds = ((self.sock.fileno(),) if self.inherit else ()) + ((seal_fd,) if seal_fd is not None else ())
+        try:
+            env = {**os.environ, WorkerRole.ENV: self.role(i, seal_fd).to_env()}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sidecar", "serve", "-c", self.config_path,
+                stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds,
+            )  # fmt: skip
+        finally:
+            if seal_fd is not None:
+                os.close(seal_fd)  # the worker holds its own copy
         self.procs[i] = proc
         self._started[i].set()
         log.info("worker %d started (pid %d)", i, proc.pid)
@@ -220,6 +230,9 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
     """Run N workers until SIGTERM/SIGINT; then drain them all and return (``config_path``: absolute)."""
     from ..admin.api import create_admin_app
 
+    seal = draw() if needs_key(config) else None  # one MCP sealing key for every worker (sealkey)
+    if seal is not None:
+        config = with_key(config, seal)
     directory = _private_dir()
     sc = Sidecar(config)
     stop = asyncio.Event()
@@ -243,14 +256,15 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             buckets = ShmBuckets(buckets_file(directory), create=True)
             owner = LimitsOwner(buckets, sc.limiter.book, sc.limiter.quota_levels)
             await owner.start(limits_socket(directory))
-        if any(u.kind == "mcp" for u in config.upstreams):
+        if seal is not None:
             log.warning(
-                "workers: MCP sessions are held per worker; a client whose connections land on different "
-                "workers needs session ids that any worker can check (docs/scaling.md, Workers)"
+                "workers: mcp_sessions.seal_key_env is not set: MCP session ids are sealed with a random key this "
+                "supervisor drew and shared with its workers, so sessions move between workers but do not survive "
+                "a restart of the supervisor or move to another host; set seal_key_env for that (docs/scaling.md)"
             )
         inherit = inherit_fallback()
         sock = proxy_socket(config.listen, inherit)
-        pool = WorkerPool(n, config_path, directory, sock, inherit)
+        pool = WorkerPool(n, config_path, directory, sock, inherit, seal)
         pool.start()
         await pool.wait_ready()
         admin = create_admin_app(sc)

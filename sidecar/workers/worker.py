@@ -11,6 +11,8 @@ platform has no ``SO_REUSEPORT`` — the number of the listening socket it inher
   socket in the private directory, which the supervisor reads ``/metrics`` from.
 - Limits: the memory backend becomes the host's (``SharedLimits``: buckets in the shared
   table, quotas in the supervisor), so counts are exact; with ``backend: redis`` nothing changes.
+- MCP sealing key: without ``mcp_sessions.seal_key_env``, the one the supervisor drew for
+  the host, read from an inherited pipe (``sidecar.workers.sealkey``).
 - The supervisor gone (killed hard), the worker stops: ``PR_SET_PDEATHSIG`` on Linux, and
   a check of the parent pid every second everywhere.
 """
@@ -66,11 +68,13 @@ class WorkerRole:
     port: int
     fd: int | None = None  # an inherited listening socket; None: bind with SO_REUSEPORT
     shared_limits: bool = True  # the memory backend is the supervisor's
+    seal_fd: int | None = None  # a pipe holding the host's MCP sealing key (sidecar.workers.sealkey)
 
     def to_env(self) -> str:
         return json.dumps(
-            {"index": self.index, "dir": self.directory, "port": self.port, "fd": self.fd, "limits": self.shared_limits}
-        )
+            {"index": self.index, "dir": self.directory, "port": self.port, "fd": self.fd, "limits": self.shared_limits,
+             "seal": self.seal_fd}
+        )  # fmt: skip
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerRole | None:
@@ -78,7 +82,9 @@ class WorkerRole:
         if not raw:
             return None
         d = json.loads(raw)
-        return cls(int(d["index"]), str(d["dir"]), int(d["port"]), d.get("fd"), bool(d.get("limits", True)))
+        return cls(
+            int(d["index"]), str(d["dir"]), int(d["port"]), d.get("fd"), bool(d.get("limits", True)), d.get("seal")
+        )
 
     def attach(self, sc: Sidecar) -> None:
         """Before ``Sidecar.start``: the supervisor's limiter, and stop when the supervisor is gone."""
