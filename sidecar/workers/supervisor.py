@@ -42,12 +42,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..app import Sidecar, _host_port, bound_addresses
+from ..app import Sidecar, _host_port, bound_addresses, create_apps
 from ..config import Config
 from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
 from .limits import LimitsOwner
+from .recent import RECENT_PATH, HostRecent, wants_recent
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
 from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
@@ -176,6 +177,16 @@ class WorkerPool:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
+    async def recent(self) -> list[Any]:
+        """Every answering worker's recent-request rings (``sidecar.workers.recent``)."""
+        texts = await asyncio.gather(*(self.scrape(i, RECENT_PATH) for i in range(self.n)))
+        out = []
+        for text in texts:
+            if text is not None:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(text))
+        return out
+
     def signal_all(self, sig: signal.Signals) -> None:
         for proc in self.procs:
             if proc is not None and proc.returncode is None:
@@ -228,8 +239,6 @@ def _sweep_stale(base: str) -> None:
 
 async def supervise(config: Config, config_path: str, n: int) -> None:
     """Run N workers until SIGTERM/SIGINT; then drain them all and return (``config_path``: absolute)."""
-    from ..admin.api import create_admin_app
-
     seal = draw() if needs_key(config) else None  # one MCP sealing key for every worker (sealkey)
     if seal is not None:
         config = with_key(config, seal)
@@ -267,8 +276,8 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         pool = WorkerPool(n, config_path, directory, sock, inherit, seal)
         pool.start()
         await pool.wait_ready()
-        admin = create_admin_app(sc)
-        admin.middlewares.append(_host_metrics(sc, pool))
+        _, admin = create_apps(sc)  # the admin app as one process has it: API, console, OAuth admin routes
+        admin.middlewares.append(_host_metrics(sc, pool, _host_recent(admin)))
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
         ahost, aport = _host_port(config.admin.listen)
@@ -315,11 +324,25 @@ def _with_workers(resp: web.StreamResponse, pool: WorkerPool) -> web.StreamRespo
     return web.json_response(body, status=200 if ready else 503)
 
 
-def _host_metrics(sc: Sidecar, pool: WorkerPool) -> Any:
-    """``/metrics`` and ``/readyz`` on the admin listener: the host's, all workers included."""
+def _host_recent(admin: web.Application) -> HostRecent | None:
+    """The console's recent requests, switched to the host's (every worker's, merged on demand)."""
+    from ..console import CONSOLE
+
+    console = admin.get(CONSOLE)
+    if console is None:
+        return None
+    console.recent = HostRecent(console.recent)
+    return console.recent
+
+
+def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = None) -> Any:
+    """``/metrics``, ``/readyz`` and the console's recent requests on the admin listener: the host's."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if recent is not None and wants_recent(request):
+            recent.load(await pool.recent())
+            return await handler(request)  # type: ignore[no-any-return]
         if request.path == "/readyz":
             return _with_workers(await handler(request), pool)
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):

@@ -95,6 +95,12 @@ class WorkerRole:
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))
 
+    def extend_admin(self, admin: web.Application) -> None:
+        """Before the admin app starts: what the supervisor reads from it besides ``/metrics``."""
+        from .recent import serve_recent
+
+        serve_recent(admin)
+
     async def bind(
         self, proxy: web.BaseRunner, admin: web.BaseRunner, host: str, port: int, ssl_ctx: ssl.SSLContext | None
     ) -> None:
