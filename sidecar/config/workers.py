@@ -64,3 +64,4 @@ _SCHEMA = {
     "description": "worker processes sharing the proxy port; auto: one per CPU",
 }
 WorkerCount = Annotated[int, BeforeValidator(resolve_workers), WithJsonSchema(_SCHEMA)]
+
