@@ -356,7 +356,7 @@ async def running(sc: Sidecar, worker: Any = None) -> AsyncIterator[tuple[web.Ba
         await sc.start()
         proxy, admin = create_apps(sc)
         if worker is not None:
-            worker.extend_admin(admin)  # the supervisor reads the console's recent requests from it
+            worker.started(sc, admin)  # host-wide concurrency slots; the console's recent requests
         proxy_runner = ProxyRunner(proxy, sc, shutdown_timeout=sc.config.server.shutdown_grace)
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await proxy_runner.setup()

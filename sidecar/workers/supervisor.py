@@ -47,11 +47,12 @@ from ..config import Config
 from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
+from .inflight import ShmInflight
 from .limits import LimitsOwner
 from .recent import RECENT_PATH, HostRecent, wants_recent
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
-from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
+from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket
 
 __all__ = ["WorkerPool", "supervise"]
 
@@ -98,6 +99,7 @@ class WorkerPool:
     ) -> None:
         self.n = n
         self.seal = seal  # the host's MCP sealing key, handed to each worker through a pipe (sealkey)
+        self.inflight = ShmInflight(inflight_file(directory), workers=n)  # the host's concurrency slots
         self.config_path = config_path
         self.directory = directory
         self.sock = sock
@@ -141,6 +143,7 @@ class WorkerPool:
             rc = await proc.wait()
             if self._stopping.is_set():
                 return
+            self.inflight.clear(i)  # the slots it held, given back before its replacement takes any
             if i in self.last:  # its counts so far stay in the host's sums
                 self.retired.add(self.last.pop(i))
             how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
@@ -303,6 +306,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         if pool is not None:
             await pool.stop(config.server.shutdown_grace)
             pool.sock.close()
+            pool.inflight.close()
         if admin_runner is not None:
             await admin_runner.cleanup()
         if owner is not None:

@@ -11,6 +11,7 @@ platform has no ``SO_REUSEPORT`` — the number of the listening socket it inher
   socket in the private directory, which the supervisor reads ``/metrics`` from.
 - Limits: the memory backend becomes the host's (``SharedLimits``: buckets in the shared
   table, quotas in the supervisor), so counts are exact; with ``backend: redis`` nothing changes.
+  ``concurrency`` slots are the host's whatever the backend (``sidecar.workers.inflight``).
 - MCP sealing key: without ``mcp_sessions.seal_key_env``, the one the supervisor drew for
   the host, read from an inherited pipe (``sidecar.workers.sealkey``).
 - The supervisor gone (killed hard), the worker stops: ``PR_SET_PDEATHSIG`` on Linux, and
@@ -40,7 +41,7 @@ from .shm import ShmBuckets
 if TYPE_CHECKING:
     from ..app import Sidecar
 
-__all__ = ["WorkerRole", "admin_socket", "buckets_file", "limits_socket"]
+__all__ = ["WorkerRole", "admin_socket", "buckets_file", "inflight_file", "limits_socket"]
 
 log = logging.getLogger("sidecar.workers")
 
@@ -53,6 +54,10 @@ def limits_socket(directory: str) -> str:
 
 def buckets_file(directory: str) -> str:
     return os.path.join(directory, "buckets")
+
+
+def inflight_file(directory: str) -> str:
+    return os.path.join(directory, "inflight")
 
 
 def admin_socket(directory: str, index: int) -> str:
@@ -95,10 +100,13 @@ class WorkerRole:
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))
 
-    def extend_admin(self, admin: web.Application) -> None:
-        """Before the admin app starts: what the supervisor reads from it besides ``/metrics``."""
+    def started(self, sc: Sidecar, admin: web.Application) -> None:
+        """After ``Sidecar.start``, before serving: the host's concurrency slots, and what the
+        supervisor reads from the admin app besides ``/metrics`` (the console's recent requests)."""
+        from .inflight import ShmInflight
         from .recent import serve_recent
 
+        sc.limiter.shared_slots = ShmInflight(inflight_file(self.directory), column=self.index)
         serve_recent(admin)
 
     async def bind(
