@@ -2,13 +2,19 @@
 
 The supervisor does not proxy. It holds what must exist once per host:
 
-- the **admin listener** (``admin.listen``): the admin API, health, and ``/metrics`` for the
-  whole host (``sidecar.workers.aggregate`` merges every worker's registry at scrape time);
-  key changes made there reach the workers through the store, as they reach any process;
+- the **admin listener** (``admin.listen``): the admin app one process has (admin API,
+  console, health) with ``/metrics`` for the whole host (``sidecar.workers.aggregate`` merges
+  every worker's registry at scrape time) and the console's recent requests merged from
+  every worker's (``sidecar.workers.recent``); key changes made there reach the workers
+  through the store, as they reach any process;
 - the **rate-limit state** (memory backend): the host's GCRA table in shared memory, which
   every worker checks under one lock, and the one quota book, which workers ask over a
   unix socket (``sidecar.workers.limits``): limits are exact, not divided by N, and quota
   counts are flushed to the store once. With ``backend: redis`` workers use Redis;
+- the **in-flight table** (``sidecar.workers.inflight``): ``concurrency`` slots for the host,
+  a dead worker's cleared before its replacement starts;
+- the **MCP sealing key** when ``mcp_sessions.seal_key_env`` is not set: one random key for
+  every worker, handed over through a pipe (``sidecar.workers.sealkey``);
 - the proxy port: bound with ``SO_REUSEPORT`` by each worker (the supervisor holds one
   bound, never listening, socket so the port stays reserved across restarts), or, without
   ``SO_REUSEPORT``, one listening socket every worker inherits.
