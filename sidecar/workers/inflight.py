@@ -137,7 +137,8 @@ class ShmInflight:
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    def slot(self, ident: tuple[str, str], limit: int, headers: bool) -> SharedSlot:
+    def slot(self, _local: object, ident: tuple[str, str], limit: int, headers: bool) -> SharedSlot:
+        """``ConcurrencySlot``'s signature (the process's own counts, unused here)."""
         return SharedSlot(self, ident, limit, headers)
 
 

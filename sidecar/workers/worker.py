@@ -106,7 +106,8 @@ class WorkerRole:
         from .inflight import ShmInflight
         from .recent import serve_recent
 
-        sc.limiter.shared_slots = ShmInflight(inflight_file(self.directory), column=self.index)
+        inflight = ShmInflight(inflight_file(self.directory), column=self.index)
+        sc.limiter.held, sc.limiter.make_slot = inflight, inflight.slot
         serve_recent(admin)
 
     async def bind(

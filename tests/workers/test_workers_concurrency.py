@@ -32,11 +32,11 @@ async def scrape(host: Host) -> str:
         return await resp.text()
 
 
-async def wait_until_held(http: aiohttp.ClientSession, host: Host, key: str) -> None:
-    """Until a quick request of the key is refused: both slow requests hold their slots."""
+async def wait_until_held(host: Host, n: int) -> None:
+    """Until ``n`` requests are in flight on the host (read from /metrics: a probe request would take a slot)."""
     deadline = time.monotonic() + 5
-    while await get(http, host, key, "/quick") != 429:
-        assert time.monotonic() < deadline, "the slow requests never held both slots"
+    while metric(await scrape(host), "sidecar_in_flight_requests") < n:
+        assert time.monotonic() < deadline, "the slow requests never got in flight"
         await asyncio.sleep(0.02)
 
 
@@ -57,7 +57,8 @@ async def test_concurrency_is_the_hosts_and_a_dead_workers_slots_come_back(tmp_p
 
         # Both workers die holding the key's two slots; their replacements must not inherit them.
         held = [asyncio.create_task(get(http, host, key, "/slow")) for _ in range(2)]
-        await wait_until_held(http, host, key)
+        await wait_until_held(host, 2)
+        assert await get(http, host, key, "/quick") == 429  # both slots held
         mark = len(host.log)
         victims = dict(host.pids)
         for pid in victims.values():

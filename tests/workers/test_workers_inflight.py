@@ -30,7 +30,7 @@ async def test_slots_are_counted_across_workers_and_cleared_per_worker(tmp_path:
         w0.release(k)
     assert w0.get(k) == 0
     with pytest.raises(RateLimited, match="limit 1"):
-        async with w0.slot(k, 1, True), w1.slot(k, 1, True):
+        async with w0.slot({}, k, 1, True), w1.slot({}, k, 1, True):
             pass
     assert w0.get(k) == 0  # the slot taken was given back when the second was refused
     for t in (w0, w1, owner):
