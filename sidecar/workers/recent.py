@@ -24,28 +24,42 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from ..observe.recent import Entry, RecentRequests
 
-__all__ = ["RECENT_PATH", "HostRecent", "dump", "serve_recent", "wants_recent"]
+__all__ = ["RECENT_PATH", "HostRecent", "dump", "serve_recent", "wanted"]
 
 RECENT_PATH = "/_worker/recent"
-_PAGES = re.compile(r"^/(activity|keys/[^/]+)(/|$)")  # the console pages that show recent requests
+ACTIVITY_KEYS = 200  # most recently active keys each worker sends for the Activity page
+_KEY_PAGE = re.compile(r"^/keys/([^/]+)(/|$)")
 
 
-def wants_recent(request: web.Request) -> bool:
-    """A console page that shows recent requests (a key's page, its grants, Activity)."""
-    return request.method in ("GET", "HEAD") and _PAGES.match(request.path) is not None
+def wanted(request: web.Request, grants: Callable[[str], list[str]]) -> str | None:
+    """The path to read from each worker for a console page: all rings for Activity, a key's
+    and its OAuth grants' (``grants``: a key id's grant ids) for a key's pages; None: the page
+    shows no recent requests."""
+    if request.method not in ("GET", "HEAD"):
+        return None
+    if request.path == "/activity":
+        return RECENT_PATH
+    m = _KEY_PAGE.match(request.path)
+    if m is None or m.group(1) == "new":
+        return None
+    return f"{RECENT_PATH}?{urlencode({'keys': ','.join([m.group(1), *grants(m.group(1))])})}"
 
 
-def dump(recent: RecentRequests) -> dict[str, Any]:
-    """A worker's rings as JSON-ready lists (entries as arrays: ``Entry`` field order)."""
+def dump(recent: RecentRequests, keys: Collection[str] | None = None) -> dict[str, Any]:
+    """A worker's rings as JSON-ready lists (entries as arrays, oldest first): all of them, or
+    only the rings of ``keys`` (a key's page needs nothing else, and stays small)."""
+    if keys is not None:
+        return {"keys": {kid: ring for kid in keys if (ring := recent.for_key(kid)[::-1])}}
     return {
-        "keys": {kid: recent.for_key(kid)[::-1] for kid in recent.key_ids()},
+        "keys": {kid: recent.for_key(kid)[::-1] for kid in list(recent.key_ids())[-ACTIVITY_KEYS:]},
         "failures": list(recent.failures),
         "refusals": list(recent.refusals),
         "by_reason": recent.failures_by_reason,
@@ -59,13 +73,12 @@ def serve_recent(admin: web.Application) -> None:
 
     async def recent(request: web.Request) -> web.Response:
         console = request.app.get(CONSOLE)
-        return web.json_response(dump(console.recent) if console is not None else {})
+        if console is None:
+            return web.json_response({})
+        keys = request.query.get("keys")
+        return web.json_response(dump(console.recent, keys.split(",")[:1000] if keys is not None else None))
 
     admin.router.add_get(RECENT_PATH, recent)
-
-
-def _entries(raw: Any) -> list[Entry]:
-    return [Entry(*e) for e in raw or ()]
 
 
 class HostRecent(RecentRequests):
@@ -82,49 +95,53 @@ class HostRecent(RecentRequests):
         self.own.note(entry)  # kept across loads
         super().note(entry)  # and shown at once
 
-    def load(self, workers: Sequence[dict[str, Any]]) -> None:
-        """Replace what is shown with ``own`` and ``workers`` (each a ``dump``) merged, newest last."""
-        sources = [dump(self.own), *(w for w in workers if _valid(w))]
-        per_key: dict[str, list[Entry]] = {}
+    def load(self, workers: Sequence[Any], full: bool = True) -> None:
+        """Show ``own`` and ``workers`` (each a ``dump``: all of it, or with ``full`` false some keys') merged."""
+        sources = [dump(self.own)]
+        for w in workers:
+            try:
+                sources.append(_parsed(w))
+            except (TypeError, ValueError, AttributeError, KeyError):  # not a dump: that worker is left out
+                continue
+        per_key: dict[str, list[list[Entry]]] = {}
         for src in sources:
-            for kid, raw in (src.get("keys") or {}).items():
-                per_key.setdefault(kid, []).extend(_entries(raw))
-        rings = sorted(
-            ((sorted(v, key=_at)[-self.per_key :], kid) for kid, v in per_key.items()), key=lambda x: x[0][-1].at
-        )
-        self._keys = OrderedDict(
-            (kid, deque(ring, maxlen=self.per_key)) for ring, kid in rings[-self.max_keys :] if ring
-        )  # fmt: skip
-        maxlen = self.failures.maxlen
-        self.failures = deque(_merged(_entries(s.get("failures")) for s in sources), maxlen=maxlen)
-        self.refusals = deque(_merged(_entries(s.get("refusals")) for s in sources), maxlen=maxlen)
-        reasons: dict[str, int] = {}
-        ips: dict[str, int] = {}
-        for src in sources:
-            for reason, n in (src.get("by_reason") or {}).items():
-                reasons[reason] = reasons.get(reason, 0) + int(n)
-            for ip, n in src.get("by_ip") or ():
-                ips[ip] = ips.get(ip, 0) + int(n)
-        self.failures_by_reason = reasons
-        kept = sorted(ips.items(), key=lambda x: x[1])[-self.max_ips :]
-        self.failures_by_ip = OrderedDict(kept)
+            for kid, entries in src["keys"].items():
+                if entries:
+                    per_key.setdefault(kid, []).append(entries)
+        n = self.per_key
+        rings = [(v[0][-n:] if len(v) == 1 else _merged(v)[-n:], kid) for kid, v in per_key.items()]
+        rings.sort(key=lambda x: x[0][-1].at)
+        self._keys = OrderedDict((kid, deque(ring, maxlen=n)) for ring, kid in rings[-self.max_keys :])
+        if full:  # Activity; a key's page needs (and asked for) nothing but its keys' rings
+            maxlen = self.failures.maxlen
+            self.failures = deque(_merged(s.get("failures", ()) for s in sources), maxlen=maxlen)
+            self.refusals = deque(_merged(s.get("refusals", ()) for s in sources), maxlen=maxlen)
+            reasons: dict[str, int] = {}
+            ips: dict[str, int] = {}
+            for src in sources:
+                for reason, k in src.get("by_reason", {}).items():
+                    reasons[reason] = reasons.get(reason, 0) + k
+                for ip, k in src.get("by_ip", ()):
+                    ips[ip] = ips.get(ip, 0) + k
+            self.failures_by_reason = reasons
+            self.failures_by_ip = OrderedDict(sorted(ips.items(), key=lambda x: x[1])[-self.max_ips :])
+
+
+def _parsed(raw: Any) -> dict[str, Any]:
+    """A worker's ``dump`` with its entries as ``Entry`` (raises on anything else)."""
+    make = Entry._make
+    out: dict[str, Any] = {"keys": {str(kid): [make(e) for e in v] for kid, v in raw["keys"].items()}}
+    if "failures" in raw:
+        out["failures"] = [make(e) for e in raw["failures"]]
+        out["refusals"] = [make(e) for e in raw["refusals"]]
+        out["by_reason"] = {str(r): int(k) for r, k in raw["by_reason"].items()}
+        out["by_ip"] = [(str(ip), int(k)) for ip, k in raw["by_ip"]]
+    return out
 
 
 def _at(e: Entry) -> float:
     return e.at
 
 
-def _merged(lists: Iterable[list[Entry]]) -> list[Entry]:
+def _merged(lists: Any) -> list[Entry]:
     return sorted((e for entries in lists for e in entries), key=_at)
-
-
-def _valid(src: Any) -> bool:
-    """A worker's answer has the shape ``dump`` gives (a worker is ours, but a page must never 500)."""
-    try:
-        if not isinstance(src, dict):
-            return False
-        for raw in [*(src.get("keys") or {}).values(), src.get("failures"), src.get("refusals")]:
-            _entries(raw)
-        return all(isinstance(n, int) for n in (src.get("by_reason") or {}).values())
-    except (TypeError, ValueError, AttributeError):
-        return False

@@ -55,7 +55,7 @@ from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
 from .inflight import ShmInflight
 from .limits import LimitsOwner
-from .recent import RECENT_PATH, HostRecent, wants_recent
+from .recent import RECENT_PATH, HostRecent, wanted
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
 from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket
@@ -186,9 +186,9 @@ class WorkerPool:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
 
-    async def recent(self) -> list[Any]:
-        """Every answering worker's recent-request rings (``sidecar.workers.recent``)."""
-        texts = await asyncio.gather(*(self.scrape(i, RECENT_PATH) for i in range(self.n)))
+    async def recent(self, path: str) -> list[Any]:
+        """Every answering worker's recent-request rings, or some keys' (``sidecar.workers.recent``)."""
+        texts = await asyncio.gather(*(self.scrape(i, path) for i in range(self.n)))
         out = []
         for text in texts:
             if text is not None:
@@ -348,10 +348,14 @@ def _host_recent(admin: web.Application) -> HostRecent | None:
 def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = None) -> Any:
     """``/metrics``, ``/readyz`` and the console's recent requests on the admin listener: the host's."""
 
+    def grants(key_id: str) -> list[str]:
+        return [r.id for r in sc.verifier.table.values() if r.parent_id == key_id]
+
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        if recent is not None and wants_recent(request):
-            recent.load(await pool.recent())
+        path = wanted(request, grants) if recent is not None else None
+        if path is not None and recent is not None:
+            recent.load(await pool.recent(path), full=path == RECENT_PATH)
             return await handler(request)  # type: ignore[no-any-return]
         if request.path == "/readyz":
             return _with_workers(await handler(request), pool)
