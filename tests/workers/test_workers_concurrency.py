@@ -46,7 +46,7 @@ async def test_concurrency_is_the_hosts_and_a_dead_workers_slots_come_back(tmp_p
     _, key = await manage(config, "create", concurrency=2)
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
     async with workers_process(config, "--workers", "2") as host, aiohttp.ClientSession(connector=connector) as http:
-        statuses = await asyncio.gather(*(get(http, host, key, "/slow") for _ in range(8)))
+        statuses = await asyncio.gather(*(get(http, host, key, "/slow?s=0.4") for _ in range(8)))
         assert sorted(statuses) == [200, 200] + [429] * 6  # 2 on the host, not 2 per worker
         per_worker = [
             metric(await scrape(host), "sidecar_worker_requests_total", lambda s, w=w: f'worker="{w}"' in s)
@@ -70,5 +70,5 @@ async def test_concurrency_is_the_hosts_and_a_dead_workers_slots_come_back(tmp_p
         while metric(await scrape(host), "sidecar_workers") != 2 or set(host.pids.values()) & set(victims.values()):
             assert time.monotonic() < deadline, "the workers did not come back"
             await asyncio.sleep(0.05)
-        statuses = await asyncio.gather(*(get(http, host, key, "/slow") for _ in range(2)))
+        statuses = await asyncio.gather(*(get(http, host, key, "/slow?s=0.3") for _ in range(2)))
         assert statuses == [200, 200]  # the dead workers' slots were cleared
