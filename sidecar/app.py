@@ -367,6 +367,8 @@ async def running(sc: Sidecar, worker: Any = None) -> AsyncIterator[tuple[web.Ba
     try:
         await sc.start()
         proxy, admin = create_apps(sc)
+        if worker is not None:
+            worker.started(sc, admin)  # host-wide concurrency slots; the console's recent requests
         proxy_runner = ProxyRunner(proxy, sc, shutdown_timeout=sc.config.server.shutdown_grace)
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await proxy_runner.setup()

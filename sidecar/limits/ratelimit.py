@@ -134,6 +134,8 @@ class RateLimiter:
         self._plans: dict[tuple[str, str], tuple[KeyRecord, Plan]] = {}
         self._windows: dict[Limit, tuple[float, float, str]] = {}
         self._inflight: dict[tuple[str, str], int] = {}
+        self.held: Any = self._inflight  # concurrency counts read by ``check``; with workers, the host's
+        self.make_slot: Any = ConcurrencySlot  # (sidecar.workers.inflight)
         # (key id, quota scope) -> (limit, used, window end) as last seen, for the
         # sidecar_quota_limit / sidecar_quota_remaining gauges (read at scrape time only).
         self.quota_levels: dict[tuple[str, str], tuple[int, int, float]] = {}
@@ -198,7 +200,7 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.empty:
             return RateDecision()
-        if plan.concurrency is not None and self._inflight.get((key.id, plan.concurrency_scope), 0) >= plan.concurrency:
+        if plan.concurrency is not None and self.held.get((key.id, plan.concurrency_scope), 0) >= plan.concurrency:
             return RateDecision(False, error=concurrency_error(plan.concurrency, self.rl.headers))
         if not plan.rates and plan.quota is None:
             return RateDecision()
@@ -241,7 +243,7 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.concurrency is None:
             return NO_SLOT
-        return ConcurrencySlot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)
+        return self.make_slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)  # type: ignore[no-any-return]
 
     def in_flight(self, key_id: str) -> int:
         """Slots this key holds in this process (all scopes)."""

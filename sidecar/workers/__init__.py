@@ -26,6 +26,11 @@ def serve_workers(
     if role is not None:
         from ..app import serve
 
+        if role.seal_fd is not None:  # the host's MCP sealing key, drawn by the supervisor
+            from .sealkey import receive, with_key
+
+            config = with_key(config, receive(role.seal_fd))
+
         run(serve(config, worker=role))
         return 0
     from .supervisor import supervise

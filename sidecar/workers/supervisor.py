@@ -2,13 +2,19 @@
 
 The supervisor does not proxy. It holds what must exist once per host:
 
-- the **admin listener** (``admin.listen``): the admin API, health, and ``/metrics`` for the
-  whole host (``sidecar.workers.aggregate`` merges every worker's registry at scrape time);
-  key changes made there reach the workers through the store, as they reach any process;
+- the **admin listener** (``admin.listen``): the admin app one process has (admin API,
+  console, health) with ``/metrics`` for the whole host (``sidecar.workers.aggregate`` merges
+  every worker's registry at scrape time) and the console's recent requests merged from
+  every worker's (``sidecar.workers.recent``); key changes made there reach the workers
+  through the store, as they reach any process;
 - the **rate-limit state** (memory backend): the host's GCRA table in shared memory, which
   every worker checks under one lock, and the one quota book, which workers ask over a
   unix socket (``sidecar.workers.limits``): limits are exact, not divided by N, and quota
   counts are flushed to the store once. With ``backend: redis`` workers use Redis;
+- the **in-flight table** (``sidecar.workers.inflight``): ``concurrency`` slots for the host,
+  a dead worker's cleared before its replacement starts;
+- the **MCP sealing key** when ``mcp_sessions.seal_key_env`` is not set: one random key for
+  every worker, handed over through a pipe (``sidecar.workers.sealkey``);
 - the proxy port: bound with ``SO_REUSEPORT`` by each worker (the supervisor holds one
   bound, never listening, socket so the port stays reserved across restarts), or, without
   ``SO_REUSEPORT``, one listening socket every worker inherits.
@@ -42,14 +48,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..app import Sidecar, _host_port, bound_addresses
+from ..app import Sidecar, _host_port, bound_addresses, create_apps
 from ..config import Config
 from ..core.errors import SidecarError
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
+from .inflight import ShmInflight
 from .limits import LimitsOwner
+from .recent import RECENT_PATH, HostRecent, wanted
+from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
-from .worker import WorkerRole, admin_socket, buckets_file, limits_socket
+from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket
 
 __all__ = ["WorkerPool", "supervise"]
 
@@ -91,8 +100,12 @@ def proxy_socket(listen: str, inherit: bool) -> socket.socket:
 class WorkerPool:
     """N ``sidecar serve`` children, kept running until ``stop``."""
 
-    def __init__(self, n: int, config_path: str, directory: str, sock: socket.socket, inherit: bool) -> None:
+    def __init__(
+        self, n: int, config_path: str, directory: str, sock: socket.socket, inherit: bool, seal: bytes | None = None
+    ) -> None:
         self.n = n
+        self.seal = seal  # the host's MCP sealing key, handed to each worker through a pipe (sealkey)
+        self.inflight = ShmInflight(inflight_file(directory), workers=n)  # the host's concurrency slots
         self.config_path = config_path
         self.directory = directory
         self.sock = sock
@@ -105,16 +118,22 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._started: list[asyncio.Event] = [asyncio.Event() for _ in range(n)]
 
-    def role(self, i: int) -> WorkerRole:
+    def role(self, i: int, seal_fd: int | None = None) -> WorkerRole:
         port = self.sock.getsockname()[1]
-        return WorkerRole(i, self.directory, port, self.sock.fileno() if self.inherit else None)
+        return WorkerRole(i, self.directory, port, self.sock.fileno() if self.inherit else None, seal_fd=seal_fd)
 
     async def _spawn(self, i: int) -> asyncio.subprocess.Process:
-        env = {**os.environ, WorkerRole.ENV: self.role(i).to_env()}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "serve", "-c", self.config_path,
-            stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=(self.sock.fileno(),) if self.inherit else (),
-        )  # fmt: skip
+        seal_fd = send(self.seal) if self.seal is not None else None
+        fds = ((self.sock.fileno(),) if self.inherit else ()) + ((seal_fd,) if seal_fd is not None else ())
+        try:
+            env = {**os.environ, WorkerRole.ENV: self.role(i, seal_fd).to_env()}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sidecar", "serve", "-c", self.config_path,
+                stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds,
+            )  # fmt: skip
+        finally:
+            if seal_fd is not None:
+                os.close(seal_fd)  # the worker holds its own copy
         self.procs[i] = proc
         self._started[i].set()
         log.info("worker %d started (pid %d)", i, proc.pid)
@@ -130,6 +149,7 @@ class WorkerPool:
             rc = await proc.wait()
             if self._stopping.is_set():
                 return
+            self.inflight.clear(i)  # the slots it held, given back before its replacement takes any
             if i in self.last:  # its counts so far stay in the host's sums
                 self.retired.add(self.last.pop(i))
             how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
@@ -165,6 +185,16 @@ class WorkerPool:
                 return await resp.text() if resp.status == 200 else None
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
+
+    async def recent(self, path: str) -> list[Any]:
+        """Every answering worker's recent-request rings, or some keys' (``sidecar.workers.recent``)."""
+        texts = await asyncio.gather(*(self.scrape(i, path) for i in range(self.n)))
+        out = []
+        for text in texts:
+            if text is not None:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(text))
+        return out
 
     def signal_all(self, sig: signal.Signals) -> None:
         for proc in self.procs:
@@ -218,8 +248,9 @@ def _sweep_stale(base: str) -> None:
 
 async def supervise(config: Config, config_path: str, n: int) -> None:
     """Run N workers until SIGTERM/SIGINT; then drain them all and return (``config_path``: absolute)."""
-    from ..admin.api import create_admin_app
-
+    seal = draw() if needs_key(config) else None  # one MCP sealing key for every worker (sealkey)
+    if seal is not None:
+        config = with_key(config, seal)
     directory = _private_dir()
     sc = Sidecar(config)
     stop = asyncio.Event()
@@ -243,18 +274,19 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             buckets = ShmBuckets(buckets_file(directory), create=True)
             owner = LimitsOwner(buckets, sc.limiter.book, sc.limiter.quota_levels)
             await owner.start(limits_socket(directory))
-        if any(u.kind == "mcp" for u in config.upstreams):
+        if seal is not None:
             log.warning(
-                "workers: MCP sessions are held per worker; a client whose connections land on different "
-                "workers needs session ids that any worker can check (docs/scaling.md, Workers)"
+                "workers: mcp_sessions.seal_key_env is not set: MCP session ids are sealed with a random key this "
+                "supervisor drew and shared with its workers, so sessions move between workers but do not survive "
+                "a restart of the supervisor or move to another host; set seal_key_env for that (docs/scaling.md)"
             )
         inherit = inherit_fallback()
         sock = proxy_socket(config.listen, inherit)
-        pool = WorkerPool(n, config_path, directory, sock, inherit)
+        pool = WorkerPool(n, config_path, directory, sock, inherit, seal)
         pool.start()
         await pool.wait_ready()
-        admin = create_admin_app(sc)
-        admin.middlewares.append(_host_metrics(sc, pool))
+        _, admin = create_apps(sc)  # the admin app as one process has it: API, console, OAuth admin routes
+        admin.middlewares.append(_host_metrics(sc, pool, _host_recent(admin)))
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
         ahost, aport = _host_port(config.admin.listen)
@@ -280,6 +312,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         if pool is not None:
             await pool.stop(config.server.shutdown_grace)
             pool.sock.close()
+            pool.inflight.close()
         if admin_runner is not None:
             await admin_runner.cleanup()
         if owner is not None:
@@ -301,11 +334,29 @@ def _with_workers(resp: web.StreamResponse, pool: WorkerPool) -> web.StreamRespo
     return web.json_response(body, status=200 if ready else 503)
 
 
-def _host_metrics(sc: Sidecar, pool: WorkerPool) -> Any:
-    """``/metrics`` and ``/readyz`` on the admin listener: the host's, all workers included."""
+def _host_recent(admin: web.Application) -> HostRecent | None:
+    """The console's recent requests, switched to the host's (every worker's, merged on demand)."""
+    from ..console import CONSOLE
+
+    console = admin.get(CONSOLE)
+    if console is None:
+        return None
+    console.recent = HostRecent(console.recent)
+    return console.recent
+
+
+def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = None) -> Any:
+    """``/metrics``, ``/readyz`` and the console's recent requests on the admin listener: the host's."""
+
+    def grants(key_id: str) -> list[str]:
+        return [r.id for r in sc.verifier.table.values() if r.parent_id == key_id]
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        path = wanted(request, grants) if recent is not None else None
+        if path is not None and recent is not None:
+            recent.load(await pool.recent(path), full=path == RECENT_PATH)
+            return await handler(request)  # type: ignore[no-any-return]
         if request.path == "/readyz":
             return _with_workers(await handler(request), pool)
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):

@@ -11,6 +11,9 @@ platform has no ``SO_REUSEPORT`` — the number of the listening socket it inher
   socket in the private directory, which the supervisor reads ``/metrics`` from.
 - Limits: the memory backend becomes the host's (``SharedLimits``: buckets in the shared
   table, quotas in the supervisor), so counts are exact; with ``backend: redis`` nothing changes.
+  ``concurrency`` slots are the host's whatever the backend (``sidecar.workers.inflight``).
+- MCP sealing key: without ``mcp_sessions.seal_key_env``, the one the supervisor drew for
+  the host, read from an inherited pipe (``sidecar.workers.sealkey``).
 - The supervisor gone (killed hard), the worker stops: ``PR_SET_PDEATHSIG`` on Linux, and
   a check of the parent pid every second everywhere.
 """
@@ -38,7 +41,7 @@ from .shm import ShmBuckets
 if TYPE_CHECKING:
     from ..app import Sidecar
 
-__all__ = ["WorkerRole", "admin_socket", "buckets_file", "limits_socket"]
+__all__ = ["WorkerRole", "admin_socket", "buckets_file", "inflight_file", "limits_socket"]
 
 log = logging.getLogger("sidecar.workers")
 
@@ -51,6 +54,10 @@ def limits_socket(directory: str) -> str:
 
 def buckets_file(directory: str) -> str:
     return os.path.join(directory, "buckets")
+
+
+def inflight_file(directory: str) -> str:
+    return os.path.join(directory, "inflight")
 
 
 def admin_socket(directory: str, index: int) -> str:
@@ -66,11 +73,13 @@ class WorkerRole:
     port: int
     fd: int | None = None  # an inherited listening socket; None: bind with SO_REUSEPORT
     shared_limits: bool = True  # the memory backend is the supervisor's
+    seal_fd: int | None = None  # a pipe holding the host's MCP sealing key (sidecar.workers.sealkey)
 
     def to_env(self) -> str:
         return json.dumps(
-            {"index": self.index, "dir": self.directory, "port": self.port, "fd": self.fd, "limits": self.shared_limits}
-        )
+            {"index": self.index, "dir": self.directory, "port": self.port, "fd": self.fd, "limits": self.shared_limits,
+             "seal": self.seal_fd}
+        )  # fmt: skip
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerRole | None:
@@ -78,7 +87,9 @@ class WorkerRole:
         if not raw:
             return None
         d = json.loads(raw)
-        return cls(int(d["index"]), str(d["dir"]), int(d["port"]), d.get("fd"), bool(d.get("limits", True)))
+        return cls(
+            int(d["index"]), str(d["dir"]), int(d["port"]), d.get("fd"), bool(d.get("limits", True)), d.get("seal")
+        )
 
     def attach(self, sc: Sidecar) -> None:
         """Before ``Sidecar.start``: the supervisor's limiter, and stop when the supervisor is gone."""
@@ -88,6 +99,16 @@ class WorkerRole:
         sc.access_log.shared = True  # every worker writes to the same stdout or file
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))
+
+    def started(self, sc: Sidecar, admin: web.Application) -> None:
+        """After ``Sidecar.start``, before serving: the host's concurrency slots, and what the
+        supervisor reads from the admin app besides ``/metrics`` (the console's recent requests)."""
+        from .inflight import ShmInflight
+        from .recent import serve_recent
+
+        inflight = ShmInflight(inflight_file(self.directory), column=self.index)
+        sc.limiter.held, sc.limiter.make_slot = inflight, inflight.slot
+        serve_recent(admin)
 
     async def bind(
         self, proxy: web.BaseRunner, admin: web.BaseRunner, host: str, port: int, ssl_ctx: ssl.SSLContext | None

@@ -131,11 +131,11 @@ def metric(text: str, name: str, match: Callable[[str], bool] = lambda labels: T
 
 
 def slow_upstream() -> web.Application:
-    """``/slow`` answers after 1 s; anything else at once (the token is not checked)."""
+    """``/slow`` answers after 1 s (``?s=`` other seconds); anything else at once (the token is not checked)."""
 
     async def handler(request: web.Request) -> web.Response:
         if request.path == "/slow":
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(float(request.query.get("s", "1.0")))
         return web.json_response({"path": request.path})
 
     app = web.Application()

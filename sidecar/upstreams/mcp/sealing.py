@@ -20,7 +20,9 @@ new key as current with the old one as previous, and drop the old one after ``tt
 The key id is a hash of the key, so a token names the key that opens it and nothing
 is tried in turn. Without a configured key each process draws a random one at start:
 sessions then survive neither a restart nor a move to another worker or replica
-(the client gets ``404`` and starts a new session, as MCP says it must).
+(the client gets ``404`` and starts a new session, as MCP says it must) — except
+between the workers of one host, whose supervisor draws one key for all of them
+(``sidecar.workers.sealkey``).
 
 A token that does not open (tampered, foreign, unknown key, expired) is ``404
 not_found``: for MCP that means "start a new session". A token that opens but belongs
