@@ -40,7 +40,17 @@ from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
-from ..core.errors import Forbidden, InvalidToken, NoRoute, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.errors import (
+    ExpiredKey,
+    Forbidden,
+    InvalidKey,
+    InvalidToken,
+    NoRoute,
+    RevokedKey,
+    ServiceUnavailable,
+    SidecarError,
+    Unauthorized,
+)
 from ..core.scope import SCOPE, RequestScope
 from ..limits.ratelimit import RateDecision
 from ..upstreams.mcp import WELL_KNOWN
@@ -143,6 +153,9 @@ async def handle(sc: PipelineHost, request: web.Request) -> web.StreamResponse:
         scope.error = e.code
         if isinstance(e, Unauthorized) and scope.upstream:
             e.headers.update(sc.challenge_headers(request, scope.upstream))
+        elif isinstance(e, InvalidKey | ExpiredKey | RevokedKey) and scope.upstream:  # RFC 6750 §3: every 401
+            for name, value in sc.challenge_headers(request, scope.upstream).items():
+                e.headers.setdefault(name, value)  # a more precise challenge (an OAuth token's error=) stays
         elif isinstance(e, InvalidToken) and scope.upstream and (meta := sc.resource_metadata(request, scope.upstream)):
             e.at_resource(meta)  # a JWT that did not verify at an MCP route: where to find its IdP (RFC 9728)
         response = e.response()

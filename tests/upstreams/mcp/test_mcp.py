@@ -595,6 +595,21 @@ async def test_401_points_at_the_sidecars_resource_metadata(gw: Running) -> None
     assert missing.status == 404
 
 
+async def test_every_key_401_at_an_mcp_route_carries_the_challenge(gw: Running) -> None:
+    """A wrong, revoked or expired key is a 401 too (RFC 6750): the client is told where the
+    resource metadata is, as for a missing credential, and never which key it was."""
+    base = str(gw.proxy.make_url("")).rstrip("/")
+    key = await agent_key(gw)
+    wrong = key[:-9] + ("0" if key[-9] != "0" else "1") + key[-8:]
+    for credential, code in ((wrong, "invalid_key"), ("pmcp_nope", "invalid_key")):
+        r = await gw.proxy.post("/mcp/tools", json=INIT, headers={**ACCEPT, **bearer(credential)})
+        assert r.status == 401
+        assert (await r.json())["error"]["code"] == code
+        challenge = r.headers["WWW-Authenticate"]
+        assert f'resource_metadata="{base}/.well-known/oauth-protected-resource/mcp/tools"' in challenge
+        assert credential not in challenge
+
+
 async def test_upstream_gets_its_own_host_despite_the_dns_rebinding_guard(gw: Running, upstream: McpUpstream) -> None:
     key = await agent_key(gw)
     async with aiohttp.ClientSession() as direct:
