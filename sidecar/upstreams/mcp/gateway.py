@@ -74,7 +74,7 @@ from .authz import BodyJudge, McpAccess
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps
 from .legacy import post_legacy
-from .response import GatewayFilter, answer_sent
+from .response import GatewayFilter, answer_sent, single_answer
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
 from .sealing import Sealer
@@ -353,7 +353,7 @@ class McpGateway:
         )
         return await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers, answered=answer_sent(d.single_id),
+            on_headers=on_headers, answered=answer_sent(d.single_id), as_json=single_answer(d.single_id),
         )  # fmt: skip
 
     async def _send_only(
