@@ -112,6 +112,7 @@ class McpGateway:
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
         self.tool_limits = ToolLimiter(sc.limiter)  # upstreams[].mcp.tool_limits, per (key, upstream, tool)
         self.rest = RestClient(sc.sessions)
+        self._bare_urls: dict[str, URL] = {}  # upstreams[].url -> its URL object (``_exact_url``)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
         # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
         owner = sc.router.match(REST_PATH)
@@ -247,13 +248,15 @@ class McpGateway:
             return path[len(upstream.path_prefix) :] or "/"
         return path
 
-    @staticmethod
-    def _exact_url(upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
+    def _exact_url(self, upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
         """``/mcp/tools`` → the upstream URL itself, not ``…/mcp/`` (the SDK would answer 307 to ``…/mcp``)."""
         exact = upstream.strip_prefix and upstream.path_prefix != "/" and request.path == upstream.path_prefix
         if exact and urlsplit(upstream.url).path not in ("", "/"):
-            query = url.raw_query_string
-            return URL(upstream.url + (f"?{query}" if query else ""), encoded=True)
+            if query := url.raw_query_string:
+                return URL(upstream.url + f"?{query}", encoded=True)
+            if (bare := self._bare_urls.get(upstream.url)) is None:  # built once: every POST goes there
+                bare = self._bare_urls[upstream.url] = URL(upstream.url, encoded=True)
+            return bare
         return url
 
     @staticmethod

@@ -33,7 +33,10 @@ def answer_sent(rid: Any) -> Callable[[bytes], bool] | None:
     """
     if rid is None:
         return None
-    needle = b'"id":' + dumps(rid)
+    try:
+        needle = b'"id":' + orjson.dumps(rid)  # the same bytes as ``dumps``, in a tenth of the time
+    except TypeError:  # an integer over 64 bits
+        needle = b'"id":' + dumps(rid)
     return lambda chunk: needle in chunk and (b'"result"' in chunk or b'"error"' in chunk)
 
 
@@ -50,6 +53,11 @@ def single_answer(rid: Any) -> Callable[[bytes], bytes | None] | None:
     """
     if rid is None:
         return None
+    try:  # how most servers (the SDK's among them) begin it: then nothing needs parsing
+        head = b'{"jsonrpc":"2.0","id":' + orjson.dumps(rid)
+    except TypeError:  # an integer over 64 bits: no fast path
+        head = b"\0"
+    heads = (head + b',"result":', head + b',"error":')
 
     def convert(body: bytes) -> bytes | None:
         data: bytes | None = None
@@ -64,6 +72,8 @@ def single_answer(rid: Any) -> Callable[[bytes], bytes | None] | None:
                 return None
         if not data or data[:1] != b"{":
             return None
+        if data.startswith(heads) and data.endswith(b"}"):
+            return data
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:

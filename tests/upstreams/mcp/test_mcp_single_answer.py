@@ -101,3 +101,14 @@ def test_only_the_answer_to_the_request_is_taken() -> None:
     assert take(b'data: {"jsonrpc":"2.0","id":1}\n\n') is None
     assert take(b"data: [1]\n\n") is None and take(b"data: {nope\n\n") is None and take(b": ping\n\n") is None
     assert take(b'id: 1\ndata:\n\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n') is None  # a priming event too
+
+
+def test_answers_in_any_spelling_are_checked_by_parsing() -> None:
+    """The compact ``{"jsonrpc":"2.0","id":…,"result":`` start is the fast path; other spellings are parsed."""
+    take = single_answer(5)
+    assert take is not None
+    spaced = b'{"jsonrpc": "2.0", "id": 5, "result": {}}'
+    assert take(b"data: " + spaced + b"\n\n") == spaced
+    assert take(b'data: {"id": 5, "jsonrpc": "2.0", "result": {}, "method": "x"}\n\n') is None
+    huge = single_answer(2**70)  # read back as a float by orjson: the stream stays a stream
+    assert huge is not None and huge(b'data: {"jsonrpc":"2.0","id":%d,"result":{}}\n\n' % 2**70) is None
