@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 __all__ = [
     "AUTHORIZED_PARAMS",
     "HEADER_MISMATCH",
@@ -38,6 +40,7 @@ __all__ = [
     "dumps",
     "error_object",
     "id_key",
+    "loads_exact",
     "parse_body",
 ]
 
@@ -170,10 +173,29 @@ def _message(obj: Any) -> Message:
     return Message(obj)
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")  # past what orjson reads exactly (it makes such integers floats)
+
+
+def loads_exact(data: bytes) -> Any:
+    """``json.loads``, through orjson where it reads the same tree (a tenth of the time).
+
+    orjson turns integers beyond 64 bits into floats and refuses what the standard library
+    accepts (``NaN``, lone surrogates, UTF-16, a BOM, deep nesting): a body with a run of 19
+    digits, or one orjson refuses, is read by the standard library, so the tree is always the
+    one ``json.loads`` — and the upstream — makes.
+    """
+    if not _LONG_NUMBER.search(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def parse_body(data: bytes) -> Body:
     """Parse a POSTed JSON-RPC message or batch; raise JsonRpcError for anything else."""
     try:
-        decoded = json.loads(data)
+        decoded = loads_exact(data)
     except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
         raise JsonRpcError(PARSE_ERROR, "Parse error: the body is not valid JSON") from None
     if isinstance(decoded, list):

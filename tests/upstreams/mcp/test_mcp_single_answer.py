@@ -5,6 +5,7 @@ stops reading an SSE answer at its result event and so loses its connection on e
 a JSON body it reads to the end. When the stream has ended by the time its headers are in
 (give or take ``WHOLE_WAIT``) and holds exactly one answer to the request, the client gets
 that answer's bytes as ``application/json``. Anything else stays a stream, event by event.
+Also: POST bodies read through orjson only where it reads what ``json.loads`` reads.
 """
 
 from __future__ import annotations
@@ -112,3 +113,25 @@ def test_answers_in_any_spelling_are_checked_by_parsing() -> None:
     assert take(b'data: {"id": 5, "jsonrpc": "2.0", "result": {}, "method": "x"}\n\n') is None
     huge = single_answer(2**70)  # read back as a float by orjson: the stream stays a stream
     assert huge is not None and huge(b'data: {"jsonrpc":"2.0","id":%d,"result":{}}\n\n' % 2**70) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"id":%d}' % 2**70, b'{"id":-9999999999999999999}', b'{"id":9223372036854775807}', b'{"a":NaN,"b":1e400}',
+        b'{"a":"\\ud800"}', b"\xef\xbb\xbf{}", '{"a":"é"}'.encode("utf-16"), b'{"a":1,"a":2}',
+        b"[" * 3000 + b"]" * 3000, b'{"a":0.1,"b":-0.0,"c":1E5}',
+    ],
+)  # fmt: skip
+def test_bodies_are_read_as_the_standard_library_reads_them(raw: bytes) -> None:
+    """What the gateway judges is the tree ``json.loads`` (and so the upstream) makes, orjson or not."""
+    from sidecar.upstreams.mcp.jsonrpc import loads_exact
+
+    try:
+        want: Any = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        with pytest.raises(type(e)):
+            loads_exact(raw)
+        return
+    got = loads_exact(raw)
+    assert repr(got) == repr(want) and json.dumps(got) == json.dumps(want)
