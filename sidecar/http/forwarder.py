@@ -399,9 +399,19 @@ class Forwarder:
         An MCP server writes the answer event and the end of its stream separately, and they often
         arrive a moment apart; a stream still open after this is relayed as it comes.
         """
-        with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
-            async with asyncio.timeout(WHOLE_WAIT):
-                await resp.content.wait_eof()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake() -> None:  # the end, or WHOLE_WAIT (a broken stream: the relay finds out)
+            if not done.done():
+                done.set_result(None)
+
+        resp.content.on_eof(wake)  # cheaper than asyncio.timeout around wait_eof: no task cancellation
+        timer = loop.call_later(WHOLE_WAIT, wake)
+        try:
+            await done
+        finally:
+            timer.cancel()
 
     @staticmethod
     async def _relay_whole(
