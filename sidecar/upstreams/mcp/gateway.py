@@ -72,7 +72,7 @@ from ...core.scope import RequestScope
 from . import WELL_KNOWN
 from .authz import BodyJudge, McpAccess
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
-from .jsonrpc import dumps
+from .jsonrpc import dumps, routing_headers
 from .legacy import post_legacy
 from .response import GatewayFilter, answer_sent, single_answer
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
@@ -294,12 +294,12 @@ class McpGateway:
         """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
         raw = await self._read_body(request, upstream.mcp_max_body)
         access = McpAccess.cached(key.permissions, upstream.id)
-        d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        d = await self.judge.judge(raw, routing_headers(request.headers), access, legacy=legacy is not None)
         limited = None
         if d.calls and upstream.mcp_tool_limits:
             limited = await self.tool_limits.check(key, upstream, d.calls)
             if limited:  # judged again with those calls refused (rare: only when a tool is over its limit)
-                d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None,
+                d = await self.judge.judge(raw, routing_headers(request.headers), access, legacy=legacy is not None,
                                            limited=limited)  # fmt: skip
         del raw  # the decision holds what goes upstream
         if d.error is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from multidict import MultiMapping
 
 __all__ = [
     "AUTHORIZED_PARAMS",
@@ -42,6 +43,7 @@ __all__ = [
     "id_key",
     "loads_exact",
     "parse_body",
+    "routing_headers",
 ]
 
 PARSE_ERROR = -32700
@@ -218,6 +220,12 @@ def decode_header_value(value: str) -> str | None:
         return raw.decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
+
+
+def routing_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]:
+    """Every ``Mcp-Method`` / ``Mcp-Name`` copy of a request: all :func:`check_headers` reads (two lookups
+    in C rather than a walk over every header)."""
+    return [(n, v) for n in ("mcp-method", "mcp-name") for v in headers.getall(n, ())]
 
 
 def check_headers(body: Body, headers: Iterable[tuple[str, str]]) -> None:
