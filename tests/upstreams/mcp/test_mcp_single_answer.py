@@ -20,7 +20,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
+from mcp_server import MCP_TOKEN, McpUpstream
 
+from sidecar.http import forwarder
+from sidecar.http.listener import GuardedHandler
 from sidecar.upstreams.mcp.response import single_answer
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -135,3 +138,44 @@ def test_bodies_are_read_as_the_standard_library_reads_them(raw: bytes) -> None:
         return
     got = loads_exact(raw)
     assert repr(got) == repr(want) and json.dumps(got) == json.dumps(want)
+
+
+async def test_the_sdk_client_keeps_its_connection_to_the_sidecar(
+    make_sidecar: MakeSidecar, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten calls of the SDK's ClientSession through the sidecar to the SDK's server: a few connections, not ten."""
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    accepted: list[object] = []
+    made = GuardedHandler.connection_made
+
+    def counting(self: GuardedHandler, transport: asyncio.BaseTransport) -> None:
+        accepted.append(transport)
+        made(self, transport)
+
+    monkeypatch.setattr(GuardedHandler, "connection_made", counting)
+    # This upstream is a thread of the test's own process: its stream's end waits for the GIL,
+    # often longer than the 5 ms a separate server needs.
+    monkeypatch.setattr(forwarder, "WHOLE_WAIT", 1.0)
+    up = McpUpstream().start()
+    try:
+        cfg = base_config(up.url, tmp_path)
+        cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"{up.url}/mcp", "path_prefix": "/mcp/tools",
+                             "headers": {"Authorization": "Bearer ${MCP_TOKEN}"}}]  # fmt: skip
+        gw = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN})
+        _, key = await gw.create_key(name="agent")
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http,
+            streamable_http_client(str(gw.proxy.make_url("/mcp/tools")), http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            before = len(accepted)
+            for i in range(10):
+                found = await session.call_tool("search", {"query": f"q{i}"})
+                assert found.content[0].text == f"results for q{i}"  # type: ignore[union-attr]
+            assert len(accepted) - before <= 2  # a stream still open after WHOLE_WAIT may cost one
+    finally:
+        await up.stop()
