@@ -65,6 +65,7 @@ __all__ = [
 
 
 END_WAIT = 0.1  # seconds an answered stream may take to end once its client has left
+WHOLE_WAIT = 0.005  # seconds a short MCP answer's stream may take to end before its headers go out
 
 
 class _Seen:
@@ -155,12 +156,15 @@ class Forwarder:
         on_headers: Callable[[int, CIMultiDict[str]], None] | None = None,
         tap: ResponseTap | None = None,
         answered: Callable[[bytes], bool] | None = None,
+        as_json: Callable[[bytes], bytes | None] | None = None,
     ) -> web.StreamResponse:
         """Stream the request up and the response down; raise contract errors before the first byte.
 
         ``answered(chunk)``: whether a chunk sent to the client completes what it asked for (an
         MCP POST's answer). A client that leaves after that has nothing left to cancel, so the
         upstream connection is given a moment (``END_WAIT``) to end its stream and is kept.
+        ``as_json(body)``: for an event stream that had ended when its headers were read, the one
+        JSON answer it carries (sent as ``application/json``), or None to send the stream as it is.
         """
         scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -195,7 +199,9 @@ class Forwarder:
         scope.upstream_seconds = time.perf_counter() - started
         seen = _Seen(answered) if answered is not None else None
         try:
-            return await self._relay(request, scope, upstream, resp, response_filter, on_headers, tap, upload, seen)
+            return await self._relay(
+                request, scope, upstream, resp, response_filter, on_headers, tap, upload, seen, as_json
+            )
         finally:
             if resp.content.at_eof():
                 resp.release()
@@ -275,6 +281,7 @@ class Forwarder:
         tap: ResponseTap | None = None,
         upload: Upload | None = None,
         seen: _Seen | None = None,
+        as_json: Callable[[bytes], bytes | None] | None = None,
     ) -> web.StreamResponse:
         drop = connection_tokens(resp.headers)
         if "Transfer-Encoding" in resp.headers:
@@ -300,11 +307,13 @@ class Forwarder:
             out_headers.setdefault("X-Accel-Buffering", "no")
             if short and not resp.content.is_eof():
                 await asyncio.sleep(0)  # one turn of the loop: the rest of a short answer is usually on its way
+            if as_json is not None and short and not resp.content.is_eof():
+                await self._end_soon(resp)
             if resp.content.is_eof() and resp.content.total_bytes <= SMALL_BODY:
                 # The whole stream came in with its headers (an MCP POST's one-answer SSE): one write
                 # with a Content-Length, so the client holds a complete answer (and can reuse its connection).
                 return await self._relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
-                                               response_filter, rewrite, recording, tap, reason)  # fmt: skip
+                                               response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip
         else:
             size = small_body(request.method, resp)
             if size is not None:
@@ -384,6 +393,27 @@ class Forwarder:
         return response
 
     @staticmethod
+    async def _end_soon(resp: aiohttp.ClientResponse) -> None:
+        """Wait (``WHOLE_WAIT`` at most) for a short answer's stream to end, so it can go out whole.
+
+        An MCP server writes the answer event and the end of its stream separately, and they often
+        arrive a moment apart; a stream still open after this is relayed as it comes.
+        """
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake() -> None:  # the end, or WHOLE_WAIT (a broken stream: the relay finds out)
+            if not done.done():
+                done.set_result(None)
+
+        resp.content.on_eof(wake)  # cheaper than asyncio.timeout around wait_eof: no task cancellation
+        timer = loop.call_later(WHOLE_WAIT, wake)
+        try:
+            await done
+        finally:
+            timer.cancel()
+
+    @staticmethod
     async def _relay_whole(
         scope: RequestScope,
         upstream: UpstreamConfig,
@@ -395,6 +425,7 @@ class Forwarder:
         recording: bool,
         tap: ResponseTap | None,
         reason: str | None = None,
+        as_json: Callable[[bytes], bytes | None] | None = None,
     ) -> web.StreamResponse:
         """A small body with a known length, read whole and sent as one ``web.Response``.
 
@@ -421,6 +452,12 @@ class Forwarder:
             body = response_filter.feed(body) + response_filter.flush()  # Unscrubbable: a 502, nothing sent
         if recording and tap is not None and tap.feed(raw):
             tap.end()
+        if as_json is not None and (answer := as_json(body)) is not None:
+            # A finished stream of one answer, as JSON: a client reads it to its end and keeps
+            # its connection (the SDK's client closes an SSE answer early, which costs it one).
+            body = answer
+            headers["Content-Type"] = "application/json"
+            headers.popall("X-Accel-Buffering", None)
         headers.popall("Content-Length", None)  # aiohttp sets it from the body
         response = web.Response(status=resp.status, reason=reason, headers=headers, body=body)
         scope.status = resp.status

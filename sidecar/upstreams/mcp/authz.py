@@ -16,9 +16,10 @@ Pure but for :class:`BodyJudge`, which only decides *where* the pure work runs.
   never for the sum of all the bodies that arrived together, and only one large tree
   is alive at a time.
 
-The standard library's json is used on purpose, not orjson: orjson reads integers above
-64 bits as floats, so a batch re-serialised after a refusal would differ from what the
-client sent, and the sidecar must judge exactly what the upstream reads.
+Bodies are read into exactly the tree the standard library's json makes
+(``jsonrpc.loads_exact``: orjson only where it reads the same, since orjson makes
+integers above 64 bits floats): a batch re-serialised after a refusal must not differ
+from what the client sent, and the sidecar must judge exactly what the upstream reads.
 """
 
 from __future__ import annotations

@@ -75,9 +75,9 @@ from . import WELL_KNOWN
 from .authz import BodyJudge, McpAccess
 from .discovery import Discovery
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
-from .jsonrpc import dumps
+from .jsonrpc import dumps, routing_headers
 from .legacy import post_legacy
-from .response import GatewayFilter, answer_sent
+from .response import GatewayFilter, answer_sent, single_answer
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
 from .sealing import Sealer
@@ -115,6 +115,7 @@ class McpGateway:
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
         self.tool_limits = ToolLimiter(sc.limiter)  # upstreams[].mcp.tool_limits, per (key, upstream, tool)
         self.rest = RestClient(sc.sessions)
+        self._bare_urls: dict[str, URL] = {}  # upstreams[].url -> its URL object (``_exact_url``)
         # POST /mcp is the REST call unless an upstream owns that exact prefix, or an MCP
         # upstream would serve it anyway (prefix "/": /mcp is then its Streamable HTTP endpoint).
         owner = sc.router.match(REST_PATH)
@@ -242,13 +243,15 @@ class McpGateway:
             return path[len(upstream.path_prefix) :] or "/"
         return path
 
-    @staticmethod
-    def _exact_url(upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
+    def _exact_url(self, upstream: UpstreamConfig, request: web.Request, url: URL) -> URL:
         """``/mcp/tools`` → the upstream URL itself, not ``…/mcp/`` (the SDK would answer 307 to ``…/mcp``)."""
         exact = upstream.strip_prefix and upstream.path_prefix != "/" and request.path == upstream.path_prefix
         if exact and urlsplit(upstream.url).path not in ("", "/"):
-            query = url.raw_query_string
-            return URL(upstream.url + (f"?{query}" if query else ""), encoded=True)
+            if query := url.raw_query_string:
+                return URL(upstream.url + f"?{query}", encoded=True)
+            if (bare := self._bare_urls.get(upstream.url)) is None:  # built once: every POST goes there
+                bare = self._bare_urls[upstream.url] = URL(upstream.url, encoded=True)
+            return bare
         return url
 
     @staticmethod
@@ -286,12 +289,12 @@ class McpGateway:
         """A JSON-RPC POST: judged message by message; what the key may not do never goes up as asked."""
         raw = await self._read_body(request, upstream.mcp_max_body)
         access = McpAccess.cached(key.permissions, upstream.id)
-        d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None)
+        d = await self.judge.judge(raw, routing_headers(request.headers), access, legacy=legacy is not None)
         limited = None
         if d.calls and upstream.mcp_tool_limits:
             limited = await self.tool_limits.check(key, upstream, d.calls)
             if limited:  # judged again with those calls refused (rare: only when a tool is over its limit)
-                d = await self.judge.judge(raw, request.headers.items(), access, legacy=legacy is not None,
+                d = await self.judge.judge(raw, routing_headers(request.headers), access, legacy=legacy is not None,
                                            limited=limited)  # fmt: skip
         del raw  # the decision holds what goes upstream
         if d.error is not None:
@@ -348,7 +351,7 @@ class McpGateway:
         )
         return await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers, answered=answer_sent(d.single_id),
+            on_headers=on_headers, answered=answer_sent(d.single_id), as_json=single_answer(d.single_id),
         )  # fmt: skip
 
     async def _send_only(

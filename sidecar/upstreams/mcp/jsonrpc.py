@@ -20,6 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from multidict import MultiMapping
+
 __all__ = [
     "AUTHORIZED_PARAMS",
     "HEADER_MISMATCH",
@@ -38,7 +41,9 @@ __all__ = [
     "dumps",
     "error_object",
     "id_key",
+    "loads_exact",
     "parse_body",
+    "routing_headers",
 ]
 
 PARSE_ERROR = -32700
@@ -170,10 +175,29 @@ def _message(obj: Any) -> Message:
     return Message(obj)
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")  # past what orjson reads exactly (it makes such integers floats)
+
+
+def loads_exact(data: bytes) -> Any:
+    """``json.loads``, through orjson where it reads the same tree (a tenth of the time).
+
+    orjson turns integers beyond 64 bits into floats and refuses what the standard library
+    accepts (``NaN``, lone surrogates, UTF-16, a BOM, deep nesting): a body with a run of 19
+    digits, or one orjson refuses, is read by the standard library, so the tree is always the
+    one ``json.loads`` — and the upstream — makes.
+    """
+    if not _LONG_NUMBER.search(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def parse_body(data: bytes) -> Body:
     """Parse a POSTed JSON-RPC message or batch; raise JsonRpcError for anything else."""
     try:
-        decoded = json.loads(data)
+        decoded = loads_exact(data)
     except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
         raise JsonRpcError(PARSE_ERROR, "Parse error: the body is not valid JSON") from None
     if isinstance(decoded, list):
@@ -196,6 +220,12 @@ def decode_header_value(value: str) -> str | None:
         return raw.decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
+
+
+def routing_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]:
+    """Every ``Mcp-Method`` / ``Mcp-Name`` copy of a request: all :func:`check_headers` reads (two lookups
+    in C rather than a walk over every header)."""
+    return [(n, v) for n in ("mcp-method", "mcp-name") for v in headers.getall(n, ())]
 
 
 def check_headers(body: Body, headers: Iterable[tuple[str, str]]) -> None:

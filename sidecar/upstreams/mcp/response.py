@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from multidict import CIMultiDict
 
 from ...auth.models import KeyRecord
@@ -20,7 +21,7 @@ from .sessions import SESSION_HEADER
 if TYPE_CHECKING:
     from .gateway import McpGateway
 
-__all__ = ["GatewayFilter", "answer_sent"]
+__all__ = ["GatewayFilter", "answer_sent", "single_answer"]
 
 
 def answer_sent(rid: Any) -> Callable[[bytes], bool] | None:
@@ -32,8 +33,59 @@ def answer_sent(rid: Any) -> Callable[[bytes], bool] | None:
     """
     if rid is None:
         return None
-    needle = b'"id":' + dumps(rid)
+    try:
+        needle = b'"id":' + orjson.dumps(rid)  # the same bytes as ``dumps``, in a tenth of the time
+    except TypeError:  # an integer over 64 bits
+        needle = b'"id":' + dumps(rid)
     return lambda chunk: needle in chunk and (b'"result"' in chunk or b'"error"' in chunk)
+
+
+def single_answer(rid: Any) -> Callable[[bytes], bytes | None] | None:
+    """For a finished SSE answer to request ``rid``: its one JSON-RPC answer as a JSON body, else None.
+
+    MCP lets the server answer a POST with either; once the stream has ended there is nothing
+    left to stream, and a JSON body is read to its end, so the client keeps its connection (the
+    SDK's client stops reading an SSE answer at its result event, which closes the connection).
+    Only a stream of exactly one ``message`` event whose data is the object answering ``rid``
+    (``result`` or ``error``, no ``method``) is changed; progress, notifications, several data
+    lines or anything unexpected leave the stream as it is. The data goes out byte for byte:
+    parsed only to be checked.
+    """
+    if rid is None:
+        return None
+    try:  # how most servers (the SDK's among them) begin it: then nothing needs parsing
+        head = b'{"jsonrpc":"2.0","id":' + orjson.dumps(rid)
+    except TypeError:  # an integer over 64 bits: no fast path
+        head = b"\0"
+    heads = (head + b',"result":', head + b',"error":')
+
+    def convert(body: bytes) -> bytes | None:
+        data: bytes | None = None
+        for line in body.splitlines():
+            if not line or line.startswith((b":", b"id:", b"retry:")):
+                continue
+            if line.startswith(b"data:"):
+                if data is not None:
+                    return None  # several data lines, or several events
+                data = line[6:] if line.startswith(b"data: ") else line[5:]
+            elif line.rstrip() not in (b"event: message", b"event:message"):
+                return None
+        if not data or data[:1] != b"{":
+            return None
+        if data.startswith(heads) and data.endswith(b"}"):
+            return data
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or "method" in obj or ("result" not in obj and "error" not in obj):
+            return None
+        got = obj.get("id")
+        if type(got) is not type(rid) or got != rid:
+            return None
+        return data
+
+    return convert
 
 
 class GatewayFilter:

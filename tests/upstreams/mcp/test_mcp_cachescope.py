@@ -61,7 +61,7 @@ async def listed(gw: Running, key: str, answer: str, scope: str) -> tuple[dict[s
     r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 7, "method": "tools/list"}, headers=headers)
     assert r.status == 200
     raw = await r.read()
-    if answer == "sse":
+    if answer == "sse" and r.content_type == "text/event-stream":  # a finished one-answer stream comes as JSON
         data = next(x for x in raw.decode().splitlines() if x.startswith("data:"))[5:]
         return json.loads(data)["result"], raw
     return json.loads(raw)["result"], raw

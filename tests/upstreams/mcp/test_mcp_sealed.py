@@ -85,6 +85,10 @@ def call(rid: Any, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 def messages(text: str) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an answer: an SSE stream's events, or one JSON body (a finished
+    one-answer stream goes out as JSON, ``mcp/response.py`` ``single_answer``)."""
+    if text.lstrip().startswith("{"):
+        return [json.loads(text)]
     out = []
     for block in text.replace("\r\n", "\n").split("\n\n"):
         data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
