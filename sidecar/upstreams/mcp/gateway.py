@@ -351,8 +351,9 @@ class McpGateway:
         )
         return await self.sc.forwarder.forward(
             request, scope, upstream, url, headers, body=d.forward, response_filter=scrubbed(upstream, filt),
-            on_headers=on_headers, answered=answer_sent(d.single_id), as_json=single_answer(d.single_id),
-        )  # fmt: skip
+            on_headers=on_headers, answered=answer_sent(d.single_id),
+            as_json=single_answer(d.single_id) if "application/json" in request.headers.get("Accept", "") else None,
+        )  # fmt: skip  # a JSON answer only to a client that said it takes one
 
     async def _send_only(
         self, upstream: UpstreamConfig, url: URL, headers: CIMultiDict[str], body: bytes, scope: RequestScope

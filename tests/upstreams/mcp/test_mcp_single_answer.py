@@ -69,9 +69,11 @@ async def setup(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) 
     return gw, key
 
 
-async def post(gw: Running, key: str, mode: str, rid: Any = 3) -> tuple[str, bytes]:
+async def post(gw: Running, key: str, mode: str, rid: Any = 3, accept: str | None = None) -> tuple[str, bytes]:
     body = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": "x", "arguments": {}}}
     headers = {**ACCEPT, "Authorization": f"Bearer {key}", "X-Mode": mode}
+    if accept is not None:
+        headers["Accept"] = accept
     async with aiohttp.ClientSession() as http, http.post(gw.proxy.make_url("/mcp/tools"), json=body,
                                                           headers=headers) as r:  # fmt: skip
         assert r.status == 200
@@ -84,6 +86,14 @@ async def test_a_finished_one_answer_stream_is_its_answer_byte_for_byte(setup: t
     ctype, body = await post(gw, key, "one", rid)
     assert ctype == "application/json"
     assert body == ANSWER % json.dumps(rid).encode()  # not re-serialised: the big integer stays as sent
+
+
+async def test_a_client_that_takes_only_event_streams_gets_one(setup: tuple[Running, str]) -> None:
+    """The JSON form is only for a client whose Accept names application/json (MCP clients send both)."""
+    gw, key = setup
+    ctype, body = await post(gw, key, "one", accept="text/event-stream")
+    assert ctype == "text/event-stream"
+    assert body.replace(b"\r\n", b"\n") == b"".join(events("one", 3)).replace(b"\r\n", b"\n")
 
 
 @pytest.mark.parametrize("mode", ["progress", "other-id", "split-data", "other-event"])
