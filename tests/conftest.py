@@ -42,9 +42,7 @@ try:
         "ci", max_examples=400, derandomize=True, database=None, deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )  # fmt: skip
-    settings.register_profile(
-        "deep", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-    )
+    settings.register_profile("deep", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis comes with the `test` extra; without it only the fuzz tests fail
     pass

@@ -64,4 +64,3 @@ _SCHEMA = {
     "description": "worker processes sharing the proxy port; auto: one per CPU",
 }
 WorkerCount = Annotated[int, BeforeValidator(resolve_workers), WithJsonSchema(_SCHEMA)]
-

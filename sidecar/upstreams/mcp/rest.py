@@ -135,6 +135,7 @@ class RestClient:
         if msg is None or "error" in msg:
             raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a result to {method}")
         return msg.get("result")
+
     async def list_tools(self, upstream: UpstreamConfig, max_pages: int = 10) -> list[str]:
         """The names of the tools the upstream offers (the OAuth consent page lets a person pick some)."""
         pooled = self.pooled(upstream.id)
