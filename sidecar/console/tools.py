@@ -2,7 +2,7 @@
 
 The sidecar asks the upstream itself, with the upstream's own credential (the configured
 headers), on the pooled connections and the REST caller's JSON-RPC client
-(``upstreams.mcp.rest.RestClient.request``) — the browser never talks to the upstream and
+(``upstreams.mcp.rest.RestClient.list_tools``) — the browser never talks to the upstream and
 never sees its credential. Names and descriptions are scrubbed of that credential like any
 upstream text (invariant 1). Answers are kept ``TTL`` seconds so a page reload does not
 ask again; following ``nextCursor`` stops after ``MAX_PAGES`` pages or ``MAX_TOOLS`` tools.
@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 
 from ..config import UpstreamConfig
-from ..core.errors import NotFound, UpstreamUnavailable
+from ..core.errors import NotFound
 from ..upstreams.mcp.rest import RestClient
-from ..upstreams.mcp.scrub import scrub_text
 
 __all__ = ["ToolLister"]
 
@@ -51,24 +49,7 @@ class ToolLister:
         return found
 
     async def _fetch(self, upstream: UpstreamConfig) -> list[dict[str, str]]:
-        out: list[dict[str, str]] = []
-        params: dict[str, Any] = {}
-        for _ in range(MAX_PAGES):
-            result = await self.client.request(upstream, "tools/list", params)
-            if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-                raise UpstreamUnavailable(f"upstream {upstream.id} answered tools/list without a list of tools")
-            for tool in result["tools"]:
-                if isinstance(tool, dict) and isinstance(tool.get("name"), str) and len(out) < MAX_TOOLS:
-                    desc = tool.get("description") if isinstance(tool.get("description"), str) else ""
-                    out.append({
-                        "name": scrub_text(upstream, tool["name"]),
-                        "description": scrub_text(upstream, str(desc)[:MAX_DESCRIPTION]),
-                    })  # fmt: skip
-            cursor = result.get("nextCursor")
-            if not isinstance(cursor, str) or not cursor or len(out) >= MAX_TOOLS:
-                break
-            params = {"cursor": cursor}
-        return out
+        return await self.client.list_tools(upstream, MAX_PAGES, MAX_TOOLS, MAX_DESCRIPTION)
 
     async def close(self, upstreams: list[UpstreamConfig]) -> None:
         await self.client.close(upstreams)

@@ -148,7 +148,7 @@ async def _offered(server: OAuthServer, parent: KeyRecord, upstream_id: str) -> 
     if rest is None:
         return None
     try:
-        names = await rest.list_tools(server.protected[upstream_id])
+        names = [t["name"] for t in await rest.list_tools(server.protected[upstream_id])]
     except SidecarError as e:
         log.warning("consent page: could not list the tools of %s: %s", upstream_id, e.message)
         return None

@@ -88,23 +88,31 @@ class RestClient:
     def pooled(self, upstream_id: str) -> _Pooled:
         return self._pool.setdefault(upstream_id, _Pooled())
 
-    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
+    async def _exchange(
+        self, upstream: UpstreamConfig, method: str, params: dict[str, Any], scope: RequestScope | None = None
+    ) -> tuple[int, dict[str, Any] | None]:
+        """One JSON-RPC request on the pooled session: its HTTP status and answer. A 404 means the
+        session expired upstream: a new one is initialised and the request sent again, once."""
         pooled = self.pooled(upstream.id)
         status, msg = 0, None
         for attempt in range(2):
             await self._ensure(upstream, pooled)
             sid = pooled.session_id
-            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/call",
-                       "params": {"name": tool, "arguments": arguments}}  # fmt: skip
+            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": method, "params": params}
             started = time.perf_counter()
             status, _, msg = await self._rpc(upstream, pooled, request)
-            scope.upstream_seconds = time.perf_counter() - started
+            if scope is not None:
+                scope.upstream_seconds = time.perf_counter() - started
             if status == 404 and sid is not None and attempt == 0:
                 async with pooled.lock:  # the session expired upstream: initialise a new one, once
                     if pooled.session_id == sid:
                         pooled.ready, pooled.session_id = False, None
                 continue
             break
+        return status, msg
+
+    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
+        status, msg = await self._exchange(upstream, "tools/call", {"name": tool, "arguments": arguments}, scope)
         if msg is None:
             raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
         if "error" in msg:
@@ -115,52 +123,34 @@ class RestClient:
             raise UpstreamUnavailable(f"upstream {upstream.id} failed the call ({code}): {text}")
         return msg.get("result")
 
-    async def request(self, upstream: UpstreamConfig, method: str, params: dict[str, Any]) -> Any:
-        """Any JSON-RPC request (the console's live ``tools/list``) on the pooled session, with the
-        upstream's own credential; its result, or a contract error (sidecar/console/tools.py)."""
-        pooled = self.pooled(upstream.id)
-        status, msg = 0, None
-        for attempt in range(2):
-            await self._ensure(upstream, pooled)
-            sid = pooled.session_id
-            status, _, msg = await self._rpc(
-                upstream, pooled, {"jsonrpc": "2.0", "id": next(pooled.ids), "method": method, "params": params}
-            )
-            if status == 404 and sid is not None and attempt == 0:
-                async with pooled.lock:  # the session expired upstream: initialise a new one, once
-                    if pooled.session_id == sid:
-                        pooled.ready, pooled.session_id = False, None
-                continue
-            break
-        if msg is None or "error" in msg:
-            raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a result to {method}")
-        return msg.get("result")
-
-    async def list_tools(self, upstream: UpstreamConfig, max_pages: int = 10) -> list[str]:
-        """The names of the tools the upstream offers (the OAuth consent page lets a person pick some)."""
-        pooled = self.pooled(upstream.id)
-        names: list[str] = []
-        cursor: Any = None
-        retried = False
-        for _ in range(max_pages + 1):
-            await self._ensure(upstream, pooled)
-            request = {"jsonrpc": "2.0", "id": next(pooled.ids), "method": "tools/list",
-                       "params": {"cursor": cursor} if cursor else {}}  # fmt: skip
-            status, _, msg = await self._rpc(upstream, pooled, request)
-            if status == 404 and pooled.session_id is not None and not retried:
-                retried = True
-                async with pooled.lock:  # the session expired upstream: a new one, once
-                    pooled.ready, pooled.session_id = False, None
-                continue
-            result = msg.get("result") if msg else None
-            if not isinstance(result, dict):
-                raise UpstreamUnavailable(f"upstream {upstream.id} did not list its tools ({status})")
-            tools = result.get("tools")
-            names.extend(str(t["name"]) for t in tools or () if isinstance(t, dict) and isinstance(t.get("name"), str))
+    async def list_tools(
+        self, upstream: UpstreamConfig, max_pages: int = 10, max_tools: int = 1000, max_description: int = 300
+    ) -> list[dict[str, str]]:
+        """``[{"name", "description"}]`` of the upstream's tools, asked with its own credential (the
+        console's tools picker, the OAuth consent page). Names and descriptions are scrubbed of that
+        credential like any upstream text (invariant 1); ``nextCursor`` is followed for at most
+        ``max_pages`` pages or ``max_tools`` tools."""
+        out: list[dict[str, str]] = []
+        params: dict[str, Any] = {}
+        for _ in range(max_pages):
+            status, msg = await self._exchange(upstream, "tools/list", params)
+            result = msg.get("result") if msg is not None and "error" not in msg else None
+            if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.id} answered tools/list ({status}) without a list of tools"
+                )
+            for tool in result["tools"]:
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str) and len(out) < max_tools:
+                    desc = tool.get("description") if isinstance(tool.get("description"), str) else ""
+                    out.append({
+                        "name": scrub_text(upstream, tool["name"]),
+                        "description": scrub_text(upstream, str(desc)[:max_description]),
+                    })  # fmt: skip
             cursor = result.get("nextCursor")
-            if not cursor:
+            if not isinstance(cursor, str) or not cursor or len(out) >= max_tools:
                 break
-        return names
+            params = {"cursor": cursor}
+        return out
 
     async def _ensure(self, upstream: UpstreamConfig, pooled: _Pooled) -> None:
         if pooled.ready:
