@@ -20,6 +20,7 @@ __all__ = [
     "RateDecision",
     "RateRule",
     "bucket_key",
+    "decide",
     "quota_key",
     "resolve_plan",
 ]
@@ -140,6 +141,36 @@ def quota_key(qkey: CounterKey) -> str:
     return f"{REDIS_PREFIX}:q:{{{key_id}}}:{scope}:{window}"
 
 
+def decide(
+    plan: Plan, tats: list[int], now_us: int, counter: QuotaCounter | None, cost: int
+) -> tuple[Outcome, list[int]]:
+    """The GCRA decision on the stored TATs of ``plan``'s buckets (0: full) and its quota count: what
+    the backend saw, and the TATs to store (0: full again, nothing to keep), none when refused. All or
+    nothing: an allowed request is counted by every bucket and the quota (``counter.pending``)."""
+    ok = True
+    debts: list[int] = []
+    for rule, tat in zip(plan.rates, tats, strict=True):
+        debt = tat - now_us
+        if debt < 0:
+            debt = 0
+        debts.append(debt)
+        if cost > 0 and debt + rule.interval > rule.capacity:
+            ok = False
+    used = None
+    if counter is not None and plan.quota is not None:
+        used = counter.used
+        if cost > 0 and used + cost > plan.quota.limit.count:
+            ok = False
+    new: list[int] = []
+    if ok:
+        for rule, debt in zip(plan.rates, debts, strict=True):
+            grown = debt + rule.interval * cost
+            new.append(now_us + grown if grown > 0 else 0)
+        if counter is not None:
+            counter.pending += cost
+    return Outcome(ok, debts, used), new
+
+
 class MemoryBackend:
     """Buckets and quota counters of this process (quotas persisted through the store)."""
 
@@ -149,30 +180,13 @@ class MemoryBackend:
     def evaluate(self, plan: Plan, now_us: int, counter: QuotaCounter | None, cost: int) -> Outcome:
         """Read, decide and commit in one synchronous step (nothing can interleave)."""
         tats = self.tats
-        ok = True
-        debts: list[int] = []
-        for rule, bucket in zip(plan.rates, plan.buckets, strict=True):
-            debt = tats.get(bucket, 0) - now_us
-            if debt < 0:
-                debt = 0
-            debts.append(debt)
-            if cost > 0 and debt + rule.interval > rule.capacity:
-                ok = False
-        used = None
-        if counter is not None and plan.quota is not None:
-            used = counter.used
-            if cost > 0 and used + cost > plan.quota.limit.count:
-                ok = False
-        if ok:
-            for rule, bucket, debt in zip(plan.rates, plan.buckets, debts, strict=True):
-                new = debt + rule.interval * cost
-                if new > 0:
-                    tats[bucket] = now_us + new
-                else:
-                    tats.pop(bucket, None)
-            if counter is not None:
-                counter.pending += cost
-        return Outcome(ok, debts, used)
+        out, new = decide(plan, [tats.get(bucket, 0) for bucket in plan.buckets], now_us, counter, cost)
+        for bucket, tat in zip(plan.buckets, new):  # noqa: B905 - new is empty when refused
+            if tat:
+                tats[bucket] = tat
+            else:
+                tats.pop(bucket, None)
+        return out
 
     def sweep(self, now_us: int) -> None:
         """Forget buckets that are full again (absent and idle are the same state)."""

@@ -26,7 +26,7 @@ import mmap
 import os
 import struct
 
-from ..limits.gcra import BackendDown, Outcome, Plan
+from ..limits.gcra import BackendDown, Outcome, Plan, decide
 from ..limits.quota import QuotaCounter
 
 __all__ = ["SLOTS", "ShmBuckets"]
@@ -90,30 +90,16 @@ class ShmBuckets:
         """Read, decide and commit in one step under the table's lock (see ``MemoryBackend.evaluate``)."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            ok = True
-            debts: list[int] = []
             slots: list[tuple[int, int]] = []
-            for rule, bucket in zip(plan.rates, plan.buckets, strict=True):
+            tats: list[int] = []
+            for bucket in plan.buckets:
                 h = self._hash(bucket)
                 off, tat = self._slot(h, now_us)
                 slots.append((off, h))
-                debt = tat - now_us
-                if debt < 0:
-                    debt = 0
-                debts.append(debt)
-                if cost > 0 and debt + rule.interval > rule.capacity:
-                    ok = False
-            used = None
-            if counter is not None and plan.quota is not None:
-                used = counter.used
-                if cost > 0 and used + cost > plan.quota.limit.count:
-                    ok = False
-            if ok:
-                for rule, (off, h), debt in zip(plan.rates, slots, debts, strict=True):
-                    new = debt + rule.interval * cost
-                    _SLOT.pack_into(self.mm, off, h, now_us + new if new > 0 else 0)
-                if counter is not None:
-                    counter.pending += cost
-            return Outcome(ok, debts, used)
+                tats.append(tat)
+            out, new = decide(plan, tats, now_us, counter, cost)
+            for (off, h), tat in zip(slots, new):  # noqa: B905 - new is empty when refused
+                _SLOT.pack_into(self.mm, off, h, tat)
+            return out
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
