@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -27,6 +27,9 @@ from sidecar.app import Sidecar, create_apps
 from sidecar.auth.models import KeyRecord
 from sidecar.config import Config, parse_config
 from sidecar.demo import plex_like_app
+
+if TYPE_CHECKING:
+    from mcp_server import McpUpstream
 
 PLEX_TOKEN = "real-plex-token-0123456789"
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -124,6 +127,26 @@ def env() -> dict[str, str]:
 async def plex_upstream(aiohttp_server: Any) -> TestServer:
     """A Plex-like upstream that accepts only PLEX_TOKEN; ``app[SEEN]`` records requests."""
     return await aiohttp_server(plex_like_app(PLEX_TOKEN))
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[McpUpstream]:
+    """The MCP SDK's own server (tests/mcp_server.py) on a free port; test files with a plain HTTP
+    upstream define their own ``upstream`` fixture, which wins."""
+    from mcp_server import McpUpstream as Server  # the SDK is imported only by the tests that use it
+
+    up = Server().start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[Sidecar]]:
+    """Sidecars a test builds by hand (``Sidecar(cfg)``): closed at the end, whatever happened."""
+    out: list[Sidecar] = []
+    yield out
+    for sc in out:
+        await sc.close()
 
 
 @pytest.fixture

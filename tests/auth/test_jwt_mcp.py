@@ -8,7 +8,6 @@ never sees the JWT, and metrics count the calls under the subject's ``jwt:`` id.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,6 @@ AGENTS = {
     "grant": {"upstreams": ["tools"], "tools": ["search", "fet*"], "rate_limits": ["60/minute"]},
 }
 READERS = {"when": {"scope": "mcp:read"}, "grant": {"upstreams": ["tools"], "tools": {"tools": ["fetch"]}}}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
 
 
 @pytest.fixture

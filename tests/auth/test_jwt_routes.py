@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,6 @@ ATTACKER = {"X-Forwarded-For": "203.0.113.7"}
 NEIGHBOUR = {"X-Forwarded-For": "198.51.100.1"}
 ACCEPT = "application/json, text/event-stream"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,21 +26,6 @@ INIT = {
     "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
 }  # fmt: skip
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Sidecar]]:
-    out: list[Sidecar] = []
-    yield out
-    for sc in out:
-        await sc.close()
 
 
 @pytest.fixture

@@ -31,21 +31,6 @@ DOCS: web.AppKey[dict[str, Any]] = web.AppKey("docs", dict)
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Sidecar]]:
-    out: list[Sidecar] = []
-    yield out
-    for sc in out:
-        await sc.close()
-
-
-@pytest.fixture
 def tls(tmp_path: Path) -> TlsFiles:
     return make_tls(tmp_path)
 

@@ -22,13 +22,6 @@ CONSOLE_URL = "https://admin.example.test:9443"
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
 async def gw(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path) -> AsyncIterator[Running]:
     started: list[Sidecar] = []
     cfg = oauth_config(upstream, tmp_path, free_port(), console_url=CONSOLE_URL)

@@ -7,7 +7,6 @@ invalid one gets a 401 whose challenge points at that metadata.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,6 @@ INIT = {
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 AGENTS = {"when": {"group": "agents"}, "grant": {"upstreams": ["tools"], "tools": ["search"]}}
 PRM = "/.well-known/oauth-protected-resource"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Sidecar]]:
-    out: list[Sidecar] = []
-    yield out
-    for sc in out:
-        await sc.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ other upstreams, and grants wider than the approving key."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +41,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Sidecar]]:
-    out: list[Sidecar] = []
-    yield out
-    for sc in out:
-        await sc.close()
 
 
 @pytest.fixture

@@ -55,13 +55,6 @@ SCOPED = {
 }
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
 def mcp_config(upstream: McpUpstream, tmp_path: Path) -> dict[str, Any]:
     cfg = base_config(upstream.url, tmp_path)
     auth = {"Authorization": "Bearer ${MCP_TOKEN}"}

@@ -252,21 +252,6 @@ def test_oauth_is_accepted_on_the_postgres_store() -> None:
 # ------------------------------------------------------------------ the flow, on a fleet
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Sidecar]]:
-    out: list[Sidecar] = []
-    yield out
-    for sc in out:
-        await sc.close()
-
-
 async def replica(
     aiohttp_client: Any, upstream: McpUpstream, tmp: Path, dsn: str, started: list[Sidecar], poll: str = "100ms"
 ) -> Running:

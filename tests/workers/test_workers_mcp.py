@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 from aiohttp import web
 from conftest import base_config
@@ -24,13 +22,6 @@ from mcp_server import MCP_TOKEN, McpUpstream
 from workers_support import AUTH, metric, workers_process
 
 TOOLS = {"upstreams": ["*"], "tools": {"*": ["search", "fetch"]}}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
 
 
 def mcp_config(tmp_path: Path, upstream: McpUpstream) -> Path:

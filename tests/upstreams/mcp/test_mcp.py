@@ -61,13 +61,6 @@ def mcp_config(upstream: McpUpstream, tmp_path: Path, **overrides: Any) -> dict[
     return cfg
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
-
-
 @pytest.fixture(params=[False, True], ids=["sse-answers", "json-answers"])
 async def any_upstream(request: pytest.FixtureRequest) -> AsyncIterator[McpUpstream]:
     up = McpUpstream(json_response=request.param).start()

@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,6 @@ def new_key() -> str:
 
 
 K1, K2 = new_key(), new_key()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
 
 
 def config(upstream: McpUpstream, tmp_path: Path, sessions: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,7 +8,6 @@ the rate-limit headers would.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,6 @@ INIT = {
 }
 LIMITS = {"search": ["3/minute"], "delete_*": "1/hour", "*": ["100/minute"]}
 PERMS = {"upstreams": ["*"], "tools": {"*": ["search", "fetch", "delete_everything"]}}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[McpUpstream]:
-    up = McpUpstream().start()
-    yield up
-    await up.stop()
 
 
 def config(upstream: McpUpstream, tmp_path: Path, **extra: Any) -> dict[str, Any]:
