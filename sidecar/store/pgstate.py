@@ -9,27 +9,22 @@ database refuses are held in memory and written by ``flush_pending``, as with SQ
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
 
-from .base import AuditEvent, StoreError, UsageRow
-from .sqlitefaults import shielded
+from .auditbacklog import AuditBacklog
+from .base import AuditEvent, UsageRow
 
 __all__ = ["PgState"]
 
 log = logging.getLogger("sidecar.store")
 
-MAX_AUDIT_BACKLOG = 10_000  # audit events held while the database refuses writes; older ones are dropped past it
 
-
-class PgState:
+class PgState(AuditBacklog):
     """Last use, usage, quotas, audit; needs ``_write``, ``_fetch`` and the fields below."""
 
     _failures: dict[tuple[str, str], int]
-    _audit_backlog: list[AuditEvent]
-    _audit_lock: asyncio.Lock
     _pool: Any
 
     async def _write(self, kind: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
@@ -89,33 +84,15 @@ class PgState:
             [(key_id, scope, window, used)],
         )
 
-    async def audit(self, event: AuditEvent) -> None:
-        if len(self._audit_backlog) >= MAX_AUDIT_BACKLOG:
-            lost = self._audit_backlog.pop(0)
-            self._failures[("audit", "dropped")] = self._failures.get(("audit", "dropped"), 0) + 1
-            log.error("audit backlog full (%d): dropped %s %s of %s", MAX_AUDIT_BACKLOG, lost.action, lost.key_id,
-                      lost.at)  # fmt: skip
-        self._audit_backlog.append(event)
-        await self.flush_pending()
+    def _audit_ready(self) -> bool:
+        return self._pool is not None
 
-    async def flush_pending(self) -> None:
-        await shielded(self._flush_audit())
-
-    async def _flush_audit(self) -> None:
-        async with self._audit_lock:
-            batch = list(self._audit_backlog)
-            if not batch or self._pool is None:
-                return
-            try:
-                await self._write(
-                    "audit",
-                    "INSERT INTO sidecar_audit (at, actor, action, key_id, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
-                    [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
-                )
-            except StoreError as e:
-                log.warning("audit write failed, %d event(s) held for the next try: %s", len(batch), e)
-                return
-            del self._audit_backlog[: len(batch)]
+    async def _write_audit(self, batch: list[AuditEvent]) -> None:
+        await self._write(
+            "audit",
+            "INSERT INTO sidecar_audit (at, actor, action, key_id, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
+        )
 
     async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
         cols = "SELECT at, actor, action, key_id, detail::text FROM sidecar_audit"
@@ -123,6 +100,6 @@ class PgState:
             rows = await self._fetch(f"{cols} WHERE key_id = $1 ORDER BY id DESC LIMIT $2", key_id, limit)
         else:
             rows = await self._fetch(f"{cols} ORDER BY id DESC LIMIT $1", limit)
-        held = [e for e in reversed(self._audit_backlog) if not key_id or e.key_id == key_id][:limit]
+        held = self._pending_audit(key_id)[:limit]
         stored = [AuditEvent(at, actor, action, kid, json.loads(detail)) for at, actor, action, kid, detail in rows]
         return (held + stored)[:limit]

@@ -43,7 +43,6 @@ import asyncpg
 from ..auth.models import KeyRecord
 from ..config.postgres import describe_dsn
 from .base import (
-    AuditEvent,
     KeyChanges,
     KeyMissing,
     Store,
@@ -116,8 +115,7 @@ class PostgresStore(PgOAuth, PgState, Store):
         self._retry_at = 0.0  # fail fast until then: the last attempt found the database unreachable
         self._backoff = 0.0
         self._failures: dict[tuple[str, str], int] = {}
-        self._audit_backlog: list[AuditEvent] = []
-        self._audit_lock = asyncio.Lock()
+        self._init_audit_backlog()
         self._expiring: asyncio.Future[None] | None = None
         self.resync_repairs = 0  # records a resync found that notifications had missed
 

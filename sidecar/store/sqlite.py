@@ -39,6 +39,7 @@ from typing import Any
 import aiosqlite
 
 from ..auth.models import KeyRecord
+from .auditbacklog import AuditBacklog
 from .base import (
     AuditEvent,
     KeyChanges,
@@ -59,10 +60,9 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 log = logging.getLogger("sidecar.store")
 
 BUSY_TIMEOUT_MS = 5000  # the default of store.busy_timeout
-MAX_AUDIT_BACKLOG = 10_000  # audit events held while the file refuses writes; older ones are dropped past it
 
 
-class SqliteStore(OAuthTables, Store):
+class SqliteStore(OAuthTables, AuditBacklog, Store):
     def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
@@ -71,8 +71,7 @@ class SqliteStore(OAuthTables, Store):
         self._seq = 0
         self._lock = asyncio.Lock()  # one write transaction at a time on the shared connection
         self._failures: dict[tuple[str, str], int] = {}
-        self._audit_backlog: list[AuditEvent] = []
-        self._audit_lock = asyncio.Lock()  # one backlog write at a time: no event written twice
+        self._init_audit_backlog()
 
     @property
     def write_failures(self) -> dict[tuple[str, str], int]:
@@ -451,38 +450,16 @@ class SqliteStore(OAuthTables, Store):
             kind="quota",
         )
 
-    async def audit(self, event: AuditEvent) -> None:
-        if len(self._audit_backlog) >= MAX_AUDIT_BACKLOG:
-            lost = self._audit_backlog.pop(0)
-            self._failures[("audit", "dropped")] = self._failures.get(("audit", "dropped"), 0) + 1
-            log.error("audit backlog full (%d): dropped %s %s of %s", MAX_AUDIT_BACKLOG, lost.action, lost.key_id,
-                      lost.at)  # fmt: skip
-        self._audit_backlog.append(event)
-        await self.flush_pending()
+    def _audit_ready(self) -> bool:
+        return self._db is not None
 
-    async def flush_pending(self) -> None:
-        await shielded(self._flush_audit())  # a cancel must not leave written events in the backlog
-
-    async def _flush_audit(self) -> None:
-        async with self._audit_lock:
-            batch = list(self._audit_backlog)
-            if not batch or self._db is None:
-                return
-            try:
-                await self._write(
-                    "INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?, ?, ?, ?, ?)",
-                    [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
-                    many=True,
-                    kind="audit",
-                )
-            except StoreError as e:
-                log.warning("audit write failed, %d event(s) held for the next try: %s", len(batch), e)
-                return
-            del self._audit_backlog[: len(batch)]
-
-    def _pending_audit(self, key_id: str | None) -> list[AuditEvent]:
-        """Held events, newest first: the audit trail shows them before they reach the file."""
-        return [e for e in reversed(self._audit_backlog) if not key_id or e.key_id == key_id]
+    async def _write_audit(self, batch: list[AuditEvent]) -> None:
+        await self._write(
+            "INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?, ?, ?, ?, ?)",
+            [(e.at, e.actor, e.action, e.key_id, json.dumps(e.detail)) for e in batch],
+            many=True,
+            kind="audit",
+        )
 
     async def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
         if key_id:
