@@ -316,3 +316,29 @@ async def test_tools_are_typed_when_the_upstream_cannot_list_them(gw: Running, u
     assert back.location.startswith("status:400:") and "not among" in back.location
     back = await consent(authorize_url(gw, client, challenge), key, tools="search")
     assert "code" in back.params, back.location
+
+
+async def test_repeated_parameters_are_refused_and_burn_nothing(gw: Running) -> None:
+    """RFC 6749 §3.1: a parameter given twice is refused. At /authorize nothing is redirected (a
+    second redirect_uri must not be the one followed); at /token the code is not spent by the
+    refused request and still works once after it."""
+    from yarl import URL
+
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    _, challenge = pkce()
+    base = URL(authorize_url(gw, client, challenge))
+    for name, second in (("redirect_uri", "https://evil.example/cb"), ("code_challenge", "x" * 43),
+                         ("resource", "https://evil.example/mcp"), ("state", "")):  # fmt: skip
+        raw = f"{base.path_qs}&{name}={second}"
+        r = await gw.proxy.get(raw, allow_redirects=False)
+        assert r.status == 400 and "Location" not in r.headers, (name, r.status)
+        assert f"{name} given twice" in await r.text()
+    code, verifier = await code_for(gw, key, client)
+    form = [("grant_type", "authorization_code"), ("code", code), ("code_verifier", verifier),
+            ("code_verifier", "y" * 43), ("redirect_uri", CALLBACK), ("client_id", client)]  # fmt: skip
+    r = await gw.proxy.post("/oauth/token", data=form)
+    answer = await r.json()
+    assert r.status == 400 and answer["error"] == "invalid_request" and "given twice" in answer["error_description"]
+    status, answer = await exchange(gw, client, code, verifier)
+    assert status == 200 and answer["access_token"]
