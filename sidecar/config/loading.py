@@ -49,13 +49,15 @@ def parse_config(
     raw = {k: expand_env(v, env, str(k), problems) if k in known else v for k, v in (data or {}).items()}
     file = validate_model(ConfigFile, raw, "", problems, {"env": env, "base": base}, unknown_first=True)
     duplicates(raw, problems)
-    if file is not None:
-        cross_checks(file, problems, env)
-        _postgres(file, env, problems)
-        mcp_sessions_from(file.mcp_sessions, env, problems)
-    if problems or file is None:
+    if file is None:
         raise ConfigError(problems)
-    return build(file, env, base, source)
+    cross_checks(file, problems, env)
+    # What the file names in the environment, read once: checked here, handed to build.
+    postgres = _postgres(file, env, problems)
+    sealing = mcp_sessions_from(file.mcp_sessions, env, problems)
+    if problems:
+        raise ConfigError(problems)
+    return build(file, env, base, source, postgres=postgres, sealing=sealing)
 
 
 def _values(section: BaseModel, *leave: str) -> dict[str, Any]:
@@ -85,34 +87,28 @@ def _upstream(u: UpstreamSection, env: Mapping[str, str]) -> UpstreamConfig:
 
 
 def _postgres(
-    f: ConfigFile, env: Mapping[str, str], problems: list[str] | None = None
+    f: ConfigFile, env: Mapping[str, str], problems: list[str]
 ) -> tuple[PostgresStoreOptions | None, str | None]:
-    """A postgres store's options (their defaults filled in) and the DSN they name; without ``problems``, they raise."""
+    """A postgres store's options (their defaults filled in) and the DSN they name."""
     given = {k: getattr(f.store, k) for k in PostgresStoreOptions.model_fields if getattr(f.store, k) is not None}
-    found: list[str] = []
-    options = postgres_options(given, f.store.kind, found, env)
-    if problems is not None:
-        problems.extend(found)
-    elif found:
-        raise ConfigError(found)
-    return options
+    return postgres_options(given, f.store.kind, problems, env)
 
 
-def _sealing_keys(f: ConfigFile, env: Mapping[str, str]) -> McpSessions:
-    problems: list[str] = []
-    sessions = mcp_sessions_from(f.mcp_sessions, env, problems)
-    if problems:
-        raise ConfigError(problems)
-    return sessions
-
-
-def build(f: ConfigFile, env: Mapping[str, str], base: Path, source: Path | None = None) -> Config:
+def build(
+    f: ConfigFile,
+    env: Mapping[str, str],
+    base: Path,
+    source: Path | None = None,
+    *,
+    postgres: tuple[PostgresStoreOptions | None, str | None] = (None, None),
+    sealing: McpSessions | None = None,
+) -> Config:
     """What the sidecar runs on, from what a valid file says: secrets read from the environment,
     defaults that depend on other options filled in, an upstream's sub-sections flattened.
     A section without a dataclass of its own (a ``Section`` the ``Config`` field holds as is) passes through."""
     store_path = f.store.path or base / ("sidecar.db" if f.store.kind == "sqlite" else "keys.yaml")
     default_state = store_path if f.store.kind == "sqlite" else base / "sidecar-state.db"
-    pg_options, pg_dsn = _postgres(f, env)
+    pg_options, pg_dsn = postgres
     built = dict(
         upstreams=tuple(_upstream(u, env) for u in f.upstreams),
         tls=TlsConfig(cert=f.tls.cert, key=f.tls.key) if f.tls else None,
@@ -131,7 +127,7 @@ def build(f: ConfigFile, env: Mapping[str, str], base: Path, source: Path | None
         metrics=MetricsConfig(**_values(f.metrics)),
         log=LogConfig(**_values(f.log)),
         server=ServerConfig(**_values(f.server)),
-        mcp_sessions=_sealing_keys(f, env),
+        mcp_sessions=sealing or McpSessions(),
         cors=CorsConfig(enabled=f.cors.enabled, origins=f.cors.origins or ("*",)),
         source=source,
     )  # fmt: skip
