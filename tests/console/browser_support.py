@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from conftest import ADMIN_TOKEN, PLEX_TOKEN
 from mcp_server import MCP_TOKEN, McpUpstream
@@ -44,6 +45,24 @@ def chromium_problem() -> str | None:
     except ImportError:
         return "playwright (Python) is not installed (pip install -e '.[test]')"
     return None
+
+
+@contextlib.asynccontextmanager
+async def launched_browser() -> AsyncIterator[Any]:
+    """Debian's Chromium driven by Playwright; without it a failure under CI=true, else a skip."""
+    problem = chromium_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
 
 
 @dataclass

@@ -9,7 +9,6 @@ using the key, sees.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,11 +17,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from browser_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     KEY_RE,
     Stack,
-    chromium_problem,
+    launched_browser,
     mcp_tools,
     random_name,
     start_stack,
@@ -37,17 +34,8 @@ PAGE_BUDGET_MS = 3000  # DOMContentLoaded of any console page on a loaded 2-core
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Any]:
-    problem = chromium_problem()
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with launched_browser() as b:
         yield b
-        await b.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from browser_support import CHROMIUM, CHROMIUM_ARGS, Stack, chromium_problem, nav_metrics, start_stack
+from browser_support import Stack, launched_browser, nav_metrics, start_stack
 from conftest import ADMIN_TOKEN
 
 from sidecar.demo import free_port
@@ -56,17 +56,8 @@ class Receiver:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Any]:
-    problem = chromium_problem()
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    async with launched_browser() as b:
         yield b
-        await b.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
