@@ -42,6 +42,7 @@ from .http.accesslog import AccessLog
 from .http.forwarder import Forwarder, make_session
 from .http.listener import guarded_server
 from .http.pipeline import HitMemo, Router, make_handler
+from .http.pool import ConnectionPool, pooled
 from .http.streams import StreamRegistry
 from .limits.ratelimit import RateLimiter
 from .observe import logfilter
@@ -89,7 +90,8 @@ class Sidecar:
         self.access_log = AccessLog(config.log.access)
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.cache = ResponseCache(config.cache, clock=self.steady, sessions=self.sessions)
-        self.forwarder = Forwarder(self.sessions)
+        self.pools: dict[str, ConnectionPool] = {}  # plain-HTTP MCP upstreams: the lean client (http/pool.py)
+        self.forwarder = Forwarder(self.sessions, self.pools)
         # Open streams per key, ended within a sweep of their key's revocation or expiry.
         self.streams = StreamRegistry(self._key_state, self.metrics.registry)
         self.forwarder.streams = self.streams
@@ -159,6 +161,8 @@ class Sidecar:
         self.usage.start()
         for up in self.config.upstreams:
             self.sessions[up.id] = make_session(up)
+            if pooled(up):
+                self.pools[up.id] = ConnectionPool(up)
         if any(u.kind == "mcp" for u in self.config.upstreams):
             from .upstreams.mcp.gateway import McpGateway  # imported only when an MCP upstream exists
 
@@ -200,6 +204,9 @@ class Sidecar:
         for s in self.sessions.values():
             await s.close()
         self.sessions.clear()
+        for pool in self.pools.values():
+            await pool.close()
+        self.pools.clear()
         if self._usage is not None:
             await self._usage.close()
         if self._limiter is not None:

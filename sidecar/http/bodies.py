@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
-import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.errors import RequestTimeout
 from .outbound import CHUNK
@@ -14,11 +13,11 @@ from .outbound import CHUNK
 SMALL_BODY = CHUNK  # answers up to this size with a Content-Length are relayed whole (``_relay_whole``)
 
 
-def small_body(method: str, resp: aiohttp.ClientResponse) -> int | None:
+def small_body(method: str, status: int, headers: CIMultiDictProxy[str]) -> int | None:
     """The body's length when it is small, known and really follows the headers, else None."""
-    if method == "HEAD" or resp.status < 200 or resp.status in (204, 304) or "Transfer-Encoding" in resp.headers:
+    if method == "HEAD" or status < 200 or status in (204, 304) or "Transfer-Encoding" in headers:
         return None
-    length = resp.headers.get("Content-Length")
+    length = headers.get("Content-Length")
     if length is None or not length.isdigit():
         return None
     size = int(length)

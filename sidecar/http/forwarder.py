@@ -47,6 +47,7 @@ from .outbound import (
     strip_prefix_raw,
     upstream_url,
 )
+from .pool import METHODS, ConnectionPool, PooledResponse
 from .streams import Closer, StreamRegistry
 from .websocket import relay_websocket
 
@@ -63,6 +64,8 @@ __all__ = [
     "upstream_url",
 ]
 
+
+Answer = aiohttp.ClientResponse | PooledResponse  # what the upstream sent: aiohttp's, or the pool's (``pool``)
 
 END_WAIT = 0.1  # seconds an answered stream may take to end once its client has left
 WHOLE_WAIT = 0.005  # seconds a short MCP answer's stream may take to end before its headers go out
@@ -81,8 +84,11 @@ class _Seen:
 class Forwarder:
     """Sends one request upstream and streams the answer back."""
 
-    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+    def __init__(
+        self, sessions: dict[str, aiohttp.ClientSession], pools: dict[str, ConnectionPool] | None = None
+    ) -> None:
         self.sessions = sessions
+        self.pools = pools if pools is not None else {}  # plain-HTTP MCP upstreams (``sidecar.http.pool``)
         self.shutting_down = False
         # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
         self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
@@ -186,7 +192,10 @@ class Forwarder:
             data = self._body(request, scope, limit, deadline, upload)
         else:
             data = None
-        session = self.sessions[upstream.id]
+        session: aiohttp.ClientSession | ConnectionPool = self.sessions[upstream.id]
+        pool = self.pools.get(upstream.id)
+        if pool is not None and not isinstance(data, AsyncIterator) and request.method in METHODS:
+            session = pool
         started = time.perf_counter()
         resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
         if scrub is not None and not isinstance(data, AsyncIterator) and whole_needed(resp.status, resp.headers):
@@ -210,7 +219,7 @@ class Forwarder:
             else:
                 resp.close()  # closing is cancellation (MCP 2026-07-28)
 
-    def _release_later(self, resp: aiohttp.ClientResponse) -> None:
+    def _release_later(self, resp: Answer) -> None:
         """Let an answered stream end (bounded) and keep its connection; close it if it does not."""
 
         async def end() -> None:
@@ -231,19 +240,22 @@ class Forwarder:
     async def _send(
         request: web.Request,
         upstream: UpstreamConfig,
-        session: aiohttp.ClientSession,
+        session: aiohttp.ClientSession | ConnectionPool,
         url: URL,
         headers: CIMultiDict[str],
         data: bytes | AsyncIterator[bytes] | None,
         deadline: IdleDeadline,
         upload: Upload,
-    ) -> aiohttp.ClientResponse:
+    ) -> Answer:
         """The upstream's answer up to its headers, or the contract error for why there is none."""
         limit = upstream.max_body
         # aiohttp itself sends an idempotent request once more when a pooled keep-alive
         # connection turns out closed (RFC 9112 §9.3.1); a streamed body is never replayed.
         try:
             async with deadline:
+                if isinstance(session, ConnectionPool):
+                    assert not isinstance(data, AsyncIterator)
+                    return await session.request(request.method, url, headers, data)
                 return await session.request(
                     request.method, url, headers=headers, data=data, allow_redirects=False, compress=None
                 )
@@ -275,7 +287,7 @@ class Forwarder:
         request: web.Request,
         scope: RequestScope,
         upstream: UpstreamConfig,
-        resp: aiohttp.ClientResponse,
+        resp: Answer,
         response_filter: ResponseFilter | None,
         on_headers: Callable[[int, CIMultiDict[str]], None] | None,
         tap: ResponseTap | None = None,
@@ -315,7 +327,7 @@ class Forwarder:
                 return await self._relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
                                                response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip
         else:
-            size = small_body(request.method, resp)
+            size = small_body(request.method, resp.status, resp.headers)
             if size is not None:
                 return await self._relay_whole(scope, upstream, resp, size, out_headers, response_filter, rewrite,
                                                recording, tap, reason)  # fmt: skip
@@ -393,7 +405,7 @@ class Forwarder:
         return response
 
     @staticmethod
-    async def _end_soon(resp: aiohttp.ClientResponse) -> None:
+    async def _end_soon(resp: Answer) -> None:
         """Wait (``WHOLE_WAIT`` at most) for a short answer's stream to end, so it can go out whole.
 
         An MCP server writes the answer event and the end of its stream separately, and they often
@@ -417,7 +429,7 @@ class Forwarder:
     async def _relay_whole(
         scope: RequestScope,
         upstream: UpstreamConfig,
-        resp: aiohttp.ClientResponse,
+        resp: Answer,
         size: int,
         headers: CIMultiDict[str],
         response_filter: ResponseFilter | None,

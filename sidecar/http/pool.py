@@ -1,0 +1,398 @@
+"""Keep-alive HTTP/1.1 connections to one plain-HTTP MCP upstream, parsed by httptools.
+
+Why not aiohttp's client here: an MCP ``tools/call`` is a small POST and a small answer,
+and building aiohttp's ``ClientRequest``/``ClientResponse`` (headers, payload registry,
+connector, timers, traces) was the largest part of Sidecar's CPU per call (issue 19; ~0.1 ms
+of ~0.4 ms, ``bench/run mcp``). This pool writes the request head and body in one write
+and parses the answer with ``httptools`` (llhttp, strict: no ``Content-Length`` together
+with ``Transfer-Encoding``, no bare LF, no obs-fold), so nothing HTTP is hand-parsed.
+
+Used only for what it is built for: MCP upstreams over ``http://`` (a sidecar's upstream
+is on loopback or in the pod), requests whose body Sidecar already holds whole, methods
+GET/POST/DELETE. TLS upstreams, streamed uploads, websockets and every other upstream
+keep aiohttp's client. The answer is read as it arrives (SSE streams never end by
+themselves), with backpressure: past ``HIGH_WATER`` unread bytes the socket is paused.
+
+Errors are aiohttp's, so the forwarder maps them as before: ``ServerDisconnectedError``
+(closed before the headers), ``ClientPayloadError`` (broken off, or a malformed answer),
+``ConnectionTimeoutError``; a refused or unresolvable connect is ``UpstreamUnavailable``
+with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a request
+is never sent twice: a pooled connection found closed is dropped before it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import time
+from collections.abc import Callable
+from typing import cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from ..config import UpstreamConfig
+from ..core.errors import UpstreamUnavailable
+from .outbound import CHUNK, MAX_HEADER_SIZE
+
+METHODS = frozenset({"GET", "POST", "DELETE"})  # no HEAD: its answer has a length but no body
+HIGH_WATER = 2 * CHUNK  # unread answer bytes before the socket stops being read
+MAX_HEADERS = 128  # header fields in one answer
+KEEPALIVE = 30.0  # seconds an idle connection is kept (aiohttp's connector used 30 too)
+
+
+def pooled(upstream: UpstreamConfig) -> bool:
+    """Whether the upstream's plain requests go through a ``ConnectionPool``."""
+    return upstream.kind == "mcp" and URL(upstream.url).scheme == "http"
+
+
+def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    """The request line and headers; a CR, LF or NUL anywhere is refused, never sent."""
+    parts = [method, " ", target, " HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        parts += (name, ": ", value, "\r\n")
+    parts.append("\r\n")
+    head = "".join(parts)
+    # Every line break is one this function wrote: one scan each instead of one per value.
+    lines = len(headers) + 2
+    if head.count("\r\n") != lines or head.count("\r") != lines or head.count("\n") != lines or "\x00" in head:
+        raise ValueError("a CR, LF or NUL in the request target or a header: not sent")
+    if " " in target or not target.startswith("/"):
+        raise ValueError("the request target must be an origin-form path without spaces")
+    return head.encode("utf-8", "surrogateescape")
+
+
+class PooledBody:
+    """The answer's body as it arrives: the subset of ``aiohttp.StreamReader`` the forwarder reads."""
+
+    __slots__ = ("_buffer", "_callbacks", "_conn", "_eof", "_exception", "_size", "_waiter", "total_bytes")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._size = 0  # unread bytes
+        self.total_bytes = 0
+        self._eof = False
+        self._exception: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+
+    def feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._size += len(data)
+        self.total_bytes += len(data)
+        if self._size > HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def on_eof(self, callback: Callable[[], None]) -> None:
+        if self._eof:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    async def _wait(self) -> None:
+        if self._exception is not None:
+            raise self._exception
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _take(self, n: int) -> bytes:
+        if n >= self._size:
+            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+        else:
+            joined = b"".join(self._buffer)
+            data, rest = joined[:n], joined[n:]
+            self._buffer.clear()
+            self._buffer.append(rest)
+        self._size -= len(data)
+        if self._size <= CHUNK:
+            self._conn.resume()
+        return data
+
+    async def readany(self) -> bytes:
+        """What has arrived (at least one byte), or ``b""`` at the end."""
+        while not self._buffer:
+            if self._exception is not None:
+                raise self._exception
+            if self._eof:
+                return b""
+            await self._wait()
+        return self._take(self._size)
+
+    async def readexactly(self, n: int) -> bytes:
+        while self._size < n:
+            if self._exception is not None:
+                raise self._exception
+            if self._eof:
+                partial = self._take(self._size)
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait()
+        return self._take(n)
+
+
+class PooledResponse:
+    """An upstream answer: the subset of ``aiohttp.ClientResponse`` the forwarder reads."""
+
+    __slots__ = ("_conn", "content", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDictProxy[str]) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason: str | None = reason
+        self.headers = headers
+        self.content = PooledBody(conn)
+
+    def release(self) -> None:
+        """The body was read to its end: the connection goes back to the pool if it may."""
+        self._conn.done(reuse=self.content.at_eof())
+
+    def close(self) -> None:
+        """Give up on the answer (a client that left, a cancelled call): the connection is closed."""
+        self._conn.done(reuse=False)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; at most one request on it at a time (no pipelining)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.busy = False  # a request is out and its answer not yet released
+        self.complete = False  # the answer's message ended
+        self.keep_alive = False
+        self.until_close = False  # a body without length or chunking: it ends with the connection
+        self.idle_since = 0.0
+        self.waiter: asyncio.Future[PooledResponse] | None = None
+        self.response: PooledResponse | None = None
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._header_bytes = 0
+        self._paused = False
+        self._error: str | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # bytes nobody asked for: the connection cannot be trusted
+            self._abort("the upstream sent bytes without a request")
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._abort(self._error or f"malformed answer ({type(e).__name__})")
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pool.forget(self)
+        if self.busy:
+            self._fail("closed the connection")
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request
+            self._error = "bytes after its answer"
+            raise ValueError(self._error)
+        self._reason = b""
+        self._headers = []
+        self._header_bytes = 0
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+        self._count(len(status))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        if len(self._headers) >= MAX_HEADERS:
+            self._error = f"over {MAX_HEADERS} header fields"
+            raise ValueError(self._error)
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_HEADER_SIZE:
+            self._error = f"headers over {MAX_HEADER_SIZE} bytes"
+            raise ValueError(self._error)
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:  # never asked for: nothing after it is HTTP
+                self._error = "an unrequested protocol switch"
+                raise ValueError(self._error)
+            return  # 1xx: informational, the real answer follows
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        self.keep_alive = bool(self.parser.should_keep_alive())
+        self.until_close = (
+            status not in (204, 304) and "Content-Length" not in headers and "Transfer-Encoding" not in headers
+        )
+        reason = self._reason.decode("utf-8", "surrogateescape")
+        self.response = PooledResponse(self, status, reason, headers)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(self.response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response.content.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is None:  # the end of a 1xx
+            return
+        self.complete = True
+        self.response.content.feed_eof()
+
+    # -- the pool's side
+    def send(self, data: bytes) -> asyncio.Future[PooledResponse]:
+        assert self.transport is not None
+        self.busy, self.complete, self.response, self._error = True, False, None, None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.waiter
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def done(self, reuse: bool) -> None:
+        if not self.busy:
+            return
+        self.busy = False
+        self.waiter = None
+        if reuse and self.complete and self.keep_alive and not self._paused and self.transport is not None:
+            self.response = None
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.busy = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self, why: str) -> None:
+        self._fail(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, why: str) -> None:
+        if self.response is None:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_exception(aiohttp.ServerDisconnectedError(why))
+        elif not self.complete:
+            if self.until_close and self.transport is None and self._error is None and why == "closed the connection":
+                self.complete = True
+                self.response.content.feed_eof()
+            else:
+                self.response.content.set_exception(aiohttp.ClientPayloadError(f"upstream answer broken off: {why}"))
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one upstream, most recently used first."""
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        url = URL(upstream.url)
+        self.upstream = upstream
+        self.host = url.host or "localhost"
+        self.port = url.port or 80
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self.closed = False
+
+    def put(self, conn: _Connection) -> None:
+        if self.closed:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing() and now - conn.idle_since < KEEPALIVE:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        up = self.upstream
+        try:
+            async with asyncio.timeout(up.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError(f"connect to upstream {up.id} timed out") from None
+        except socket.gaierror:
+            raise UpstreamUnavailable(f"upstream {up.id}: its host name does not resolve") from None
+        except OSError:
+            raise UpstreamUnavailable(f"upstream {up.id} refused the connection") from None
+        self._all.add(conn)
+        return conn
+
+    async def request(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes | None) -> PooledResponse:
+        """Send one request; the answer once its headers are in (its body follows in ``content``)."""
+        data = request_head(method, url.raw_path_qs, headers)
+        if body:
+            data += body
+        conn = self._take_idle() or await self._connect()
+        try:
+            return await conn.send(data)
+        except BaseException:
+            conn.close()  # a timeout, a cancelled call: whatever comes next on it is not ours
+            raise
+
+    async def close(self) -> None:
+        self.closed = True
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+        self._all.clear()
