@@ -200,6 +200,7 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
+        self._head_read = 0  # bytes read for this request before its answer's headers were complete
         self._paused = False
         self._error: str | None = None
 
@@ -215,6 +216,14 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._abort(self._error or f"malformed answer ({type(e).__name__})")
+            return
+        if self.response is None:
+            # httptools holds a header's name and value until its line ends, and ``_count`` only
+            # sees whole ones: an endless header line would be buffered until the read timeout.
+            # The raw bytes of the head(s) are bounded too (twice the parsed bound: CRLFs, ": ").
+            self._head_read += len(data)
+            if self._head_read > 2 * MAX_HEADER_SIZE:
+                self._abort(f"headers over {MAX_HEADER_SIZE} bytes")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -223,7 +232,9 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.pool.forget(self)
         if self.busy:
-            self._fail("closed the connection")
+            # Only a clean close (FIN) ends a body read until close: a reset breaks it off, and
+            # taking it for the end would relay a truncated answer as a whole one.
+            self._fail("closed the connection" if exc is None else f"reset the connection ({type(exc).__name__})")
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -282,6 +293,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[PooledResponse]:
         assert self.transport is not None
         self.busy, self.complete, self.response, self._error = True, False, None, None
+        self._head_read = 0
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter

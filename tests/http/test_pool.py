@@ -1,0 +1,596 @@
+"""The lean keep-alive upstream client (``sidecar.http.pool``), attacked by its upstream.
+
+A plain-HTTP MCP upstream's requests go through ``ConnectionPool`` instead of aiohttp's
+client. Here the upstream is a raw asyncio TCP server that writes exact bytes (the answer
+is the attacker's), and a real Sidecar sits in front of it. Each test asserts what the
+client sees: the designed JSON error before any byte went out, a cut connection after, a
+connection never reused once its framing cannot be trusted, and the next request working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httptools
+import pytest
+import uvloop
+from aiohttp import web
+from conftest import MakeSidecar, Running, base_config
+from multidict import CIMultiDict
+
+from sidecar.config import parse_config
+from sidecar.http import pool as pool_mod
+from sidecar.http.pool import ConnectionPool, request_head
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+WAIT = 3.0  # seconds any awaited event may take before the test fails (never a sleep)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One request's head and body off the upstream's socket, or None once the sidecar closed it."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def rpc_id(body: bytes) -> Any:
+    return json.loads(body)["id"]
+
+
+def answer(rid: Any, extra: bytes = b"", *, close: bool = False, note: str = "ok") -> bytes:
+    """A whole JSON-RPC answer with a Content-Length (``Connection: close`` if ``close``)."""
+    body = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"note": note}}).encode()
+    conn = b"Connection: close\r\n" if close else b""
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + conn + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+
+
+class RawUpstream:
+    """A raw TCP upstream: ``handler(reader, writer, n)`` for the n-th accepted connection (from 0)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.accepted = 0
+        self.closed: list[asyncio.Event] = []  # set when the sidecar's end of connection n closed
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            first = await reader.read(65536)
+        except ConnectionError:
+            first = b""
+        if not first:  # a readiness probe (``upstreams.health.check``): connects and closes, sends nothing
+            writer.close()
+            return
+        n = self.accepted  # counts connections that carried a request
+        self.accepted += 1
+        self.closed.append(asyncio.Event())
+        ours = asyncio.StreamReader(limit=2**20)  # the request's first bytes, then the rest as it comes
+        ours.feed_data(first)
+
+        async def pump() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    ours.feed_data(data)
+            ours.feed_eof()
+
+        pumping = asyncio.create_task(pump())
+        try:
+            await self.handler(ours, writer, n)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed[n].set()
+            writer.close()
+            pumping.cancel()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the sidecar closed this connection within ``WAIT`` (what it sends meanwhile is dropped)."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while await reader.read(65536):
+                pass
+    except ConnectionError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """An honest upstream: every request on the connection gets its own answer, noting the connection."""
+    while (req := await read_request(reader)) is not None:
+        writer.write(answer(rpc_id(req[1]), note=f"conn{n}"))
+        await writer.drain()
+
+
+StartRaw = Callable[[Handler], Awaitable[RawUpstream]]
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[StartRaw]:
+    servers: list[RawUpstream] = []
+
+    async def start(handler: Handler) -> RawUpstream:
+        up = RawUpstream(handler)
+        await up.start()
+        servers.append(up)
+        return up
+
+    yield start
+    for up in servers:
+        await up.stop()
+
+
+Setup = Callable[..., Awaitable[tuple[Running, str]]]
+
+
+@pytest.fixture
+def sidecar(make_sidecar: MakeSidecar, tmp_path: Path) -> Setup:
+    """A sidecar with one plain-HTTP MCP upstream at ``port`` (through the pool), and a key."""
+
+    async def make(port: int, read: str = "2s") -> tuple[Running, str]:
+        cfg = base_config(f"http://127.0.0.1:{port}", tmp_path)
+        cfg["upstreams"] = [
+            {"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{port}/mcp", "path_prefix": "/mcp/tools",
+             "timeouts": {"read": read}},
+        ]  # fmt: skip
+        gw = await make_sidecar(cfg)
+        assert "tools" in gw.sc.pools  # the requests below go through ConnectionPool, not aiohttp's client
+        _, key = await gw.create_key(name="agent")
+        return gw, key
+
+    return make
+
+
+def call(rid: int) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": "x", "arguments": {}}}
+
+
+async def post(gw: Running, key: str, rid: int = 1, **headers: str) -> tuple[int, str, bytes]:
+    """One MCP POST through the sidecar: status, content type, whole body (bounded)."""
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post(
+            "/mcp/tools", json=call(rid), headers={**ACCEPT, "Authorization": f"Bearer {key}", **headers}
+        )
+        async with r:
+            return r.status, r.content_type, await r.read()
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["error"]["code"])
+
+
+async def assert_ok(gw: Running, key: str, rid: int, note: str | None = None) -> None:
+    """The next request gets its own answer (never bytes another answer left behind)."""
+    status, _, body = await post(gw, key, rid)
+    assert status == 200, body
+    got = json.loads(body)
+    assert got["id"] == rid
+    if note is not None:
+        assert got["result"]["note"] == note
+
+
+# ------------------------------------------------------------------ keep-alive
+
+
+async def test_sequential_posts_share_one_upstream_connection(raw: StartRaw, sidecar: Setup) -> None:
+    """Ten MCP POSTs one after another: ten right answers, one TCP connection at the upstream."""
+    up = await raw(keep_answering)
+    gw, key = await sidecar(up.port)
+    for rid in range(10):
+        await assert_ok(gw, key, rid, note="conn0")
+    assert up.accepted == 1
+
+
+async def test_connection_close_answer_is_not_reused(raw: StartRaw, sidecar: Setup) -> None:
+    """An answer with ``Connection: close``: relayed whole, and the next request opens a new connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), close=n == 0, note=f"conn{n}"))
+        await writer.drain()
+        if n == 0:
+            return  # and close
+        await keep_answering(reader, writer, n)
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    await assert_ok(gw, key, 2, note="conn1")
+    await assert_ok(gw, key, 3, note="conn1")
+    assert up.accepted == 2
+
+
+async def test_upstream_closing_an_idle_connection_costs_nothing(raw: StartRaw, sidecar: Setup) -> None:
+    """The upstream answers (keep-alive), then hangs up while idle: the pool drops that connection
+    (it sees the FIN and closes its side, which the upstream waits for), the next request gets a new one."""
+    hung_up = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), note="conn0"))
+        await writer.drain()
+        writer.write_eof()  # idle: the upstream's keep-alive timer ran out
+        assert await until_closed(reader)  # the sidecar closed its side in turn
+        hung_up.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    async with asyncio.timeout(WAIT):
+        await hung_up.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+    assert up.accepted == 2
+
+
+# ------------------------------------------------------------------ malformed answers
+
+BIG = b"X-Big: " + b"a" * 70_000 + b"\r\n"
+MALFORMED = {
+    "garbage status line": b"HTTX/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "not http at all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "content-length and chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    ),
+    "two content-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    "a header line over 64 KiB": b"HTTP/1.1 200 OK\r\n" + BIG + b"Content-Length: 2\r\n\r\n{}",
+    "headers over 64 KiB in all": (
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(80))
+        + b"Content-Length: 2\r\n\r\n{}"
+    ),  # fmt: skip
+    "129 header fields": (
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(128)) + b"Content-Length: 2\r\n\r\n{}"
+    ),
+    "101 switching protocols": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
+    ),
+    "101 without upgrade headers": b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "bare LF line endings": b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}",
+    "a bare LF inside the headers": b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\n{}",
+    "NUL in a header value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+    "CR in a header value": b"HTTP/1.1 200 OK\r\nX-A: a\rSet-Cookie: x=1\r\nContent-Length: 2\r\n\r\n{}",
+    "obs-fold continuation line": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
+    "space before the colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}",
+    "negative content-length": b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}",
+    "closed before the headers end": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+}
+
+
+def once_then_honest(first: bytes) -> Handler:
+    """Connection 0 answers its request with ``first`` and closes; every later connection is honest."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(first)
+        await writer.drain()
+        writer.write_eof()
+        await until_closed(reader)
+
+    return handler
+
+
+@pytest.mark.parametrize("raw_answer", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_answer_is_a_clean_502_and_the_next_request_works(
+    raw: StartRaw, sidecar: Setup, raw_answer: bytes
+) -> None:
+    """llhttp (strict) or the pool's own bounds refuse it before anything reached the client:
+    a JSON ``upstream_unavailable``, none of the upstream's bytes or headers; the next call is fine."""
+    up = await raw(once_then_honest(raw_answer))
+    gw, key = await sidecar(up.port)
+    status, ctype, body = await post(gw, key, 1)
+    assert (status, ctype) == (502, "application/json"), body
+    assert error_code(body) == "upstream_unavailable"
+    assert b"Set-Cookie" not in body and b"aaaa" not in body
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+async def test_an_endless_header_is_refused_at_its_bound_not_buffered(raw: StartRaw, sidecar: Setup) -> None:
+    """A header value that never ends: httptools keeps the value until its line ends, so without a
+    bound on the bytes read before the headers are complete the sidecar would hold all of it until
+    the read timeout. The answer is a 502 as soon as 64 KiB are over, long before the timeout (10 s)."""
+    sent = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(4096):  # up to 256 MiB, unless the sidecar hangs up first
+                writer.write(b"z" * 65536)
+                await writer.drain()
+        sent.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="10s")
+    started = time.monotonic()
+    status, _, body = await post(gw, key, 1)
+    assert status == 502 and error_code(body) == "upstream_unavailable"
+    assert time.monotonic() - started < 2.0
+    async with asyncio.timeout(WAIT):
+        await sent.wait()  # the upstream was cut off: its writes failed
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ desync: bytes nobody asked for
+
+
+async def test_a_second_answer_in_the_same_packet_is_never_the_next_requests(raw: StartRaw, sidecar: Setup) -> None:
+    """Response splitting: the upstream writes its answer and, in the same write, an answer to the
+    request it expects next. The first is relayed; the connection is dropped, so request 2 is
+    answered on a new connection, never with the injected bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), note="conn0") + answer(2, note="injected"))
+        await writer.drain()
+        await keep_answering(reader, writer, n)  # it would answer more, if asked
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    await assert_ok(gw, key, 2, note="conn1")
+    await assert_ok(gw, key, 3, note="conn1")
+    assert up.accepted == 2
+
+
+async def test_bytes_on_an_idle_connection_retire_it(raw: StartRaw, sidecar: Setup) -> None:
+    """The upstream sends an unrequested answer while the connection sits idle in the pool: the
+    pool aborts it at once (the upstream sees it closed), and request 2 gets its own answer."""
+    inject = asyncio.Event()
+    retired = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), note="conn0"))
+        await writer.drain()
+        await inject.wait()
+        writer.write(answer(2, note="injected"))
+        await writer.drain()
+        if await until_closed(reader):
+            retired.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    inject.set()
+    async with asyncio.timeout(WAIT):
+        await retired.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+    assert up.accepted == 2
+
+
+# ------------------------------------------------------------------ bodies cut short
+
+
+async def test_a_small_body_cut_short_is_a_502(raw: StartRaw, sidecar: Setup) -> None:
+    """``Content-Length: 100``, 10 bytes, close: a small body is read whole before anything is
+    sent, so the client gets a clean 502 instead of 10 bytes of a 100-byte answer."""
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"jsonrpc"'
+    up = await raw(once_then_honest(cut))
+    gw, key = await sidecar(up.port)
+    status, ctype, body = await post(gw, key, 1)
+    assert (status, ctype) == (502, "application/json")
+    assert error_code(body) == "upstream_unavailable" and b"jsonrpc" not in body
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def progress(i: int, pad: int = 0) -> bytes:
+    note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": i}}
+    if pad:
+        note["params"]["message"] = "p" * pad  # type: ignore[index]
+    return b"event: message\ndata: " + json.dumps(note).encode() + b"\n\n"
+
+
+async def open_stream(gw: Running, key: str, rid: int = 1) -> aiohttp.ClientResponse:
+    """An MCP POST whose answer the test reads itself (headers in, body not yet read)."""
+    async with asyncio.timeout(WAIT):
+        return await gw.proxy.post(
+            "/mcp/tools", json=call(rid), headers={**ACCEPT, "Authorization": f"Bearer {key}"}
+        )
+
+
+@pytest.mark.parametrize("how", ["closed", "bad chunk size", "reset"])
+async def test_an_event_stream_broken_after_its_headers_cuts_the_client(
+    raw: StartRaw, sidecar: Setup, how: str
+) -> None:
+    """The 200 and a first event went out; then the upstream closes without the last chunk, sends
+    a malformed chunk, or resets. The client's connection is cut (an incomplete chunked body), never
+    a clean end it could take for the whole answer; the next request works."""
+    go = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(SSE_HEAD + chunk(progress(0)))
+        await writer.drain()
+        await go.wait()
+        if how == "bad chunk size":
+            writer.write(b"zz\r\n" + progress(1) + b"\r\n")
+        elif how == "reset":
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        writer.write_eof()
+        await until_closed(reader)
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with r:
+        assert (r.status, r.content_type) == (200, "text/event-stream")
+        async with asyncio.timeout(WAIT):
+            assert await r.content.readuntil(b"\n\n") == progress(0)
+            go.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.content.read()
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ read until close
+
+
+async def test_a_body_read_until_close_arrives_whole_and_the_connection_goes(raw: StartRaw, sidecar: Setup) -> None:
+    """No Content-Length, no chunking: the body ends with the connection. All of it is relayed
+    (it is ended cleanly), and that connection is not reused."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"note": "conn0", "pad": "u" * 200_000}}).encode()
+    up = await raw(once_then_honest(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + body))
+    gw, key = await sidecar(up.port)
+    status, _, got = await post(gw, key, 1)
+    assert status == 200 and got == body
+    await assert_ok(gw, key, 2, note="conn1")
+    assert up.accepted == 2
+
+
+async def test_a_body_read_until_close_that_is_reset_is_cut(raw: StartRaw, sidecar: Setup) -> None:
+    """Such a body ends with a clean close (FIN) only: a reset mid-body is a broken answer, and the
+    client's connection is cut instead of a clean end after the truncated JSON."""
+    go = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"jsonrpc":"2.0","id":1,')
+        await writer.drain()
+        await go.wait()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with r:
+        assert r.status == 200
+        async with asyncio.timeout(WAIT):
+            assert await r.content.readany() == b'{"jsonrpc":"2.0","id":1,'
+            go.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.content.read()
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ informational answers
+
+
+async def test_interim_answers_are_skipped_and_the_connection_kept(raw: StartRaw, sidecar: Setup) -> None:
+    """``100 Continue`` and ``103 Early Hints`` before the 200: the client gets the 200 and its
+    body, none of the 1xx's headers, and the connection stays in use."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </evil.css>; rel=preload\r\nX-Hint: 1\r\n\r\n"
+            + answer(rpc_id(req[1]), note=f"conn{n}")
+        )
+        await writer.drain()
+        await keep_answering(reader, writer, n)
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post("/mcp/tools", json=call(1), headers={**ACCEPT, "Authorization": f"Bearer {key}"})
+        async with r:
+            assert r.status == 200 and "Link" not in r.headers and "X-Hint" not in r.headers
+            assert json.loads(await r.read()) == {"jsonrpc": "2.0", "id": 1, "result": {"note": "conn0"}}
+    await assert_ok(gw, key, 2, note="conn0")
+    assert up.accepted == 1
+
+
+# ------------------------------------------------------------------ timeouts and refusals
+
+
+async def test_an_upstream_that_never_answers_is_a_504_and_its_connection_closed(
+    raw: StartRaw, sidecar: Setup
+) -> None:
+    """It accepts and reads the request, then says nothing: 504 ``upstream_timeout`` after
+    ``timeouts.read`` (0.5 s), the sidecar closes that connection, and the next request gets a new one."""
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        if await until_closed(reader):
+            closed.set()
+            writer.write(answer(1, note="too late"))  # nobody is listening any more
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="0.5s")
+    started = time.monotonic()
+    status, _, body = await post(gw, key, 1)
+    took = time.monotonic() - started
+    assert status == 504 and error_code(body) == "upstream_timeout"
+    assert 0.45 <= took < 2.0
+    async with asyncio.timeout(WAIT):
+        await closed.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+async def test_a_refused_connect_is_a_502_naming_the_upstream(sidecar: Setup) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gw, key = await sidecar(port)
+    status, _, body = await post(gw, key, 1)
+    assert status == 502 and error_code(body) == "upstream_unavailable"
+    assert json.loads(body)["error"]["message"] == "upstream tools refused the connection"
