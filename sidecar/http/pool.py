@@ -200,7 +200,8 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
-        self._head_read = 0  # bytes read for this request before its answer's headers were complete
+        self._unframed = 0  # bytes read since the request or the last body byte (``data_received``)
+        self._got_body = False
         self._paused = False
         self._error: str | None = None
 
@@ -212,18 +213,23 @@ class _Connection(asyncio.Protocol):
         if not self.busy:  # bytes nobody asked for: the connection cannot be trusted
             self._abort("the upstream sent bytes without a request")
             return
+        self._got_body = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._abort(self._error or f"malformed answer ({type(e).__name__})")
             return
-        if self.response is None:
+        if self._got_body:
+            self._unframed = 0
+        else:
             # httptools holds a header's name and value until its line ends, and ``_count`` only
-            # sees whole ones: an endless header line would be buffered until the read timeout.
-            # The raw bytes of the head(s) are bounded too (twice the parsed bound: CRLFs, ": ").
-            self._head_read += len(data)
-            if self._head_read > 2 * MAX_HEADER_SIZE:
-                self._abort(f"headers over {MAX_HEADER_SIZE} bytes")
+            # sees whole ones: an endless header line, or trailer line after the last chunk (no
+            # idle timeout on an event stream), would be buffered without bound. So the bytes
+            # read with no body byte among them are bounded too (twice the parsed bound: CRLFs,
+            # ": ", chunk sizes), at the cost of one flag per body callback.
+            self._unframed += len(data)
+            if self._unframed > 2 * MAX_HEADER_SIZE:
+                self._abort(f"over {2 * MAX_HEADER_SIZE} bytes of headers or framing")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -280,6 +286,7 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
+        self._got_body = True
         if self.response is not None:
             self.response.content.feed(body)
 
@@ -293,7 +300,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[PooledResponse]:
         assert self.transport is not None
         self.busy, self.complete, self.response, self._error = True, False, None, None
-        self._head_read = 0
+        self._unframed = 0
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter

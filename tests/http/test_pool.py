@@ -27,6 +27,7 @@ import uvloop
 from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 from multidict import CIMultiDict
+from raw_http import read_response
 
 from sidecar.config import parse_config
 from sidecar.http import pool as pool_mod
@@ -327,20 +328,30 @@ async def test_a_malformed_answer_is_a_clean_502_and_the_next_request_works(
     await assert_ok(gw, key, 2, note="conn1")
 
 
-async def test_an_endless_header_is_refused_at_its_bound_not_buffered(raw: StartRaw, sidecar: Setup) -> None:
-    """A header value that never ends: httptools keeps the value until its line ends, so without a
-    bound on the bytes read before the headers are complete the sidecar would hold all of it until
-    the read timeout. The answer is a 502 as soon as 64 KiB are over, long before the timeout (10 s)."""
+ENDLESS = {
+    "a header value": (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"z" * 65536),
+    "100 Continue, again and again": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2600),
+}
+
+
+@pytest.mark.parametrize(("start", "unit"), ENDLESS.values(), ids=ENDLESS.keys())
+async def test_an_endless_head_is_refused_at_its_bound_not_buffered(
+    raw: StartRaw, sidecar: Setup, start: bytes, unit: bytes
+) -> None:
+    """A header value that never ends (httptools keeps a value until its line ends, and the pool's
+    64 KiB bound counted whole ones only), or interim answers without end: the sidecar held it all
+    until the read timeout. Now it is a 502 once 128 KiB came without the answer's headers, long
+    before the timeout (10 s here)."""
     sent = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         if n > 0:
             return await keep_answering(reader, writer, n)
         assert await read_request(reader) is not None
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        writer.write(start)
         with contextlib.suppress(ConnectionError):
             for _ in range(4096):  # up to 256 MiB, unless the sidecar hangs up first
-                writer.write(b"z" * 65536)
+                writer.write(unit)
                 await writer.drain()
         sent.set()
 
@@ -352,6 +363,40 @@ async def test_an_endless_header_is_refused_at_its_bound_not_buffered(raw: Start
     assert time.monotonic() - started < 2.0
     async with asyncio.timeout(WAIT):
         await sent.wait()  # the upstream was cut off: its writes failed
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+async def test_an_endless_trailer_cuts_the_stream_instead_of_filling_memory(raw: StartRaw, sidecar: Setup) -> None:
+    """After an event stream's last chunk, a trailer line that never ends. An event stream has no
+    idle timeout, and httptools keeps a trailer's value until its line ends, so this was memory
+    without bound; the pool refuses more than 128 KiB without a body byte, which cuts the client."""
+    go = asyncio.Event()
+    cut_off = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(SSE_HEAD + chunk(progress(0)))
+        await writer.drain()
+        await go.wait()
+        writer.write(b"0\r\nX-Trailer: ")
+        try:
+            for _ in range(256):  # 16 MiB at most
+                writer.write(b"t" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            cut_off.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with r, asyncio.timeout(WAIT):
+        assert await r.content.readuntil(b"\n\n") == progress(0)
+        go.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.content.read()
+        await cut_off.wait()
     await assert_ok(gw, key, 2, note="conn1")
 
 
@@ -594,3 +639,232 @@ async def test_a_refused_connect_is_a_502_naming_the_upstream(sidecar: Setup) ->
     status, _, body = await post(gw, key, 1)
     assert status == 502 and error_code(body) == "upstream_unavailable"
     assert json.loads(body)["error"]["message"] == "upstream tools refused the connection"
+
+
+# ------------------------------------------------------------------ large streams, backpressure, cancellation
+
+EVENTS = 192  # of ~64 KiB each: 12 MiB in one answer
+STALL = 0.3  # a drain that takes this long: the upstream is held back (a bound, not a wait)
+
+
+async def test_a_large_event_stream_is_relayed_intact_with_backpressure(raw: StartRaw, sidecar: Setup) -> None:
+    """12 MiB of progress events then the answer, to a client that reads nothing until the upstream stalls.
+
+    Backpressure, seen from both ends: the upstream's ``drain()`` stalls (``STALL``) long before
+    it has written it all, so nothing in between reads without bound; and the pool's connection
+    is paused with at most ``HIGH_WATER`` plus one socket read unread (``sidecar.http.pool``
+    internals: the only place where it is the pool that stopped, not aiohttp's writer). Loopback
+    socket buffers absorb several MiB on their own (~7 MiB measured here: the sidecar's send
+    buffer to the client ~4 MiB, its receive buffer from the upstream ~2.6 MiB, both autotuned),
+    hence 12 MiB, a client socket with a small fixed receive buffer, and a small one at the
+    upstream. Then the client reads, and gets every byte in order, then the end of the body."""
+    events = [progress(i, pad=65_000) for i in range(EVENTS)]
+    final = b"event: message\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode() + b"\n\n"
+    stalled_at: list[int] = []
+    stalled = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        assert await read_request(reader) is not None
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        writer.write(SSE_HEAD)
+        written = 0
+        for ev in [*events, final]:
+            writer.write(chunk(ev))
+            written += len(ev)
+            try:
+                await asyncio.wait_for(writer.drain(), STALL)
+            except TimeoutError:
+                if not stalled_at:
+                    stalled_at.append(written)
+                    stalled.set()
+                await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await until_closed(reader)
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    reader, writer = await slow_client(gw)
+    body = json.dumps(call(1)).encode()
+    writer.write(
+        b"POST /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nAccept: application/json, "
+        b"text/event-stream\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (key.encode(), len(body), body)
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            await stalled.wait()
+        total = sum(map(len, events)) + len(final)
+        assert stalled_at[0] < total - 2 * 1024 * 1024  # not merely held up by the last few writes
+        (conn,) = gw.sc.pools["tools"]._all
+        assert conn._paused and conn.response is not None
+        assert conn.response.content._size <= pool_mod.HIGH_WATER + 256 * 1024
+        async with asyncio.timeout(WAIT * 2):
+            status, headers, got = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(b"".join(events) + final).hexdigest()
+
+
+async def slow_client(gw: Running) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection whose receive window stays small (set before connect: no autotuning),
+    so what the client has not read cannot hide in its kernel buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.proxy.port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_leaves_mid_stream_closes_the_upstream_connection(raw: StartRaw, sidecar: Setup) -> None:
+    """The client reads a first progress event and hangs up before the answer: closing is how MCP
+    cancels, so the upstream sees its connection closed at once (bounded), and it is not reused."""
+    cancelled = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(SSE_HEAD + chunk(progress(0)))
+        await writer.drain()
+        if await until_closed(reader):
+            cancelled.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with asyncio.timeout(WAIT):
+        assert await r.content.readuntil(b"\n\n") == progress(0)
+    r.close()  # the client's connection goes with it
+    async with asyncio.timeout(WAIT):
+        await cancelled.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ request_head and the pool itself
+
+
+def parse_request(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+    """Method, target, headers and body as llhttp's request parser reads them (must be one whole request)."""
+    got: dict[str, Any] = {"headers": [], "body": b"", "done": False, "url": b""}
+
+    class Sink:
+        def on_url(self, url: bytes) -> None:
+            got["url"] += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            got["headers"].append((name, value))
+
+        def on_body(self, body: bytes) -> None:
+            got["body"] += body
+
+        def on_message_complete(self) -> None:
+            got["done"] = True
+
+    parser = httptools.HttpRequestParser(Sink())
+    parser.feed_data(data)
+    assert got["done"]
+    return parser.get_method(), got["url"], got["headers"], got["body"]
+
+
+def test_request_head_round_trips() -> None:
+    headers = CIMultiDict([("Host", "up:8080"), ("Content-Type", "application/json"), ("X-A", "1"), ("X-A", "é")])
+    headers["Content-Length"] = "2"
+    head = request_head("POST", "/mcp?x=1&y=%20", headers)
+    assert head == (
+        b"POST /mcp?x=1&y=%20 HTTP/1.1\r\nHost: up:8080\r\nContent-Type: application/json\r\nX-A: 1\r\n"
+        b"X-A: \xc3\xa9\r\nContent-Length: 2\r\n\r\n"
+    )
+    method, target, parsed, body = parse_request(head + b"{}")
+    assert (method, target, body) == (b"POST", b"/mcp?x=1&y=%20", b"{}")
+    assert parsed == [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", "\r\n", "\x00", "\r\nX-Injected: 1"])
+@pytest.mark.parametrize("where", ["name", "value", "target"])
+def test_request_head_refuses_line_breaks_and_nul(bad: str, where: str) -> None:
+    """Header injection and request splitting: nothing is sent with a CR, LF or NUL anywhere."""
+    name, value, target = "X-A", "v", "/mcp"
+    if where == "name":
+        name = "X" + bad + "A"
+    elif where == "value":
+        value = "v" + bad + "w"
+    else:
+        target = "/mcp" + bad + "x"
+    with pytest.raises(ValueError):
+        request_head("GET", target, CIMultiDict([("Host", "h"), (name, value)]))
+
+
+@pytest.mark.parametrize("target", ["/mcp HTTP/1.1\r\n", "/a b", "mcp", "http://evil/mcp", "*", ""])
+def test_request_head_refuses_targets_that_are_not_a_path(target: str) -> None:
+    with pytest.raises(ValueError):
+        request_head("GET", target, CIMultiDict([("Host", "h")]))
+
+
+def upstream_config(url: str, tmp_path: Path, read: str = "2s") -> Any:
+    cfg = base_config(url, tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": url, "timeouts": {"read": read}}]
+    return parse_config(cfg, env={"SIDECAR_ADMIN_TOKEN": "x", "PLEX_TOKEN": "y"}, base=tmp_path).upstreams[0]
+
+
+def echo_app() -> web.Application:
+    """An in-process aiohttp upstream: echoes the body with the client's port (one port: one connection)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername")[1] if request.transport else 0
+        return web.json_response({"body": (await request.read()).decode(), "peer": peer, "host": request.host})
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", echo)
+    return app
+
+
+async def pool_round_trips(tmp_path: Path) -> list[dict[str, Any]]:
+    """Three requests through a ``ConnectionPool`` on the running loop; the answers' JSON."""
+    runner = web.AppRunner(echo_app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    pool = ConnectionPool(upstream_config(f"http://127.0.0.1:{port}/mcp", tmp_path))
+    answers = []
+    try:
+        for i, method in enumerate(["POST", "GET", "DELETE"]):
+            headers = CIMultiDict({"Host": f"127.0.0.1:{port}"})
+            body = f"call {i}".encode() if method == "POST" else None
+            if body:
+                headers["Content-Length"] = str(len(body))
+            url = pool_url = __import__("yarl").URL(f"http://127.0.0.1:{port}/mcp")
+            del pool_url
+            async with asyncio.timeout(WAIT):
+                resp = await pool.request(method, url, headers, body)
+                assert resp.status == 200
+                data = b""
+                while chunk_ := await resp.content.readany():
+                    data += chunk_
+            resp.release()
+            answers.append(json.loads(data))
+    finally:
+        await pool.close()
+        await runner.cleanup()
+    return answers
+
+
+def test_the_pool_works_on_uvloop(tmp_path: Path) -> None:
+    """Production runs on uvloop, whose transports are not asyncio's classes (a bug once): real
+    requests through a ConnectionPool on a uvloop loop, all on one kept-alive connection."""
+    loop = uvloop.new_event_loop()
+    try:
+        answers = loop.run_until_complete(pool_round_trips(tmp_path))
+    finally:
+        loop.close()
+    assert [a["body"] for a in answers] == ["call 0", "", ""]
+    assert len({a["peer"] for a in answers}) == 1
+
+
+async def test_the_pool_keeps_one_connection_and_closes_it(tmp_path: Path) -> None:
+    """The same on asyncio's own loop."""
+    answers = await pool_round_trips(tmp_path)
+    assert [a["body"] for a in answers] == ["call 0", "", ""]
+    assert len({a["peer"] for a in answers}) == 1
