@@ -358,6 +358,7 @@ class ConnectionPool:
         self.port = url.port or 80
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
     def put(self, conn: _Connection) -> None:
@@ -366,6 +367,20 @@ class ConnectionPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``KEEPALIVE``. ``_take_idle`` only looks at the top of the
+        stack, so after a burst the ones below would stay open for good (aiohttp's connector has a
+        timer for this too); one timer per pool, armed while anything is idle."""
+        self._sweeper = None
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].idle_since >= KEEPALIVE:
+            self._idle.pop(0).close()
+        if self._idle:
+            wait = self._idle[0].idle_since + KEEPALIVE - now
+            self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
 
     def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -411,6 +426,9 @@ class ConnectionPool:
 
     async def close(self) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.close()
         self._idle.clear()

@@ -28,6 +28,7 @@ from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 from multidict import CIMultiDict
 from raw_http import read_response
+from yarl import URL
 
 from sidecar.config import parse_config
 from sidecar.http import pool as pool_mod
@@ -277,16 +278,19 @@ MALFORMED = {
     "two content-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     "a header line over 64 KiB": b"HTTP/1.1 200 OK\r\n" + BIG + b"Content-Length: 2\r\n\r\n{}",
     "headers over 64 KiB in all": (
-        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(80))
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(80))
         + b"Content-Length: 2\r\n\r\n{}"
-    ),  # fmt: skip
+    ),
     "129 header fields": (
         b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(128)) + b"Content-Length: 2\r\n\r\n{}"
     ),
     "101 switching protocols": (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
     ),
-    "101 without upgrade headers": b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "101 without upgrade headers": (
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    ),
     "bare LF line endings": b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}",
     "a bare LF inside the headers": b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\n{}",
     "NUL in a header value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
@@ -486,9 +490,10 @@ def progress(i: int, pad: int = 0) -> bytes:
 async def open_stream(gw: Running, key: str, rid: int = 1) -> aiohttp.ClientResponse:
     """An MCP POST whose answer the test reads itself (headers in, body not yet read)."""
     async with asyncio.timeout(WAIT):
-        return await gw.proxy.post(
+        resp: aiohttp.ClientResponse = await gw.proxy.post(
             "/mcp/tools", json=call(rid), headers={**ACCEPT, "Authorization": f"Bearer {key}"}
         )
+        return resp
 
 
 @pytest.mark.parametrize("how", ["closed", "bad chunk size", "reset"])
@@ -604,9 +609,7 @@ async def test_interim_answers_are_skipped_and_the_connection_kept(raw: StartRaw
 # ------------------------------------------------------------------ timeouts and refusals
 
 
-async def test_an_upstream_that_never_answers_is_a_504_and_its_connection_closed(
-    raw: StartRaw, sidecar: Setup
-) -> None:
+async def test_an_upstream_that_never_answers_is_a_504_and_its_connection_closed(raw: StartRaw, sidecar: Setup) -> None:
     """It accepts and reads the request, then says nothing: 504 ``upstream_timeout`` after
     ``timeouts.read`` (0.5 s), the sidecar closes that connection, and the next request gets a new one."""
     closed = asyncio.Event()
@@ -835,8 +838,7 @@ async def pool_round_trips(tmp_path: Path) -> list[dict[str, Any]]:
             body = f"call {i}".encode() if method == "POST" else None
             if body:
                 headers["Content-Length"] = str(len(body))
-            url = pool_url = __import__("yarl").URL(f"http://127.0.0.1:{port}/mcp")
-            del pool_url
+            url = URL(f"http://127.0.0.1:{port}/mcp")
             async with asyncio.timeout(WAIT):
                 resp = await pool.request(method, url, headers, body)
                 assert resp.status == 200
@@ -863,8 +865,43 @@ def test_the_pool_works_on_uvloop(tmp_path: Path) -> None:
     assert len({a["peer"] for a in answers}) == 1
 
 
-async def test_the_pool_keeps_one_connection_and_closes_it(tmp_path: Path) -> None:
+async def test_the_pool_works_on_asyncio(tmp_path: Path) -> None:
     """The same on asyncio's own loop."""
     answers = await pool_round_trips(tmp_path)
     assert [a["body"] for a in answers] == ["call 0", "", ""]
     assert len({a["peer"] for a in answers}) == 1
+
+
+async def test_idle_connections_after_a_burst_are_closed_when_they_expire(
+    raw: StartRaw, sidecar: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five concurrent calls open five connections; afterwards, with no more traffic, each is closed
+    once idle for ``KEEPALIVE`` (set to 0.3 s here), as aiohttp's connector does. Before, only the
+    connection on top of the idle stack was ever checked: the rest stayed open for good."""
+    monkeypatch.setattr(pool_mod, "KEEPALIVE", 0.3)
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        nonlocal arrived
+        req = await read_request(reader)
+        assert req is not None
+        arrived += 1
+        if arrived == 5:
+            all_in.set()
+        await all_in.wait()  # answer only once all five are in: five connections
+        writer.write(answer(rpc_id(req[1]), note=f"conn{n}"))
+        await writer.drain()
+        if await until_closed(reader):
+            gone.append(n)
+
+    gone: list[int] = []
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    results = await asyncio.gather(*(post(gw, key, rid) for rid in range(5)))
+    assert [s for s, _, _ in results] == [200] * 5
+    assert up.accepted == 5
+    async with asyncio.timeout(WAIT):
+        for closed in up.closed:
+            await closed.wait()
+    assert sorted(gone) == [0, 1, 2, 3, 4] and not gw.sc.pools["tools"]._idle
