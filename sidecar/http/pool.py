@@ -181,6 +181,10 @@ class PooledResponse:
     def close(self) -> None:
         """Give up on the answer (a client that left, a cancelled call): the connection is closed."""
         self._conn.done(reuse=False)
+        if not self.content.is_eof():
+            # A read still waiting fails, as with aiohttp: the forwarder ends an event stream on a
+            # drain by closing its answer (``end_stream``), and the closed connection tells nothing more.
+            self.content.set_exception(aiohttp.ClientConnectionError("the answer was given up"))
 
 
 class _Connection(asyncio.Protocol):

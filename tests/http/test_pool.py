@@ -905,3 +905,68 @@ async def test_idle_connections_after_a_burst_are_closed_when_they_expire(
         for closed in up.closed:
             await closed.wait()
     assert sorted(gone) == [0, 1, 2, 3, 4] and not gw.sc.pools["tools"]._idle
+
+
+async def test_a_chunked_request_goes_up_with_one_content_length(raw: StartRaw, sidecar: Setup) -> None:
+    """The client's framing never reaches the upstream: a chunked POST (two chunks) and then a
+    DELETE arrive as exactly two requests on one connection, the POST framed by one
+    ``Content-Length`` that matches its body and no ``Transfer-Encoding``, the DELETE with none."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            seen.append(req)
+            writer.write(answer(rpc_id(req[1]) if req[1] else None, note=f"conn{n}"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    body = json.dumps(call(7)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    try:
+        writer.write(
+            b"POST /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nAccept: application/json, "
+            b"text/event-stream\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n%s%s0\r\n\r\n"
+            % (key.encode(), chunk(body[:10]), chunk(body[10:]))
+        )
+        async with asyncio.timeout(WAIT):
+            status, _, got = await read_response(reader)
+        assert status == 200 and json.loads(got)["id"] == 7
+        writer.write(b"DELETE /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % key.encode())
+        async with asyncio.timeout(WAIT):
+            status, _, got = await read_response(reader)
+        assert status == 200
+    finally:
+        writer.close()
+    assert up.accepted == 1 and [h.split(b" ", 2)[:2] for h, _ in seen] == [[b"POST", b"/mcp"], [b"DELETE", b"/mcp"]]
+    (post_head, post_body), (delete_head, delete_body) = seen
+    assert json.loads(post_body) == call(7)
+    assert b"transfer-encoding" not in post_head.lower() + delete_head.lower()
+    assert post_head.lower().count(b"content-length:") == 1
+    assert b"\r\ncontent-length: %d\r\n" % len(post_body) in post_head.lower()
+    assert b"content-length" not in delete_head.lower() and delete_body == b""
+
+
+async def test_a_drain_ends_a_pooled_event_stream(raw: StartRaw, sidecar: Setup) -> None:
+    """Shutdown (``Forwarder.end_streams``) ends event streams by closing their upstream answer; the
+    relay's pending read must fail then. It did not for a pooled answer (closing it gave no error to
+    a waiting read), so the stream hung until the drain's grace ran out. Now the client is cut at
+    once and the upstream sees its connection closed."""
+    gone = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        assert await read_request(reader) is not None
+        writer.write(SSE_HEAD + chunk(progress(0)))
+        await writer.drain()
+        if await until_closed(reader):
+            gone.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with r, asyncio.timeout(WAIT):
+        assert await r.content.readuntil(b"\n\n") == progress(0)
+        await gw.sc.forwarder.end_streams()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.content.read()
+        await gone.wait()
