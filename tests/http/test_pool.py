@@ -811,42 +811,70 @@ def upstream_config(url: str, tmp_path: Path, read: str = "2s") -> Any:
     return parse_config(cfg, env={"SIDECAR_ADMIN_TOKEN": "x", "PLEX_TOKEN": "y"}, base=tmp_path).upstreams[0]
 
 
+BIG_ANSWER = bytes(range(256)) * (16 * 1024)  # 4 MiB
+
+
 def echo_app() -> web.Application:
-    """An in-process aiohttp upstream: echoes the body with the client's port (one port: one connection)."""
+    """An in-process aiohttp upstream: echoes the body with the client's port (one port: one
+    connection); ``/big`` streams ``BIG_ANSWER`` in 64 KiB writes."""
 
     async def echo(request: web.Request) -> web.Response:
         peer = request.transport.get_extra_info("peername")[1] if request.transport else 0
-        return web.json_response({"body": (await request.read()).decode(), "peer": peer, "host": request.host})
+        return web.json_response({"body": (await request.read()).decode(), "peer": peer})
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(BIG_ANSWER), 65536):
+            await resp.write(BIG_ANSWER[i : i + 65536])
+        await resp.write_eof()
+        return resp
 
     app = web.Application()
     app.router.add_route("*", "/mcp", echo)
+    app.router.add_get("/big", big)
     return app
 
 
+async def read_all(resp: pool_mod.PooledResponse) -> bytes:
+    data = b""
+    while part := await resp.content.readany():
+        data += part
+    resp.release()
+    return data
+
+
 async def pool_round_trips(tmp_path: Path) -> list[dict[str, Any]]:
-    """Three requests through a ``ConnectionPool`` on the running loop; the answers' JSON."""
+    """Requests through a ``ConnectionPool`` on the running loop, the answers' JSON: POST, GET,
+    DELETE, then a 4 MiB stream left unread until the pool has paused reading (it must, and then
+    resume), then one more GET; all on one connection."""
     runner = web.AppRunner(echo_app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     pool = ConnectionPool(upstream_config(f"http://127.0.0.1:{port}/mcp", tmp_path))
+    url = URL(f"http://127.0.0.1:{port}/mcp")
     answers = []
     try:
-        for i, method in enumerate(["POST", "GET", "DELETE"]):
-            headers = CIMultiDict({"Host": f"127.0.0.1:{port}"})
-            body = f"call {i}".encode() if method == "POST" else None
-            if body:
-                headers["Content-Length"] = str(len(body))
-            url = URL(f"http://127.0.0.1:{port}/mcp")
-            async with asyncio.timeout(WAIT):
-                resp = await pool.request(method, url, headers, body)
-                assert resp.status == 200
-                data = b""
-                while chunk_ := await resp.content.readany():
-                    data += chunk_
-            resp.release()
-            answers.append(json.loads(data))
+        async with asyncio.timeout(WAIT):
+            for i, method in enumerate(["POST", "GET", "DELETE", "big", "GET"]):
+                headers = CIMultiDict({"Host": f"127.0.0.1:{port}"})
+                body = f"call {i}".encode() if method == "POST" else None
+                if body:
+                    headers["Content-Length"] = str(len(body))
+                if method != "big":
+                    resp = await pool.request(method, url, headers, body)
+                    assert resp.status == 200
+                    answers.append(json.loads(await read_all(resp)))
+                    continue
+                resp = await pool.request("GET", url.with_path("/big"), headers, None)
+                (conn,) = pool._all
+                while not conn._paused:  # nothing read: the pool stops reading at HIGH_WATER
+                    await asyncio.sleep(0.005)
+                assert resp.content._size <= pool_mod.HIGH_WATER + 256 * 1024
+                assert await read_all(resp) == BIG_ANSWER
+                assert not conn._paused
     finally:
         await pool.close()
         await runner.cleanup()
@@ -855,20 +883,20 @@ async def pool_round_trips(tmp_path: Path) -> list[dict[str, Any]]:
 
 def test_the_pool_works_on_uvloop(tmp_path: Path) -> None:
     """Production runs on uvloop, whose transports are not asyncio's classes (a bug once): real
-    requests through a ConnectionPool on a uvloop loop, all on one kept-alive connection."""
+    requests, a paused and resumed stream, all on one kept-alive connection, on a uvloop loop."""
     loop = uvloop.new_event_loop()
     try:
         answers = loop.run_until_complete(pool_round_trips(tmp_path))
     finally:
         loop.close()
-    assert [a["body"] for a in answers] == ["call 0", "", ""]
+    assert [a["body"] for a in answers] == ["call 0", "", "", ""]
     assert len({a["peer"] for a in answers}) == 1
 
 
 async def test_the_pool_works_on_asyncio(tmp_path: Path) -> None:
     """The same on asyncio's own loop."""
     answers = await pool_round_trips(tmp_path)
-    assert [a["body"] for a in answers] == ["call 0", "", ""]
+    assert [a["body"] for a in answers] == ["call 0", "", "", ""]
     assert len({a["peer"] for a in answers}) == 1
 
 
