@@ -274,6 +274,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits: "000" or "099" would go out as a broken status line
+            self._error = f"status {status}"
+            raise ValueError(self._error)
         if 100 <= status < 200:
             if status == 101:  # never asked for: nothing after it is HTTP
                 self._error = "an unrequested protocol switch"
