@@ -16,8 +16,9 @@ themselves), with backpressure: past ``HIGH_WATER`` unread bytes the socket is p
 Errors are aiohttp's, so the forwarder maps them as before: ``ServerDisconnectedError``
 (closed before the headers), ``ClientPayloadError`` (broken off, or a malformed answer),
 ``ConnectionTimeoutError``; a refused or unresolvable connect is ``UpstreamUnavailable``
-with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a request
-is never sent twice: a pooled connection found closed is dropped before it is used.
+with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a POST is
+never sent twice: a pooled connection found closed is dropped before it is used, and one
+closed just as the request went out is a 502; a GET or DELETE is then sent once more.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..core.errors import UpstreamUnavailable
 from .outbound import CHUNK, MAX_HEADER_SIZE
 
 METHODS = frozenset({"GET", "POST", "DELETE"})  # no HEAD: its answer has a length but no body
+IDEMPOTENT = frozenset({"GET", "DELETE"})  # sent again on a new connection if a kept-alive one was closed under it
 HIGH_WATER = 2 * CHUNK  # unread answer bytes before the socket stops being read
 MAX_HEADERS = 128  # header fields in one answer
 KEEPALIVE = 30.0  # seconds an idle connection is kept (aiohttp's connector used 30 too)
@@ -218,6 +220,7 @@ class _Connection(asyncio.Protocol):
             self._abort("the upstream sent bytes without a request")
             return
         self._got_body = False
+        self._unframed += len(data)  # before parsing: it also tells ``request`` that an answer had begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -225,15 +228,13 @@ class _Connection(asyncio.Protocol):
             return
         if self._got_body:
             self._unframed = 0
-        else:
+        elif self._unframed > 2 * MAX_HEADER_SIZE:
             # httptools holds a header's name and value until its line ends, and ``_count`` only
             # sees whole ones: an endless header line, or trailer line after the last chunk (no
             # idle timeout on an event stream), would be buffered without bound. So the bytes
             # read with no body byte among them are bounded too (twice the parsed bound: CRLFs,
             # ": ", chunk sizes), at the cost of one flag per body callback.
-            self._unframed += len(data)
-            if self._unframed > 2 * MAX_HEADER_SIZE:
-                self._abort(f"over {2 * MAX_HEADER_SIZE} bytes of headers or framing")
+            self._abort(f"over {2 * MAX_HEADER_SIZE} bytes of headers or framing")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -424,7 +425,20 @@ class ConnectionPool:
         data = request_head(method, url.raw_path_qs, headers)
         if body:
             data += body
-        conn = self._take_idle() or await self._connect()
+        conn = self._take_idle()
+        if conn is not None and method in IDEMPOTENT:
+            try:
+                return await self._exchange(conn, data)
+            except aiohttp.ServerDisconnectedError:
+                if conn._unframed:  # an answer had begun (a malformed one): not a close in passing
+                    raise
+            # The upstream closed its idle connection just as the request went out: like aiohttp
+            # (RFC 9112 §9.3.1), an idempotent request is sent once more, on a new connection.
+            conn = None
+        return await self._exchange(conn or await self._connect(), data)
+
+    @staticmethod
+    async def _exchange(conn: _Connection, data: bytes) -> PooledResponse:
         try:
             return await conn.send(data)
         except BaseException:

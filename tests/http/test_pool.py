@@ -1001,3 +1001,63 @@ async def test_a_drain_ends_a_pooled_event_stream(raw: StartRaw, sidecar: Setup)
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.content.read()
         await gone.wait()
+
+
+async def delete(gw: Running, key: str) -> tuple[int, bytes]:
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.delete("/mcp/tools", headers={"Authorization": f"Bearer {key}"})
+        async with r:
+            return r.status, await r.read()
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST"])
+async def test_a_kept_alive_connection_closed_under_a_request(raw: StartRaw, sidecar: Setup, method: str) -> None:
+    """The upstream's keep-alive timer runs out just as the next request arrives: it reads it and
+    closes without a byte of answer. Like aiohttp, the pool sends a DELETE (idempotent) once more
+    on a new connection, and the client never notices; a POST is never sent twice: 502, and the
+    upstream saw it once."""
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            requests.append(req[0].split(b" ", 1)[0])
+            if n == 0 and len(requests) == 2:
+                return  # the second request on connection 0: closed, unanswered
+            writer.write(answer(rpc_id(req[1]) if req[1] else None, note=f"conn{n}"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    if method == "DELETE":
+        status, body = await delete(gw, key)
+        assert status == 200 and json.loads(body)["result"]["note"] == "conn1"
+        assert requests == [b"POST", b"DELETE", b"DELETE"]
+    else:
+        status, _, body = await post(gw, key, 2)
+        assert status == 502 and error_code(body) == "upstream_unavailable"
+        assert requests == [b"POST", b"POST"]
+        await assert_ok(gw, key, 3, note="conn1")
+    assert up.accepted == 2
+
+
+async def test_a_malformed_answer_to_a_get_is_not_sent_again(raw: StartRaw, sidecar: Setup) -> None:
+    """Only a connection closed without a byte of answer is retried: a kept-alive connection that
+    answers a DELETE with garbage is a 502 and the DELETE went up once."""
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            requests.append(req[0].split(b" ", 1)[0])
+            if len(requests) == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}")
+            else:
+                writer.write(answer(rpc_id(req[1]) if req[1] else None, note=f"conn{n}"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    status, body = await delete(gw, key)
+    assert status == 502 and error_code(body) == "upstream_unavailable"
+    assert requests == [b"POST", b"DELETE"]
