@@ -27,9 +27,11 @@ import uvloop
 from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 from raw_http import read_response
 from yarl import URL
 
+from sidecar.app import Sidecar, create_apps
 from sidecar.config import parse_config
 from sidecar.http import pool as pool_mod
 from sidecar.http.pool import ConnectionPool, request_head
@@ -1061,3 +1063,74 @@ async def test_a_malformed_answer_to_a_get_is_not_sent_again(raw: StartRaw, side
     status, body = await delete(gw, key)
     assert status == 502 and error_code(body) == "upstream_unavailable"
     assert requests == [b"POST", b"DELETE"]
+
+
+async def uvloop_scenario(tmp_path: Path) -> dict[str, Any]:
+    """A whole Sidecar (its proxy served as ``serve`` does) in front of a raw upstream, on the running
+    loop: keep-alive, a malformed answer, an injected answer, a client that leaves mid-stream."""
+    cancelled = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            rid = rpc_id(req[1])
+            if rid == 3:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+            elif rid == 4:
+                writer.write(answer(4, note=f"conn{n}") + answer(5, note="injected"))
+            elif rid == 6:
+                writer.write(SSE_HEAD + chunk(progress(0)))
+                await writer.drain()
+                if await until_closed(reader):
+                    cancelled.set()
+                return
+            else:
+                writer.write(answer(rid, note=f"conn{n}"))
+            await writer.drain()
+
+    up = RawUpstream(handler)
+    await up.start()
+    cfg = base_config(f"http://127.0.0.1:{up.port}", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{up.port}/mcp"}]
+    env = {"SIDECAR_ADMIN_TOKEN": "admin", "PLEX_TOKEN": "p"}
+    sc = Sidecar(parse_config(cfg, env=env, base=tmp_path), registry=CollectorRegistry(), env=env)
+    await sc.start()
+    runner = web.ServerRunner(create_apps(sc)[0])
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/mcp/tools"
+    _, key = await sc.manager().create({"name": "agent"}, "test")
+    await sc.verifier.refresh()
+    headers = {**ACCEPT, "Authorization": f"Bearer {key}"}
+    seen: dict[str, Any] = {}
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(WAIT):
+            for rid in (1, 2, 3, 4, 5):
+                async with http.post(base, json=call(rid), headers=headers) as r:
+                    seen[str(rid)] = (r.status, json.loads(await r.read()))
+            r = await http.post(base, json=call(6), headers=headers)
+            seen["6"] = await r.content.readuntil(b"\n\n")
+            r.close()
+            await cancelled.wait()
+            async with http.post(base, json=call(7), headers=headers) as r:
+                seen["7"] = (r.status, json.loads(await r.read()))
+    finally:
+        await runner.cleanup()
+        await sc.close()
+        await up.stop()
+    seen["accepted"] = up.accepted
+    return seen
+
+
+def test_a_whole_sidecar_on_uvloop(tmp_path: Path) -> None:
+    """Production's loop, end to end through the pool and the forwarder (transports, pause,
+    abort and close all differ from asyncio's)."""
+    loop = uvloop.new_event_loop()
+    try:
+        seen = loop.run_until_complete(uvloop_scenario(tmp_path))
+    finally:
+        loop.close()
+    notes = {rid: seen[rid][1].get("result", {}).get("note") for rid in ("1", "2", "4", "5", "7")}
+    assert notes == {"1": "conn0", "2": "conn0", "4": "conn1", "5": "conn2", "7": "conn3"}
+    assert seen["3"][0] == 502 and seen["3"][1]["error"]["code"] == "upstream_unavailable"
+    assert seen["6"] == progress(0)
+    assert seen["accepted"] == 4
