@@ -267,6 +267,35 @@ async def test_upstream_closing_an_idle_connection_costs_nothing(raw: StartRaw, 
     assert up.accepted == 2
 
 
+async def test_upstream_resetting_an_idle_connection_costs_nothing(raw: StartRaw, sidecar: Setup) -> None:
+    """The same with a reset instead of a FIN: the pool forgets the connection (polled: the pool's
+    idle list is the only place that shows it), and the next POST gets a new one."""
+    reset = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), note="conn0"))
+        await writer.drain()
+        await reset.wait()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    await assert_ok(gw, key, 1, note="conn0")
+    pool = gw.sc.pools["tools"]
+    assert len(pool._idle) == 1
+    reset.set()
+    async with asyncio.timeout(WAIT):
+        while pool._idle or pool._all:
+            await asyncio.sleep(0.005)
+    await assert_ok(gw, key, 2, note="conn1")
+    assert up.accepted == 2
+
+
 # ------------------------------------------------------------------ malformed answers
 
 BIG = b"X-Big: " + b"a" * 70_000 + b"\r\n"
