@@ -166,6 +166,7 @@ MALFORMED = {
     "obs-fold continuation line": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
     "space before the colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}",
     "negative content-length": b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}",
+    "content-length overflow": b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n{}",
     "closed before the headers end": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
 }
 
@@ -326,7 +327,7 @@ async def test_a_small_body_cut_short_is_a_502(raw: StartRaw, sidecar: Setup) ->
     await assert_ok(gw, key, 2, note="conn1")
 
 
-@pytest.mark.parametrize("how", ["closed", "bad chunk size", "reset"])
+@pytest.mark.parametrize("how", ["closed", "bad chunk size", "chunk size overflow", "reset"])
 async def test_an_event_stream_broken_after_its_headers_cuts_the_client(
     raw: StartRaw, sidecar: Setup, how: str
 ) -> None:
@@ -344,6 +345,8 @@ async def test_an_event_stream_broken_after_its_headers_cuts_the_client(
         await go.wait()
         if how == "bad chunk size":
             writer.write(b"zz\r\n" + progress(1) + b"\r\n")
+        elif how == "chunk size overflow":
+            writer.write(b"ffffffffffffffffff\r\n" + progress(1) + b"\r\n")
         elif how == "reset":
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
