@@ -154,6 +154,34 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream_connection(ra
     await assert_ok(gw, key, 2, note="conn1")
 
 
+async def test_a_client_that_leaves_a_paused_stream_closes_the_upstream_connection(
+    raw: StartRaw, sidecar: Setup
+) -> None:
+    """The same while the pool has paused reading (the client read nothing of a fast stream): the
+    upstream, held back in ``drain()``, sees its connection reset once the client hangs up."""
+    cancelled = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        assert await read_request(reader) is not None
+        writer.write(SSE_HEAD)
+        try:
+            for i in range(EVENTS * 4):  # far more than the buffers in between take
+                writer.write(chunk(progress(i, pad=65_000)))
+                await writer.drain()
+        except ConnectionError:
+            cancelled.set()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    r = await open_stream(gw, key)
+    async with asyncio.timeout(WAIT):
+        while not (conns := gw.sc.pools["tools"]._all) or not next(iter(conns))._paused:
+            await asyncio.sleep(0.005)  # polled: the pool's pause is visible only there
+        r.close()
+        await cancelled.wait()
+    assert not gw.sc.pools["tools"]._all
+
+
 async def test_a_drain_ends_a_pooled_event_stream(raw: StartRaw, sidecar: Setup) -> None:
     """Shutdown (``Forwarder.end_streams``) ends event streams by closing their upstream answer; the
     relay's pending read must fail then. It did not for a pooled answer (closing it gave no error to
