@@ -16,8 +16,9 @@ themselves), with backpressure: past ``HIGH_WATER`` unread bytes the socket is p
 Errors are aiohttp's, so the forwarder maps them as before: ``ServerDisconnectedError``
 (closed before the headers), ``ClientPayloadError`` (broken off, or a malformed answer),
 ``ConnectionTimeoutError``; a refused or unresolvable connect is ``UpstreamUnavailable``
-with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a request
-is never sent twice: a pooled connection found closed is dropped before it is used.
+with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a POST is
+never sent twice: a pooled connection found closed is dropped before it is used, and one
+closed just as the request went out is a 502; a GET or DELETE is then sent once more.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..core.errors import UpstreamUnavailable
 from .outbound import CHUNK, MAX_HEADER_SIZE
 
 METHODS = frozenset({"GET", "POST", "DELETE"})  # no HEAD: its answer has a length but no body
+IDEMPOTENT = frozenset({"GET", "DELETE"})  # sent again on a new connection if a kept-alive one was closed under it
 HIGH_WATER = 2 * CHUNK  # unread answer bytes before the socket stops being read
 MAX_HEADERS = 128  # header fields in one answer
 KEEPALIVE = 30.0  # seconds an idle connection is kept (aiohttp's connector used 30 too)
@@ -181,6 +183,10 @@ class PooledResponse:
     def close(self) -> None:
         """Give up on the answer (a client that left, a cancelled call): the connection is closed."""
         self._conn.done(reuse=False)
+        if not self.content.is_eof():
+            # A read still waiting fails, as with aiohttp: the forwarder ends an event stream on a
+            # drain by closing its answer (``end_stream``), and the closed connection tells nothing more.
+            self.content.set_exception(aiohttp.ClientConnectionError("the answer was given up"))
 
 
 class _Connection(asyncio.Protocol):
@@ -200,6 +206,8 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
+        self._unframed = 0  # bytes read since the request or the last body byte (``data_received``)
+        self._got_body = False
         self._paused = False
         self._error: str | None = None
 
@@ -211,10 +219,22 @@ class _Connection(asyncio.Protocol):
         if not self.busy:  # bytes nobody asked for: the connection cannot be trusted
             self._abort("the upstream sent bytes without a request")
             return
+        self._got_body = False
+        self._unframed += len(data)  # before parsing: it also tells ``request`` that an answer had begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._abort(self._error or f"malformed answer ({type(e).__name__})")
+            return
+        if self._got_body:
+            self._unframed = 0
+        elif self._unframed > 2 * MAX_HEADER_SIZE:
+            # httptools holds a header's name and value until its line ends, and ``_count`` only
+            # sees whole ones: an endless header line, or trailer line after the last chunk (no
+            # idle timeout on an event stream), would be buffered without bound. So the bytes
+            # read with no body byte among them are bounded too (twice the parsed bound: CRLFs,
+            # ": ", chunk sizes), at the cost of one flag per body callback.
+            self._abort(f"over {2 * MAX_HEADER_SIZE} bytes of headers or framing")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -223,7 +243,9 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.pool.forget(self)
         if self.busy:
-            self._fail("closed the connection")
+            # Only a clean close (FIN) ends a body read until close: a reset breaks it off, and
+            # taking it for the end would relay a truncated answer as a whole one.
+            self._fail("closed the connection" if exc is None else f"reset the connection ({type(exc).__name__})")
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -253,6 +275,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits: "000" or "099" would go out as a broken status line
+            self._error = f"status {status}"
+            raise ValueError(self._error)
         if 100 <= status < 200:
             if status == 101:  # never asked for: nothing after it is HTTP
                 self._error = "an unrequested protocol switch"
@@ -269,6 +294,7 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
+        self._got_body = True
         if self.response is not None:
             self.response.content.feed(body)
 
@@ -282,6 +308,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[PooledResponse]:
         assert self.transport is not None
         self.busy, self.complete, self.response, self._error = True, False, None, None
+        self._unframed = 0
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
@@ -339,6 +366,7 @@ class ConnectionPool:
         self.port = url.port or 80
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
     def put(self, conn: _Connection) -> None:
@@ -347,6 +375,20 @@ class ConnectionPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``KEEPALIVE``. ``_take_idle`` only looks at the top of the
+        stack, so after a burst the ones below would stay open for good (aiohttp's connector has a
+        timer for this too); one timer per pool, armed while anything is idle."""
+        self._sweeper = None
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].idle_since >= KEEPALIVE:
+            self._idle.pop(0).close()
+        if self._idle:
+            wait = self._idle[0].idle_since + KEEPALIVE - now
+            self._sweeper = asyncio.get_running_loop().call_later(wait, self._sweep)
 
     def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -383,7 +425,20 @@ class ConnectionPool:
         data = request_head(method, url.raw_path_qs, headers)
         if body:
             data += body
-        conn = self._take_idle() or await self._connect()
+        conn = self._take_idle()
+        if conn is not None and method in IDEMPOTENT:
+            try:
+                return await self._exchange(conn, data)
+            except aiohttp.ServerDisconnectedError:
+                if conn._unframed:  # an answer had begun (a malformed one): not a close in passing
+                    raise
+            # The upstream closed its idle connection just as the request went out: like aiohttp
+            # (RFC 9112 §9.3.1), an idempotent request is sent once more, on a new connection.
+            conn = None
+        return await self._exchange(conn or await self._connect(), data)
+
+    @staticmethod
+    async def _exchange(conn: _Connection, data: bytes) -> PooledResponse:
         try:
             return await conn.send(data)
         except BaseException:
@@ -392,6 +447,9 @@ class ConnectionPool:
 
     async def close(self) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.close()
         self._idle.clear()
