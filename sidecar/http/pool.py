@@ -245,7 +245,7 @@ class _Connection(asyncio.Protocol):
         if self.busy:
             # Only a clean close (FIN) ends a body read until close: a reset breaks it off, and
             # taking it for the end would relay a truncated answer as a whole one.
-            self._fail("closed the connection" if exc is None else f"reset the connection ({type(exc).__name__})")
+            self._fail("closed the connection" if exc is None else "reset the connection", clean=exc is None)
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -340,16 +340,21 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _abort(self, why: str) -> None:
-        self._fail(why)
+        self._fail(why, broken=True)
         if self.transport is not None:
             self.transport.abort()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, *, broken: bool = False, clean: bool = False) -> None:
+        """The connection failed (``broken``: the answer itself was malformed; ``clean``: a FIN)."""
         if self.response is None:
             if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_exception(aiohttp.ServerDisconnectedError(why))
+                if broken:  # the client is told what happened, not "closed without answering"
+                    exc: Exception = UpstreamUnavailable(f"upstream {self.pool.upstream.id} sent a malformed answer")
+                else:
+                    exc = aiohttp.ServerDisconnectedError(why)
+                self.waiter.set_exception(exc)
         elif not self.complete:
-            if self.until_close and self.transport is None and self._error is None and why == "closed the connection":
+            if self.until_close and clean and self._error is None:
                 self.complete = True
                 self.response.content.feed_eof()
             else:

@@ -182,6 +182,11 @@ async def test_a_malformed_answer_is_a_clean_502_and_the_next_request_works(
     status, ctype, body = await post(gw, key, 1)
     assert (status, ctype) == (502, "application/json"), body
     assert error_code(body) == "upstream_unavailable"
+    closed = raw_answer == MALFORMED["closed before the headers end"]
+    said = (
+        "upstream tools closed the connection without answering" if closed else "upstream tools sent a malformed answer"
+    )
+    assert json.loads(body)["error"]["message"] == said
     assert b"Set-Cookie" not in body and b"aaaa" not in body
     await assert_ok(gw, key, 2, note="conn1")
 
