@@ -332,6 +332,9 @@ def run(seconds: float, rounds: int, out: Path) -> str:
             ngx = start_nginx(tmp, up_port)
             bare = start_bare(tmp, up_port, env)
             cpu = lambda: cpu_seconds(sc.pid)  # noqa: E731
+            for url, h in ((proxied, auth), *((ref[1], {}) for ref in (ngx, bare) if ref is not None)):
+                for method in ("tools/call", "tools/list"):  # warm-up, not measured: lazy imports, caches
+                    asyncio.run(drive(url, h, method, 4, 1.0, cpu))
             cases: list[tuple[str, Callable[[str, dict[str, str]], Awaitable[Run]]]] = []
             for method, label in (("tools/call", "tools/call"), ("tools/list", "tools/list")):
                 for conns in (1, 32):
