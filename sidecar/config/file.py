@@ -92,6 +92,13 @@ def _url(url: str) -> str:
         raise ValueError(f"not an http(s) URL: {url!r}")
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(f"must not carry a query or fragment: {url!r}")
+    if "@" in parts.netloc:
+        # A password here would be a secret in the file, sent in the clear as Host by accident,
+        # and not among the values scrubbed from answers (those are upstreams[].headers).
+        raise ValueError(
+            "must not carry credentials (user:password@): put them in upstreams[].headers "
+            "(Authorization: Basic ${VAR}), which come from the environment and are scrubbed from answers"
+        )
     return url.rstrip("/")
 
 

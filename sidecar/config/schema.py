@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -128,7 +129,14 @@ class UpstreamConfig:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).netloc
+        """The ``Host`` header: the URL's host and port, never its ``user:password@``."""
+        return _host(self.url)
+
+
+@functools.lru_cache(maxsize=256)
+def _host(url: str) -> str:
+    """Cached: every forwarded request sets ``Host`` from it."""
+    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 @dataclass(frozen=True, slots=True)

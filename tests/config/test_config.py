@@ -200,6 +200,9 @@ ERROR_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("url without host", _set("upstreams.0.url", "http://"), "upstreams[0].url: not an http(s) URL: 'http://'"),
     ("url with query", _set("upstreams.0.url", "http://plex:32400/?x=1"),
      "upstreams[0].url: must not carry a query or fragment: 'http://plex:32400/?x=1'"),
+    ("url with credentials", _set("upstreams.0.url", "http://agent:hunter2secret@mcp:8000/mcp"),
+     "upstreams[0].url: must not carry credentials (user:password@): put them in upstreams[].headers "
+     "(Authorization: Basic ${VAR}), which come from the environment and are scrubbed from answers"),
     ("url missing", _set("upstreams.0.url", ...), "upstreams[0].url: required"),
     ("unknown top-level key", _set("colour", "blue"),
      "colour: unknown option (expected one of: admin, cache, cors, credentials, jwt, keys, listen, log, mcp_sessions, "
