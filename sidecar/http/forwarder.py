@@ -207,6 +207,9 @@ class Forwarder:
                 headers.popall(name, None)
             resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
         scope.upstream_seconds = time.perf_counter() - started
+        if not 100 <= resp.status <= 599:  # aiohttp's client takes any three digits (RFC 9110 §15: invalid)
+            resp.close()
+            raise UpstreamUnavailable(f"upstream {upstream.id} sent a malformed answer")
         seen = _Seen(answered) if answered is not None else None
         try:
             return await self._relay(

@@ -275,7 +275,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status < 100:  # llhttp takes any three digits: "000" or "099" would go out as a broken status line
+        if not 100 <= status <= 599:  # llhttp takes any three digits; RFC 9110 §15: others are invalid
             self._error = f"status {status}"
             raise ValueError(self._error)
         if 100 <= status < 200:

@@ -138,6 +138,7 @@ MALFORMED = {
     "not http at all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
     "status 000": b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\n{}",
     "status 099": b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "status 600": b"HTTP/1.1 600 OK\r\nContent-Length: 2\r\n\r\n{}",
     "status 20": b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\n{}",
     "content-length and chunked": (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"

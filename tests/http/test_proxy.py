@@ -815,6 +815,29 @@ async def test_small_body_cut_short_by_the_upstream_is_a_clean_502(
     assert lines[-1]["status"] == 502 and lines[-1]["error"] == "upstream_unavailable"
 
 
+@pytest.mark.parametrize("status", [b"000", b"099", b"042", b"600", b"999"])
+async def test_a_status_outside_100_599_is_a_clean_502(
+    front: Front, raw_server: RawServer, tmp_path: Path, status: bytes
+) -> None:
+    """aiohttp's client takes any three digits; RFC 9110 §15 says a status outside 100–599 is
+    invalid (an aiohttp client refuses ``HTTP/1.1 000``): the client sees a JSON 502 that says
+    so, nothing of the upstream's."""
+
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nX-Upstream: yes\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    sc, key = await front(url=await raw_server(odd))
+    resp = await sc.proxy.get("/x", headers={"X-Plex-Token": key})
+    assert resp.status == 502
+    assert "X-Upstream" not in resp.headers
+    body = await resp.json()
+    assert body["error"] == {"code": "upstream_unavailable", "message": "upstream plex sent a malformed answer"}
+    lines = await log_lines(tmp_path / "access.log")
+    assert lines[-1]["status"] == 502 and lines[-1]["error"] == "upstream_unavailable"
+
+
 async def test_gzip_body_is_decoded_so_it_can_be_scrubbed(front: Front) -> None:
     """A Plex upstream's gzip answer reaches the client decoded (was: byte-identical pass-through).
 
