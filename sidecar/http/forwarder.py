@@ -307,6 +307,10 @@ class Forwarder:
             if name.lower() not in drop:
                 out_headers.add(name, value)
         reason = resp.reason
+        if reason and not (reason.isascii() and reason.isprintable()):
+            # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no
+            # answer at all) and it carries no meaning (RFC 9112 §4): the standard phrase goes instead.
+            reason = None
         scrub = response_filter if isinstance(response_filter, ScrubFilter) else None
         if scrub is not None:
             reason = scrub.text(reason) if reason else reason

@@ -192,6 +192,25 @@ async def test_a_malformed_answer_is_a_clean_502_and_the_next_request_works(
     await assert_ok(gw, key, 2, note="conn1")
 
 
+@pytest.mark.parametrize("reason", [b"OK\x7f", b"OK\x01", b"\x80", "Caf\u00e9".encode()])
+async def test_an_odd_reason_phrase_becomes_the_standard_one(raw: StartRaw, sidecar: Setup, reason: bytes) -> None:
+    """Through the pool too: a reason phrase that is not printable ASCII is replaced by the
+    standard one (aiohttp refused to write a control character: the client got no answer)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            writer.write(answer(rpc_id(req[1])).replace(b"200 OK", b"200 " + reason, 1))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post("/mcp/tools", json=call(1), headers={**ACCEPT, "Authorization": f"Bearer {key}"})
+        async with r:
+            assert (r.status, r.reason) == (200, "OK")
+            assert json.loads(await r.read())["id"] == 1
+
+
 ENDLESS = {
     "a header value": (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"z" * 65536),
     "100 Continue, again and again": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2600),

@@ -838,6 +838,24 @@ async def test_a_status_outside_100_599_is_a_clean_502(
     assert lines[-1]["status"] == 502 and lines[-1]["error"] == "upstream_unavailable"
 
 
+@pytest.mark.parametrize("reason", [b"OK\x7f", b"OK\x01", b"\x80", "Caf\u00e9".encode()])
+async def test_an_odd_reason_phrase_becomes_the_standard_one(
+    front: Front, raw_server: RawServer, reason: bytes
+) -> None:
+    """A reason phrase with a control character made aiohttp refuse to write the answer (the
+    client got a closed connection, no answer); a phrase carries no meaning (RFC 9112 §4), so
+    anything but printable ASCII is replaced by the standard one and the answer goes out."""
+
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 " + reason + b"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    sc, key = await front(url=await raw_server(odd))
+    resp = await sc.proxy.get("/x", headers={"X-Plex-Token": key})
+    assert (resp.status, resp.reason, await resp.read()) == (200, "OK", b"ok")
+
+
 async def test_gzip_body_is_decoded_so_it_can_be_scrubbed(front: Front) -> None:
     """A Plex upstream's gzip answer reaches the client decoded (was: byte-identical pass-through).
 
