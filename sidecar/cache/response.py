@@ -60,7 +60,7 @@ from yarl import URL
 
 from ..config import CacheConfig, CacheRule, UpstreamConfig
 from ..core.errors import UpstreamTimeout, UpstreamUnavailable
-from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
+from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap, as_sent
 from ..core.scope import RequestScope
 from ..upstreams.scrub import ScrubFilter
 from .policy import (
@@ -370,7 +370,10 @@ class ResponseCache(EntryStore):
         try:
             async with asyncio.timeout(upstream.read_timeout):
                 async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                    out = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
+                    out = CIMultiDict(
+                        (k, v if v.isascii() else as_sent(v)) for k, v in resp.headers.items()
+                        if k.lower() not in HOP_BY_HOP
+                    )  # fmt: skip
                     verdict = storable(resp.status, out, rule, now=self.clock())
                     if verdict is None:
                         if resp.status < 500:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from multidict import CIMultiDict
 
-__all__ = ["HOP_BY_HOP", "ResponseFilter", "ResponseTap"]
+__all__ = ["HOP_BY_HOP", "ResponseFilter", "ResponseTap", "as_sent"]
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -47,3 +47,17 @@ class ResponseTap(Protocol):
 
     def end(self) -> None:
         """The upstream body arrived complete."""
+
+
+def as_sent(value: str) -> str:
+    """A header value as the client will receive it: bytes that were not UTF-8 become U+FFFD.
+
+    The parsers keep such bytes as surrogates, and aiohttp's writer drops those silently,
+    joining what was around them *after* the scrubber looked: ``tok\\x80en`` would reach the
+    client as ``token``. Made explicit here, before any filter, what is checked is what is sent.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value

@@ -33,7 +33,7 @@ from yarl import URL
 
 from ..config import UpstreamConfig
 from ..core.errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
-from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap
+from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap, as_sent
 from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
@@ -305,7 +305,7 @@ class Forwarder:
         out_headers: CIMultiDict[str] = CIMultiDict()
         for name, value in resp.headers.items():
             if name.lower() not in drop:
-                out_headers.add(name, value)
+                out_headers.add(name, value if value.isascii() else as_sent(value))
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

@@ -16,9 +16,11 @@ import json
 import socket
 import struct
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import MakeSidecar, base_config
 from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the fixtures raw and sidecar
     ACCEPT,
     SSE_HEAD,
@@ -209,6 +211,37 @@ async def test_an_odd_reason_phrase_becomes_the_standard_one(raw: StartRaw, side
         async with r:
             assert (r.status, r.reason) == (200, "OK")
             assert json.loads(await r.read())["id"] == 1
+
+
+async def test_a_secret_split_by_bytes_that_are_not_utf8_never_joins_on_the_way_out(
+    raw: StartRaw, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """Invariant 1 through the pool: an upstream that echoes its configured credential in a header,
+    cut by bytes that are not UTF-8, never gets it out whole (aiohttp's writer dropped such bytes
+    after the scrubber had looked); the client sees U+FFFD where they were."""
+    secret = "s3cr3t-mcp-token-0123456789"
+    split = secret[:6].encode() + b"\x80" + secret[6:].encode()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            writer.write(answer(rpc_id(req[1]), b"X-Echo: " + split + b"\r\n"))
+            await writer.drain()
+
+    up = await raw(handler)
+    cfg = base_config("http://unused", tmp_path)
+    auth = {"Authorization": "Bearer ${MCP_SECRET}"}
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{up.port}/mcp",
+                         "path_prefix": "/mcp/tools", "headers": auth}]  # fmt: skip
+    gw = await make_sidecar(cfg, extra_env={"MCP_SECRET": secret})
+    assert "tools" in gw.sc.pools
+    _, key = await gw.create_key(name="agent")
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post("/mcp/tools", json=call(1), headers={**ACCEPT, "Authorization": f"Bearer {key}"})
+        async with r:
+            assert r.status == 200
+            raw_headers = b"\r\n".join(k + b": " + v for k, v in r.raw_headers)
+            assert secret.encode() not in raw_headers and secret.encode() not in await r.read()
+            assert r.headers["X-Echo"] == secret[:6] + "\ufffd" + secret[6:]
 
 
 ENDLESS = {

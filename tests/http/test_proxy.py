@@ -856,6 +856,34 @@ async def test_an_odd_reason_phrase_becomes_the_standard_one(
     assert (resp.status, resp.reason, await resp.read()) == (200, "OK", b"ok")
 
 
+async def test_a_token_split_by_bytes_that_are_not_utf8_never_joins_on_the_way_out(
+    front: Front, raw_server: RawServer
+) -> None:
+    """Invariant 1 against the writer: a header value ``real\\x80-plex-token…`` was scrubbed as
+    it was (no token in it), then aiohttp's writer dropped the byte that is not UTF-8 and the
+    client received the real token whole. Such bytes now become U+FFFD before any filter, so
+    what is checked is what is sent; valid UTF-8 (a film's name) passes byte for byte."""
+    split = PLEX_TOKEN[:4].encode() + b"\x80\xff" + PLEX_TOKEN[4:].encode()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nX-Echo: " + split + b"\r\nX-Title: Caf\xc3\xa9\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+
+    sc, key = await front(url=await raw_server(echo))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Plex-Token: " + key.encode() + b"\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert PLEX_TOKEN.encode() not in raw
+    assert b"X-Echo: " + PLEX_TOKEN[:4].encode() + "\ufffd\ufffd".encode() + PLEX_TOKEN[4:].encode() in raw
+    assert b"X-Title: Caf\xc3\xa9\r\n" in raw
+
+
 async def test_gzip_body_is_decoded_so_it_can_be_scrubbed(front: Front) -> None:
     """A Plex upstream's gzip answer reaches the client decoded (was: byte-identical pass-through).
 
