@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -327,6 +328,10 @@ def _request_factory(sc: Sidecar) -> Callable[..., web.Request]:
 
     class ProxyRequest(web.Request):
         async def _prepare_hook(self, response: web.StreamResponse) -> None:
+            # Not aiohttp's "Python/3.x aiohttp/3.x" (versions help nobody but a scanner; aiohttp
+            # has set it by now); an upstream's own Server header, relayed, stays.
+            if response.headers.get("Server") == SERVER_SOFTWARE:
+                response.headers["Server"] = "sidecar"
             if hook is not None:
                 await hook(self, response)
 

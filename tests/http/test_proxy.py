@@ -884,6 +884,22 @@ async def test_a_token_split_by_bytes_that_are_not_utf8_never_joins_on_the_way_o
     assert b"X-Title: Caf\xc3\xa9\r\n" in raw
 
 
+async def test_no_version_banner(front: Front, raw_server: RawServer) -> None:
+    """Sidecar's own answers say ``Server: sidecar``, not aiohttp's and Python's versions; an
+    upstream's own ``Server`` header is relayed as it was."""
+
+    async def plex(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nServer: PlexMediaServer\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    sc, key = await front(url=await raw_server(plex))
+    refused = await sc.proxy.get("/x")
+    assert refused.status == 401 and refused.headers.getall("Server") == ["sidecar"]
+    relayed = await sc.proxy.get("/x", headers={"X-Plex-Token": key})
+    assert relayed.status == 200 and relayed.headers.getall("Server") == ["PlexMediaServer"]
+
+
 async def test_gzip_body_is_decoded_so_it_can_be_scrubbed(front: Front) -> None:
     """A Plex upstream's gzip answer reaches the client decoded (was: byte-identical pass-through).
 
