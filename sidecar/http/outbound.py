@@ -14,7 +14,7 @@ from yarl import URL
 from ..config import UpstreamConfig
 from ..core.addresses import forwarded_for, proxied_origin
 from ..core.errors import BadRequest
-from ..core.relay import HOP_BY_HOP
+from ..core.relay import HOP_BY_HOP, as_sent
 from .listener import CLIENT_CLAIMS
 
 CHUNK = 64 * 1024
@@ -104,7 +104,7 @@ def forward_headers(
         # make the upstream request wait for a 100 that some servers never send.
         if lname in drop or lname in CLIENT_CLAIMS:
             continue
-        out.add(name, value)
+        out.add(name, value if value.isascii() else as_sent(value))  # both clients send the same bytes
     out["Host"] = upstream.host
     out["X-Forwarded-For"] = forwarded_for(request.remote or "", headers.getall("X-Forwarded-For", ()), trusted_proxies)
     out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)

@@ -244,6 +244,33 @@ async def test_a_secret_split_by_bytes_that_are_not_utf8_never_joins_on_the_way_
             assert r.headers["X-Echo"] == secret[:6] + "\ufffd" + secret[6:]
 
 
+async def test_request_header_bytes_that_are_not_utf8_go_up_as_u_fffd(raw: StartRaw, sidecar: Setup) -> None:
+    """Through the pool as through aiohttp's client: a client's header bytes that are not UTF-8
+    reach the upstream as U+FFFD, UTF-8 as sent (``forward_headers``)."""
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            heads.append(req[0])
+            writer.write(answer(rpc_id(req[1])))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    body = json.dumps(call(1)).encode()
+    writer.write(
+        b"POST /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+        + b"\r\nAccept: application/json, text/event-stream\r\nContent-Type: application/json"
+        + b"\r\nX-Note: a\x80b\r\nX-Title: Caf\xc3\xa9\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )  # fmt: skip
+    assert (await asyncio.wait_for(reader.read(), WAIT)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    assert b"\r\nX-Note: a\xef\xbf\xbdb\r\n" in heads[0]
+    assert b"\r\nX-Title: Caf\xc3\xa9\r\n" in heads[0]
+
+
 ENDLESS = {
     "a header value": (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"z" * 65536),
     "100 Continue, again and again": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2600),

@@ -884,6 +884,28 @@ async def test_a_token_split_by_bytes_that_are_not_utf8_never_joins_on_the_way_o
     assert b"X-Title: Caf\xc3\xa9\r\n" in raw
 
 
+async def test_request_header_bytes_that_are_not_utf8_go_up_as_u_fffd(front: Front, raw_server: RawServer) -> None:
+    """The upstream gets what was judged: a client's header bytes that are not UTF-8 arrive as
+    U+FFFD (aiohttp's client dropped them, joining what was around them); UTF-8 passes as sent."""
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    sc, key = await front(url=await raw_server(record))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy.port)
+    writer.write(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Plex-Token: " + key.encode()
+        + b"\r\nX-Note: a\x80b\r\nX-Title: Caf\xc3\xa9\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    assert b"\r\nX-Note: a\xef\xbf\xbdb\r\n" in heads[0]
+    assert b"\r\nX-Title: Caf\xc3\xa9\r\n" in heads[0]
+
+
 async def test_no_version_banner(front: Front, raw_server: RawServer) -> None:
     """Sidecar's own answers say ``Server: sidecar``, not aiohttp's and Python's versions; an
     upstream's own ``Server`` header is relayed as it was."""
