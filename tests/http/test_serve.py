@@ -43,8 +43,11 @@ async def until_refused(base: str, timeout: float = 10.0) -> None:
             _, writer = await asyncio.open_connection(url.host, url.port)
         except ConnectionRefusedError:
             return
-        writer.close()
-        await writer.wait_closed()
+        except ConnectionResetError:
+            pass  # queued just as the listener closed, then reset: the next attempt tells
+        else:
+            writer.close()
+            await writer.wait_closed()
         assert time.monotonic() < deadline, f"{base} still accepts connections"
         await asyncio.sleep(0.05)
 
