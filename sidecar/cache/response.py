@@ -370,10 +370,7 @@ class ResponseCache(EntryStore):
         try:
             async with asyncio.timeout(upstream.read_timeout):
                 async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                    out = CIMultiDict(
-                        (k, v if v.isascii() else as_sent(v)) for k, v in resp.headers.items()
-                        if k.lower() not in HOP_BY_HOP
-                    )  # fmt: skip
+                    out = CIMultiDict((k, as_sent(v)) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
                     verdict = storable(resp.status, out, rule, now=self.clock())
                     if verdict is None:
                         if resp.status < 500:

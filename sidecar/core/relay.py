@@ -56,6 +56,8 @@ def as_sent(value: str) -> str:
     joining what was around them *after* the scrubber looked: ``tok\\x80en`` would reach the
     client as ``token``. Made explicit here, before any filter, what is checked is what is sent.
     """
+    if value.isascii():  # nearly every value: one C scan
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -305,7 +305,7 @@ class Forwarder:
         out_headers: CIMultiDict[str] = CIMultiDict()
         for name, value in resp.headers.items():
             if name.lower() not in drop:
-                out_headers.add(name, value if value.isascii() else as_sent(value))
+                out_headers.add(name, as_sent(value))
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

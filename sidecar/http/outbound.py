@@ -104,7 +104,7 @@ def forward_headers(
         # make the upstream request wait for a 100 that some servers never send.
         if lname in drop or lname in CLIENT_CLAIMS:
             continue
-        out.add(name, value if value.isascii() else as_sent(value))  # both clients send the same bytes
+        out.add(name, as_sent(value))  # both upstream clients send the same bytes
     out["Host"] = upstream.host
     out["X-Forwarded-For"] = forwarded_for(request.remote or "", headers.getall("X-Forwarded-For", ()), trusted_proxies)
     out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)

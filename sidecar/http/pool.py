@@ -14,9 +14,9 @@ keep aiohttp's client. The answer is read as it arrives (SSE streams never end b
 themselves), with backpressure: past ``HIGH_WATER`` unread bytes the socket is paused.
 
 Errors are aiohttp's, so the forwarder maps them as before: ``ServerDisconnectedError``
-(closed before the headers), ``ClientPayloadError`` (broken off, or a malformed answer),
-``ConnectionTimeoutError``; a refused or unresolvable connect is ``UpstreamUnavailable``
-with the same words ``upstreams.health.connect_problem`` uses. Like aiohttp, a POST is
+(closed before the headers), ``ClientPayloadError`` (broken off after them),
+``ConnectionTimeoutError``; a malformed head, and a refused or unresolvable connect, are
+``UpstreamUnavailable`` (the latter with the words ``upstreams.health.connect_problem`` uses). Like aiohttp, a POST is
 never sent twice: a pooled connection found closed is dropped before it is used, and one
 closed just as the request went out is a 502; a GET or DELETE is then sent once more.
 """
