@@ -274,10 +274,7 @@ class _Connection(asyncio.Protocol):
             raise ValueError(self._error)
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if not 100 <= status <= 599:  # llhttp takes any three digits; RFC 9110 §15: others are invalid
-            self._error = f"status {status}"
-            raise ValueError(self._error)
+        status = self.parser.get_status_code()  # any three digits: the forwarder refuses those outside 100-599
         if 100 <= status < 200:
             if status == 101:  # never asked for: nothing after it is HTTP
                 self._error = "an unrequested protocol switch"
