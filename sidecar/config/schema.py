@@ -129,14 +129,14 @@ class UpstreamConfig:
 
     @property
     def host(self) -> str:
-        """The ``Host`` header: the URL's host and port, never its ``user:password@``."""
+        """The ``Host`` header (a URL with ``user:password@`` is refused at load)."""
         return _host(self.url)
 
 
 @functools.lru_cache(maxsize=256)
 def _host(url: str) -> str:
     """Cached: every forwarded request sets ``Host`` from it."""
-    return urlsplit(url).netloc.rpartition("@")[2]
+    return urlsplit(url).netloc
 
 
 @dataclass(frozen=True, slots=True)

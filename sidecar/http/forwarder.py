@@ -84,11 +84,9 @@ class _Seen:
 class Forwarder:
     """Sends one request upstream and streams the answer back."""
 
-    def __init__(
-        self, sessions: dict[str, aiohttp.ClientSession], pools: dict[str, ConnectionPool] | None = None
-    ) -> None:
+    def __init__(self, sessions: dict[str, aiohttp.ClientSession], pools: dict[str, ConnectionPool]) -> None:
         self.sessions = sessions
-        self.pools = pools if pools is not None else {}  # plain-HTTP MCP upstreams (``sidecar.http.pool``)
+        self.pools = pools  # plain-HTTP MCP upstreams (``sidecar.http.pool``)
         self.shutting_down = False
         # Streams that only end when a side hangs up (websockets, SSE), each with its closer.
         self._long_lived: dict[object, Callable[[], Awaitable[None]]] = {}
