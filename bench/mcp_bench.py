@@ -240,16 +240,7 @@ def start(tmp: Path, env: dict[str, str]) -> tuple[Proc, Proc, str, str, dict[st
     key = json.loads(out.stdout)["key"]
     sc = Proc("sidecar", [*argv, "serve", "-c", str(path)], tmp / "sidecar.log", env=env)
     wait_http(sc, f"http://127.0.0.1:{admin}/healthz", timeout=60)
-    direct = f"http://127.0.0.1:{up_port}/mcp"
-    deadline = time.monotonic() + 30
-    while True:  # the upstream has no health route: wait until initialize answers
-        try:
-            asyncio.run(_probe(direct))
-            break
-        except (OSError, aiohttp.ClientError, RuntimeError):
-            if time.monotonic() > deadline or not up.alive():
-                raise up.fail("not ready") from None
-            time.sleep(0.05)
+    direct = _ready(up, f"http://127.0.0.1:{up_port}/mcp", timeout=30)  # no health route: initialize answers
     return up, sc, direct, f"http://127.0.0.1:{port}/mcp/tools", {"Authorization": f"Bearer {key}"}
 
 
@@ -290,9 +281,9 @@ def start_bare(tmp: Path, upstream_port: int, env: dict[str, str]) -> tuple[Proc
     return proc, _ready(proc, f"http://127.0.0.1:{port}/mcp")
 
 
-def _ready(proc: Proc, url: str) -> str:
+def _ready(proc: Proc, url: str, timeout: float = 15) -> str:
     """``url`` once an MCP initialize through it answers."""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + timeout
     while True:
         try:
             asyncio.run(_probe(url))
