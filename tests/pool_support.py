@@ -207,6 +207,22 @@ def once_then_honest(first: bytes) -> Handler:
     return handler
 
 
+def answer_then(after: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Handler:
+    """Connection 0 answers its first request honestly (note ``conn0``), then does ``after``;
+    every later connection is honest."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        writer.write(answer(rpc_id(req[1]), note="conn0"))
+        await writer.drain()
+        await after(reader, writer)
+
+    return handler
+
+
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 

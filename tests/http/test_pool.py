@@ -28,6 +28,7 @@ from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the 
     Setup,
     StartRaw,
     answer,
+    answer_then,
     assert_ok,
     call,
     chunk,
@@ -83,18 +84,12 @@ async def test_upstream_closing_an_idle_connection_costs_nothing(raw: StartRaw, 
     (it sees the FIN and closes its side, which the upstream waits for), the next request gets a new one."""
     hung_up = asyncio.Event()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        if n > 0:
-            return await keep_answering(reader, writer, n)
-        req = await read_request(reader)
-        assert req is not None
-        writer.write(answer(rpc_id(req[1]), note="conn0"))
-        await writer.drain()
+    async def after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write_eof()  # idle: the upstream's keep-alive timer ran out
         assert await until_closed(reader)  # the sidecar closed its side in turn
         hung_up.set()
 
-    up = await raw(handler)
+    up = await raw(answer_then(after))
     gw, key = await sidecar(up.port)
     await assert_ok(gw, key, 1, note="conn0")
     async with asyncio.timeout(WAIT):
@@ -108,18 +103,12 @@ async def test_upstream_resetting_an_idle_connection_costs_nothing(raw: StartRaw
     idle list is the only place that shows it), and the next POST gets a new one."""
     reset = asyncio.Event()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        if n > 0:
-            return await keep_answering(reader, writer, n)
-        req = await read_request(reader)
-        assert req is not None
-        writer.write(answer(rpc_id(req[1]), note="conn0"))
-        await writer.drain()
+    async def after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reset.wait()
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
-    up = await raw(handler)
+    up = await raw(answer_then(after))
     gw, key = await sidecar(up.port)
     await assert_ok(gw, key, 1, note="conn0")
     pool = gw.sc.pools["tools"]
@@ -374,20 +363,14 @@ async def test_bytes_on_an_idle_connection_retire_it(raw: StartRaw, sidecar: Set
     inject = asyncio.Event()
     retired = asyncio.Event()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        if n > 0:
-            return await keep_answering(reader, writer, n)
-        req = await read_request(reader)
-        assert req is not None
-        writer.write(answer(rpc_id(req[1]), note="conn0"))
-        await writer.drain()
+    async def after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await inject.wait()
         writer.write(answer(2, note="injected"))
         await writer.drain()
         if await until_closed(reader):
             retired.set()
 
-    up = await raw(handler)
+    up = await raw(answer_then(after))
     gw, key = await sidecar(up.port)
     await assert_ok(gw, key, 1, note="conn0")
     inject.set()
