@@ -260,6 +260,27 @@ async def test_request_header_bytes_that_are_not_utf8_go_up_as_u_fffd(raw: Start
     assert b"\r\nX-Title: Caf\xc3\xa9\r\n" in heads[0]
 
 
+async def test_headers_the_upstream_names_in_connection_stay_upstream(raw: StartRaw, sidecar: Setup) -> None:
+    """An answer that names headers in ``Connection`` (hop-by-hop by RFC 9110 §7.6.1) through the
+    pool: neither they nor ``Connection`` reach the client, the rest does."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            extra = b"Connection: keep-alive, X-Internal,x-other\r\nX-Internal: a\r\nX-Other: b\r\nX-Kept: c\r\n"
+            writer.write(answer(rpc_id(req[1]), extra))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port)
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post("/mcp/tools", json=call(1), headers={**ACCEPT, "Authorization": f"Bearer {key}"})
+        async with r:
+            assert r.status == 200 and json.loads(await r.read())["id"] == 1
+            names = {k.lower() for k, _ in r.raw_headers}
+    assert b"x-kept" in names
+    assert not names & {b"x-internal", b"x-other", b"connection"}
+
+
 ENDLESS = {
     "a header value": (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"z" * 65536),
     "100 Continue, again and again": (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2600),
