@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run"
+# The interpreter running the tests runs the bench too: bench/run makes no .venv in the checkout.
+RUN_ENV = {**os.environ, "BENCH_PYTHON": sys.executable}
 
 # The row labels bench/harness.py prints (--quick: 16 MiB stream, 2 000 keys, 500 in use).
 SCENARIO_ROWS = [
@@ -80,6 +83,7 @@ def test_quick_run_prints_and_writes_every_row(tmp_path: Path) -> None:
         text=True,
         timeout=280,
         cwd=tmp_path,
+        env=RUN_ENV,
     )
     diag = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-4000:]}"
     assert out.is_file(), diag
