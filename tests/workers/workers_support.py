@@ -1,68 +1,32 @@
 """``sidecar serve --workers N`` as a real child process, for the worker tests.
 
-Yields once the supervisor logged its listening line; keeps every stderr line (the
-supervisor's and its workers', which share the stream) and the workers' pids as the
-supervisor announced them. Stopped with SIGTERM (a drain), killed if it does not exit.
+``serve_support.sidecar_process`` starts it; here it is ready at the supervisor's own line and
+stopped with SIGTERM (a drain), killed if it does not exit. The process keeps every stderr line
+(the supervisor's and its workers', which share the stream) and the workers' pids as the
+supervisor announced them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
-import sys
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
-from conftest import ADMIN_TOKEN, PLEX_TOKEN, base_config
+from conftest import ADMIN_TOKEN
+from serve_support import PROC_ENV, Served, _env, sidecar_process
+from serve_support import write_config as write_config  # the worker tests' config, as the others'
 
 from sidecar.admin.manage import KeyManager
 from sidecar.config import load_config
 from sidecar.store import open_store
 
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-ENV = {"PLEX_TOKEN": PLEX_TOKEN, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
+ENV = PROC_ENV
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@dataclass
-class Host:
-    proc: asyncio.subprocess.Process
-    proxy: str
-    admin: str
-    log: list[str] = field(default_factory=list)
-    pids: dict[int, int] = field(default_factory=dict)  # worker index -> its current pid
-
-    async def wait_log(self, pattern: str, after: int = 0, timeout: float = 10.0) -> re.Match[str]:
-        """The first stderr line from index ``after`` on that matches (polled, with a deadline)."""
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        while True:
-            for line in self.log[after:]:
-                if m := rx.search(line):
-                    return m
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matching {pattern!r}:\n" + "\n".join(self.log[-30:]))
-            await asyncio.sleep(0.02)
-
-
-def env() -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k not in ENV and k != "SIDECAR_WORKER"}, **ENV}
-
-
-def write_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Path:
-    cfg = base_config(upstream_url, tmp_path, **overrides)
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+Host = Served  # the supervisor's process, its stderr (workers' lines too) and the workers' pids
+env = _env
 
 
 async def manage(config: Path, action: str, *args: Any, **fields: Any) -> Any:
@@ -78,45 +42,13 @@ async def manage(config: Path, action: str, *args: Any, **fields: Any) -> Any:
         await store.close()
 
 
-@contextlib.asynccontextmanager
-async def workers_process(config: Path, *args: str, extra_env: dict[str, str] | None = None) -> AsyncIterator[Host]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "-c", str(config), *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={**env(), **(extra_env or {})},
-    )  # fmt: skip
-    log: list[str] = []
-    pids: dict[int, int] = {}
-    listening: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
-
-    async def read_stderr() -> None:
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            log.append(line)
-            if m := re.search(r"worker (\d+) started \(pid (\d+)\)", line):
-                pids[int(m.group(1))] = int(m.group(2))
-            m = re.search(r"sidecar listening on (\S+) \(admin (\S+)\) with", line)
-            if m and not listening.done():
-                listening.set_result((m.group(1), m.group(2)))
-        if not listening.done():
-            listening.set_exception(AssertionError("sidecar exited before listening:\n" + "\n".join(log)))
-
-    reader = asyncio.create_task(read_stderr())
-    try:
-        proxy, admin = await asyncio.wait_for(listening, START_TIMEOUT)
-        yield Host(proc=proc, proxy=proxy, admin=admin, log=log, pids=pids)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await asyncio.wait_for(reader, 10)
-        for pid in pids.values():  # no worker outlives the test
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def workers_process(
+    config: Path, *args: str, extra_env: dict[str, str] | None = None
+) -> contextlib.AbstractAsyncContextManager[Served]:
+    """Ready at the supervisor's own line (``… with N workers``); stopped with SIGTERM, a drain."""
+    return sidecar_process(
+        config, *args, extra_env=extra_env, listening=r"sidecar listening on (\S+) \(admin (\S+)\) with", drain=True
+    )
 
 
 def metric(text: str, name: str, match: Callable[[str], bool] = lambda labels: True) -> float:
