@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -27,7 +28,7 @@ from pydantic import (
 from . import schema
 from .console import ConsoleConfig
 from .jwt import JwtProvider, check_jwt
-from .mcp_scale import McpSessionsSection, parse_tool_limits
+from .mcp_scale import McpSessionsSection, ToolLimits, parse_tool_limits
 from .models import (
     BLANK_IS_DEFAULT,
     DURATION_SCHEMA,
@@ -278,14 +279,21 @@ class McpSection(Section):
     """Rate limits on tools/call per (key, upstream, tool): tool name or glob -> a limit or a list of them
     (e.g. search: 60/minute, "delete_*": 1/hour); the first matching glob, in file order, decides."""
 
+    _tool_rules: ToolLimits = PrivateAttr(default_factory=ToolLimits)
+
     @model_validator(mode="after")
     def _tool_limits(self) -> McpSection:
         problems: list[str] = []
-        parse_tool_limits(self.tool_limits, "tool_limits", problems)
+        self._tool_rules = parse_tool_limits(self.tool_limits, "tool_limits", problems)
         if problems:
             where, _, message = problems[0].partition(": ")
             raise problem_at(where, message)
         return self
+
+    @property
+    def tool_rules(self) -> ToolLimits:
+        """``tool_limits`` as parsed (and checked) when the file was read: once, not again at build."""
+        return self._tool_rules
 
 
 class UpstreamSection(Section):

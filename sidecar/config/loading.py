@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from .file import ConfigFile, UpstreamSection, cross_checks, duplicates, literal_secrets
-from .mcp_scale import McpSessions, mcp_sessions_from, parse_tool_limits
+from .mcp_scale import McpSessions, mcp_sessions_from
 from .models import expand_env, validate_model
 from .postgres import PostgresStoreOptions, postgres_options
 from .schema import (
@@ -82,7 +82,7 @@ def _upstream(u: UpstreamSection, env: Mapping[str, str]) -> UpstreamConfig:
         tls_verify=u.tls.verify,
         tls_ca_file=u.tls.ca_file,
         mcp_max_body=u.mcp.max_body,
-        mcp_tool_limits=parse_tool_limits(u.mcp.tool_limits, "", []),
+        mcp_tool_limits=u.mcp.tool_rules,
     )
 
 
