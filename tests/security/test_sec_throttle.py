@@ -78,6 +78,30 @@ async def test_bad_keys_from_an_address_do_not_lock_out_keys_that_verify(
     assert running.sc.verifier.argon2_runs == runs
 
 
+async def test_guessing_the_admin_token_is_throttled_like_a_forged_key(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The admin API's bearer check: every wrong admin token counts as a failed key from the address,
+    so a guesser meets 429 after the same handful of tries, whatever form the guess takes; the real
+    admin token still gets in from that address (it is checked first, no lockout of an operator)."""
+    running = await sidecar(make_sidecar, aiohttp_server, tmp_path)
+    guesses = ["admin-token-for-test", "x" * 64, "", "pmcp_" + "A" * 40, generate_key("pmcp_")[0]]
+    seen: list[tuple[int, str]] = []
+    for i in range(40):
+        guess = guesses[i % len(guesses)] + (str(i) if i >= len(guesses) else "")
+        resp = await running.admin.get("/admin/keys", headers={"Authorization": f"Bearer {guess}"})
+        body = await resp.json()
+        seen.append((resp.status, body["error"]["code"]))
+        assert "admin-token-for-tests" not in await resp.text()
+    allowed = running.config.keys.failed_attempts_per_minute
+    # "Bearer " with nothing after it is a malformed header (400, not a guess); every other try is a 401 ...
+    assert seen[2] == (400, "bad_request") and {s for s, _ in seen[: allowed + 1]} == {400, 401}, seen
+    # ... until the address has used up its failures: then 429, for every further guess.
+    assert seen[allowed + 1 :] == [(429, "too_many_failed_attempts")] * (40 - allowed - 1), seen
+    ok = await running.admin.get("/admin/keys", headers=running.admin_headers())
+    assert ok.status == 200, "the real admin token is never locked out by others' guesses"
+
+
 # ---------------------------------------------------------------------------- X-Forwarded-For
 
 
