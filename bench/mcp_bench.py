@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """The process's CPU and its children's (nginx: the master and its worker), from /proc."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
 @dataclass
 class Row:
     name: str
@@ -75,8 +88,10 @@ class Row:
     cpu_ms: list[float] = field(default_factory=list)  # Sidecar CPU ms per call
     nginx: list[float] = field(default_factory=list)  # calls/s through nginx proxy_pass (reference)
     p50_nginx: list[float] = field(default_factory=list)
+    cpu_nginx: list[float] = field(default_factory=list)  # nginx's CPU ms per call (master + worker)
     bare: list[float] = field(default_factory=list)  # calls/s through the bare aiohttp forwarder (reference)
     p50_bare: list[float] = field(default_factory=list)
+    cpu_bare: list[float] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ raw Streamable HTTP client
@@ -139,7 +154,7 @@ async def drive(
     return len(lat), lat, elapsed, used
 
 
-Run = tuple[int, list[float], float, float]  # calls, latencies (ms), elapsed (s), Sidecar CPU used (s)
+Run = tuple[int, list[float], float, float]  # calls, latencies (ms), elapsed (s), the proxy's CPU used (s)
 
 
 async def sdk_session(url: str, headers: dict[str, str], seconds: float, cpu: Callable[[], float]) -> Run:
@@ -324,35 +339,41 @@ def run(seconds: float, rounds: int, out: Path) -> str:
             ngx = start_nginx(tmp, up_port)
             bare = start_bare(tmp, up_port, env)
             cpu = lambda: cpu_seconds(sc.pid)  # noqa: E731
-            for url, h in ((proxied, auth), *((ref[1], {}) for ref in (ngx, bare) if ref is not None)):
+            # Each proxy's own CPU: Sidecar's process, the bare forwarder's, nginx's master and worker.
+            targets: list[tuple[str, str, dict[str, str], Callable[[], float]]] = [
+                ("direct", direct, {}, cpu),
+                ("sidecar", proxied, auth, cpu),
+            ]
+            if ngx is not None:
+                targets.append(("nginx", ngx[1], {}, lambda p=ngx[0].pid: tree_cpu_seconds(p)))
+            if bare is not None:
+                targets.append(("bare", bare[1], {}, lambda p=bare[0].pid: cpu_seconds(p)))
+            for _, url, h, used_by in targets[1:]:
                 for method in ("tools/call", "tools/list"):  # warm-up, not measured: lazy imports, caches
-                    asyncio.run(drive(url, h, method, 4, 1.0, cpu))
-            cases: list[tuple[str, Callable[[str, dict[str, str]], Awaitable[Run]]]] = []
+                    asyncio.run(drive(url, h, method, 4, 1.0, used_by))
+            cases: list[tuple[str, Callable[[str, dict[str, str], Callable[[], float]], Coroutine[Any, Any, Run]]]] = []
             for method, label in (("tools/call", "tools/call"), ("tools/list", "tools/list")):
                 for conns in (1, 32):
                     cases.append(
-                        (f"{label}, {conns} conn.", lambda u, h, m=method, c=conns: drive(u, h, m, c, seconds, cpu))
+                        (f"{label}, {conns} conn.", lambda u, h, c, m=method, n=conns: drive(u, h, m, n, seconds, c))
                     )
-            cases.append(("SDK ClientSession, 1 session", lambda u, h: sdk_session(u, h, seconds, cpu)))
+            cases.append(("SDK ClientSession, 1 session", lambda u, h, c: sdk_session(u, h, seconds, c)))
             for name, fn in cases:
                 row = Row(name)
                 for i in range(rounds):
-                    order = [("direct", direct, {}), ("sidecar", proxied, auth)]
-                    if ngx is not None:
-                        order.append(("nginx", ngx[1], {}))
-                    if bare is not None:
-                        order.append(("bare", bare[1], {}))
-                    for which, url, h in order if i % 2 == 0 else order[::-1]:
-                        n, lat, elapsed, used = asyncio.run(fn(url, h))
+                    for which, url, h, used_by in targets if i % 2 == 0 else targets[::-1]:
+                        n, lat, elapsed, used = asyncio.run(fn(url, h, used_by))
                         if which == "direct":
                             row.direct.append(n / elapsed)
                             row.p50_direct.append(p50(lat))
                         elif which == "nginx":
                             row.nginx.append(n / elapsed)
                             row.p50_nginx.append(p50(lat))
+                            row.cpu_nginx.append(used / n * 1000)
                         elif which == "bare":
                             row.bare.append(n / elapsed)
                             row.p50_bare.append(p50(lat))
+                            row.cpu_bare.append(used / n * 1000)
                         else:
                             row.sidecar.append(n / elapsed)
                             row.p50_sidecar.append(p50(lat))
@@ -369,6 +390,12 @@ def run(seconds: float, rounds: int, out: Path) -> str:
             up.stop()
     seal = seal_cost() if SEALING else (float("nan"),) * 3
     return report(rows, seconds, rounds, (p50(sess_d), p50(sess_s), sess_cpu / SESSIONS * 1000), seal, out)
+
+
+def cpu_cell(ms: list[float]) -> str:
+    """The median CPU per call, and the spread over the rounds when there were several."""
+    cell = f"{p50(ms):.3f} ms"
+    return cell + f" ({min(ms):.2f}–{max(ms):.2f})" if len(ms) > 1 else cell
 
 
 def report(
@@ -388,17 +415,26 @@ def report(
         "not CPU per call).",
         "",
         "| scenario | direct calls/s | Sidecar calls/s | ratio | direct p50 | Sidecar p50 | added p50 "
-        "| Sidecar CPU/call | bare aiohttp ratio | bare added p50 | nginx ratio | nginx added p50 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Sidecar CPU/call | bare aiohttp ratio | bare added p50 | bare CPU/call "
+        "| nginx ratio | nginx added p50 | nginx CPU/call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         d, s = statistics.mean(r.direct), statistics.mean(r.sidecar)
         pd, ps = p50(r.p50_direct), p50(r.p50_sidecar)
         lines.append(
             f"| {r.name} | {d:,.0f} | {s:,.0f} | {s / d:.2f}× | {pd:.2f} ms | {ps:.2f} ms | "
-            f"{ps - pd:+.2f} ms | {p50(r.cpu_ms):.3f} ms | "
-            + (f"{statistics.mean(r.bare) / d:.2f}× | {p50(r.p50_bare) - pd:+.2f} ms | " if r.bare else "– | – | ")
-            + (f"{statistics.mean(r.nginx) / d:.2f}× | {p50(r.p50_nginx) - pd:+.2f} ms |" if r.nginx else "– | – |")
+            f"{ps - pd:+.2f} ms | {cpu_cell(r.cpu_ms)} | "
+            + (
+                f"{statistics.mean(r.bare) / d:.2f}× | {p50(r.p50_bare) - pd:+.2f} ms | {cpu_cell(r.cpu_bare)} | "
+                if r.bare
+                else "– | – | – | "
+            )
+            + (
+                f"{statistics.mean(r.nginx) / d:.2f}× | {p50(r.p50_nginx) - pd:+.2f} ms | {cpu_cell(r.cpu_nginx)} |"
+                if r.nginx
+                else "– | – | – |"
+            )
         )
     lines += [
         "",
@@ -411,7 +447,8 @@ def report(
         "The throughput goal is read at 32 connections, where the SDK server is the bottleneck: at one "
         "connection a call is latency-bound: calls/s is direct p50 / proxied p50, so the ratio there "
         "measures the hop's own time (reference columns: the bare aiohttp forwarder, no features, and "
-        "nginx proxy_pass, both in front of the same server).",
+        "nginx proxy_pass, both in front of the same server). CPU per call: the median over the rounds, "
+        "their range in brackets.",
     ]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
