@@ -20,6 +20,7 @@ from ..auth.identify import looks_like_jwt, not_for_admin
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
+from ..core.addresses import client_ip
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ..auth.verify import Verifier
     from ..cache.response import ResponseCache
     from ..config import Config
+    from ..http.outbound import Networks
     from ..limits.ratelimit import RateLimiter
     from ..observe.metrics import Metrics
     from ..observe.usage import UsageRecorder
@@ -108,6 +110,8 @@ class AdminHost(Protocol):
     def usage(self) -> UsageRecorder: ...
     @property
     def cache(self) -> ResponseCache: ...
+    @property
+    def trusted_proxies(self) -> Networks: ...  # behind an ingress: failures counted per client, not per ingress
     def manager(self) -> KeyManager: ...
 
 
@@ -140,9 +144,10 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             if not token:
                 raise ServiceUnavailable(f"the admin API is off: set {sc.config.admin.token_env}")
             raise Unauthorized("the admin token (Authorization: Bearer …) is required", {"WWW-Authenticate": "Bearer"})
+        ip = client_ip(request, sc.trusted_proxies)
         if looks_like_jwt(cred):  # never verified here: a JWT is never admin (counted like a forged key)
-            raise sc.verifier.refuse(request.remote or "", not_for_admin())
-        key = await sc.verifier.verify(cred.key, request.remote or "")
+            raise sc.verifier.refuse(ip, not_for_admin())
+        key = await sc.verifier.verify(cred.key, ip)
         if not key.permissions.admin:
             raise Forbidden("this key does not have the admin permission")
         request[ACTOR] = f"key:{key.id}"

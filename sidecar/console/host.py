@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from ..http.accesslog import AccessLog
+    from ..http.outbound import Networks
     from ..limits.ratelimit import RateLimiter
     from ..oauth.server import OAuthServer
     from ..observe.usage import UsageRecorder
@@ -37,3 +38,5 @@ class ConsoleHost(GrantHost, Protocol):
     def limiter(self) -> RateLimiter: ...
     @property
     def usage(self) -> UsageRecorder: ...
+    @property
+    def trusted_proxies(self) -> Networks: ...  # an ingress in front: its client's address and scheme count

@@ -25,7 +25,7 @@ from ..oauth.clients import ClientError
 from ..oauth.consent import LIFETIMES
 from ..oauth.grants import GrantError, revoke_grant
 from .routes import CONSOLE, CSP, Console, harden, page, see_other
-from .sessions import Session, cookie_name
+from .sessions import Session
 
 if TYPE_CHECKING:
     from ..oauth.server import OAuthServer
@@ -212,7 +212,7 @@ async def _consent_entry(request: web.Request) -> web.StreamResponse:
     """Arriving from the consent page (another site, maybe): the ``SameSite=Strict`` session cookie
     is not sent on that first navigation, so a page of ours reloads it once, same-site."""
     console = request.app[CONSOLE]
-    if request.method == "GET" and cookie_name(request.secure) not in request.cookies and "b" not in request.query:
+    if request.method == "GET" and console.cookie(request) is None and "b" not in request.query:
         return console.render(request, "bounce.html", target=f"{quote(request.path, safe='/')}?b=1")
     return await _consent_handler(request)
 

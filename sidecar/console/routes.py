@@ -23,6 +23,7 @@ import jinja2
 from aiohttp import web
 
 from ..auth.models import KeyRecord
+from ..core.addresses import browser_origin, client_ip
 from ..core.errors import SidecarError, TooManyFailures
 from ..observe.recent import Entry, RecentRequests
 from ..store import ReadOnlyStore, StoreError
@@ -114,8 +115,20 @@ class Console:
 
     # ------------------------------------------------------------------ sessions
 
+    def tls(self, request: web.Request) -> bool:
+        """Did the browser use https: TLS on the admin listener, or ended by a trusted proxy in front."""
+        return browser_origin(request, self.sc.trusted_proxies)[0] == "https"
+
+    def client_ip(self, request: web.Request) -> str:
+        """The sign-in throttle's unit: behind a trusted ingress the client, not the ingress (whose one
+        address would let one guesser lock every operator out)."""
+        return client_ip(request, self.sc.trusted_proxies)
+
+    def cookie(self, request: web.Request) -> str | None:
+        return request.cookies.get(cookie_name(self.tls(request)))
+
     def session(self, request: web.Request) -> Session | None:
-        return self.sessions.get(request.cookies.get(cookie_name(request.secure)))
+        return self.sessions.get(self.cookie(request))
 
     def acting_key(self, session: Session) -> KeyRecord | None:
         """The admin key a session signed in with, as the verifier sees it now (None: the admin token)."""
@@ -134,13 +147,12 @@ class Console:
 
     def start_session(self, request: web.Request, resp: web.StreamResponse, actor: str, key_id: str | None) -> None:
         sid, _ = self.sessions.create(actor, key_id)
-        resp.set_cookie(
-            cookie_name(request.secure), sid, path="/", httponly=True, samesite="Strict", secure=request.secure
-        )
+        tls = self.tls(request)
+        resp.set_cookie(cookie_name(tls), sid, path="/", httponly=True, samesite="Strict", secure=tls)
 
     def note_failure(self, request: web.Request, reason: str) -> None:
         """A refused sign-in, for the activity page (the token tried is never kept)."""
-        ip = request.remote or ""
+        ip = self.client_ip(request)
         self.recent.note(Entry(self.sc.clock(), "POST", "/signin", 401, 0.0, ip, "console", "", reason))
 
     # ------------------------------------------------------------------ rendering
@@ -161,13 +173,14 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A browser's own statement that the form came from elsewhere (CSRF's first line; the token is the second)."""
+    """A browser's own statement that the form came from elsewhere (CSRF's first line; the token is the second).
+    The host compared is the one the browser used (a trusted ingress's ``X-Forwarded-Host``, else ``Host``)."""
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return False
     origin = request.headers.get("Origin")
     if origin is None or origin == "null":
         return origin is None
-    return urlsplit(origin).netloc == request.host
+    return urlsplit(origin).netloc == browser_origin(request, request.app[CONSOLE].sc.trusted_proxies)[1]
 
 
 def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -177,7 +190,7 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         console = request.app[CONSOLE]
         session = console.session(request)
         if session is not None and not console.still_allowed(session):
-            console.sessions.end(request.cookies.get(cookie_name(request.secure)))
+            console.sessions.end(console.cookie(request))
             session = None
         if session is None:
             if request.method in ("GET", "HEAD"):
@@ -234,7 +247,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     sc = console.sc
     form = await request.post()
     nxt = _safe_next(str(form.get("next") or "/"))
-    ip = request.remote or ""
+    ip = console.client_ip(request)
     if not _same_origin(request):
         return console.error(request, 403, "Sign in from the console's own page.")
     wait = console.throttle.wait(ip)
@@ -289,9 +302,10 @@ async def sign_in_once(request: web.Request) -> web.StreamResponse:
 
 
 async def sign_out(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
-    console.sessions.end(request.cookies.get(cookie_name(request.secure)))
+    console.sessions.end(console.cookie(request))
     resp = console.render(request, "signin.html", message="Signed out.", next="/")
-    resp.del_cookie(cookie_name(request.secure), path="/", secure=request.secure, httponly=True, samesite="Strict")
+    tls = console.tls(request)
+    resp.del_cookie(cookie_name(tls), path="/", secure=tls, httponly=True, samesite="Strict")
     return resp
 
 

@@ -2,8 +2,9 @@
 
 ``forwarded_for`` builds the X-Forwarded-For chain (only trusted proxies' claims kept);
 ``proxied_origin`` is the scheme and host a trusted proxy says the client used;
-``public_base`` is the origin the sidecar hands out in URLs. Shared by the listener, the
-forwarder and the MCP gateway, so it depends on none of them.
+``public_base`` is the origin the sidecar hands out in URLs; ``client_ip`` is who is asking (the
+failure throttles' unit). Shared by the listener, the forwarder, the MCP gateway, the admin API and
+the console, so it depends on none of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-__all__ = ["forwarded_for", "proxied_origin", "public_base"]
+__all__ = ["browser_origin", "client_ip", "forwarded_for", "proxied_origin", "public_base"]
 
 _Nets = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
@@ -73,6 +74,35 @@ def proxied_origin(request: web.BaseRequest, trusted: _Nets) -> tuple[str, str] 
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     return proto, host
+
+
+def browser_origin(request: web.BaseRequest, trusted: _Nets) -> tuple[str, str]:
+    """The scheme and host the browser used: a trusted proxy's word (TLS ended at an ingress), else
+    the request's own. The console's cookie is ``Secure`` and its forms same-origin by this."""
+    return proxied_origin(request, trusted) or (request.scheme, request.host)
+
+
+def client_ip(request: web.BaseRequest, trusted: _Nets) -> str:
+    """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies.
+
+    Only an address is ever an address: a hop that is not one (``garbage-1``, ``1.2.3.4:80``)
+    ends the walk at the last trusted hop, so rotating junk cannot mint new identities for
+    the failure throttle. Addresses come out canonical (``0::1`` is ``::1``).
+    """
+    peer = request.remote or ""
+    if not trusted:
+        return peer
+    hops = [h.strip() for h in reversed(request.headers.get("X-Forwarded-For", "").split(","))]
+    client = peer
+    for hop in [peer, *hops]:
+        try:
+            addr = ipaddress.ip_address(hop)
+        except ValueError:
+            return client  # not an address (or an empty hop): the last trusted hop is the client
+        client = str(addr)
+        if not any(addr in net for net in trusted):
+            return client
+    return client
 
 
 def _own_address(request: web.BaseRequest) -> str:

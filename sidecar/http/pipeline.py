@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
+from ..core.addresses import client_ip
 from ..core.errors import (
     ExpiredKey,
     Forbidden,
@@ -58,7 +58,7 @@ from ..upstreams.plex import inject_plex
 from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
 from .canonical import canonical
-from .forwarder import Networks, ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
+from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
 from .listener import odd_target
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 MAX_MEMO = 50_000  # remembered repeat-hit decisions (cleared when full)
 
-__all__ = ["Decided", "HitMemo", "Router", "handle", "make_handler"]
+__all__ = ["Decided", "HitMemo", "Router", "client_ip", "handle", "make_handler"]
 
 
 class Router:
@@ -81,29 +81,6 @@ class Router:
             if p == "/" or path == p or path.startswith(p + "/"):
                 return up
         return None
-
-
-def client_ip(request: web.Request, trusted: Networks) -> str:
-    """The peer address, or the first untrusted hop of X-Forwarded-For behind trusted proxies.
-
-    Only an address is ever an address: a hop that is not one (``garbage-1``, ``1.2.3.4:80``)
-    ends the walk at the last trusted hop, so rotating junk cannot mint new identities for
-    the failure throttle. Addresses come out canonical (``0::1`` is ``::1``).
-    """
-    peer = request.remote or ""
-    if not trusted:
-        return peer
-    hops = [h.strip() for h in reversed(request.headers.get("X-Forwarded-For", "").split(","))]
-    client = peer
-    for hop in [peer, *hops]:
-        try:
-            addr = ipaddress.ip_address(hop)
-        except ValueError:
-            return client  # not an address (or an empty hop): the last trusted hop is the client
-        client = str(addr)
-        if not any(addr in net for net in trusted):
-            return client
-    return client
 
 
 def make_handler(sc: PipelineHost) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:

@@ -30,6 +30,7 @@ from ..auth.credentials import Credential
 from ..auth.models import KeyRecord
 from ..auth.verify import throttle_bucket
 from ..config.jwt import issuers_granting
+from ..core.addresses import client_ip
 from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
 from ..store import StoreError
 from ..store.base import OAuthToken
@@ -167,8 +168,6 @@ class OAuthServer:
     # ------------------------------------------------------------------ resource server (hot path)
 
     def client_ip(self, request: web.Request) -> str:
-        from ..http.pipeline import client_ip
-
         return client_ip(request, self.sc.trusted_proxies)
 
     def claims(self, value: str) -> bool:

@@ -123,6 +123,73 @@ async def test_failed_sign_ins_are_throttled_per_address(
     assert resp.status == 303
 
 
+INGRESS = {"trusted_proxies": ["127.0.0.1"]}  # the test client connects from here: an ingress in front
+
+
+def via_ingress(client: str, **more: str) -> dict[str, str]:
+    """What an ingress that ended TLS for ``client`` adds to the request."""
+    return {"X-Forwarded-For": client, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "console.example", **more}
+
+
+async def test_behind_a_trusted_ingress_one_guesser_does_not_lock_out_the_operators(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """All browsers arrive from the ingress's one address: the sign-in throttle counts the client
+    the ingress names, so a guesser is throttled and the operator, elsewhere, signs in; the cookie
+    is ``Secure`` with the ``__Host-`` prefix because the browser used https."""
+    sc = await start(
+        make_sidecar,
+        plex_upstream,
+        tmp_path,
+        server=INGRESS,
+        keys={"argon2": "cheapest", "failed_attempts_per_minute": 3},
+    )
+    guesser, operator = via_ingress("203.0.113.9"), via_ingress("198.51.100.7", Origin="https://console.example")
+    for guess in ("nope", "admin", "admin-token"):
+        resp = await sc.admin.post("/signin", data={"token": guess}, headers=guesser, allow_redirects=False)
+        assert resp.status == 401
+    resp = await sc.admin.post("/signin", data={"token": ADMIN_TOKEN}, headers=guesser, allow_redirects=False)
+    assert resp.status == 429, "the guesser's own address is throttled"
+    resp = await sc.admin.post("/signin", data={"token": ADMIN_TOKEN}, headers=operator, allow_redirects=False)
+    assert resp.status == 303, "another client behind the same ingress signs in"
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-sidecar_console=") and "Secure" in cookie and "HttpOnly" in cookie
+    sid = cookie.split(";")[0].split("=", 1)[1]
+    page = await sc.admin.get("/", headers={**operator, "Cookie": f"__Host-sidecar_console={sid}"})
+    assert page.status == 200 and "Sign in" not in await page.text()
+    # The activity page counts the failures against the guesser, not the ingress.
+    failures = [e.client_ip for e in sc.admin.app[CONSOLE].recent.failures]
+    assert failures and set(failures) == {"203.0.113.9"}, failures
+    # The origin check compares the host the browser used: a form from another origin is still refused.
+    evil = {**operator, "Origin": "https://evil.example", "Cookie": f"__Host-sidecar_console={sid}"}
+    assert (await sc.admin.post("/signout", data={}, headers=evil)).status == 403
+
+
+async def test_an_untrusted_peer_cannot_claim_another_address_or_https(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Without ``trusted_proxies`` the forwarded headers are the client's own word: rotating them
+    evades nothing, and they do not make the cookie one for https."""
+    sc = await start(
+        make_sidecar, plex_upstream, tmp_path, keys={"argon2": "cheapest", "failed_attempts_per_minute": 3}
+    )
+    for i, guess in enumerate(("nope", "admin", "admin-token")):
+        headers = via_ingress(f"203.0.113.{i + 1}")
+        resp = await sc.admin.post("/signin", data={"token": guess}, headers=headers, allow_redirects=False)
+        assert resp.status == 401
+    resp = await sc.admin.post(
+        "/signin", data={"token": "wrong"}, headers=via_ingress("198.51.100.7"), allow_redirects=False
+    )
+    assert resp.status == 429, "a new X-Forwarded-For from an untrusted peer is the same client"
+    fresh = await start(make_sidecar, plex_upstream, tmp_path / "b")
+    resp = await fresh.admin.post(
+        "/signin", data={"token": ADMIN_TOKEN}, headers=via_ingress("198.51.100.7"), allow_redirects=False
+    )
+    assert resp.status == 303
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith("sidecar_console=") and "Secure" not in cookie, cookie
+
+
 async def test_state_changes_need_the_session_csrf_token_and_same_origin(
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
 ) -> None:

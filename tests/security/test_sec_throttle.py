@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
+from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, Running, base_config, log_lines
 
 from sidecar.auth.keys import ID_LEN, display_form, generate_key
 from sidecar.auth.models import KeyRecord
@@ -100,6 +100,25 @@ async def test_guessing_the_admin_token_is_throttled_like_a_forged_key(
     assert seen[allowed + 1 :] == [(429, "too_many_failed_attempts")] * (40 - allowed - 1), seen
     ok = await running.admin.get("/admin/keys", headers=running.admin_headers())
     assert ok.status == 200, "the real admin token is never locked out by others' guesses"
+
+
+async def test_behind_a_trusted_ingress_admin_token_guesses_count_against_the_guesser(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Every client of the admin API arrives from the ingress's address: the failures are counted
+    against the client the ingress names, so a guesser is throttled and nobody else is."""
+    running = await sidecar(
+        make_sidecar, aiohttp_server, tmp_path, server={"trusted_proxies": ["127.0.0.1"]},
+        keys={"argon2": "cheapest", "failed_attempts_per_minute": 3},
+    )  # fmt: skip
+
+    async def guess(client: str, token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": client}
+        return (await running.admin.get("/admin/keys", headers=headers)).status
+
+    assert [await guess("203.0.113.9", f"guess-{i}") for i in range(5)] == [401, 401, 401, 429, 429]
+    assert await guess("198.51.100.7", "another-guess") == 401, "another client is not throttled"
+    assert await guess("203.0.113.9", ADMIN_TOKEN) == 200, "the real token from the guesser's address too"
 
 
 # ---------------------------------------------------------------------------- X-Forwarded-For
