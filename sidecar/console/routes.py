@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import mimetypes
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -168,7 +169,17 @@ class Console:
     def error(self, request: web.Request, status: int, message: str, session: Session | None = None) -> web.Response:
         return self.render(request, "error.html", session=session, status=status, message=message)
 
+    def broken(self, request: web.Request, session: Session | None) -> web.StreamResponse:
+        """The page for an internal error: the console's own, or a bare one if rendering is what broke."""
+        try:
+            return self.error(request, 500, BROKEN, session)
+        except Exception:
+            page = f'<!doctype html><title>Error</title><p role="alert">{BROKEN}</p><p><a href="/">Back</a></p>'
+            return harden(web.Response(text=page, content_type="text/html", status=500))
 
+
+log = logging.getLogger("sidecar.console")
+BROKEN = "The console hit an internal error and this page could not be shown; the sidecar's log says why."
 CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 
 
@@ -215,6 +226,11 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
             return console.error(request, 409, str(e), session)
         except StoreError as e:
             return console.error(request, 503, str(e), session)
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug of ours: logged (redacted, as every record is), and a page, not a bare 500
+            log.exception("console: %s %s failed", request.method, request.path)
+            return console.broken(request, session)
 
     return handler
 

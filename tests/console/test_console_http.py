@@ -390,3 +390,36 @@ async def test_an_unchanged_edit_form_changes_nothing_and_an_edit_changes_only_i
     assert after.permissions == rec.permissions and after.description == "two\nlines"
     events = await sc.sc.store.audit_log(rec.id)
     assert (events[0].actor, events[0].action, events[0].detail) == ("console", "patched", {"fields": ["quota"]})
+
+
+async def test_a_bug_in_a_page_is_a_hardened_error_page_and_a_log_line(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, caplog: Any
+) -> None:
+    """A template that breaks (a bug of ours, not bad input): the browser gets the console's 500 page
+    with every hardening header, no traceback, and the log says what broke; when the error page
+    itself cannot render (the bug is in its base template), a bare page, hardened all the same."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    await sign_in(sc.admin)
+    console = sc.admin.app[CONSOLE]
+    real = console.env.get_template
+
+    def broken(*names: str) -> Any:
+        def get(name: str, *a: Any, **k: Any) -> Any:
+            if name in names:
+                return console.env.from_string("{{ no_such_variable }}")  # StrictUndefined: raises
+            return real(name, *a, **k)
+
+        return get
+
+    for names, marker in ((("keys.html",), "That did not work"), (("keys.html", "error.html"), "<title>Error</title>")):
+        console.env.get_template = broken(*names)
+        caplog.clear()
+        resp = await sc.admin.get("/")
+        text = await resp.text()
+        assert resp.status == 500 and marker in text and "internal error" in text, text
+        assert "Traceback" not in text and "no_such_variable" not in text
+        assert resp.headers["Content-Security-Policy"] and resp.headers["Cache-Control"] == "no-store"
+        logged = [r for r in caplog.records if r.getMessage() == "console: GET / failed"]
+        assert logged and "UndefinedError" in (logged[0].exc_text or ""), caplog.text
+    console.env.get_template = real
+    assert (await sc.admin.get("/")).status == 200
