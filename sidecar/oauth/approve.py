@@ -18,7 +18,7 @@ from ..auth.models import KeyRecord
 from ..store.base import AuditEvent, OAuthToken
 from .authorize import CONSENT
 from .clients import Client, ClientError
-from .grants import GrantError, active_grants, child_permissions, new_grant_id
+from .grants import GRANTS_FULL, GrantError, active_grants, child_permissions, new_grant_id
 from .metadata import SCOPE, resource_url
 from .tokenformat import CODE, digest, mint
 
@@ -82,7 +82,7 @@ async def answer(
             raise GrantError("that API key is not active")
         child_permissions(parent, p.upstream_id, tools)  # never wider than the key
         if active_grants(sc, parent.id, now) >= server.config.max_grants_per_key:
-            raise GrantError("that API key has reached its number of OAuth grants; revoke one first")
+            raise GrantError(GRANTS_FULL)
         if not 0 < lifetime <= server.config.max_grant_lifetime:
             raise GrantError("choose a lifetime")
     used = await sc.store.oauth_use(p.row.digest, now)

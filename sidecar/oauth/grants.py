@@ -22,12 +22,23 @@ from ..auth.models import KeyRecord, Permissions
 from ..auth.permissions import MCP_KINDS, mcp_globs
 from ..auth.verify import argon2_pool
 from ..core.errors import NotFound
-from ..store.base import AuditEvent
+from ..store.base import AuditEvent, GrantLimitReached
 
 if TYPE_CHECKING:
     from .host import GrantHost
 
-__all__ = ["GrantError", "child_permissions", "create_grant", "grants_of", "new_grant_id", "revoke_grant"]
+__all__ = [
+    "GRANTS_FULL",
+    "GrantError",
+    "child_permissions",
+    "create_grant",
+    "grants_of",
+    "new_grant_id",
+    "revoke_grant",
+]
+
+
+GRANTS_FULL = "that API key has reached its number of OAuth grants; revoke one first"
 
 
 class GrantError(Exception):
@@ -95,7 +106,12 @@ async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mappi
         parent_id=parent.id,
         grant=grant,
     )
-    await sc.store.create_key(child, max_per_owner=None, now=now)  # grants are capped per key instead
+    try:  # grants are capped per approving key, in the write's transaction: the approvals' checks saw
+        # no grant of the codes still waiting, so the cap must hold here, when a code becomes a grant
+        cap = sc.config.oauth.max_grants_per_key
+        await sc.store.create_key(child, max_per_owner=None, now=now, max_grants=cap)
+    except GrantLimitReached:
+        raise GrantError(GRANTS_FULL) from None
     await sc.store.audit(AuditEvent(now, f"key:{parent.id}", "oauth_granted", child.id, dict(grant)))
     await sc.verifier.refresh()
     return child

@@ -8,11 +8,21 @@ store (``store.kind: postgres``, docs/postgres.md) holds keys and state for a fl
 from __future__ import annotations
 
 from ..config import StoreConfig
-from .base import KeyChanges, KeyMissing, OwnerLimitReached, ReadOnlyStore, Store, StoreBusy, StoreError
+from .base import (
+    GrantLimitReached,
+    KeyChanges,
+    KeyMissing,
+    OwnerLimitReached,
+    ReadOnlyStore,
+    Store,
+    StoreBusy,
+    StoreError,
+)
 from .sqlite import SqliteStore
 from .yamlfile import YamlStore
 
 __all__ = [
+    "GrantLimitReached",
     "KeyChanges",
     "KeyMissing",
     "OwnerLimitReached",

@@ -54,6 +54,15 @@ class ReadOnlyStore(StoreError):
     """Keys in a YAML store are changed by editing the file, not through the API."""
 
 
+class GrantLimitReached(StoreError):
+    """The approving key already has ``oauth.max_grants_per_key`` active grants (checked in the write's
+    transaction, so grants written at once, by any process, cannot pass the cap together)."""
+
+    def __init__(self, parent: str, limit: int) -> None:
+        super().__init__(f"key {parent!r} already has the maximum of {limit} active OAuth grants")
+        self.parent, self.limit = parent, limit
+
+
 class OwnerLimitReached(StoreError):
     """The write would take an owner past ``keys.max_keys_per_owner`` (checked in the write's transaction)."""
 
@@ -95,6 +104,18 @@ def check_owner_limit(
         now_count = kept + sum(1 for r in after if r.owner == owner and counts_toward_limit(r, now))
         if now_count > limit and now_count > was:
             raise OwnerLimitReached(str(owner), limit)
+
+
+def check_grant_limit(siblings: Iterable[KeyRecord], record: KeyRecord, limit: int | None, now: float) -> None:
+    """Refuse a new grant (child key) when its parent already has ``limit`` active ones.
+
+    ``siblings`` are the stored children of ``record.parent_id``, read inside the write's transaction."""
+    if limit is None or record.parent_id is None:
+        return
+    parent = record.parent_id
+    active = sum(1 for r in siblings if r.parent_id == parent and r.id != record.id and r.state(now) == "active")
+    if active >= limit:
+        raise GrantLimitReached(record.parent_id, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +206,11 @@ class Store(ABC):
     # ``check_owner_limit`` is the shared rule. Read-only stores raise ``ReadOnlyStore``.
 
     @abstractmethod
-    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
-        """Insert a new key unless its owner is at ``max_per_owner`` (``OwnerLimitReached``)."""
+    async def create_key(
+        self, record: KeyRecord, *, max_per_owner: int | None, now: float, max_grants: int | None = None
+    ) -> None:
+        """Insert a new key unless its owner is at ``max_per_owner`` (``OwnerLimitReached``) or, for a
+        grant, its parent at ``max_grants`` active grants (``GrantLimitReached``)."""
 
     @abstractmethod
     async def update_key(

@@ -47,6 +47,7 @@ from .base import (
     KeyMissing,
     Store,
     StoreError,
+    check_grant_limit,
     check_owner_limit,
     counts_toward_limit,
 )
@@ -384,8 +385,12 @@ class PostgresStore(PgOAuth, PgState, Store):
         rows = await self._fetch(f"SELECT {_KEY_COLS} {_FROM} WHERE k.owner = $1", owner)
         return sum(1 for d, _, p, g, at, ip in rows if counts_toward_limit(record_of(d, p, g, at, ip), t))
 
-    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
-        await shielded(self._key_write(lambda conn: self._key_tx(conn, None, None, record, max_per_owner, now)))
+    async def create_key(
+        self, record: KeyRecord, *, max_per_owner: int | None, now: float, max_grants: int | None = None
+    ) -> None:
+        await shielded(
+            self._key_write(lambda conn: self._key_tx(conn, None, None, record, max_per_owner, now, max_grants))
+        )
 
     async def update_key(
         self,
@@ -410,6 +415,7 @@ class PostgresStore(PgOAuth, PgState, Store):
         insert: KeyRecord | None,
         limit: int | None,
         now: float,
+        grants: int | None = None,
     ) -> tuple[KeyRecord, KeyRecord] | None:
         """Read, check and write under the keys lock (held by ``_key_write``): no other writer of
         any process interleaves between the owner count and the write."""
@@ -429,6 +435,9 @@ class PostgresStore(PgOAuth, PgState, Store):
             rows = await conn.fetch(f"SELECT {_KEY_COLS} {_FROM} WHERE k.owner = ANY($1::text[])", owners)
             owned = [record_of(d, p, g, at, ip) for d, _, p, g, at, ip in rows]
             check_owner_limit(owned, [before] if before is not None else [], written, limit, now)
+        if grants is not None and insert is not None and insert.parent_id is not None:
+            rows = await conn.fetch(f"SELECT {_KEY_COLS} {_FROM} WHERE k.parent_id = $1", insert.parent_id)
+            check_grant_limit([record_of(d, p, g, at, ip) for d, _, p, g, at, ip in rows], insert, grants, now)
         if after is not None and after is not before:
             await self._update_row(conn, after)
         if insert is not None:

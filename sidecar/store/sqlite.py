@@ -47,6 +47,7 @@ from .base import (
     Store,
     StoreError,
     UsageRow,
+    check_grant_limit,
     check_owner_limit,
     counts_toward_limit,
 )
@@ -294,8 +295,10 @@ class SqliteStore(OAuthTables, AuditBacklog, Store):
         rows = await self._fetch("SELECT data FROM keys WHERE owner = ?", (owner,))
         return sum(1 for (data,) in rows if counts_toward_limit(self._record(data), now))
 
-    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
-        await self._key_tx(None, None, record, max_per_owner, now)
+    async def create_key(
+        self, record: KeyRecord, *, max_per_owner: int | None, now: float, max_grants: int | None = None
+    ) -> None:
+        await self._key_tx(None, None, record, max_per_owner, now, max_grants)
 
     async def update_key(
         self,
@@ -317,10 +320,11 @@ class SqliteStore(OAuthTables, AuditBacklog, Store):
         insert: KeyRecord | None,
         limit: int | None,
         now: float,
+        grants: int | None = None,
     ) -> tuple[KeyRecord, KeyRecord] | None:
         """Read, check and write in one ``BEGIN IMMEDIATE``: SQLite's write lock is taken before
         the first read, so no other task or process can write between the count and the insert."""
-        return await shielded(self._key_tx_locked(key_id, change, insert, limit, now))
+        return await shielded(self._key_tx_locked(key_id, change, insert, limit, now, grants))
 
     async def _key_tx_locked(
         self,
@@ -329,12 +333,13 @@ class SqliteStore(OAuthTables, AuditBacklog, Store):
         insert: KeyRecord | None,
         limit: int | None,
         now: float,
+        grants: int | None,
     ) -> tuple[KeyRecord, KeyRecord] | None:
         async with self._lock:
             try:
                 await self._begin()
                 try:
-                    out = await self._key_tx_body(key_id, change, insert, limit, now)
+                    out = await self._key_tx_body(key_id, change, insert, limit, now, grants)
                     await self.db.execute("COMMIT")
                     return out
                 except BaseException:
@@ -352,6 +357,7 @@ class SqliteStore(OAuthTables, AuditBacklog, Store):
         insert: KeyRecord | None,
         limit: int | None,
         now: float,
+        grants: int | None,
     ) -> tuple[KeyRecord, KeyRecord] | None:
         before: KeyRecord | None = None
         after: KeyRecord | None = None
@@ -374,6 +380,10 @@ class SqliteStore(OAuthTables, AuditBacklog, Store):
                 async with self.db.execute("SELECT data FROM keys WHERE owner = ?", (owner,)) as cur:
                     owned.extend(self._record(d) for (d,) in await cur.fetchall())
             check_owner_limit(owned, [before] if before is not None else [], written, limit, now)
+        if grants is not None and insert is not None and insert.parent_id is not None:
+            sql = "SELECT data FROM keys WHERE json_extract(data, '$.parent_id') = ?"  # grants live in the JSON
+            async with self.db.execute(sql, (insert.parent_id,)) as cur:
+                check_grant_limit([self._record(d) for (d,) in await cur.fetchall()], insert, grants, now)
         async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM keys") as cur:
             top = await cur.fetchone()
         seq = int(top[0]) if top else 0

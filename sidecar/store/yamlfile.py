@@ -185,7 +185,9 @@ class YamlStore(Store):
     async def update(self, record: KeyRecord) -> None:
         raise ReadOnlyStore(f"keys are managed in {self.path.name}: edit the file instead")
 
-    async def create_key(self, record: KeyRecord, *, max_per_owner: int | None, now: float) -> None:
+    async def create_key(
+        self, record: KeyRecord, *, max_per_owner: int | None, now: float, max_grants: int | None = None
+    ) -> None:
         await self.insert([record])
 
     async def update_key(

@@ -4,6 +4,7 @@ other upstreams, and grants wider than the approving key."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,31 @@ async def test_repeated_parameters_are_refused_and_burn_nothing(gw: Running) -> 
     assert r.status == 400 and answer["error"] == "invalid_request" and "given twice" in answer["error_description"]
     status, answer = await exchange(gw, client, code, verifier)
     assert status == 200 and answer["access_token"]
+
+
+async def test_the_grants_cap_holds_however_the_codes_are_collected(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], clock: Clock
+) -> None:
+    """Each grant has its own rate budget, so ``max_grants_per_key`` bounds how far one key's holder
+    can multiply it. An attacker approves many requests first (no grant exists yet, so each approval
+    passes the cap), then exchanges every code, some at once: only the cap's worth become grants;
+    the rest are ``invalid_grant`` and leave no key behind."""
+    cfg = oauth_config(upstream, tmp_path, free_port(), max_grants_per_key=2)
+    gw = await start_sidecar(aiohttp_client, cfg, tmp_path, started, clock=clock)
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    codes = [await code_for(gw, key, client) for _ in range(6)]
+    answers = [await exchange(gw, client, *codes[0])]
+    answers += await asyncio.gather(*(exchange(gw, client, code, verifier) for code, verifier in codes[1:]))
+    granted = [a for status, a in answers if status == 200]
+    refused = [a for status, a in answers if status != 200]
+    assert len(granted) == 2, answers
+    assert len(refused) == 4 and all(a["error"] == "invalid_grant" for a in refused), refused
+    assert all("number of OAuth grants" in a["error_description"] for a in refused), refused
+    children = [r for r in await gw.sc.store.list_keys() if r.parent_id is not None]
+    assert len(children) == 2, children
+    # Revoking one frees a place: the next approval and exchange succeed.
+    await gw.sc.manager().revoke(children[0].id, "test")
+    await gw.sc.verifier.refresh()
+    status, answer = await exchange(gw, client, *(await code_for(gw, key, client)))
+    assert status == 200, answer

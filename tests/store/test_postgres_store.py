@@ -20,7 +20,7 @@ from sidecar.auth.models import KeyRecord, Permissions
 from sidecar.auth.verify import password_hasher
 from sidecar.config import ConfigError, parse_config
 from sidecar.store import SqliteStore, Store, StoreError
-from sidecar.store.base import AuditEvent, KeyMissing, OwnerLimitReached, UsageRow
+from sidecar.store.base import AuditEvent, GrantLimitReached, KeyMissing, OwnerLimitReached, UsageRow
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.postgres_schema import SCHEMA_VERSION, migrate, version
 
@@ -140,6 +140,29 @@ async def test_owner_limit_and_read_modify_write(store: Store) -> None:
     # ``change`` raising aborts the write and is not turned into a store error.
     with pytest.raises(ZeroDivisionError):
         await store.update_key(RECORDS[1].id, lambda r: r.with_changes(name=str(1 / 0)), max_per_owner=None, now=now)
+
+
+async def test_grant_limit_counts_the_parents_active_grants(store: Store) -> None:
+    """``max_grants``: a parent's active children, read in the write's transaction; revoked and
+    expired ones free a place, other parents' do not count, and a plain key is never capped."""
+    now = 1_800_000_000.0
+    parent, other = RECORDS[0].id, RECORDS[1].id
+    await store.create_key(record("g1", parent_id=parent), max_per_owner=None, now=now, max_grants=2)
+    await store.create_key(record("g2", parent_id=parent), max_per_owner=None, now=now, max_grants=2)
+    await store.create_key(record("o1", parent_id=other), max_per_owner=None, now=now, max_grants=2)
+    with pytest.raises(GrantLimitReached) as refused:
+        await store.create_key(record("g3", parent_id=parent), max_per_owner=None, now=now, max_grants=2)
+    assert "maximum of 2 active OAuth grants" in str(refused.value)
+    await store.create_key(record("g3", parent_id=parent, expires_at=now + 60), max_per_owner=None, now=now)  # uncapped
+    await store.create_key(record("plain"), max_per_owner=None, now=now, max_grants=0)  # not a grant: no cap
+    assert len([r for r in await store.list_keys() if r.parent_id == parent]) == 3
+    # Two of the three end (revoked, expired): one place is free again, and only one.
+    g = [r for r in await store.list_keys() if r.parent_id == parent]
+    await store.update_key(g[0].id, lambda r: r.with_changes(revoked_at=now - 1), max_per_owner=None, now=now)
+    later = now + 120  # g3 expired at now + 60
+    await store.create_key(record("g4", parent_id=parent), max_per_owner=None, now=later, max_grants=2)
+    with pytest.raises(GrantLimitReached):
+        await store.create_key(record("g5", parent_id=parent), max_per_owner=None, now=later, max_grants=2)
 
 
 async def test_poll_sees_another_writer_and_force_reloads_all(store: Store, tmp_path: Path) -> None:
@@ -317,6 +340,27 @@ async def test_owner_limit_holds_across_processes_writing_at_once(pg_dsn: str) -
         assert sum(r is None for r in results) == 3
         assert all(isinstance(r, OwnerLimitReached) for r in results if r is not None)
         assert await stores[0].count_active("ann") == 3
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_grant_limit_holds_across_processes_writing_at_once(pg_dsn: str) -> None:
+    """Ten replicas turn ten codes of one key into grants at once, with a cap of 3: exactly 3 win."""
+    stores = [await opened(pg_dsn, listen=False) for _ in range(10)]
+    try:
+        parent = record("parent")
+        await stores[0].insert([parent])
+        results = await asyncio.gather(
+            *(
+                s.create_key(record(f"g{i}", parent_id=parent.id), max_per_owner=None, now=time.time(), max_grants=3)
+                for i, s in enumerate(stores)
+            ),
+            return_exceptions=True,
+        )
+        assert sum(r is None for r in results) == 3, results
+        assert all(isinstance(r, GrantLimitReached) for r in results if r is not None), results
+        assert len(await stores[0].list_grants(parent.id)) == 3
     finally:
         for s in stores:
             await s.close()
