@@ -325,7 +325,10 @@ class _Connection(asyncio.Protocol):
             return
         self.busy = False
         self.waiter = None
-        if reuse and self.complete and self.keep_alive and not self._paused and self.transport is not None:
+        # Complete means both ways: an upstream may answer before it read the body, and what of
+        # it is still unsent would be read as the start of the next request on this connection.
+        sent = self.transport is not None and not self.transport.get_write_buffer_size()
+        if reuse and sent and self.complete and self.keep_alive and not self._paused:
             self.response = None
             self.pool.put(self)
         else:
@@ -333,8 +336,14 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.busy = False
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is not None:
+            # A graceful close first sends what is still unsent, which an upstream that stopped
+            # reading never takes: the socket and the rest of the body would stay with it.
+            if t.get_write_buffer_size():
+                t.abort()
+            else:
+                t.close()
 
     def _abort(self, why: str) -> None:
         self._fail(why, broken=True)

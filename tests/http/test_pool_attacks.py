@@ -1,0 +1,206 @@
+"""The lean upstream client (``sidecar.http.pool``) under an attacker's review: desync and leaks.
+
+A pooled connection is shared by every key: an exchange that did not fully complete must never
+leave anything behind for the next request (its answer, its unsent body), and a connection given
+up on must go at once, whatever the upstream does. The upstream here is either ``RawUpstream``
+(exact bytes, reads everything) or ``Stalled``: an upstream that stops reading its socket, so
+that what the sidecar wrote stays in the sidecar's own buffers. Each test asserts what the client
+(or, for a leak, the upstream) sees. Helpers: ``tests/pool_support.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from conftest import MakeSidecar, Running, base_config
+from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the fixtures raw and sidecar
+    ACCEPT,
+    WAIT,
+    Setup,
+    StartRaw,
+    answer,
+    assert_ok,
+    call,
+    error_code,
+    keep_answering,
+    raw_fixture,
+    read_request,
+    rpc_id,
+    sidecar_fixture,
+    until_closed,
+)
+
+BIG = 8 * 1024 * 1024  # a request body larger than the kernel's buffers on both ends take
+First = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+class Stalled:
+    """An upstream whose connection 0 reads the request head, then ``first(writer)``, then never
+    reads again (asyncio stops reading at 128 KiB buffered; its receive buffer is 4 KiB). Later
+    connections answer honestly. ``got`` is what connection 0 received once ``drain0`` is called."""
+
+    def __init__(self, first: First) -> None:
+        self.first = first
+        self.accepted = 0
+        self.release = asyncio.Event()
+        self.got: bytes | None = None
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")  # nothing: a readiness probe (``upstreams.health``)
+            n = self.accepted  # counts connections that carried a request
+            self.accepted += 1
+            if n > 0:  # honest: this request (its head is read), then every next one
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                writer.write(answer(rpc_id(await reader.readexactly(length)), note=f"conn{n}"))
+                return await keep_answering(reader, writer, n)
+            await self.first(writer)
+            await self.release.wait()
+            got = head
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(1 << 20):
+                    got += data
+            self.got = got
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen: inherited, small window
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = sock.getsockname()[1]
+
+    async def drain0(self) -> bytes:
+        """Let connection 0 read all it can until the sidecar's end closes: what it received."""
+        self.release.set()
+        async with asyncio.timeout(WAIT):
+            while self.got is None:
+                await asyncio.sleep(0.01)  # polled: the handler's read loop ends on EOF or reset
+        return self.got
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self._writers:
+            w.transport.abort()
+        await self.server.wait_closed()
+
+
+StartStalled = Callable[[First], Awaitable[Stalled]]
+
+
+@pytest.fixture(name="stalled")
+async def stalled_fixture() -> AsyncIterator[StartStalled]:
+    """Starts ``Stalled`` upstreams, each stopped at the end of the test."""
+    ups: list[Stalled] = []
+
+    async def start(first: First) -> Stalled:
+        up = Stalled(first)
+        await up.start()
+        ups.append(up)
+        return up
+
+    yield start
+    for up in ups:
+        await up.stop()
+
+
+async def big_sidecar(make_sidecar: MakeSidecar, tmp_path: Path, port: int) -> tuple[Running, str]:
+    """A pooled MCP upstream that takes JSON-RPC bodies of 16 MiB, read timeout 0.5 s."""
+    cfg = base_config(f"http://127.0.0.1:{port}", tmp_path)
+    cfg["upstreams"] = [
+        {"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{port}/mcp", "path_prefix": "/mcp/tools",
+         "timeouts": {"read": "0.5s"}, "mcp": {"max_body": "16MiB"}},
+    ]  # fmt: skip
+    gw = await make_sidecar(cfg)
+    assert "tools" in gw.sc.pools
+    _, key = await gw.create_key(name="agent")
+    return gw, key
+
+
+def big_call(rid: int) -> bytes:
+    body = call(rid)
+    body["params"]["arguments"] = {"pad": "p" * BIG}
+    return json.dumps(body).encode()
+
+
+async def post_raw(gw: Running, key: str, body: bytes) -> tuple[int, bytes]:
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.post("/mcp/tools", data=body, headers={**ACCEPT, "Authorization": f"Bearer {key}"})
+        async with r:
+            return r.status, await r.read()
+
+
+async def pool_empty(gw: Running) -> bool:
+    """Whether the pool holds no connection within ``WAIT`` (polled: only the pool knows)."""
+    deadline = time.monotonic() + WAIT
+    while gw.sc.pools["tools"]._all:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# ------------------------------------------------------------------ a request not fully written
+
+
+async def test_an_early_answer_while_the_body_is_unsent_never_keeps_the_connection(
+    stalled: StartStalled, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """The upstream answers (keep-alive) after the request head, before it read the 8 MiB body,
+    then stops reading. The pool took the exchange for complete and put the connection back with
+    megabytes of that body still unsent: the next client's request queued behind them on a socket
+    nobody reads (504 after the read timeout; an upstream that read on would parse the rest of one
+    client's body as the next request). Now the connection is dropped: request 2 gets its own answer
+    on a new connection, and the upstream never receives the rest of request 1's body."""
+
+    async def first(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(1, note="early"))
+        await writer.drain()
+
+    up = await stalled(first)
+    gw, key = await big_sidecar(make_sidecar, tmp_path, up.port)
+    body = big_call(1)
+    status, got = await post_raw(gw, key, body)
+    assert status == 200 and json.loads(got)["result"]["note"] == "early"
+    await assert_ok(gw, key, 2, note="conn1")
+    assert up.accepted == 2
+    received = await up.drain0()
+    assert len(received) < len(body)  # cut off: the rest of the body was never pushed after the answer
+
+
+async def test_a_request_given_up_on_while_its_body_is_unsent_frees_its_connection(
+    stalled: StartStalled, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """The upstream reads the head of an 8 MiB POST, then neither answers nor reads (a hung
+    server). 504 after the read timeout; the pool closed the connection gracefully, which waits
+    for the unsent megabytes to drain first: socket and body stayed for as long as the upstream
+    hung, one per request a client sends. Now the connection is gone at once, and the upstream,
+    reading again, gets a cut-off request, never the whole one."""
+
+    async def first(writer: asyncio.StreamWriter) -> None:
+        return None
+
+    up = await stalled(first)
+    gw, key = await big_sidecar(make_sidecar, tmp_path, up.port)
+    body = big_call(1)
+    status, got = await post_raw(gw, key, body)
+    assert status == 504 and error_code(got) == "upstream_timeout"
+    assert await pool_empty(gw)
+    received = await up.drain0()
+    assert len(received) < len(body)
+    await assert_ok(gw, key, 2, note="conn1")
