@@ -5,7 +5,8 @@ and building aiohttp's ``ClientRequest``/``ClientResponse`` (headers, payload re
 connector, timers, traces) was the largest part of Sidecar's CPU per call (issue 19; ~0.1 ms
 of ~0.4 ms, ``bench/run mcp``). This pool writes the request head and body in one write
 and parses the answer with ``httptools`` (llhttp, strict: no ``Content-Length`` together
-with ``Transfer-Encoding``, no bare LF, no obs-fold), so nothing HTTP is hand-parsed.
+with ``Transfer-Encoding``, no bare LF, no obs-fold), so nothing HTTP is hand-parsed; a
+transfer coding other than chunked, which nothing here would undo, is refused too.
 
 Used only for what it is built for: MCP upstreams over ``http://`` (a sidecar's upstream
 is on loopback or in the pod), requests whose body Sidecar already holds whole, methods
@@ -65,6 +66,11 @@ def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     if " " in target or not target.startswith("/"):
         raise ValueError("the request target must be an origin-form path without spaces")
     return head.encode("utf-8", "surrogateescape")
+
+
+def _coded(values: list[str]) -> bool:
+    """Whether ``Transfer-Encoding`` names any coding but chunked."""
+    return any(c.strip().lower() != "chunked" for v in values for c in v.split(","))
 
 
 class PooledBody:
@@ -281,6 +287,11 @@ class _Connection(asyncio.Protocol):
                 raise ValueError(self._error)
             return  # 1xx: informational, the real answer follows
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        if "Transfer-Encoding" in headers and _coded(headers.getall("Transfer-Encoding")):
+            # Never asked for (TE is not forwarded), not undone here, and Transfer-Encoding is not
+            # relayed: gzip bytes would reach the client as the plain body, unscrubbed.
+            self._error = "a transfer coding other than chunked"
+            raise ValueError(self._error)
         self.keep_alive = bool(self.parser.should_keep_alive())
         self.until_close = (
             status not in (204, 304) and "Content-Length" not in headers and "Transfer-Encoding" not in headers

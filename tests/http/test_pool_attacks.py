@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 import time
@@ -28,8 +29,11 @@ from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the 
     answer,
     assert_ok,
     call,
+    chunk,
     error_code,
     keep_answering,
+    once_then_honest,
+    post,
     raw_fixture,
     read_request,
     rpc_id,
@@ -203,4 +207,109 @@ async def test_a_request_given_up_on_while_its_body_is_unsent_frees_its_connecti
     assert await pool_empty(gw)
     received = await up.drain0()
     assert len(received) < len(body)
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ an exchange given up on: nothing left behind
+
+
+async def test_a_client_that_leaves_before_the_headers_never_leaves_its_answer_behind(
+    raw: StartRaw, sidecar: Setup
+) -> None:
+    """A client sends its call and hangs up while the upstream works on it: its request is
+    cancelled, which closes the upstream connection (the upstream sees it), so the answer the
+    upstream writes afterwards can never become the next client's."""
+    arrived = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        req = await read_request(reader)
+        assert req is not None
+        arrived.set()
+        if await until_closed(reader):
+            closed.set()
+        with contextlib.suppress(ConnectionError):
+            writer.write(answer(2, note="left behind") + answer(3, note="left behind"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="10s")
+    body = json.dumps(call(1)).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    writer.write(
+        b"POST /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nAccept: application/json, "
+        b"text/event-stream\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (key.encode(), len(body), body)
+    )
+    async with asyncio.timeout(WAIT):
+        await arrived.wait()
+    writer.close()
+    async with asyncio.timeout(WAIT):
+        await closed.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+    await assert_ok(gw, key, 3, note="conn1")
+
+
+async def test_a_small_body_that_stalls_is_a_504_and_its_rest_never_reaches_the_next_request(
+    raw: StartRaw, sidecar: Setup
+) -> None:
+    """Headers and 10 of 100 body bytes, then silence: 504 ``upstream_timeout`` (a small body is
+    read whole before anything goes out). The rest of that body and a forged answer to the next
+    call, written once the sidecar gave up, find the connection closed: call 2 gets its own answer."""
+    closed = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(head + b"0123456789")
+        await writer.drain()
+        if await until_closed(reader):
+            closed.set()
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"x" * 90 + answer(2, note="forged"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="0.5s")
+    status, _, body = await post(gw, key, 1)
+    assert status == 504 and error_code(body) == "upstream_timeout"
+    assert json.loads(body)["error"]["message"] == "upstream tools did not send its body within 0.5s"
+    async with asyncio.timeout(WAIT):
+        await closed.wait()
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ framing the sidecar cannot relay
+
+CODINGS = {
+    "gzip, read until close": b"Transfer-Encoding: gzip\r\n\r\n",
+    "identity, read until close": b"Transfer-Encoding: identity\r\n\r\n",
+    "gzip, chunked": b"Transfer-Encoding: gzip, chunked\r\n\r\n",
+    "gzip then chunked, two fields": b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("framing", CODINGS.values(), ids=CODINGS.keys())
+async def test_a_transfer_coding_other_than_chunked_is_a_clean_502(
+    raw: StartRaw, sidecar: Setup, framing: bytes
+) -> None:
+    """The sidecar never asks for one (``TE`` is hop-by-hop, not forwarded), cannot undo one, and
+    drops ``Transfer-Encoding`` on the way out: ``gzip, chunked`` reached the client as gzip bytes
+    labelled as plain JSON, and a body read until close was cut after the 200 had gone out (llhttp
+    reads it until close, the pool took it for broken). Now it is refused before anything is sent."""
+    data = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"note": "conn0"}}).encode()
+    coded = gzip.compress(data) if b"gzip" in framing else data
+    body = chunk(coded) + b"0\r\n\r\n" if framing.rstrip().endswith(b"chunked") else coded
+    up = await raw(once_then_honest(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + body))
+    gw, key = await sidecar(up.port)
+    status, ctype, got = await post(gw, key, 1)
+    assert (status, ctype) == (502, "application/json"), got
+    assert json.loads(got)["error"] == {
+        "code": "upstream_unavailable",
+        "message": "upstream tools sent a malformed answer",
+    }
     await assert_ok(gw, key, 2, note="conn1")
