@@ -313,3 +313,44 @@ async def test_a_transfer_coding_other_than_chunked_is_a_clean_502(
         "message": "upstream tools sent a malformed answer",
     }
     await assert_ok(gw, key, 2, note="conn1")
+
+
+# ------------------------------------------------------------------ a call goes up once
+
+
+async def test_a_partial_answer_to_a_call_never_sends_the_call_again(
+    raw: StartRaw, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """The client adds ``Range`` to its ``tools/call``; the upstream (one that applies ranges to any
+    answer) says 206. A 206 cannot be scrubbed, so the forwarder asked again without ``Range``: for
+    a POST that ran the tool twice on one authorisation, one rate-limit and per-tool count
+    (``delete_*: 1/hour`` let two through). Now only a GET is asked again; the call went up once
+    and the client gets the designed 502."""
+    calls: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            calls.append(req[0].split(b" ", 1)[0])
+            if b"\r\nrange:" in req[0].lower():
+                part = b'{"jsonrpc"'
+                writer.write(
+                    b"HTTP/1.1 206 Partial Content\r\nContent-Type: application/json\r\n"
+                    b"Content-Range: bytes 0-9/60\r\nContent-Length: 10\r\n\r\n" + part
+                )
+            else:
+                writer.write(answer(rpc_id(req[1]), note=f"conn{n}"))
+            await writer.drain()
+
+    up = await raw(handler)
+    cfg = base_config("http://unused", tmp_path)
+    auth = {"Authorization": "Bearer ${MCP_SECRET}"}
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{up.port}/mcp",
+                         "path_prefix": "/mcp/tools", "headers": auth}]  # fmt: skip
+    gw = await make_sidecar(cfg, extra_env={"MCP_SECRET": "s3cr3t-mcp-token-0123456789"})
+    assert "tools" in gw.sc.pools
+    _, key = await gw.create_key(name="agent")
+    status, ctype, body = await post(gw, key, 1, Range="bytes=0-9")
+    assert (status, ctype) == (502, "application/json"), body
+    assert error_code(body) == "upstream_unavailable"
+    assert calls == [b"POST"]
+    await assert_ok(gw, key, 2)
