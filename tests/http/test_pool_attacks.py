@@ -354,3 +354,87 @@ async def test_a_partial_answer_to_a_call_never_sends_the_call_again(
     assert error_code(body) == "upstream_unavailable"
     assert calls == [b"POST"]
     await assert_ok(gw, key, 2)
+
+
+# ------------------------------------------------------------------ regression guards: framing llhttp decides
+
+FORGED = answer(2, note="forged")
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+async def test_a_bodiless_status_with_a_body_never_hands_it_to_the_next_request(
+    raw: StartRaw, sidecar: Setup, status: bytes
+) -> None:
+    """204 and 304 have no body whatever their ``Content-Length`` says: the client gets the bare
+    status, and the "body" (a whole forged answer to the next call) never becomes call 2's answer."""
+    head = b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(FORGED)
+    up = await raw(once_then_honest(head + FORGED))
+    gw, key = await sidecar(up.port)
+    code, _, body = await post(gw, key, 1)
+    assert (code, body) == (int(status[:3]), b"")
+    await assert_ok(gw, key, 2, note="conn1")
+
+
+async def test_head_never_goes_through_the_pool(raw: StartRaw, sidecar: Setup) -> None:
+    """A HEAD answer carries a length but no body, which the pool's parser cannot be told about:
+    it would wait for the 46 bytes (a 504) or take the next answer's bytes for them. HEAD stays
+    on aiohttp's client: answered at once, and the pool's next call is not disturbed."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            if req[0].startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 46\r\n\r\n")
+            else:
+                writer.write(answer(rpc_id(req[1]), note=f"conn{n}"))
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="0.5s")
+    async with asyncio.timeout(WAIT):
+        r = await gw.proxy.head("/mcp/tools", headers={"Authorization": f"Bearer {key}"})
+        async with r:
+            assert (r.status, r.headers["Content-Length"]) == (200, "46")
+    await assert_ok(gw, key, 1)
+    await assert_ok(gw, key, 2)
+
+
+async def test_a_secret_in_a_trailer_or_a_chunk_extension_never_reaches_the_client(
+    raw: StartRaw, make_sidecar: MakeSidecar, tmp_path: Path
+) -> None:
+    """Invariant 1: an upstream that echoes its credential where no scrubber looks (a chunk
+    extension, a trailer field after the last chunk). Neither is relayed: the client gets the
+    body, re-chunked by the sidecar, and no trailer; the connection is kept (the answer was whole)."""
+    secret = b"s3cr3t-mcp-token-0123456789"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (req := await read_request(reader)) is not None:
+            data = json.dumps({"jsonrpc": "2.0", "id": rpc_id(req[1]), "result": {"note": f"conn{n}"}}).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                b"Trailer: X-Echo\r\n\r\n%x;echo=%s\r\n%s\r\n0;echo=%s\r\nX-Echo: %s\r\n\r\n"
+                % (len(data), secret, data, secret, secret)
+            )
+            await writer.drain()
+
+    up = await raw(handler)
+    cfg = base_config("http://unused", tmp_path)
+    auth = {"Authorization": "Bearer ${MCP_SECRET}"}
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{up.port}/mcp",
+                         "path_prefix": "/mcp/tools", "headers": auth}]  # fmt: skip
+    gw = await make_sidecar(cfg, extra_env={"MCP_SECRET": secret.decode()})
+    _, key = await gw.create_key(name="agent")
+    body = json.dumps(call(1)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    try:
+        writer.write(
+            b"POST /mcp/tools HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nAccept: application/json, "
+            b"text/event-stream\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (key.encode(), len(body), body)
+        )
+        async with asyncio.timeout(WAIT):
+            everything = await reader.read()
+    finally:
+        writer.close()
+    assert everything.startswith(b"HTTP/1.1 200 ") and b'"note": "conn0"' in everything
+    assert secret not in everything and b"X-Echo" not in everything and b"echo=" not in everything
+    await assert_ok(gw, key, 2, note="conn0")
