@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -216,10 +217,14 @@ class _Connection(asyncio.Protocol):
         self._got_body = False
         self._paused = False
         self._error: str | None = None
+        self._poll = select.poll()  # ``heard``
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # bytes nobody asked for: the connection cannot be trusted
@@ -320,6 +325,12 @@ class _Connection(asyncio.Protocol):
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
+
+    def heard(self) -> bool:
+        """Whether bytes, a FIN or a reset wait on this idle socket, unread by the loop as yet: an
+        answer nobody asked for would be taken for the next request's, a POST on a closed one is a
+        502. One ``poll`` (~0.3 µs) before each reuse, as urllib3 does."""
+        return bool(self._poll.poll(0))
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
@@ -422,7 +433,7 @@ class ConnectionPool:
         while self._idle:
             conn = self._idle.pop()
             t = conn.transport
-            if t is not None and not t.is_closing() and now - conn.idle_since < KEEPALIVE:
+            if t is not None and not t.is_closing() and now - conn.idle_since < KEEPALIVE and not conn.heard():
                 return conn
             conn.close()
         return None

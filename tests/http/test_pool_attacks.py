@@ -14,13 +14,17 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+import uvloop
 from conftest import MakeSidecar, Running, base_config
+from multidict import CIMultiDict
 from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the fixtures raw and sidecar
     ACCEPT,
     WAIT,
@@ -40,6 +44,10 @@ from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the 
     sidecar_fixture,
     until_closed,
 )
+from yarl import URL
+
+from sidecar.config import parse_config
+from sidecar.http.pool import ConnectionPool
 
 BIG = 8 * 1024 * 1024  # a request body larger than the kernel's buffers on both ends take
 First = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -438,3 +446,75 @@ async def test_a_secret_in_a_trailer_or_a_chunk_extension_never_reaches_the_clie
     assert everything.startswith(b"HTTP/1.1 200 ") and b'"note": "conn0"' in everything
     assert secret not in everything and b"X-Echo" not in everything and b"echo=" not in everything
     await assert_ok(gw, key, 2, note="conn0")
+
+
+# ------------------------------------------------------------------ an idle connection that already heard something
+
+
+async def next_after(tmp_path: Path, how: str) -> list[str]:
+    """Two calls through a ``ConnectionPool`` on the running loop. Between them, while connection 0
+    sits idle, its upstream writes a forged answer (``forged``) or closes (``closed``): the bytes or
+    the FIN are in the sidecar's kernel buffer, but the loop has not read them when call 2 takes the
+    connection (``pool.request`` runs up to its write without yielding). The notes answered, or the error."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = len(writers)
+        writers.append(writer)
+        while (req := await read_request(reader)) is not None:
+            writer.write(answer(rpc_id(req[1]), note=f"conn{n}"))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{port}/mcp"}]
+    env = {"SIDECAR_ADMIN_TOKEN": "x", "PLEX_TOKEN": "y"}
+    pool = ConnectionPool(parse_config(cfg, env=env, base=tmp_path).upstreams[0])
+    notes: list[str] = []
+    try:
+        async with asyncio.timeout(WAIT):
+            for rid in (1, 2):
+                body = json.dumps(call(rid)).encode()
+                headers = CIMultiDict({"Host": f"127.0.0.1:{port}", "Content-Length": str(len(body))})
+                if rid == 2 and how == "forged":  # a write to an idle asyncio transport reaches the kernel at once
+                    writers[0].write(answer(2, note="forged"))
+                elif rid == 2:  # its FIN, sent at once (``close`` and uvloop's ``write_eof`` wait a loop turn)
+                    with socket.socket(fileno=os.dup(writers[0].get_extra_info("socket").fileno())) as sock:
+                        sock.shutdown(socket.SHUT_WR)
+                try:
+                    resp = await pool.request("POST", URL(f"http://127.0.0.1:{port}/mcp"), headers, body)
+                except aiohttp.ClientError as e:
+                    notes.append(type(e).__name__)
+                    continue
+                got = b""
+                while part := await resp.content.readany():
+                    got += part
+                resp.release()
+                notes.append(json.loads(got)["result"]["note"])
+    finally:
+        await pool.close()
+        server.close()
+        for w in writers:
+            w.transport.abort()
+        await server.wait_closed()
+    return notes
+
+
+@pytest.mark.parametrize("how", ["forged", "closed"])
+async def test_an_idle_connection_that_heard_anything_is_not_used(tmp_path: Path, how: str) -> None:
+    """Unsolicited bytes on an idle connection were taken for call 2's answer when they were already
+    in when the call went out (the pool only aborts on bytes it reads while idle); a FIN already in
+    made a POST, which is never sent twice, a 502. Now the pool looks (one ``poll``) before it reuses
+    a connection: call 2 goes out on a new one and gets its own answer."""
+    assert await next_after(tmp_path, how) == ["conn0", "conn1"]
+
+
+@pytest.mark.parametrize("how", ["forged", "closed"])
+def test_an_idle_connection_that_heard_anything_is_not_used_on_uvloop(tmp_path: Path, how: str) -> None:
+    """The same on production's loop."""
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(next_after(tmp_path, how)) == ["conn0", "conn1"]
+    finally:
+        loop.close()
