@@ -62,7 +62,8 @@ class Stalled:
         self.first = first
         self.accepted = 0
         self.release = asyncio.Event()
-        self.got: bytes | None = None
+        self.got = b""
+        self.drained = asyncio.Event()
         self.server: asyncio.Server | None = None
         self.port = 0
         self._writers: list[asyncio.StreamWriter] = []
@@ -79,11 +80,11 @@ class Stalled:
                 return await keep_answering(reader, writer, n)
             await self.first(writer)
             await self.release.wait()
-            got = head
+            self.got = head
             with contextlib.suppress(ConnectionError):
                 while data := await reader.read(1 << 20):
-                    got += data
-            self.got = got
+                    self.got += data
+            self.drained.set()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -100,8 +101,7 @@ class Stalled:
         """Let connection 0 read all it can until the sidecar's end closes: what it received."""
         self.release.set()
         async with asyncio.timeout(WAIT):
-            while self.got is None:
-                await asyncio.sleep(0.01)  # polled: the handler's read loop ends on EOF or reset
+            await self.drained.wait()
         return self.got
 
     async def stop(self) -> None:
