@@ -37,6 +37,7 @@ from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the 
     error_code,
     keep_answering,
     once_then_honest,
+    open_stream,
     post,
     raw_fixture,
     read_request,
@@ -518,3 +519,38 @@ def test_an_idle_connection_that_heard_anything_is_not_used_on_uvloop(tmp_path: 
         assert loop.run_until_complete(next_after(tmp_path, how)) == ["conn0", "conn1"]
     finally:
         loop.close()
+
+
+async def test_a_client_that_leaves_mid_answer_never_passes_the_rest_to_the_next_call(
+    raw: StartRaw, sidecar: Setup
+) -> None:
+    """A 300 KB JSON answer (streamed: over the small-body bound), of which the upstream sends a
+    third and stalls; the client reads a little and hangs up. The answer had begun (its id and
+    ``result`` went out), so the forwarder gives the stream ``END_WAIT`` to end for a clean reuse;
+    it does not end, so the connection is closed. The rest of that answer and a forged answer to
+    call 2, written afterwards, never reach call 2."""
+    data = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"note": "conn0", "pad": "q" * 300_000}}).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n > 0:
+            return await keep_answering(reader, writer, n)
+        assert await read_request(reader) is not None
+        writer.write(head + data[:100_000])
+        await writer.drain()
+        if await until_closed(reader):
+            closed.set()
+        with contextlib.suppress(ConnectionError):
+            writer.write(data[100_000:] + FORGED)
+            await writer.drain()
+
+    up = await raw(handler)
+    gw, key = await sidecar(up.port, read="10s")
+    r = await open_stream(gw, key)
+    async with asyncio.timeout(WAIT):
+        assert (await r.content.readexactly(20)).startswith(b'{"jsonrpc"')
+    r.close()
+    async with asyncio.timeout(WAIT):
+        await closed.wait()
+    await assert_ok(gw, key, 2, note="conn1")
