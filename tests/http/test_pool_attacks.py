@@ -1,10 +1,13 @@
-"""The lean upstream client (``sidecar.http.pool``) under an attacker's review: desync and leaks.
+"""The lean upstream client (``sidecar.http.pool``) under an attacker's review: desync, leaks, framing.
 
-A pooled connection is shared by every key: an exchange that did not fully complete must never
-leave anything behind for the next request (its answer, its unsent body), and a connection given
-up on must go at once, whatever the upstream does. The upstream here is either ``RawUpstream``
-(exact bytes, reads everything) or ``Stalled``: an upstream that stops reading its socket, so
-that what the sidecar wrote stays in the sidecar's own buffers. Each test asserts what the client
+A pooled connection is shared by every key: an exchange that did not fully complete (both ways:
+the answer read to its end *and* the request written to its end) must leave nothing behind for
+the next request, a connection given up on must go at once whatever the upstream does, an idle
+connection that already heard something is not reused, a call goes up once, and what the sidecar
+cannot relay faithfully (a transfer coding, a trailer) is refused or dropped, never passed on
+half-done. Upstreams: ``RawUpstream`` (exact bytes, reads everything), ``Stalled`` (stops reading
+its socket, so what the sidecar wrote stays in the sidecar's buffers), or a ``ConnectionPool``
+driven directly where only the loop's ordering shows the race. Each test asserts what the client
 (or, for a leak, the upstream) sees. Helpers: ``tests/pool_support.py``.
 """
 
