@@ -185,11 +185,13 @@ class PooledResponse:
 
     def release(self) -> None:
         """The body was read to its end: the connection goes back to the pool if it may."""
-        self._conn.done(reuse=self.content.at_eof())
+        if self._conn.response is self:  # late, once the connection carries another exchange: not ours
+            self._conn.done(reuse=self.content.at_eof())
 
     def close(self) -> None:
         """Give up on the answer (a client that left, a cancelled call): the connection is closed."""
-        self._conn.done(reuse=False)
+        if self._conn.response is self:
+            self._conn.done(reuse=False)
         if not self.content.is_eof():
             # A read still waiting fails, as with aiohttp: the forwarder ends an event stream on a
             # drain by closing its answer (``end_stream``), and the closed connection tells nothing more.

@@ -51,7 +51,7 @@ from pool_support import (  # noqa: F401 - raw_fixture and sidecar_fixture: the 
 from yarl import URL
 
 from sidecar.config import parse_config
-from sidecar.http.pool import ConnectionPool
+from sidecar.http.pool import ConnectionPool, PooledResponse
 
 BIG = 8 * 1024 * 1024  # a request body larger than the kernel's buffers on both ends take
 First = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -557,3 +557,56 @@ async def test_a_client_that_leaves_mid_answer_never_passes_the_rest_to_the_next
     async with asyncio.timeout(WAIT):
         await closed.wait()
     await assert_ok(gw, key, 2, note="conn1")
+
+
+async def test_an_answer_already_released_cannot_touch_the_next_exchange(tmp_path: Path) -> None:
+    """A ``PooledResponse`` is released (its connection goes back to the pool and carries the next
+    call), then closed late, as a drain's stream closer can be (``Forwarder.end_streams`` runs the
+    closers it listed a loop turn later). That closed the connection under the next call, which then
+    waited for an answer that could no longer come (no error: the connection was no longer busy).
+    Now a late ``close`` or ``release`` only ever acts on its own exchange: call 2 gets its answer."""
+    arrived = asyncio.Event()
+    go = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (req := await read_request(reader)) is not None:
+            if rpc_id(req[1]) == 2:
+                arrived.set()
+                await go.wait()
+            writer.write(answer(rpc_id(req[1]), note="conn0"))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{port}/mcp"}]
+    pool = ConnectionPool(
+        parse_config(cfg, env={"SIDECAR_ADMIN_TOKEN": "x", "PLEX_TOKEN": "y"}, base=tmp_path).upstreams[0]
+    )
+    url = URL(f"http://127.0.0.1:{port}/mcp")
+
+    def send(rid: int) -> Awaitable[PooledResponse]:
+        body = json.dumps(call(rid)).encode()
+        return pool.request("POST", url, CIMultiDict({"Host": "x", "Content-Length": str(len(body))}), body)
+
+    try:
+        async with asyncio.timeout(WAIT):
+            first = await send(1)
+            while await first.content.readany():
+                pass
+            first.release()
+            second = asyncio.ensure_future(send(2))
+            await arrived.wait()  # call 2 is out, on the same connection
+            first.close()  # late
+            first.release()
+            go.set()
+            resp = await second
+            got = b""
+            while part := await resp.content.readany():
+                got += part
+            resp.release()
+        assert json.loads(got)["id"] == 2 and len(pool._all) == 1
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
