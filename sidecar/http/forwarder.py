@@ -197,9 +197,10 @@ class Forwarder:
             session = pool
         started = time.perf_counter()
         resp = await self._send(request, upstream, session, url, headers, data, deadline, upload)
-        if scrub is not None and held and whole_needed(resp.status, resp.headers):
+        if scrub is not None and held and request.method in ("GET", "HEAD") and whole_needed(resp.status, resp.headers):
             # Ranges of a body that must be scrubbed could be joined around the token: ask for
             # it whole (a server may always ignore Range); a 206 again is refused by the filter.
+            # Never another method: a call would run twice on one authorisation (the filter's 502).
             resp.close()
             for name in ("Range", "If-Range"):
                 headers.popall(name, None)
