@@ -217,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._unframed = 0  # bytes read since the request or the last body byte (``data_received``)
         self._got_body = False
+        self._pieces: list[bytes] = []  # body bytes parsed from the read in hand (``on_body``)
         self._paused = False
         self._error: str | None = None
         self._poll = select.poll()  # ``heard``
@@ -237,8 +238,10 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
+            self._pieces.clear()
             self._abort(self._error or f"malformed answer ({type(e).__name__})")
             return
+        self._flush_body()
         if self._got_body:
             self._unframed = 0
         elif self._unframed > 2 * MAX_HEADER_SIZE:
@@ -309,13 +312,22 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
+        # Gathered, then handed over once per read (``_flush_body``): an answer in 1-byte chunks
+        # would otherwise be one ~40-byte object per byte, ~40× its size before reading pauses.
         self._got_body = True
-        if self.response is not None:
-            self.response.content.feed(body)
+        self._pieces.append(body)
+
+    def _flush_body(self) -> None:
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            if self.response is not None:
+                self.response.content.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def on_message_complete(self) -> None:
         if self.response is None:  # the end of a 1xx
             return
+        self._flush_body()
         self.complete = True
         self.response.content.feed_eof()
 

@@ -610,3 +610,47 @@ async def test_an_answer_already_released_cannot_touch_the_next_exchange(tmp_pat
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+# ------------------------------------------------------------------ an answer in 1-byte chunks
+
+
+async def test_an_answer_in_one_byte_chunks_costs_its_size_not_forty_times_it(tmp_path: Path) -> None:
+    """A hostile upstream frames 96 KiB as 1-byte chunks (under the 128 KiB at which the pool stops
+    reading, so none of it is held back). Each chunk was buffered as its own bytes object, ~40 bytes
+    of overhead per byte (~4 MB per answer); now the chunks of one read are joined: a handful of
+    buffered pieces, and the body arrives intact."""
+    size = 96 * 1024
+    body = bytes(range(256)) * (size // 256)
+    framed = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(size)) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await read_request(reader) is not None:
+            writer.write(head + framed)
+            await writer.drain()
+        await until_closed(reader)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{port}/mcp"}]
+    pool = ConnectionPool(
+        parse_config(cfg, env={"SIDECAR_ADMIN_TOKEN": "x", "PLEX_TOKEN": "y"}, base=tmp_path).upstreams[0]
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            resp = await pool.request("GET", URL(f"http://127.0.0.1:{port}/mcp"), CIMultiDict({"Host": "up"}), None)
+            while not resp.content.is_eof():  # read nothing until all of it is in
+                await asyncio.sleep(0.005)
+            pieces = len(resp.content._buffer)
+            assert pieces <= 64, f"{pieces} buffered pieces for {size} bytes"
+            got = b""
+            while part := await resp.content.readany():
+                got += part
+            resp.release()
+        assert got == body
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
