@@ -17,8 +17,7 @@ when ``max(TAT, now) + T - now <= N·T``. No window edges, so no 2× burst at a 
 one integer per (key, limit), O(1) per check in memory and in Redis. Time is kept in
 integer microseconds so ``r`` and ``t`` are exact.
 
-**All or nothing.** A request is counted by every limit and the quota, or by none: a
-request refused by ``10/second`` does not spend the day's quota.
+**All or nothing.** A request is counted by every limit and the quota, or by none.
 
 **Headers** (IETF httpapi draft -10): ``RateLimit-Policy`` lists every policy;
 ``RateLimit`` and the ``X-RateLimit-*`` trio describe the most restrictive one (fewest
@@ -41,10 +40,9 @@ window with it, the counts of each window stay its own (a step back counts on in
 earlier window from its stored total, never from zero, and never twice). Redis buckets use
 Redis ``TIME``: that host's clock, one for all replicas.
 
-Quota windows and the persisted memory-backend counters are in ``sidecar.limits.quota``; the
-Redis script and client in ``sidecar.limits.redis_backend``; plans, GCRA arithmetic and the
-in-memory backend in ``sidecar.limits.gcra``; concurrency slots in ``sidecar.limits.concurrency``.
-This module is the facade the pipeline and the admin API call.
+Quota windows and persisted counters: ``limits.quota``; the Redis script: ``limits.redis_backend``;
+plans, GCRA and the memory backend: ``limits.gcra``; slots: ``limits.concurrency``. This module
+is the facade the pipeline and the admin API call.
 """
 
 from __future__ import annotations
@@ -56,6 +54,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -65,7 +64,7 @@ from ..clocks import steady_clock
 from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
-from .concurrency import NO_SLOT, ConcurrencySlot, concurrency_error
+from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
 from .gcra import (
     QUOTA_POLICY,
     US,
@@ -243,7 +242,8 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.concurrency is None:
             return NO_SLOT
-        return self.make_slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)  # type: ignore[no-any-return]
+        inner: Any = self.make_slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)
+        return RefundingSlot(inner, partial(self.refund, key, upstream)) if plan.rates or plan.quota else inner
 
     def in_flight(self, key_id: str) -> int:
         """Slots this key holds in this process (all scopes)."""

@@ -1,0 +1,122 @@
+"""Attacks on the limiter: ways a key could get more than its rate limits, quota or concurrency
+cap allow, or be charged for a request it was refused (DESIGN invariants 10 and 12).
+
+Each test plays the client that tries it, against the real limiter (real SQLite store, real
+``redis-server``) or a real sidecar, and asserts what it sees and what was spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from limits_support import Clock, key
+from redis_support import RedisProc, redis_server
+
+from sidecar.config import parse_config
+from sidecar.core.errors import RateLimited
+from sidecar.limits.ratelimit import RateLimiter
+from sidecar.store import Store, open_store
+
+__all__ = ["redis_server"]  # the fixture, re-exported for pytest
+
+
+def limiter_config(tmp_path: Path, redis: RedisProc | None = None, **rate_limits: Any) -> Any:
+    if redis is not None:
+        rate_limits = {"backend": "redis", "redis_url": redis.url, **rate_limits}
+    raw = {
+        "store": {"kind": "sqlite", "path": str(tmp_path / "attacks.db")},
+        "upstreams": [{"id": "api", "kind": "mcp", "url": "http://127.0.0.1:9"}],
+        "rate_limits": rate_limits,
+    }
+    return parse_config(raw, env={}, base=tmp_path)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(limiter_config(tmp_path).store)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def limiter_for(store: Store, tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[RateLimiter] = []
+
+    async def make(redis: RedisProc | None = None, clock: Clock | None = None, **rate_limits: Any) -> RateLimiter:
+        rl = RateLimiter(limiter_config(tmp_path, redis, **rate_limits), store, clock=clock or Clock())
+        await rl.start()
+        made.append(rl)
+        return rl
+
+    yield make
+    for rl in made:
+        await rl.close()
+
+
+async def used(rl: RateLimiter, k: Any) -> int:
+    status = await rl.quota_status(k)
+    assert status is not None
+    return int(status[0]["used"])
+
+
+# ------------------------------------------------------------------- quota flushes
+
+
+async def test_quota_holds_while_a_flush_is_writing(limiter_for: Any) -> None:
+    """Attack: keep requesting while the background flush writes the counts to the store.
+
+    Before the fix the flush zeroed the in-memory count before its write and re-read the
+    total only after it, so during the write the key looked unspent: a quota of 5 let
+    5 more requests through every flush (10 of 5 here; unbounded over many flushes)."""
+    rl = await limiter_for(quota="5/day")
+    k, up = key(), rl.config.upstreams[0]
+    assert [(await rl.check(k, up)).allowed for _ in range(5)] == [True] * 5
+    flushing = asyncio.create_task(rl.book.flush())
+    (counter,) = rl.book._counters.values()
+    for _ in range(10_000):  # until the flush has taken its batch and waits on the store
+        if counter.pending == 0:
+            break
+        await asyncio.sleep(0)
+    assert counter.pending == 0 and not flushing.done()
+    during = [(await rl.check(k, up)) for _ in range(5)]  # no await suspends here: all inside the write
+    assert not flushing.done()
+    assert [d.allowed for d in during] == [False] * 5
+    assert {d.error.code for d in during if d.error is not None} == {"quota_exceeded"}
+    assert during[0].headers["RateLimit"].startswith('"quota";r=0;')
+    await flushing
+    assert not (await rl.check(k, up)).allowed
+    assert await used(rl, k) == 5
+    assert await rl.store.quota_used(k.id, "*", next(iter(rl._windows.values()))[2]) == 5
+
+
+# ------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_concurrency_refusal_after_the_check_spends_nothing(
+    limiter_for: Any, redis_server: RedisProc, backend: str
+) -> None:
+    """Attack (on oneself, but a refusal must be free): two requests pass the pre-check together,
+    both are counted, one takes the last slot and the other is refused — was it charged?
+
+    With Redis (every check is a round trip) and with workers (another process takes the slot)
+    this is the normal course of a burst, not a rare race; in memory it happens whenever the
+    check awaits (a quota counter's first read). The refused one's unit is given back."""
+    rl = await limiter_for(redis_server if backend == "redis" else None, default=["10/minute"], quota="100/day")
+    k, up = key(concurrency=1), rl.config.upstreams[0]
+    first, second = await asyncio.gather(rl.check(k, up), rl.check(k, up))
+    assert first.allowed and second.allowed
+    async with rl.slot(k, up):
+        with pytest.raises(RateLimited) as refused:
+            async with rl.slot(k, up):
+                pytest.fail("two slots for concurrency 1")
+        assert refused.value.code == "rate_limit_exceeded"
+        assert refused.value.headers["Retry-After"] == "1"
+        assert refused.value.headers["RateLimit"] == '"concurrency";r=0;t=1'
+    assert await used(rl, k) == 1
+    d = await rl.check(k, up)
+    assert d.headers["RateLimit"] == '"minute";r=8;t=12'  # two counted (the served one and this), not three
