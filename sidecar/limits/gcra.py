@@ -20,6 +20,7 @@ __all__ = [
     "RateDecision",
     "RateRule",
     "bucket_key",
+    "budget_of",
     "decide",
     "quota_key",
     "resolve_plan",
@@ -75,6 +76,7 @@ class Plan:
     concurrency_scope: str = "*"
     rate_policy: str = ""  # the static part of RateLimit-Policy
     buckets: tuple[str, ...] = ()  # one storage key per rate rule (the same in memory and Redis)
+    slot_ident: tuple[str, str] = ("", "*")  # (budget id, concurrency scope): the key's in-flight count
 
     @property
     def empty(self) -> bool:
@@ -112,8 +114,8 @@ def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Pl
     else:
         conc, cscope = rl.concurrency, "*"
     policy = ", ".join(f'"{r.policy}";q={r.limit.count};w={r.limit.period}' for r in rates)
-    buckets = tuple(bucket_key(key.id, r.suffix) for r in rates)
-    return Plan(tuple(rates), quota, conc, cscope, policy, buckets)
+    buckets = tuple(bucket_key(budget_of(key), r.suffix) for r in rates)
+    return Plan(tuple(rates), quota, conc, cscope, policy, buckets, (budget_of(key), cscope))
 
 
 # -------------------------------------------------------------------------- backends
@@ -130,6 +132,11 @@ class Outcome:
 
 class BackendDown(Exception):
     """The shared backend could not be reached; ``on_redis_error`` decides."""
+
+
+def budget_of(key: KeyRecord) -> str:
+    """The id a key is counted under: its own, or for a rotated key's successor the chain's first."""
+    return key.budget_id or key.id
 
 
 def bucket_key(key_id: str, suffix: str) -> str:

@@ -199,7 +199,7 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.empty:
             return RateDecision()
-        if plan.concurrency is not None and self.held.get((key.id, plan.concurrency_scope), 0) >= plan.concurrency:
+        if plan.concurrency is not None and self.held.get(plan.slot_ident, 0) >= plan.concurrency:
             return RateDecision(False, error=concurrency_error(plan.concurrency, self.rl.headers))
         if not plan.rates and plan.quota is None:
             return RateDecision()
@@ -242,7 +242,7 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.concurrency is None:
             return NO_SLOT
-        inner: Any = self.make_slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)
+        inner: Any = self.make_slot(self._inflight, plan.slot_ident, plan.concurrency, self.rl.headers)
         return RefundingSlot(inner, partial(self.refund, key, upstream)) if plan.rates or plan.quota else inner
 
     def in_flight(self, key_id: str) -> int:
@@ -279,7 +279,7 @@ class RateLimiter:
         qstart = qend = now
         if plan.quota is not None:
             qstart, qend, wid = self._window(plan.quota.limit, now)
-            qkey = (key.id, plan.quota.scope, wid)
+            qkey = (key.budget_id or key.id, plan.quota.scope, wid)
         now_us = int(now * US)
         outcome: Outcome | None = None
         if self.redis is not None:
@@ -441,7 +441,7 @@ class RateLimiter:
         out = []
         for rule, _ in targets:
             start, end, wid = self._window(rule.limit, now)
-            qkey = (rec.id, rule.scope, wid)
+            qkey = (rec.budget_id or rec.id, rule.scope, wid)
             if self.redis is None:
                 out.append(_status(rule, (await self.book.counter(qkey, end)).used, start, end))
                 continue
@@ -478,7 +478,7 @@ class RateLimiter:
         out = []
         for rule, _ in targets:
             start, end, wid = self._window(rule.limit, now)
-            qkey = (rec.id, rule.scope, wid)
+            qkey = (rec.budget_id or rec.id, rule.scope, wid)
             if self.redis is not None:
                 ttl = max(1, math.ceil(end - now)) + self.redis.expire_slack
                 if field_name == "used":

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar, Running, base_config
 from limits_support import Clock, key
 from redis_support import RedisProc, redis_server
 
@@ -120,3 +122,53 @@ async def test_concurrency_refusal_after_the_check_spends_nothing(
     assert await used(rl, k) == 1
     d = await rl.check(k, up)
     assert d.headers["RateLimit"] == '"minute";r=8;t=12'  # two counted (the served one and this), not three
+
+
+# ------------------------------------------------------------------- identity
+
+
+async def get(r: Running, k: str, path: str = "/library/sections", **headers: str) -> Any:
+    return await r.proxy.get(path, headers={"X-Plex-Token": k, **headers} if k else headers)
+
+
+def plex_cfg(upstream: TestServer, tmp_path: Path, **rate_limits: Any) -> dict[str, Any]:
+    return base_config(str(upstream.make_url("")).rstrip("/"), tmp_path, rate_limits=rate_limits)
+
+
+@pytest.mark.parametrize("grace", ["1h", 0])
+async def test_rotation_continues_the_same_budget(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, grace: str | int
+) -> None:
+    """Attack: rotate a key (the admin API; a delegate may rotate keys of its owner, itself included)
+    to get a fresh budget — a spent quota back, or, with a grace period, two live keys with a
+    budget each (and a chain of rotations, one more live budget per rotation).
+
+    The successor continues its predecessor's rate limits, quota and concurrency, and during
+    the grace both keys draw on that one budget."""
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path), clock=Clock())
+    _, k_old = await r.create_key(rate_limits=["3/minute"], quota="5/day", owner="acme")
+    assert [(await get(r, k_old)).status for _ in range(2)] == [200, 200]
+    auth = r.admin_headers()
+    keys = [k_old]
+    for _ in range(2):  # a chain: A -> B -> C (A and B still in their grace with "1h")
+        rid = await _id(r, keys[-1])
+        resp = await r.admin.post(f"/admin/keys/{rid}/rotate", json={"grace": grace}, headers=auth)
+        assert resp.status == 201, await resp.text()
+        keys.append((await resp.json())["data"]["key"])
+    await r.sc.verifier.refresh()
+    live = keys if grace else keys[-1:]
+    seen = [(await get(r, k)).status for k in live for _ in range(2)]
+    assert seen.count(200) == 1  # one unit was left of the minute's 3, whichever key asks
+    refused = await get(r, keys[-1])
+    assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["RateLimit"] == '"minute";r=0;t=60'
+    status = await r.sc.limiter.quota_status(await _rec(r, keys[-1]))
+    assert status is not None and status[0]["used"] == 3
+
+
+async def _rec(r: Running, k: str) -> Any:
+    return await r.sc.verifier.verify(k, "127.0.0.1")
+
+
+async def _id(r: Running, k: str) -> str:
+    return str((await _rec(r, k)).id)
