@@ -54,9 +54,12 @@ class RateRule:
     suffix: str  # identifies the bucket among the key's: scope, period, count
 
     @classmethod
-    def build(cls, limit: Limit, scope: str, policy: str) -> RateRule:
+    def build(cls, limit: Limit, scope: str, policy: str, index: int | None = None) -> RateRule:
+        """``index``: the limit's place among a key's limits, which names its bucket, so an edit of
+        the limit keeps what was spent (as time owed) instead of starting a fresh bucket: editing a
+        spent limit to another within reach (a delegate can) bought a request per edit."""
         interval = max(1, limit.period * US // limit.count)
-        suffix = f"{scope}:{limit.period}:{limit.count}"
+        suffix = f"{scope}:{limit.period}:{limit.count}" if index is None else f"{scope}:#{index}"
         return cls(limit, scope, policy, interval, interval * limit.count, suffix)
 
 
@@ -98,7 +101,7 @@ def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Pl
     for lim in limits:
         name = lim.name if lim.name not in names else lim.text
         names.add(name)
-        rates.append(RateRule.build(lim, scope, name))
+        rates.append(RateRule.build(lim, scope, name, len(rates)))
     quota: QuotaRule | None = None
     if key.quota:
         quota = QuotaRule(parse_limit(key.quota), "*")

@@ -172,3 +172,40 @@ async def _rec(r: Running, k: str) -> Any:
 
 async def _id(r: Running, k: str) -> str:
     return str((await _rec(r, k)).id)
+
+
+@pytest.mark.parametrize("by", ["delegate", "admin"])
+async def test_editing_a_spent_limit_does_not_refill_it(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, by: str
+) -> None:
+    """Attack: a delegate (``admin: true``) edits a sibling key's spent limit to another one within
+    its own reach (``2/minute`` -> ``1/30seconds`` -> ``1/31seconds`` … -> ``2/minute``): before, each
+    distinct limit text was a fresh bucket, so every edit bought a request, without end.
+
+    The bucket is the key's n-th limit in its scope; what was spent carries over as time owed,
+    never more than the new limit's burst (so raising a limit helps at once, lowering it never
+    refills it)."""
+    clock = Clock()
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path), clock=clock)
+    mgr = {"upstreams": ["plex"], "admin": True}
+    _, k_mgr = await r.create_key(owner="acme", permissions=mgr, rate_limits=["2/minute"])
+    sib, k_sib = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]}, rate_limits=["2/minute"])
+    assert [(await get(r, k_sib)).status for _ in range(3)] == [200, 200, 429]
+    auth = {"Authorization": f"Bearer {k_mgr}"} if by == "delegate" else r.admin_headers()
+    seen = []
+    for limit in ["1/30seconds", "1/31seconds", "1/32seconds", "2/minute", "1/minute"]:
+        resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"rate_limits": [limit]}, headers=auth)
+        assert resp.status == 200, await resp.text()
+        await r.sc.verifier.refresh()
+        got = await get(r, k_sib)
+        seen.append(got.status)
+    assert seen == [429] * 5
+    assert got.headers["RateLimit"] == '"minute";r=0;t=60'
+    # Raising the limit helps within one interval of the new limit: the 60 s owed fill 10/minute too,
+    # and 6 s later one passes (2/minute would need 30 s).
+    resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"rate_limits": ["10/minute"]}, headers=r.admin_headers())
+    await r.sc.verifier.refresh()
+    assert (await get(r, k_sib)).status == 429
+    clock.advance(6)
+    got = await get(r, k_sib)
+    assert got.status == 200 and got.headers["RateLimit"] == '"minute";r=0;t=60'
