@@ -8,11 +8,13 @@ Each test plays the client that tries it, against the real limiter (real SQLite 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from limits_support import Clock, key
@@ -209,3 +211,158 @@ async def test_editing_a_spent_limit_does_not_refill_it(
     clock.advance(6)
     got = await get(r, k_sib)
     assert got.status == 200 and got.headers["RateLimit"] == '"minute";r=0;t=60'
+
+
+# ------------------------------------------------------------------- slots and abnormal ends
+
+
+def ending_app(release: asyncio.Event) -> web.Application:
+    """Streams that end abnormally on either side: ``release`` makes the upstream drop its side."""
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        await sock.send_str("hello")
+        await asyncio.wait_for(release.wait(), 10)
+        assert request.transport is not None
+        request.transport.abort()  # no close frame: the upstream vanishes
+        return sock
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": request.query.get("type", "application/octet-stream")})
+        await resp.prepare(request)
+        await resp.write(b"data: x\n\n")
+        await asyncio.wait_for(release.wait(), 10)
+        assert request.transport is not None
+        request.transport.abort()  # mid-body: the download is cut
+        return resp
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.wait_for(release.wait(), 10)  # never answers while the test runs
+        return web.Response(text="late")
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/hang", hang)
+    app.router.add_get("/quick", quick)
+    return app
+
+
+WS_UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "upgrade", "who_ends"),
+    [
+        ("/ws", True, "client"),
+        ("/ws", True, "upstream"),
+        ("/stream?type=text/event-stream", False, "client"),
+        ("/stream", False, "upstream"),
+        ("/hang", False, "client"),  # gone before the upstream answered at all
+    ],
+)
+async def test_concurrency_slot_comes_back_after_any_abnormal_end(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, path: str, upgrade: bool, who_ends: str
+) -> None:
+    """Attack: end streams abnormally (a websocket or SSE client that vanishes without a close, an
+    upstream that drops mid-body, a client gone before any answer) hoping to leak slots until the
+    key is locked out — or to have a slot given back twice and hold more than the cap."""
+    release = asyncio.Event()
+    server = await aiohttp_server(ending_app(release))
+    r = await make_sidecar(plex_cfg(server, tmp_path, default=["1000/second"]), clock=Clock())
+    rec, k = await r.create_key(concurrency=1)
+    port = r.proxy.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = WS_UPGRADE if upgrade else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Plex-Token: {k}\r\n{extra}\r\n".encode())
+    await writer.drain()
+    if path != "/hang":
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.split(b" ", 2)[1] == (b"101" if upgrade else b"200")
+    await poll(lambda: r.sc.limiter.in_flight(rec.id) == 1)
+    busy = await get(r, k, "/quick")
+    assert busy.status == 429 and busy.headers["RateLimit"] == '"concurrency";r=0;t=1'
+    if who_ends == "client":
+        writer.transport.abort()
+    else:
+        release.set()
+        if upgrade:  # the sidecar passes the upstream's loss on as a close (1014); the client answers it
+            seen = b""
+            while b"\x88" not in seen:
+                seen += await asyncio.wait_for(reader.read(1024), 5)
+            writer.write(b"\x88\x80\x00\x00\x00\x00")  # a masked, empty close frame
+    await poll(lambda: r.sc.limiter.in_flight(rec.id) == 0)
+    release.set()
+    writer.close()
+    statuses = [(await get(r, k, "/quick")).status for _ in range(3)]
+    assert statuses == [200] * 3
+    assert r.sc.limiter.in_flight(rec.id) == 0  # given back once each, never below zero
+
+
+async def poll(cond: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_every_credential_form_draws_on_one_budget(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Attack: present one key in each form DESIGN accepts (and two forms at once), hoping each
+    form is a budget of its own: one key, one budget, one unit per request."""
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path), clock=Clock())
+    _, k = await r.create_key(rate_limits=["7/minute"], quota="7/day")
+    basic = base64.b64encode(f"anyone:{k}".encode()).decode()
+    forms: list[tuple[str, dict[str, str]]] = [
+        ("/library/sections", {"Authorization": f"ApiKey {k}"}),
+        ("/library/sections", {"Authorization": f"Bearer {k}"}),
+        ("/library/sections", {"x-api-key": k}),
+        ("/library/sections", {"X-Plex-Token": k}),
+        (f"/library/sections?X-Plex-Token={k}", {}),
+        ("/library/sections", {"Authorization": f"Basic {basic}"}),
+        (f"/library/sections?X-Plex-Token={k}", {"X-Plex-Token": k, "x-api-key": k}),  # three forms, one request
+    ]
+    remaining = []
+    for path, headers in forms:
+        resp = await r.proxy.get(path, headers=headers)
+        assert resp.status == 200, (headers, await resp.text())
+        remaining.append(resp.headers["X-RateLimit-Remaining"])
+    assert remaining == ["6", "5", "4", "3", "2", "1", "0"]
+    for path, headers in forms:
+        resp = await r.proxy.get(path, headers=headers)
+        assert resp.status == 429 and resp.headers["RateLimit"].startswith('"quota";r=0;')
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_burst_at_the_caps_spends_exactly_what_was_served(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, redis_server: RedisProc, backend: str
+) -> None:
+    """Attack: 12 requests at once at a key with concurrency 3, 5/minute and 8/day, its quota not
+    yet read this window (the first check awaits the store, or Redis, so they all pass the
+    pre-check together). Exactly 3 are served; the 9 refusals spend nothing."""
+    release = asyncio.Event()
+    server = await aiohttp_server(ending_app(release))
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    r = await make_sidecar(plex_cfg(server, tmp_path, **rl), clock=Clock())
+    rec, k = await r.create_key(rate_limits=["5/minute"], quota="8/day", concurrency=3)
+    burst = [asyncio.create_task(get(r, k, "/hang")) for _ in range(12)]
+    await poll(lambda: sum(t.done() for t in burst) == 9)
+    refused = [t.result() for t in burst if t.done()]
+    assert {x.status for x in refused} == {429}
+    assert {(await x.json())["error"]["code"] for x in refused} == {"rate_limit_exceeded"}
+    assert r.sc.limiter.in_flight(rec.id) == 3
+    release.set()
+    assert [x.status for x in await asyncio.gather(*burst)].count(200) == 3
+    await poll(lambda: r.sc.limiter.in_flight(rec.id) == 0)
+    status = await r.sc.limiter.quota_status(rec)
+    assert status is not None and status[0]["used"] == 3
+    after = await get(r, k, "/quick")  # the fourth unit of 5/minute, the fourth of 8/day
+    assert after.status == 200 and after.headers["RateLimit"] == '"minute";r=1;t=48'
