@@ -282,21 +282,21 @@ class RateLimiter:
             qkey = (key.budget_id or key.id, plan.quota.scope, wid)
         now_us = int(now * US)
         outcome: Outcome | None = None
-        if self.redis is not None:
-            outcome = await self._redis_evaluate(plan, now_us, qkey, qend, cost)
-            if outcome is None:
-                return RateDecision() if cost < 0 else self._backend_down_decision()
-        else:
-            counter = None
-            if qkey is not None:
-                counter = self.book.peek(qkey)
-                if counter is None or not counter.loaded:
-                    try:
+        try:
+            if self.redis is not None:
+                outcome = await self._redis_evaluate(plan, now_us, qkey, qend, cost)
+                if outcome is None:
+                    return RateDecision() if cost < 0 else self._backend_down_decision()
+            else:
+                counter = None
+                if qkey is not None:
+                    counter = self.book.peek(qkey)
+                    if counter is None or not counter.loaded:
                         counter = await self.book.counter(qkey, qend)  # once per key and window
-                    except StoreError as e:  # fail closed: a quota nobody can count is not granted
-                        msg = f"the quota store is unavailable: {e}"
-                        return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
-            outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
+                outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
+        except StoreError as e:  # fail closed: a quota nobody can count is not granted (workers: the owner's)
+            msg = f"the quota store is unavailable: {e}"
+            return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
         if plan.quota is not None and qkey is not None and outcome.quota_used is not None:
             used = outcome.quota_used + cost if outcome.ok else outcome.quota_used
             self.quota_levels[(key.id, qkey[1])] = (plan.quota.limit.count, used, qend)
