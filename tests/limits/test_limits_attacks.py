@@ -126,6 +126,35 @@ async def test_concurrency_refusal_after_the_check_spends_nothing(
     assert d.headers["RateLimit"] == '"minute";r=8;t=12'  # two counted (the served one and this), not three
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_every_limit_holds_and_a_refusal_spends_none(
+    limiter_for: Any, redis_server: RedisProc, backend: str
+) -> None:
+    """Attack: hammer a key with several limits (1/second, 3/minute, 1/hour, a quota) hoping the
+    ones that pass are charged when another refuses — then wait out the short ones. Exactly
+    what every limit allows passes, in memory and in Redis (one script, all or nothing)."""
+    clock = Clock()
+    redis = redis_server if backend == "redis" else None
+    rl = await limiter_for(redis, clock, default=["1/second", "3/minute"], quota="50/day")
+    k, up = key(), rl.config.upstreams[0]
+    passed = 0
+    for _ in range(40):  # 40 s, 20 tries a second
+        for _ in range(20):
+            passed += (await rl.check(k, up)).allowed
+            clock.advance(0.05)
+    assert passed == 4  # t = 0, 1, 2 s (the minute's burst, 1/second apart), then t = 20 s
+    assert await used(rl, k) == passed
+    hourly = await limiter_for(redis, clock, default=["1/hour"])
+    h = key("k2")
+    assert (await hourly.check(h, up)).allowed
+    clock.advance(3599.999)
+    refused = await hourly.check(h, up)
+    assert refused.error is not None and refused.error.headers["Retry-After"] == "1"
+    assert refused.headers["RateLimit"] == '"hour";r=0;t=1'
+    clock.advance(0.001)
+    assert [(await hourly.check(h, up)).allowed for _ in range(2)] == [True, False]
+
+
 # ------------------------------------------------------------------- identity
 
 
@@ -176,9 +205,9 @@ async def _id(r: Running, k: str) -> str:
     return str((await _rec(r, k)).id)
 
 
-@pytest.mark.parametrize("by", ["delegate", "admin"])
+@pytest.mark.parametrize(("by", "backend"), [("delegate", "memory"), ("admin", "memory"), ("delegate", "redis")])
 async def test_editing_a_spent_limit_does_not_refill_it(
-    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, by: str
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, redis_server: RedisProc, by: str, backend: str
 ) -> None:
     """Attack: a delegate (``admin: true``) edits a sibling key's spent limit to another one within
     its own reach (``2/minute`` -> ``1/30seconds`` -> ``1/31seconds`` … -> ``2/minute``): before, each
@@ -188,7 +217,8 @@ async def test_editing_a_spent_limit_does_not_refill_it(
     never more than the new limit's burst (so raising a limit helps at once, lowering it never
     refills it)."""
     clock = Clock()
-    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path), clock=clock)
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, **rl), clock=clock)
     mgr = {"upstreams": ["plex"], "admin": True}
     _, k_mgr = await r.create_key(owner="acme", permissions=mgr, rate_limits=["2/minute"])
     sib, k_sib = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]}, rate_limits=["2/minute"])
