@@ -51,7 +51,7 @@ class RateRule:
     policy: str  # name in RateLimit-Policy
     interval: int
     capacity: int
-    suffix: str  # identifies the bucket among the key's: scope, period, count
+    suffix: str  # identifies the bucket among the key's: scope and index (per-tool: scope, period, count)
 
     @classmethod
     def build(cls, limit: Limit, scope: str, policy: str, index: int | None = None) -> RateRule:
