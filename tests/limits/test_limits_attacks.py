@@ -17,11 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
-from limits_support import Clock, key
+from limits_support import Clock, key, utc
 from redis_support import RedisProc, redis_server
 
-from sidecar.config import parse_config
+from sidecar.config import parse_config, parse_limit
 from sidecar.core.errors import RateLimited
+from sidecar.limits.quota import window_id
 from sidecar.limits.ratelimit import RateLimiter
 from sidecar.store import Store, open_store
 
@@ -80,12 +81,11 @@ async def test_quota_holds_while_a_flush_is_writing(limiter_for: Any) -> None:
     k, up = key(), rl.config.upstreams[0]
     assert [(await rl.check(k, up)).allowed for _ in range(5)] == [True] * 5
     flushing = asyncio.create_task(rl.book.flush())
-    (counter,) = rl.book._counters.values()
     for _ in range(10_000):  # until the flush has taken its batch and waits on the store
-        if counter.pending == 0:
+        if rl.book.unflushed == 0:
             break
         await asyncio.sleep(0)
-    assert counter.pending == 0 and not flushing.done()
+    assert rl.book.unflushed == 0 and not flushing.done()
     during = [(await rl.check(k, up)) for _ in range(5)]  # no await suspends here: all inside the write
     assert not flushing.done()
     assert [d.allowed for d in during] == [False] * 5
@@ -94,7 +94,7 @@ async def test_quota_holds_while_a_flush_is_writing(limiter_for: Any) -> None:
     await flushing
     assert not (await rl.check(k, up)).allowed
     assert await used(rl, k) == 5
-    assert await rl.store.quota_used(k.id, "*", next(iter(rl._windows.values()))[2]) == 5
+    assert await rl.store.quota_used(k.id, "*", window_id(parse_limit("5/day"), utc(2025, 6, 15))) == 5
 
 
 # ------------------------------------------------------------------- concurrency
