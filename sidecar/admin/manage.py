@@ -350,6 +350,7 @@ class KeyManager:
         # Same expiry as the old key, but never past the configured maximum lifetime.
         expires = self._cap_lifetime(old.expires_at, now, now, clamp=True)
         new, key = await self._new_record(now, expires_at=expires, **kw)
+        new = new.with_changes(budget_id=old.budget_id or old.id)  # the same budget, not a fresh one
         if by is not None:
             check_grant(self.config, by, new, now)
         if not write:

@@ -149,6 +149,10 @@ class KeyRecord:
     # client_name, resource and the granted tools.
     parent_id: str | None = None
     grant: Mapping[str, Any] = field(default_factory=dict)
+    # A rotated key's successor counts against its predecessor's rate limits, quota and
+    # concurrency (the first key of the rotation chain; None: its own), so rotating never
+    # hands out a fresh budget (sidecar/limits/gcra.py ``budget_of``).
+    budget_id: str | None = None
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -190,6 +194,7 @@ class KeyRecord:
         d = self.public_dict()
         del d["state"], d["last_used_at"], d["last_used_ip"]
         d["hash"] = self.hash
+        d["budget_id"] = self.budget_id
         return {k: v for k, v in d.items() if v not in (None, "", [], {})}
 
     def to_stored(self) -> dict[str, Any]:
@@ -219,6 +224,8 @@ class KeyRecord:
             d["parent_id"] = self.parent_id
         if self.grant:
             d["grant"] = dict(self.grant)
+        if self.budget_id:
+            d["budget_id"] = self.budget_id
         return d
 
     @classmethod
@@ -275,6 +282,7 @@ class KeyRecord:
             rotated_to=get("rotated_to"),
             parent_id=get("parent_id"),
             grant=get("grant") or _EMPTY,
+            budget_id=get("budget_id"),
         )
 
     @classmethod
@@ -286,7 +294,7 @@ class KeyRecord:
         known = {
             "id", "name", "hash", "display", "description", "owner", "permissions", "rate_limits", "quota",
             "concurrency", "upstream_token_env", "created_at", "expires_at", "revoked_at", "last_used_at",
-            "last_used_ip", "rotated_to", "state", "parent_id", "grant",
+            "last_used_ip", "rotated_to", "state", "parent_id", "grant", "budget_id",
         }  # fmt: skip
         unknown = set(data) - known
         if unknown:
@@ -325,4 +333,5 @@ class KeyRecord:
             rotated_to=data.get("rotated_to"),
             parent_id=str(data["parent_id"]) if data.get("parent_id") else None,
             grant=dict(data.get("grant") or {}),
+            budget_id=str(data["budget_id"]) if data.get("budget_id") else None,
         )

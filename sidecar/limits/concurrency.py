@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import Any
 
 from ..core.errors import RateLimited
 from .gcra import CONCURRENCY_POLICY
 
-__all__ = ["NO_SLOT", "ConcurrencySlot", "concurrency_error"]
+__all__ = ["NO_SLOT", "ConcurrencySlot", "RefundingSlot", "concurrency_error"]
 
 
 class ConcurrencySlot:
@@ -36,6 +39,33 @@ class ConcurrencySlot:
             self.counts[self.ident] = left
         else:
             del self.counts[self.ident]
+
+
+class RefundingSlot:
+    """A slot whose refusal gives back what the rate check spent on the request moments before.
+
+    ``check`` refuses a full key before spending, but between it and the slot another request
+    can take the last slot: during a Redis or quota-store round trip, or in another worker.
+    That refusal must be free too (docs/ratelimits.md), so its unit goes back here.
+    """
+
+    __slots__ = ("inner", "refund")
+
+    def __init__(self, inner: AbstractAsyncContextManager[Any], refund: Callable[[], Awaitable[None]]) -> None:
+        self.inner = inner
+        self.refund = refund
+
+    async def __aenter__(self) -> None:
+        try:
+            await self.inner.__aenter__()
+        except RateLimited:
+            await self.refund()
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.inner.__aexit__(et, e, tb)
 
 
 NO_SLOT = contextlib.nullcontext()

@@ -20,6 +20,7 @@ __all__ = [
     "RateDecision",
     "RateRule",
     "bucket_key",
+    "budget_of",
     "decide",
     "quota_key",
     "resolve_plan",
@@ -50,12 +51,15 @@ class RateRule:
     policy: str  # name in RateLimit-Policy
     interval: int
     capacity: int
-    suffix: str  # identifies the bucket among the key's: scope, period, count
+    suffix: str  # identifies the bucket among the key's: scope and index (per-tool: scope, period, count)
 
     @classmethod
-    def build(cls, limit: Limit, scope: str, policy: str) -> RateRule:
+    def build(cls, limit: Limit, scope: str, policy: str, index: int | None = None) -> RateRule:
+        """``index``: the limit's place among a key's limits, which names its bucket, so an edit of
+        the limit keeps what was spent (as time owed) instead of starting a fresh bucket: editing a
+        spent limit to another within reach (a delegate can) bought a request per edit."""
         interval = max(1, limit.period * US // limit.count)
-        suffix = f"{scope}:{limit.period}:{limit.count}"
+        suffix = f"{scope}:{limit.period}:{limit.count}" if index is None else f"{scope}:#{index}"
         return cls(limit, scope, policy, interval, interval * limit.count, suffix)
 
 
@@ -75,6 +79,7 @@ class Plan:
     concurrency_scope: str = "*"
     rate_policy: str = ""  # the static part of RateLimit-Policy
     buckets: tuple[str, ...] = ()  # one storage key per rate rule (the same in memory and Redis)
+    slot_ident: tuple[str, str] = ("", "*")  # (budget id, concurrency scope): the key's in-flight count
 
     @property
     def empty(self) -> bool:
@@ -96,7 +101,7 @@ def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Pl
     for lim in limits:
         name = lim.name if lim.name not in names else lim.text
         names.add(name)
-        rates.append(RateRule.build(lim, scope, name))
+        rates.append(RateRule.build(lim, scope, name, len(rates)))
     quota: QuotaRule | None = None
     if key.quota:
         quota = QuotaRule(parse_limit(key.quota), "*")
@@ -112,8 +117,8 @@ def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Pl
     else:
         conc, cscope = rl.concurrency, "*"
     policy = ", ".join(f'"{r.policy}";q={r.limit.count};w={r.limit.period}' for r in rates)
-    buckets = tuple(bucket_key(key.id, r.suffix) for r in rates)
-    return Plan(tuple(rates), quota, conc, cscope, policy, buckets)
+    buckets = tuple(bucket_key(budget_of(key), r.suffix) for r in rates)
+    return Plan(tuple(rates), quota, conc, cscope, policy, buckets, (budget_of(key), cscope))
 
 
 # -------------------------------------------------------------------------- backends
@@ -130,6 +135,11 @@ class Outcome:
 
 class BackendDown(Exception):
     """The shared backend could not be reached; ``on_redis_error`` decides."""
+
+
+def budget_of(key: KeyRecord) -> str:
+    """The id a key is counted under: its own, or for a rotated key's successor the chain's first."""
+    return key.budget_id or key.id
 
 
 def bucket_key(key_id: str, suffix: str) -> str:

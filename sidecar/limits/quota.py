@@ -153,10 +153,13 @@ class QuotaBook:
             await self._flush()
 
     async def _flush(self) -> None:
+        # The batch moves into ``base`` before the write, not out of the count: while the store
+        # writes and is re-read, requests must still see it (a quota of N let N more through).
         batch: dict[CounterKey, int] = {}
         for k, c in self._counters.items():
             if c.pending:
                 batch[k] = c.pending
+                c.base += c.pending
                 c.pending = 0
         self.max_unflushed = max(self.max_unflushed, sum(batch.values()))
         try:
@@ -166,6 +169,7 @@ class QuotaBook:
             for k, n in batch.items():
                 back = self._counters.get(k)
                 if back is not None:
+                    back.base -= n
                     back.pending += n
             return
         now = self.clock()
@@ -175,9 +179,8 @@ class QuotaBook:
             elif k in batch and c.loaded:
                 try:
                     c.base = await self.store.quota_used(*k)
-                except Exception as e:  # the write went through; a stale base is corrected next time
+                except Exception as e:  # the write went through (base holds it); corrected next time
                     log.warning("quota re-read failed: %s", e)
-                    c.base += batch[k]
 
     async def set_used(self, key: CounterKey, end: float, used: int) -> int:
         """Admin reset: the window's count becomes ``used`` everywhere this store reaches."""

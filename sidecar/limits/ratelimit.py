@@ -17,8 +17,7 @@ when ``max(TAT, now) + T - now <= N·T``. No window edges, so no 2× burst at a 
 one integer per (key, limit), O(1) per check in memory and in Redis. Time is kept in
 integer microseconds so ``r`` and ``t`` are exact.
 
-**All or nothing.** A request is counted by every limit and the quota, or by none: a
-request refused by ``10/second`` does not spend the day's quota.
+**All or nothing.** A request is counted by every limit and the quota, or by none.
 
 **Headers** (IETF httpapi draft -10): ``RateLimit-Policy`` lists every policy;
 ``RateLimit`` and the ``X-RateLimit-*`` trio describe the most restrictive one (fewest
@@ -41,10 +40,9 @@ window with it, the counts of each window stay its own (a step back counts on in
 earlier window from its stored total, never from zero, and never twice). Redis buckets use
 Redis ``TIME``: that host's clock, one for all replicas.
 
-Quota windows and the persisted memory-backend counters are in ``sidecar.limits.quota``; the
-Redis script and client in ``sidecar.limits.redis_backend``; plans, GCRA arithmetic and the
-in-memory backend in ``sidecar.limits.gcra``; concurrency slots in ``sidecar.limits.concurrency``.
-This module is the facade the pipeline and the admin API call.
+Quota windows and persisted counters: ``limits.quota``; the Redis script: ``limits.redis_backend``;
+plans, GCRA and the memory backend: ``limits.gcra``; slots: ``limits.concurrency``. This module
+is the facade the pipeline and the admin API call.
 """
 
 from __future__ import annotations
@@ -56,6 +54,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -65,7 +64,7 @@ from ..clocks import steady_clock
 from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
-from .concurrency import NO_SLOT, ConcurrencySlot, concurrency_error
+from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
 from .gcra import (
     QUOTA_POLICY,
     US,
@@ -200,7 +199,7 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.empty:
             return RateDecision()
-        if plan.concurrency is not None and self.held.get((key.id, plan.concurrency_scope), 0) >= plan.concurrency:
+        if plan.concurrency is not None and self.held.get(plan.slot_ident, 0) >= plan.concurrency:
             return RateDecision(False, error=concurrency_error(plan.concurrency, self.rl.headers))
         if not plan.rates and plan.quota is None:
             return RateDecision()
@@ -243,7 +242,8 @@ class RateLimiter:
         plan = self.plan(key, upstream)
         if plan.concurrency is None:
             return NO_SLOT
-        return self.make_slot(self._inflight, (key.id, plan.concurrency_scope), plan.concurrency, self.rl.headers)  # type: ignore[no-any-return]
+        inner: Any = self.make_slot(self._inflight, plan.slot_ident, plan.concurrency, self.rl.headers)
+        return RefundingSlot(inner, partial(self.refund, key, upstream)) if plan.rates or plan.quota else inner
 
     def in_flight(self, key_id: str) -> int:
         """Slots this key holds in this process (all scopes)."""
@@ -279,24 +279,24 @@ class RateLimiter:
         qstart = qend = now
         if plan.quota is not None:
             qstart, qend, wid = self._window(plan.quota.limit, now)
-            qkey = (key.id, plan.quota.scope, wid)
+            qkey = (key.budget_id or key.id, plan.quota.scope, wid)
         now_us = int(now * US)
         outcome: Outcome | None = None
-        if self.redis is not None:
-            outcome = await self._redis_evaluate(plan, now_us, qkey, qend, cost)
-            if outcome is None:
-                return RateDecision() if cost < 0 else self._backend_down_decision()
-        else:
-            counter = None
-            if qkey is not None:
-                counter = self.book.peek(qkey)
-                if counter is None or not counter.loaded:
-                    try:
+        try:
+            if self.redis is not None:
+                outcome = await self._redis_evaluate(plan, now_us, qkey, qend, cost)
+                if outcome is None:
+                    return RateDecision() if cost < 0 else self._backend_down_decision()
+            else:
+                counter = None
+                if qkey is not None:
+                    counter = self.book.peek(qkey)
+                    if counter is None or not counter.loaded:
                         counter = await self.book.counter(qkey, qend)  # once per key and window
-                    except StoreError as e:  # fail closed: a quota nobody can count is not granted
-                        msg = f"the quota store is unavailable: {e}"
-                        return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
-            outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
+                outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
+        except StoreError as e:  # fail closed: a quota nobody can count is not granted (workers: the owner's)
+            msg = f"the quota store is unavailable: {e}"
+            return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
         if plan.quota is not None and qkey is not None and outcome.quota_used is not None:
             used = outcome.quota_used + cost if outcome.ok else outcome.quota_used
             self.quota_levels[(key.id, qkey[1])] = (plan.quota.limit.count, used, qend)
@@ -441,7 +441,7 @@ class RateLimiter:
         out = []
         for rule, _ in targets:
             start, end, wid = self._window(rule.limit, now)
-            qkey = (rec.id, rule.scope, wid)
+            qkey = (rec.budget_id or rec.id, rule.scope, wid)
             if self.redis is None:
                 out.append(_status(rule, (await self.book.counter(qkey, end)).used, start, end))
                 continue
@@ -478,7 +478,7 @@ class RateLimiter:
         out = []
         for rule, _ in targets:
             start, end, wid = self._window(rule.limit, now)
-            qkey = (rec.id, rule.scope, wid)
+            qkey = (rec.budget_id or rec.id, rule.scope, wid)
             if self.redis is not None:
                 ttl = max(1, math.ceil(end - now)) + self.redis.expire_slack
                 if field_name == "used":

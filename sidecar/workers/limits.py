@@ -47,6 +47,7 @@ __all__ = ["LimitsOwner", "SharedLimits"]
 log = logging.getLogger("sidecar.workers")
 
 TIMEOUT = 0.5  # seconds an answer may take before the check is decided by on_redis_error
+STORE_DOWN = "the quota store is unavailable"  # the owner's answer when it cannot read a quota: fail closed
 MAX_PLANS = 50_000  # plans one worker may have registered before both sides start over
 
 
@@ -108,7 +109,7 @@ class LimitsOwner:
         try:
             await self.book.counter(qkey, qend)
         except StoreError as e:
-            return f"the quota store is unavailable: {e}"
+            return f"{STORE_DOWN}: {e}"
         result = self.evaluate(plan, cost, now_us, qkey, qend)
         return result if result is not None else "quota counter not loaded"
 
@@ -256,6 +257,8 @@ class SharedLimits:
             ["e", pid, cost, now_us if self.send_clock else 0, list(qkey) if qkey is not None else None, qend]
         )
         if reply[0] is None:
+            if str(reply[1]).startswith(STORE_DOWN):  # the owner is there, its store is not: as one process
+                raise StoreError(str(reply[1]).removeprefix(f"{STORE_DOWN}: "))
             raise BackendDown(str(reply[1]))
         used = int(reply[2])
         return Outcome(bool(reply[0]), reply[1], used if used >= 0 else None)

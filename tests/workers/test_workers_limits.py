@@ -133,3 +133,22 @@ async def test_owner_gone_applies_on_redis_error_to_quotas(host: Any) -> None:
     body = await resp.json()
     assert resp.status == 503, body
     assert body["error"]["code"] == "service_unavailable"
+
+
+async def test_quota_store_down_fails_closed_as_in_one_process(host: Any) -> None:
+    """A quota whose count cannot be read is not granted (503), as one process answers
+    (``tests/limits/test_ratelimit.py::test_quota_fails_closed_when_the_store_cannot_be_read``),
+    whatever ``on_redis_error`` says — that is for an owner that cannot be reached — and the
+    owner stays in use for everything else (no back-off)."""
+    sup, _, (w0, _) = await host(on_redis_error="allow")
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
+    _, other = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
+    assert (await w0.get("/library/sections", headers={"X-Plex-Token": other})).status == 200  # its counter is read
+    await sup.sc.store.close()  # every read of the supervisor's store now fails
+    for _ in range(3):
+        resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
+        body = await resp.json()
+        assert (resp.status, body["error"]["code"], resp.headers["Retry-After"]) == (503, "service_unavailable", "1")
+        assert body["error"]["message"].startswith("the quota store is unavailable: ")
+    resp = await w0.get("/library/sections", headers={"X-Plex-Token": other})
+    assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "98"  # counted by the owner, not let by
