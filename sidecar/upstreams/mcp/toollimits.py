@@ -26,7 +26,7 @@ from typing import Any
 
 from ...auth.models import KeyRecord
 from ...config import UpstreamConfig
-from ...limits.gcra import Plan, RateRule, bucket_key
+from ...limits.gcra import Plan, RateRule, bucket_key, budget_of
 from ...limits.ratelimit import RateLimiter
 
 __all__ = ["ToolLimiter"]
@@ -48,7 +48,7 @@ class ToolLimiter:
         if cached is not None and cached[0] is key:
             return cached[1]
         rule = upstream.mcp_tool_limits.for_tool(tool)
-        plan = None if rule is None else _plan(key.id, upstream.id, tool, rule[1])
+        plan = None if rule is None else _plan(budget_of(key), upstream.id, tool, rule[1])  # a rotation's chain
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[ident] = (key, plan) if plan is not None else None

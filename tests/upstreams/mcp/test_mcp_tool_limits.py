@@ -129,6 +129,24 @@ async def test_a_refused_call_spends_nothing(gw: Running, upstream: McpUpstream)
     assert r.status == 429  # and now the key's own limit is spent
 
 
+async def test_rotating_a_key_does_not_refill_its_tool_budgets(gw: Running, upstream: McpUpstream) -> None:
+    """Attack: spend ``delete_*: 1/hour``, rotate the key (with a grace: two live keys) and call again
+    with either. The successor continues its predecessor's per-tool budget, as for the key's own
+    limits (docs/ratelimits.md): both keys are refused, and the tool ran once."""
+    rec, key = await gw.create_key(name="agent", permissions=PERMS)
+    h = await session(gw, key)
+    assert "result" in await tool(gw, h, 1, "delete_everything")
+    resp = await gw.admin.post(f"/admin/keys/{rec.id}/rotate", json={"grace": "1h"}, headers=gw.admin_headers())
+    assert resp.status == 201, await resp.text()
+    successor = (await resp.json())["data"]["key"]
+    await gw.sc.verifier.refresh()
+    h2 = await session(gw, successor)
+    for headers, rid in ((h2, 2), (h, 3)):
+        refused = await tool(gw, headers, rid, "delete_everything")
+        assert refused["error"]["code"] == TOOL_RATE_LIMITED, refused
+    assert upstream.rec.calls.count("delete_everything") == 1
+
+
 async def test_the_sdk_client_sees_an_error_and_its_session_goes_on(gw: Running) -> None:
     _, key = await gw.create_key(name="agent", permissions=PERMS)
     async with (
