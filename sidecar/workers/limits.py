@@ -47,6 +47,11 @@ __all__ = ["LimitsOwner", "SharedLimits"]
 log = logging.getLogger("sidecar.workers")
 
 TIMEOUT = 0.5  # seconds an answer may take before the check is decided by on_redis_error
+# A question with a quota may wait on the supervisor's store (a counter's first read; a locked
+# SQLite file waits up to store.busy_timeout, 5 s by default): as long as one process would wait
+# for its own store, then a 503 as there. Deciding it by on_redis_error after TIMEOUT let a spent
+# quota pass under "allow".
+QUOTA_TIMEOUT = 6.0
 STORE_DOWN = "the quota store is unavailable"  # the owner's answer when it cannot read a quota: fail closed
 MAX_PLANS = 50_000  # plans one worker may have registered before both sides start over
 
@@ -204,8 +209,16 @@ class _OwnerConn(asyncio.Protocol):
 class SharedLimits:
     """A worker's side: ``RateLimiter``'s shared backend, in place of ``RedisBackend``."""
 
-    def __init__(self, path: str, buckets: ShmBuckets | None = None, *, send_clock: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        buckets: ShmBuckets | None = None,
+        *,
+        send_clock: bool = False,
+        quota_timeout: float = QUOTA_TIMEOUT,
+    ) -> None:
         self.path = path
+        self.quota_timeout = quota_timeout
         self.buckets = buckets  # plans without a quota are checked here, in shared memory, with no round trip
         self.send_clock = send_clock
         self.errors: tuple[type[BaseException], ...] = (BackendDown, OSError)
@@ -253,9 +266,8 @@ class SharedLimits:
             self._plans[id(plan)] = (plan, pid)
         else:
             pid = entry[1]
-        reply = await conn.ask(
-            ["e", pid, cost, now_us if self.send_clock else 0, list(qkey) if qkey is not None else None, qend]
-        )
+        msg = ["e", pid, cost, now_us if self.send_clock else 0, list(qkey) if qkey is not None else None, qend]
+        reply = await (conn.ask(msg) if qkey is None else conn.ask(msg, self.quota_timeout, StoreError))
         if reply[0] is None:
             if str(reply[1]).startswith(STORE_DOWN):  # the owner is there, its store is not: as one process
                 raise StoreError(str(reply[1]).removeprefix(f"{STORE_DOWN}: "))
@@ -293,7 +305,8 @@ class _ClientConn(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
-        self.waiting: dict[int, tuple[asyncio.Future[list[Any]], float]] = {}
+        # id -> (answer, when it is late, what its lateness raises)
+        self.waiting: dict[int, tuple[asyncio.Future[list[Any]], float, type[Exception]]] = {}
         self.out: list[bytes] = []
         self.next_id = 1
         self.buf = b""
@@ -327,13 +340,13 @@ class _ClientConn(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
         self.out.clear()
 
-    async def ask(self, msg: list[Any]) -> list[Any]:
+    async def ask(self, msg: list[Any], within: float = TIMEOUT, late: type[Exception] = BackendDown) -> list[Any]:
         if self.transport is None:
             raise BackendDown("the limiter owner (supervisor) closed the connection")
         rid = self.next_id
         self.next_id = rid + 1
         fut: asyncio.Future[list[Any]] = self.loop.create_future()
-        self.waiting[rid] = (fut, self.loop.time())
+        self.waiting[rid] = (fut, self.loop.time() + within, late)
         self.send([rid, *msg])
         return await fut
 
@@ -349,18 +362,19 @@ class _ClientConn(asyncio.Protocol):
                 entry[0].set_result(reply[1:])
 
     def _expire(self) -> None:
-        """Fail questions older than TIMEOUT (one timer for all, not one per request)."""
-        cutoff = self.loop.time() - TIMEOUT
-        late = [rid for rid, (_, t) in self.waiting.items() if t < cutoff]
+        """Fail questions past their time (one timer for all, not one per request)."""
+        now = self.loop.time()
+        late = [rid for rid, (_, due, _) in self.waiting.items() if due < now]
         for rid in late:
-            fut, _ = self.waiting.pop(rid)
+            fut, _, error = self.waiting.pop(rid)
             if not fut.done():
-                fut.set_exception(BackendDown(f"the limiter owner did not answer within {TIMEOUT}s"))
+                what = "the limiter owner" if error is BackendDown else "the quota store (through the supervisor)"
+                fut.set_exception(error(f"{what} did not answer in time"))
         # A late answer finds no waiter (ids are never reused) and is dropped.
         self.watchdog = self.loop.call_later(TIMEOUT / 2, self._expire)
 
     def _fail_all(self, e: BaseException) -> None:
-        for fut, _ in self.waiting.values():
+        for fut, _, _ in self.waiting.values():
             if not fut.done():
                 fut.set_exception(e)
                 with contextlib.suppress(BaseException):

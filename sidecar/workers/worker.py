@@ -95,7 +95,8 @@ class WorkerRole:
         """Before ``Sidecar.start``: the supervisor's limiter, and stop when the supervisor is gone."""
         if self.shared_limits and sc.config.rate_limits.backend == "memory":
             buckets = ShmBuckets(buckets_file(self.directory))
-            sc.shared_limits = SharedLimits(limits_socket(self.directory), buckets)
+            wait = sc.config.store.busy_timeout + 1.0  # a quota read waits on the store as in one process
+            sc.shared_limits = SharedLimits(limits_socket(self.directory), buckets, quota_timeout=wait)
         sc.access_log.shared = True  # every worker writes to the same stdout or file
         _die_with_parent()
         sc.spawn(_watch_parent(os.getppid()))

@@ -124,6 +124,26 @@ async def test_rates_without_quota_need_no_round_trip(host: Any) -> None:
     assert owner.checks == 0
 
 
+async def test_a_slow_quota_read_is_waited_for_as_in_one_process(host: Any) -> None:
+    """The supervisor's store takes longer than the worker's 0.5 s owner timeout to read a quota
+    (a locked SQLite file waits up to ``store.busy_timeout``). The worker used to give up and let
+    ``on_redis_error: allow`` pass the request, uncounted, though the stored quota was spent; it
+    now waits as long as one process would wait for its store, and the spent quota is a 429."""
+    sup, owner, (w0, _) = await host(on_redis_error="allow")
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="5/day")
+    read = owner.book.store.quota_used
+
+    async def slow(*args: Any) -> int:
+        await asyncio.sleep(1.0)  # twice the owner timeout; well within the store's busy_timeout
+        await read(*args)
+        return 5  # what another replica or an earlier run already spent today
+
+    owner.book.store.quota_used = slow  # type: ignore[method-assign]
+    resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
+    body = await resp.json()
+    assert resp.status == 429 and body["error"]["code"] == "quota_exceeded", body
+
+
 async def test_owner_gone_applies_on_redis_error_to_quotas(host: Any) -> None:
     sup, owner, (w0, _) = await host(on_redis_error="deny")
     _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
@@ -152,3 +172,32 @@ async def test_quota_store_down_fails_closed_as_in_one_process(host: Any) -> Non
         assert body["error"]["message"].startswith("the quota store is unavailable: ")
     resp = await w0.get("/library/sections", headers={"X-Plex-Token": other})
     assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "98"  # counted by the owner, not let by
+
+
+async def test_a_quota_question_past_its_time_is_a_store_error_not_an_owner_down(tmp_path: Path) -> None:
+    """An owner that takes a question and never answers: a rate question fails as the owner being
+    down after ``TIMEOUT`` (``on_redis_error`` decides), a quota question as its store after its own,
+    longer wait (a 503, as one process answers when its store does not)."""
+    from sidecar.store import StoreError
+    from sidecar.workers.limits import TIMEOUT, BackendDown, _ClientConn
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes every question, answers none
+
+    path = str(tmp_path / "mute.sock")
+    server = await asyncio.start_unix_server(mute, path)
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_unix_connection(_ClientConn, path)
+    try:
+        started = loop.time()
+        with pytest.raises(BackendDown):
+            await conn.ask(["e", 1])
+        assert TIMEOUT <= loop.time() - started < TIMEOUT + 1
+        started = loop.time()
+        with pytest.raises(StoreError, match="quota store"):
+            await conn.ask(["e", 2], 1.0, StoreError)
+        assert 1.0 <= loop.time() - started < 2.0
+    finally:
+        conn.close()
+        server.close()
+        await server.wait_closed()
