@@ -72,6 +72,9 @@ _COMPLETION_REFS = {
     "ref/prompt": ("prompts", "name", "complete prompt"),
     "ref/resource": ("resources", "uri", "complete resource"),
 }
+# 2026-07-28's subscriptions/listen names the resources to watch in params.notifications (the SDK's
+# model takes the field by its alias or by its name): resources/subscribe in another form.
+_LISTEN_FIELDS = ("resourceSubscriptions", "resource_subscriptions")
 
 
 @lru_cache(maxsize=4096)
@@ -149,6 +152,21 @@ def _target(msg: Message) -> tuple[str, Any, str] | None:
     return None
 
 
+def _listen_refused(msg: Message, access: McpAccess) -> tuple[str, Any, str] | None:
+    """A ``subscriptions/listen`` naming a resource the key may not read (or not a list of URIs)."""
+    notes = msg.params.get("notifications")
+    if not isinstance(notes, dict):
+        return None  # nothing named (the upstream refuses a malformed filter itself)
+    for name in _LISTEN_FIELDS:
+        uris = notes.get(name)
+        if uris is None:
+            continue
+        for uri in uris if isinstance(uris, list) else [uris]:
+            if not access.allows("resources", uri):
+                return "resources", uri, "subscribe to resource"
+    return None
+
+
 @dataclass(slots=True)
 class Decision:
     """What to do with one POST body (everything the gateway needs once the tree is gone)."""
@@ -196,6 +214,8 @@ def judge(
     changed = False
     for i, msg in enumerate(body.messages):
         target = _target(msg)
+        if target is None and msg.method == "subscriptions/listen" and access.resources is not None:
+            target = _listen_refused(msg, access)
         if target is not None:
             kind, name, verb = target
             if kind == "tools" and isinstance(name, str):
