@@ -205,32 +205,53 @@ async def test_json_tricks_never_reach_a_forbidden_tool(
             err = json.loads(text)["error"]
             assert err["code"] == int(expect) and err["data"] == {"code": "bad_request"}, (what, err)
         assert len(upstream.rec.posts()) == seen, f"{what}: the refused body went up"
+    forbidden = json.dumps(call(9, "delete_everything")).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(forbidden), 7):
+            yield forbidden[i : i + 7]
+
+    for data, label in ((chunked(), "application/json"), (forbidden, "application/json; charset=utf-16")):
+        r = await gw.proxy.post("/mcp/tools", data=data, headers={**h, "Content-Type": label})
+        assert messages(await r.text())[0]["error"]["code"] == TOOL_FORBIDDEN, label
     upstream_ran_nothing_forbidden(upstream)
 
 
-RESOURCE_TRICKS = [
-    "docs://public/../vault",
-    "docs://public/..%2F..%2Fsecret%3A%2F%2Fvault",
-    "docs://public/%2e%2e/%2e%2e/secret://vault",
-    "docs://public/readme#/../../secret://vault",
-    "docs://public/readme?uri=secret://vault",
-    "docs://public/*",
-    "docs://public/x\nsecret://vault",
+RESOURCE_TRICKS = [  # (URI under the key's glob, whether the sidecar refuses it itself)
+    ("docs://public/../vault", True),
+    ("docs://public/..%2F..%2Fsecret%3A%2F%2Fvault", True),
+    ("docs://public/%2e%2e/%2e%2e/secret://vault", True),
+    ("docs://public/%252e%252e/vault", True),
+    ("docs://public\\..\\vault", True),
+    ("docs://public/readme#/../../secret://vault", True),
+    ("docs://public/readme?uri=secret://vault", False),
+    ("docs://public/*", False),
+    ("docs://public/x\nsecret://vault", False),
 ]
 
 
 async def test_resource_uri_tricks_never_read_a_forbidden_resource(
     make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
 ) -> None:
-    """URIs under the key's glob that an upstream might resolve elsewhere: the SDK's server reads nothing secret."""
+    """URIs under the key's glob that an upstream might resolve elsewhere.
+
+    Dot segments (plain, percent-encoded, twice encoded, backslashed) are refused by the sidecar,
+    as ``..`` in a path is: ``docs://public/../vault`` matches ``docs://public/*`` but names
+    ``docs://vault`` to an upstream that resolves it (the SDK's server happens not to; a file
+    server joining paths does). Whatever else goes up, the SDK's server reads nothing secret.
+    """
     gw, key = await start(make_sidecar, upstream, tmp_path)
     h = await session(gw, key)
-    for i, uri in enumerate(RESOURCE_TRICKS):
+    for i, (uri, refused) in enumerate(RESOURCE_TRICKS):
+        seen = len(upstream.rec.posts())
         body = {"jsonrpc": "2.0", "id": i, "method": "resources/read", "params": {"uri": uri}}
         r = await gw.proxy.post("/mcp/tools", json=body, headers=h)
         text = await r.text()
         assert r.status == 200, (uri, text)
         assert "vault's contents" not in text, uri
+        if refused:
+            assert messages(text)[0]["error"]["code"] == TOOL_FORBIDDEN, (uri, text)
+            assert len(upstream.rec.posts()) == seen, uri
     upstream_ran_nothing_forbidden(upstream)
 
 

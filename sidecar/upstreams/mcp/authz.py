@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from ...auth.models import Permissions
 from ...auth.permissions import mcp_globs
@@ -123,7 +124,29 @@ class McpAccess:
         if globs is None:
             return True
         pat = _pattern(globs)
-        return pat is not None and isinstance(name, str) and pat.match(name) is not None
+        if pat is None or not isinstance(name, str) or (kind == "resources" and _dot_segments(name)):
+            return False
+        return pat.match(name) is not None
+
+
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\?#]|$)")
+
+
+def _dot_segments(uri: str) -> bool:
+    """Whether a URI has ``.`` / ``..`` segments, plain or percent-encoded (up to three times over).
+
+    ``docs://public/../secret`` matches the glob ``docs://public/*``; an upstream that resolves
+    dot segments (RFC 3986 §5.2.4, or a file server joining paths) reads ``docs://secret``. As
+    with paths (``permissions.normalize_path``), such a URI is refused rather than judged one
+    way here and read another way there.
+    """
+    for _ in range(3):
+        if _DOT_SEGMENT.search(uri):
+            return True
+        if "%" not in uri:
+            return False
+        uri = unquote(uri)
+    return _DOT_SEGMENT.search(uri) is not None
 
 
 _ACCESS: dict[tuple[int, str], tuple[Permissions, McpAccess]] = {}  # the object is kept: its id stays its own
