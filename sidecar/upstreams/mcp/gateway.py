@@ -513,6 +513,6 @@ class McpGateway:
                 over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
                 raise over.error
         async with sc.limiter.slot(key, upstream):
-            result = await self.rest.call(upstream, tool, arguments, scope)
+            result = await self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)
