@@ -154,7 +154,7 @@ TRICKS: list[tuple[str, bytes, str]] = [
     ("utf-8 BOM", b"\xef\xbb\xbf" + json.dumps(call(1, "delete_everything")).encode(), "refused"),
     ("utf-16", json.dumps(call(1, "delete_everything")).encode("utf-16"), "refused"),
     ("utf-32", json.dumps(call(1, "delete_everything")).encode("utf-32"), "refused"),
-    ("huge id", json.dumps(call(2**80, "delete_everything")).encode(), "refused"),
+    ("huge id", json.dumps(call(2**80, "delete_everything")).encode(), str(INVALID_REQUEST)),
     ("notification", json.dumps({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_everything"}})
      .encode(), "dropped"),
     ("batch", json.dumps([call(1, "delete_everything"), call(2, "fetch", url="u")]).encode(), "refused"),
@@ -548,3 +548,43 @@ async def test_rest_callers_never_share_an_upstream_session(
     assert await rest(alice, "remember", note="alice's note") == "alice's note"
     assert await rest(mallory, "recall") == ""
     assert await rest(alice, "recall") == "alice's note"
+
+
+def javascript_app() -> web.Application:
+    """A JSON-RPC server that reads numbers as JavaScript does (``JSON.parse``: every number a double),
+    as the TypeScript SDK's servers do: an integer id past 2^53 comes back as a different integer."""
+
+    async def post(request: web.Request) -> web.Response:
+        msg = json.loads(await request.read(), parse_int=float)
+        rid = msg.get("id")
+        rid = int(rid) if isinstance(rid, float) and rid.is_integer() else rid  # JSON.stringify's form
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ALL_TOOLS]}
+        return web.json_response({"jsonrpc": "2.0", "id": rid, "result": result})
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    return app
+
+
+async def test_ids_a_javascript_upstream_cannot_echo_are_refused(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The gateway finds a list's answer by its id; an upstream that echoes another id must not unfilter it.
+
+    Before: ``tools/list`` with id 2^60+1 came back as id 2^60 from a JavaScript upstream, matched no
+    mark, and the whole list went down. Integer ids past ±(2^53-1) are now a 400 (-32600), never sent up.
+    """
+    up = await aiohttp_server(javascript_app())
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "js", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/js"}]
+    gw = await make_sidecar(cfg)
+    _, key = await gw.create_key(name="attacker", permissions=SCOPED)
+    h = {**ACCEPT, **bearer(key)}
+    for rid in (2**60 + 1, -(2**53), 2**53):
+        r = await gw.proxy.post("/mcp/js", json={"jsonrpc": "2.0", "id": rid, "method": "tools/list"}, headers=h)
+        assert r.status == 400, await r.text()
+        assert (await r.json())["error"]["code"] == INVALID_REQUEST
+    for rid in (2**53 - 1, -(2**53 - 1), "9007199254740993"):  # what every upstream echoes exactly
+        r = await gw.proxy.post("/mcp/js", json={"jsonrpc": "2.0", "id": rid, "method": "tools/list"}, headers=h)
+        assert r.status == 200, await r.text()
+        assert listed_tools(messages(await r.text())) == {"search"}
