@@ -381,6 +381,12 @@ def test_marks_on_a_shared_stream_are_counted_and_taken_only_by_lists() -> None:
     for _ in range(2):  # two refused calls sent up as pings with one id: both answers are refusals
         out = policy.apply({"jsonrpc": "2.0", "id": 6, "result": {}})
         assert out is not None and out["error"]["code"] == TOOL_FORBIDDEN
+    # A legacy stream finds lists by shape; it reads only events that name a list field (or escape one).
+    shaped = Policy(access, by_shape=True)
+    assert shaped.skips(b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}')
+    for raw in (b'{"id":1,"result":{"tools":[]}}', b'{"id":1,"result":{"\\u0074ools":[]}}'):
+        assert not shaped.skips(raw)
+        assert not shaped.skips(raw.replace(b"tools", b"prompts"))
 
 
 # ----------------------------------------------------------------------------- bodies, limits, sessions

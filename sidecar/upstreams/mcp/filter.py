@@ -235,9 +235,9 @@ class Policy:
         return (self.restricted and any(self.lists)) or any(self.refusals)
 
     def skips(self, raw: bytes) -> bool:
-        if self.by_shape and self.restricted:
-            return False
         """An answer that needs no reading: nothing to filter or refuse, and no public cacheScope to take back."""
+        if self.by_shape and self.restricted:  # lists found by shape: only what names no list field is skipped
+            return not _LIST_FIELD.search(raw) and not any(self.refusals)
         # "public" may also be written with \u escapes: any escape means the answer is read.
         return b"public" not in raw and b"\\u" not in raw and not self.guarding()
 
@@ -299,6 +299,7 @@ class Policy:
         return dict(msg, result=new_result)
 
 
+_LIST_FIELD = re.compile(rb'"(?:tools|resources|resourceTemplates|prompts)"|\\u')  # or an escape that may spell one
 _FIELDS = {field_name: (kind, key) for kind, field_name, key in LISTS.values()}  # "tools" -> ("tools", "name")
 
 
