@@ -38,6 +38,7 @@ import uvicorn
 from aiohttp import web
 from mcp import types
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MCP_TOKEN = "upstream-mcp-token-0123456789"
@@ -230,13 +231,37 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
+class MemoryEventStore(EventStore):
+    """Resumability for the SDK's server: every event kept, replayed after ``Last-Event-ID`` (its stream only)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []  # (event id, stream id, message or None)
+
+    async def store_event(self, stream_id: str, message: Any) -> str:
+        event_id = f"ev-{len(self.events) + 1}"
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        at = next((i for i, (eid, _, _) in enumerate(self.events) if eid == last_event_id), None)
+        if at is None:
+            return None
+        stream = self.events[at][1]
+        for eid, sid, message in self.events[at + 1 :]:
+            if sid == stream and message is not None:
+                await send_callback(EventMessage(message, eid))
+        return stream
+
+
 class McpUpstream:
     """The SDK's MCP server under uvicorn, in a thread, on a free port; ``stop()`` ends it."""
 
-    def __init__(self, *, json_response: bool = False, token: str = MCP_TOKEN) -> None:
+    def __init__(
+        self, *, json_response: bool = False, token: str = MCP_TOKEN, event_store: EventStore | None = None
+    ) -> None:
         self.rec = Recorder()
         self.server = build_server(self.rec)
-        streamable = self.server.streamable_http_app(json_response=json_response)
+        streamable = self.server.streamable_http_app(json_response=json_response, event_store=event_store)
         sse = self.server.sse_app()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -279,7 +304,8 @@ def _answer(msg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def batch_app() -> web.Application:
-    """JSON-RPC 2.0 with batches (2025-03-26 style); records bodies; SSE answers on ``X-Answer: sse``."""
+    """JSON-RPC 2.0 with batches (2025-03-26 style); records bodies; SSE answers on ``X-Answer: sse``
+    (one event per answer) or ``X-Answer: sse-batch`` (a batch's answers in one event, as 2025-03-26 allows)."""
     app = web.Application()
     app[BATCH_SEEN] = []
 
@@ -290,11 +316,12 @@ def batch_app() -> web.Application:
         answers = [a for a in (_answer(m) for m in msgs) if a is not None]
         if not answers:
             return web.Response(status=202)
-        if request.headers.get("X-Answer") == "sse":
+        if request.headers.get("X-Answer") in ("sse", "sse-batch"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write(b": ping\n\n")
-            for a in answers:
+            events = [answers] if request.headers["X-Answer"] == "sse-batch" and isinstance(body, list) else answers
+            for a in events:
                 await resp.write(b"event: message\ndata: " + json.dumps(a).encode() + b"\n\n")
             await resp.write_eof()
             return resp

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from ...auth.models import Permissions
 from ...auth.permissions import mcp_globs
@@ -72,6 +73,9 @@ _COMPLETION_REFS = {
     "ref/prompt": ("prompts", "name", "complete prompt"),
     "ref/resource": ("resources", "uri", "complete resource"),
 }
+# 2026-07-28's subscriptions/listen names the resources to watch in params.notifications (the SDK's
+# model takes the field by its alias or by its name): resources/subscribe in another form.
+_LISTEN_FIELDS = ("resourceSubscriptions", "resource_subscriptions")
 
 
 @lru_cache(maxsize=4096)
@@ -120,7 +124,29 @@ class McpAccess:
         if globs is None:
             return True
         pat = _pattern(globs)
-        return pat is not None and isinstance(name, str) and pat.match(name) is not None
+        if pat is None or not isinstance(name, str) or (kind == "resources" and _dot_segments(name)):
+            return False
+        return pat.match(name) is not None
+
+
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\?#]|$)")
+
+
+def _dot_segments(uri: str) -> bool:
+    """Whether a URI has ``.`` / ``..`` segments, plain or percent-encoded (up to three times over).
+
+    ``docs://public/../secret`` matches the glob ``docs://public/*``; an upstream that resolves
+    dot segments (RFC 3986 §5.2.4, or a file server joining paths) reads ``docs://secret``. As
+    with paths (``permissions.normalize_path``), such a URI is refused rather than judged one
+    way here and read another way there.
+    """
+    for _ in range(3):
+        if _DOT_SEGMENT.search(uri):
+            return True
+        if "%" not in uri:
+            return False
+        uri = unquote(uri)
+    return _DOT_SEGMENT.search(uri) is not None
 
 
 _ACCESS: dict[tuple[int, str], tuple[Permissions, McpAccess]] = {}  # the object is kept: its id stays its own
@@ -146,6 +172,21 @@ def _target(msg: Message) -> tuple[str, Any, str] | None:
         if isinstance(ref, dict) and ref.get("type") in _COMPLETION_REFS:
             kind, key, verb = _COMPLETION_REFS[ref["type"]]
             return kind, ref.get(key), verb
+    return None
+
+
+def _listen_refused(msg: Message, access: McpAccess) -> tuple[str, Any, str] | None:
+    """A ``subscriptions/listen`` naming a resource the key may not read (or not a list of URIs)."""
+    notes = msg.params.get("notifications")
+    if not isinstance(notes, dict):
+        return None  # nothing named (the upstream refuses a malformed filter itself)
+    for name in _LISTEN_FIELDS:
+        uris = notes.get(name)
+        if uris is None:
+            continue
+        for uri in uris if isinstance(uris, list) else [uris]:
+            if not access.allows("resources", uri):
+                return "resources", uri, "subscribe to resource"
     return None
 
 
@@ -196,6 +237,8 @@ def judge(
     changed = False
     for i, msg in enumerate(body.messages):
         target = _target(msg)
+        if target is None and msg.method == "subscriptions/listen" and access.resources is not None:
+            target = _listen_refused(msg, access)
         if target is not None:
             kind, name, verb = target
             if kind == "tools" and isinstance(name, str):

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .authz import LISTS
-from .jsonrpc import INTERNAL_ERROR, dumps, error_object, id_key
+from .jsonrpc import INTERNAL_ERROR, dumps, error_object
+from .pending import PendingIds
 
 __all__ = [
     "Access",
@@ -194,33 +195,6 @@ def message_event(msg: dict[str, Any], eol: bytes = b"\n") -> bytes:
     return b"event: message" + eol + b"data: " + dumps(msg) + eol + eol
 
 
-class PendingIds:
-    """Request ids the gateway is waiting to see answered, bounded (oldest dropped first)."""
-
-    def __init__(self, limit: int = 1024) -> None:
-        self.limit = limit
-        self._ids: dict[str, Any] = {}
-
-    def add(self, rid: Any, value: Any = True) -> None:
-        key = id_key(rid)
-        self._ids.pop(key, None)
-        self._ids[key] = value
-        while len(self._ids) > self.limit:
-            self._ids.pop(next(iter(self._ids)))
-
-    def pop(self, rid: Any) -> Any:
-        return self._ids.pop(id_key(rid), None)
-
-    def __contains__(self, rid: Any) -> bool:
-        return id_key(rid) in self._ids
-
-    def __bool__(self) -> bool:
-        return bool(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-
 class Access(Protocol):
     """What a policy asks of a key's limits (``authz.McpAccess``)."""
 
@@ -232,8 +206,9 @@ class Policy:
     """What to change in a server's JSON-RPC message for one key.
 
     ``lists``: ids of list requests (``tools/list``, ``resources/list``,
-    ``resources/templates/list``, ``prompts/list``; the method is the stored value), whose
-    results lose what ``access`` does not allow. ``refusals``: ids of requests the gateway
+    ``resources/templates/list``, ``prompts/list``), whose results lose what ``access`` does
+    not allow — every list a marked answer carries, and only an answer carrying one takes a
+    mark, so a reused id cannot spend it on a ``ping``. ``refusals``: ids of requests the gateway
     refused but still sent up as a harmless ``ping`` (legacy SSE, where the answer must
     come down the stream); their answers are replaced by the stored refusal. Several
     sources may be consulted (the request's own ids and its sessions').
@@ -260,9 +235,9 @@ class Policy:
         return (self.restricted and any(self.lists)) or any(self.refusals)
 
     def skips(self, raw: bytes) -> bool:
-        if self.by_shape and self.restricted:
-            return False
         """An answer that needs no reading: nothing to filter or refuse, and no public cacheScope to take back."""
+        if self.by_shape and self.restricted:  # lists found by shape: only what names no list field is skipped
+            return not _LIST_FIELD.search(raw) and not any(self.refusals)
         # "public" may also be written with \u escapes: any escape means the answer is read.
         return b"public" not in raw and b"\\u" not in raw and not self.guarding()
 
@@ -295,22 +270,23 @@ class Policy:
             refusal = pending.pop(rid)
             if refusal is not None:
                 return refusal
-        method: str | None = None
-        for pending in self.lists:
-            listed = pending.pop(rid)
-            if listed is not None:
-                method = listed if isinstance(listed, str) else "tools/list"
-        if method is None and self.by_shape and self.restricted:
-            method = _list_shape(msg.get("result"))
-        if method is None or method not in LISTS:
-            return None
-        kind, name, key = LISTS[method]
         result = msg.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get(name), list):
+        if not isinstance(result, dict) or not (fields := _list_fields(result)):
+            return None  # no list here: the id's marks are left for the answer that carries one
+        listed = False
+        for pending in self.lists:
+            listed = pending.pop(rid) is not None or listed
+        if not listed and not (self.by_shape and self.restricted):
             return None
-        items = result[name]
-        kept = [t for t in items if isinstance(t, dict) and self.access.allows(kind, t.get(key))]
-        removed = len(items) - len(kept) if self.restricted else 0
+        new_result = dict(result)
+        removed = 0
+        for name in fields:  # every list the answer carries, whichever request it claims to answer
+            kind, key = _FIELDS[name]
+            items = result[name]
+            kept = [t for t in items if isinstance(t, dict) and self.access.allows(kind, t.get(key))]
+            if self.restricted and len(kept) < len(items):
+                removed += len(items) - len(kept)
+                new_result[name] = kept
         if not removed and result.get("cacheScope") == "public":
             # Through the sidecar a list depends on the key: a client cache shared across
             # authorization contexts must never serve it to another key (MCP 2026-07-28).
@@ -318,22 +294,18 @@ class Policy:
         if not removed:
             return None
         self.filtered += removed
-        new_result = dict(result)
-        new_result[name] = kept
         if "cacheScope" in new_result:
             new_result["cacheScope"] = "private"  # the list now depends on the key
         return dict(msg, result=new_result)
 
 
-_SHAPES = {field_name: method for method, (_, field_name, _) in LISTS.items()}
+_LIST_FIELD = re.compile(rb'"(?:tools|resources|resourceTemplates|prompts)"|\\u')  # or an escape that may spell one
+_FIELDS = {field_name: (kind, key) for kind, field_name, key in LISTS.values()}  # "tools" -> ("tools", "name")
 
 
-def _list_shape(result: Any) -> str | None:
-    """The list method a result answers, from its shape (``{"tools": [...]}`` …); None for anything else."""
-    if not isinstance(result, dict):
-        return None
-    found = [m for f, m in _SHAPES.items() if isinstance(result.get(f), list)]
-    return found[0] if len(found) == 1 else None
+def _list_fields(result: dict[str, Any]) -> list[str]:
+    """The list fields a result carries (``{"tools": [...]}`` …): what filtering reads."""
+    return [f for f in _FIELDS if isinstance(result.get(f), list)]
 
 
 class SseRewriter:
@@ -406,7 +378,11 @@ class SseRewriter:
             msg = json.loads(ev.data)
         except ValueError:
             return raw
-        new = self.policy.apply(msg)
+        if isinstance(msg, list):  # a batch of answers in one event (2025-03-26 lets a server send one)
+            changed = [self.policy.apply(m) for m in msg]
+            new: Any = None if all(c is None for c in changed) else [c or m for c, m in zip(changed, msg, strict=True)]
+        else:
+            new = self.policy.apply(msg)
         return raw if new is None else render_event(raw, dumps(new).decode())
 
 

@@ -157,6 +157,7 @@ class McpGateway:
             raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
         url = self._exact_url(upstream, request, url)
         headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
+        headers.popall("Content-Encoding", None)  # aiohttp decoded the body: it goes up as judged, decoded
         if self._cors_origin(request) is not None:
             # The sidecar already vetted this origin; the SDK's DNS-rebinding guard would refuse it.
             headers.popall("Origin", None)
@@ -179,7 +180,7 @@ class McpGateway:
             return await self._post(
                 request, scope, upstream, key, url, headers, on_headers, rate_headers, session, legacy
             )
-        if request.method == "GET" and "text/event-stream" in request.headers.get("Accept", ""):
+        if request.method == "GET":  # whatever its Accept (the SDK takes */*, text/*, any case): filtered
             return await self._stream(request, scope, upstream, key, url, headers, on_headers, session)
         filt = GatewayFilter(self, upstream, key, sid=ids.header, upstream_sid=sid)
         response = await self.sc.forwarder.forward(
@@ -315,7 +316,7 @@ class McpGateway:
         # the session's GET stream after a resumption, a legacy event stream): every session
         # the request names learns the ids, so filtering never depends on the form used.
         sessions = [s for s in (session, legacy) if s is not None]
-        lists = PendingIds()
+        lists = PendingIds(max(1024, len(d.lists)))  # every list of the body keeps its mark
         for rid, method in d.lists:
             lists.add(rid, method)
             for s in sessions:
@@ -390,7 +391,7 @@ class McpGateway:
             found = (sid.get("session_id") or sid.get("sessionId") or [""])[0]
             s = self.sessions.bind(upstream.id, "sse", found, key.id) if found else None
             if s is not None:
-                policy.lists, policy.refusals = (s.lists,), (s.refusals,)
+                policy.lists, policy.refusals, policy.by_shape = (s.lists,), (s.refusals,), True  # marks are shared
                 legacy_sid.append(found)
             return self.client_path(upstream, data) or data
 
@@ -512,6 +513,6 @@ class McpGateway:
                 over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
                 raise over.error
         async with sc.limiter.slot(key, upstream):
-            result = await self.rest.call(upstream, tool, arguments, scope)
+            result = await self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)

@@ -144,8 +144,15 @@ class Body:
         return None
 
 
+# Integer ids JavaScript's numbers hold exactly: the gateway finds an answer (a list to filter) by its
+# id, and an upstream that reads numbers as doubles (the TypeScript SDK's) echoes 2**60 + 1 as 2**60.
+MAX_SAFE_ID = 2**53 - 1
+
+
 def _valid_id(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -MAX_SAFE_ID <= value <= MAX_SAFE_ID
+    return isinstance(value, str)
 
 
 def _message(obj: Any) -> Message:
@@ -158,7 +165,7 @@ def _message(obj: Any) -> Message:
         if not isinstance(obj["method"], str) or not obj["method"]:
             raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "method" must be a non-empty string')
         if "id" in obj and not _valid_id(rid):
-            raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
+            raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer within ±(2^53-1)')
         params = obj.get("params")
         if params is not None and not isinstance(params, dict | list):
             raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "params" must be an object', rid)
@@ -169,7 +176,7 @@ def _message(obj: Any) -> Message:
                 raise JsonRpcError(INVALID_PARAMS, msg, rid)
     elif "result" in obj or "error" in obj:
         if rid is not None and not _valid_id(rid):
-            raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
+            raise JsonRpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer within ±(2^53-1)')
     else:
         raise JsonRpcError(INVALID_REQUEST, "Invalid Request: neither a request, a notification nor a response")
     return Message(obj)

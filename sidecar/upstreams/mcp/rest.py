@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = ["CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClien
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
 CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+MAX_POOLED = 10_000  # REST callers' upstream sessions (one per key and upstream) kept at once
 
 
 async def open_upstream(
@@ -81,19 +83,40 @@ class RestClient:
     once per upstream, then ``tools/call``) over connections the sidecar already pools.
     """
 
-    def __init__(self, sessions: dict[str, aiohttp.ClientSession]) -> None:
+    def __init__(self, sessions: dict[str, aiohttp.ClientSession], limit: int = MAX_POOLED) -> None:
         self.sessions = sessions
-        self._pool: dict[str, _Pooled] = {}
+        self.limit = limit
+        self._pool: OrderedDict[tuple[str, str], _Pooled] = OrderedDict()
 
-    def pooled(self, upstream_id: str) -> _Pooled:
-        return self._pool.setdefault(upstream_id, _Pooled())
+    def pooled(self, upstream_id: str, owner: str = "") -> _Pooled:
+        """The session of ``owner`` (a key id; ``""``: the sidecar's own) with an upstream.
+
+        One per key, never shared: an upstream keeps state per session (a login, a workspace,
+        a browser, subscriptions), and a session shared by every REST caller would hand one
+        key's state to the next (DESIGN invariant 4). The least recently used go first past
+        ``limit``; the upstream expires them.
+        """
+        ident = (upstream_id, owner)
+        pooled = self._pool.get(ident)
+        if pooled is None:
+            pooled = self._pool[ident] = _Pooled()
+            while len(self._pool) > self.limit:
+                self._pool.popitem(last=False)
+        else:
+            self._pool.move_to_end(ident)
+        return pooled
 
     async def _exchange(
-        self, upstream: UpstreamConfig, method: str, params: dict[str, Any], scope: RequestScope | None = None
+        self,
+        upstream: UpstreamConfig,
+        method: str,
+        params: dict[str, Any],
+        scope: RequestScope | None = None,
+        owner: str = "",
     ) -> tuple[int, dict[str, Any] | None]:
-        """One JSON-RPC request on the pooled session: its HTTP status and answer. A 404 means the
-        session expired upstream: a new one is initialised and the request sent again, once."""
-        pooled = self.pooled(upstream.id)
+        """One JSON-RPC request on ``owner``'s pooled session: its HTTP status and answer. A 404 means
+        the session expired upstream: a new one is initialised and the request sent again, once."""
+        pooled = self.pooled(upstream.id, owner)
         status, msg = 0, None
         for attempt in range(2):
             await self._ensure(upstream, pooled)
@@ -111,8 +134,11 @@ class RestClient:
             break
         return status, msg
 
-    async def call(self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope) -> Any:
-        status, msg = await self._exchange(upstream, "tools/call", {"name": tool, "arguments": arguments}, scope)
+    async def call(
+        self, upstream: UpstreamConfig, tool: str, arguments: dict[str, Any], scope: RequestScope, owner: str
+    ) -> Any:
+        """``tools/call`` on the calling key's own session with the upstream."""
+        status, msg = await self._exchange(upstream, "tools/call", {"name": tool, "arguments": arguments}, scope, owner)
         if msg is None:
             raise UpstreamUnavailable(f"upstream {upstream.id} answered {status} without a JSON-RPC response")
         if "error" in msg:
@@ -216,10 +242,10 @@ class RestClient:
 
     async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
         """End the pooled sessions politely (DELETE), best effort and quickly."""
-        for up in upstreams:
-            pooled = self._pool.get(up.id)
-            session = self.sessions.get(up.id)
-            if pooled is None or not pooled.session_id or session is None or session.closed:
+        by_id = {up.id: up for up in upstreams}
+        for (upstream_id, _), pooled in list(self._pool.items()):
+            up, session = by_id.get(upstream_id), self.sessions.get(upstream_id)
+            if up is None or not pooled.session_id or session is None or session.closed:
                 continue
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with asyncio.timeout(1.0):

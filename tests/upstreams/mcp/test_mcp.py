@@ -500,7 +500,8 @@ async def test_rest_tool_call(gw: Running, upstream: McpUpstream) -> None:
     assert answer["data"]["isError"] is False
 
     # The pooled session expires upstream: the next call initialises a new one and succeeds.
-    pooled = gw.sc.mcp.rest.pooled("tools")  # type: ignore[union-attr]
+    owner = next(k for u, k in gw.sc.mcp.rest._pool if u == "tools")  # type: ignore[union-attr]  # the key's
+    pooled = gw.sc.mcp.rest.pooled("tools", owner)  # type: ignore[union-attr]
     async with aiohttp.ClientSession() as direct:
         gone = await direct.delete(
             f"{upstream.url}/mcp",
