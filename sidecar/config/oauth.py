@@ -34,13 +34,15 @@ def loopback_host(host: str | None) -> bool:
 
 
 def check_redirect_uri(uri: str) -> str | None:
-    """Why ``uri`` may not be a redirect URI, or None: https, or http on loopback; no fragment."""
+    """Why ``uri`` may not be a redirect URI, or None: https, or http on loopback; no fragment, no userinfo."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return f"{uri!r} is not a URL"
     if parts.fragment or "#" in uri:
         return f"{uri!r}: a redirect URI must not have a fragment"
+    if "@" in parts.netloc:  # "https://claude.ai@evil.example/": the consent page must show the real host
+        return f"{uri!r}: a redirect URI must not carry user information"
     if parts.scheme == "https" and parts.hostname:
         return None
     if parts.scheme == "http" and loopback_host(parts.hostname):

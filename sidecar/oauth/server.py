@@ -35,6 +35,7 @@ from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
 from ..store import StoreError
 from ..store.base import OAuthToken
 from .clients import ClientRegistry
+from .grants import allowed_now
 from .metadata import (
     AS_WELL_KNOWN,
     ENDPOINTS,
@@ -104,6 +105,7 @@ class OAuthServer:
         self.clients = ClientRegistry(self.config, sc.store, clock=sc.clock)
         self._metadata = json.dumps(server_metadata(self.config, self.issuer)).encode()
         self._access: dict[str, OAuthToken] = {}  # digest -> access token row, once seen
+        self._narrowed: dict[str, tuple[KeyRecord, KeyRecord, KeyRecord]] = {}  # grant id -> (grant, parent, now)
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
@@ -222,7 +224,22 @@ class OAuthServer:
             raise RevokedKey("this access token's grant has been revoked", headers)
         if state == "expired":
             raise ExpiredKey("this access token's grant has expired", headers)
-        return record
+        return self.allowed_now(record)
+
+    def allowed_now(self, grant: KeyRecord) -> KeyRecord:
+        """The grant narrowed to what its parent allows now (``grants.allowed_now``), recomputed only
+        when the grant's or the parent's record changes: one dict lookup and two identity tests."""
+        parent = self.sc.verifier.table.get(grant.parent_id or "")
+        if parent is None:  # not an OAuth grant, or its parent is gone (then ``state`` says revoked)
+            return grant
+        hit = self._narrowed.get(grant.id)
+        if hit is not None and hit[0] is grant and hit[1] is parent:
+            return hit[2]
+        if len(self._narrowed) >= MAX_CACHED_TOKENS:
+            self._narrowed.clear()
+        now = allowed_now(grant, parent)
+        self._narrowed[grant.id] = (grant, parent, now)
+        return now
 
     def remember(self, token: OAuthToken) -> None:
         """A freshly issued access token goes straight into the hot path's table."""

@@ -1,0 +1,214 @@
+"""An attacker's review of the authorization server: checks made at one step of
+authorize → consent → code → token → refresh → use and trusted at a later one, and the
+classic OAuth attacks. Each test asserts what the client sees and what was (not) written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running
+from mcp_server import McpUpstream
+from oauth_support import authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce, register
+from oauth_support import start_sidecar as start
+from test_oauth_refusals import ACCEPT, PERMS, Clock, call, tokens
+
+from sidecar.app import Sidecar
+from sidecar.oauth.fetch import public_address
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def gw(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], clock: Clock
+) -> Running:
+    cfg = oauth_config(upstream, tmp_path, free_port(), access_token_ttl="10m")
+    return await start(aiohttp_client, cfg, tmp_path, started, clock=clock)
+
+
+async def children(gw: Running) -> list[Any]:
+    return [r for r in await gw.sc.store.list_keys() if r.parent_id is not None]
+
+
+async def listed_tools(gw: Running, access: str) -> set[str] | int:
+    """initialize, then tools/list with the token: the names listed, or the refusal's status."""
+    r = await call(gw, access)
+    if r.status != 200:
+        return r.status
+    headers = {**ACCEPT, "Authorization": f"Bearer {access}", "Mcp-Session-Id": r.headers["Mcp-Session-Id"]}
+    await r.read()
+    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                            headers=headers)  # fmt: skip
+    assert r.status == 202, await r.text()
+    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=headers)
+    text = await r.text()
+    data = next(json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:"))
+    return {t["name"] for t in data["result"]["tools"]}
+
+
+async def refresh(gw: Running, client: str, token: str, **extra: str) -> tuple[int, dict[str, Any]]:
+    r = await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "client_id": client,
+                                                  "refresh_token": token, **extra})  # fmt: skip
+    return r.status, dict(await r.json())
+
+
+async def narrow(gw: Running, key_id: str, permissions: dict[str, Any]) -> None:
+    await gw.sc.manager().patch(key_id, {"permissions": permissions}, "test")
+    await gw.sc.verifier.refresh()
+
+
+@pytest.mark.parametrize("chosen", ["", "fetch"])
+async def test_a_grant_shrinks_with_its_parent_at_use_and_refresh(gw: Running, chosen: str) -> None:
+    """The parent loses ``fetch`` after the grant was made (every tool, or ``fetch`` alone): the
+    grant's tokens must not list or call it any more; the parent then loses the upstream: its
+    grant's token is refused (403) and cannot be refreshed."""
+    parent, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client, tools=chosen)
+    status, first = await exchange(gw, client, code, verifier)
+    assert status == 200, first
+    assert await listed_tools(gw, first["access_token"]) == ({"search", "fetch"} if not chosen else {"fetch"})
+    await narrow(gw, parent.id, {"upstreams": ["*"], "tools": {"tools": ["search"], "other": ["search"]}})
+    assert await listed_tools(gw, first["access_token"]) == ({"search"} if not chosen else set())
+    status, second = await refresh(gw, client, first["refresh_token"])
+    assert status == 200 and await listed_tools(gw, second["access_token"]) == ({"search"} if not chosen else set())
+    await narrow(gw, parent.id, {"upstreams": ["other"]})
+    r = await call(gw, second["access_token"])
+    assert r.status == 403 and (await r.json())["error"]["code"] == "insufficient_permissions"
+    status, answer = await refresh(gw, client, second["refresh_token"])
+    assert status == 400 and answer["error"] == "invalid_grant", answer
+
+
+async def test_a_code_replayed_while_its_first_exchange_runs_still_revokes_the_grant(gw: Running) -> None:
+    """Two exchanges of one code at once. One of the two stole it, so the replay must revoke the
+    grant even when it is seen before the first exchange has written the grant (argon2 runs
+    first): no token that works comes out of it, whichever finishes first."""
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client)
+    answers = await asyncio.gather(*(exchange(gw, client, code, verifier) for _ in range(2)))
+    won = [a for s, a in answers if s == 200]
+    lost = [a for s, a in answers if s != 200]
+    assert len(won) <= 1 and lost, answers
+    assert all(a["error"] == "invalid_grant" and "already used" in a["error_description"] for a in lost), answers
+    for a in won:
+        r = await call(gw, a["access_token"])
+        assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
+        status, answer = await refresh(gw, client, a["refresh_token"])
+        assert status == 400 and answer["error"] == "invalid_grant"
+    assert [c.state(gw.sc.clock()) for c in await children(gw)] == ["revoked"]
+
+
+async def test_a_refresh_refused_for_its_resource_does_not_burn_the_token(gw: Running) -> None:
+    """A refresh naming another resource is refused (invalid_target) before the token is spent: the
+    client's next, correct refresh works instead of looking like reuse and revoking the grant."""
+    _, key = await gw.create_key(permissions=PERMS)
+    client, first = await tokens(gw, key)
+    issuer = gw.config.oauth.public_url
+    status, answer = await refresh(gw, client, first["refresh_token"], resource=f"{issuer}/mcp/other")
+    assert status == 400 and answer["error"] == "invalid_target", answer
+    status, answer = await refresh(gw, client, first["refresh_token"], resource=f"{issuer}/mcp/tools")
+    assert status == 200, answer
+    assert (await call(gw, answer["access_token"])).status == 200
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://claude.ai@evil.example/cb",  # the consent page would show "claude.ai@evil.example"
+        "https://user:pw@evil.example/cb",
+        "https://evil.example\\@claude.ai/cb",  # browsers: host evil.example; urlsplit: claude.ai
+        "http://claude.ai@127.0.0.1/cb",
+    ],
+)
+async def test_registration_refuses_redirect_uris_with_userinfo(gw: Running, uri: str) -> None:
+    r = await gw.proxy.post("/oauth/register", json={"redirect_uris": [uri]})
+    assert r.status == 400 and (await r.json())["error"] == "invalid_redirect_uri"
+    assert await gw.sc.store.oauth_clients() == []
+
+
+def test_the_ssrf_guard_judges_ipv4_embedded_in_ipv6() -> None:
+    """NAT64 (64:ff9b::/96, 64:ff9b:1::/48), 6to4 (2002::/16) and IPv4-compatible (::/96) addresses
+    reach the IPv4 address they carry; site-local fec0::/10 is a private range."""
+    for ip in ("64:ff9b::a00:1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:a00:1::1",
+               "2002:7f00:1::", "::7f00:1", "::a00:1", "fec0::1", "::ffff:0:a00:1"):  # fmt: skip
+        assert not public_address(ip), ip
+    for ip in ("64:ff9b::5db8:d822", "2002:5db8:d822::1", "2606:4700::1111"):  # 93.184.216.34 embedded; plain
+        assert public_address(ip), ip
+
+
+@pytest.mark.parametrize("lifetime", ["nan", "-1", "0", "abc", "", "-inf"])
+async def test_consent_refuses_tampered_lifetimes(gw: Running, lifetime: str) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    _, challenge = pkce()
+    back = await consent(authorize_url(gw, client, challenge), key, lifetime=lifetime)
+    assert back.location.startswith("status:400:") and "choose a lifetime" in back.location, back.location
+
+
+async def test_a_huge_lifetime_is_capped(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    verifier, challenge = pkce()
+    back = await consent(authorize_url(gw, client, challenge), key, lifetime="1e999")
+    status, _ = await exchange(gw, client, back.params["code"], verifier)
+    (child,) = await children(gw)
+    assert status == 200 and child.expires_at <= gw.sc.clock() + gw.config.oauth.max_grant_lifetime
+
+
+@pytest.mark.parametrize("change", ["revoke", "narrow", "other_upstream"])
+async def test_a_code_is_judged_against_its_parent_at_exchange(gw: Running, change: str) -> None:
+    """Approved, then the parent is revoked or narrowed before the code is exchanged: no grant."""
+    parent, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client, tools="fetch")
+    if change == "revoke":
+        await gw.sc.manager().revoke(parent.id, "test")
+        await gw.sc.verifier.refresh()
+    else:
+        await narrow(gw, parent.id, {"upstreams": ["other"]} if change == "other_upstream" else
+                     {"upstreams": ["*"], "tools": {"tools": ["search"]}})  # fmt: skip
+    status, answer = await exchange(gw, client, code, verifier)
+    assert status == 400 and answer["error"] == "invalid_grant", answer
+    assert await children(gw) == []
+
+
+async def test_codes_and_refresh_tokens_are_no_bearer_tokens(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client, answer = await tokens(gw, key)
+    code, _ = await code_for(gw, key, client)
+    for value in (code, answer["refresh_token"], answer["access_token"][:-1] + "0"):
+        r = await call(gw, value)
+        assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_key", value[:12]
+        assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+
+
+async def test_a_revoked_grant_cannot_be_refreshed_or_used(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client, answer = await tokens(gw, key)
+    (grant,) = await children(gw)
+    r = await gw.admin.delete(f"/admin/oauth/grants/{grant.id}", headers=gw.admin_headers())
+    assert r.status == 200
+    status, body = await refresh(gw, client, answer["refresh_token"])
+    assert status == 400 and body["error"] == "invalid_grant"
+    r = await call(gw, answer["access_token"])
+    assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
+
+
+async def test_redirect_uri_is_required_and_exact_at_the_token_endpoint(gw: Running) -> None:
+    """The code went to a loopback redirect with a port: the token request must name that very URI."""
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw, redirect_uris=["http://127.0.0.1/cb"]))["client_id"]
+    for uri in ("", "http://127.0.0.1/cb", "http://127.0.0.1:5556/cb"):  # left out, registered form, other port
+        verifier, challenge = pkce()
+        back = await consent(authorize_url(gw, client, challenge, redirect_uri="http://127.0.0.1:5555/cb"), key)
+        status, answer = await exchange(gw, client, back.params["code"], verifier, redirect_uri=uri)
+        assert status == 400 and answer["error"] == "invalid_grant" and "redirect_uri" in answer["error_description"]
+    assert await children(gw) == []
