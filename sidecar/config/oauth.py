@@ -39,6 +39,8 @@ def check_redirect_uri(uri: str) -> str | None:
         parts = urlsplit(uri)
     except ValueError:
         return f"{uri!r} is not a URL"
+    if not uri.isprintable():  # urlsplit drops tabs and newlines; Postgres cannot store NUL
+        return f"{uri!r}: a redirect URI must not contain control characters"
     if parts.fragment or "#" in uri:
         return f"{uri!r}: a redirect URI must not have a fragment"
     if "@" in parts.netloc:  # "https://claude.ai@evil.example/": the consent page must show the real host

@@ -102,8 +102,8 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
         return error_page(str(e))
     state = q.get("state")
     back = {"state": state} if state is not None else {}
-    if state is not None and len(state) > MAX_STATE:
-        return error_page("state is too long")
+    if state is not None and (len(state) > MAX_STATE or not state.isprintable()):
+        return error_page("state is too long or has control characters")
     try:
         if q.get("response_type") != "code":
             raise _Redirect("unsupported_response_type", "only response_type=code")
@@ -171,7 +171,10 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
         return error_page("this authorization request has expired or was already answered; start again")
     cookie = request.cookies.get(COOKIE, "")
     if not (
-        csrf and cookie and hmac.compare_digest(csrf, cookie) and hmac.compare_digest(digest(csrf), row.data["csrf"])
+        csrf
+        and cookie
+        and hmac.compare_digest(csrf.encode(), cookie.encode())  # bytes: str must be ASCII
+        and hmac.compare_digest(digest(csrf), row.data["csrf"])
     ):
         return error_page("the form did not come from this page (CSRF check failed)", 403)
     data = dict(row.data)

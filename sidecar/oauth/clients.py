@@ -121,7 +121,7 @@ class ClientRegistry:
 
     async def get(self, client_id: str) -> Client:
         """The client, or ``ClientError("invalid_client")``."""
-        if not client_id or len(client_id) > 2048:
+        if not client_id or len(client_id) > 2048 or not client_id.isprintable():  # NUL: Postgres cannot even compare
             raise ClientError("invalid_client", "unknown client")
         found = self._configured.get(client_id)
         if found is not None:
@@ -213,5 +213,7 @@ class ClientRegistry:
         """Forget a registered client (or a cached metadata document); configured ones live in the file."""
         if client_id in self._configured:
             raise ClientError("invalid_request", "a client from the config file is removed by editing the file")
+        if not client_id.isprintable():
+            return False  # never stored (``get`` refuses it): nothing to remove
         cached = self._documents.pop(client_id, None)
         return await self.store.oauth_delete_client(client_id) or cached is not None

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 
+MAX_TOOLS = 500  # tool names one grant may name
 GRANTS_FULL = "that API key has reached its number of OAuth grants; revoke one first"
 
 
@@ -56,6 +57,8 @@ def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...
 
     ``GrantError`` when a tool is not within the parent's own (``glob_covered``: sound, never wider)."""
     p = parent.permissions
+    if len(tools) > MAX_TOOLS or not all(t.isprintable() and len(t) <= 200 for t in tools):
+        raise GrantError(f"at most {MAX_TOOLS} tool names, each printable text")
     if "*" not in p.upstreams and upstream_id not in p.upstreams:
         raise GrantError(f"this API key may not use {upstream_id!r}")
     own = {kind: mcp_globs(p, upstream_id, kind) for kind in MCP_KINDS}

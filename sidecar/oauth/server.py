@@ -20,6 +20,7 @@ here instead, small and with every check visible.
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from .host import OAuthHost
 
 __all__ = ["OAuthServer", "oauth_error"]
+
+log = logging.getLogger("sidecar.oauth")
 
 MAX_CACHED_TOKENS = 100_000
 # Unauthenticated writes (authorization requests, registrations) per client address per minute.
@@ -152,8 +155,10 @@ class OAuthServer:
             return oauth_error("invalid_request", f"use {allow}", 405, {"Allow": allow})
         try:
             return await handler(request)
-        except StoreError as e:
-            return oauth_error("temporarily_unavailable", str(e), 503, {"Retry-After": "1"})
+        except StoreError as e:  # the detail names the database: for the log, not for anonymous clients
+            log.warning("OAuth endpoint %s: the store failed: %s", request.path, e)
+            return oauth_error("temporarily_unavailable", "the store is unavailable; try again", 503,
+                               {"Retry-After": "1"})  # fmt: skip
 
     async def _server_metadata(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self._metadata, content_type="application/json", headers=_PUBLIC)
@@ -201,7 +206,8 @@ class OAuthServer:
             try:
                 tok = await self.sc.store.oauth_get(d)
             except StoreError as e:
-                raise ServiceUnavailable(f"the token store is unavailable: {e}") from None
+                log.warning("access token lookup: the store failed: %s", e)
+                raise ServiceUnavailable("the token store is unavailable") from None
             if tok is None or tok.kind != ACCESS:
                 raise verifier._refuse(bucket, verifier.steady(), InvalidKey("unknown access token", headers))
             if len(self._access) >= MAX_CACHED_TOKENS:

@@ -14,10 +14,13 @@ from conftest import Running
 from mcp_server import McpUpstream
 from oauth_support import authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce, register
 from oauth_support import start_sidecar as start
+from pg_support import pg_dsn, pg_server
 from test_oauth_refusals import ACCEPT, PERMS, Clock, call, tokens
 
 from sidecar.app import Sidecar
 from sidecar.oauth.fetch import public_address
+
+__all__ = ["pg_dsn", "pg_server"]  # the fixtures, re-exported for pytest
 
 
 @pytest.fixture
@@ -212,3 +215,78 @@ async def test_redirect_uri_is_required_and_exact_at_the_token_endpoint(gw: Runn
         status, answer = await exchange(gw, client, back.params["code"], verifier, redirect_uri=uri)
         assert status == 400 and answer["error"] == "invalid_grant" and "redirect_uri" in answer["error_description"]
     assert await children(gw) == []
+
+
+async def test_consent_csrf_is_bound_to_its_browser_and_never_a_500(gw: Running) -> None:
+    """Another browser (its own cookie and token) posting the victim's request id, or a token that is
+    not ASCII (``hmac.compare_digest`` raises on those): the CSRF page (403), and the request lives on."""
+    import re
+
+    import aiohttp
+
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    _, challenge = pkce()
+    url, post = authorize_url(gw, client, challenge), f"{gw.config.oauth.public_url}/oauth/authorize"
+    pages = []
+    for _ in range(2):  # the victim's browser, then the attacker's
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        async with http.get(url) as page:
+            pages.append((http, dict(re.findall(r'name=(request_id|csrf) value="([^"]+)"', await page.text()))))
+    (victim, mine), (attacker, theirs) = pages
+    try:
+        step1 = {"api_key": key, "lifetime": "3600", "decision": "continue"}
+        for csrf in (theirs["csrf"], "é", "\u00e9" * 43):
+            async with attacker.post(post, data={**step1, "request_id": mine["request_id"], "csrf": csrf}) as r:
+                assert r.status == 403 and "CSRF" in await r.text(), csrf
+        async with victim.post(post, data={**step1, **mine}, allow_redirects=False) as r:
+            assert r.status == 200 and "Tools to allow" in await r.text()
+    finally:
+        await victim.close()
+        await attacker.close()
+
+
+async def test_a_client_id_the_store_cannot_hold_is_an_unknown_client(gw: Running) -> None:
+    await _unholdable_client_ids(gw)
+
+
+async def test_a_client_id_postgres_cannot_hold_is_an_unknown_client(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], pg_dsn: str
+) -> None:
+    cfg = {**oauth_config(upstream, tmp_path, free_port()), "store": {"kind": "postgres"}}
+    await _unholdable_client_ids(await start(aiohttp_client, cfg, tmp_path, started,
+                                             extra_env={"SIDECAR_DATABASE_URL": pg_dsn}))  # fmt: skip
+
+
+async def _unholdable_client_ids(gw: Running) -> None:
+    """A NUL or another control character in ``client_id``: Postgres cannot even compare such a text,
+    which must not turn into ``503 temporarily_unavailable`` (nor count as a store failure)."""
+    _, challenge = pkce()
+    for bad in ("dcr_\x00x", "https://x.example/\x00", "a\nb", "\x7f"):
+        r = await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "client_id": bad,
+                                                      "refresh_token": "x"})  # fmt: skip
+        assert r.status == 401 and (await r.json())["error"] == "invalid_client", (bad, await r.text())
+        r = await gw.proxy.post("/oauth/revoke", data={"client_id": bad, "token": "x"})
+        assert r.status == 401 and (await r.json())["error"] == "invalid_client", bad
+        r = await gw.proxy.get(authorize_url(gw, bad, challenge).split(gw.config.oauth.public_url, 1)[1])
+        assert r.status == 400 and "unknown" in await r.text(), bad
+    for uri in ("https://x.example/cb\x00", "https://x.example/c\nb", "http://127.0.0.1/\x7f"):
+        r = await gw.proxy.post("/oauth/register", json={"redirect_uris": [uri], "client_name": "a\x00b"})
+        assert r.status == 400 and (await r.json())["error"] == "invalid_redirect_uri", uri
+    client = (await register(gw, client_name="a\x00b"))["client_id"]
+    r = await gw.proxy.get(authorize_url(gw, client, challenge, state="a\x00b").split(gw.config.oauth.public_url, 1)[1])
+    assert r.status == 400 and "state" in await r.text()
+    assert [c["client_name"] for c in await gw.sc.store.oauth_clients()] == ["ab"]
+
+
+@pytest.mark.parametrize("typed", ["sea\x00rch", "*", "sea*", "search," + "x" * 201, ",".join(["search"] * 501)])
+async def test_typed_tools_are_names_within_the_key(gw: Running, upstream: McpUpstream, typed: str) -> None:
+    """When the upstream cannot list its tools the person types names: a glob wider than the key's
+    own, a control character (Postgres cannot store NUL), a huge name or list is refused on the page."""
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    await upstream.stop()
+    _, challenge = pkce()
+    back = await consent(authorize_url(gw, client, challenge), key, tools=typed)
+    assert back.location.startswith("status:400:") and ("not among" in back.location or "printable" in back.location)
+    assert await gw.sc.store.list_keys() and await children(gw) == []
