@@ -62,11 +62,12 @@ def _back(server: OAuthServer, redirect_uri: str, params: dict[str, str]) -> web
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
-async def _client_and_redirect(server: OAuthServer, q: Any) -> tuple[Client, str]:
+async def _client_and_redirect(server: OAuthServer, request: web.Request) -> tuple[Client, str]:
+    q = request.query
     try:
-        client = await server.clients.get(q.get("client_id") or "")
+        client = await server.clients.get(q.get("client_id") or "", server.may_fetch(request))
     except ClientError as e:
-        raise _Page(f"unknown or unusable client: {e.description}") from None
+        raise _Page(f"unknown or unusable client: {e.description}", 429 if e.error == "slow_down" else 400) from None
     redirect_uri = q.get("redirect_uri")
     if redirect_uri is None and len(client.redirect_uris) == 1:
         redirect_uri = client.redirect_uris[0]
@@ -77,7 +78,9 @@ async def _client_and_redirect(server: OAuthServer, q: Any) -> tuple[Client, str
 
 
 class _Page(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _resource(server: OAuthServer, value: str | None) -> str:
@@ -97,9 +100,9 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
         if len(q.getall(name)) > 1:
             return error_page(f"{name} given twice")
     try:
-        client, redirect_uri = await _client_and_redirect(server, q)
+        client, redirect_uri = await _client_and_redirect(server, request)
     except _Page as e:
-        return error_page(str(e))
+        return error_page(str(e), e.status)
     state = q.get("state")
     back = {"state": state} if state is not None else {}
     if state is not None and (len(state) > MAX_STATE or not state.isprintable()):

@@ -111,6 +111,7 @@ class OAuthServer:
         self._narrowed: dict[str, tuple[KeyRecord, KeyRecord, KeyRecord]] = {}  # grant id -> (grant, parent, now)
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
+        self.fetch_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # client metadata documents fetched
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)
@@ -176,6 +177,10 @@ class OAuthServer:
 
     def client_ip(self, request: web.Request) -> str:
         return client_ip(request, self.sc.trusted_proxies)
+
+    def may_fetch(self, request: web.Request) -> Callable[[], bool]:
+        """For ``ClientRegistry.get``: may this caller have one more metadata document fetched?"""
+        return lambda: self.fetch_gate.allow(self.client_ip(request))
 
     def claims(self, value: str) -> bool:
         """Does the credential look like one of this server's tokens (prefix test only)?"""

@@ -105,8 +105,10 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
     if not client_id:
         raise TokenError("invalid_client", "client_id is required", 401)
     try:
-        client = await server.clients.get(client_id)
+        client = await server.clients.get(client_id, server.may_fetch(request))
     except ClientError as e:
+        if e.error == "slow_down":
+            raise TokenError("slow_down", e.description, 429) from None
         raise TokenError("invalid_client", e.description, 401) from None
     if not client.secret_ok(secret):
         raise TokenError("invalid_client", "client authentication failed", 401)
@@ -228,6 +230,12 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
     return await _issue(server, record.id, client, row.resource, record.expires_at)
 
 
+def _error_headers(e: TokenError) -> dict[str, str] | None:
+    if e.status == 401:
+        return {"WWW-Authenticate": 'Basic realm="sidecar"'}
+    return {"Retry-After": "60"} if e.status == 429 else None
+
+
 async def token(server: OAuthServer, request: web.Request) -> web.StreamResponse:
     try:
         form = await read_form(request)
@@ -240,8 +248,7 @@ async def token(server: OAuthServer, request: web.Request) -> web.StreamResponse
         else:
             raise TokenError("unsupported_grant_type", "authorization_code or refresh_token")
     except TokenError as e:
-        headers = {"WWW-Authenticate": 'Basic realm="sidecar"'} if e.status == 401 else None
-        return oauth_error(e.error, e.description, e.status, headers)
+        return oauth_error(e.error, e.description, e.status, _error_headers(e))
     return web.json_response(answer, headers={**NO_STORE, "Access-Control-Allow-Origin": "*"})
 
 
@@ -250,7 +257,7 @@ async def revoke(server: OAuthServer, request: web.Request) -> web.StreamRespons
         form = await read_form(request)
         client = await _client(server, request, form)
     except TokenError as e:
-        return oauth_error(e.error, e.description, e.status)
+        return oauth_error(e.error, e.description, e.status, _error_headers(e))
     value = form.get("token") or ""
     kind = token_kind(server.prefix, value)
     if kind in (ACCESS, REFRESH) and parse(server.prefix, value, kind):

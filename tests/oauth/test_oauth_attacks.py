@@ -290,3 +290,45 @@ async def test_typed_tools_are_names_within_the_key(gw: Running, upstream: McpUp
     back = await consent(authorize_url(gw, client, challenge), key, tools=typed)
     assert back.location.startswith("status:400:") and ("not among" in back.location or "printable" in back.location)
     assert await gw.sc.store.list_keys() and await children(gw) == []
+
+
+async def test_client_metadata_fetches_are_bounded_per_address(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> None:
+    """Every new https client id is an outbound fetch an anonymous caller chooses (and whose outcome
+    the error tells, a port probe of public hosts). The token and revocation endpoints, like the
+    authorization endpoint, must not fetch more than the per-address budget a minute."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from test_oauth_cimd import gateway
+    from tlscerts import make_tls
+
+    tls = make_tls(tmp_path)
+    fetched: list[str] = []
+
+    async def doc(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/{name}", doc)
+    docs = TestServer(app, host="127.0.0.1")
+    await docs.start_server(ssl=tls.server_context())
+    try:
+        gw = await gateway(aiohttp_client, upstream, tmp_path, started, tls, ["127.0.0.1"])
+        _, challenge = pkce()
+        answers = []
+        for i in range(20):
+            url = f"https://127.0.0.1:{docs.port}/c{i}.json"
+            r = await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "client_id": url,
+                                                          "refresh_token": "x"})  # fmt: skip
+            answers.append((r.status, (await r.json())["error"]))
+            r = await gw.proxy.post("/oauth/revoke", data={"client_id": url + "?r", "token": "x"})
+            answers.append((r.status, (await r.json())["error"]))
+            r = await gw.proxy.get(authorize_url(gw, url + "?a", challenge).split(gw.config.oauth.public_url, 1)[1])
+            answers.append((r.status, "page"))
+        assert len(fetched) <= 30, len(fetched)
+        assert answers[:3] == [(401, "invalid_client"), (401, "invalid_client"), (400, "page")]
+        assert set(answers[-3:]) <= {(429, "slow_down"), (429, "page")}, answers[-3:]
+    finally:
+        await docs.close()
