@@ -55,11 +55,15 @@ class _Redirect(Exception):
         self.error, self.description = error, description
 
 
+def _location(server: OAuthServer, redirect_uri: str, params: dict[str, str]) -> str:
+    sep = "&" if "?" in redirect_uri else "?"
+    return redirect_uri + sep + urlencode({**params, "iss": server.issuer})
+
+
 def _back(server: OAuthServer, redirect_uri: str, params: dict[str, str]) -> web.Response:
     """303 to the client's redirect URI with ``params`` plus ``iss`` (RFC 9207)."""
-    sep = "&" if "?" in redirect_uri else "?"
-    location = redirect_uri + sep + urlencode({**params, "iss": server.issuer})
-    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+    return web.Response(status=303, headers={"Location": _location(server, redirect_uri, params),
+                                             "Cache-Control": "no-store"})  # fmt: skip
 
 
 async def _client_and_redirect(server: OAuthServer, request: web.Request) -> tuple[Client, str]:
@@ -115,7 +119,12 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
             raise _Redirect("invalid_request", "PKCE with code_challenge_method=S256 is required")
         upstream_id = _resource(server, q.get("resource"))
     except _Redirect as e:
-        return _back(server, redirect_uri, {"error": e.error, "error_description": e.description, **back})
+        params = {"error": e.error, "error_description": e.description, **back}
+        if client.kind != "configured":  # RFC 9700 §4.11.2: anyone can register a redirect URI, so an
+            # error found before anyone has seen the request is a page with a link, never an automatic
+            # redirect (which would make this server an open redirector for phishing links)
+            return error_page(e.description, back_to=_location(server, redirect_uri, params))
+        return _back(server, redirect_uri, params)
     if not server.gate.allow(server.client_ip(request)):
         return error_page("too many authorization requests from this address; try again in a minute", 429)
     request_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

@@ -332,3 +332,22 @@ async def test_client_metadata_fetches_are_bounded_per_address(
         assert set(answers[-3:]) <= {(429, "slow_down"), (429, "page")}, answers[-3:]
     finally:
         await docs.close()
+
+
+async def test_errors_go_back_to_an_unvouched_client_only_by_a_link(gw: Running) -> None:
+    """RFC 9700 §4.11.2: anyone may register a redirect URI, so a deliberately bad authorization
+    request must not make the sidecar's own URL an automatic redirect to it (a phishing link that
+    starts at the trusted host). The error goes back by a link the person chooses to follow."""
+    import html
+    import re
+
+    client = (await register(gw, redirect_uris=["https://evil.example/cb"]))["client_id"]
+    _, challenge = pkce()
+    for params in ({"response_type": "token"}, {"code_challenge_method": "plain"}, {"resource": "https://x/"}):
+        url = authorize_url(gw, client, challenge, redirect_uri="https://evil.example/cb", **params)
+        r = await gw.proxy.get(url.split(gw.config.oauth.public_url, 1)[1], allow_redirects=False)
+        page = await r.text()
+        assert r.status == 400 and "Location" not in r.headers, params
+        (link,) = re.findall(r'<a id=back href="([^"]+)"', page)
+        assert html.unescape(link).startswith("https://evil.example/cb?error=") and "state=st-1" in link
+        assert "evil.example" in page and r.headers["X-Frame-Options"] == "DENY"
