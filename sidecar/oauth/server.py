@@ -223,11 +223,7 @@ class OAuthServer:
             raise InvalidKey("this access token was issued for another resource", headers)
         if tok.expires_at <= now:
             raise ExpiredKey("this access token has expired", headers)
-        record = verifier.table.get(tok.key_id)
-        if record is None:  # a fleet: a grant another replica made since this one's last poll (as for keys)
-            record = await verifier._lookup(tok.key_id)
-            if record is not None and record.parent_id is not None and record.parent_id not in verifier.table:
-                await verifier._lookup(record.parent_id)
+        record = await self.grant_record(tok.key_id)
         if record is None:
             raise RevokedKey("this access token's grant has been revoked", headers)
         state = verifier.state(record, now)
@@ -236,6 +232,17 @@ class OAuthServer:
         if state == "expired":
             raise ExpiredKey("this access token's grant has expired", headers)
         return self.allowed_now(record)
+
+    async def grant_record(self, key_id: str) -> KeyRecord | None:
+        """The grant from the verifier's table, or (a fleet: a grant another replica made since this
+        one's last poll, as for keys) from the store, with its parent."""
+        verifier = self.sc.verifier
+        record = verifier.table.get(key_id)
+        if record is None:
+            record = await verifier._lookup(key_id)
+            if record is not None and record.parent_id is not None and record.parent_id not in verifier.table:
+                await verifier._lookup(record.parent_id)
+        return record
 
     def allowed_now(self, grant: KeyRecord) -> KeyRecord:
         """The grant narrowed to what its parent allows now (``grants.allowed_now``), recomputed only

@@ -222,7 +222,7 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
     if row.expires_at <= now:
         raise TokenError("invalid_grant", "refresh token expired")
     verifier = server.sc.verifier
-    record = verifier.table.get(row.key_id)
+    record = await server.grant_record(row.key_id)  # made on another replica since this one's poll?
     if record is None or verifier.state(record, now) != "active":
         raise TokenError("invalid_grant", "the grant has been revoked or has expired")
     if not server.allowed_now(record).permissions.upstreams:  # the approving key lost the resource since

@@ -351,3 +351,28 @@ async def test_errors_go_back_to_an_unvouched_client_only_by_a_link(gw: Running)
         (link,) = re.findall(r'<a id=back href="([^"]+)"', page)
         assert html.unescape(link).startswith("https://evil.example/cb?error=") and "state=st-1" in link
         assert "evil.example" in page and r.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_a_refresh_on_a_replica_that_has_not_polled_the_grant_yet(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], pg_dsn: str
+) -> None:
+    """Tokens from replica A, the refresh lands on B before B polled the grant: B reads it from the
+    database instead of spending the refresh token on "revoked" (the client's retry on A would then
+    look like reuse and revoke the grant)."""
+    replicas = []
+    for name, poll in (("a", "100ms"), ("b", "1h")):
+        (tmp_path / name).mkdir()
+        cfg = {
+            **oauth_config(upstream, tmp_path / name, free_port()),
+            "store": {"kind": "postgres", "poll_interval": poll},
+        }
+        replicas.append(
+            await start(aiohttp_client, cfg, tmp_path / name, started, extra_env={"SIDECAR_DATABASE_URL": pg_dsn})
+        )
+    a, b = replicas
+    _, key = await a.create_key(permissions=PERMS)
+    client, first = await tokens(a, key)
+    assert b.sc.verifier.table == {}
+    status, second = await refresh(b, client, first["refresh_token"])
+    assert status == 200, second
+    assert (await call(b, second["access_token"])).status == 200
