@@ -9,6 +9,7 @@ the checks that need the rest of the file (upstream ids, store kind).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -30,7 +31,12 @@ def loopback_host(host: str | None) -> bool:
     if not host:
         return False
     host = host.strip("[]").lower()
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    if host == "localhost":
+        return True
+    try:  # an address, not a name that merely starts like one ("127.0.0.1.evil.example")
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_redirect_uri(uri: str) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import Running
 from mcp_server import McpUpstream
-from oauth_support import authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce, register
+from oauth_support import CALLBACK, authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce, register
 from oauth_support import start_sidecar as start
 from pg_support import pg_dsn, pg_server
 from test_oauth_refusals import ACCEPT, PERMS, Clock, call, tokens
@@ -376,3 +376,36 @@ async def test_a_refresh_on_a_replica_that_has_not_polled_the_grant_yet(
     status, second = await refresh(b, client, first["refresh_token"])
     assert status == 200, second
     assert (await call(b, second["access_token"])).status == 200
+
+
+async def test_the_ssrf_guard_holds_for_every_spelling_of_an_internal_address(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> None:
+    """A hex IPv4 form resolves to loopback through the resolver; IPv4 carried in
+    IPv6 (NAT64, 6to4, SIIT) is judged as the address it reaches: all refused as private."""
+    from test_oauth_cimd import gateway, refusal
+    from tlscerts import make_tls
+
+    gw = await gateway(aiohttp_client, upstream, tmp_path, started, make_tls(tmp_path), [])
+    for target in ("https://0x7f.1/c.json", "https://[64:ff9b::a9fe:a9fe]/latest", "https://[2002:a00:1::1]/c.json",
+                   "https://[::ffff:0:a00:1]/c.json", "https://[::a00:1]/c.json"):  # fmt: skip
+        assert "private" in await refusal(gw, target), target
+
+
+@pytest.mark.parametrize(
+    "uris",
+    [
+        [f"https://x.example/cb{i}" for i in range(11)],
+        ["com.example.app:/cb"],
+        ["http://localhost.evil.example/cb"],
+        ["http://127.0.0.1.evil.example/cb"],
+        ["data:text/html,hi"],
+        ["https:///cb"],
+        ["https:evil.example/cb"],
+        [CALLBACK + "#"],
+    ],
+)
+async def test_registration_refuses_more_redirect_uri_tricks(gw: Running, uris: list[str]) -> None:
+    r = await gw.proxy.post("/oauth/register", json={"redirect_uris": uris})
+    assert r.status == 400 and (await r.json())["error"] == "invalid_redirect_uri", uris
+    assert await gw.sc.store.oauth_clients() == []
