@@ -90,6 +90,11 @@ class Gate:
         q.append(now)
         return True
 
+    def full(self, ip: str) -> bool:
+        """Would ``allow`` refuse now? (Records nothing.)"""
+        q = self._seen.get(throttle_bucket(ip))
+        return q is not None and len(q) >= self.limit and q[0] > self.clock() - 60
+
 
 class OAuthServer:
     def __init__(self, sc: OAuthHost) -> None:
@@ -112,6 +117,7 @@ class OAuthServer:
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
         self.fetch_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # client metadata documents fetched
+        self.secret_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # failed client authentications
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)

@@ -110,8 +110,14 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
         if e.error == "slow_down":
             raise TokenError("slow_down", e.description, 429) from None
         raise TokenError("invalid_client", e.description, 401) from None
-    if not client.secret_ok(secret):
-        raise TokenError("invalid_client", "client authentication failed", 401)
+    if client.confidential:  # a configured secret may be weak: failures are throttled per address, and a
+        # throttled address is refused before the check, so even the right secret cannot confirm a guess
+        ip = server.client_ip(request)
+        if server.secret_gate.full(ip):
+            raise TokenError("slow_down", "too many failed client authentications; try again in a minute", 429)
+        if not client.secret_ok(secret):
+            server.secret_gate.allow(ip)
+            raise TokenError("invalid_client", "client authentication failed", 401)
     return client
 
 

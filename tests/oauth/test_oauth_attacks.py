@@ -409,3 +409,50 @@ async def test_registration_refuses_more_redirect_uri_tricks(gw: Running, uris: 
     r = await gw.proxy.post("/oauth/register", json={"redirect_uris": uris})
     assert r.status == 400 and (await r.json())["error"] == "invalid_redirect_uri", uris
     assert await gw.sc.store.oauth_clients() == []
+
+
+async def test_codes_and_refresh_tokens_end_with_their_ttl(gw: Running, clock: Clock) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client)
+    clock.now += gw.config.oauth.code_ttl + 1
+    status, answer = await exchange(gw, client, code, verifier)
+    assert status == 400 and answer["error"] == "invalid_grant" and "expired" in answer["error_description"]
+    assert await children(gw) == []
+    client, first = await tokens(gw, key)
+    clock.now += gw.config.oauth.refresh_token_ttl + 1
+    status, answer = await refresh(gw, client, first["refresh_token"])
+    assert status == 400 and answer["error"] == "invalid_grant"
+
+
+async def test_one_refresh_token_presented_twice_at_once_ends_the_grant(gw: Running) -> None:
+    _, key = await gw.create_key(permissions=PERMS)
+    client, first = await tokens(gw, key)
+    answers = await asyncio.gather(*(refresh(gw, client, first["refresh_token"]) for _ in range(2)))
+    assert sorted(s for s, _ in answers)[-1] == 400 and [s for s, _ in answers].count(200) <= 1, answers
+    for status, answer in answers:
+        if status == 200:
+            r = await call(gw, answer["access_token"])
+            assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
+    assert [c.state(gw.sc.clock()) for c in await children(gw)] == ["revoked"]
+
+
+async def test_a_confidential_clients_secret_cannot_be_guessed_online(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> None:
+    """A configured client's secret comes from the operator's environment and may be weak: failed
+    client authentications are throttled per address, and once throttled even the right secret
+    answers 429 (a 200 there would tell the guesser it was right)."""
+    conf = {"client_id": "conf", "client_secret": "${CONF_SECRET}", "redirect_uris": ["https://app.example/cb"]}
+    cfg = oauth_config(upstream, tmp_path, free_port(), clients=[conf])
+    gw = await start(aiohttp_client, cfg, tmp_path, started, extra_env={"CONF_SECRET": "hunter2"})
+    form = {"grant_type": "refresh_token", "client_id": "conf", "refresh_token": "x"}
+    statuses = []
+    for i in range(31):
+        r = await gw.proxy.post("/oauth/token", data={**form, "client_secret": f"guess{i}"})
+        statuses.append((r.status, (await r.json())["error"]))
+    assert statuses[:30] == [(401, "invalid_client")] * 30 and statuses[30] == (429, "slow_down"), statuses[-2:]
+    r = await gw.proxy.post("/oauth/token", data={**form, "client_secret": "hunter2"})
+    assert r.status == 429 and r.headers["Retry-After"]
+    r = await gw.proxy.post("/oauth/revoke", data={"client_id": "conf", "client_secret": "hunter2", "token": "x"})
+    assert r.status == 429
