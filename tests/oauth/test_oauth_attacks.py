@@ -156,14 +156,17 @@ async def test_consent_refuses_tampered_lifetimes(gw: Running, lifetime: str) ->
     assert back.location.startswith("status:400:") and "choose a lifetime" in back.location, back.location
 
 
-async def test_a_huge_lifetime_is_capped(gw: Running) -> None:
-    _, key = await gw.create_key(permissions=PERMS)
+async def test_a_huge_lifetime_is_capped_and_admin_rights_are_never_granted(gw: Running) -> None:
+    _, key = await gw.create_key(permissions={**PERMS, "admin": "full"})
     client = (await register(gw))["client_id"]
     verifier, challenge = pkce()
     back = await consent(authorize_url(gw, client, challenge), key, lifetime="1e999")
-    status, _ = await exchange(gw, client, back.params["code"], verifier)
+    status, answer = await exchange(gw, client, back.params["code"], verifier)
     (child,) = await children(gw)
     assert status == 200 and child.expires_at <= gw.sc.clock() + gw.config.oauth.max_grant_lifetime
+    assert not child.permissions.admin and not child.permissions.full_admin
+    r = await gw.admin.get("/admin/keys", headers={"Authorization": f"Bearer {answer['access_token']}"})
+    assert r.status == 401
 
 
 @pytest.mark.parametrize("change", ["revoke", "narrow", "other_upstream"])
@@ -197,6 +200,9 @@ async def test_a_revoked_grant_cannot_be_refreshed_or_used(gw: Running) -> None:
     _, key = await gw.create_key(permissions=PERMS)
     client, answer = await tokens(gw, key)
     (grant,) = await children(gw)
+    thief = (await register(gw))["client_id"]  # RFC 7009: another client's revocation does nothing
+    r = await gw.proxy.post("/oauth/revoke", data={"client_id": thief, "token": answer["refresh_token"]})
+    assert r.status == 200 and (await call(gw, answer["access_token"])).status == 200
     r = await gw.admin.delete(f"/admin/oauth/grants/{grant.id}", headers=gw.admin_headers())
     assert r.status == 200
     status, body = await refresh(gw, client, answer["refresh_token"])
