@@ -89,6 +89,16 @@ async def test_a_grant_shrinks_with_its_parent_at_use_and_refresh(gw: Running, c
     assert status == 400 and answer["error"] == "invalid_grant", answer
 
 
+async def test_a_grant_edited_wider_stays_within_its_parent(gw: Running) -> None:
+    """An admin (or a delegated admin key whose reach is wider than the approving key's) edits the
+    grant itself: the client still gets no more than the key that approved it."""
+    _, key = await gw.create_key(permissions=PERMS)
+    _, first = await tokens(gw, key)
+    (grant,) = await children(gw)
+    await narrow(gw, grant.id, {"upstreams": ["*"]})
+    assert await listed_tools(gw, first["access_token"]) == {"search", "fetch"}  # not delete_everything
+
+
 async def test_a_code_replayed_while_its_first_exchange_runs_still_revokes_the_grant(gw: Running) -> None:
     """Two exchanges of one code at once. One of the two stole it, so the replay must revoke the
     grant even when it is seen before the first exchange has written the grant (argon2 runs
