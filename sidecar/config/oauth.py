@@ -9,6 +9,7 @@ the checks that need the rest of the file (upstream ids, store kind).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -30,17 +31,26 @@ def loopback_host(host: str | None) -> bool:
     if not host:
         return False
     host = host.strip("[]").lower()
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    if host == "localhost":
+        return True
+    try:  # an address, not a name that merely starts like one ("127.0.0.1.evil.example")
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_redirect_uri(uri: str) -> str | None:
-    """Why ``uri`` may not be a redirect URI, or None: https, or http on loopback; no fragment."""
+    """Why ``uri`` may not be a redirect URI, or None: https, or http on loopback; no fragment, no userinfo."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return f"{uri!r} is not a URL"
+    if not uri.isprintable():  # urlsplit drops tabs and newlines; Postgres cannot store NUL
+        return f"{uri!r}: a redirect URI must not contain control characters"
     if parts.fragment or "#" in uri:
         return f"{uri!r}: a redirect URI must not have a fragment"
+    if "@" in parts.netloc:  # "https://claude.ai@evil.example/": the consent page must show the real host
+        return f"{uri!r}: a redirect URI must not carry user information"
     if parts.scheme == "https" and parts.hostname:
         return None
     if parts.scheme == "http" and loopback_host(parts.hostname):

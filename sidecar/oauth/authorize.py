@@ -55,18 +55,23 @@ class _Redirect(Exception):
         self.error, self.description = error, description
 
 
+def _location(server: OAuthServer, redirect_uri: str, params: dict[str, str]) -> str:
+    sep = "&" if "?" in redirect_uri else "?"
+    return redirect_uri + sep + urlencode({**params, "iss": server.issuer})
+
+
 def _back(server: OAuthServer, redirect_uri: str, params: dict[str, str]) -> web.Response:
     """303 to the client's redirect URI with ``params`` plus ``iss`` (RFC 9207)."""
-    sep = "&" if "?" in redirect_uri else "?"
-    location = redirect_uri + sep + urlencode({**params, "iss": server.issuer})
-    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+    return web.Response(status=303, headers={"Location": _location(server, redirect_uri, params),
+                                             "Cache-Control": "no-store"})  # fmt: skip
 
 
-async def _client_and_redirect(server: OAuthServer, q: Any) -> tuple[Client, str]:
+async def _client_and_redirect(server: OAuthServer, request: web.Request) -> tuple[Client, str]:
+    q = request.query
     try:
-        client = await server.clients.get(q.get("client_id") or "")
+        client = await server.clients.get(q.get("client_id") or "", server.may_fetch(request))
     except ClientError as e:
-        raise _Page(f"unknown or unusable client: {e.description}") from None
+        raise _Page(f"unknown or unusable client: {e.description}", 429 if e.error == "slow_down" else 400) from None
     redirect_uri = q.get("redirect_uri")
     if redirect_uri is None and len(client.redirect_uris) == 1:
         redirect_uri = client.redirect_uris[0]
@@ -77,7 +82,9 @@ async def _client_and_redirect(server: OAuthServer, q: Any) -> tuple[Client, str
 
 
 class _Page(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _resource(server: OAuthServer, value: str | None) -> str:
@@ -97,13 +104,13 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
         if len(q.getall(name)) > 1:
             return error_page(f"{name} given twice")
     try:
-        client, redirect_uri = await _client_and_redirect(server, q)
+        client, redirect_uri = await _client_and_redirect(server, request)
     except _Page as e:
-        return error_page(str(e))
+        return error_page(str(e), e.status)
     state = q.get("state")
     back = {"state": state} if state is not None else {}
-    if state is not None and len(state) > MAX_STATE:
-        return error_page("state is too long")
+    if state is not None and (len(state) > MAX_STATE or not state.isprintable()):
+        return error_page("state is too long or has control characters")
     try:
         if q.get("response_type") != "code":
             raise _Redirect("unsupported_response_type", "only response_type=code")
@@ -112,7 +119,12 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
             raise _Redirect("invalid_request", "PKCE with code_challenge_method=S256 is required")
         upstream_id = _resource(server, q.get("resource"))
     except _Redirect as e:
-        return _back(server, redirect_uri, {"error": e.error, "error_description": e.description, **back})
+        params = {"error": e.error, "error_description": e.description, **back}
+        if client.kind != "configured":  # RFC 9700 §4.11.2: anyone can register a redirect URI, so an
+            # error found before anyone has seen the request is a page with a link, never an automatic
+            # redirect (which would make this server an open redirector for phishing links)
+            return error_page(e.description, back_to=_location(server, redirect_uri, params))
+        return _back(server, redirect_uri, params)
     if not server.gate.allow(server.client_ip(request)):
         return error_page("too many authorization requests from this address; try again in a minute", 429)
     request_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -171,7 +183,10 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
         return error_page("this authorization request has expired or was already answered; start again")
     cookie = request.cookies.get(COOKIE, "")
     if not (
-        csrf and cookie and hmac.compare_digest(csrf, cookie) and hmac.compare_digest(digest(csrf), row.data["csrf"])
+        csrf
+        and cookie
+        and hmac.compare_digest(csrf.encode(), cookie.encode())  # bytes: str must be ASCII
+        and hmac.compare_digest(digest(csrf), row.data["csrf"])
     ):
         return error_page("the form did not come from this page (CSRF check failed)", 403)
     data = dict(row.data)

@@ -119,15 +119,17 @@ class ClientRegistry:
         self._documents: dict[str, tuple[float, Client]] = {}  # URL -> (fetched at, client)
         self._allowed = frozenset(h.lower().strip("[]") for h in config.cimd.allowed_hosts)
 
-    async def get(self, client_id: str) -> Client:
-        """The client, or ``ClientError("invalid_client")``."""
-        if not client_id or len(client_id) > 2048:
+    async def get(self, client_id: str, fetch_ok: Callable[[], bool] | None = None) -> Client:
+        """The client, or ``ClientError("invalid_client")``. ``fetch_ok``: asked before a metadata
+        document is fetched (not for one cached), so an anonymous caller's fetches are bounded
+        (``ClientError("slow_down")``): each is an outbound request whose outcome the error tells."""
+        if not client_id or len(client_id) > 2048 or not client_id.isprintable():  # NUL: Postgres cannot even compare
             raise ClientError("invalid_client", "unknown client")
         found = self._configured.get(client_id)
         if found is not None:
             return found
         if client_id.startswith("https://"):
-            return await self._document(client_id)
+            return await self._document(client_id, fetch_ok)
         if client_id.startswith("http://"):
             raise ClientError("invalid_client", "a client metadata document's URL must be https")
         data = await self.store.oauth_client(client_id)
@@ -136,7 +138,7 @@ class ClientRegistry:
         return Client(data["client_id"], data.get("client_name") or "", tuple(data["redirect_uris"]), "registered",
                       data.get("secret_hash"), data.get("created_at"))  # fmt: skip
 
-    async def _document(self, url: str) -> Client:
+    async def _document(self, url: str, fetch_ok: Callable[[], bool] | None) -> Client:
         cimd = self.config.cimd
         if not cimd.enabled:
             raise ClientError("invalid_client", "client metadata documents are not accepted here")
@@ -144,6 +146,8 @@ class ClientRegistry:
         cached = self._documents.get(url)
         if cached is not None and now - cached[0] < cimd.cache_ttl:
             return cached[1]
+        if fetch_ok is not None and not fetch_ok():
+            raise ClientError("slow_down", "too many client metadata documents fetched from this address; try again")
         try:
             doc = await fetch_document(url, allowed_hosts=self._allowed, time_limit=cimd.timeout,
                                        max_bytes=cimd.max_bytes, ca_file=cimd.tls_ca_file)  # fmt: skip
@@ -213,5 +217,7 @@ class ClientRegistry:
         """Forget a registered client (or a cached metadata document); configured ones live in the file."""
         if client_id in self._configured:
             raise ClientError("invalid_request", "a client from the config file is removed by editing the file")
+        if not client_id.isprintable():
+            return False  # never stored (``get`` refuses it): nothing to remove
         cached = self._documents.pop(client_id, None)
         return await self.store.oauth_delete_client(client_id) or cached is not None

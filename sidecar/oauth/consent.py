@@ -52,9 +52,14 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def error_page(message: str, status: int = 400) -> web.Response:
-    """An authorization request that cannot be answered at its redirect URI (RFC 6749 §4.1.2.1)."""
+def error_page(message: str, status: int = 400, back_to: str | None = None) -> web.Response:
+    """An authorization request that cannot be answered at its redirect URI (RFC 6749 §4.1.2.1), or
+    whose error goes back to a client not vouched for: then only by a link the person follows."""
     body = f"<h1>This authorization request cannot continue</h1><p class=err>{escape(message)}</p>"
+    if back_to is not None:
+        host = escape(urlsplit(back_to).netloc)
+        link = f'<a id=back href="{escape(back_to)}">Return to {host}</a>'
+        body += f"<p>The application that sent you here is at <b>{host}</b>. {link}</p>"
     return web.Response(text=_page("Authorization error", body), status=status, content_type="text/html",
                         headers=_headers("'none'"))  # fmt: skip
 

@@ -5,7 +5,8 @@ is an outbound request an attacker controls. Guard rails:
 
 - https only; no credentials in the URL; no redirects followed.
 - Every address the name resolves to must be globally routable (no private, loopback,
-  link-local, shared, multicast or reserved range; IPv4-mapped IPv6 judged as IPv4) —
+  link-local, shared, multicast or reserved range; IPv4 carried in IPv6 (mapped, NAT64, SIIT,
+  6to4) judged as that IPv4 address; IPv4-compatible, local-use NAT64 and site-local refused) —
   unless the host is on ``oauth.cimd.allowed_hosts``. The check runs inside aiohttp's
   resolver, on the very addresses the connection then uses, so a name that resolves to
   a public address for the check and a private one for the connect (DNS rebinding)
@@ -39,9 +40,31 @@ def public_address(ip: str) -> bool:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if any(addr in net for net in _REFUSED_V6):
+            return False
+        addr = _embedded_ipv4(addr) or addr
     return addr.is_global and not addr.is_multicast
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: reaches the IPv4 address it carries
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 6145 IPv4-translated
+_REFUSED_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96",  # IPv4-compatible (deprecated), ::1 and :: too
+    "64:ff9b:1::/48",  # RFC 8215 local-use NAT64: the embedding is the network's choice
+    "fec0::/10",  # site-local (deprecated, still routed in places)
+))  # fmt: skip
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches (mapped, NAT64, SIIT, 6to4); None for a plain one."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64 or addr in _SIIT:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
 
 
 class GuardedResolver(AbstractResolver):

@@ -12,6 +12,7 @@ ends it with its parent. Revoking one (``revoke``) goes through ``KeyManager.rev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GRANTS_FULL",
     "GrantError",
+    "allowed_now",
     "child_permissions",
     "create_grant",
     "grants_of",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 
+MAX_TOOLS = 500  # tool names one grant may name
 GRANTS_FULL = "that API key has reached its number of OAuth grants; revoke one first"
 
 
@@ -54,6 +57,8 @@ def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...
 
     ``GrantError`` when a tool is not within the parent's own (``glob_covered``: sound, never wider)."""
     p = parent.permissions
+    if len(tools) > MAX_TOOLS or not all(t.isprintable() and len(t) <= 200 for t in tools):
+        raise GrantError(f"at most {MAX_TOOLS} tool names, each printable text")
     if "*" not in p.upstreams and upstream_id not in p.upstreams:
         raise GrantError(f"this API key may not use {upstream_id!r}")
     own = {kind: mcp_globs(p, upstream_id, kind) for kind in MCP_KINDS}
@@ -71,6 +76,38 @@ def child_permissions(parent: KeyRecord, upstream_id: str, tools: tuple[str, ...
         upstreams=(upstream_id,), methods=p.methods, paths=p.paths,
         tools=tables["tools"], resources=tables["resources"], prompts=tables["prompts"],
     )  # fmt: skip
+
+
+def _both(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    """Globs within both lists (sound, not complete: a glob only partly covered is dropped)."""
+    return tuple(dict.fromkeys([g for g in a if any(glob_covered(g, h) for h in b)]
+                               + [h for h in b if any(glob_covered(h, g) for g in a)]))  # fmt: skip
+
+
+def allowed_now(grant: KeyRecord, parent: KeyRecord) -> KeyRecord:
+    """The grant as its parent allows it *now*: its permissions as written, intersected with the
+    parent's current ones on the grant's resource, and the parent's current upstream identity.
+
+    A grant is a snapshot made at the code exchange; the parent may be narrowed later (a tool, a
+    path, the upstream taken away). The grant must never be wider than its parent, so every use
+    and every refresh sees this intersection. Nothing in common: no upstream at all (403)."""
+    up, g, p = str(grant.grant.get("resource") or ""), grant.permissions, parent.permissions
+    nothing = dataclasses.replace(grant, permissions=Permissions(upstreams=()))
+    if not up or not all("*" in x.upstreams or up in x.upstreams for x in (g, p)):
+        return nothing
+    methods = tuple(m for m in g.methods if m in p.methods) if g.methods and p.methods else g.methods or p.methods
+    paths = _both(g.paths, p.paths) if g.paths and p.paths else g.paths or p.paths
+    if (g.methods and not methods) or (g.paths and not paths):  # nothing in common: empty would mean "all"
+        return nothing
+    globs: dict[str, tuple[str, ...] | None] = {}
+    for kind in MCP_KINDS:
+        mine_g, theirs_g = mcp_globs(g, up, kind), mcp_globs(p, up, kind)
+        globs[kind] = theirs_g if mine_g is None else mine_g if theirs_g is None else _both(mine_g, theirs_g)
+    limited = any(v is not None for v in globs.values())
+    tables = {k: ({up: v if v is not None else ("*",)} if limited else {}) for k, v in globs.items()}
+    perms = Permissions(upstreams=(up,), methods=methods, paths=paths, tools=tables["tools"],
+                        resources=tables["resources"], prompts=tables["prompts"])  # fmt: skip
+    return dataclasses.replace(grant, permissions=perms, upstream_token_env=parent.upstream_token_env)
 
 
 async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mapping[str, Any], now: float) -> KeyRecord:

@@ -20,6 +20,7 @@ here instead, small and with every check visible.
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
 from ..store import StoreError
 from ..store.base import OAuthToken
 from .clients import ClientRegistry
+from .grants import allowed_now
 from .metadata import (
     AS_WELL_KNOWN,
     ENDPOINTS,
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from .host import OAuthHost
 
 __all__ = ["OAuthServer", "oauth_error"]
+
+log = logging.getLogger("sidecar.oauth")
 
 MAX_CACHED_TOKENS = 100_000
 # Unauthenticated writes (authorization requests, registrations) per client address per minute.
@@ -86,6 +90,11 @@ class Gate:
         q.append(now)
         return True
 
+    def full(self, ip: str) -> bool:
+        """Would ``allow`` refuse now? (Records nothing.)"""
+        q = self._seen.get(throttle_bucket(ip))
+        return q is not None and len(q) >= self.limit and q[0] > self.clock() - 60
+
 
 class OAuthServer:
     def __init__(self, sc: OAuthHost) -> None:
@@ -104,8 +113,11 @@ class OAuthServer:
         self.clients = ClientRegistry(self.config, sc.store, clock=sc.clock)
         self._metadata = json.dumps(server_metadata(self.config, self.issuer)).encode()
         self._access: dict[str, OAuthToken] = {}  # digest -> access token row, once seen
+        self._narrowed: dict[str, tuple[KeyRecord, KeyRecord, KeyRecord]] = {}  # grant id -> (grant, parent, now)
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
+        self.fetch_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # client metadata documents fetched
+        self.secret_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # failed client authentications
         routes: dict[str, dict[str, Handler]] = {AS_WELL_KNOWN: {"GET": self._server_metadata}}
         for up in self.protected.values():
             path = PRM_WELL_KNOWN + ("" if up.path_prefix == "/" else up.path_prefix)
@@ -150,8 +162,10 @@ class OAuthServer:
             return oauth_error("invalid_request", f"use {allow}", 405, {"Allow": allow})
         try:
             return await handler(request)
-        except StoreError as e:
-            return oauth_error("temporarily_unavailable", str(e), 503, {"Retry-After": "1"})
+        except StoreError as e:  # the detail names the database: for the log, not for anonymous clients
+            log.warning("OAuth endpoint %s: the store failed: %s", request.path, e)
+            return oauth_error("temporarily_unavailable", "the store is unavailable; try again", 503,
+                               {"Retry-After": "1"})  # fmt: skip
 
     async def _server_metadata(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self._metadata, content_type="application/json", headers=_PUBLIC)
@@ -169,6 +183,10 @@ class OAuthServer:
 
     def client_ip(self, request: web.Request) -> str:
         return client_ip(request, self.sc.trusted_proxies)
+
+    def may_fetch(self, request: web.Request) -> Callable[[], bool]:
+        """For ``ClientRegistry.get``: may this caller have one more metadata document fetched?"""
+        return lambda: self.fetch_gate.allow(self.client_ip(request))
 
     def claims(self, value: str) -> bool:
         """Does the credential look like one of this server's tokens (prefix test only)?"""
@@ -199,7 +217,8 @@ class OAuthServer:
             try:
                 tok = await self.sc.store.oauth_get(d)
             except StoreError as e:
-                raise ServiceUnavailable(f"the token store is unavailable: {e}") from None
+                log.warning("access token lookup: the store failed: %s", e)
+                raise ServiceUnavailable("the token store is unavailable") from None
             if tok is None or tok.kind != ACCESS:
                 raise verifier._refuse(bucket, verifier.steady(), InvalidKey("unknown access token", headers))
             if len(self._access) >= MAX_CACHED_TOKENS:
@@ -210,11 +229,7 @@ class OAuthServer:
             raise InvalidKey("this access token was issued for another resource", headers)
         if tok.expires_at <= now:
             raise ExpiredKey("this access token has expired", headers)
-        record = verifier.table.get(tok.key_id)
-        if record is None:  # a fleet: a grant another replica made since this one's last poll (as for keys)
-            record = await verifier._lookup(tok.key_id)
-            if record is not None and record.parent_id is not None and record.parent_id not in verifier.table:
-                await verifier._lookup(record.parent_id)
+        record = await self.grant_record(tok.key_id)
         if record is None:
             raise RevokedKey("this access token's grant has been revoked", headers)
         state = verifier.state(record, now)
@@ -222,7 +237,33 @@ class OAuthServer:
             raise RevokedKey("this access token's grant has been revoked", headers)
         if state == "expired":
             raise ExpiredKey("this access token's grant has expired", headers)
+        return self.allowed_now(record)
+
+    async def grant_record(self, key_id: str) -> KeyRecord | None:
+        """The grant from the verifier's table, or (a fleet: a grant another replica made since this
+        one's last poll, as for keys) from the store, with its parent."""
+        verifier = self.sc.verifier
+        record = verifier.table.get(key_id)
+        if record is None:
+            record = await verifier._lookup(key_id)
+            if record is not None and record.parent_id is not None and record.parent_id not in verifier.table:
+                await verifier._lookup(record.parent_id)
         return record
+
+    def allowed_now(self, grant: KeyRecord) -> KeyRecord:
+        """The grant narrowed to what its parent allows now (``grants.allowed_now``), recomputed only
+        when the grant's or the parent's record changes: one dict lookup and two identity tests."""
+        parent = self.sc.verifier.table.get(grant.parent_id or "")
+        if parent is None:  # not an OAuth grant, or its parent is gone (then ``state`` says revoked)
+            return grant
+        hit = self._narrowed.get(grant.id)
+        if hit is not None and hit[0] is grant and hit[1] is parent:
+            return hit[2]
+        if len(self._narrowed) >= MAX_CACHED_TOKENS:
+            self._narrowed.clear()
+        now = allowed_now(grant, parent)
+        self._narrowed[grant.id] = (grant, parent, now)
+        return now
 
     def remember(self, token: OAuthToken) -> None:
         """A freshly issued access token goes straight into the hot path's table."""

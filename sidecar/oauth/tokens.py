@@ -25,6 +25,7 @@ from aiohttp import web
 from authlib.oauth2.rfc7636.challenge import CODE_VERIFIER_PATTERN, create_s256_code_challenge  # type: ignore[import-untyped]
 from multidict import MultiDictProxy
 
+from ..store import StoreError
 from ..store.base import OAuthToken
 from .clients import Client, ClientError
 from .grants import GrantError, create_grant, revoke_grant
@@ -104,11 +105,19 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
     if not client_id:
         raise TokenError("invalid_client", "client_id is required", 401)
     try:
-        client = await server.clients.get(client_id)
+        client = await server.clients.get(client_id, server.may_fetch(request))
     except ClientError as e:
+        if e.error == "slow_down":
+            raise TokenError("slow_down", e.description, 429) from None
         raise TokenError("invalid_client", e.description, 401) from None
-    if not client.secret_ok(secret):
-        raise TokenError("invalid_client", "client authentication failed", 401)
+    if client.confidential:  # a configured secret may be weak: failures are throttled per address, and a
+        # throttled address is refused before the check, so even the right secret cannot confirm a guess
+        ip = server.client_ip(request)
+        if server.secret_gate.full(ip):
+            raise TokenError("slow_down", "too many failed client authentications; try again in a minute", 429)
+        if not client.secret_ok(secret):
+            server.secret_gate.allow(ip)
+            raise TokenError("invalid_client", "client authentication failed", 401)
     return client
 
 
@@ -131,17 +140,39 @@ async def _issue(
             "refresh_token": refresh, "scope": SCOPE}  # fmt: skip
 
 
-async def _held_by(server: OAuthServer, d: str, kind: str, client: Client) -> None:
-    """Refuse a code or refresh token of another client *before* it is marked used: otherwise
-    whoever saw one could burn it, and the rightful client's next use would look like a replay."""
+async def _held_by(server: OAuthServer, form: MultiDictProxy[str], d: str, kind: str, client: Client) -> None:
+    """Refuse a code or refresh token of another client, or for another resource, *before* it is
+    marked used: otherwise whoever saw one (or a client's own mistake) could burn it, and the
+    rightful client's next use would look like a replay and revoke the grant."""
     row = await server.sc.store.oauth_get(d)
     if row is None or row.kind != kind or row.client_id != client.client_id:
         raise TokenError("invalid_grant", f"unknown {'authorization code' if kind == CODE else 'refresh token'}")
+    _resource_ok(server, form, row.resource)
 
 
 async def _revoke_for_replay(server: OAuthServer, key_id: str, why: str) -> None:
     if await server.sc.store.get(key_id) is not None:
         await revoke_grant(server.sc, key_id, f"oauth:{why}")
+
+
+def _replayed(code_row: OAuthToken) -> str:
+    """Where a code's replay is noted: the exchange that won reads it after writing its grant."""
+    return code_row.digest + ":replayed"
+
+
+async def _note_replay(server: OAuthServer, row: OAuthToken) -> None:
+    """A replay seen while the first exchange may still be writing its grant (argon2 runs first):
+    note it, then revoke the grant if it exists. The first exchange writes its grant, then reads the
+    note. One of the two always sees the other's write, so the grant never survives a replay."""
+    store = server.sc.store
+    if await store.oauth_get(_replayed(row)) is None:
+        try:
+            await store.oauth_save(OAuthToken(_replayed(row), "replay", row.key_id, row.client_id, row.resource,
+                                              row.expires_at + 86400))  # fmt: skip
+        except StoreError:
+            if await store.oauth_get(_replayed(row)) is None:  # not a concurrent replay's note: a failure
+                raise
+    await _revoke_for_replay(server, row.key_id, "code_replayed")
 
 
 def _resource_ok(server: OAuthServer, form: MultiDictProxy[str], upstream_id: str) -> None:
@@ -155,12 +186,12 @@ async def _authorization_code(server: OAuthServer, client: Client, form: MultiDi
     if not parse(server.prefix, code, CODE):
         raise TokenError("invalid_grant", "unknown authorization code")
     now = server.sc.clock()
-    await _held_by(server, digest(code), CODE, client)
+    await _held_by(server, form, digest(code), CODE, client)
     row = await server.sc.store.oauth_use(digest(code), now)
     if row is None or row.kind != CODE:
         raise TokenError("invalid_grant", "unknown authorization code")
     if row.used_at is not None:
-        await _revoke_for_replay(server, row.key_id, "code_replayed")
+        await _note_replay(server, row)
         raise TokenError("invalid_grant", "authorization code already used; its grant has been revoked")
     if row.expires_at <= now:
         raise TokenError("invalid_grant", "authorization code expired")
@@ -172,11 +203,13 @@ async def _authorization_code(server: OAuthServer, client: Client, form: MultiDi
         create_s256_code_challenge(verifier), str(row.data.get("code_challenge"))
     ):
         raise TokenError("invalid_grant", "PKCE verification failed")
-    _resource_ok(server, form, row.resource)
     try:
         grant = await create_grant(server.sc, row.key_id, str(row.data["parent_id"]), row.data, now)
     except GrantError as e:
         raise TokenError("invalid_grant", str(e)) from None
+    if await server.sc.store.oauth_get(_replayed(row)) is not None:  # replayed while the grant was written
+        await revoke_grant(server.sc, grant.id, "oauth:code_replayed")
+        raise TokenError("invalid_grant", "authorization code already used; its grant has been revoked")
     return await _issue(server, grant.id, client, row.resource, grant.expires_at)
 
 
@@ -185,7 +218,7 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
     if not parse(server.prefix, value, REFRESH):
         raise TokenError("invalid_grant", "unknown refresh token")
     now = server.sc.clock()
-    await _held_by(server, digest(value), REFRESH, client)
+    await _held_by(server, form, digest(value), REFRESH, client)
     row = await server.sc.store.oauth_use(digest(value), now)
     if row is None or row.kind != REFRESH or row.client_id != client.client_id:
         raise TokenError("invalid_grant", "unknown refresh token")
@@ -194,12 +227,19 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
         raise TokenError("invalid_grant", "refresh token already used; the grant has been revoked")
     if row.expires_at <= now:
         raise TokenError("invalid_grant", "refresh token expired")
-    _resource_ok(server, form, row.resource)
     verifier = server.sc.verifier
-    record = verifier.table.get(row.key_id)
+    record = await server.grant_record(row.key_id)  # made on another replica since this one's poll?
     if record is None or verifier.state(record, now) != "active":
         raise TokenError("invalid_grant", "the grant has been revoked or has expired")
+    if not server.allowed_now(record).permissions.upstreams:  # the approving key lost the resource since
+        raise TokenError("invalid_grant", "the API key that approved this grant may no longer use its resource")
     return await _issue(server, record.id, client, row.resource, record.expires_at)
+
+
+def _error_headers(e: TokenError) -> dict[str, str] | None:
+    if e.status == 401:
+        return {"WWW-Authenticate": 'Basic realm="sidecar"'}
+    return {"Retry-After": "60"} if e.status == 429 else None
 
 
 async def token(server: OAuthServer, request: web.Request) -> web.StreamResponse:
@@ -214,8 +254,7 @@ async def token(server: OAuthServer, request: web.Request) -> web.StreamResponse
         else:
             raise TokenError("unsupported_grant_type", "authorization_code or refresh_token")
     except TokenError as e:
-        headers = {"WWW-Authenticate": 'Basic realm="sidecar"'} if e.status == 401 else None
-        return oauth_error(e.error, e.description, e.status, headers)
+        return oauth_error(e.error, e.description, e.status, _error_headers(e))
     return web.json_response(answer, headers={**NO_STORE, "Access-Control-Allow-Origin": "*"})
 
 
@@ -224,7 +263,7 @@ async def revoke(server: OAuthServer, request: web.Request) -> web.StreamRespons
         form = await read_form(request)
         client = await _client(server, request, form)
     except TokenError as e:
-        return oauth_error(e.error, e.description, e.status)
+        return oauth_error(e.error, e.description, e.status, _error_headers(e))
     value = form.get("token") or ""
     kind = token_kind(server.prefix, value)
     if kind in (ACCESS, REFRESH) and parse(server.prefix, value, kind):

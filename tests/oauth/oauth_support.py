@@ -70,7 +70,7 @@ class Redirect:
 _HIDDEN = re.compile(r'name=(request_id|csrf) value="([^"]+)"')
 
 
-async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime: int = 86400,
+async def consent(authorize_url: str, api_key: str, *, tools: str = "", lifetime: int | str = 86400,
                   decision: str = "allow", pages: list[str] | None = None) -> Redirect:  # fmt: skip
     """Open the consent page like a browser and go through its two steps (key, then tools); the
     redirect back to the client, or ``status:<code>:<page>`` where it stopped. ``tools`` "" ticks

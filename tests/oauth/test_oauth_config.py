@@ -26,6 +26,9 @@ def problems(oauth: dict[str, Any], **top: Any) -> list[str]:
         ({"enabled": True}, {}, "oauth.public_url: required when oauth is enabled (or set server.public_url)"),
         ({"enabled": True, "public_url": "http://mcp.example.com"}, {},
          "oauth.public_url: 'http://mcp.example.com': the issuer must be https (http only on a loopback address)"),
+        ({"enabled": True, "public_url": "http://127.0.0.1.evil.example"}, {},  # a name, not a loopback address
+         "oauth.public_url: 'http://127.0.0.1.evil.example': the issuer must be https "
+         "(http only on a loopback address)"),
         ({"enabled": True, "public_url": "https://x.example/path"}, {}, "oauth.public_url: 'https://x.example/path': "
          "give the origin only (scheme, host and port), no path or query"),
         ({"enabled": True}, {"server": {"public_url": "http://x.example"}},

@@ -32,6 +32,9 @@ INIT = {
 }  # fmt: skip
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 PERMS = {"upstreams": ["*"], "tools": {"tools": ["search", "fetch"], "other": ["search"]}}
+# A client from the config file: errors go back to it by redirect (a registered one gets a page, see
+# test_oauth_attacks.py::test_errors_go_back_to_an_unvouched_client_only_by_a_link).
+CONFIGURED = {"client_id": "conf", "client_name": "Configured", "redirect_uris": [CALLBACK]}
 
 
 class Clock:
@@ -53,7 +56,7 @@ def clock() -> Clock:
 async def gw(
     aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], clock: Clock
 ) -> Running:
-    cfg = oauth_config(upstream, tmp_path, free_port(), access_token_ttl="10m")
+    cfg = oauth_config(upstream, tmp_path, free_port(), access_token_ttl="10m", clients=[CONFIGURED])
     return await start_sidecar(aiohttp_client, cfg, tmp_path, started, clock=clock)
 
 
@@ -83,7 +86,7 @@ async def test_wrong_pkce_verifier_is_refused(gw: Running) -> None:
 
 async def test_plain_pkce_and_missing_pkce_go_back_as_errors(gw: Running) -> None:
     _, key = await gw.create_key(permissions=PERMS)
-    client = (await register(gw))["client_id"]
+    client = "conf"
     v, _ = pkce()
     for params in ({"code_challenge_method": "plain"}, {"code_challenge_method": ""}):
         back = await consent(authorize_url(gw, client, v, **params), key)
@@ -134,7 +137,7 @@ async def test_wrong_resource_is_refused(gw: Running) -> None:
     _, challenge = pkce()
     issuer = gw.config.oauth.public_url
     for resource in ("https://evil.example/mcp/tools", f"{issuer}/mcp", f"{issuer}/mcp/toolsx", f"{issuer}/"):
-        back = await consent(authorize_url(gw, client, challenge, resource=resource), key)
+        back = await consent(authorize_url(gw, "conf", challenge, resource=resource), key)
         assert back.params.get("error") == "invalid_target", (resource, back.location)
     code, verifier = await code_for(gw, key, client)
     status, answer = await exchange(gw, client, code, verifier, resource=f"{issuer}/mcp/other")
