@@ -309,6 +309,10 @@ def create_apps(sc: Sidecar) -> tuple[web.Server, web.Application]:
         request_factory=_request_factory(sc),
         handler_cancellation=True,
         access_log=None,
+        # Request bodies go up as sent (DESIGN: no decompression). aiohttp decoded a gzip body and the
+        # forwarder sent it with the client's Content-Encoding and Content-Length: cut and mislabelled.
+        # The MCP gateway, which must read the JSON, decodes a copy itself (upstreams/mcp/jsonrpc.py).
+        auto_decompress=False,
     )
     admin = create_admin_app(sc)
     if sc.config.console.enabled:

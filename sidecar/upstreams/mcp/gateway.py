@@ -74,6 +74,7 @@ from ...core.scope import RequestScope
 from . import WELL_KNOWN
 from .authz import BodyJudge, McpAccess
 from .discovery import Discovery
+from .encoding import decoded_body
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
 from .legacy import post_legacy
@@ -157,7 +158,7 @@ class McpGateway:
             raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
         url = self._exact_url(upstream, request, url)
         headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
-        headers.popall("Content-Encoding", None)  # aiohttp decoded the body: it goes up as judged, decoded
+        headers.popall("Content-Encoding", None)  # decoded to be judged (encoding.py): it goes up as judged
         if self._cors_origin(request) is not None:
             # The sidecar already vetted this origin; the SDK's DNS-rebinding guard would refuse it.
             headers.popall("Origin", None)
@@ -266,7 +267,8 @@ class McpGateway:
             if limit and size > limit:
                 raise PayloadTooLarge(f"MCP request body over the {limit}-byte limit")
             chunks.append(chunk)
-        return b"".join(chunks)
+        coding = request.headers.getall("Content-Encoding", ())
+        return decoded_body(b"".join(chunks), ", ".join(coding), limit) if coding else b"".join(chunks)
 
     @staticmethod
     def _json(obj: Any, status: int, headers: dict[str, str]) -> web.Response:
