@@ -71,7 +71,7 @@ from ...core.errors import (
     UpstreamUnavailable,
 )
 from ...core.scope import RequestScope
-from . import WELL_KNOWN
+from . import WELL_KNOWN, cors
 from .authz import BodyJudge, McpAccess
 from .discovery import Discovery
 from .encoding import decoded_body
@@ -92,14 +92,6 @@ __all__ = ["REST_PATH", "WELL_KNOWN", "GatewayFilter", "McpGateway", "McpSession
 
 REST_PATH = "/mcp"  # the PlexMCP-style REST tool call, unless an upstream owns this exact prefix
 
-CORS_ALLOW_HEADERS = (
-    "Authorization", "Content-Type", "Accept", "MCP-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID",
-    "Mcp-Method", "Mcp-Name", "x-api-key",
-)  # fmt: skip
-CORS_EXPOSE_HEADERS = (
-    "Mcp-Session-Id", "MCP-Protocol-Version", "WWW-Authenticate", "Retry-After", "RateLimit", "RateLimit-Policy",
-    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-)  # fmt: skip
 _OAUTH_PATHS = ("/.well-known/oauth-", "/.well-known/openid-configuration")
 
 
@@ -216,12 +208,8 @@ class McpGateway:
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """CORS headers on every answer of an MCP route (errors included, so browsers can read them)."""
         origin = self._cors_origin(request)
-        if origin is None or not (self._is_mcp_path(request.path) or request.path.startswith(WELL_KNOWN)):
-            return
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = ", ".join(CORS_EXPOSE_HEADERS)
-        if origin != "*" and "Origin" not in response.headers.getall("Vary", []):
-            response.headers.add("Vary", "Origin")
+        if origin is not None and (self._is_mcp_path(request.path) or request.path.startswith(WELL_KNOWN)):
+            cors.expose(response, origin)
 
     async def close(self) -> None:
         self.judge.close()
@@ -419,14 +407,7 @@ class McpGateway:
     # ------------------------------------------------------------------ CORS
 
     def _cors_origin(self, request: web.Request) -> str | None:
-        """The ``Access-Control-Allow-Origin`` value for this request, or None (CORS off, no or foreign origin)."""
-        cors = self.sc.config.cors
-        origin = request.headers.get("Origin")
-        if not cors.enabled or not origin:
-            return None
-        if "*" in cors.origins:
-            return "*"
-        return origin if origin in cors.origins else None
+        return cors.allowed_origin(self.sc.config.cors, request)
 
     def _is_mcp_path(self, path: str) -> bool:
         if self._rest_enabled and path == REST_PATH:
@@ -443,21 +424,7 @@ class McpGateway:
         )
 
     def _preflight(self, request: web.Request) -> web.Response:
-        origin = self._cors_origin(request)
-        if origin is None:
-            raise Forbidden("this origin may not use the MCP routes (cors.origins)")
-        requested = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
-        allow = list(CORS_ALLOW_HEADERS) + [h for h in requested if h.lower().startswith("mcp-param-")]
-        return web.Response(
-            status=204,
-            headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Allow-Headers": ", ".join(allow),
-                "Access-Control-Max-Age": "600",
-                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-            },
-        )
+        return cors.preflight(self.sc.config.cors, request)
 
     # ------------------------------------------------------------------ REST tool call
 
