@@ -211,6 +211,8 @@ def normalise_query(items: Iterable[tuple[str, str]], client_key: str = "") -> t
     for k, v in items:
         if k.lower() in CREDENTIAL_PARAMS:
             continue
+        if "\0" in v:  # a literal placeholder must not collide with a real key: NULs doubled, the placeholder's is one
+            v = v.replace("\0", "\0\0")
         if client_key and client_key in v:
             v = v.replace(client_key, _KEY_PLACEHOLDER)
         kept.append((k, v))

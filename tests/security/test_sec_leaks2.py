@@ -7,6 +7,7 @@ An echoing Plex-like upstream shows what reached it; each test asserts what a cl
 - a cached answer is keyed by the origin the upstream was told (``X-Forwarded-Host``):
   one client's ``Host`` cannot poison what another client gets (links to an attacker's
   host, followed with that client's key);
+- a query value that spells the cache's key placeholder shares no entry with a real key;
 - a background refresh (stale-while-revalidate) never stores what a fresh answer would
   refuse (a transfer coding the scrubber cannot see through).
 """
@@ -64,6 +65,7 @@ def echo_upstream() -> web.Application:
         return web.Response(text=body, content_type="text/xml", headers={"Cache-Control": "max-age=60"})
 
     app.router.add_get("/echo", echo)
+    app.router.add_get("/cached-echo", echo)
     app.router.add_get("/ws", ws)
     app.router.add_get("/links", links)
     return app
@@ -77,6 +79,7 @@ async def rig(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) ->
     up: TestServer = await aiohttp_server(echo_upstream())
     rules = [
         {"upstream": "plex", "path": "/links", "ttl": "60s"},
+        {"upstream": "plex", "path": "/cached-echo", "ttl": "60s"},
     ]
     cfg = base_config(str(up.make_url("")).rstrip("/"), tmp_path, cache={"max_bytes": "1MiB", "rules": rules})
     run = await make_sidecar(cfg)
@@ -136,6 +139,19 @@ async def test_one_clients_host_does_not_poison_the_cached_answer_of_another(rig
         assert resp.status == 200
         assert b"attacker.example" not in body, (resp.headers.get("X-Cache-Status"), body)
         assert victim.encode() in body and TOKEN not in body
+
+
+async def test_a_literal_key_placeholder_does_not_share_an_entry_with_a_real_key(rig: Rig) -> None:
+    """The cache keys "the client's key inside a value" by a placeholder; a value that *is* that
+    placeholder (``%00key``) is forwarded as it is, so its answer must not become the entry for
+    requests that carry a real key there (those are forwarded without the parameter)."""
+    run, _, key = rig
+    _, victim = await run.create_key(permissions={"admin": True})
+    evil = await run.proxy.get("/cached-echo?foo=%00key", headers={"X-Plex-Token": key})
+    assert evil.status == 200 and evil.headers["X-Cache-Status"] == "MISS"
+    resp = await run.proxy.get(f"/cached-echo?foo={victim}", headers={"X-Plex-Token": victim})
+    body = json.loads(await resp.read())
+    assert resp.headers["X-Cache-Status"] == "MISS" and body["query"] == []
 
 
 async def test_a_background_refresh_never_stores_what_cannot_be_scrubbed(
