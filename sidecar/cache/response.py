@@ -373,11 +373,10 @@ class ResponseCache(EntryStore):
         try:
             async with asyncio.timeout(upstream.read_timeout):
                 async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                    if "Transfer-Encoding" in resp.headers:  # e.g. ``gzip, chunked``: opaque bytes, as for a fill
-                        try:
-                            ScrubFilter.check_framing(resp.headers)
-                        except Unscrubbable:
-                            return  # keep serving the stale copy until it runs out; nothing unscrubbable stored
+                    try:  # ``Transfer-Encoding: gzip, chunked`` is opaque bytes: refused on a fill, never stored here
+                        ScrubFilter.check_framing(resp.headers)
+                    except Unscrubbable:
+                        return  # the stale copy stays until it runs out
                     out = CIMultiDict((k, as_sent(v)) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
                     verdict = storable(resp.status, out, rule, now=self.clock())
                     if verdict is None:
