@@ -180,6 +180,11 @@ def strip_credential(
     """
     for name in CLIENT_CREDENTIAL_HEADERS:
         headers.popall(name, None)
+    if key and any(_mentions(n, key) or _mentions(v, key) for n, v in headers.items()):
+        # Anywhere else (Referer, Cookie, a subprotocol, X-Whatever): the header goes, it is never rewritten.
+        kept = [(n, v) for n, v in headers.items() if not (_mentions(n, key) or _mentions(v, key))]
+        headers.clear()
+        headers.extend(kept)
     if not query:
         return
     items = list(query.items())
@@ -194,6 +199,8 @@ def strip_credential(
             continue
         if key_prefix and _foreign_key(name, value, key, key_prefix):
             continue
+        if key and _mentions(name, key):
+            continue  # the key as a parameter's name: dropped like any other mention
         if key and _mentions(value, key):
             if replacement is None or lname != "url" or not _token_goes_here(value, key, may_use):
                 continue

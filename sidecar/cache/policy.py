@@ -52,6 +52,7 @@ __all__ = [
     "Storable",
     "compile_glob",
     "normalise_query",
+    "origin_of",
     "parse_cache_control",
     "primary_key",
     "request_bypass",
@@ -210,6 +211,8 @@ def normalise_query(items: Iterable[tuple[str, str]], client_key: str = "") -> t
     for k, v in items:
         if k.lower() in CREDENTIAL_PARAMS:
             continue
+        if "\0" in v:  # a literal placeholder must not collide with a real key: NULs doubled, the placeholder's is one
+            v = v.replace("\0", "\0\0")
         if client_key and client_key in v:
             v = v.replace(client_key, _KEY_PLACEHOLDER)
         kept.append((k, v))
@@ -226,8 +229,9 @@ def _header_values(headers: MultiMapping[str], names: Iterable[str]) -> tuple[tu
 
 
 @lru_cache(maxsize=1024)
-def _identity_tag(salt: bytes, identity: str) -> bytes:
-    return hashlib.blake2b(identity.encode(), key=salt, digest_size=16).digest()
+def _identity_tag(salt: bytes, identity: str, origin: str = "") -> bytes:
+    material = f"{identity}\0{origin}" if origin else identity  # one digest: keys stay as small as they were
+    return hashlib.blake2b(material.encode(), key=salt, digest_size=16).digest()
 
 
 def primary_key(
@@ -238,10 +242,23 @@ def primary_key(
     query: tuple[tuple[str, str], ...],
     rule_vary: tuple[str, ...],
     headers: MultiMapping[str],
+    origin: str = "",
 ) -> CacheKey:
-    """The key before the upstream's own ``Vary`` is known (GET and HEAD share it)."""
+    """The key before the upstream's own ``Vary`` is known (GET and HEAD share it).
+
+    ``origin`` is what the upstream is told the client's side was (``X-Forwarded-Proto``/``-Host``,
+    from the client's ``Host`` unless a trusted proxy said otherwise): servers build absolute URLs
+    from it without saying ``Vary``, so one client's ``Host: attacker.example`` must not become
+    another client's links (followed with that client's key).
+    """
     vary = _header_values(headers, rule_vary) if rule_vary else ()
-    return (upstream, _identity_tag(salt, identity), path, query, vary)
+    return (upstream, _identity_tag(salt, identity, origin), path, query, vary)
+
+
+def origin_of(scheme: str, headers: MultiMapping[str]) -> str:
+    """Every input of the forwarded origin (``http.outbound.public_origin``), as the client sent them."""
+    h = headers.get
+    return f"{scheme}\0{h('Host', '')}\0{h('X-Forwarded-Proto', '')}\0{h('X-Forwarded-Host', '')}"
 
 
 def variant_key(primary: CacheKey, vary: tuple[str, ...], headers: MultiMapping[str]) -> CacheKey:

@@ -62,13 +62,14 @@ from ..config import CacheConfig, CacheRule, UpstreamConfig
 from ..core.errors import UpstreamTimeout, UpstreamUnavailable
 from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap, as_sent
 from ..core.scope import RequestScope
-from ..upstreams.scrub import ScrubFilter
+from ..upstreams.scrub import ScrubFilter, Unscrubbable
 from .policy import (
     CONDITIONAL_HEADERS,
     CacheKey,
     Storable,
     compile_glob,
     normalise_query,
+    origin_of,
     primary_key,
     request_bypass,
     storable,
@@ -167,7 +168,9 @@ class ResponseCache(EntryStore):
         """The request's primary key: from the client's request alone (see ``sidecar.cache.policy``)."""
         url = request.rel_url
         query = normalise_query(url.query.items(), client_key) if url.raw_query_string else ()
-        return primary_key(self._salt, upstream_id, identity, url.raw_path, query, rule.vary, request.headers)
+        h = request.headers
+        origin = origin_of(request.scheme, h)
+        return primary_key(self._salt, upstream_id, identity, url.raw_path, query, rule.vary, h, origin)
 
     def hit(
         self,
@@ -370,6 +373,10 @@ class ResponseCache(EntryStore):
         try:
             async with asyncio.timeout(upstream.read_timeout):
                 async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                    try:  # ``Transfer-Encoding: gzip, chunked`` is opaque bytes: refused on a fill, never stored here
+                        ScrubFilter.check_framing(resp.headers)
+                    except Unscrubbable:
+                        return  # the stale copy stays until it runs out
                     out = CIMultiDict((k, as_sent(v)) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
                     verdict = storable(resp.status, out, rule, now=self.clock())
                     if verdict is None:

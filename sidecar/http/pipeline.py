@@ -36,7 +36,7 @@ from ..auth.credentials import (
 )
 from ..auth.models import KeyRecord
 from ..auth.permissions import allowed
-from ..cache.policy import CacheKey, request_bypass
+from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
 from ..core.addresses import client_ip
@@ -300,11 +300,12 @@ class HitMemo:
         self.served = 0  # answers given from it (for tests and the curious)
 
     def key(self, request: web.Request) -> bytes:
-        """Everything route, credential and permission read, digested: method, raw target, credential headers."""
+        """Everything route, credential, permission and cache key read, digested: method, raw target, credential
+        headers, the forwarded origin."""
         h = request.headers
-        material = "\0".join(
-            (request.method, request.raw_path, *(",".join(h.getall(n, ())) for n in CLIENT_CREDENTIAL_HEADERS))
-        )
+        creds = (",".join(h.getall(n, ())) for n in CLIENT_CREDENTIAL_HEADERS)
+        # The origin is part of the cache key (``cache.policy.primary_key``): a memo must not cross it.
+        material = "\0".join((request.method, request.raw_path, *creds, origin_of(request.scheme, h)))
         return hashlib.blake2b(material.encode(), key=self._salt, digest_size=16).digest()
 
     def get(self, key: bytes) -> Decided | None:

@@ -39,10 +39,11 @@ async def relay_websocket(
     With ``scrub`` (Plex), every frame coming down is scrubbed: text, binary, ping/pong
     payloads and the close reason (aiohttp hands over whole messages, fragments joined).
     """
+    # From the headers going up, not the client's: a subprotocol carrying the key was stripped there.
+    protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     for h in _WS_HANDSHAKE:
         headers.popall(h, None)
     headers.popall("Content-Length", None)  # the handshake has no body
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     session = fw.sessions[upstream.id]
     ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
     try:
