@@ -119,8 +119,8 @@ class _Provider:
             raise InvalidToken(why, "unknown_key")
         return [k for k in keys if _fits(k, alg)][:MAX_KEYS_TRIED]
 
-    def check_claims(self, claims: dict[str, Any], now: float) -> None:
-        """exp (required), nbf, iat with leeway; iss; aud — each failure named."""
+    def check_claims(self, claims: dict[str, Any], now: float) -> float:
+        """exp (required), nbf, iat with leeway; iss; aud — each failure named. Returns exp + leeway."""
         registry = JWTClaimsRegistry(
             now=int(now),
             leeway=self.leeway,
@@ -144,6 +144,10 @@ class _Provider:
             if e.claim == "iss":
                 raise InvalidToken("wrong issuer", "issuer") from None
             raise InvalidToken(f"invalid claim {_claim_names(e.claim)}", "claims") from None
+        try:
+            return float(claims["exp"]) + self.leeway
+        except OverflowError:  # an integer past float range (JSON allows it): no expiry we can keep
+            raise InvalidToken("invalid claim exp", "claims") from None
 
 
 def _claim_names(names: str) -> str:
@@ -225,7 +229,8 @@ class JwtAuthenticator:
         With ``client_ip``, a refusal counts as a failed attempt of that address: past
         ``keys.failed_attempts_per_minute`` it is a 429 instead (a token that verifies always passes).
         """
-        fingerprint = hashlib.sha256(token.encode()).digest()
+        # surrogateescape: aiohttp hands header bytes that are not UTF-8 over as lone surrogates (malformed below).
+        fingerprint = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         seen = self._tokens.get(fingerprint)
         if seen is not None:
             if self.clock() < seen.until and seen.generation == seen.provider.generation:
@@ -287,11 +292,10 @@ class JwtAuthenticator:
             raise InvalidToken("bad signature", "signature")
         self.verified += 1
         now = self.clock()
-        provider.check_claims(claims, now)
+        until = provider.check_claims(claims, now)
         who = Identity.of(claims, provider.cfg.claims)
         if who is None:
             raise InvalidToken(f"missing subject claim ({provider.cfg.claims.subject})", "claims")
-        until = float(claims["exp"]) + provider.leeway
         match = provider.rules.first(who)
         if match is None:
             self._settle(fingerprint, until, "no_rule")

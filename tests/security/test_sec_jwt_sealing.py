@@ -1,0 +1,124 @@
+"""An attacker's review of JWT validation and of sealed MCP session ids.
+
+JWT: a real sidecar in front of the Plex-like upstream, a real in-process JWKS server
+(``tests/jwt_support.py``) and an HMAC provider whose secret the test holds, so it can
+sign exactly the claims a buggy or hostile IdP would (a huge ``exp``, a lone surrogate in
+``sub``). Each refusal is the designed ``401 invalid_token``, never a 500, and nothing
+reaches the upstream. Sealing: the ``Sealer`` itself, for what a client could do to the
+id it was given (re-encode it, alias it, pad it) and for keys whose 32-bit ids collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar, Running, base_config
+from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+from raw_http import read_response
+
+from sidecar.demo import SEEN
+
+HS_ISSUER = "https://minter.test"
+HS_SECRET = "an HMAC secret of at least 32 bytes for HS256 tests"
+GRANT_ALL = {"grant": {"upstreams": ["plex"]}}
+
+
+@pytest.fixture
+async def idp(aiohttp_server: Any) -> IdP:
+    idp = IdP()
+    idp.add_key("k1", "RSA")
+    idp.add_key("e1", "EC")
+    return await idp.start(aiohttp_server)
+
+
+@pytest.fixture
+async def gw(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, idp: IdP) -> Running:
+    hs = {"issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "HS_SECRET"}
+    providers = [provider(idp, [GRANT_ALL]), {**hs, "rules": [GRANT_ALL]}]
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=providers)
+    return await make_sidecar(cfg, extra_env={"HS_SECRET": HS_SECRET})
+
+
+def hs256(payload: str, header: dict[str, Any] | None = None) -> str:
+    """A token the HMAC provider signs over exactly this payload text (any JSON a buggy IdP may emit)."""
+    head = b64(json.dumps(header or {"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(payload.encode())
+    sig = hmac.new(HS_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def claims(**over: Any) -> str:
+    base: dict[str, Any] = {"iss": HS_ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300}
+    return json.dumps({**base, **over})
+
+
+async def answer(gw: Running, token: str) -> tuple[int, dict[str, Any]]:
+    r = await gw.proxy.get("/library/sections", headers=bearer(token))
+    text = await r.text()
+    assert token not in text
+    return r.status, json.loads(text) if r.content_type == "application/json" else {}
+
+
+def code(body: dict[str, Any]) -> str:
+    return str(body.get("error", {}).get("code"))
+
+
+# ----------------------------------------------------------------------------- JWT: claims a signer got wrong
+
+SIGNED_BUT_BAD = {
+    "exp past float range": claims().replace('"exp": ', '"exp": 1' + "0" * 400 + ", \"x\": "),
+    "exp as text": claims(exp=str(int(time.time()) + 300)),
+    "exp NaN": claims().replace('"exp": ', '"exp": NaN, "x": '),
+    "exp Infinity": claims().replace('"exp": ', '"exp": Infinity, "x": '),
+    "sub a lone surrogate": claims(sub="\ud800"),
+    "sub not a string": claims(sub=12),
+    "sub empty": claims(sub=""),
+    "aud a list of objects": claims(aud=[{"aud": AUDIENCE}]),
+    "aud missing": claims(aud=None).replace(', "aud": null', ""),
+}
+
+
+@pytest.mark.parametrize("payload", list(SIGNED_BUT_BAD.values()), ids=list(SIGNED_BUT_BAD))
+async def test_signed_tokens_with_bad_claims_are_401_not_500(
+    gw: Running, plex_upstream: TestServer, payload: str
+) -> None:
+    before = len(plex_upstream.app[SEEN])
+    status, body = await answer(gw, hs256(payload))
+    assert (status, code(body)) == (401, "invalid_token")
+    assert len(plex_upstream.app[SEEN]) == before
+
+
+# ----------------------------------------------------------------------------- JWT: what a client can put in the header
+
+
+async def raw_get(gw: Running, authorization: bytes) -> tuple[int, dict[str, Any]]:
+    """GET with this Authorization value byte for byte (aiohttp's client would refuse to send it)."""
+    reader, writer = await asyncio.open_connection(gw.proxy.server.host, gw.proxy.server.port)
+    try:
+        writer.write(b"GET /library/sections HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: ")
+        writer.write(authorization + b"\r\n\r\n")
+        status, _, body = await asyncio.wait_for(read_response(reader, to_eof=True), 5)
+    finally:
+        writer.close()
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer eyJ\xff.eyJ.sig", b"Bearer \xc3\xa9yJhbGciOiJIUzI1NiJ9.e30.c2ln", b"Bearer a.b.\xed\xa0\x80"],
+    ids=["invalid-utf8", "non-ascii", "utf8-surrogate"],
+)
+async def test_a_jwt_shaped_bearer_with_non_ascii_bytes_is_401(gw: Running, value: bytes) -> None:
+    status, body = await raw_get(gw, value)
+    assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: malformed token"})
+
