@@ -24,9 +24,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+from mcp_server import MCP_TOKEN, McpUpstream
 from raw_http import read_response
 
+from sidecar.core.errors import NotFound
 from sidecar.demo import SEEN
+from sidecar.upstreams.mcp.sealing import Sealer, key_id
 
 HS_ISSUER = "https://minter.test"
 HS_SECRET = "an HMAC secret of at least 32 bytes for HS256 tests"
@@ -76,7 +79,7 @@ def code(body: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- JWT: claims a signer got wrong
 
 SIGNED_BUT_BAD = {
-    "exp past float range": claims().replace('"exp": ', '"exp": 1' + "0" * 400 + ", \"x\": "),
+    "exp past float range": claims().replace('"exp": ', '"exp": 1' + "0" * 400 + ', "x": '),
     "exp as text": claims(exp=str(int(time.time()) + 300)),
     "exp NaN": claims().replace('"exp": ', '"exp": NaN, "x": '),
     "exp Infinity": claims().replace('"exp": ', '"exp": Infinity, "x": '),
@@ -122,3 +125,100 @@ async def test_a_jwt_shaped_bearer_with_non_ascii_bytes_is_401(gw: Running, valu
     status, body = await raw_get(gw, value)
     assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: malformed token"})
 
+
+# ----------------------------------------------------------------------------- sealed MCP session ids
+
+# Two sealing keys whose 32-bit key ids collide (found by a birthday search: about 2^16 tries).
+COLLIDING = (hashlib.sha256(b"collide9045").digest(), hashlib.sha256(b"collide135682").digest())
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INIT = {
+    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}  # fmt: skip
+
+
+async def mcp_gw(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path) -> tuple[Running, str]:
+    """A sidecar with a configured sealing key in front of the SDK's server, and a key for it."""
+    cfg = base_config(upstream.url, tmp_path, mcp_sessions={"seal_key_env": "SEAL"})
+    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools",
+                         "headers": auth}]  # fmt: skip
+    seal = base64.b64encode(os.urandom(32)).decode()
+    gw = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN, "SEAL": seal})
+    _, key = await gw.create_key(name="agent", permissions={"upstreams": ["tools"]})
+    return gw, key
+
+
+async def mcp_post(gw: Running, key: str, body: dict[str, Any], sid: str | None = None) -> Any:
+    h = {**ACCEPT, **bearer(key), "MCP-Protocol-Version": "2025-11-25", **({"Mcp-Session-Id": sid} if sid else {})}
+    return await gw.proxy.post("/mcp/tools", json=body, headers=h)
+
+
+def aliases(token: str) -> list[str]:
+    """The same token with another last character that base64 decodes to the same bytes."""
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    out = []
+    for c in B64URL:
+        other = token[:-1] + c
+        if other != token and base64.urlsafe_b64decode(other + "=" * (-len(other) % 4)) == raw:
+            out.append(other)
+    return out
+
+
+def variants(sid: str) -> dict[str, str]:
+    """What a client could do to the id it was given; none of it names a session."""
+    std = sid.replace("-", "+").replace("_", "/")
+    out = {
+        "padded": sid + "=" * (-len(sid) % 4 or 4),
+        "extended": sid + "AAAA",
+        "doubled": sid + sid,
+        "swapped case": sid.swapcase(),
+        "too long": sid + "A" * 2000,
+        "first byte (version)": ("B" if sid[0] != "B" else "C") + sid[1:],
+    }
+    if std != sid:
+        out["standard alphabet"] = std
+    out.update({f"alias {i}": a for i, a in enumerate(aliases(sid))})
+    return out
+
+
+async def test_no_other_spelling_of_a_sealed_id_opens_it(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    gw, key = await mcp_gw(make_sidecar, upstream, tmp_path)
+    r = await mcp_post(gw, key, INIT)
+    assert r.status == 200, await r.text()
+    sid = r.headers["Mcp-Session-Id"]
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    assert (await mcp_post(gw, key, ping, sid)).status == 200
+    seen = len(upstream.rec.requests)
+    for how, bad in variants(sid).items():
+        r = await mcp_post(gw, key, ping, bad)
+        body = await r.json()
+        assert (r.status, body["error"]["code"]) == (404, "not_found"), how
+    assert len(upstream.rec.requests) == seen  # none reached the upstream
+
+
+def test_a_sealed_id_has_one_spelling_and_every_byte_counts() -> None:
+    s = Sealer([os.urandom(32)])
+    for sid in ("a", "ab", "abc"):  # the three lengths modulo 3: every padding case
+        token = s.seal("tools", "k1", sid)
+        assert s.unseal("tools", token).sid == sid
+        for bad in [*aliases(token), *(token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+                                       for i in range(len(token)))]:  # fmt: skip
+            with pytest.raises(NotFound):
+                s.unseal("tools", bad)
+
+
+def test_keys_whose_ids_collide_both_open() -> None:
+    current, previous = COLLIDING
+    assert key_id(current) == key_id(previous)
+    old = Sealer([previous]).seal("tools", "k1", "before")
+    rotated = Sealer([current, previous])
+    assert rotated.unseal("tools", rotated.seal("tools", "k1", "after")).sid == "after"  # not shadowed by the old
+    assert rotated.unseal("tools", old).sid == "before"
+    with pytest.raises(NotFound):
+        Sealer([current]).unseal("tools", old)
