@@ -67,8 +67,17 @@ def _some(value: tuple[Any, ...]) -> tuple[Any, ...]:
 Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
 SomeNames = Annotated[tuple[str, ...], BeforeValidator(_names), AfterValidator(_some)]
 LimitText = Annotated[str, AfterValidator(_limit)]
+
+
+def _no_empty_list(value: tuple[str, ...] | dict[str, tuple[str, ...]]) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
+    """``tools: []`` would read as "not limited" (every tool), the opposite of what it says."""
+    if value == ():
+        raise ValueError("an empty list would allow every one: leave it out for all, or name what is allowed")
+    return value
+
+
 # Tool / resource / prompt globs: a list (for every upstream of the grant) or {upstream id: list}.
-McpGlobs = Annotated[tuple[str, ...] | dict[str, Names], BeforeValidator(_names)]
+McpGlobs = Annotated[tuple[str, ...] | dict[str, Names], BeforeValidator(_names), AfterValidator(_no_empty_list)]
 
 
 def _loopback(host: str | None) -> bool:

@@ -27,6 +27,10 @@ from jwt_support import AUDIENCE, IdP, b64, bearer, provider
 from mcp_server import MCP_TOKEN, McpUpstream
 from raw_http import read_response
 
+from sidecar.auth.jwt_rules import Identity, RuleSet
+from sidecar.auth.permissions import tool_allowed
+from sidecar.config import ConfigError, parse_config
+from sidecar.config.jwt import JwtRule
 from sidecar.core.errors import NotFound
 from sidecar.demo import SEEN
 from sidecar.upstreams.mcp.sealing import Sealer, key_id
@@ -124,6 +128,24 @@ async def raw_get(gw: Running, authorization: bytes) -> tuple[int, dict[str, Any
 async def test_a_jwt_shaped_bearer_with_non_ascii_bytes_is_401(gw: Running, value: bytes) -> None:
     status, body = await raw_get(gw, value)
     assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: malformed token"})
+
+
+# ----------------------------------------------------------------------------- JWT: rules that grant more than they say
+
+
+@pytest.mark.parametrize("kind", ["tools", "resources", "prompts"])
+def test_an_empty_tool_list_in_a_grant_is_refused_not_read_as_every_tool(tmp_path: Path, kind: str) -> None:
+    """``tools: []`` used to compile to "not limited": every tool of every granted MCP upstream."""
+    cfg = base_config("http://127.0.0.1:1", tmp_path)
+    cfg["upstreams"].append({"id": "tools", "kind": "mcp", "url": "http://127.0.0.1:2/mcp", "path_prefix": "/mcp"})
+    rule = {"grant": {"upstreams": ["tools"], kind: []}}
+    cfg["jwt"] = [{"issuer": "https://i.test", "jwks_url": "https://i.test/certs", "audience": "a", "rules": [rule]}]
+    with pytest.raises(ConfigError, match=rf"jwt\[0\]\.rules\[0\]\.grant\.{kind}: an empty list would allow"):
+        parse_config(cfg, env={"PLEX_TOKEN": "p" * 20}, base=tmp_path)
+    # A mapping names its upstreams: an empty list there allows none of them (as for a key).
+    rules = RuleSet((JwtRule.model_validate({"grant": {"upstreams": ["tools"], "tools": {"tools": []}}}),))
+    match = rules.first(Identity("alice", "alice", frozenset(), frozenset()))
+    assert match is not None and not tool_allowed(match[1].permissions, "tools", "search")
 
 
 # ----------------------------------------------------------------------------- sealed MCP session ids
