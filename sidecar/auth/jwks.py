@@ -89,6 +89,7 @@ class JwksCache:
         self.refetch_interval = refetch_interval
         self.steady = steady
         self.keys: dict[str, list[PublicKey]] = {}
+        self.thumbprints: frozenset[str] = frozenset()  # RFC 7638, of the keys held: is a signer still published?
         self.fetched_at: float | None = None  # steady time of the last good fetch
         self.attempted_at: float | None = None  # steady time of the last fetch, good or not
         self.generation = 0  # bumped when a key disappears: tokens it verified must be checked again
@@ -173,6 +174,7 @@ class JwksCache:
         if any(kid not in keys for kid in self.keys):
             self.generation += 1  # a key went away: what it verified is verified again
         self.keys = keys
+        self.thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
         self.fetched_at = self.steady()
         self.last_error = ""
 

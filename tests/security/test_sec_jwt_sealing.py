@@ -27,6 +27,7 @@ from jwt_support import AUDIENCE, IdP, b64, bearer, provider
 from mcp_server import MCP_TOKEN, McpUpstream
 from raw_http import read_response
 
+from sidecar.auth.jwt import identity_id
 from sidecar.auth.jwt_rules import Identity, RuleSet
 from sidecar.auth.permissions import tool_allowed
 from sidecar.config import ConfigError, parse_config
@@ -128,6 +129,28 @@ async def raw_get(gw: Running, authorization: bytes) -> tuple[int, dict[str, Any
 async def test_a_jwt_shaped_bearer_with_non_ascii_bytes_is_401(gw: Running, value: bytes) -> None:
     status, body = await raw_get(gw, value)
     assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: malformed token"})
+
+
+# ----------------------------------------------------------------------------- JWT: a leaked signing key
+
+
+async def test_withdrawing_a_leaked_key_ends_the_streams_of_the_tokens_it_signed(gw: Running, idp: IdP) -> None:
+    """The IdP withdraws a leaked key; the forger had given its tokens an exp ten years away. New
+    requests were already refused (re-verified); open streams used to live on until that exp."""
+    assert gw.sc.jwt is not None
+    idp.add_key("leaked", "EC")
+    ident = identity_id(idp.issuer, "alice")
+    forged = idp.token("leaked", lifetime=10 * 365 * 86400)
+    assert (await gw.proxy.get("/library/sections", headers=bearer(forged))).status == 200
+    assert gw.sc.streams.state(ident) == "active"
+    idp.published.remove("leaked")
+    _, cache = next(gw.sc.jwt.jwks())
+    await cache.refresh()
+    assert (await answer(gw, forged))[0] == 401
+    assert gw.sc.streams.state(ident) == "expired"  # the stream check ends what the leaked key opened
+    fresh = idp.token("k1")  # the subject's own client, with a token of a key still published
+    assert (await gw.proxy.get("/library/sections", headers=bearer(fresh))).status == 200
+    assert gw.sc.streams.state(ident) == "active"
 
 
 # ----------------------------------------------------------------------------- JWT: rules that grant more than they say
