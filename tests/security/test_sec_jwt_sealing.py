@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
@@ -129,6 +131,63 @@ async def raw_get(gw: Running, authorization: bytes) -> tuple[int, dict[str, Any
 async def test_a_jwt_shaped_bearer_with_non_ascii_bytes_is_401(gw: Running, value: bytes) -> None:
     status, body = await raw_get(gw, value)
     assert (status, body["error"]) == (401, {"code": "invalid_token", "message": "invalid token: malformed token"})
+
+
+# ----------------------------------------------------------------------------- JWT: headers an attacker writes
+
+
+def rs256(idp: IdP, header: dict[str, Any], kid: str = "k1") -> str:
+    """Signed by the IdP's RSA key over any header (joserfc would refuse to sign some of these)."""
+    head = b64(json.dumps({"alg": "RS256", **header}).encode())
+    body = b64(json.dumps(idp.claims()).encode())
+    key = idp.keys[kid].private_key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return f"{head}.{body}.{b64(key.sign(f'{head}.{body}'.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
+
+
+def header_attack(idp: IdP, case: str) -> str:
+    """One header trick each, on a token really signed with a key the IdP holds."""
+    if case.startswith("alg "):
+        head = b64(json.dumps({"alg": case[4:], "kid": "k1"}).encode())
+        return f"{head}.{b64(json.dumps(idp.claims()).encode())}."
+    if case == "JWE compact (five parts)":
+        return "eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ.a2V5.aXY.Y2lwaGVy.dGFn"
+    if case == "x5u to the attacker":
+        idp.add_key("stranger", publish=False)
+        return rs256(idp, {"x5u": "https://attacker.test/cert.pem", "kid": "k1"}, kid="stranger")
+    extra = {
+        "none (the control: accepted)": {},
+        "crit an unknown extension": {"crit": ["x-never"], "x-never": 1},
+        "b64 false": {"b64": False, "crit": ["b64"]},
+        "kid of the EC key, alg RS256": {"kid": "e1"},
+    }[case]
+    return rs256(idp, {"kid": "k1", **extra})
+
+
+HEADER_ATTACKS = [
+    ("none (the control: accepted)", "200"),
+    ("alg None", "invalid_token"),
+    ("alg nOnE", "invalid_token"),
+    ("alg PS256", "invalid_token"),  # an algorithm the provider did not allow, with a key that could do it
+    ("JWE compact (five parts)", "invalid_key"),  # not a JWT shape: checked as an API key
+    ("crit an unknown extension", "invalid_token"),
+    ("b64 false", "invalid_token"),
+    ("kid of the EC key, alg RS256", "invalid_token"),
+    ("x5u to the attacker", "invalid_token"),
+]
+
+
+@pytest.mark.parametrize(("case", "expected"), HEADER_ATTACKS, ids=[c for c, _ in HEADER_ATTACKS])
+async def test_header_tricks_are_refused(
+    gw: Running, idp: IdP, plex_upstream: TestServer, case: str, expected: str
+) -> None:
+    before = len(plex_upstream.app[SEEN])
+    status, body = await answer(gw, header_attack(idp, case))
+    if expected == "200":
+        assert status == 200
+        return
+    assert (status, code(body)) == (401, expected), body
+    assert len(plex_upstream.app[SEEN]) == before
 
 
 # ----------------------------------------------------------------------------- JWT: a leaked signing key
