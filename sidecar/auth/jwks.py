@@ -171,10 +171,11 @@ class JwksCache:
             log.exception("JWKS fetch from %s failed unexpectedly", self.url)
             self._failed(type(e).__name__)
             return
-        if any(kid not in keys for kid in self.keys):
+        thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
+        if not self.thumbprints <= thumbprints:  # by key, not kid: a key replaced under its kid is gone too
             self.generation += 1  # a key went away: what it verified is verified again
         self.keys = keys
-        self.thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
+        self.thumbprints = thumbprints
         self.fetched_at = self.steady()
         self.last_error = ""
 

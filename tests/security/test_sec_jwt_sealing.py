@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
 from mcp_server import MCP_TOKEN, McpUpstream
 from raw_http import read_response
@@ -210,6 +210,20 @@ async def test_withdrawing_a_leaked_key_ends_the_streams_of_the_tokens_it_signed
     fresh = idp.token("k1")  # the subject's own client, with a token of a key still published
     assert (await gw.proxy.get("/library/sections", headers=bearer(fresh))).status == 200
     assert gw.sc.streams.state(ident) == "active"
+
+
+async def test_a_key_replaced_under_the_same_kid_no_longer_verifies_remembered_tokens(gw: Running, idp: IdP) -> None:
+    """The IdP replaces a leaked key but keeps its kid: a token it verified must not stay remembered."""
+    assert gw.sc.jwt is not None
+    idp.add_key("rot", "EC")
+    forged = idp.token("rot")
+    assert (await gw.proxy.get("/library/sections", headers=bearer(forged))).status == 200
+    idp.add_key("rot", "EC", publish=False)  # new key material, the same kid (still published once)
+    _, cache = next(gw.sc.jwt.jwks())
+    await cache.refresh()
+    assert await answer(gw, forged) == (401, {"success": False, "error": {
+        "code": "invalid_token", "message": "invalid token: bad signature"}})  # fmt: skip
+    assert (await gw.proxy.get("/library/sections", headers=bearer(idp.token("rot")))).status == 200
 
 
 # ----------------------------------------------------------------------------- JWT: rules that grant more than they say
