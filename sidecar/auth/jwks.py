@@ -123,6 +123,15 @@ class JwksCache:
             return [], "unknown signing key (kid), and the identity provider's keys could not be refreshed"
         return [], "unknown signing key (kid)"
 
+    def tick(self) -> None:
+        """The hot path's share of upkeep: a set past its TTL starts a background refresh. Requests that
+        only carry remembered tokens never call ``find``; without this a withdrawn key would never be seen
+        to go, and the tokens it signed would stay remembered until their ``exp``."""
+        if self.fetched_at is not None and self.steady() - self.fetched_at < self.ttl:
+            return
+        if self._may_fetch():
+            self.refresh()
+
     def _lookup(self, kid: str) -> list[PublicKey]:
         if kid:
             return self.keys.get(kid, [])

@@ -236,6 +236,8 @@ class JwtAuthenticator:
         if seen is not None:
             if self.clock() < seen.until and seen.generation == seen.provider.generation:
                 self._tokens.move_to_end(fingerprint)
+                if seen.provider.jwks is not None:
+                    seen.provider.jwks.tick()  # past its TTL: refreshed in the background (a key may be gone)
                 return seen.record
             del self._tokens[fingerprint]
         try:
@@ -350,6 +352,8 @@ class JwtAuthenticator:
         Valid means unexpired and its signing key still published: a key the IdP withdraws (after a
         leak) ends the streams of the tokens it signed, whatever ``exp`` a forger gave them."""
         seen = self._expiry.get(key_id)
+        if seen is not None and seen.provider.jwks is not None:
+            seen.provider.jwks.tick()
         return "active" if seen is not None and self.clock() < seen.until and _signer_held(seen) else "expired"
 
     def jwks(self) -> Iterator[tuple[str, JwksCache]]:

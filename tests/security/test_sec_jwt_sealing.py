@@ -26,6 +26,7 @@ from conftest import MakeSidecar, Running, base_config
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+from limits_support import Clock
 from mcp_server import MCP_TOKEN, McpUpstream
 from raw_http import read_response
 
@@ -224,6 +225,30 @@ async def test_a_key_replaced_under_the_same_kid_no_longer_verifies_remembered_t
     assert await answer(gw, forged) == (401, {"success": False, "error": {
         "code": "invalid_token", "message": "invalid token: bad signature"}})  # fmt: skip
     assert (await gw.proxy.get("/library/sections", headers=bearer(idp.token("rot")))).status == 200
+
+
+async def test_a_quiet_sidecar_still_notices_a_withdrawn_key(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Only remembered tokens arrive (nobody new logs in): the keys must still be refreshed after their
+    TTL, or a forged token of a withdrawn key stays accepted, and its streams open, until its exp."""
+    clock = Clock(float(int(time.time())))
+    idp = IdP(clock=clock)
+    idp.add_key("k1", "RSA")
+    idp.add_key("leaked", "EC")
+    await idp.start(aiohttp_server)
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=[provider(idp, [GRANT_ALL])])
+    gw = await make_sidecar(cfg, clock=clock)
+    forged = idp.token("leaked", lifetime=10 * 365 * 86400)
+    assert (await gw.proxy.get("/library/sections", headers=bearer(forged))).status == 200
+    idp.published.remove("leaked")
+    clock.advance(601)  # past jwks_cache_ttl (10m)
+    ident = identity_id(idp.issuer, "alice")
+    deadline = time.monotonic() + 3
+    while (await gw.proxy.get("/library/sections", headers=bearer(forged))).status == 200:
+        assert time.monotonic() < deadline, "the forged token is still accepted"
+        await asyncio.sleep(0.01)
+    assert gw.sc.streams.state(ident) == "expired"
 
 
 # ----------------------------------------------------------------------------- JWT: rules that grant more than they say
