@@ -17,6 +17,7 @@ token minted for any other application of the same IdP would be accepted here).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -81,8 +82,12 @@ McpGlobs = Annotated[tuple[str, ...] | dict[str, Names], BeforeValidator(_names)
 
 
 def _loopback(host: str | None) -> bool:
+    """A loopback address or ``localhost`` (a DNS name such as ``127.example.com`` can resolve anywhere)."""
     host = (host or "").strip("[]").lower()
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class JwtClaims(Section):

@@ -269,6 +269,22 @@ def test_an_empty_tool_list_in_a_grant_is_refused_not_read_as_every_tool(tmp_pat
     assert match is not None and not tool_allowed(match[1].permissions, "tools", "search")
 
 
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [("http://127.example.com/certs", False), ("http://127.0.0.1.nip.io/certs", False),
+     ("http://127.0.0.1:8080/certs", True), ("http://[::1]/certs", True), ("https://127.example.com/certs", True)],
+)  # fmt: skip
+def test_plain_http_jwks_only_on_a_loopback_address(tmp_path: Path, url: str, ok: bool) -> None:
+    """Keys fetched in clear can be swapped: a DNS name that merely starts with 127. is not loopback."""
+    cfg = base_config("http://127.0.0.1:1", tmp_path)
+    cfg["jwt"] = [{"issuer": "https://i.test", "jwks_url": url, "audience": "a", "rules": [GRANT_ALL]}]
+    if ok:
+        parse_config(cfg, env={"PLEX_TOKEN": "p" * 20}, base=tmp_path)
+        return
+    with pytest.raises(ConfigError, match=r"jwt\[0\]\.jwks_url: .*must be https"):
+        parse_config(cfg, env={"PLEX_TOKEN": "p" * 20}, base=tmp_path)
+
+
 # ----------------------------------------------------------------------------- sealed MCP session ids
 
 # Two sealing keys whose 32-bit key ids collide (found by a birthday search: about 2^16 tries).
