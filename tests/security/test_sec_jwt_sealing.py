@@ -305,8 +305,10 @@ async def mcp_gw(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Pat
     auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
     cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools",
                          "headers": auth}]  # fmt: skip
+    hs = {"issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "HS_SECRET"}
+    cfg["jwt"] = [{**hs, "rules": [{"grant": {"upstreams": ["tools"]}}]}]
     seal = base64.b64encode(os.urandom(32)).decode()
-    gw = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN, "SEAL": seal})
+    gw = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN, "SEAL": seal, "HS_SECRET": HS_SECRET})
     _, key = await gw.create_key(name="agent", permissions={"upstreams": ["tools"]})
     return gw, key
 
@@ -359,6 +361,23 @@ async def test_no_other_spelling_of_a_sealed_id_opens_it(
         body = await r.json()
         assert (r.status, body["error"]["code"]) == (404, "not_found"), how
     assert len(upstream.rec.requests) == seen  # none reached the upstream
+
+
+async def test_a_jwt_subjects_session_follows_its_refreshed_tokens_and_no_one_else(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    gw, _ = await mcp_gw(make_sidecar, upstream, tmp_path)
+    alice, bob = hs256(claims(sub="alice")), hs256(claims(sub="bob"))
+    r = await mcp_post(gw, alice, INIT)
+    assert r.status == 200, await r.text()
+    sid = r.headers["Mcp-Session-Id"]
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    refreshed = hs256(claims(sub="alice", exp=int(time.time()) + 600))
+    assert (await mcp_post(gw, refreshed, ping, sid)).status == 200  # the session is the subject's, not the token's
+    seen = len(upstream.rec.requests)
+    r = await mcp_post(gw, bob, ping, sid)
+    assert (r.status, (await r.json())["error"]["code"]) == (403, "insufficient_permissions")
+    assert len(upstream.rec.requests) == seen
 
 
 def test_a_sealed_id_has_one_spelling_and_every_byte_counts() -> None:
