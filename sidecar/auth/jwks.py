@@ -170,6 +170,7 @@ class JwksCache:
         self.fetches += 1
         try:
             keys = await self._get()
+            thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
         except JwksError as e:
             self._failed(str(e))
             return
@@ -180,7 +181,6 @@ class JwksCache:
             log.exception("JWKS fetch from %s failed unexpectedly", self.url)
             self._failed(type(e).__name__)
             return
-        thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
         if not self.thumbprints <= thumbprints:  # by key, not kid: a key replaced under its kid is gone too
             self.generation += 1  # a key went away: what it verified is verified again
         self.keys = keys
