@@ -89,6 +89,7 @@ class JwksCache:
         self.refetch_interval = refetch_interval
         self.steady = steady
         self.keys: dict[str, list[PublicKey]] = {}
+        self.thumbprints: frozenset[str] = frozenset()  # RFC 7638, of the keys held: is a signer still published?
         self.fetched_at: float | None = None  # steady time of the last good fetch
         self.attempted_at: float | None = None  # steady time of the last fetch, good or not
         self.generation = 0  # bumped when a key disappears: tokens it verified must be checked again
@@ -121,6 +122,15 @@ class JwksCache:
         if self.last_error and self.attempted_at is not None and self.attempted_at > self.fetched_at:
             return [], "unknown signing key (kid), and the identity provider's keys could not be refreshed"
         return [], "unknown signing key (kid)"
+
+    def tick(self) -> None:
+        """The hot path's share of upkeep: a set past its TTL starts a background refresh. Requests that
+        only carry remembered tokens never call ``find``; without this a withdrawn key would never be seen
+        to go, and the tokens it signed would stay remembered until their ``exp``."""
+        if self.fetched_at is not None and self.steady() - self.fetched_at < self.ttl:
+            return
+        if self._may_fetch():
+            self.refresh()
 
     def _lookup(self, kid: str) -> list[PublicKey]:
         if kid:
@@ -160,6 +170,7 @@ class JwksCache:
         self.fetches += 1
         try:
             keys = await self._get()
+            thumbprints = frozenset(k.thumbprint() for group in keys.values() for k in group)
         except JwksError as e:
             self._failed(str(e))
             return
@@ -170,9 +181,10 @@ class JwksCache:
             log.exception("JWKS fetch from %s failed unexpectedly", self.url)
             self._failed(type(e).__name__)
             return
-        if any(kid not in keys for kid in self.keys):
+        if not self.thumbprints <= thumbprints:  # by key, not kid: a key replaced under its kid is gone too
             self.generation += 1  # a key went away: what it verified is verified again
         self.keys = keys
+        self.thumbprints = thumbprints
         self.fetched_at = self.steady()
         self.last_error = ""
 

@@ -84,6 +84,7 @@ class _Seen:
     until: float  # wall time it stops being accepted (exp + clock skew)
     provider: _Provider
     generation: int  # the provider's JWKS generation it was verified under
+    signer: str = ""  # the JWKS key's RFC 7638 thumbprint ("" for a shared secret)
 
 
 class _Provider:
@@ -119,8 +120,8 @@ class _Provider:
             raise InvalidToken(why, "unknown_key")
         return [k for k in keys if _fits(k, alg)][:MAX_KEYS_TRIED]
 
-    def check_claims(self, claims: dict[str, Any], now: float) -> None:
-        """exp (required), nbf, iat with leeway; iss; aud — each failure named."""
+    def check_claims(self, claims: dict[str, Any], now: float) -> float:
+        """exp (required), nbf, iat with leeway; iss; aud — each failure named. Returns exp + leeway."""
         registry = JWTClaimsRegistry(
             now=int(now),
             leeway=self.leeway,
@@ -144,6 +145,10 @@ class _Provider:
             if e.claim == "iss":
                 raise InvalidToken("wrong issuer", "issuer") from None
             raise InvalidToken(f"invalid claim {_claim_names(e.claim)}", "claims") from None
+        try:
+            return float(claims["exp"]) + self.leeway
+        except OverflowError:  # an integer past float range (JSON allows it): no expiry we can keep
+            raise InvalidToken("invalid claim exp", "claims") from None
 
 
 def _claim_names(names: str) -> str:
@@ -179,7 +184,7 @@ class JwtAuthenticator:
             self.providers[p.issuer] = _Provider(p, jwks, secret)
         self._tokens: OrderedDict[bytes, _Seen] = OrderedDict()
         self._refused: dict[bytes, tuple[float, str]] = {}  # settled refusals (see _settle)
-        self._expiry: OrderedDict[str, float] = OrderedDict()  # identity id -> latest until
+        self._expiry: OrderedDict[str, _Seen] = OrderedDict()  # identity id -> its token with the latest until
         self._records: dict[tuple[str, int, str], KeyRecord] = {}
         self.throttle = throttle  # per-address failed attempts, shared with API keys (auth/verify.py)
         self.verified = 0  # signatures that verified (the slow path ran): tests and benchmarks
@@ -225,11 +230,14 @@ class JwtAuthenticator:
         With ``client_ip``, a refusal counts as a failed attempt of that address: past
         ``keys.failed_attempts_per_minute`` it is a 429 instead (a token that verifies always passes).
         """
-        fingerprint = hashlib.sha256(token.encode()).digest()
+        # surrogateescape: aiohttp hands header bytes that are not UTF-8 over as lone surrogates (malformed below).
+        fingerprint = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         seen = self._tokens.get(fingerprint)
         if seen is not None:
             if self.clock() < seen.until and seen.generation == seen.provider.generation:
                 self._tokens.move_to_end(fingerprint)
+                if seen.provider.jwks is not None:
+                    seen.provider.jwks.tick()  # past its TTL: refreshed in the background (a key may be gone)
                 return seen.record
             del self._tokens[fingerprint]
         try:
@@ -283,21 +291,22 @@ class JwtAuthenticator:
             raise InvalidToken("token algorithm not allowed", "algorithm")
         keys = await provider.keys(header, alg)
         generation = provider.generation  # after the lookup: a refetch it caused is the set it verified under
-        if not any(_signed_by(obj, key, provider.registry) for key in keys):
+        signer = next((key for key in keys if _signed_by(obj, key, provider.registry)), None)
+        if signer is None:
             raise InvalidToken("bad signature", "signature")
         self.verified += 1
         now = self.clock()
-        provider.check_claims(claims, now)
+        until = provider.check_claims(claims, now)
         who = Identity.of(claims, provider.cfg.claims)
         if who is None:
             raise InvalidToken(f"missing subject claim ({provider.cfg.claims.subject})", "claims")
-        until = float(claims["exp"]) + provider.leeway
         match = provider.rules.first(who)
         if match is None:
             self._settle(fingerprint, until, "no_rule")
             raise Forbidden(NO_RULE)
         record = self._record(provider, who, *match)
-        self._remember(fingerprint, _Seen(record, until, provider, generation))
+        thumbprint = "" if provider.jwks is None else signer.thumbprint()
+        self._remember(fingerprint, _Seen(record, until, provider, generation, thumbprint))
         return record
 
     def _record(self, provider: _Provider, who: Identity, index: int, grant: Grant) -> KeyRecord:
@@ -328,8 +337,9 @@ class JwtAuthenticator:
         if len(self._tokens) > MAX_TOKENS:
             self._tokens.popitem(last=False)
         ident = seen.record.id
-        if self._expiry.get(ident, 0.0) < seen.until:
-            self._expiry[ident] = seen.until
+        latest = self._expiry.get(ident)
+        if latest is None or latest.until < seen.until or not _signer_held(latest):
+            self._expiry[ident] = seen
             self._expiry.move_to_end(ident)
             if len(self._expiry) > MAX_IDENTITIES:
                 self._expiry.popitem(last=False)
@@ -337,9 +347,14 @@ class JwtAuthenticator:
     # ------------------------------------------------------------ streams
 
     def state(self, key_id: str) -> str:
-        """``active`` while the subject's latest token is valid, else ``expired`` (streams end then)."""
-        until = self._expiry.get(key_id)
-        return "active" if until is not None and self.clock() < until else "expired"
+        """``active`` while the subject's latest token is valid, else ``expired`` (streams end then).
+
+        Valid means unexpired and its signing key still published: a key the IdP withdraws (after a
+        leak) ends the streams of the tokens it signed, whatever ``exp`` a forger gave them."""
+        seen = self._expiry.get(key_id)
+        if seen is not None and seen.provider.jwks is not None:
+            seen.provider.jwks.tick()
+        return "active" if seen is not None and self.clock() < seen.until and _signer_held(seen) else "expired"
 
     def jwks(self) -> Iterator[tuple[str, JwksCache]]:
         for issuer, p in self.providers.items():
@@ -354,6 +369,12 @@ def _fits(key: PublicKey, alg: str) -> bool:
     """The key's type suits the algorithm, and the key names no other algorithm (RFC 7517 §4.4)."""
     declared = key.get("alg")
     return isinstance(key, _KEY_TYPES.get(alg[:2], ())) and (declared is None or declared == alg)
+
+
+def _signer_held(seen: _Seen) -> bool:
+    """The key that signed this token is still in its provider's key set (always, for a shared secret)."""
+    jwks = seen.provider.jwks
+    return jwks is None or seen.signer in jwks.thumbprints
 
 
 def _signed_by(obj: Any, key: PublicKey | OctKey, registry: JWSRegistry) -> bool:

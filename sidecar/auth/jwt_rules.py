@@ -64,6 +64,15 @@ def printable(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c)[0] != "C")[:MAX_NAME]
 
 
+def _unicode(text: str) -> bool:
+    """No lone surrogate (JSON's ``"\\ud800"`` decodes to one): the subject is hashed as UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """What the rules read from one verified token."""
@@ -75,9 +84,9 @@ class Identity:
 
     @classmethod
     def of(cls, claims: Mapping[str, Any], spec: JwtClaims) -> Identity | None:
-        """None when the token has no usable subject (a string, not empty)."""
+        """None when the token has no usable subject (a string, not empty, valid Unicode)."""
         sub = claim(claims, spec.subject)
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not sub or not _unicode(sub):
             return None
         name = claim(claims, spec.name) if spec.name else None
         return cls(

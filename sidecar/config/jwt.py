@@ -17,6 +17,7 @@ token minted for any other application of the same IdP would be accepted here).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -67,13 +68,26 @@ def _some(value: tuple[Any, ...]) -> tuple[Any, ...]:
 Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
 SomeNames = Annotated[tuple[str, ...], BeforeValidator(_names), AfterValidator(_some)]
 LimitText = Annotated[str, AfterValidator(_limit)]
+
+
+def _no_empty_list(value: tuple[str, ...] | dict[str, tuple[str, ...]]) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
+    """``tools: []`` would read as "not limited" (every tool), the opposite of what it says."""
+    if value == ():
+        raise ValueError("an empty list would allow every one: leave it out for all, or name what is allowed")
+    return value
+
+
 # Tool / resource / prompt globs: a list (for every upstream of the grant) or {upstream id: list}.
-McpGlobs = Annotated[tuple[str, ...] | dict[str, Names], BeforeValidator(_names)]
+McpGlobs = Annotated[tuple[str, ...] | dict[str, Names], BeforeValidator(_names), AfterValidator(_no_empty_list)]
 
 
 def _loopback(host: str | None) -> bool:
+    """A loopback address or ``localhost`` (a DNS name such as ``127.example.com`` can resolve anywhere)."""
     host = (host or "").strip("[]").lower()
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class JwtClaims(Section):

@@ -87,7 +87,10 @@ class Sealer:
         self.clock = clock
         self._kid = key_id(keys[0])
         self._seal = AESGCM(keys[0])
-        self._open = {key_id(k): AESGCM(k) for k in keys}
+        # Keys by id; two ids can collide (32 bits): then both are tried, the current key first.
+        self._open: dict[int, tuple[AESGCM, ...]] = {}
+        for k in keys:
+            self._open[key_id(k)] = (*self._open.get(key_id(k), ()), AESGCM(k))
         self._head = _HEAD.pack(SEAL_VERSION, self._kid)
         self._opened: dict[tuple[str, str], Unsealed] = {}
 
@@ -137,14 +140,15 @@ class Sealer:
         if raw is None or len(raw) < _MIN_LEN:
             raise NotFound(GONE)
         version, kid = _HEAD.unpack_from(raw)
-        aead = self._open.get(kid) if version == SEAL_VERSION else None
-        if aead is None:
-            raise NotFound(GONE)
         head = _HEAD.size
-        try:
-            plain = aead.decrypt(raw[head : head + _NONCE], raw[head + _NONCE :], raw[:head] + upstream_id.encode())
-        except InvalidTag:
-            raise NotFound(GONE) from None
+        for aead in self._open.get(kid, ()) if version == SEAL_VERSION else ():
+            try:
+                plain = aead.decrypt(raw[head : head + _NONCE], raw[head + _NONCE :], raw[:head] + upstream_id.encode())
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise NotFound(GONE)
         expires, n = _EXPIRES.unpack_from(plain)
         if expires <= self.clock():
             raise NotFound("this MCP session has expired: start a new session")
@@ -169,6 +173,8 @@ def _decode(token: str) -> bytes | None:
     if not _B64.issuperset(data):
         return None
     try:
-        return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+        raw = base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
     except (binascii.Error, ValueError):
         return None
+    # Only the canonical form: a last character whose unused bits are set would name the same token.
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=") == data else None
