@@ -337,6 +337,8 @@ class KeyManager:
                 raise Conflict(f"only an active key can be rotated (this one is {rec.state(now)})")
             if rec.rotated_to:
                 raise Conflict(f"this key was already rotated to {rec.rotated_to}; rotate that one")
+            if rec.parent_id is not None:  # its successor would be a plain key, no longer ended by its parent
+                raise Conflict("an OAuth grant cannot be rotated: its client renews its tokens itself")
             if by is not None:
                 check_target(self.config, by, rec, now)
 
