@@ -59,6 +59,7 @@ def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord
     if not isinstance(entries, list):
         raise StoreError(f"{source}: keys: expected a list")
     out: dict[str, KeyRecord] = {}
+    hashes: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise StoreError(f"{source}: keys[{i}]: expected a mapping")
@@ -70,6 +71,11 @@ def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord
             raise StoreError(f"{source}: keys[{i}].hash: not a complete argon2id hash")
         if rec.id in out:
             raise StoreError(f"{source}: keys[{i}].id: duplicate id {rec.id!r}")
+        if rec.hash in hashes:  # one secret under two ids: its holder could present it as either key
+            raise StoreError(
+                f"{source}: keys[{i}].hash: the same hash as keys[{hashes[rec.hash]}] (each key needs its own)"
+            )
+        hashes[rec.hash] = i
         out[rec.id] = rec
     return out
 

@@ -5,10 +5,16 @@
 from __future__ import annotations
 
 import time
+import zlib
+from pathlib import Path
 from typing import Any
 
-from conftest import ADMIN_TOKEN, Running
+import argon2
+import yaml
+from aiohttp.test_utils import TestServer
+from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 
+from sidecar.auth.keys import ID_LEN, display_form, generate_key
 from sidecar.auth.models import KeyRecord, Permissions
 
 H = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -46,3 +52,42 @@ async def test_an_oauth_grant_cannot_be_rotated_into_a_key_that_outlives_its_par
     assert len(await sc.sc.store.list_keys()) == before
     stored = await sc.sc.store.get(grant.id)
     assert stored is not None and stored.rotated_to is None and stored.revoked_at is None
+
+
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+
+def yaml_key(key_id: str | None = None, secret_of: str | None = None, **kw: Any) -> tuple[dict[str, Any], str]:
+    """A keys-file entry and its key; ``secret_of``: reuse that key's secret (a copy-pasted hash)."""
+    key, parts = generate_key("pmcp_", key_id)
+    secret = secret_of[5 + ID_LEN : -8] if secret_of else parts.secret
+    if secret_of:
+        body = parts.key_id + secret
+        key = f"pmcp_{body}{zlib.crc32(('pmcp_' + body).encode()):08x}"
+    rec = KeyRecord(id=parts.key_id, name="n", hash=CHEAP.hash(secret), display=display_form("pmcp_", parts.key_id),
+                    created_at=time.time(), **kw)  # fmt: skip
+    return rec.to_dict(), key
+
+
+async def test_a_hash_copied_to_a_second_keys_file_entry_is_refused(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """An operator copies an entry to make a broader key and keeps the hash (the same secret). Anyone
+    holding the narrow key could then become the broad one: its secret under the other id, with a
+    fresh checksum. Before the fix that crafted key answered 200 on a path only the broad key may
+    use; now the file is refused (the last good set stays) and the crafted key is unknown (401)."""
+    narrow, narrow_key = yaml_key(permissions=Permissions(upstreams=("plex",), paths=("/identity",)))
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [narrow]}))
+    store = {"kind": "yaml", "path": str(keys_file), "state_path": str(tmp_path / "state.db")}
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, store=store)
+    sc = await make_sidecar(cfg)
+    broad, crafted = yaml_key(secret_of=narrow_key)
+    broad["hash"] = narrow["hash"]  # the copied entry
+    keys_file.write_text(yaml.safe_dump({"keys": [narrow, broad]}))
+    await sc.sc.verifier.refresh(force=True)
+    resp = await sc.proxy.get("/library/sections", headers={"X-Plex-Token": crafted})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_key"
+    assert "keys[1].hash" in str(getattr(sc.sc.store, "last_error", ""))
+    resp = await sc.proxy.get("/identity", headers={"X-Plex-Token": narrow_key})
+    assert resp.status == 200
