@@ -91,3 +91,18 @@ async def test_a_hash_copied_to_a_second_keys_file_entry_is_refused(
     assert "keys[1].hash" in str(getattr(sc.sc.store, "last_error", ""))
     resp = await sc.proxy.get("/identity", headers={"X-Plex-Token": narrow_key})
     assert resp.status == 200
+
+
+async def test_an_empty_upstream_list_is_refused_not_read_as_every_upstream(plex_sidecar: Running) -> None:
+    """``upstreams: []`` (a script whose list came out empty, a keys-file entry meant to reach nothing)
+    was stored as ``"*"``: a key for every upstream, including ones added later. Now 400 naming
+    the field, for the admin API as for the keys file (``Permissions.from_dict``)."""
+    for perms in ({"upstreams": []}, {"upstreams": [], "paths": ["/identity"]}):
+        status, body = await call(plex_sidecar, "POST", "/admin/keys", json={"name": "x", "permissions": perms})
+        assert status == 400, body
+        assert body["error"]["code"] == "bad_request" and "permissions.upstreams" in body["error"]["message"]
+    rec, _ = await plex_sidecar.create_key(name="y", permissions={"upstreams": ["plex"]})
+    status, body = await call(plex_sidecar, "PATCH", f"/admin/keys/{rec.id}", json={"permissions": {"upstreams": []}})
+    assert status == 400 and "permissions.upstreams" in body["error"]["message"], body
+    assert (await plex_sidecar.sc.store.get(rec.id)).permissions.upstreams == ("plex",)  # type: ignore[union-attr]
+    assert not [r for r in await plex_sidecar.sc.store.list_keys() if r.name == "x"]
