@@ -182,7 +182,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             return {}
         try:
             data = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]]
             raise BadRequest("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")

@@ -106,3 +106,16 @@ async def test_an_empty_upstream_list_is_refused_not_read_as_every_upstream(plex
     assert status == 400 and "permissions.upstreams" in body["error"]["message"], body
     assert (await plex_sidecar.sc.store.get(rec.id)).permissions.upstreams == ("plex",)  # type: ignore[union-attr]
     assert not [r for r in await plex_sidecar.sc.store.list_keys() if r.name == "x"]
+
+
+async def test_a_deeply_nested_body_is_400_not_500(plex_sidecar: Running) -> None:
+    """100 KB of nested brackets made ``json.loads`` raise RecursionError: a 500 with aiohttp's
+    text body (invariant 8). Now the designed 400 on every route that reads a body."""
+    rec, key = await plex_sidecar.create_key(name="d", owner="ann", permissions={"admin": True})
+    deep = "[" * 50_000 + "]" * 50_000
+    for method, path in (("POST", "/admin/keys"), ("PATCH", f"/admin/keys/{rec.id}"),
+                         ("POST", f"/admin/keys/{rec.id}/rotate")):  # fmt: skip
+        for who in (None, key):
+            status, body = await call(plex_sidecar, method, path, who, data=deep)
+            assert status == 400, (method, path, body)
+            assert body["error"]["code"] == "bad_request"
