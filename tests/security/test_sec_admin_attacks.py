@@ -119,3 +119,31 @@ async def test_a_deeply_nested_body_is_400_not_500(plex_sidecar: Running) -> Non
             status, body = await call(plex_sidecar, method, path, who, data=deep)
             assert status == 400, (method, path, body)
             assert body["error"]["code"] == "bad_request"
+
+
+async def test_a_keys_file_hash_too_costly_to_verify_is_refused(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Key ids are public (metrics, logs), so anyone can make the sidecar verify a guess against
+    any entry's hash. An entry with ``m=4194304,t=1000`` (4 GiB, a thousand passes: an edit gone
+    wrong) was loaded, and each guess would hold one of the two argon2 threads for minutes: no new
+    key could be verified. Now the file is refused (the last good set stays) and a guess for that
+    id is an unknown key: 401, no argon2."""
+    good, good_key = yaml_key(permissions=Permissions(upstreams=("plex",)))
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [good]}))
+    store = {"kind": "yaml", "path": str(keys_file), "state_path": str(tmp_path / "state.db")}
+    sc = await make_sidecar(base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, store=store))
+    for costly in ("m=4194304,t=1000,p=1", "m=8,t=100000,p=1", "m=65536,t=3,p=255"):
+        heavy, guess = yaml_key()
+        heavy["hash"] = heavy["hash"].replace("m=8,t=1,p=1", costly)
+        keys_file.write_text(yaml.safe_dump({"keys": [good, heavy]}))
+        await sc.sc.verifier.refresh(force=True)
+        assert heavy["id"] not in sc.sc.verifier.table, costly  # checked first: never run that argon2 here
+        assert "keys[1].hash" in str(getattr(sc.sc.store, "last_error", ""))
+        runs = sc.sc.verifier.argon2_runs
+        resp = await sc.proxy.get("/identity", headers={"X-Plex-Token": guess})
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_key"
+        assert sc.sc.verifier.argon2_runs == runs
+    resp = await sc.proxy.get("/identity", headers={"X-Plex-Token": good_key})
+    assert resp.status == 200
