@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import argon2
+import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
@@ -147,3 +150,77 @@ async def test_a_keys_file_hash_too_costly_to_verify_is_refused(
         assert sc.sc.verifier.argon2_runs == runs
     resp = await sc.proxy.get("/identity", headers={"X-Plex-Token": good_key})
     assert resp.status == 200
+
+
+async def slow_post(running: Running, path: str, key: str, body: bytes) -> tuple[asyncio.StreamReader, Any]:
+    """Send a request's headers and hold its body back: the request is authorised, not yet handled."""
+    reader, writer = await asyncio.open_connection(running.admin.host, running.admin.port)
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    writer.write(head.encode() + body[:1])
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.parametrize("change", ["revoke", "narrow"])
+async def test_a_request_begun_before_its_key_was_revoked_or_narrowed_cannot_finish_with_its_old_powers(
+    plex_sidecar: Running, change: str
+) -> None:
+    """A stolen delegate key opens requests and holds their bodies; the operator revokes the key (or
+    takes ``admin`` away); the bodies then arrive. Before the fix each request was judged with the
+    record read when its headers came, so the revoked key still created keys (201) that nobody knew
+    to revoke. Now the acting key is read again before the write: 401 revoked_key / 403."""
+    sc = plex_sidecar
+    me, key = await sc.create_key(name="ann-manager", owner="ann", permissions={"admin": True})
+    target, _ = await sc.create_key(name="ann-child", owner="ann")
+    body = json.dumps({"name": "planted"}).encode()
+    verified, real_verify = asyncio.Semaphore(0), sc.sc.verifier.verify
+
+    async def verify(raw: str, ip: str) -> KeyRecord:  # the real check, and a signal that it passed
+        rec = await real_verify(raw, ip)
+        verified.release()
+        return rec
+
+    sc.sc.verifier.verify = verify  # type: ignore[method-assign]
+    pending = [await slow_post(sc, "/admin/keys", key, body),
+               await slow_post(sc, f"/admin/keys/{target.id}/rotate", key, b"{}  ")]  # fmt: skip
+    for _ in pending:  # both requests authorised, with the key as it was
+        await asyncio.wait_for(verified.acquire(), 5)
+    sc.sc.verifier.verify = real_verify  # type: ignore[method-assign]
+    if change == "revoke":
+        status, _ = await call(sc, "DELETE", f"/admin/keys/{me.id}")
+    else:
+        status, _ = await call(sc, "PATCH", f"/admin/keys/{me.id}", json={"permissions": {"upstreams": ["*"]}})
+    assert status == 200
+    for (reader, writer), data in zip(pending, (body, b"{}  "), strict=True):
+        writer.write(data[1:])
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        got = json.loads(rest.partition(b"\r\n\r\n")[2])
+        want = (b"401", "revoked_key") if change == "revoke" else (b"403", "insufficient_permissions")
+        assert status_line.split()[1] == want[0], got
+        assert got["error"]["code"] == want[1]
+    names = [r.name for r in await sc.sc.store.list_keys()]
+    assert "planted" not in names and names.count("ann-child") == 1  # nothing created, nothing rotated
+    assert (await sc.sc.store.get(target.id)).rotated_to is None  # type: ignore[union-attr]
+
+
+async def test_a_console_session_whose_key_is_gone_is_never_taken_for_the_admin_token(plex_sidecar: Running) -> None:
+    """The console's acting key was ``None`` — the admin token — when a key session's record had
+    left the key table (an entry deleted from a keys file, applied while a POST's form was read):
+    that request ran with full power. Now it is refused as a revoked key."""
+    from sidecar.console import CONSOLE
+    from sidecar.core.errors import RevokedKey
+
+    me, key = await plex_sidecar.create_key(name="ann-manager", owner="ann", permissions={"admin": True})
+    resp = await plex_sidecar.admin.post("/signin", data={"token": key, "next": "/"}, allow_redirects=False)
+    assert resp.status == 303
+    console = plex_sidecar.admin.app[CONSOLE]
+    session = next(iter(console.sessions._table.values()))
+    assert console.acting_key(session) is plex_sidecar.sc.verifier.table[me.id]
+    del plex_sidecar.sc.verifier.table[me.id]  # what a reload without the entry leaves
+    assert not console.still_allowed(session)
+    with pytest.raises(RevokedKey):
+        console.acting_key(session)
