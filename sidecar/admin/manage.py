@@ -175,7 +175,7 @@ class KeyManager:
             )
         return expires
 
-    async def _acting(self, by: KeyRecord | None, now: float) -> KeyRecord | None:
+    async def current_actor(self, by: KeyRecord | None, now: float) -> KeyRecord | None:
         """The key making the request as the store holds it *now*, not as it was when the request's
         headers were read: a request held open (a slow body) must not finish with powers its key
         lost meanwhile — revoked, expired, ``admin`` taken away or narrowed. None: the admin token."""
@@ -241,7 +241,7 @@ class KeyManager:
         if "name" not in fields:
             raise BadRequest("name: required")
         kw = self._check_fields(fields, now)
-        by = await self._acting(by, now)
+        by = await self.current_actor(by, now)
         if by is not None and "owner" not in fields:
             kw["owner"] = by.owner  # a delegated key creates keys for its own owner
         kw["expires_at"] = self._cap_lifetime(kw.get("expires_at"), now, now)
@@ -295,7 +295,7 @@ class KeyManager:
         if not fields:
             raise BadRequest("nothing to change: send the fields to set")
         kw = self._check_fields(fields, now)
-        by = await self._acting(by, now)
+        by = await self.current_actor(by, now)
 
         def change(rec: KeyRecord) -> KeyRecord:
             if rec.state(now) == "revoked":
@@ -319,7 +319,7 @@ class KeyManager:
     async def revoke(self, key_id: str, actor: str, *, by: KeyRecord | None = None) -> KeyRecord:
         now = self.clock()
         self._writable(False)
-        by = await self._acting(by, now)
+        by = await self.current_actor(by, now)
 
         def change(rec: KeyRecord) -> KeyRecord:
             if by is not None:
@@ -351,7 +351,7 @@ class KeyManager:
         if not isinstance(grace, int | float) or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE:
             raise BadRequest(f"grace: expected a duration from 0 to {_human(MAX_GRACE)}")
         old = await self.get(key_id)
-        by = await self._acting(by, now)
+        by = await self.current_actor(by, now)
 
         def usable(rec: KeyRecord) -> None:
             if rec.state(now) != "active":

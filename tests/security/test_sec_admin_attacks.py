@@ -152,14 +152,41 @@ async def test_a_keys_file_hash_too_costly_to_verify_is_refused(
     assert resp.status == 200
 
 
-async def slow_post(running: Running, path: str, key: str, body: bytes) -> tuple[asyncio.StreamReader, Any]:
-    """Send a request's headers and hold its body back: the request is authorised, not yet handled."""
-    reader, writer = await asyncio.open_connection(running.admin.host, running.admin.port)
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
-    writer.write(head.encode() + body[:1])
-    await writer.drain()
-    return reader, writer
+async def slow_posts(running: Running, key: str, requests: list[tuple[str, bytes]]) -> list[Any]:
+    """Open ``requests`` (path, body) with ``key``, holding each body back, and return once the key
+    was verified for all of them: authorised with the key as it is now, not yet handled."""
+    verified, real_verify = asyncio.Semaphore(0), running.sc.verifier.verify
+
+    async def verify(raw: str, ip: str) -> KeyRecord:  # the real check, and a signal that it passed
+        rec = await real_verify(raw, ip)
+        verified.release()
+        return rec
+
+    running.sc.verifier.verify = verify  # type: ignore[method-assign]
+    out = []
+    for path, body in requests:
+        reader, writer = await asyncio.open_connection(running.admin.host, running.admin.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        writer.write(head.encode() + body[:1])
+        await writer.drain()
+        out.append((reader, writer, body))
+    for _ in requests:
+        await asyncio.wait_for(verified.acquire(), 5)
+    running.sc.verifier.verify = real_verify  # type: ignore[method-assign]
+    return out
+
+
+async def finish(pending: list[Any]) -> list[tuple[int, dict[str, Any]]]:
+    """Send the held bodies; each answer's status and JSON."""
+    answers = []
+    for reader, writer, body in pending:
+        writer.write(body[1:])
+        await writer.drain()
+        head, _, rest = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        answers.append((int(head.split()[1]), json.loads(rest)))
+    return answers
 
 
 @pytest.mark.parametrize("change", ["revoke", "narrow"])
@@ -174,34 +201,15 @@ async def test_a_request_begun_before_its_key_was_revoked_or_narrowed_cannot_fin
     me, key = await sc.create_key(name="ann-manager", owner="ann", permissions={"admin": True})
     target, _ = await sc.create_key(name="ann-child", owner="ann")
     body = json.dumps({"name": "planted"}).encode()
-    verified, real_verify = asyncio.Semaphore(0), sc.sc.verifier.verify
-
-    async def verify(raw: str, ip: str) -> KeyRecord:  # the real check, and a signal that it passed
-        rec = await real_verify(raw, ip)
-        verified.release()
-        return rec
-
-    sc.sc.verifier.verify = verify  # type: ignore[method-assign]
-    pending = [await slow_post(sc, "/admin/keys", key, body),
-               await slow_post(sc, f"/admin/keys/{target.id}/rotate", key, b"{}  ")]  # fmt: skip
-    for _ in pending:  # both requests authorised, with the key as it was
-        await asyncio.wait_for(verified.acquire(), 5)
-    sc.sc.verifier.verify = real_verify  # type: ignore[method-assign]
+    pending = await slow_posts(sc, key, [("/admin/keys", body), (f"/admin/keys/{target.id}/rotate", b"{}  ")])
     if change == "revoke":
         status, _ = await call(sc, "DELETE", f"/admin/keys/{me.id}")
     else:
         status, _ = await call(sc, "PATCH", f"/admin/keys/{me.id}", json={"permissions": {"upstreams": ["*"]}})
     assert status == 200
-    for (reader, writer), data in zip(pending, (body, b"{}  "), strict=True):
-        writer.write(data[1:])
-        await writer.drain()
-        answer = await reader.read()
-        writer.close()
-        status_line, _, rest = answer.partition(b"\r\n")
-        got = json.loads(rest.partition(b"\r\n\r\n")[2])
-        want = (b"401", "revoked_key") if change == "revoke" else (b"403", "insufficient_permissions")
-        assert status_line.split()[1] == want[0], got
-        assert got["error"]["code"] == want[1]
+    want = (401, "revoked_key") if change == "revoke" else (403, "insufficient_permissions")
+    for status, got in await finish(pending):
+        assert (status, got["error"]["code"]) == want, got
     names = [r.name for r in await sc.sc.store.list_keys()]
     assert "planted" not in names and names.count("ann-child") == 1  # nothing created, nothing rotated
     assert (await sc.sc.store.get(target.id)).rotated_to is None  # type: ignore[union-attr]
@@ -224,3 +232,19 @@ async def test_a_console_session_whose_key_is_gone_is_never_taken_for_the_admin_
     assert not console.still_allowed(session)
     with pytest.raises(RevokedKey):
         console.acting_key(session)
+
+
+async def test_a_quota_reset_begun_before_its_full_admin_key_was_revoked_is_refused(plex_sidecar: Running) -> None:
+    """The same held-body trick on ``POST /admin/keys/{id}/quota`` (full admin only): the reset was
+    judged with the key as it was when the headers came (200, the budget refilled); now 401."""
+    sc = plex_sidecar
+    ops, key = await sc.create_key(name="ops", permissions={"admin": "full"})
+    spender, _ = await sc.create_key(name="spender", quota="5/day")
+    status, _ = await call(sc, "POST", f"/admin/keys/{spender.id}/quota", json={"used": 5})
+    assert status == 200
+    pending = await slow_posts(sc, key, [(f"/admin/keys/{spender.id}/quota", b'{"used": 0}')])
+    assert (await call(sc, "DELETE", f"/admin/keys/{ops.id}"))[0] == 200
+    [(status, got)] = await finish(pending)
+    assert (status, got["error"]["code"]) == (401, "revoked_key"), got
+    status, body = await call(sc, "GET", f"/admin/keys/{spender.id}")
+    assert body["data"]["quota_status"][0]["used"] == 5, body
