@@ -248,3 +248,41 @@ async def test_a_quota_reset_begun_before_its_full_admin_key_was_revoked_is_refu
     assert (status, got["error"]["code"]) == (401, "revoked_key"), got
     status, body = await call(sc, "GET", f"/admin/keys/{spender.id}")
     assert body["data"]["quota_status"][0]["used"] == 5, body
+
+
+NARROW = {"upstreams": ["plex"], "methods": ["GET"], "paths": ["/library/*"], "admin": True}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/admin/keys", {"name": "c", "owner": "Ann", "permissions": {**NARROW, "admin": False}}),
+        ("POST", "/admin/keys", {"name": "c", "owner": "ann ", "permissions": {**NARROW, "admin": False}}),
+        ("POST", "/admin/keys", {"name": "c", "owner": None, "permissions": {**NARROW, "admin": False}}),
+        ("POST", "/admin/keys", {"name": "c", "permissions": {**NARROW, "upstreams": ["plex", "*"]}}),
+        ("POST", "/admin/keys", {"name": "c", "permissions": {**NARROW, "paths": ["/library/*", "/LIBRARY*"]}}),
+        ("POST", "/admin/keys", {"name": "c", "permissions": {**NARROW, "paths": ["/library*"]}}),
+        ("POST", "/admin/keys", {"name": "c", "permissions": {**NARROW, "methods": ["get", "post"]}}),
+        ("POST", "/admin/keys", {"name": "c", "permissions": {**NARROW, "admin": "full"}}),
+        ("PATCH", "/admin/keys/{wide}", {"name": "renamed"}),
+        ("POST", "/admin/keys/{wide}/rotate", {}),
+        ("DELETE", "/admin/keys/{full}", None),
+        ("PATCH", "/admin/keys/{full}", {"permissions": NARROW}),
+        ("POST", "/admin/keys/{self}/quota", {"used": 0}),
+    ],
+)
+async def test_a_delegate_cannot_reach_past_its_own_by_case_spacing_mixing_or_other_keys(
+    plex_sidecar: Running, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    """Owner spelled another way, ``"*"`` mixed into a list, a glob wider by case or a shorter
+    prefix, lowercase methods, and same-owner keys wider than the delegate (or ``admin: full``): 403,
+    and nothing in the store changes."""
+    sc = plex_sidecar
+    me, key = await sc.create_key(name="ann-manager", owner="ann", permissions=NARROW)
+    wide, _ = await sc.create_key(name="ann-wide", owner="ann", permissions={"upstreams": ["plex"]})
+    full, _ = await sc.create_key(name="ann-full", owner="ann", permissions={"admin": "full"})
+    before = sorted(json.dumps(r.to_stored(), sort_keys=True) for r in await sc.sc.store.list_keys())
+    url = path.format(wide=wide.id, full=full.id, self=me.id)
+    status, answer = await call(sc, method, url, key, **({} if body is None else {"json": body}))
+    assert (status, answer["error"]["code"]) == (403, "insufficient_permissions"), answer
+    assert sorted(json.dumps(r.to_stored(), sort_keys=True) for r in await sc.sc.store.list_keys()) == before
