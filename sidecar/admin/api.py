@@ -182,7 +182,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             return {}
         try:
             data = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]]
             raise BadRequest("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
@@ -221,6 +221,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         require_full_admin(request)  # a reset widens what a key may spend, its own included
         body = await body_of(request)
         parse(QuotaChange, body)
+        if not manages_all(await sc.manager().current_actor(acting_key(request), sc.clock())):  # after a slow body
+            raise Forbidden("this needs the admin token or a key with admin: full")
         status = await sc.limiter.adjust_quota(rec, body)  # {"used": 0} resets, {"add": -500} tops up
         await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "quota_adjusted", rec.id, body))
         return ok({"id": rec.id, "quota_status": status})

@@ -27,7 +27,7 @@ from ..auth.keys import display_form, generate_key
 from ..auth.models import KeyRecord, Permissions, iso, parse_time
 from ..auth.verify import argon2_pool, password_hasher
 from ..config import Config, parse_duration, parse_limit
-from ..core.errors import BadRequest, Conflict, NotFound
+from ..core.errors import BadRequest, Conflict, ExpiredKey, Forbidden, NotFound, RevokedKey
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
 from .delegation import check_grant, check_target
@@ -175,6 +175,23 @@ class KeyManager:
             )
         return expires
 
+    async def current_actor(self, by: KeyRecord | None, now: float) -> KeyRecord | None:
+        """The key making the request as the store holds it *now*, not as it was when the request's
+        headers were read: a request held open (a slow body) must not finish with powers its key
+        lost meanwhile — revoked, expired, ``admin`` taken away or narrowed. None: the admin token."""
+        if by is None:
+            return None
+        cur = await self.store.get(by.id)
+        state = "revoked" if cur is None else cur.state(now)
+        if state == "revoked":
+            raise RevokedKey("this API key has been revoked")
+        if state == "expired":
+            raise ExpiredKey("this API key has expired")
+        assert cur is not None
+        if not cur.permissions.admin:
+            raise Forbidden("this key does not have the admin permission")
+        return cur
+
     async def _check_owner_limit(self, owner: str | None, now: float) -> None:
         """A quick, early refusal (before argon2 runs); the binding check is in the store's write."""
         limit = self.config.keys.max_keys_per_owner
@@ -224,6 +241,7 @@ class KeyManager:
         if "name" not in fields:
             raise BadRequest("name: required")
         kw = self._check_fields(fields, now)
+        by = await self.current_actor(by, now)
         if by is not None and "owner" not in fields:
             kw["owner"] = by.owner  # a delegated key creates keys for its own owner
         kw["expires_at"] = self._cap_lifetime(kw.get("expires_at"), now, now)
@@ -277,6 +295,7 @@ class KeyManager:
         if not fields:
             raise BadRequest("nothing to change: send the fields to set")
         kw = self._check_fields(fields, now)
+        by = await self.current_actor(by, now)
 
         def change(rec: KeyRecord) -> KeyRecord:
             if rec.state(now) == "revoked":
@@ -300,6 +319,7 @@ class KeyManager:
     async def revoke(self, key_id: str, actor: str, *, by: KeyRecord | None = None) -> KeyRecord:
         now = self.clock()
         self._writable(False)
+        by = await self.current_actor(by, now)
 
         def change(rec: KeyRecord) -> KeyRecord:
             if by is not None:
@@ -331,12 +351,15 @@ class KeyManager:
         if not isinstance(grace, int | float) or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE:
             raise BadRequest(f"grace: expected a duration from 0 to {_human(MAX_GRACE)}")
         old = await self.get(key_id)
+        by = await self.current_actor(by, now)
 
         def usable(rec: KeyRecord) -> None:
             if rec.state(now) != "active":
                 raise Conflict(f"only an active key can be rotated (this one is {rec.state(now)})")
             if rec.rotated_to:
                 raise Conflict(f"this key was already rotated to {rec.rotated_to}; rotate that one")
+            if rec.parent_id is not None:  # its successor would be a plain key, no longer ended by its parent
+                raise Conflict("an OAuth grant cannot be rotated: its client renews its tokens itself")
             if by is not None:
                 check_target(self.config, by, rec, now)
 

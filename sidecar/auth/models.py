@@ -112,6 +112,8 @@ class Permissions:
         if not (isinstance(admin, bool) or admin in ("full", "delegate")):
             raise ValueError('permissions.admin: expected false, true (same as "delegate") or "full"')
         ups = _str_tuple(data.get("upstreams", ["*"]), "permissions.upstreams") or ("*",)
+        if data.get("upstreams") in ([], ()):  # "none" or "all"? Neither is safe to guess: "*" must be said
+            raise ValueError('permissions.upstreams: empty; give upstream ids, or "*" for every upstream')
         return cls(
             upstreams=ups,
             methods=tuple(m.upper() for m in _str_tuple(data.get("methods"), "permissions.methods")),

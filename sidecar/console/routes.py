@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..auth.models import KeyRecord
 from ..core.addresses import browser_origin, client_ip
-from ..core.errors import SidecarError, TooManyFailures
+from ..core.errors import RevokedKey, SidecarError, TooManyFailures
 from ..observe.recent import Entry, RecentRequests
 from ..store import ReadOnlyStore, StoreError
 from .forms import audit_detail
@@ -135,13 +135,16 @@ class Console:
         """The admin key a session signed in with, as the verifier sees it now (None: the admin token)."""
         if session.key_id is None:
             return None
-        return self.sc.verifier.table.get(session.key_id)
+        rec = self.sc.verifier.table.get(session.key_id)
+        if rec is None:  # gone since the request began: never None, which would mean the admin token
+            raise RevokedKey("this API key has been revoked")
+        return rec
 
     def still_allowed(self, session: Session) -> bool:
         """A key session ends the moment its key is revoked, expires or loses ``admin``."""
         if session.key_id is None:
             return bool(self.sc.config.admin.token)
-        rec = self.acting_key(session)
+        rec = self.sc.verifier.table.get(session.key_id)
         if rec is None or not rec.permissions.admin:
             return False
         return self.sc.verifier.state(rec, self.sc.clock()) == "active"

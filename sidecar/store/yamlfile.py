@@ -42,7 +42,10 @@ __all__ = ["YamlStore", "parse_keys_file"]
 log = logging.getLogger("sidecar.store")
 
 # What ``sidecar keys create`` writes: $argon2id$v=19$m=…,t=…,p=…$<salt>$<hash>, base64 without padding.
-_PHC_ARGON2ID = re.compile(r"\$argon2id\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{8,}\$[A-Za-z0-9+/]{6,}\Z")
+_PHC_ARGON2ID = re.compile(r"\$argon2id\$v=\d+\$m=(\d+),t=(\d+),p=(\d+)\$[A-Za-z0-9+/]{8,}\$[A-Za-z0-9+/]{6,}\Z")
+# Key ids are public, so anyone can make us verify a guess against any entry's hash: its cost must
+# stay near what we write (m=64 MiB, t=3, p=4). At most 4x that work, 256 MiB and 16 lanes.
+MAX_ARGON2_M, MAX_ARGON2_MT, MAX_ARGON2_P = 262_144, 4 * 65_536 * 3, 16
 
 
 def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord]:
@@ -59,6 +62,7 @@ def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord
     if not isinstance(entries, list):
         raise StoreError(f"{source}: keys: expected a list")
     out: dict[str, KeyRecord] = {}
+    hashes: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise StoreError(f"{source}: keys[{i}]: expected a mapping")
@@ -66,10 +70,22 @@ def parse_keys_file(text: str, source: str = "keys file") -> dict[str, KeyRecord
             rec = KeyRecord.from_dict(entry)
         except ValueError as e:
             raise StoreError(f"{source}: keys[{i}].{e}") from None
-        if not _PHC_ARGON2ID.match(rec.hash):  # e.g. a file cut short inside a hash
+        phc = _PHC_ARGON2ID.match(rec.hash)
+        if not phc:  # e.g. a file cut short inside a hash
             raise StoreError(f"{source}: keys[{i}].hash: not a complete argon2id hash")
+        m, t, par = (int(x) for x in phc.groups())
+        if m > MAX_ARGON2_M or m * t > MAX_ARGON2_MT or par > MAX_ARGON2_P:
+            raise StoreError(
+                f"{source}: keys[{i}].hash: argon2id parameters too costly to verify (m={m}, t={t}, p={par}; "
+                f"at most m={MAX_ARGON2_M}, m*t={MAX_ARGON2_MT}, p={MAX_ARGON2_P}); make it with `sidecar keys create`"
+            )
         if rec.id in out:
             raise StoreError(f"{source}: keys[{i}].id: duplicate id {rec.id!r}")
+        if rec.hash in hashes:  # one secret under two ids: its holder could present it as either key
+            raise StoreError(
+                f"{source}: keys[{i}].hash: the same hash as keys[{hashes[rec.hash]}] (each key needs its own)"
+            )
+        hashes[rec.hash] = i
         out[rec.id] = rec
     return out
 

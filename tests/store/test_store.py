@@ -35,7 +35,13 @@ HASH = HASHER.hash("x" * 48)
 def record(name: str = "k", **kw: Any) -> KeyRecord:
     key, parts = generate_key("pmcp_")
     kw.setdefault("created_at", 1_700_000_000.0)
-    return KeyRecord(id=parts.key_id, name=name, hash=HASH, display=display_form("pmcp_", parts.key_id, key), **kw)
+    return KeyRecord(
+        id=parts.key_id,
+        name=name,
+        hash=HASHER.hash(parts.secret),
+        display=display_form("pmcp_", parts.key_id, key),
+        **kw,
+    )
 
 
 def write_yaml(path: Path, records: list[KeyRecord]) -> None:
