@@ -356,7 +356,8 @@ class Verifier:
         for a key another process created since the last poll; not for throttled addresses)
         → cached verification or argon2id through the fair queue → revoked/expired.
         """
-        fingerprint = hashlib.sha256(raw.encode()).digest()
+        # surrogateescape: header bytes that are not UTF-8 arrive as lone surrogates (a 500 before).
+        fingerprint = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).digest()
         known = self._known.get(fingerprint)
         if known is not None and self.table.get(known.id) is known:
             return self._usable(known, self.clock())

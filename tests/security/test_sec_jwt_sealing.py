@@ -400,3 +400,20 @@ def test_keys_whose_ids_collide_both_open() -> None:
     assert rotated.unseal("tools", old).sid == "before"
     with pytest.raises(NotFound):
         Sealer([current]).unseal("tools", old)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"Authorization: Bearer pmcp_\xff\xfe", b"Authorization: ApiKey pmcp_\xed\xa0\x80abc", b"x-api-key: pmcp_\xff",
+     b"X-Plex-Token: \xff\xfe\xfd"],
+    ids=["bearer", "apikey-surrogate", "x-api-key", "x-plex-token"],
+)  # fmt: skip
+async def test_a_key_shaped_credential_with_non_utf8_bytes_is_401_not_500(gw: Running, line: bytes) -> None:
+    """The same bytes where an API key goes: the key verifier hashed the raw text as UTF-8 and raised."""
+    reader, writer = await asyncio.open_connection(gw.proxy.server.host, gw.proxy.server.port)
+    try:
+        writer.write(b"GET /library/sections HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + line + b"\r\n\r\n")
+        status, _, body = await asyncio.wait_for(read_response(reader, to_eof=True), 5)
+    finally:
+        writer.close()
+    assert (status, json.loads(body)["error"]["code"]) == (401, "invalid_key"), body
