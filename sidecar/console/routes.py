@@ -239,8 +239,12 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
 
 
 def _safe_next(value: str | None) -> str:
-    """Only a path on this listener (never //host or a scheme): no open redirect after sign-in."""
+    """Only a path on this listener (never //host or a scheme): no open redirect after sign-in.
+    Printable ASCII only: browsers drop tabs and newlines from a URL (``/<TAB>/evil`` is ``//evil``),
+    and a control character in ``Location`` would break the answer."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    if not all("!" <= c <= "~" for c in value):
         return "/"
     return value
 

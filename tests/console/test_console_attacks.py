@@ -1,0 +1,42 @@
+"""The console attacked: open redirects after sign-in, XSS through attacker-set text, hardened error pages.
+
+Each test plays the attacker (a key holder whose text shows up in the console, a website the
+operator visits, or someone on the network) and asserts what the operator's browser gets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
+from console_support import sign_in
+
+
+async def start(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, **over: Any) -> Running:
+    return await make_sidecar(base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, **over))
+
+
+EVIL_NEXT = ["/\t/evil.example/", "/\n/evil.example/", "/\r/evil.example", "/ /evil.example", "/%2F/evil.example",
+             "/\x00x", "/\u2028x", "/\x7f/evil.example"]  # fmt: skip
+
+
+@pytest.mark.parametrize("evil", EVIL_NEXT)
+async def test_next_after_sign_in_never_leaves_the_listener(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, evil: str
+) -> None:
+    """Browsers drop tabs and newlines from a URL: ``/<TAB>/evil`` would be ``//evil``, another site."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    resp = await sc.admin.post("/signin", data={"token": ADMIN_TOKEN, "next": evil}, allow_redirects=False)
+    assert resp.status == 303
+    print(repr(resp.headers["Location"]))
+    loc = resp.headers["Location"]
+    assert loc.startswith("/") and not any(c in loc for c in "\t\r\n\\ \x00\x7f") and not loc.startswith("//")
+    # Signed in already: the sign-in page sends the browser on at once.
+    resp = await sc.admin.get("/signin", params={"next": evil}, allow_redirects=False)
+    print(resp.status, repr(resp.headers.get("Location")))
+    assert resp.status == 303
+    loc = resp.headers["Location"]
+    assert loc.startswith("/") and not any(c in loc for c in "\t\r\n\\ \x00\x7f") and not loc.startswith("//")
