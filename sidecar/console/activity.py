@@ -76,11 +76,11 @@ async def activity_page(request: web.Request, console: Console, session: Session
     volumes.sort(key=lambda v: (-v["requests"], v["key"]))
 
     events = await sc.store.audit_log(f["key"] or None, AUDIT_LIMIT)
+    events = [e for e in events if full or e.key_id in mine]  # the filters' choices too: no other owner's actors
     audit = [
         {"e": e, "detail": audit_detail(e.detail), "name": names.get(e.key_id or "", "")}
         for e in events
-        if (full or e.key_id in mine)
-        and (not f["actor"] or e.actor == f["actor"])
+        if (not f["actor"] or e.actor == f["actor"])
         and (not f["action"] or e.action == f["action"])
         and e.at >= since
     ]
@@ -89,6 +89,6 @@ async def activity_page(request: web.Request, console: Console, session: Session
         failures=list(reversed(failures))[:SHOWN], failure_count=len(failures),
         by_reason=by_reason.most_common(), by_ip=by_ip.most_common(20),
         refusals=list(reversed(refusals))[:SHOWN], refusal_count=len(refusals), volumes=volumes[:20],
-        audit=audit[:SHOWN], reasons=sorted(console.recent.failures_by_reason),
+        audit=audit[:SHOWN], reasons=sorted(console.recent.failures_by_reason) if full else [],
         actions=sorted({e.action for e in events}), actors=sorted({e.actor for e in events}),
     )  # fmt: skip

@@ -40,3 +40,18 @@ async def test_next_after_sign_in_never_leaves_the_listener(
     assert resp.status == 303
     loc = resp.headers["Location"]
     assert loc.startswith("/") and not any(c in loc for c in "\t\r\n\\ \x00\x7f") and not loc.startswith("//")
+
+
+async def test_a_delegate_cannot_learn_other_owners_admins_from_the_activity_filters(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    _, boss_key = await sc.create_key(name="boss-a", owner="team-a", permissions={"admin": True})
+    other_boss, _ = await sc.create_key(name="boss-b", owner="team-b", permissions={"admin": True})
+    theirs, _ = await sc.create_key(name="team-b-key", owner="team-b")
+    await sc.sc.manager().revoke(theirs.id, f"console:key:{other_boss.id}", by=other_boss)
+    await sign_in(sc.admin, boss_key)
+    for query in ("", f"?key={theirs.id}", f"?actor=console:key:{other_boss.id}&action=revoked"):
+        html = await (await sc.admin.get("/activity" + query)).text()
+        assert other_boss.id not in html, query
+        assert theirs.id not in html.replace(f'value="{theirs.id}"', ""), query  # only the filter typed
