@@ -21,7 +21,7 @@ from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
 from ..core.addresses import client_ip
-from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized
+from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized, error_body
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
 from ..observe.usage import report as usage_report
@@ -115,6 +115,9 @@ class AdminHost(Protocol):
     def manager(self) -> KeyManager: ...
 
 
+ROUTER_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
 def create_admin_app(sc: AdminHost) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -128,6 +131,15 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             return ServiceUnavailable(str(e), {"Retry-After": "1"}).response()
         except StoreError as e:
             return ServiceUnavailable(str(e)).response()
+        except web.HTTPException as e:  # aiohttp's own (no route, wrong method, body too big): the designed JSON
+            if e.status not in ROUTER_ERRORS:
+                raise
+            body = error_body(ROUTER_ERRORS[e.status], e.reason)
+            resp = web.Response(status=e.status, body=body, content_type="application/json")
+            resp.headers["X-Content-Type-Options"] = "nosniff"
+            if "Allow" in e.headers:
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -80,9 +80,7 @@ async def activity_page(request: web.Request, console: Console, session: Session
     audit = [
         {"e": e, "detail": audit_detail(e.detail), "name": names.get(e.key_id or "", "")}
         for e in events
-        if (not f["actor"] or e.actor == f["actor"])
-        and (not f["action"] or e.action == f["action"])
-        and e.at >= since
+        if (not f["actor"] or e.actor == f["actor"]) and (not f["action"] or e.action == f["action"]) and e.at >= since
     ]
     return console.render(
         request, "activity.html", session=session, f=f, window=window, windows=list(WINDOWS), full=full,

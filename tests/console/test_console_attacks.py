@@ -55,3 +55,27 @@ async def test_a_delegate_cannot_learn_other_owners_admins_from_the_activity_fil
         html = await (await sc.admin.get("/activity" + query)).text()
         assert other_boss.id not in html, query
         assert theirs.id not in html.replace(f'value="{theirs.id}"', ""), query  # only the filter typed
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/nope", 404, "not_found"), ("GET", "/keys/x/rotate", 405, "method_not_allowed"),
+     ("PUT", "/keys/new", 405, "method_not_allowed"), ("GET", "/signout", 405, "method_not_allowed"),
+     ("HEAD", "/signin/once/x", 405, "method_not_allowed"), ("POST", "/keys/new", 413, "payload_too_large")],
+)  # fmt: skip
+async def test_the_admin_listeners_own_refusals_are_designed_errors(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, method: str, path: str, status: int,
+    code: str,
+) -> None:  # fmt: skip
+    """aiohttp's router answered these in text/plain without ``nosniff``; now the designed JSON error."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    await sign_in(sc.admin)
+    data = {"name": "x" * (3 << 20)} if status == 413 else None
+    resp = await sc.admin.request(method, path, data=data, allow_redirects=False)
+    assert resp.status == status
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    if method != "HEAD":
+        body = await resp.json()
+        assert body["success"] is False and body["error"]["code"] == code
+    if status == 405:
+        assert resp.headers["Allow"]
