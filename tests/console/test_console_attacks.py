@@ -79,3 +79,26 @@ async def test_the_admin_listeners_own_refusals_are_designed_errors(
         assert body["success"] is False and body["error"]["code"] == code
     if status == 405:
         assert resp.headers["Allow"]
+
+
+XSS = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+async def test_text_a_key_holder_controls_is_escaped_on_every_page(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Name, description, owner (a delegate sets them), request paths and audit details, as text only."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    rec, key = await sc.create_key(name="n" + XSS, description=XSS, owner="o" + XSS)
+    await sc.proxy.get(f"/library/{XSS}?q={XSS}", headers={"X-Plex-Token": key, "User-Agent": XSS})
+    await sc.proxy.get("/library/x", headers={"X-Plex-Token": key + "0", "User-Agent": XSS})
+    hidden = await sign_in(sc.admin)
+    await sc.admin.post(f"/keys/{rec.id}/revoke", data={"csrf": hidden["csrf"]})
+    for path in ("/", f"/?q={XSS}&owner={XSS}", f"/keys/{rec.id}", f"/keys/{rec.id}/edit", f"/keys/{rec.id}/revoke",
+                 f"/activity?ip={XSS}&key={XSS}", '/keys/"><script>alert(1)<img src=x onerror=alert(2)>'):  # fmt: skip
+        resp = await sc.admin.get(path)
+        html = await resp.text()
+        assert "<script>alert" not in html and "<img src=x" not in html, path
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'"), path
+        if path.startswith("/keys/"):  # shown, as text
+            assert "&lt;script&gt;alert(1)" in html or "%3Cscript%3Ealert(1)" in html, path
