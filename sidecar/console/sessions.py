@@ -6,7 +6,7 @@ TLS, ``Secure`` with the ``__Host-`` prefix (no Domain, Path=/: no sibling host 
 shadow it). The table is keyed by a hash of the id, so not even a memory dump of the table
 yields a cookie that works. A session ends after ``admin.console.session_idle`` without a
 request, ``session_lifetime`` after sign-in whatever happens, at sign-out, or when the table
-is full and it is the least recently used one.
+is full and it is the least recently used one of the actor (admin token, or key) holding the most.
 
 Each session carries its own CSRF token (the synchronizer-token pattern): every form that
 changes something sends it back and it is compared in constant time. Creation and rotation
@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -106,8 +106,16 @@ class SessionStore:
         session = Session(actor=actor, key_id=key_id, created=now, seen=now)
         self._table[_digest(sid)] = session
         while len(self._table) > self.max_sessions:
-            self._table.popitem(last=False)
+            self._evict()
         return sid, session
+
+    def _evict(self) -> None:
+        """The table is full: the least recently used session of the actor holding the most goes, so one
+        credential signing in again and again drops its own sessions, not an operator's."""
+        counts = Counter(s.actor for s in self._table.values())
+        top = max(counts.values())
+        victim = next(h for h, s in self._table.items() if counts[s.actor] == top)  # least recently used first
+        del self._table[victim]
 
     def get(self, sid: str | None) -> Session | None:
         """The live session for a cookie value (and note the activity), or None."""

@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 from console_support import sign_in
 
+from sidecar.console import CONSOLE
+
 
 async def start(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, **over: Any) -> Running:
     return await make_sidecar(base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, **over))
@@ -102,3 +104,24 @@ async def test_text_a_key_holder_controls_is_escaped_on_every_page(
         assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'"), path
         if path.startswith("/keys/"):  # shown, as text
             assert "&lt;script&gt;alert(1)" in html or "%3Cscript%3Ealert(1)" in html, path
+
+
+async def test_a_delegate_signing_in_again_and_again_evicts_only_its_own_sessions(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """The session table is bounded; a full table used to drop the least recently used session,
+    whoever's: any admin key could sign the operator out by signing in ``max_sessions`` times."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    sc.admin.server.app[CONSOLE].sessions.max_sessions = 4
+    _, delegate_key = await sc.create_key(name="boss-a", owner="team-a", permissions={"admin": True})
+    resp = await sc.admin.post("/signin", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    operator = resp.cookies["sidecar_console"].value
+    for _ in range(10):
+        sc.admin.session.cookie_jar.clear()
+        resp = await sc.admin.post("/signin", data={"token": delegate_key}, allow_redirects=False)
+        assert resp.status == 303
+        latest = resp.cookies["sidecar_console"].value
+    sc.admin.session.cookie_jar.clear()
+    for sid in (operator, latest):
+        resp = await sc.admin.get("/", headers={"Cookie": f"sidecar_console={sid}"}, allow_redirects=False)
+        assert resp.status == 200
