@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -115,6 +116,7 @@ class AdminHost(Protocol):
     def manager(self) -> KeyManager: ...
 
 
+log = logging.getLogger("sidecar.admin")
 ROUTER_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -140,6 +142,11 @@ def create_admin_app(sc: AdminHost) -> web.Application:
             if "Allow" in e.headers:
                 resp.headers["Allow"] = e.headers["Allow"]
             return resp
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:  # a bug of ours: logged (redacted, as every record is), and the designed JSON 500
+            log.exception("admin: %s %s failed", request.method, request.path)
+            return SidecarError("internal error").response()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -250,3 +250,20 @@ async def test_hashes_never_leave_the_store(plex_sidecar: Running, tmp_path: Pat
     plex_sidecar.sc.access_log.close()
     access_log = Path(plex_sidecar.config.log.access).read_text()
     assert kid in access_log and "$argon2" not in access_log and created["key"] not in access_log
+
+
+async def test_a_bug_in_an_admin_route_is_the_designed_json_500_and_a_log_line(
+    plex_sidecar: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route that raises (a bug of ours, not bad input): the caller gets the designed JSON error
+    with no traceback, and the log says what broke; aiohttp's text/plain 500 never goes out."""
+
+    def broken() -> Any:
+        raise RuntimeError("no_such_thing")
+
+    plex_sidecar.sc.manager = broken  # type: ignore[method-assign]
+    resp = await plex_sidecar.admin.post("/admin/keys", json={"name": "x"}, headers=plex_sidecar.admin_headers())
+    assert resp.status == 500 and resp.content_type == "application/json"
+    assert await resp.json() == {"success": False, "error": {"code": "internal_error", "message": "internal error"}}
+    logged = [r for r in caplog.records if r.getMessage() == "admin: POST /admin/keys failed"]
+    assert logged and "no_such_thing" in (logged[0].exc_text or ""), caplog.text
