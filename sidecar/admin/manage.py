@@ -20,6 +20,7 @@ import asyncio
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +36,16 @@ from .delegation import check_grant, check_target
 __all__ = ["KeyManager", "parse_expires"]
 
 _MAX_NAME = 200
+
+
+def _plain(text: str, multiline: bool = False) -> bool:
+    """No control or format characters: a name with U+202E renders as another key's name in the
+    console and the lists, a NUL or a newline breaks lines that quote it (a description may wrap)."""
+    return not any(
+        (cat := unicodedata.category(ch)) == "Cf" or (cat == "Cc" and not (multiline and ch in "\n\t")) for ch in text
+    )
+
+
 _MAX_DESCRIPTION = 2000
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can show
@@ -82,6 +93,8 @@ class KeyManager:
             name = fields["name"]
             if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
                 raise BadRequest(f"name: required, 1-{_MAX_NAME} characters")
+            if not _plain(name):
+                raise BadRequest("name: no control or bidirectional-format characters")
             out["name"] = name.strip()
         for f in ("description", "owner"):
             if f in fields:
@@ -91,6 +104,8 @@ class KeyManager:
                 longest = _MAX_DESCRIPTION if f == "description" else _MAX_NAME
                 if v is not None and len(v) > longest:  # the owner is a metrics label too
                     raise BadRequest(f"{f}: at most {longest} characters")
+                if v is not None and not _plain(v, multiline=f == "description"):
+                    raise BadRequest(f"{f}: no control or bidirectional-format characters")
                 out[f] = (v or "") if f == "description" else (v or None)
         if "permissions" in fields:
             try:

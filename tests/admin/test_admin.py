@@ -267,3 +267,27 @@ async def test_a_bug_in_an_admin_route_is_the_designed_json_500_and_a_log_line(
     assert await resp.json() == {"success": False, "error": {"code": "internal_error", "message": "internal error"}}
     logged = [r for r in caplog.records if r.getMessage() == "admin: POST /admin/keys failed"]
     assert logged and "no_such_thing" in (logged[0].exc_text or ""), caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("name", "team-b\u202eyek"), ("name", "ci\x00key"), ("name", "two\nlines"), ("owner", "acme\u2066"),
+     ("owner", "acme\tcorp"), ("description", "note\u202e"), ("description", "bell\x07")],
+)  # fmt: skip
+async def test_names_that_render_as_other_text_are_refused(plex_sidecar: Running, field: str, value: str) -> None:
+    """A right-to-left override makes ``team-b\u202eyek`` show as another key's name in the console
+    and the lists; a NUL or a newline breaks whatever quotes it. Refused on create and on edit; a
+    description may still wrap (newlines and tabs)."""
+    h = plex_sidecar.admin_headers()
+    body = {"name": "k", **{field: value}}
+    resp = await plex_sidecar.admin.post("/admin/keys", json=body, headers=h)
+    answer = await resp.json()
+    assert (resp.status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert answer["error"]["message"].startswith(f"{field}: no control"), answer
+    created = await plex_sidecar.admin.post("/admin/keys", json={"name": "k"}, headers=h)
+    kid = (await created.json())["data"]["id"]
+    resp = await plex_sidecar.admin.patch(f"/admin/keys/{kid}", json={field: value}, headers=h)
+    assert resp.status == 400
+    wraps = {"description": "line one\nline two\tend"}
+    ok = await plex_sidecar.admin.patch(f"/admin/keys/{kid}", json=wraps, headers=h)
+    assert ok.status == 200
