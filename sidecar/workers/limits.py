@@ -180,6 +180,8 @@ class _OwnerConn(asyncio.Protocol):
             _, _, pid, buckets, rates, quota = msg
             rules = tuple(RateRule(parse_limit(t), "", "", iv, cap, "") for t, iv, cap in rates)
             q = QuotaRule(parse_limit(quota), "") if quota is not None else None
+            if pid not in self.plans and len(self.plans) >= MAX_PLANS:  # a peer that never says "c"
+                self.plans.clear()
             self.plans[pid] = Plan(rules, q, None, "*", "", tuple(buckets))
         elif op == "c":
             self.plans.clear()

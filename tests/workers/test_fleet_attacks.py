@@ -19,17 +19,22 @@ from sidecar.limits.quota import QuotaBook
 from sidecar.store import SqliteStore
 from sidecar.workers.limits import MAX_LINE, LimitsOwner
 
+OWNERS: dict[str, LimitsOwner] = {}
+
 
 @pytest.fixture
 async def owner_path(tmp_path: Path) -> AsyncIterator[str]:
+    """The path of a real owner's socket (the owner itself: ``OWNERS[path]``)."""
     store = SqliteStore(tmp_path / "keys.db")
     await store.open()
     owner = LimitsOwner(MemoryBackend(), QuotaBook(store), {})
     path = str(tmp_path / "limits.sock")
     await owner.start(path)
+    OWNERS[path] = owner
     try:
         yield path
     finally:
+        del OWNERS[path]
         await owner.close()
         await store.close()
 
@@ -77,3 +82,25 @@ async def test_an_endless_line_is_cut_off_and_others_are_still_served(owner_path
     finally:
         writer.close()
         other_w.close()
+
+
+async def test_a_flood_of_plans_is_bounded_on_the_owner(owner_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_PLANS was only the client's promise: a peer registering plans and never clearing them
+    grew the owner's table without bound. Now the owner starts over itself (a conforming worker,
+    which clears at the same count, never sees it)."""
+    from sidecar.workers import limits
+
+    monkeypatch.setattr(limits, "MAX_PLANS", 50)
+    reader, writer = await asyncio.open_unix_connection(owner_path)
+    try:
+        for pid in range(1, 201):
+            writer.write(json.dumps([0, "p", pid, [f"b{pid}"], [["5/minute", 12_000_000, 60_000_000]], None]).encode())
+            writer.write(b"\n")
+        assert await _ping(reader, writer, 1) == [1, 1]
+        (conn,) = OWNERS[owner_path].conns
+        assert len(conn.plans) <= 50
+        writer.write(json.dumps([2, "e", 200, 1, 0, None, 0]).encode() + b"\n")  # the newest plan still answers
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        assert reply[0] == 2 and reply[1] is True
+    finally:
+        writer.close()
