@@ -228,7 +228,9 @@ def _private_dir() -> str:
         shutil.rmtree(d)
         d = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir="/tmp")
     _sweep_stale(os.path.dirname(d))
-    Path(d, "supervisor.pid").write_text(str(os.getpid()))
+    fd = os.open(Path(d, "supervisor.pid"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # invariant 11, umask or not
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
     return d
 
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from workers_support import slow_upstream, workers_process, write_config
 
 from sidecar.limits.gcra import MemoryBackend
 from sidecar.limits.quota import QuotaBook
 from sidecar.store import SqliteStore
 from sidecar.workers.limits import MAX_LINE, LimitsOwner
+from sidecar.workers.supervisor import PRIVATE_PREFIX
 
 OWNERS: dict[str, LimitsOwner] = {}
 
@@ -104,3 +110,28 @@ async def test_a_flood_of_plans_is_bounded_on_the_owner(owner_path: str, monkeyp
         assert reply[0] == 2 and reply[1] is True
     finally:
         writer.close()
+
+
+async def test_the_hosts_private_directory_is_its_users_only(tmp_path: Path, aiohttp_server: Any) -> None:
+    """Invariant 11 on a running host: another local user reaches neither the limits owner nor a
+    worker's admin socket (per-key metrics, quota resets), nor reads the bucket tables."""
+    up = await aiohttp_server(slow_upstream())
+    config = write_config(tmp_path, str(up.make_url("")))
+    old = os.umask(0o022)  # an ordinary umask: what the sidecar makes must not depend on it
+    try:
+        async with workers_process(config, "--workers", "2") as host:
+            dirs = [d for base in ("/dev/shm", tempfile.gettempdir()) for d in Path(base).glob(PRIVATE_PREFIX + "*")]
+            found = [d for d in dirs if (d / "supervisor.pid").is_file()
+                     and (d / "supervisor.pid").read_text() == str(host.proc.pid)]  # fmt: skip
+            assert len(found) == 1
+            assert stat.S_IMODE(found[0].stat().st_mode) == 0o700
+            kinds = {}
+            for f in found[0].iterdir():
+                mode = f.lstat().st_mode
+                kinds[f.name] = "socket" if stat.S_ISSOCK(mode) else "file"
+                if stat.S_ISREG(mode):
+                    assert stat.S_IMODE(mode) & 0o077 == 0, (f.name, oct(mode))
+            assert list(kinds.values()).count("socket") >= 3  # the owner's and each worker's admin socket
+    finally:
+        os.umask(old)
+    assert not found[0].exists()  # removed at a clean stop
