@@ -106,6 +106,9 @@ class RedisBackend:
             out = await self.script(keys=keys, args=args)
         except self.errors as e:
             raise BackendDown(f"{type(e).__name__}: {e}") from None
+        # Not the script's answer (a proxy or another server speaking RESP): the backend is down, not a 500.
+        if not isinstance(out, list) or len(out) != len(plan.rates) + 2 or not all(type(x) is int for x in out):
+            raise BackendDown(f"the rate-limit backend answered {type(out).__name__}, not the script's reply")
         used = int(out[-1])
         return Outcome(bool(out[0]), [int(x) for x in out[1:-1]], used if used >= 0 else None)
 
