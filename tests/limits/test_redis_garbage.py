@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import MakeSidecar
+from conftest import ADMIN_TOKEN, MakeSidecar
 from redis_support import cfg, get
 
 REPLIES = [b"+OK\r\n", b":5\r\n", b"*0\r\n", b"*3\r\n:1\r\n$3\r\nabc\r\n:0\r\n", b"*2\r\n:1\r\n:0\r\n"]
@@ -40,7 +40,11 @@ async def test_a_garbage_reply_is_on_redis_error_not_a_500(
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, fake_redis: SimpleNamespace
 ) -> None:
     r = await make_sidecar(cfg(plex_upstream, tmp_path, fake_redis, default=["100/minute"], on_redis_error="deny"))
-    _, k = await r.create_key()
+    rec, k = await r.create_key(quota="100/day")
     resp = await get(r, k)
     assert resp.status == 503, await resp.text()
     assert (await resp.json())["error"]["code"] == "service_unavailable"
+    shown = await r.admin.get(f"/admin/keys/{rec.id}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert shown.status == 200, await shown.text()  # the quota it cannot read is marked, not a 500
+    (status,) = (await shown.json())["data"]["quota_status"]
+    assert status["used"] in (None, 5)  # ":5" is a count; the rest are not
