@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import AsyncIterator
@@ -17,13 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar, base_config
 from workers_support import slow_upstream, workers_process, write_config
 
+from sidecar.app import create_apps
 from sidecar.limits.gcra import MemoryBackend
 from sidecar.limits.quota import QuotaBook
 from sidecar.store import SqliteStore
 from sidecar.workers.limits import MAX_LINE, LimitsOwner
-from sidecar.workers.supervisor import PRIVATE_PREFIX
+from sidecar.workers.recent import RECENT_PATH
+from sidecar.workers.supervisor import PRIVATE_PREFIX, WorkerPool, _console, _host_metrics, _host_recent
+from sidecar.workers.worker import admin_socket
 
 OWNERS: dict[str, LimitsOwner] = {}
 
@@ -135,3 +142,39 @@ async def test_the_hosts_private_directory_is_its_users_only(tmp_path: Path, aio
     finally:
         os.umask(old)
     assert not found[0].exists()  # removed at a clean stop
+
+
+async def test_an_anonymous_console_page_scrapes_no_worker(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The supervisor merged every worker's recent requests into a console page before the console
+    knew who asked: each anonymous GET of /activity or /keys/ID (answered with a sign-in redirect)
+    cost a scrape of every worker's rings (and a walk of the key table)."""
+    r = await make_sidecar(base_config(str(plex_upstream.make_url("")), tmp_path))
+    hits: list[str] = []
+
+    async def rings(request: web.Request) -> web.Response:
+        hits.append(request.path_qs)
+        return web.json_response({"keys": {}})
+
+    worker = web.Application()
+    worker.router.add_get(RECENT_PATH, rings)
+    runner = web.AppRunner(worker)
+    await runner.setup()
+    directory = tmp_path / "host"
+    directory.mkdir()
+    await web.UnixSite(runner, admin_socket(str(directory), 0)).start()
+    sock = socket.socket()
+    pool = WorkerPool(1, "unused.yaml", str(directory), sock, inherit=False)
+    try:
+        _, admin = create_apps(r.sc)
+        admin.middlewares.append(_host_metrics(r.sc, pool, _host_recent(admin), _console(admin)))
+        client = await aiohttp_client(admin)
+        for path in ("/activity", "/keys/abc"):
+            resp = await client.get(path, allow_redirects=False)
+            assert resp.status in (302, 303, 401), (path, resp.status)
+        assert hits == []
+    finally:
+        pool.inflight.close()
+        sock.close()
+        await runner.cleanup()
