@@ -46,6 +46,8 @@ def describe_dsn(dsn: str) -> str:
         port = parts.port
     except ValueError:
         return "postgres (unparsable DSN)"
+    if parts.scheme not in _SCHEMES:  # e.g. a libpq "host=… password=…" string: quoting it would show the password
+        return "postgres (unparsable DSN)"
     query = parse_qs(parts.query)
     if not host and query.get("host"):
         host = query["host"][0]  # a unix socket directory

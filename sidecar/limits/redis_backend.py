@@ -10,6 +10,8 @@ Failures surface as ``BackendDown``; ``RateLimiter`` applies ``on_redis_error``.
 
 from __future__ import annotations
 
+import contextlib
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -84,6 +86,16 @@ def _redis_client(url: str) -> Redis:
     )
 
 
+def _count(value: object) -> int:
+    """A stored counter; anything else is the backend failing (``errors``: the caller's designed answer)."""
+    if value is None:
+        return 0
+    if isinstance(value, bytes | str | int):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise RedisError(f"the rate-limit backend answered {type(value).__name__}, not a count")
+
+
 class RedisBackend:
     """Buckets and quotas in Redis, shared by every replica pointed at it."""
 
@@ -106,12 +118,14 @@ class RedisBackend:
             out = await self.script(keys=keys, args=args)
         except self.errors as e:
             raise BackendDown(f"{type(e).__name__}: {e}") from None
+        # Not the script's answer (a proxy or another server speaking RESP): the backend is down, not a 500.
+        if not isinstance(out, list) or len(out) != len(plan.rates) + 2 or not all(type(x) is int for x in out):
+            raise BackendDown(f"the rate-limit backend answered {type(out).__name__}, not the script's reply")
         used = int(out[-1])
         return Outcome(bool(out[0]), [int(x) for x in out[1:-1]], used if used >= 0 else None)
 
     async def get_used(self, qkey: CounterKey) -> int:
-        value = await self.client.get(quota_key(qkey))
-        return int(value or 0)
+        return _count(await self.client.get(quota_key(qkey)))
 
     async def set_used(self, qkey: CounterKey, ttl: int, used: int) -> int:
         await self.client.set(quota_key(qkey), used, ex=ttl)
@@ -123,7 +137,7 @@ class RedisBackend:
             p.incrby(k, delta)
             p.expire(k, ttl)
             value, _ = await p.execute()
-        return int(value)
+        return _count(value)
 
     async def ping(self) -> None:
         await self.client.ping()

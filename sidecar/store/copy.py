@@ -61,6 +61,11 @@ def parse_endpoint(spec: str, env: Mapping[str, str] | None = None) -> Endpoint:
         dsn = env.get(rest, "")
         if not dsn:
             raise ValueError(f"postgres:{rest}: environment variable {rest} is not set")
+        from ..config.postgres import check_dsn
+
+        bad = check_dsn(dsn)  # as the config does: never quote (nor describe) a DSN that is not a URL
+        if bad:
+            raise ValueError(f"postgres:{rest}: {bad}")
         return Endpoint("postgres", dsn)
     raise ValueError(f"{spec!r}: expected sqlite:PATH or postgres:ENV_VAR")
 

@@ -84,6 +84,20 @@ MIGRATIONS: list[tuple[str, str]] = [
             client_id text PRIMARY KEY, data jsonb NOT NULL, created_at double precision NOT NULL);
         """,
     ),
+    (
+        # Any writer (psql too) takes the sidecar's key lock before its rows get a seq: an UPDATE by hand
+        # that committed after a sidecar write with a higher seq was skipped by every replica's poll.
+        "key writes by any client take the key lock, so seq order stays commit order",
+        f"""
+        CREATE FUNCTION sidecar_keys_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock({KEYS_LOCK});
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER sidecar_keys_lock BEFORE INSERT OR UPDATE OR DELETE ON sidecar_keys
+            FOR EACH STATEMENT EXECUTE FUNCTION sidecar_keys_lock();
+        """,
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -54,6 +54,7 @@ TIMEOUT = 0.5  # seconds an answer may take before the check is decided by on_re
 QUOTA_TIMEOUT = 6.0
 STORE_DOWN = "the quota store is unavailable"  # the owner's answer when it cannot read a quota: fail closed
 MAX_PLANS = 50_000  # plans one worker may have registered before both sides start over
+MAX_LINE = 1 << 20  # bytes of one question: a peer sending more without a newline is cut off, not buffered
 
 
 def _dumps(msg: list[Any]) -> bytes:
@@ -148,6 +149,11 @@ class _OwnerConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = (self.buf + data).split(b"\n")
         self.buf = lines.pop()
+        if len(self.buf) > MAX_LINE and self.transport is not None:  # memory and re-split time stay bounded
+            log.warning("workers: a limiter peer sent a line over %d bytes; disconnected", MAX_LINE)
+            self.buf = b""
+            self.transport.abort()
+            return
         out: list[bytes] = []
         for line in lines:
             if line:
@@ -174,6 +180,8 @@ class _OwnerConn(asyncio.Protocol):
             _, _, pid, buckets, rates, quota = msg
             rules = tuple(RateRule(parse_limit(t), "", "", iv, cap, "") for t, iv, cap in rates)
             q = QuotaRule(parse_limit(quota), "") if quota is not None else None
+            if pid not in self.plans and len(self.plans) >= MAX_PLANS:  # a peer that never says "c"
+                self.plans.clear()
             self.plans[pid] = Plan(rules, q, None, "*", "", tuple(buckets))
         elif op == "c":
             self.plans.clear()

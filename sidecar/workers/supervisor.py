@@ -228,7 +228,9 @@ def _private_dir() -> str:
         shutil.rmtree(d)
         d = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir="/tmp")
     _sweep_stale(os.path.dirname(d))
-    Path(d, "supervisor.pid").write_text(str(os.getpid()))
+    fd = os.open(Path(d, "supervisor.pid"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # invariant 11, umask or not
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
     return d
 
 
@@ -286,7 +288,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         pool.start()
         await pool.wait_ready()
         _, admin = create_apps(sc)  # the admin app as one process has it: API, console, OAuth admin routes
-        admin.middlewares.append(_host_metrics(sc, pool, _host_recent(admin)))
+        admin.middlewares.append(_host_metrics(sc, pool, _host_recent(admin), _console(admin)))
         admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
         ahost, aport = _host_port(config.admin.listen)
@@ -334,6 +336,13 @@ def _with_workers(resp: web.StreamResponse, pool: WorkerPool) -> web.StreamRespo
     return web.json_response(body, status=200 if ready else 503)
 
 
+def _console(admin: web.Application) -> Any:
+    """The admin app's console (None when it is off): whose sessions may read the workers' rings."""
+    from ..console import CONSOLE
+
+    return admin.get(CONSOLE)
+
+
 def _host_recent(admin: web.Application) -> HostRecent | None:
     """The console's recent requests, switched to the host's (every worker's, merged on demand)."""
     from ..console import CONSOLE
@@ -345,7 +354,7 @@ def _host_recent(admin: web.Application) -> HostRecent | None:
     return console.recent
 
 
-def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = None) -> Any:
+def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = None, console: Any = None) -> Any:
     """``/metrics``, ``/readyz`` and the console's recent requests on the admin listener: the host's."""
 
     def grants(key_id: str) -> list[str]:
@@ -353,7 +362,10 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = Non
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        path = wanted(request, grants) if recent is not None else None
+        # Only for a signed-in operator: an anonymous GET of a console page (a redirect to sign in) cost
+        # a scrape of every worker and a walk of the key table (invariant 6: refusals are cheap).
+        signed_in = console is not None and console.session(request) is not None
+        path = wanted(request, grants) if recent is not None and signed_in else None
         if path is not None and recent is not None:
             recent.load(await pool.recent(path), full=path == RECENT_PATH)
             return await handler(request)  # type: ignore[no-any-return]

@@ -195,7 +195,7 @@ async def test_a_version_1_database_is_migrated_with_its_keys(pg_dsn: str) -> No
         assert await s.oauth_get("e" * 64) is not None and (await s.get(rec.id)) == rec
     finally:
         await s.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
 
 
 # ------------------------------------------------------------------ store copy
