@@ -303,7 +303,10 @@ def create_admin_app(sc: AdminHost) -> web.Application:
 
     async def purge_cache(request: web.Request) -> web.Response:
         require_full_admin(request)
-        n = sc.cache.purge(query_str(request, "upstream"), query_str(request, "path"))
+        upstream, path = query_str(request, "upstream"), query_str(request, "path")
+        n = sc.cache.purge(upstream, path)
+        detail = {k: v for k, v in (("upstream", upstream), ("path", path)) if v} | {"purged": n}
+        await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "cache_purged", None, detail))  # who emptied it
         return ok({"purged": n})
 
     async def openapi(request: web.Request) -> web.Response:

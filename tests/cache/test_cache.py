@@ -581,6 +581,12 @@ async def test_delete_admin_cache_purges(cached: Env) -> None:
     resp = await admin.delete("/admin/cache", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert (await resp.json())["data"]["purged"] == 3
     assert (await cached.get("/library/sections", key))[2]["X-Cache-Status"] == "MISS"
+    purges = [(e.actor, e.detail) for e in await cached.run.sc.store.audit_log() if e.action == "cache_purged"]
+    assert purges == [  # newest first: who emptied what, and how much
+        ("admin", {"purged": 3}),
+        ("admin", {"upstream": "other", "purged": 0}),
+        ("admin", {"path": "/library/blob/*", "purged": 1}),
+    ]
     assert cached.run.sc.cache.purge(upstream="plex") == 1  # what a config reload calls per changed upstream
     assert cached.run.sc.cache.size == 0
 
