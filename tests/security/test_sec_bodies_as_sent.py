@@ -20,12 +20,8 @@ import pytest
 from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 from mcp_server import MCP_TOKEN, McpUpstream
+from mcp_support import session
 
-ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {
-    "jsonrpc": "2.0", "id": 1, "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
-}  # fmt: skip
 PERMS = {"upstreams": ["*"], "tools": {"tools": ["search"]}}
 
 
@@ -60,16 +56,7 @@ async def gw(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path) -
                          "headers": auth, "mcp": {"max_body": 64 * 1024}}]  # fmt: skip
     running = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN})
     _, key = await running.create_key(name="agent", permissions=PERMS)
-    h = {**ACCEPT, "Authorization": f"Bearer {key}"}
-    r = await running.proxy.post("/mcp/tools", json=INIT, headers=h)
-    assert r.status == 200, await r.text()
-    await r.read()
-    h = {**h, "Mcp-Session-Id": r.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
-    r = await running.proxy.post(
-        "/mcp/tools", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h
-    )
-    assert r.status == 202
-    return running, h
+    return running, await session(running, key)
 
 
 def search(rid: int, pad: int = 0) -> bytes:

@@ -29,6 +29,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, batch_app
+from mcp_support import ACCEPT, SCOPED, bearer, call, mcp_config  # SCOPED: the resource/prompt tests' key
 from multidict import CIMultiDict
 
 from sidecar.auth.models import Permissions
@@ -38,7 +39,6 @@ from sidecar.upstreams.mcp.authz import McpAccess, judge
 from sidecar.upstreams.mcp.jsonrpc import TOOL_FORBIDDEN
 from sidecar.upstreams.mcp.sessions import SessionIds, SessionTable, presented_ids
 
-ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT = {
     "jsonrpc": "2.0",
     "id": 1,
@@ -46,36 +46,11 @@ INIT = {
     "params": {"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
 }
 BIG_BODIES = 8
-# The key of the resource/prompt tests: one tool, the public docs, one prompt — on both routes.
-SCOPED = {
-    "upstreams": ["*"],
-    "tools": {"*": ["search"]},
-    "resources": {"*": ["docs://public/*"]},
-    "prompts": {"*": ["greet"]},
-}
-
-
-def mcp_config(upstream: McpUpstream, tmp_path: Path) -> dict[str, Any]:
-    cfg = base_config(upstream.url, tmp_path)
-    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
-    cfg["upstreams"] = [
-        {"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools", "headers": auth},
-        {"id": "legacy", "kind": "mcp", "url": upstream.url, "path_prefix": "/mcp/legacy", "headers": auth},
-    ]
-    return cfg
 
 
 @pytest.fixture
 async def gw(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path) -> Running:
     return await make_sidecar(mcp_config(upstream, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def call(rid: Any, tool: str, **arguments: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
 
 
 async def tool_key(gw: Running, name: str, **fields: Any) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import MakeSidecar, Running, base_config
 from mcp_server import ALL_TOOLS, MCP_TOKEN, McpUpstream, MemoryEventStore, batch_app
+from mcp_support import ACCEPT, INIT, SCOPED, bearer, call, mcp_config, session
 
 from sidecar.auth.models import Permissions
 from sidecar.upstreams.mcp.authz import McpAccess
@@ -34,33 +35,12 @@ from sidecar.upstreams.mcp.jsonrpc import (
     TOOL_RATE_LIMITED,
 )
 
-ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-SCOPED = {
-    "upstreams": ["*"],
-    "tools": {"*": ["search"]},
-    "resources": {"*": ["docs://public/*"]},
-    "prompts": {"*": ["greet"]},
-}
 MODERN = {"MCP-Protocol-Version": "2026-07-28"}
 MODERN_META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
 }
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 0,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
-}
 FORBIDDEN_TOOLS = set(ALL_TOOLS) - {"search"}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def call(rid: Any, tool: str, **arguments: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
 
 
 def messages(text: str) -> list[Any]:
@@ -80,31 +60,10 @@ def listed_tools(msgs: list[Any]) -> set[str]:
     return {t["name"] for m in msgs if isinstance(m.get("result"), dict) for t in m["result"].get("tools", [])}
 
 
-def mcp_config(upstream: McpUpstream, tmp_path: Path) -> dict[str, Any]:
-    cfg = base_config(upstream.url, tmp_path)
-    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
-    cfg["upstreams"] = [
-        {"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools", "headers": auth},
-        {"id": "legacy", "kind": "mcp", "url": upstream.url, "path_prefix": "/mcp/legacy", "headers": auth},
-    ]
-    return cfg
-
-
 async def start(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path) -> tuple[Running, str]:
     gw = await make_sidecar(mcp_config(upstream, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
     _, key = await gw.create_key(name="attacker", permissions=SCOPED)
     return gw, key
-
-
-async def session(gw: Running, key: str) -> dict[str, str]:
-    """A 2025-11-25 session opened by hand: the headers of its later requests."""
-    r = await gw.proxy.post("/mcp/tools", json=INIT, headers={**ACCEPT, **bearer(key)})
-    assert r.status == 200, await r.text()
-    await r.read()
-    h = {**ACCEPT, **bearer(key), "Mcp-Session-Id": r.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
-    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h)
-    assert r.status == 202
-    return h
 
 
 def upstream_ran_nothing_forbidden(upstream: McpUpstream) -> None:

@@ -16,20 +16,9 @@ from typing import Any
 from aiohttp import web
 from conftest import MakeSidecar, base_config
 from mcp_server import ALL_TOOLS
+from mcp_support import ACCEPT, SCOPED, bearer
 
 from sidecar.upstreams.mcp.jsonrpc import INVALID_REQUEST
-
-ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-SCOPED = {
-    "upstreams": ["*"],
-    "tools": {"*": ["search"]},
-    "resources": {"*": ["docs://public/*"]},
-    "prompts": {"*": ["greet"]},
-}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def listed_tools(text: str) -> set[str]:

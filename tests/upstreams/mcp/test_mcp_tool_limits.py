@@ -18,18 +18,12 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_server import MCP_TOKEN, McpUpstream
+from mcp_support import ACCEPT, INIT, bearer, call, session
 from redis_support import RedisProc, redis_server  # noqa: F401 - the fixture
 
 from sidecar.config import ConfigError, parse_config
 from sidecar.upstreams.mcp.jsonrpc import TOOL_RATE_LIMITED
 
-ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
-}
 LIMITS = {"search": ["3/minute"], "delete_*": "1/hour", "*": ["100/minute"]}
 PERMS = {"upstreams": ["*"], "tools": {"*": ["search", "fetch", "delete_everything"]}}
 
@@ -51,30 +45,12 @@ async def gw(make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path) -
     return await make_sidecar(config(upstream, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def call(rid: Any, tool: str, **arguments: Any) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
-
-
 def answer(text: str) -> dict[str, Any]:
     for block in text.replace("\r\n", "\n").split("\n\n"):
         data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
         if data:
             return json.loads("\n".join(data))  # type: ignore[no-any-return]
     return json.loads(text)  # type: ignore[no-any-return]
-
-
-async def session(gw: Running, key: str) -> dict[str, str]:
-    r = await gw.proxy.post("/mcp/tools", json=INIT, headers={**ACCEPT, **bearer(key)})
-    assert r.status == 200, await r.text()
-    await r.read()
-    h = {**ACCEPT, **bearer(key), "Mcp-Session-Id": r.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
-    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h)
-    assert r.status == 202
-    return h
 
 
 async def tool(gw: Running, h: dict[str, str], rid: int, name: str) -> dict[str, Any]:
