@@ -108,3 +108,19 @@ async def test_what_the_gateway_cannot_read_or_hold_never_goes_up(
     assert (r.status, answer["error"]["code"]) == (status, code), answer
     assert says in answer["error"]["message"], answer
     assert len(upstream.rec.requests) == before, "nothing went up"
+
+
+async def test_two_content_encoding_headers_are_read_together_never_one_of_them(
+    gw: tuple[Running, dict[str, str]], upstream: McpUpstream
+) -> None:
+    """``Content-Encoding: identity`` then ``Content-Encoding: gzip``: judging by the first header
+    alone would read gzip bytes as the body (or a second decoding upstream would act on other bytes).
+    Both are read, as the list they make, and that is a coding the gateway does not take: a 400."""
+    running, h = gw
+    before = len(upstream.rec.requests)
+    headers = [*h.items(), ("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
+    r = await running.proxy.post("/mcp/tools", data=gzip.compress(search(11)), headers=headers)
+    answer = await r.json()
+    assert (r.status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "cannot be read" in answer["error"]["message"]
+    assert len(upstream.rec.requests) == before
