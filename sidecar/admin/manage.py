@@ -72,6 +72,13 @@ def parse_expires(value: object, now: float) -> float | None:
     return parsed
 
 
+# A PATCH with ``"permissions": null`` is refused: null would read as the defaults, every upstream.
+NULL_PERMISSIONS = (
+    'permissions: null is not accepted in a change; leave the field out to keep the permissions, '
+    'or send {"upstreams": ["*"]} to allow every upstream'
+)
+
+
 class KeyManager:
     def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -309,6 +316,8 @@ class KeyManager:
         current = await self.get(key_id)  # 404 before 400: an unknown id is the first thing to say
         if not fields:
             raise BadRequest("nothing to change: send the fields to set")
+        if "permissions" in fields and fields["permissions"] is None:
+            raise BadRequest(NULL_PERMISSIONS)  # would read as "the defaults": every upstream (fails open)
         kw = self._check_fields(fields, now)
         by = await self.current_actor(by, now)
 

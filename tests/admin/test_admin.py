@@ -177,6 +177,32 @@ async def test_not_found_and_bad_json(plex_sidecar: Running) -> None:
     assert "revoked" in err["message"]
 
 
+async def test_patch_with_null_permissions_is_refused_not_reset_to_everything(plex_sidecar: Running) -> None:
+    """``{"permissions": null}`` used to widen a key to every upstream and path (a fail-open
+    edit); it is a 400 saying what to send instead, and the key keeps what it had."""
+    narrow = {"upstreams": ["plex"], "paths": ["/library*"]}
+    created = await api(plex_sidecar, "POST", "/admin/keys", json={"name": "n", "permissions": narrow}, status=201)
+    kid, key = created["id"], created["key"]
+    assert await proxy_ok(plex_sidecar, key) == 403
+    for body in ({"permissions": None}, {"name": "renamed", "permissions": None}):
+        err = await api(plex_sidecar, "PATCH", f"/admin/keys/{kid}", json=body, status=400)
+        assert err["code"] == "bad_request" and err["message"].startswith("permissions:"), err
+        assert '{"upstreams": ["*"]}' in err["message"] and "leave" in err["message"], err
+        assert key not in err["message"]
+    shown = await api(plex_sidecar, "GET", f"/admin/keys/{kid}")
+    assert shown["name"] == "n" and shown["permissions"]["upstreams"] == ["plex"]
+    assert shown["permissions"]["paths"] == ["/library*"]
+    assert await proxy_ok(plex_sidecar, key) == 403  # still narrow
+    assert [e["action"] for e in await api(plex_sidecar, "GET", f"/admin/audit?key={kid}")] == ["created"]
+    # Every upstream, said explicitly, still works; creating without permissions keeps its default.
+    wide = await api(plex_sidecar, "PATCH", f"/admin/keys/{kid}", json={"permissions": {"upstreams": ["*"]}})
+    assert wide["permissions"] == {"upstreams": ["*"]}
+    assert await proxy_ok(plex_sidecar, key) == 200
+    for body in ({"name": "d"}, {"name": "d", "permissions": None}):
+        default = await api(plex_sidecar, "POST", "/admin/keys", json=body, status=201)
+        assert default["permissions"]["upstreams"] == ["*"]
+
+
 # ---------------------------------------------------------------------------- usage and last used
 
 
