@@ -6,7 +6,10 @@ by ``kid``. A ``kid`` not in the set is how a key rotation shows itself, so it t
 refetch — but at most one per ``jwks_refetch_interval``, and concurrent requests share
 it: a flood of tokens with random ``kid`` values costs the IdP one request per interval,
 not one per token. When the IdP cannot be reached the keys already held keep working
-(a stale set beats refusing every client); only an unknown ``kid`` fails then.
+(a stale set beats refusing every client); only an unknown ``kid`` fails then. A failure is
+an answer that is not a key set (HTTP error, not JSON, no ``keys`` list); a well-formed set
+without a usable signing key (``{"keys": []}``) is the IdP withdrawing every key, so the
+keys held go, as one withdrawn key does.
 
 Only public-key JWKs are kept (RSA, EC, OKP): an ``oct`` key in a JWKS is ignored, so a
 published key can never become an HMAC secret. Keys marked ``use: enc`` are ignored.
@@ -40,7 +43,8 @@ class JwksError(Exception):
 
 
 def parse_jwks(body: bytes) -> dict[str, list[PublicKey]]:
-    """``{"keys": [...]}`` -> kid ("" for none) -> the usable public keys of that kid."""
+    """``{"keys": [...]}`` -> kid ("" for none) -> the usable public keys of that kid; empty when the
+    set has none (an answer, not an error: a failed fetch would keep the keys withdrawn)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -64,8 +68,6 @@ def parse_jwks(body: bytes) -> dict[str, list[PublicKey]]:
             continue  # an unsupported curve or a broken key: skip it, keep the others
         if isinstance(key, RSAKey | ECKey | OKPKey):
             out.setdefault(kid, []).append(key)
-    if not out:
-        raise JwksError("no usable signing key")
     return out
 
 
@@ -183,6 +185,8 @@ class JwksCache:
             return
         if not self.thumbprints <= thumbprints:  # by key, not kid: a key replaced under its kid is gone too
             self.generation += 1  # a key went away: what it verified is verified again
+        if not keys and (self.keys or self.fetched_at is None):  # said once, when the set becomes empty
+            log.warning("JWKS from %s has no usable signing key; its tokens are refused until it publishes one", self.url)
         self.keys = keys
         self.thumbprints = thumbprints
         self.fetched_at = self.steady()

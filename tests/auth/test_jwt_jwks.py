@@ -70,9 +70,12 @@ def test_only_public_signing_keys_are_kept() -> None:
     assert sorted(keys) == ["e1", "r1"]
     assert keys["r1"][0].as_dict(private=False) == RSA.as_dict(private=False)
     assert not keys["r1"][0].is_private
-    for bad in (b"not json", b"[]", b'{"keys": {}}', _json({"keys": [oct_key]})):
+    for bad in (b"not json", b"[]", b"{}", b'{"keys": {}}', b'{"keys": null}'):
         with pytest.raises(JwksError):
             parse_jwks(bad)
+    # A well-formed set without a usable signing key is an answer: "no keys", not a failed fetch.
+    for empty in ({"keys": []}, {"keys": [oct_key]}, {"keys": [enc]}):
+        assert parse_jwks(_json(empty)) == {}
 
 
 async def test_concurrent_lookups_share_one_fetch(server: Server, session: aiohttp.ClientSession) -> None:
@@ -90,8 +93,10 @@ async def test_concurrent_lookups_share_one_fetch(server: Server, session: aioht
         (lambda r: web.Response(body=b"x" * (MAX_JWKS_BYTES + 1)), f"larger than {MAX_JWKS_BYTES} bytes"),
         (lambda r: _chunked(r, b"x" * (MAX_JWKS_BYTES + 1)), f"larger than {MAX_JWKS_BYTES} bytes"),
         (lambda r: web.Response(text="<html>"), "not JSON"),
+        (lambda r: web.json_response({"error": "maintenance"}), 'no "keys" list'),
+        (lambda r: web.json_response({"keys": {}}), 'no "keys" list'),
     ],
-    ids=["500", "redirect", "too-large", "too-large-chunked", "not-json"],
+    ids=["500", "redirect", "too-large", "too-large-chunked", "not-json", "no-keys", "keys-not-a-list"],
 )
 async def test_a_bad_answer_keeps_the_keys_held(
     server: Server, session: aiohttp.ClientSession, answer: Callable[[web.Request], Any], error: str
@@ -142,6 +147,28 @@ async def test_a_withdrawn_key_bumps_the_generation(server: Server, session: aio
     assert (await c.find("x"))[0] == []  # an unknown kid: refetched
     assert (await c.find("r1"))[0] == []
     assert c.generation == 1  # r1 withdrawn
+
+
+@pytest.mark.parametrize("empty", [[], [{"kty": "oct", "k": "c2VjcmV0", "kid": "o"}]], ids=["empty", "no-signing-key"])
+async def test_an_empty_key_set_withdraws_every_key(
+    server: Server, session: aiohttp.ClientSession, empty: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``{"keys": []}`` is the IdP saying "no keys": the held ones go (a failed fetch would keep them)."""
+    clock = Clock()
+    c = cache(server, session, clock)
+    assert (await c.find("r1"))[0]
+    server.answer = lambda r: web.json_response({"keys": empty})
+    clock.advance(601)
+    await c.refresh()
+    assert (c.failures, c.last_error, c.keys, c.thumbprints) == (0, "", {}, frozenset())
+    assert c.generation == 1  # what r1 verified is verified again, and fails
+    assert await c.find("r1") == ([], "unknown signing key (kid)")
+    assert await c.find("") == ([], "unknown signing key (kid)")
+    assert "no usable signing key" in caplog.text and "r1" not in caplog.text
+    server.answer = lambda r: web.json_response({"keys": [EC.as_dict(private=False)]})
+    clock.advance(11)
+    assert (await c.find("e1"))[0]  # a key published again is found by the refetch of its unknown kid
+    assert c.generation == 1
 
 
 async def test_a_token_without_kid_may_use_any_key(server: Server, session: aiohttp.ClientSession) -> None:

@@ -325,6 +325,38 @@ async def test_key_rotation(gw: Running, idp: IdP, clock: Clock) -> None:
     assert (await gw.proxy.get("/library/sections", headers=bearer(new))).status == 200
 
 
+async def test_an_empty_key_set_withdraws_every_key(
+    gw: Running, idp: IdP, clock: Clock, plex_upstream: TestServer
+) -> None:
+    """An IdP that withdraws every key publishes ``{"keys": []}``: that is an answer, not a failed
+    fetch, so the keys it held stop verifying (tokens and their open streams), as for one key withdrawn."""
+    assert gw.sc.jwt is not None
+    tokens = [idp.token(kid, lifetime=3600, **ROLES) for kid in ("k1", "e1")]
+    for token in tokens:
+        assert (await gw.proxy.get("/library/sections", headers=bearer(token))).status == 200
+    ident = identity_id(idp.issuer, "alice")
+    assert gw.sc.streams.state(ident) == "active"
+    idp.published.clear()
+    assert idp.jwks() == {"keys": []}
+    clock.advance(601)  # past jwks_cache_ttl: a remembered token's request starts the refresh
+    deadline = time.monotonic() + 3
+    while (await gw.proxy.get("/library/sections", headers=bearer(tokens[0]))).status == 200:
+        assert time.monotonic() < deadline, "a token of a withdrawn key is still accepted"
+        await asyncio.sleep(0.01)
+    _, cache = next(gw.sc.jwt.jwks())
+    assert (cache.failures, cache.last_error, cache.keys) == (0, "", {})
+    seen = len(plex_upstream.app[SEEN])
+    for token in (*tokens, idp.token("k1", sub="carol", **ROLES)):
+        status, body, _ = await refused(gw, token)
+        assert (status, body["error"]["message"]) == (401, "invalid token: unknown signing key (kid)")
+    assert len(plex_upstream.app[SEEN]) == seen
+    assert gw.sc.streams.state(ident) == "expired"
+    # The IdP publishes a key again: its tokens work at once (an unknown kid is refetched).
+    idp.add_key("k2", "RSA")
+    clock.advance(11)
+    assert (await gw.proxy.get("/library/sections", headers=bearer(idp.token("k2", **ROLES)))).status == 200
+
+
 async def test_a_token_without_kid_is_checked_against_the_keys_of_its_type(
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, clock: Clock, idp: IdP
 ) -> None:
