@@ -74,7 +74,7 @@ def parse_expires(value: object, now: float) -> float | None:
 
 # A PATCH with ``"permissions": null`` is refused: null would read as the defaults, every upstream.
 NULL_PERMISSIONS = (
-    'permissions: null is not accepted in a change; leave the field out to keep the permissions, '
+    "permissions: null is not accepted in a change; leave the field out to keep the permissions, "
     'or send {"upstreams": ["*"]} to allow every upstream'
 )
 

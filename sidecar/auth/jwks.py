@@ -186,7 +186,7 @@ class JwksCache:
         if not self.thumbprints <= thumbprints:  # by key, not kid: a key replaced under its kid is gone too
             self.generation += 1  # a key went away: what it verified is verified again
         if not keys and (self.keys or self.fetched_at is None):  # said once, when the set becomes empty
-            log.warning("JWKS from %s has no usable signing key; its tokens are refused until it publishes one", self.url)
+            log.warning("JWKS from %s has no usable signing key: its tokens are refused until it has one", self.url)
         self.keys = keys
         self.thumbprints = thumbprints
         self.fetched_at = self.steady()

@@ -41,6 +41,7 @@ from ..cache.response import OnHeaders
 from ..config import UpstreamConfig
 from ..core.addresses import client_ip
 from ..core.errors import (
+    BadRequest,
     ExpiredKey,
     Forbidden,
     InvalidKey,
@@ -59,6 +60,7 @@ from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
 from .canonical import canonical
 from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
+from .keypath import KEY_IN_PATH, key_in_path, logged_path
 from .listener import odd_target
 
 if TYPE_CHECKING:
@@ -183,6 +185,9 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         scope.path = scope.path.replace(credential.key, "REDACTED")
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
+    if credential is not None and key_in_path(credential.key, request.rel_url.raw_path):  # invariant 3
+        scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
+        raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 
     # 4. authorize
     reason = allowed(key.permissions, upstream.id, upstream.kind, request.method, path)
