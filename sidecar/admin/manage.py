@@ -51,6 +51,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can show
 MAX_GRACE = 366 * 86400.0  # a rotation's grace period is at most a year
 MAX_CONCURRENCY = 1_000_000
+# An OAuth grant is held to its parent's current limits (sidecar/oauth/grants.py): its own copy is not
+# what counts, so an edit of it would be a limit that does not hold and is refused.
+_PARENTS_LIMITS = ("rate_limits", "quota", "concurrency")
 
 
 def parse_expires(value: object, now: float) -> float | None:
@@ -317,6 +320,8 @@ class KeyManager:
                 raise Conflict("a revoked key cannot be changed")
             if by is not None:
                 check_target(self.config, by, rec, now)
+            if rec.parent_id is not None and any(f in kw and kw[f] != getattr(rec, f) for f in _PARENTS_LIMITS):
+                raise Conflict(f"an OAuth grant has its parent key's limits: change those of key {rec.parent_id}")
             changes = dict(kw)
             if "expires_at" in changes:
                 changes["expires_at"] = self._cap_lifetime(changes["expires_at"], rec.created_at, now)
