@@ -22,7 +22,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth.keys import display_form, generate_key
 from ..auth.models import KeyRecord, Permissions, iso, parse_time
@@ -32,6 +32,9 @@ from ..core.errors import BadRequest, Conflict, ExpiredKey, Forbidden, NotFound,
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
 from .delegation import check_grant, check_target
+
+if TYPE_CHECKING:
+    from ..limits.ratelimit import RateLimiter
 
 __all__ = ["KeyManager", "parse_expires"]
 
@@ -76,11 +79,19 @@ def parse_expires(value: object, now: float) -> float | None:
 
 
 class KeyManager:
-    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.hasher = password_hasher(config.keys.argon2_profile)
+        self.limiter = limiter  # a serving sidecar's: an edit moving a key's quota scope carries its count
 
     # ---------------------------------------------------------------- checks
 
@@ -332,7 +343,11 @@ class KeyManager:
 
         if kw.get("owner") and kw["owner"] != current.owner:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
-        _, new = await self._update(key_id, change, now)
+        before, new = await self._update(key_id, change, now)
+        if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
+            from ..limits.carry import carry_quota
+
+            await carry_quota(self.limiter, before, new)
         await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
         return new
 
