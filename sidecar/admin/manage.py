@@ -345,9 +345,10 @@ class KeyManager:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
         before, new = await self._update(key_id, change, now)
         if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
-            from ..limits.carry import carry_quota
+            from ..limits.carry import carry_quota, carry_rates
 
             await carry_quota(self.limiter, before, new)
+            await carry_rates(self.limiter, before, new)
         await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
         return new
 

@@ -1,4 +1,4 @@
-"""A key's quota moved to another scope keeps what the window has spent (DESIGN invariant 10).
+"""A key's limits moved to another scope keep what was spent (DESIGN invariant 10).
 
 Which quota counts a key on an upstream decides its counter (``gcra.resolve_plan``): a quota of
 the key's own (or the global default) is one counter across all upstreams, scope ``*``; an
@@ -24,23 +24,35 @@ it sees the edit (its poll, at most ``store.poll_interval``) — and, with the m
 several replicas, what they have not flushed yet (``rate_limits.quota_flush_interval``) — is
 not carried. A counter that cannot be reached then (Redis down) is logged, not carried: the
 edit is already written, and the key is then limited as ``on_redis_error`` says anyway.
+
+**Rate limits** have the same two scopes (a bucket is named by its scope and its place among
+the key's limits, ``gcra.RateRule``): setting or removing a key's own ``rate_limits`` moved it
+from the upstream's buckets to fresh ones and back to the spent ones refilled meanwhile, about
+twice the rate. ``carry_rates`` charges each bucket that now applies with what the buckets it
+replaces owe, as requests: the most any of an upstream's old buckets owes (a ``2/minute``
+owing 60 s owes 2 requests, which a ``100/day`` then owes as 2 × 864 s), summed over the old
+scopes it covers, never past the new bucket's burst — as an edit within one scope carries
+time owed, never past the new limit's burst. Charged through the backend's own check (cost n),
+so it is as atomic as a request. Concurrency has scopes too; a move leaves in-flight requests
+counted in the old scope until they end (they are few and short-lived, not a budget over time).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 from ..auth.models import KeyRecord
 from ..store import StoreError
-from .gcra import QuotaRule, budget_of, resolve_plan
+from .gcra import US, BackendDown, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
 from .quota import CounterKey, window_bounds, window_id
 
 if TYPE_CHECKING:
     from .ratelimit import RateLimiter
 
-__all__ = ["carry_quota"]
+__all__ = ["carry_quota", "carry_rates"]
 
 log = logging.getLogger("sidecar.ratelimit")
 
@@ -72,6 +84,40 @@ async def carry_quota(limiter: RateLimiter, before: KeyRecord, after: KeyRecord)
         except errors as e:  # the edit is written; an unreachable counter is no reason for a 500
             log.warning("key %s: its quota spent in scope(s) %s was not carried over to scope %s: %s",
                         after.id, ", ".join(sorted(k[1] for k in olds)), new_key[1], e)  # fmt: skip
+
+
+async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:
+    """Charge the buckets ``after`` is limited by with what ``before``'s buckets owe (module docstring)."""
+    if bool(before.rate_limits) == bool(after.rate_limits):
+        return  # the same scope: a bucket is the key's n-th limit there, and keeps its debt (gcra.RateRule)
+    feeds: dict[str, tuple[RateRule, dict[tuple[str, ...], float]]] = {}  # new bucket -> (rule, owed per old scope)
+    try:
+        for up in limiter.config.upstreams:
+            old, new = resolve_plan(limiter.config, before, up), resolve_plan(limiter.config, after, up)
+            if not old.rates or not new.rates or set(old.buckets) & set(new.buckets):
+                continue  # nothing was limited or is now, or the same buckets (the global default and a key's own)
+            debts = (await _evaluate(limiter, old, 0)).debts
+            owed = max(debt / rule.interval for rule, debt in zip(old.rates, debts, strict=True))  # requests
+            for rule, bucket in zip(new.rates, new.buckets, strict=True):
+                feeds.setdefault(bucket, (rule, {}))[1][old.buckets] = owed
+        for bucket, (rule, olds) in feeds.items():
+            one = Plan(rates=(rule,), buckets=(bucket,))
+            debt = (await _evaluate(limiter, one, 0)).debts[0]
+            want = min(rule.capacity, math.ceil(sum(olds.values()) * rule.interval))  # never past its burst
+            cost = min(math.ceil((want - debt) / rule.interval), (rule.capacity - debt) // rule.interval)
+            if cost > 0:
+                await _evaluate(limiter, one, cost)
+    except (BackendDown, StoreError) as e:  # the edit is written; an unreachable backend is no reason for a 500
+        log.warning("key %s: its rate limits' debt was not carried over to its new scope: %s", after.id, e)
+
+
+async def _evaluate(limiter: RateLimiter, plan: Plan, cost: int) -> Outcome:
+    """A plan without a quota on the limiter's backend (cost 0: read the debts, change nothing)."""
+    if limiter.redis is not None:
+        return await limiter.redis.evaluate(plan, int(limiter.clock() * US), None, 0.0, cost)
+    if limiter.host_buckets is not None:  # the supervisor of workers: their table, on its clock (workers.limits)
+        return limiter.host_buckets.evaluate(plan, int(time.monotonic() * US), None, cost)  # type: ignore[no-any-return]
+    return limiter.memory.evaluate(plan, int(limiter.steady() * US), None, cost)
 
 
 def _counter(key: KeyRecord, rule: QuotaRule, now: float) -> tuple[CounterKey, float]:

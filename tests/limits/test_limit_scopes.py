@@ -1,11 +1,12 @@
-"""Attack: move a key between quota scopes to spend its quota twice in one window (invariant 10).
+"""Attack: move a key between limit scopes to spend its quota (or rate) twice in one window (invariant 10).
 
 A quota set on the key counts it across all upstreams (scope ``*``); an upstream's quota counts
 it on that upstream only (scope = the upstream's id). Each scope is a counter of its own, so a
 delegate (``admin: true``) whose reach is an upstream's ``3/day`` could give a sibling key — or
 itself — a quota of its own of ``3/day`` once the upstream's was spent (a fresh counter: 3
 more), and take it away again (the upstream's counter). Moving a key's quota to another scope
-now carries what the window has spent over to the counter that applies from then on."""
+now carries what the window has spent over to the counter that applies from then on; the same
+holds for rate-limit buckets, which are named by scope too."""
 
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ async def test_moving_a_key_between_quota_scopes_does_not_refill_its_quota(
     assert [s["used"] for s in (await resp.json())["data"]["quota_status"]] == [3]
 
 
+@pytest.mark.parametrize(("by", "backend"), [("delegate", "memory"), ("admin", "memory"), ("delegate", "redis")])
+async def test_moving_a_key_between_rate_limit_scopes_does_not_refill_its_buckets(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, redis_server: RedisProc, by: str, backend: str
+) -> None:
+    """The same with rate limits: the upstream's ``2/minute`` (buckets of scope ``plex``) spent, then
+    a ``2/minute`` of the key's own (scope ``*``), then the upstream's again: no request more."""
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    cfg = plex_cfg(plex_upstream, tmp_path, **rl)
+    cfg["upstreams"][0]["rate_limits"] = ["2/minute", "100/day"]  # scope "plex"
+    clock = Clock()
+    r = await make_sidecar(cfg, clock=clock)
+    _, k_mgr = await r.create_key(owner="acme", permissions={"upstreams": ["plex"], "admin": True})
+    sib, k_sib = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]})
+    auth = {"Authorization": f"Bearer {k_mgr}"} if by == "delegate" else r.admin_headers()
+
+    async def move(limits: list[str]) -> None:
+        resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"rate_limits": limits}, headers=auth)
+        assert resp.status == 200, await resp.text()
+
+    assert [(await get(r, k_sib)).status for _ in range(3)] == [200, 200, 429]
+    await move(["100/day", "2/minute"])  # its own, in another order: its first bucket is the day's
+    assert (await get(r, k_sib)).status == 429
+    await move([])
+    assert (await get(r, k_sib)).status == 429
+    clock.advance(30)  # one request's worth of the minute is back, on either scope
+    assert [(await get(r, k_sib)).status for _ in range(2)] == [200, 429]
+
+
 @pytest.fixture
 async def two_upstreams(tmp_path: Path) -> AsyncIterator[tuple[RateLimiter, KeyManager]]:
     raw = {
@@ -111,11 +140,13 @@ async def test_a_move_while_redis_is_down_is_written_and_logged_never_a_500(
     from sidecar.demo import free_port
 
     cfg = plex_cfg(plex_upstream, tmp_path, backend="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    cfg["upstreams"][0]["quota"] = "3/day"
+    cfg["upstreams"][0].update(quota="3/day", rate_limits=["2/minute"])
     r = await make_sidecar(cfg, clock=Clock())
     sib, _ = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]})
-    resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"quota": "3/day"}, headers=r.admin_headers())
+    move = {"quota": "3/day", "rate_limits": ["2/minute"]}
+    resp = await r.admin.patch(f"/admin/keys/{sib.id}", json=move, headers=r.admin_headers())
     assert resp.status == 200, await resp.text()
-    assert (await resp.json())["data"]["quota"] == "3/day"
-    (warning,) = [m for m in caplog.messages if "not carried over" in m]
-    assert sib.id in warning and "scope(s) plex" in warning
+    assert (await resp.json())["data"]["rate_limits"] == ["2/minute"]
+    quota, rates = [m for m in caplog.messages if "not carried over" in m]
+    assert sib.id in quota and "quota spent in scope(s) plex" in quota
+    assert sib.id in rates and "rate limits' debt" in rates
