@@ -138,7 +138,7 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(coro))
 
     def manager(self) -> KeyManager:
-        return KeyManager(self.config, self.store, clock=self.clock)
+        return KeyManager(self.config, self.store, clock=self.clock, limiter=self._limiter)
 
     async def start(self) -> None:
         self._store = await open_store(self.config.store)

@@ -22,7 +22,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth.keys import display_form, generate_key
 from ..auth.models import KeyRecord, Permissions, iso, parse_time
@@ -32,6 +32,9 @@ from ..core.errors import BadRequest, Conflict, ExpiredKey, Forbidden, NotFound,
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
 from .delegation import check_grant, check_target
+
+if TYPE_CHECKING:
+    from ..limits.ratelimit import RateLimiter
 
 __all__ = ["KeyManager", "parse_expires"]
 
@@ -51,6 +54,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last instant an ISO date can show
 MAX_GRACE = 366 * 86400.0  # a rotation's grace period is at most a year
 MAX_CONCURRENCY = 1_000_000
+# An OAuth grant is held to its parent's current limits (sidecar/oauth/grants.py): its own copy is not
+# what counts, so an edit of it would be a limit that does not hold and is refused.
+_PARENTS_LIMITS = ("rate_limits", "quota", "concurrency")
 
 
 def parse_expires(value: object, now: float) -> float | None:
@@ -80,11 +86,19 @@ NULL_PERMISSIONS = (
 
 
 class KeyManager:
-    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.hasher = password_hasher(config.keys.argon2_profile)
+        self.limiter = limiter  # a serving sidecar's: an edit moving a key's quota scope carries its count
 
     # ---------------------------------------------------------------- checks
 
@@ -326,6 +340,8 @@ class KeyManager:
                 raise Conflict("a revoked key cannot be changed")
             if by is not None:
                 check_target(self.config, by, rec, now)
+            if rec.parent_id is not None and any(f in kw and kw[f] != getattr(rec, f) for f in _PARENTS_LIMITS):
+                raise Conflict(f"an OAuth grant has its parent key's limits: change those of key {rec.parent_id}")
             changes = dict(kw)
             if "expires_at" in changes:
                 changes["expires_at"] = self._cap_lifetime(changes["expires_at"], rec.created_at, now)
@@ -336,7 +352,12 @@ class KeyManager:
 
         if kw.get("owner") and kw["owner"] != current.owner:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
-        _, new = await self._update(key_id, change, now)
+        before, new = await self._update(key_id, change, now)
+        if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
+            from ..limits.carry import carry_quota, carry_rates
+
+            await carry_quota(self.limiter, before, new)
+            await carry_rates(self.limiter, before, new)
         await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
         return new
 

@@ -65,17 +65,7 @@ from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
 from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
-from .gcra import (
-    QUOTA_POLICY,
-    US,
-    BackendDown,
-    MemoryBackend,
-    Outcome,
-    Plan,
-    QuotaRule,
-    RateDecision,
-    resolve_plan,
-)
+from .gcra import QUOTA_POLICY, US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateDecision, resolve_plan
 from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
 
 if TYPE_CHECKING:
@@ -135,6 +125,7 @@ class RateLimiter:
         self._inflight: dict[tuple[str, str], int] = {}
         self.held: Any = self._inflight  # concurrency counts read by ``check``; with workers, the host's
         self.make_slot: Any = ConcurrencySlot  # (sidecar.workers.inflight)
+        self.host_buckets: Any = None  # a supervisor of workers: the host's GCRA table (ShmBuckets; limits.carry)
         # (key id, quota scope) -> (limit, used, window end) as last seen, for the
         # sidecar_quota_limit / sidecar_quota_remaining gauges (read at scrape time only).
         self.quota_levels: dict[tuple[str, str], tuple[int, int, float]] = {}

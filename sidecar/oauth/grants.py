@@ -7,6 +7,19 @@ From then on the pipeline treats it as any key: permissions, tool filtering, rat
 limits, quota, metrics, usage and audit are the key machinery's. ``Verifier.state``
 ends it with its parent. Revoking one (``revoke``) goes through ``KeyManager.revoke``
 (audited) and deletes its tokens.
+
+**Limits: the parent's, now, from the parent's budget.** A grant's rate limits, quota and
+concurrency are not the copy written at the exchange but the parent's *current* ones, and
+it spends from the parent's budget (``budget_id``: the parent's buckets, quota counter and
+in-flight count, as a rotated key's successor does). ``allowed_now`` puts them on the record
+the pipeline limits, at request time: the parent is already in the verifier's table, and the
+result is cached until either record changes, so it costs nothing per request and a change of
+the parent reaches every replica with its poll, as any key change does; no store has to
+rewrite the grants (the alternative, updating every child in the parent's transaction, would
+have to be done in each store and is still a copy that can drift). Sharing the budget is what
+"same limits" means: N grants with budgets of their own would have been N times the parent's
+rate. The copy stays in the record (what the admin API shows of the grant), and an edit of a
+grant's limits apart from its parent's is refused (``KeyManager.patch``): it could not hold.
 """
 
 from __future__ import annotations
@@ -86,12 +99,16 @@ def _both(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
 
 def allowed_now(grant: KeyRecord, parent: KeyRecord) -> KeyRecord:
     """The grant as its parent allows it *now*: its permissions as written, intersected with the
-    parent's current ones on the grant's resource, and the parent's current upstream identity.
+    parent's current ones on the grant's resource, the parent's current upstream identity, and the
+    parent's current limits, spent from the parent's budget (module docstring).
 
     A grant is a snapshot made at the code exchange; the parent may be narrowed later (a tool, a
-    path, the upstream taken away). The grant must never be wider than its parent, so every use
-    and every refresh sees this intersection. Nothing in common: no upstream at all (403)."""
+    path, the upstream taken away, a lower rate or quota). The grant must never be wider than its
+    parent, so every use and every refresh sees this intersection. Nothing in common: no upstream
+    at all (403)."""
     up, g, p = str(grant.grant.get("resource") or ""), grant.permissions, parent.permissions
+    grant = dataclasses.replace(grant, rate_limits=parent.rate_limits, quota=parent.quota,
+                                concurrency=parent.concurrency, budget_id=parent.budget_id or parent.id)  # fmt: skip
     nothing = dataclasses.replace(grant, permissions=Permissions(upstreams=()))
     if not up or not all("*" in x.upstreams or up in x.upstreams for x in (g, p)):
         return nothing
@@ -142,6 +159,7 @@ async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mappi
         expires_at=expires,
         parent_id=parent.id,
         grant=grant,
+        budget_id=parent.budget_id or parent.id,  # the parent's budget (``limits.gcra.budget_of``), not a fresh one
     )
     try:  # grants are capped per approving key, in the write's transaction: the approvals' checks saw
         # no grant of the codes still waiting, so the cap must hold here, when a code becomes a grant
@@ -177,7 +195,7 @@ async def revoke_grant(sc: GrantHost, grant_id: str, actor: str) -> KeyRecord:
 
 
 def active_grants(sc: GrantHost, parent_id: str, now: float) -> int:
-    """Active grants of one key (the consent page caps them: each grant has its own rate budget)."""
+    """Active grants of one key (the consent page caps them; they all spend from the key's budget)."""
     return sum(
         1 for r in sc.verifier.table.values() if r.parent_id == parent_id and sc.verifier.state(r, now) == "active"
     )

@@ -275,6 +275,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         if config.rate_limits.backend == "memory":
             buckets = ShmBuckets(buckets_file(directory), create=True)
             owner = LimitsOwner(buckets, sc.limiter.book, sc.limiter.quota_levels)
+            sc.limiter.host_buckets = buckets  # an edit moving a key's rate limits charges the host's buckets
             await owner.start(limits_socket(directory))
         if seal is not None:
             log.warning(

@@ -34,14 +34,16 @@ async def host(
     started: list[Sidecar] = []
     owners: list[LimitsOwner] = []
 
-    async def make(**rate_limits: Any) -> tuple[Any, LimitsOwner, list[Worker]]:
+    async def make(upstream: dict[str, Any] | None = None, **rate_limits: Any) -> tuple[Any, LimitsOwner, list[Worker]]:
         """The supervisor's sidecar, its owner, and two workers' proxies (their key tables follow the store)."""
         cfg_dict = base_config(
             str(plex_upstream.make_url("")), tmp_path, rate_limits={"backend": "memory", **rate_limits}
         )
+        cfg_dict["upstreams"][0].update(upstream or {})
         sup = await make_sidecar(cfg_dict)
         table = ShmBuckets(str(tmp_path / "buckets"), create=True, slots=1024)
         owner = LimitsOwner(table, sup.sc.limiter.book, sup.sc.limiter.quota_levels)
+        sup.sc.limiter.host_buckets = table  # as the supervisor does (sidecar.workers.supervisor)
         path = str(tmp_path / "limits.sock")
         await owner.start(path)
         owners.append(owner)
@@ -201,3 +203,25 @@ async def test_a_quota_question_past_its_time_is_a_store_error_not_an_owner_down
         conn.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_moving_a_key_to_its_own_rate_limits_charges_the_hosts_buckets(host: Any) -> None:
+    """The supervisor's admin API moves a key from its upstream's spent ``3/minute`` to a limit of its
+    own: the workers' buckets (the host's table, not the supervisor's own memory) carry the debt."""
+    sup, _, (w0, w1) = await host(upstream={"rate_limits": ["3/minute"]})
+    rec, k = await sup.create_key()
+    got = [(await w.get("/library/sections", headers={"X-Plex-Token": k})).status for w in (w0, w1, w0, w1)]
+    assert got == [200, 200, 200, 429]
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    resp = await sup.admin.patch(f"/admin/keys/{rec.id}", json={"rate_limits": ["3/60seconds"]}, headers=auth)
+    assert resp.status == 200, await resp.text()
+    deadline = asyncio.get_running_loop().time() + 5
+    seen: set[str] = set()
+    while seen != {"own"}:  # both workers have polled the edit: their 429s name the key's own limit
+        assert asyncio.get_running_loop().time() < deadline, seen
+        seen = set()
+        for w in (w0, w1):
+            resp = await w.get("/library/sections", headers={"X-Plex-Token": k})
+            assert resp.status == 429  # whichever scope the worker still reads
+            seen.add("own" if '"60second"' in resp.headers["RateLimit-Policy"] else "upstream's")
+        await asyncio.sleep(0.05)

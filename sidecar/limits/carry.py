@@ -1,0 +1,138 @@
+"""A key's limits moved to another scope keep what was spent (DESIGN invariant 10).
+
+Which quota counts a key on an upstream decides its counter (``gcra.resolve_plan``): a quota of
+the key's own (or the global default) is one counter across all upstreams, scope ``*``; an
+upstream's quota a counter per upstream, scope = the upstream's id. Setting or removing a key's
+own quota therefore moves the key to other counters — before this module, fresh ones: a key
+that had spent its upstream's ``3/day`` got a quota of its own of ``3/day`` (a delegate may give
+that to a key of its owner, itself included) and 3 more requests, and back again.
+
+**Carried, not refused.** After an edit that changes the key's ``quota``, each counter that now
+applies is raised to at least the sum of the counters that applied before on the upstreams it
+covers, in the same window (same window id; a quota moved to another period, ``/day`` to
+``/month``, starts that period's counter where it stands). Refusing the edit (409) while the
+window has spending was the other choice; it would block an operator's reorganisation for up to
+a month, and carrying is as safe: by induction every applying counter stays at least what the
+key spent in the window on its upstreams, however often it moves. From the key's own quota to
+per-upstream ones each upstream's counter gets the whole count: the key's own counter does not
+say on which upstream it was spent, so each is assumed (never fewer than were served).
+
+The raise is an atomic add (store, Redis or the worker host), so counts made meanwhile are never
+lost, only possibly counted twice. It runs right after the edit's write, before this process's
+hot path sees the edit; what another process (worker, replica) counts in the old scope before
+it sees the edit (its poll, at most ``store.poll_interval``) — and, with the memory backend on
+several replicas, what they have not flushed yet (``rate_limits.quota_flush_interval``) — is
+not carried. A counter that cannot be reached then (Redis down) is logged, not carried: the
+edit is already written, and the key is then limited as ``on_redis_error`` says anyway.
+
+**Rate limits** have the same two scopes (a bucket is named by its scope and its place among
+the key's limits, ``gcra.RateRule``): setting or removing a key's own ``rate_limits`` moved it
+from the upstream's buckets to fresh ones and back to the spent ones refilled meanwhile, about
+twice the rate. ``carry_rates`` charges each bucket that now applies with what the buckets it
+replaces owe, as requests: the most any of an upstream's old buckets owes (a ``2/minute``
+owing 60 s owes 2 requests, which a ``100/day`` then owes as 2 × 864 s), summed over the old
+scopes it covers, never past the new bucket's burst — as an edit within one scope carries
+time owed, never past the new limit's burst. Charged through the backend's own check (cost n),
+so it is as atomic as a request. Concurrency has scopes too; a move leaves in-flight requests
+counted in the old scope until they end (they are few and short-lived, not a budget over time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+from ..auth.models import KeyRecord
+from ..store import StoreError
+from .gcra import US, BackendDown, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
+from .quota import CounterKey, window_bounds, window_id
+
+if TYPE_CHECKING:
+    from .ratelimit import RateLimiter
+
+__all__ = ["carry_quota", "carry_rates"]
+
+log = logging.getLogger("sidecar.ratelimit")
+
+
+async def carry_quota(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:
+    """Raise the counters ``after`` is counted on to what ``before``'s counters spent (module docstring)."""
+    if before.quota == after.quota:
+        return  # the only field of an edit that moves a key between quota scopes
+    now = limiter.clock()
+    feeds: dict[CounterKey, tuple[float, set[CounterKey]]] = {}  # new counter -> (window end, old ones)
+    for up in limiter.config.upstreams:
+        old, new = resolve_plan(limiter.config, before, up).quota, resolve_plan(limiter.config, after, up).quota
+        if old is None or new is None:
+            continue  # nothing was counted here before (no quota applied), or nothing is now
+        (old_key, _), (new_key, end) = _counter(before, old, now), _counter(after, new, now)
+        if old_key[2] == new_key[2]:  # the same window: only then are the counts comparable
+            feeds.setdefault(new_key, (end, set()))[1].add(old_key)
+    errors: tuple[type[BaseException], ...] = (StoreError, *(limiter.redis.errors if limiter.redis else ()))
+    for new_key, (end, olds) in feeds.items():
+        if olds == {new_key}:
+            continue
+        try:
+            spent = 0
+            for k in olds:
+                spent += await _used(limiter, k, end)
+            short = spent - await _used(limiter, new_key, end)
+            if short > 0:
+                await _add(limiter, new_key, end, short, now)
+        except errors as e:  # the edit is written; an unreachable counter is no reason for a 500
+            log.warning("key %s: its quota spent in scope(s) %s was not carried over to scope %s: %s",
+                        after.id, ", ".join(sorted(k[1] for k in olds)), new_key[1], e)  # fmt: skip
+
+
+async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:
+    """Charge the buckets ``after`` is limited by with what ``before``'s buckets owe (module docstring)."""
+    if bool(before.rate_limits) == bool(after.rate_limits):
+        return  # the same scope: a bucket is the key's n-th limit there, and keeps its debt (gcra.RateRule)
+    feeds: dict[str, tuple[RateRule, dict[tuple[str, ...], float]]] = {}  # new bucket -> (rule, owed per old scope)
+    try:
+        for up in limiter.config.upstreams:
+            old, new = resolve_plan(limiter.config, before, up), resolve_plan(limiter.config, after, up)
+            if not old.rates or not new.rates or set(old.buckets) & set(new.buckets):
+                continue  # nothing was limited or is now, or the same buckets (the global default and a key's own)
+            debts = (await _evaluate(limiter, old, 0)).debts
+            owed = max(debt / rule.interval for rule, debt in zip(old.rates, debts, strict=True))  # requests
+            for rule, bucket in zip(new.rates, new.buckets, strict=True):
+                feeds.setdefault(bucket, (rule, {}))[1][old.buckets] = owed
+        for bucket, (rule, olds) in feeds.items():
+            one = Plan(rates=(rule,), buckets=(bucket,))
+            debt = (await _evaluate(limiter, one, 0)).debts[0]
+            want = min(rule.capacity, math.ceil(sum(olds.values()) * rule.interval))  # never past its burst
+            cost = min(math.ceil((want - debt) / rule.interval), (rule.capacity - debt) // rule.interval)
+            if cost > 0:
+                await _evaluate(limiter, one, cost)
+    except (BackendDown, StoreError) as e:  # the edit is written; an unreachable backend is no reason for a 500
+        log.warning("key %s: its rate limits' debt was not carried over to its new scope: %s", after.id, e)
+
+
+async def _evaluate(limiter: RateLimiter, plan: Plan, cost: int) -> Outcome:
+    """A plan without a quota on the limiter's backend (cost 0: read the debts, change nothing)."""
+    if limiter.redis is not None:
+        return await limiter.redis.evaluate(plan, int(limiter.clock() * US), None, 0.0, cost)
+    if limiter.host_buckets is not None:  # the supervisor of workers: their table, on its clock (workers.limits)
+        return limiter.host_buckets.evaluate(plan, int(time.monotonic() * US), None, cost)  # type: ignore[no-any-return]
+    return limiter.memory.evaluate(plan, int(limiter.steady() * US), None, cost)
+
+
+def _counter(key: KeyRecord, rule: QuotaRule, now: float) -> tuple[CounterKey, float]:
+    start, end = window_bounds(rule.limit, now)
+    return (budget_of(key), rule.scope, window_id(rule.limit, start)), end
+
+
+async def _used(limiter: RateLimiter, qkey: CounterKey, end: float) -> int:
+    if limiter.redis is not None:
+        return int(await limiter.redis.get_used(qkey))
+    return (await limiter.book.counter(qkey, end)).used
+
+
+async def _add(limiter: RateLimiter, qkey: CounterKey, end: float, delta: int, now: float) -> None:
+    if limiter.redis is not None:
+        await limiter.redis.add_used(qkey, max(1, math.ceil(end - now)) + limiter.redis.expire_slack, delta)
+    else:
+        await limiter.book.add_used(qkey, end, delta)
