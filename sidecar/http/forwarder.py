@@ -37,6 +37,7 @@ from ..core.relay import HOP_BY_HOP, ResponseFilter, ResponseTap, as_sent
 from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
+from .answer import PooledResponse
 from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
 from .outbound import (
     Networks,
@@ -47,9 +48,10 @@ from .outbound import (
     strip_prefix_raw,
     upstream_url,
 )
-from .pool import METHODS, ConnectionPool, PooledResponse
+from .pool import METHODS, ConnectionPool
 from .streams import Closer, StreamRegistry
 from .websocket import relay_websocket
+from .whole import Answer, answer_in_hand, end_soon, relay_whole
 
 __all__ = [
     "HOP_BY_HOP",
@@ -65,10 +67,7 @@ __all__ = [
 ]
 
 
-Answer = aiohttp.ClientResponse | PooledResponse  # what the upstream sent: aiohttp's, or the pool's (``pool``)
-
 END_WAIT = 0.1  # seconds an answered stream may take to end once its client has left
-WHOLE_WAIT = 0.005  # seconds a short MCP answer's stream may take to end before its headers go out
 
 
 class _Seen:
@@ -224,6 +223,9 @@ class Forwarder:
 
     def _release_later(self, resp: Answer) -> None:
         """Let an answered stream end (bounded) and keep its connection; close it if it does not."""
+        if isinstance(resp, PooledResponse):
+            resp.release_at_end(END_WAIT)  # no task: a callback at the end, a timer for the bound
+            return
 
         async def end() -> None:
             try:
@@ -324,20 +326,25 @@ class Forwarder:
         short = streaming and request.method == "POST"  # an MCP POST's SSE answer: usually one event, then the end
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
-            if short and not resp.content.is_eof():
+            if as_json is not None and seen is not None and isinstance(resp, PooledResponse):
+                if short and not resp.content.is_eof() and await answer_in_hand(resp.content, as_json):
+                    seen.done = True  # ``forward`` reads the end of the stream after the answer went out
+                    return await relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
+                                             response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip
+            elif short and not resp.content.is_eof():
                 await asyncio.sleep(0)  # one turn of the loop: the rest of a short answer is usually on its way
-            if as_json is not None and short and not resp.content.is_eof():
-                await self._end_soon(resp)
+                if as_json is not None and not resp.content.is_eof():
+                    await end_soon(resp)
             if resp.content.is_eof() and resp.content.total_bytes <= SMALL_BODY:
                 # The whole stream came in with its headers (an MCP POST's one-answer SSE): one write
                 # with a Content-Length, so the client holds a complete answer (and can reuse its connection).
-                return await self._relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
-                                               response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip
+                return await relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
+                                         response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip
         else:
             size = small_body(request.method, resp.status, resp.headers)
             if size is not None:
-                return await self._relay_whole(scope, upstream, resp, size, out_headers, response_filter, rewrite,
-                                               recording, tap, reason)  # fmt: skip
+                return await relay_whole(scope, upstream, resp, size, out_headers, response_filter, rewrite,
+                                         recording, tap, reason)  # fmt: skip
         # No explicit chunking: without a Content-Length aiohttp chunks for HTTP/1.1 clients,
         # closes the connection for HTTP/1.0 ones, and sends no body at all for HEAD/204/304.
         response = web.StreamResponse(status=resp.status, reason=reason, headers=out_headers)
@@ -409,78 +416,6 @@ class Forwarder:
                 scope.error = "client_disconnected"
             return response
         scope.bytes_sent += len(tail)
-        return response
-
-    @staticmethod
-    async def _end_soon(resp: Answer) -> None:
-        """Wait (``WHOLE_WAIT`` at most) for a short answer's stream to end, so it can go out whole.
-
-        An MCP server writes the answer event and the end of its stream separately, and they often
-        arrive a moment apart; a stream still open after this is relayed as it comes.
-        """
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def wake() -> None:  # the end, or WHOLE_WAIT (a broken stream: the relay finds out)
-            if not done.done():
-                done.set_result(None)
-
-        resp.content.on_eof(wake)  # cheaper than asyncio.timeout around wait_eof: no task cancellation
-        timer = loop.call_later(WHOLE_WAIT, wake)
-        try:
-            await done
-        finally:
-            timer.cancel()
-
-    @staticmethod
-    async def _relay_whole(
-        scope: RequestScope,
-        upstream: UpstreamConfig,
-        resp: Answer,
-        size: int,
-        headers: CIMultiDict[str],
-        response_filter: ResponseFilter | None,
-        rewrite: bool,
-        recording: bool,
-        tap: ResponseTap | None,
-        reason: str | None = None,
-        as_json: Callable[[bytes], bytes | None] | None = None,
-    ) -> web.StreamResponse:
-        """A small body with a known length, read whole and sent as one ``web.Response``.
-
-        Why: most API answers are a few KiB. Sent whole, headers and body leave in one
-        write with an exact ``Content-Length`` (also after token scrubbing, which would
-        otherwise force chunked framing and a second write), and an upstream that fails
-        mid-body is still a clean 502/504 because nothing has reached the client yet.
-        Memory stays bounded by ``SMALL_BODY``, the size of one streamed chunk.
-        """
-        try:
-            if resp.content.total_bytes >= size:  # usually: it came in with the headers
-                body = await resp.content.readexactly(size) if size else b""
-            else:
-                async with asyncio.timeout(upstream.read_timeout):
-                    body = await resp.content.readexactly(size)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"upstream {upstream.id} did not send its body within {upstream.read_timeout:g}s"
-            ) from None
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
-            raise UpstreamUnavailable(f"upstream {upstream.id} broke off its response") from None
-        raw = body
-        if rewrite and response_filter is not None:
-            body = response_filter.feed(body) + response_filter.flush()  # Unscrubbable: a 502, nothing sent
-        if recording and tap is not None and tap.feed(raw):
-            tap.end()
-        if as_json is not None and (answer := as_json(body)) is not None:
-            # A finished stream of one answer, as JSON: a client reads it to its end and keeps
-            # its connection (the SDK's client closes an SSE answer early, which costs it one).
-            body = answer
-            headers["Content-Type"] = "application/json"
-            headers.popall("X-Accel-Buffering", None)
-        headers.popall("Content-Length", None)  # aiohttp sets it from the body
-        response = web.Response(status=resp.status, reason=reason, headers=headers, body=body)
-        scope.status = resp.status
-        scope.bytes_sent = len(body)
         return response
 
     @staticmethod

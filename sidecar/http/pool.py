@@ -25,11 +25,9 @@ closed just as the request went out is a 502; a GET or DELETE is then sent once 
 from __future__ import annotations
 
 import asyncio
-import collections
 import select
 import socket
 import time
-from collections.abc import Callable
 from typing import cast
 
 import aiohttp
@@ -39,11 +37,11 @@ from yarl import URL
 
 from ..config import UpstreamConfig
 from ..core.errors import UpstreamUnavailable
-from .outbound import CHUNK, MAX_HEADER_SIZE
+from .answer import PooledResponse
+from .outbound import MAX_HEADER_SIZE
 
 METHODS = frozenset({"GET", "POST", "DELETE"})  # no HEAD: its answer has a length but no body
 IDEMPOTENT = frozenset({"GET", "DELETE"})  # sent again on a new connection if a kept-alive one was closed under it
-HIGH_WATER = 2 * CHUNK  # unread answer bytes before the socket stops being read
 MAX_HEADERS = 128  # header fields in one answer
 KEEPALIVE = 30.0  # seconds an idle connection is kept (aiohttp's connector used 30 too)
 
@@ -72,130 +70,6 @@ def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
 def _coded(values: list[str]) -> bool:
     """Whether ``Transfer-Encoding`` names any coding but chunked."""
     return any(c.strip().lower() != "chunked" for v in values for c in v.split(","))
-
-
-class PooledBody:
-    """The answer's body as it arrives: the subset of ``aiohttp.StreamReader`` the forwarder reads."""
-
-    __slots__ = ("_buffer", "_callbacks", "_conn", "_eof", "_exception", "_size", "_waiter", "total_bytes")
-
-    def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
-        self._buffer: collections.deque[bytes] = collections.deque()
-        self._size = 0  # unread bytes
-        self.total_bytes = 0
-        self._eof = False
-        self._exception: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[], None]] = []
-
-    def feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
-        self.total_bytes += len(data)
-        if self._size > HIGH_WATER:
-            self._conn.pause()
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb()
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._exception = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
-
-    def on_eof(self, callback: Callable[[], None]) -> None:
-        if self._eof:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def is_eof(self) -> bool:
-        return self._eof
-
-    def at_eof(self) -> bool:
-        return self._eof and not self._buffer
-
-    async def _wait(self) -> None:
-        if self._exception is not None:
-            raise self._exception
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-    def _take(self, n: int) -> bytes:
-        if n >= self._size:
-            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-            self._buffer.clear()
-        else:
-            joined = b"".join(self._buffer)
-            data, rest = joined[:n], joined[n:]
-            self._buffer.clear()
-            self._buffer.append(rest)
-        self._size -= len(data)
-        if self._size <= CHUNK:
-            self._conn.resume()
-        return data
-
-    async def readany(self) -> bytes:
-        """What has arrived (at least one byte), or ``b""`` at the end."""
-        while not self._buffer:
-            if self._exception is not None:
-                raise self._exception
-            if self._eof:
-                return b""
-            await self._wait()
-        return self._take(self._size)
-
-    async def readexactly(self, n: int) -> bytes:
-        while self._size < n:
-            if self._exception is not None:
-                raise self._exception
-            if self._eof:
-                partial = self._take(self._size)
-                raise asyncio.IncompleteReadError(partial, n)
-            await self._wait()
-        return self._take(n)
-
-
-class PooledResponse:
-    """An upstream answer: the subset of ``aiohttp.ClientResponse`` the forwarder reads."""
-
-    __slots__ = ("_conn", "content", "headers", "reason", "status")
-
-    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDictProxy[str]) -> None:
-        self._conn = conn
-        self.status = status
-        self.reason: str | None = reason
-        self.headers = headers
-        self.content = PooledBody(conn)
-
-    def release(self) -> None:
-        """The body was read to its end: the connection goes back to the pool if it may."""
-        if self._conn.response is self:  # late, once the connection carries another exchange: not ours
-            self._conn.done(reuse=self.content.at_eof())
-
-    def close(self) -> None:
-        """Give up on the answer (a client that left, a cancelled call): the connection is closed."""
-        if self._conn.response is self:
-            self._conn.done(reuse=False)
-        if not self.content.is_eof():
-            # A read still waiting fails, as with aiohttp: the forwarder ends an event stream on a
-            # drain by closing its answer (``end_stream``), and the closed connection tells nothing more.
-            self.content.set_exception(aiohttp.ClientConnectionError("the answer was given up"))
 
 
 class _Connection(asyncio.Protocol):

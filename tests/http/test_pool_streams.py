@@ -48,6 +48,7 @@ from yarl import URL
 
 from sidecar.app import Sidecar, create_apps
 from sidecar.config import parse_config
+from sidecar.http import answer as answer_mod
 from sidecar.http import pool as pool_mod
 from sidecar.http.pool import ConnectionPool, request_head
 
@@ -106,7 +107,7 @@ async def test_a_large_event_stream_is_relayed_intact_with_backpressure(raw: Sta
             while not (conns := gw.sc.pools["tools"]._all) or not next(iter(conns))._paused:
                 await asyncio.sleep(0.005)  # polled: the pool pauses once HIGH_WATER is unread
             (conn,) = conns
-            assert conn.response is not None and conn.response.content._size <= pool_mod.HIGH_WATER + 256 * 1024
+            assert conn.response is not None and conn.response.content._size <= answer_mod.HIGH_WATER + 256 * 1024
             stalled.clear()
             await stalled.wait()  # a stall after the pause: the upstream is held back
         assert progress_["stalled_at"] < total  # it could not write it all
@@ -298,7 +299,7 @@ def echo_app() -> web.Application:
     return app
 
 
-async def read_all(resp: pool_mod.PooledResponse) -> bytes:
+async def read_all(resp: answer_mod.PooledResponse) -> bytes:
     data = b""
     while part := await resp.content.readany():
         data += part
@@ -334,7 +335,7 @@ async def pool_round_trips(tmp_path: Path) -> list[dict[str, Any]]:
                 (conn,) = pool._all
                 while not conn._paused:  # nothing read: the pool stops reading at HIGH_WATER
                     await asyncio.sleep(0.005)
-                assert resp.content._size <= pool_mod.HIGH_WATER + 256 * 1024
+                assert resp.content._size <= answer_mod.HIGH_WATER + 256 * 1024
                 assert await read_all(resp) == BIG_ANSWER
                 assert not conn._paused
     finally:

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from mcp_server import MCP_TOKEN, McpUpstream
 
-from sidecar.http import forwarder
+from sidecar.http import whole
 from sidecar.http.listener import GuardedHandler
 from sidecar.upstreams.mcp.response import single_answer
 
@@ -168,7 +168,7 @@ async def test_the_sdk_client_keeps_its_connection_to_the_sidecar(
     monkeypatch.setattr(GuardedHandler, "connection_made", counting)
     # This upstream is a thread of the test's own process: its stream's end waits for the GIL,
     # often longer than the 5 ms a separate server needs.
-    monkeypatch.setattr(forwarder, "WHOLE_WAIT", 1.0)
+    monkeypatch.setattr(whole, "WHOLE_WAIT", 1.0)
     up = McpUpstream().start()
     try:
         cfg = base_config(up.url, tmp_path)
