@@ -12,12 +12,9 @@ import asyncio
 import json
 import time
 import warnings
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx2
 import pytest
 from aiohttp import web
@@ -29,7 +26,14 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, batch_app
-from mcp_support import ACCEPT, SCOPED, bearer, call, mcp_config  # SCOPED: the resource/prompt tests' key
+from mcp_support import (  # SCOPED: the resource/prompt tests' key
+    ACCEPT,
+    SCOPED,
+    bearer,
+    call,
+    legacy_stream,
+    mcp_config,
+)
 from multidict import CIMultiDict
 
 from sidecar.auth.models import Permissions
@@ -60,58 +64,6 @@ async def tool_key(gw: Running, name: str, **fields: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- legacy SSE by hand
-
-
-class LegacyStream:
-    """A legacy SSE session opened through the sidecar with raw aiohttp: its endpoint and its events."""
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self.resp = resp
-        self.buf = ""
-        self.endpoint = ""
-
-    async def event(self) -> tuple[str, str]:
-        while "\n\n" not in self.buf.replace("\r\n", "\n"):
-            chunk = await asyncio.wait_for(self.resp.content.readany(), 10)
-            assert chunk, "the event stream ended"
-            self.buf += chunk.decode()
-        self.buf = self.buf.replace("\r\n", "\n")
-        raw, self.buf = self.buf.split("\n\n", 1)
-        name, data = "message", []
-        for line in raw.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        return name, "\n".join(data)
-
-    async def answer(self, rid: Any) -> dict[str, Any]:
-        while True:
-            name, data = await self.event()
-            if name == "message" and data:
-                msg = json.loads(data)
-                if msg.get("id") == rid and ("result" in msg or "error" in msg):
-                    return msg
-
-    @property
-    def sid(self) -> str:
-        return self.endpoint.split("session_id=", 1)[1]
-
-
-@asynccontextmanager
-async def legacy_stream(gw: Running, key: str) -> AsyncIterator[LegacyStream]:
-    """Open the stream, read the endpoint event, initialise the session."""
-    async with gw.proxy.get("/mcp/legacy/sse", headers={**bearer(key), "Accept": "text/event-stream"}) as resp:
-        assert resp.status == 200
-        s = LegacyStream(resp)
-        name, s.endpoint = await s.event()
-        assert name == "endpoint" and s.endpoint.startswith("/mcp/legacy/messages/?session_id=")
-        r = await gw.proxy.post(s.endpoint, json=INIT, headers={**ACCEPT, **bearer(key)})
-        assert r.status == 202
-        await s.answer(1)
-        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-        assert (await gw.proxy.post(s.endpoint, json=note, headers={**ACCEPT, **bearer(key)})).status == 202
-        yield s
 
 
 def messages_posted(upstream: McpUpstream) -> int:

@@ -9,10 +9,18 @@ process does not hold is refused with ``404 no_route`` and a message that says s
 filters. Run legacy SSE with ``workers: 1`` per host and sticky routing (by client, or by
 the ``session_id`` parameter) across replicas. Streamable HTTP sessions need none of this:
 their ids are sealed (``sealing.py``) and any process serves them.
+
+**Refusals as pings.** A refused call's answer must come down the stream too, so it goes
+up as a ``ping`` with the call's id and the ping's answer is swapped for the refusal. A
+refusal spends nothing (DESIGN invariant 12), so without a bound a key could make the
+upstream answer pings as fast as it can post; a session sends at most ``PING_RATE`` of
+them a second (``PING_BURST`` at once), past that the POST is a 429 and nothing goes up.
+A hand-written GCRA of two lines: a per-session float, not worth the limiter's machinery.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -23,6 +31,7 @@ from yarl import URL
 
 from ...auth.models import KeyRecord
 from ...config import UpstreamConfig
+from ...core.errors import RateLimited
 from ...core.scope import RequestScope
 from .authz import Decision
 from .filter import JsonRewriter, Policy, SseRewriter
@@ -33,7 +42,22 @@ from .sessions import McpSession
 if TYPE_CHECKING:
     from .gateway import McpGateway
 
-__all__ = ["post_legacy"]
+__all__ = ["PING_BURST", "PING_RATE", "pings_allowed", "post_legacy"]
+
+PING_RATE = 10.0  # refusal pings a legacy session may send up per second
+PING_BURST = 20  # ... and at once
+TOO_MANY_REFUSED = "too many refused calls on this legacy SSE session: they go up as pings, at most {rate:g} a second"
+
+
+def pings_allowed(session: McpSession, n: int, now: float) -> float:
+    """0.0 if ``n`` more refusal pings fit the session's rate (and they are counted), else seconds to wait."""
+    interval = 1.0 / PING_RATE
+    due = max(session.pings_due, now) + n * interval
+    over = due - now - PING_BURST * interval
+    if over > 0:
+        return over
+    session.pings_due = due
+    return 0.0
 
 
 async def post_legacy(
@@ -51,6 +75,11 @@ async def post_legacy(
     policy: Policy,
 ) -> web.StreamResponse:
     """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
+    if d.refused and (wait := pings_allowed(legacy, len(d.refused), time.monotonic())):
+        if d.kept:  # the gateway refunds only a body it refused whole: this one is refused whole now
+            await gw.sc.limiter.refund(key, upstream)
+        scope.error = "rate_limit_exceeded"
+        raise RateLimited(TOO_MANY_REFUSED.format(rate=PING_RATE), wait, rate_headers)
     for answer in d.refused:
         legacy.refusals.add(answer["id"], answer)
     if d.forward is None:
