@@ -137,6 +137,15 @@ class Sidecar:
         """Run a background job owned by the app (cancelled on close)."""
         self._tasks.append(asyncio.create_task(coro))
 
+    def limits_of(self, rec: KeyRecord) -> KeyRecord:
+        """``rec`` with the limits that hold for it, for display: an OAuth grant's are its parent's now."""
+        parent = self.verifier.table.get(rec.parent_id) if rec.parent_id else None
+        if parent is None:
+            return rec
+        from .oauth.grants import with_parent_limits
+
+        return with_parent_limits(rec, parent)
+
     def manager(self) -> KeyManager:
         return KeyManager(self.config, self.store, clock=self.clock, limiter=self._limiter)
 

@@ -114,6 +114,7 @@ class AdminHost(Protocol):
     @property
     def trusted_proxies(self) -> Networks: ...  # behind an ingress: failures counted per client, not per ingress
     def manager(self) -> KeyManager: ...
+    def limits_of(self, rec: KeyRecord) -> KeyRecord: ...
 
 
 log = logging.getLogger("sidecar.admin")
@@ -229,10 +230,10 @@ def create_admin_app(sc: AdminHost) -> web.Application:
 
     async def list_keys(request: web.Request) -> web.Response:
         by = acting_key(request)
-        return ok([r.public_dict() for r in await sc.store.list_keys() if owns(by, r)])
+        return ok([sc.limits_of(r).public_dict() for r in await sc.store.list_keys() if owns(by, r)])
 
     async def show_key(request: web.Request) -> web.Response:
-        rec = await visible_key(request)
+        rec = sc.limits_of(await visible_key(request))  # a grant: its parent's limits and budget, which hold
         return ok({**rec.public_dict(), "quota_status": await sc.limiter.quota_status(rec)})
 
     async def key_quota(request: web.Request) -> web.Response:

@@ -107,6 +107,7 @@ async def keys_page(request: web.Request, console: Console, session: Session) ->
     rows.sort(key=keyfn)
     shown = []
     for r, label in rows[:PAGE_ROWS]:
+        r = sc.limits_of(r)  # a grant: its parent's limits, which hold for it
         shown.append({
             "rec": r, "state": label, "access": _access(r),
             "rate": ", ".join(r.rate_limits) or "default",
@@ -200,10 +201,11 @@ async def key_page(request: web.Request, console: Console, session: Session) -> 
     days = fill_days(usage["days"], CHART_DAYS, now)
     total = usage["total"]
     audit = await sc.store.audit_log(rec.id, 50)
+    held = sc.limits_of(rec)  # a grant: its parent's limits, which hold for it
     return console.render(
         request, "key.html", session=session, rec=rec, state=_state_label(console, rec, now),
-        perms=_permission_lines(rec), chart=bar_chart(days), days=[d for d in days if d.requests],
-        total=total, total_bytes=human_bytes(int(total["bytes"])), quota=await sc.limiter.quota_status(rec),
+        perms=_permission_lines(held), chart=bar_chart(days), days=[d for d in days if d.requests],
+        total=total, total_bytes=human_bytes(int(total["bytes"])), quota=await sc.limiter.quota_status(held),
         recent=console.recent.for_key(rec.id), audit=audit, grace=GRACE_CHOICES, nonce=session.nonce(),
         flash=session.take_flash(), human_bytes=human_bytes, **key_oauth(console, session, rec, now),
     )  # fmt: skip

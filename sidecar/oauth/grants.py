@@ -18,8 +18,9 @@ the parent reaches every replica with its poll, as any key change does; no store
 rewrite the grants (the alternative, updating every child in the parent's transaction, would
 have to be done in each store and is still a copy that can drift). Sharing the budget is what
 "same limits" means: N grants with budgets of their own would have been N times the parent's
-rate. The copy stays in the record (what the admin API shows of the grant), and an edit of a
-grant's limits apart from its parent's is refused (``KeyManager.patch``): it could not hold.
+rate. The copy stays in the record; the admin API and the console show the parent's current
+limits and quota counter for a grant (``Sidecar.limits_of``), and an edit of a grant's limits
+apart from its parent's is refused (``KeyManager.patch``): it could not hold.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "grants_of",
     "new_grant_id",
     "revoke_grant",
+    "with_parent_limits",
 ]
 
 
@@ -97,6 +99,12 @@ def _both(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
                                + [h for h in b if any(glob_covered(h, g) for g in a)]))  # fmt: skip
 
 
+def with_parent_limits(grant: KeyRecord, parent: KeyRecord) -> KeyRecord:
+    """The grant with the limits that hold for it: its parent's current ones, on the parent's budget."""
+    return dataclasses.replace(grant, rate_limits=parent.rate_limits, quota=parent.quota,
+                               concurrency=parent.concurrency, budget_id=parent.budget_id or parent.id)  # fmt: skip
+
+
 def allowed_now(grant: KeyRecord, parent: KeyRecord) -> KeyRecord:
     """The grant as its parent allows it *now*: its permissions as written, intersected with the
     parent's current ones on the grant's resource, the parent's current upstream identity, and the
@@ -107,8 +115,7 @@ def allowed_now(grant: KeyRecord, parent: KeyRecord) -> KeyRecord:
     parent, so every use and every refresh sees this intersection. Nothing in common: no upstream
     at all (403)."""
     up, g, p = str(grant.grant.get("resource") or ""), grant.permissions, parent.permissions
-    grant = dataclasses.replace(grant, rate_limits=parent.rate_limits, quota=parent.quota,
-                                concurrency=parent.concurrency, budget_id=parent.budget_id or parent.id)  # fmt: skip
+    grant = with_parent_limits(grant, parent)
     nothing = dataclasses.replace(grant, permissions=Permissions(upstreams=()))
     if not up or not all("*" in x.upstreams or up in x.upstreams for x in (g, p)):
         return nothing

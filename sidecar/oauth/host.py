@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..admin.manage import KeyManager
+    from ..auth.models import KeyRecord
     from ..auth.verify import Verifier
     from ..config import Config
     from ..http.forwarder import Networks
@@ -33,6 +34,7 @@ class GrantHost(Protocol):
     @property
     def verifier(self) -> Verifier: ...
     def manager(self) -> KeyManager: ...
+    def limits_of(self, rec: KeyRecord) -> KeyRecord: ...
 
 
 class OAuthHost(GrantHost, Protocol):

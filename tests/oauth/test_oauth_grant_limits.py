@@ -141,3 +141,20 @@ async def test_a_lowered_parent_reaches_the_grant_on_another_replica(
         await asyncio.sleep(0.05)
     # at 1/hour a request is a full hour's bucket: the second in a row is refused, whatever time passed
     assert (await codes(b, answer["access_token"], 2))[1] == (429, "rate_limit_exceeded")
+
+
+async def test_the_admin_api_shows_a_grant_with_the_limits_that_hold_for_it(gw: Running) -> None:
+    """The grant's record keeps the copy made at the exchange; what the admin sees is its parent's
+    current limits and the parent's quota counter, which is what the grant is held to."""
+    parent, key = await gw.create_key(permissions=PERMS, rate_limits=["100/minute"], quota="100/day")
+    _, answer = await tokens(gw, key)
+    (grant,) = [r for r in await gw.sc.store.list_keys() if r.parent_id == parent.id]
+    await patch(gw, parent.id, {"rate_limits": ["5/minute"], "quota": "4/day"})
+    assert await codes(gw, answer["access_token"], 2) == [200, 200]
+    r = await gw.admin.get(f"/admin/keys/{grant.id}", headers=ADMIN)
+    shown = (await r.json())["data"]
+    assert shown["rate_limits"] == ["5/minute"] and shown["quota"] == "4/day"
+    assert [(s["quota"], s["used"]) for s in shown["quota_status"]] == [("4/day", 2)]
+    r = await gw.admin.get("/admin/keys", headers=ADMIN)
+    (listed,) = [k for k in (await r.json())["data"] if k["id"] == grant.id]
+    assert listed["rate_limits"] == ["5/minute"] and listed["quota"] == "4/day"
