@@ -65,7 +65,18 @@ from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
 from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
-from .gcra import QUOTA_POLICY, US, BackendDown, BackendRefused, MemoryBackend, Outcome, Plan, QuotaRule, RateDecision, resolve_plan
+from .gcra import (
+    QUOTA_POLICY,
+    US,
+    BackendDown,
+    BackendRefused,
+    MemoryBackend,
+    Outcome,
+    Plan,
+    QuotaRule,
+    RateDecision,
+    resolve_plan,
+)
 from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
 
 if TYPE_CHECKING:
