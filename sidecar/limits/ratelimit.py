@@ -64,19 +64,9 @@ from ..clocks import steady_clock
 from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
+from . import gcra
 from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
-from .gcra import (
-    QUOTA_POLICY,
-    US,
-    BackendDown,
-    BackendRefused,
-    MemoryBackend,
-    Outcome,
-    Plan,
-    QuotaRule,
-    RateDecision,
-    resolve_plan,
-)
+from .gcra import QUOTA_POLICY, US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateDecision, resolve_plan
 from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
 
 if TYPE_CHECKING:
@@ -299,7 +289,7 @@ class RateLimiter:
         except StoreError as e:  # fail closed: a quota nobody can count is not granted (workers: the owner's)
             msg = f"the quota store is unavailable: {e}"
             return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
-        except BackendRefused as e:  # workers: the owner could not read the question (a bug, logged by both)
+        except gcra.BackendRefused as e:  # workers: the owner could not read the question (a bug, logged by both)
             log.warning("rate-limit check refused by the backend: %s", e)
             msg = "the rate limiter could not check this request; try again shortly"
             return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
