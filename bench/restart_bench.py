@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -86,8 +87,6 @@ def start(config: Path, workdir: Path, env: dict[str, str], n: int) -> Proc:
 
 def kill_9(proc: Proc) -> None:
     """SIGKILL to its whole process group: no drain, no last flush."""
-    import signal
-
     os.killpg(proc.pid, signal.SIGKILL)
     proc.popen.wait(10)
 
