@@ -6,6 +6,12 @@ at most ``FLUSH_AFTER`` (50 ms) after the first line of a batch, or as soon as
 ``MAX_PENDING`` lines wait. A ``write`` syscall per request (or per loop iteration) was a
 measurable share of a cache hit's cost. ``docker logs``/``kubectl logs`` see a line within
 50 ms; shutdown writes what is pending; a crash loses at most the last 50 ms.
+
+A line is at most ``MAX_LINE`` (``PIPE_BUF``, 4096) bytes with its newline: under ``workers: N``
+every worker appends to the same pipe or file, and a pipe interleaves two writers' writes only
+when one is over ``PIPE_BUF``. The client writes most of a line (its path and query, up to the
+64 KiB request-line bound), so an oversized line has its longest strings cut (``fit_line``),
+marked ``…`` and ``"truncated": true``; never dropped, never split, always valid JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
@@ -26,10 +32,13 @@ from ..core.scope import RequestScope
 from ..observe.logfilter import redact_path_keys
 from ..store.filemodes import open_private_append
 
-__all__ = ["FLUSH_AFTER", "AccessLog", "redact_path"]
+__all__ = ["FLUSH_AFTER", "MAX_LINE", "AccessLog", "fit_line", "redact_path"]
 
 FLUSH_AFTER = 0.05  # seconds the first line of a batch may wait for company
 MAX_PENDING = 512  # lines that are written at once, whatever the time
+MAX_LINE = select.PIPE_BUF  # bytes of one line with its newline: one write a pipe never interleaves
+CUT = "…"  # ends a string that was cut to fit the line
+_CUT_SIZE = len(CUT.encode())
 
 # A credential-named parameter and its value, also when nested percent-encoded in another
 # parameter (Plex's ``/photo/:/transcode?url=/library/…/thumb?X-Plex-Token%3D<key>``) and
@@ -109,7 +118,8 @@ class AccessLog:
         # orjson rather than json: the stdlib encoder was ~10 µs a line, a visible share of a
         # cache hit; orjson is ~1 µs and writes the same compact JSON (UTF-8, not \u escapes).
         pending = self._pending
-        pending.append(orjson.dumps(entry).decode())
+        raw = orjson.dumps(entry)
+        pending.append((raw if len(raw) < MAX_LINE else fit_line(entry)).decode())
         if len(pending) >= MAX_PENDING:
             self.flush()
         elif not self._scheduled:
@@ -144,21 +154,84 @@ class AccessLog:
             pass  # a full disk or closed stdout must not fail requests
 
     def _write_whole(self, lines: list[str]) -> None:
+        """Whole lines, in ``write`` calls of at most ``MAX_LINE`` bytes each, straight to the descriptor.
+
+        ``os.write`` rather than the text stream: its buffer could join our bytes with something
+        else written to stdout, or cut them where its own size says.
+        """
         assert self.stream is not None
-        chunk: list[str] = []
+        self.stream.flush()  # whatever else went to this stream goes first, on its own
+        try:
+            fd = self.stream.fileno()
+        except (OSError, ValueError, AttributeError):  # not a real descriptor (a test's capture)
+            self.stream.write("\n".join(lines) + "\n")
+            return
+        chunk: list[bytes] = []
         size = 0
         for line in lines:
-            n = len(line.encode()) + 1
-            if chunk and size + n > select.PIPE_BUF:
-                self.stream.write("\n".join(chunk) + "\n")
-                self.stream.flush()
+            data = line.encode() + b"\n"
+            if chunk and size + len(data) > MAX_LINE:
+                _write_all(fd, b"".join(chunk))
                 chunk, size = [], 0
-            chunk.append(line)
-            size += n
-        self.stream.write("\n".join(chunk) + "\n")
+            chunk.append(data)
+            size += len(data)
+        _write_all(fd, b"".join(chunk))
 
     def close(self) -> None:
         self.flush()
         if self._own and self.stream is not None:
             self.stream.close()
         self.stream = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``write`` (atomic on a pipe at up to ``PIPE_BUF`` bytes); the rest, should a file take less."""
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def fit_line(entry: dict[str, Any], limit: int = MAX_LINE - 1) -> bytes:
+    """``entry`` as compact JSON of at most ``limit`` bytes: its longest strings cut until it fits.
+
+    The strings over a common cap are cut to it (the cap as high as fits), so a long path and a
+    long tool name both keep their start. Cut by characters (never inside a UTF-8 sequence or a
+    JSON escape), each cut string ending in ``CUT``, and ``"truncated": true`` added. Only on the
+    rare oversized line: a few encodes.
+    """
+    raw = orjson.dumps(entry)
+    if len(raw) <= limit:
+        return raw
+    entry = {**entry, "truncated": True}
+    sizes = {k: _json_size(v) for k, v in entry.items() if isinstance(v, str) and k != "time"}
+    room = sum(sizes.values()) - (len(orjson.dumps(entry)) - limit)  # bytes the strings may keep
+    lo, hi = 0, max(sizes.values(), default=0)  # the highest cap whose capped sizes fit in room
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(n, mid) for n in sizes.values()) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    for name, n in sizes.items():
+        if n > lo:
+            entry[name] = _cut(entry[name], lo)
+    raw = orjson.dumps(entry)
+    if len(raw) > limit:  # unreachable with the fields we log; still one valid line, never none
+        raw = orjson.dumps({"time": entry.get("time"), "status": entry.get("status"), "truncated": True})
+    return raw
+
+
+def _json_size(s: str) -> int:
+    """Bytes of ``s`` as a JSON string, quotes included (escapes make it more than its UTF-8)."""
+    return len(orjson.dumps(s))
+
+
+def _cut(s: str, budget: int) -> str:
+    """The longest prefix of ``s`` that with ``CUT`` is at most ``budget`` bytes of JSON (``CUT`` alone if none)."""
+    lo, hi = 0, len(s)  # a prefix of lo characters fits; hi is the most that might
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _json_size(s[:mid]) + _CUT_SIZE <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return s[:lo] + CUT

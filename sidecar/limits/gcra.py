@@ -13,6 +13,7 @@ from .quota import CounterKey, QuotaCounter
 
 __all__ = [
     "BackendDown",
+    "BackendRefused",
     "MemoryBackend",
     "Outcome",
     "Plan",
@@ -135,6 +136,14 @@ class Outcome:
 
 class BackendDown(Exception):
     """The shared backend could not be reached; ``on_redis_error`` decides."""
+
+
+class BackendRefused(Exception):
+    """The shared backend answered that it could not handle the question: a 503 at once.
+
+    Not ``BackendDown``: the backend is there (no back-off, no ``on_redis_error``), and a check
+    nobody could make grants nothing.
+    """
 
 
 def budget_of(key: KeyRecord) -> str:

@@ -64,6 +64,7 @@ from ..clocks import steady_clock
 from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
+from . import gcra
 from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
 from .gcra import QUOTA_POLICY, US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateDecision, resolve_plan
 from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
@@ -287,6 +288,10 @@ class RateLimiter:
                 outcome = self.memory.evaluate(plan, int(self.steady() * US), counter, cost)
         except StoreError as e:  # fail closed: a quota nobody can count is not granted (workers: the owner's)
             msg = f"the quota store is unavailable: {e}"
+            return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
+        except gcra.BackendRefused as e:  # workers: the owner could not read the question (a bug, logged by both)
+            log.warning("rate-limit check refused by the backend: %s", e)
+            msg = "the rate limiter could not check this request; try again shortly"
             return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
         if plan.quota is not None and qkey is not None and outcome.quota_used is not None:
             used = outcome.quota_used + cost if outcome.ok else outcome.quota_used

@@ -17,6 +17,8 @@ by its number; a check is ``[rid, "e", pid, cost, now_us, qkey, qend]`` and its 
 ``[rid, ok, debts, quota_used]`` — the ``Outcome`` a one-process limiter computes, by the
 same arithmetic, so headers cannot drift. Questions written in one event-loop turn leave
 in one ``write`` (pipelined, answered by id), and the owner answers a batch with one.
+A question the owner cannot handle is answered at once ``[rid, None, BAD_QUESTION…]``:
+the worker's 503 then, not after its timeout.
 
 Why not everything in the owner: a round trip costs the worker ~20-35 µs of CPU and the
 owner ~15-25 µs per check (bench/workers_bench.py), which the 2-worker bench felt; why
@@ -32,12 +34,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from ..config import parse_limit
-from ..limits.gcra import US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateRule
+from ..limits.gcra import US, BackendDown, BackendRefused, MemoryBackend, Outcome, Plan, QuotaRule, RateRule
 from ..limits.quota import CounterKey, QuotaBook
 from ..store import StoreError
 from .shm import ShmBuckets
@@ -53,6 +56,10 @@ TIMEOUT = 0.5  # seconds an answer may take before the check is decided by on_re
 # quota pass under "allow".
 QUOTA_TIMEOUT = 6.0
 STORE_DOWN = "the quota store is unavailable"  # the owner's answer when it cannot read a quota: fail closed
+# The owner's answer to a question it cannot handle (unknown plan, wrong shape): at once, so the
+# asker gets its 503 now rather than silence until its timeout.
+BAD_QUESTION = "the limiter owner could not handle the question"
+_QUESTION_ID = re.compile(rb"\[\s*(\d+)\s*,")  # a question's id, read even when the rest is not JSON
 MAX_PLANS = 50_000  # plans one worker may have registered before both sides start over
 MAX_LINE = 1 << 20  # bytes of one question: a peer sending more without a newline is cut off, not buffered
 
@@ -159,8 +166,11 @@ class _OwnerConn(asyncio.Protocol):
             if line:
                 try:
                     self._handle(json.loads(line), out)
-                except Exception:  # a malformed question never takes the owner down
+                except Exception as e:  # a malformed question never takes the owner down, nor waits
                     log.exception("workers: bad limiter request")
+                    m = _QUESTION_ID.match(line)
+                    if m is not None and int(m.group(1)):  # id 0 ("p", "c") has nobody waiting
+                        out.append(_dumps([int(m.group(1)), None, f"{BAD_QUESTION}: {type(e).__name__}: {e}"[:300]]))
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
@@ -190,6 +200,8 @@ class _OwnerConn(asyncio.Protocol):
             self._later(rid, self.owner.admin(op, (qk[0], qk[1], qk[2]), end, value))
         elif op == "ping":
             out.append(_dumps([rid, 1]))
+        else:
+            raise ValueError(f"unknown operation {op!r}")
 
     def _later(self, rid: int, coro: Any) -> None:
         async def run() -> None:
@@ -279,6 +291,9 @@ class SharedLimits:
         if reply[0] is None:
             if str(reply[1]).startswith(STORE_DOWN):  # the owner is there, its store is not: as one process
                 raise StoreError(str(reply[1]).removeprefix(f"{STORE_DOWN}: "))
+            if str(reply[1]).startswith(BAD_QUESTION):  # e.g. a plan it lost: registered again next time
+                self._plans.clear()
+                raise BackendRefused(str(reply[1]))
             raise BackendDown(str(reply[1]))
         used = int(reply[2])
         return Outcome(bool(reply[0]), reply[1], used if used >= 0 else None)

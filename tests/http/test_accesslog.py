@@ -19,7 +19,7 @@ import pytest
 from conftest import PLEX_TOKEN, Running, log_lines
 
 from sidecar.core.scope import RequestScope
-from sidecar.http.accesslog import FLUSH_AFTER, MAX_PENDING, AccessLog, redact_path
+from sidecar.http.accesslog import FLUSH_AFTER, MAX_LINE, MAX_PENDING, AccessLog, fit_line, redact_path
 
 
 @pytest.mark.parametrize(
@@ -157,3 +157,57 @@ def test_timestamps_are_utc_milliseconds() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
     parsed = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + int(stamp[20:23]) / 1000
     assert before - 0.002 <= parsed <= time.time() + 0.002
+
+
+FIELDS = ["method", "path", "client_ip", "upstream", "key", "error", "cache", "tool", "credential"]
+FILLS = {
+    "ascii": "a" * 9000,
+    "two-byte": "é" * 5000,  # 2 bytes each: a byte budget falls inside one half the time
+    "three-byte": "ab✓" * 3000,
+    "four-byte": "x😀" * 3000,
+    "escaped": 'q"\\\n\x01' * 2000,  # JSON escapes: 2 to 6 bytes per character
+}
+
+
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("field", FIELDS)
+def test_an_oversized_line_is_cut_to_one_valid_pipe_write(field: str, fill: str) -> None:
+    """Every string field a client can lengthen, with every kind of character at the cut."""
+    entry: dict[str, object] = {"time": "2025-01-31T12:00:00.123Z", "client_ip": "10.0.0.1", "method": "GET"}
+    entry |= {"path": "/short", "status": 200, "bytes": 12, "duration_ms": 1.5, "upstream": "plex", "key": None}
+    entry[field] = FILLS[fill]
+    raw = fit_line(entry)
+    assert len(raw) + 1 <= MAX_LINE == 4096
+    assert len(raw) + 1 > MAX_LINE - 8  # cut to fit, not far below it (at most one escape's worth)
+    got = json.loads(raw.decode("utf-8"))  # strict UTF-8: no character split
+    assert got["truncated"] is True
+    assert got[field].endswith("…") and FILLS[fill].startswith(got[field][:-1])
+    assert {k: v for k, v in got.items() if k not in (field, "truncated")} == {
+        k: v for k, v in entry.items() if k != field
+    }  # the other fields whole
+
+
+def test_the_longest_fields_are_cut_to_a_common_cap_and_a_fitting_line_is_untouched() -> None:
+    entry = {"time": "t", "path": "p" * 6000, "tool": "t" * 500, "method": "GET", "status": 200}
+    got = json.loads(fit_line(entry))
+    assert got["tool"] == "t" * 500 and 3400 < len(got["path"]) < 3600 and got["path"].endswith("…")
+    both = json.loads(fit_line({"time": "t", "path": "p" * 6000, "tool": "t" * 6000}))
+    assert both["path"].endswith("…") and both["tool"].endswith("…")
+    assert abs(len(both["path"]) - len(both["tool"])) <= 1  # both keep their start, alike
+    small = {"time": "t", "path": "/x" * 100}
+    assert fit_line(small) == json.dumps(small, separators=(",", ":")).encode()
+
+
+def test_a_long_request_is_logged_whole_and_marked(tmp_path: Path) -> None:
+    target = tmp_path / "long.log"
+    log = AccessLog(str(target))
+    log.shared = True  # as under workers: N, through os.write
+    log.write(RequestScope(method="GET", path="/é" * 5000, client_ip="127.0.0.1", tool="t" * 5000))
+    log.write(RequestScope(method="GET", path="/short", client_ip="127.0.0.1"))
+    log.close()
+    lines = target.read_bytes().split(b"\n")
+    assert lines.pop() == b"" and len(lines) == 2
+    assert all(len(line) + 1 <= MAX_LINE for line in lines)
+    first, second = (json.loads(line) for line in lines)
+    assert first["truncated"] is True and first["path"].startswith("/é/é") and first["path"].endswith("…")
+    assert second["path"] == "/short" and "truncated" not in second

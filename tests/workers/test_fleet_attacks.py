@@ -27,7 +27,7 @@ from sidecar.app import create_apps
 from sidecar.limits.gcra import MemoryBackend
 from sidecar.limits.quota import QuotaBook
 from sidecar.store import SqliteStore
-from sidecar.workers.limits import MAX_LINE, LimitsOwner
+from sidecar.workers.limits import BAD_QUESTION, MAX_LINE, LimitsOwner
 from sidecar.workers.recent import RECENT_PATH
 from sidecar.workers.supervisor import PRIVATE_PREFIX, WorkerPool, _console, _host_metrics, _host_recent
 from sidecar.workers.worker import admin_socket
@@ -72,10 +72,15 @@ async def _ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rid:
         b"\xff\xfe\n",  # not UTF-8
     ],
 )
-async def test_a_malformed_question_is_dropped_and_the_connection_still_answers(owner_path: str, junk: bytes) -> None:
+async def test_a_malformed_question_is_refused_and_the_connection_still_answers(owner_path: str, junk: bytes) -> None:
+    """One with a readable id gets its error reply at once (its asker need not wait out its timeout);
+    one without is dropped; either way the next question on the connection is answered."""
     reader, writer = await asyncio.open_unix_connection(owner_path)
     try:
         writer.write(junk)
+        if junk[:3] in (b"[1,", b"[2,", b"[3,"):
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 1))
+            assert reply[:2] == [int(junk[1:2]), None] and reply[2].startswith(BAD_QUESTION), reply
         assert await _ping(reader, writer, 7) == [7, 1]
     finally:
         writer.close()

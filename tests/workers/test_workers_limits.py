@@ -225,3 +225,48 @@ async def test_moving_a_key_to_its_own_rate_limits_charges_the_hosts_buckets(hos
             assert resp.status == 429  # whichever scope the worker still reads
             seen.add("own" if '"60second"' in resp.headers["RateLimit-Policy"] else "upstream's")
         await asyncio.sleep(0.05)
+
+
+async def test_a_question_the_owner_cannot_handle_is_answered_at_once(host: Any) -> None:
+    """A malformed question (unknown plan, wrong shape, unknown operation, bad limit) gets an error
+    reply at once, not silence until the asker's timeout (``QUOTA_TIMEOUT``, 6 s); the owner then
+    goes on answering well-formed questions on the same connection."""
+    from sidecar.store import StoreError
+    from sidecar.workers.limits import BAD_QUESTION, QUOTA_TIMEOUT, _ClientConn
+
+    sup, owner, (w0, _) = await host()
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
+    assert owner.server is not None
+    path = owner.server.sockets[0].getsockname()
+    _, conn = await asyncio.get_running_loop().create_unix_connection(_ClientConn, path)
+    try:
+        for bad in (
+            ["e", 999, 1, 0, ["k", "quota", "w"], 0.0],  # a plan this connection never registered
+            ["e", 1],  # the wrong shape
+            ["zz", 1, 2],  # an operation nobody knows
+            ["p", 5, "buckets", [["not a limit", 1, 1]], None],  # a plan that cannot be read
+        ):
+            reply = await asyncio.wait_for(conn.ask(bad, QUOTA_TIMEOUT, StoreError), 1.0)
+            assert reply[0] is None and str(reply[1]).startswith(BAD_QUESTION), (bad, reply)
+        assert await asyncio.wait_for(conn.ask(["ping"]), 1.0) == [1]
+    finally:
+        conn.close()
+    resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
+    assert resp.status == 200
+
+
+async def test_a_worker_turns_the_owners_error_reply_into_a_503_at_once(host: Any) -> None:
+    """The owner has lost the worker's plan (as after a bug): the worker's quota question is refused.
+    The client gets the designed 503 within a second, not after the 6 s quota wait; the worker
+    registers its plan again and the next request is counted and served."""
+    sup, owner, (w0, _) = await host(on_redis_error="allow")
+    _, k = await sup.create_key(rate_limits=["100/minute"], quota="1000/day")
+    assert (await w0.get("/library/sections", headers={"X-Plex-Token": k})).status == 200
+    for conn in owner.conns:
+        conn.plans.clear()
+    resp = await asyncio.wait_for(w0.get("/library/sections", headers={"X-Plex-Token": k}), 1.0)
+    body = await resp.json()
+    assert (resp.status, body["error"]["code"], resp.headers["Retry-After"]) == (503, "service_unavailable", "1")
+    assert body["error"]["message"] == "the rate limiter could not check this request; try again shortly"
+    resp = await w0.get("/library/sections", headers={"X-Plex-Token": k})
+    assert resp.status == 200 and resp.headers["X-RateLimit-Remaining"] == "98", dict(resp.headers)
