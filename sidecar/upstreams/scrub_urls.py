@@ -51,8 +51,13 @@ _DEFAULT_PORT: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _WEB_SCHEME: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 _ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2})|(.))", re.S)
 _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):", re.I)
-_NESTED = re.compile(r"(?:\b([a-z][a-z0-9+.\-]*):|=)[/\\]{2}", re.I)
+# Anywhere in the stretch (nested in a parameter, inside "url(", after a srcset ","): two slashes
+# (the authority follows) and a special scheme's "https:" (browsers need no slashes after it).
+_DOUBLE = re.compile(r"(?:\b([a-z][a-z0-9+.\-]*):)?(?P<s>[/\\]{2,})", re.I)
+_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob):", re.I)
 _HOSTPORT = re.compile(r"(?:([a-z0-9.\-]+)|(\[[0-9a-f:.]+\]))(?::(\d{1,5}))?", re.I)
+_DROPPED: Final = {9: None, 10: None, 13: None}  # tab, LF, CR: browsers drop them inside a URL
+_C0_SPACE: Final = "".join(chr(c) for c in range(33))
 _CUT = re.compile(r"[\"'<>` ]")
 
 # Schemes that reach no host without "//" (``https:host`` does: browsers read it as ``https://host``;
@@ -82,13 +87,13 @@ def last_delimiter(data: bytes) -> int:
     return max(data.rfind(d) for d in _DELIM_BYTES)
 
 
-def _decode(raw: bytes) -> str:
-    """The stretch as its reader sees it: entities and escapes undone (twice: JSON in XML, XML in JSON)."""
+def _readings(raw: bytes) -> set[str]:
+    """The stretch as its readers may see it: as is, entities undone, escapes undone, both in either
+    order (JSON in XML, XML in JSON). Each must be ours: what JSON reads as one backslash is two to XML."""
     text = raw.decode("utf-8", "replace")
-    for _ in range(2):
-        text = html.unescape(text)
-        text = _ESCAPE.sub(_unescape, text)
-    return text.translate({9: None, 10: None, 13: None})
+    ent, esc = html.unescape(text), _ESCAPE.sub(_unescape, text)
+    forms = {text, ent, esc, _ESCAPE.sub(_unescape, ent), html.unescape(esc)}
+    return {f.translate(_DROPPED) for f in forms}
 
 
 def _unescape(m: re.Match[str]) -> str:
@@ -102,6 +107,8 @@ def _ours(rest: str, scheme: str, origin: Origin | None) -> bool:
     if origin is None:
         return False
     web = _WEB_SCHEME.get(scheme.lower(), "") if scheme else origin[0]
+    if rest.startswith("\\/\\/"):  # JSON's "\/" read as is: browsers take "\" for "/", others stop at it
+        rest = rest.replace("\\/", "/")
     if web != origin[0] or not rest.startswith("//"):
         return False
     rest = rest[2:]
@@ -114,11 +121,11 @@ def _ours(rest: str, scheme: str, origin: Origin | None) -> bool:
 
 def _url_is_ours(url: str, origin: Origin | None) -> bool:
     """The URL the token ends: relative or bare (ours), or absolute and to our origin."""
-    url = url.lstrip("".join(chr(c) for c in range(33)))  # browsers strip leading C0 controls and spaces
+    url = url.lstrip(_C0_SPACE)  # browsers strip leading C0 controls and spaces
     if url.startswith(":"):
         return False  # "https\n:x" joined by a reader: not a relative URL
     if len(url) >= 2 and url[0] in "/\\" and url[1] in "/\\":  # protocol-relative (browsers read \ as /)
-        return url.startswith("//") and _ours(url, "", origin)
+        return _ours(url, "", origin)  # "//host" or JSON's "\/\/host" only
     m = _SCHEME.match(url)
     if m is None:
         return True  # relative, or a bare value
@@ -129,11 +136,17 @@ def _url_is_ours(url: str, origin: Origin | None) -> bool:
 
 
 def _nested_ours(text: str, origin: Origin | None) -> bool:
-    """Every absolute URL nested in ``text`` (plain or percent-encoded once or twice) is to our origin."""
+    """Every absolute URL anywhere in ``text`` (plain or percent-encoded once or twice) is to our origin.
+
+    Any ``//`` counts (``/a//b`` too: a broken link at worst); ``\\\\`` and ``/\\`` are foreign whoever reads them.
+    """
     for form in (text, unquote(text), unquote(unquote(text))):
-        for m in _NESTED.finditer(form):
-            rest = form[m.end() - 2 :]
-            if not rest.startswith("//") or not _ours(rest, m[1] or "", origin):
+        form = form.replace("\\/", "/")  # JSON's escaped "/" (where a URL starts, _url_is_ours reads it raw)
+        for m in _DOUBLE.finditer(form):
+            if not _ours(form[m.start("s") :], m[1] or "", origin):
+                return False
+        for m in _SPECIAL_AT.finditer(form):
+            if not _ours(form[m.end() :], m[1], origin):
                 return False
     return True
 
@@ -153,8 +166,10 @@ def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None) -> bool:
             i -= 1
         if i > 0 and before[i - 1 : i] in _JOINS:
             return False  # "https:\n//x", "/\t/x": a browser joins them into one absolute URL
-    stretch = _decode(before[cut + 1 :])
-    if not _nested_ours(stretch, origin):
-        return False
-    decoded_cut = max(m.end() for m in _CUT.finditer(stretch)) if _CUT.search(stretch) else 0
-    return _url_is_ours(stretch[decoded_cut:], origin)
+    for stretch in _readings(before[cut + 1 :]):
+        if not _nested_ours(stretch, origin):
+            return False
+        decoded_cut = max((m.end() for m in _CUT.finditer(stretch)), default=0)  # a decoded quote ends it too
+        if not _url_is_ours(stretch[decoded_cut:], origin):
+            return False
+    return True
