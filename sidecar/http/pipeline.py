@@ -211,7 +211,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         if token is None:
             raise ServiceUnavailable(f"no upstream token is configured for upstream {upstream.id!r}")
         # the key only where the client would send it back to us: origin = what it used (scrub_urls)
-        origin = public_origin(request, sc.trusted_proxies)
+        origin = public_origin(request, sc.trusted_proxies) if client_key else None
         response_filter = ScrubFilter(token, client_key or "REDACTED", origin=origin)
 
     # 6. cache: a fresh entry answers before anything is prepared for the upstream

@@ -5,7 +5,8 @@ Every channel an upstream answer reaches a client through passes the ``ScrubFilt
 
 - **Headers**: every header name and value, and the status line's reason phrase.
 - **Bodies, whatever their type**: textual bodies (XML, JSON, m3u8, SSE, …) get the
-  client's own key in place of the token (so URLs in them keep working); every other
+  client's own key in place of the token (so URLs in them keep working) where the key may
+  go (below), ``REDACTED`` elsewhere; every other
   body (media, images, ``application/octet-stream``, no type at all) is scanned too
   and the token is masked with ``*`` of the same length, so ``Content-Length`` and byte
   offsets stay exact. A token straddling two chunks is caught: only a tail that could
@@ -26,7 +27,21 @@ Every channel an upstream answer reaches a client through passes the ``ScrubFilt
   so ``sidecar.upstreams.mcp.scrub`` passes each value, its credential part and their escaped forms,
   all replaced by ``REDACTED`` (Plex has one token and keeps its one-token path).
 
-Cost: one ``bytes.replace`` per chunk and one short ``find`` in its last
+**Where the key may go** (``scrub_urls``; DESIGN invariants 1 and 3, the answer-direction twin
+of "an absolute URL never gets a token"): substitution only where the client would send the
+key back to the sidecar itself — a bare value (Plex's ``authToken="…"``), a relative URL, an
+absolute URL to the sidecar's own public origin (``origin``: ``public_origin``'s scheme and
+host). In an absolute URL to any other origin, the upstream's own address included, and
+wherever that cannot be told, the token becomes ``REDACTED``. Why: a malicious or compromised
+upstream answering ``Location: https://attacker.example/?X-Plex-Token=<token>`` (or such a URL
+in a ``thumb=``, a JSON string, a playlist) would otherwise have the sidecar rewrite it into a
+link carrying the client's key, which the client follows. The decision looks back from each
+occurrence to the nearest delimiter (at most 2 KiB, across chunks: the last bytes sent are
+kept), and runs only where the token occurs; headers, the reason phrase and websocket text and
+binary frames are decided the same way. With ``REDACTED`` as replacement (no key: MCP, a
+request without one) nothing is looked at.
+
+Cost: one ``bytes.replace`` (with a key: one ``in``) per chunk and one short ``find`` in its last
 ``len(token) - 1`` bytes: about 8 µs per 64 KiB (~8 GB/s) on the bench machine, some 5-10%
 of a 256 MiB stream through the whole sidecar; on a small answer it is cheaper than before.
 
