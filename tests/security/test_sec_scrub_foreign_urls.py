@@ -16,6 +16,7 @@ import gzip
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -87,7 +88,17 @@ def attacker_plex() -> web.Application:
         body = '<a b="' + "x" * 3072 + f"{TOK}" + '"/>'
         return web.Response(text=body, content_type="text/xml")
 
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        frame = f'{{"u": "{EVIL}/?X-Plex-Token={TOK}", "v": "/x?X-Plex-Token={TOK}"}}'
+        await sock.send_str(frame)
+        await sock.send_bytes(frame.encode())
+        await sock.close()
+        return sock
+
     for path, handler in [
+        ("/ws", ws),
         ("/redirect", redirect),
         ("/xml", xml),
         ("/json", json_),
@@ -199,6 +210,16 @@ async def test_an_absolute_segment_in_a_playlist_is_redacted(rig: Rig) -> None:
     assert f"\n{EVIL}/seg0.ts?X-Plex-Token=REDACTED\n" in body
     assert f"\nsession/1/base/00001.ts?X-Plex-Token={key}\n" in body
     no_secret(key, body, key_allowed=1)
+
+
+async def test_websocket_frames_follow_the_same_rule(rig: Rig) -> None:
+    run, _, key = rig
+    want = f'{{"u": "{EVIL}/?X-Plex-Token=REDACTED", "v": "/x?X-Plex-Token={key}"}}'
+    async with run.proxy.ws_connect("/ws", headers={"X-Plex-Token": key}) as sock:
+        text = await sock.receive()
+        binary = await sock.receive()
+    assert text.type == aiohttp.WSMsgType.TEXT and text.data == want
+    assert binary.type == aiohttp.WSMsgType.BINARY and binary.data == want.encode()
 
 
 async def test_a_long_run_without_a_delimiter_counts_as_foreign(rig: Rig) -> None:
