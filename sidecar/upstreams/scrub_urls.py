@@ -1,0 +1,175 @@
+"""Where the client's key may stand in for the upstream's token on the way down.
+
+The ``ScrubFilter`` gives a Plex client its own key where the upstream wrote its real
+token, so URLs in Plex answers keep working. A malicious or compromised upstream would
+abuse that: ``Location: https://attacker.example/?X-Plex-Token=<token>`` (or such a URL in
+an XML attribute, a JSON string, a playlist) would reach the client with *its key* in it,
+and the client or its browser would follow it and hand the key to the attacker.
+
+The rule (DESIGN "Security invariants" 1 and 3, the response-direction twin of "an
+absolute URL never gets a token"): **the key replaces the token only where the client
+would send it back to the sidecar itself** — a bare value (``authToken="…"``), a relative
+URL, or an absolute URL to the sidecar's own public origin (``public_origin``: the scheme
+and host the client used). In an absolute URL to any other origin (the upstream's own
+address included: a client must never send its key there) and wherever that cannot be
+told, the token becomes ``REDACTED``.
+
+``key_may_go`` decides per occurrence from the *stretch* before it: the bytes back to the
+nearest delimiter (whitespace, ``"``, ``'``, ``<``, ``>``, backtick), at most ``WINDOW``
+bytes (longer counts as foreign). The stretch is decoded the way its reader would
+(XML/HTML entities, JSON/JS escapes; tabs and newlines dropped as the WHATWG URL parser
+does) and then:
+
+- it starts with a scheme (``https:``, also without slashes) or with two slashes or
+  backslashes (protocol-relative): absolute — the key only if it is exactly
+  ``http(s)://<our host[:port]>`` followed by ``/``, ``?`` or ``#`` before the token;
+- any nested absolute URL in it (``scheme://``, ``=//``; also percent-encoded once or
+  twice, ``%3A%2F%2F``/``%253A%252F%252F``) must be to our origin too;
+- a raw tab or newline as delimiter right after ``:``, ``/``, ``\\`` or ``;`` (a URL an
+  HTML reader would join across it) is foreign.
+
+Anything the checks cannot read as ours (userinfo, ``\\``, percent-encoded or non-ASCII
+hosts, another scheme) is foreign: a wrong guess costs a broken link, never a key.
+This runs only where the token actually occurs (rare): the body's fast path is untouched.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Final
+from urllib.parse import unquote
+
+__all__ = ["WINDOW", "Origin", "key_may_go", "last_delimiter", "own_origin"]
+
+WINDOW: Final = 2048  # bytes looked back from a token; a longer delimiter-free stretch is foreign
+DELIMS: Final = b" \t\n\r\f\v\"'<>`"
+_DELIM_BYTES: Final = tuple(bytes((d,)) for d in DELIMS)
+_SOFT: Final = tuple(bytes((d,)) for d in b"\t\n\r")  # browsers drop them inside a URL: it may go on across
+_JOINS: Final = tuple(bytes((d,)) for d in b":/\\;")  # ... when one of these stands before them
+_DEFAULT_PORT: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_WEB_SCHEME: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2})|(.))", re.S)
+_SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):", re.I)
+# Anywhere in the stretch (nested in a parameter, inside "url(", after a srcset ","): two slashes
+# (the authority follows) and a special scheme's "https:" (browsers need no slashes after it).
+_DOUBLE = re.compile(r"(?:\b([a-z][a-z0-9+.\-]*):)?(?P<s>[/\\]{2,})", re.I)
+_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob):", re.I)
+_HOSTPORT = re.compile(r"(?:([a-z0-9.\-]+)|(\[[0-9a-f:.]+\]))(?::(\d{1,5}))?", re.I)
+_DROPPED: Final = {9: None, 10: None, 13: None}  # tab, LF, CR: browsers drop them inside a URL
+_C0_SPACE: Final = "".join(chr(c) for c in range(33))
+_CUT = re.compile(r"[\"'<>` ]")
+
+# Schemes that reach no host without "//" (``https:host`` does: browsers read it as ``https://host``;
+# ``javascript:``/``data:`` can send anything anywhere): not listed, so foreign.
+_SPECIAL: Final = frozenset({"http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob"})
+
+Origin = tuple[str, str, int]  # scheme (http/https), lower-case host, port
+
+
+def own_origin(scheme: str, host: str) -> Origin | None:
+    """``public_origin``'s (scheme, host) as compared: None if it cannot be read (then nothing is ours)."""
+    scheme = _WEB_SCHEME.get(scheme.lower(), "")
+    hp = _hostport(host, scheme) if scheme else None
+    return (scheme, hp[0], hp[1]) if hp else None
+
+
+def _hostport(authority: str, scheme: str) -> tuple[str, int] | None:
+    m = _HOSTPORT.fullmatch(authority)
+    if m is None:
+        return None
+    port = int(m[3]) if m[3] else _DEFAULT_PORT[scheme]
+    return (m[1] or m[2]).lower(), port
+
+
+def last_delimiter(data: bytes) -> int:
+    """Index of the last delimiter in ``data``, or -1."""
+    return max(data.rfind(d) for d in _DELIM_BYTES)
+
+
+def _readings(raw: bytes) -> set[str]:
+    """The stretch as its readers may see it: as is, entities undone, escapes undone, both in either
+    order (JSON in XML, XML in JSON). Each must be ours: what JSON reads as one backslash is two to XML."""
+    text = raw.decode("utf-8", "replace")
+    ent, esc = html.unescape(text), _ESCAPE.sub(_unescape, text)
+    forms = {text, ent, esc, _ESCAPE.sub(_unescape, ent), html.unescape(esc)}
+    return {f.translate(_DROPPED) for f in forms}
+
+
+def _unescape(m: re.Match[str]) -> str:
+    if m[1] or m[2]:
+        return chr(int(m[1] or m[2], 16))
+    return m[3]
+
+
+def _ours(rest: str, scheme: str, origin: Origin | None) -> bool:
+    """``rest`` follows ``scheme:`` (or ``//`` when scheme is ""): exactly ``//<our authority>`` then ``/?#``."""
+    if origin is None:
+        return False
+    web = _WEB_SCHEME.get(scheme.lower(), "") if scheme else origin[0]
+    if rest.startswith("\\/\\/"):  # JSON's "\/" read as is: browsers take "\" for "/", others stop at it
+        rest = rest.replace("\\/", "/")
+    if web != origin[0] or not rest.startswith("//"):
+        return False
+    rest = rest[2:]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=-1)
+    if end == -1:  # the token sits in the authority (or right after it): not a URL to us
+        return False
+    hp = _hostport(rest[:end], web)
+    return hp is not None and hp == (origin[1], origin[2])
+
+
+def _url_is_ours(url: str, origin: Origin | None) -> bool:
+    """The URL the token ends: relative or bare (ours), or absolute and to our origin."""
+    url = url.lstrip(_C0_SPACE)  # browsers strip leading C0 controls and spaces
+    if url.startswith(":"):
+        return False  # "https\n:x" joined by a reader: not a relative URL
+    if len(url) >= 2 and url[0] in "/\\" and url[1] in "/\\":  # protocol-relative (browsers read \ as /)
+        return _ours(url, "", origin)  # "//host" or JSON's "\/\/host" only
+    m = _SCHEME.match(url)
+    if m is None:
+        return True  # relative, or a bare value
+    rest = url[m.end() :]
+    if m[1].lower() not in _SPECIAL and not (len(rest) >= 2 and rest[0] in "/\\" and rest[1] in "/\\"):
+        return True  # "echo:<token>", "urn:…": no host to send it to
+    return _ours(rest, m[1], origin)
+
+
+def _nested_ours(text: str, origin: Origin | None) -> bool:
+    """Every absolute URL anywhere in ``text`` (plain or percent-encoded once or twice) is to our origin.
+
+    Any ``//`` counts (``/a//b`` too: a broken link at worst); ``\\\\`` and ``/\\`` are foreign whoever reads them.
+    """
+    for form in (text, unquote(text), unquote(unquote(text))):
+        form = form.replace("\\/", "/")  # JSON's escaped "/" (where a URL starts, _url_is_ours reads it raw)
+        for m in _DOUBLE.finditer(form):
+            if not _ours(form[m.start("s") :], m[1] or "", origin):
+                return False
+        for m in _SPECIAL_AT.finditer(form):
+            if not _ours(form[m.end() :], m[1], origin):
+                return False
+    return True
+
+
+def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None) -> bool:
+    """May the client's key replace a token that follows ``before`` (the bytes before it)?
+
+    ``before`` holds up to ``WINDOW`` bytes; ``at_start``: it begins at the start of the
+    text (a header value, a frame, the body's first bytes), which delimits like a quote.
+    """
+    cut = last_delimiter(before)
+    if cut == -1 and not (at_start and len(before) < WINDOW):
+        return False  # no delimiter within the window: cannot tell, so foreign
+    if cut != -1 and before[cut : cut + 1] in _SOFT:
+        i = cut
+        while i > 0 and before[i - 1 : i] in _SOFT:
+            i -= 1
+        if i > 0 and before[i - 1 : i] in _JOINS:
+            return False  # "https:\n//x", "/\t/x": a browser joins them into one absolute URL
+    for stretch in _readings(before[cut + 1 :]):
+        if not _nested_ours(stretch, origin):
+            return False
+        decoded_cut = max((m.end() for m in _CUT.finditer(stretch)), default=0)  # a decoded quote ends it too
+        if not _url_is_ours(stretch[decoded_cut:], origin):
+            return False
+    return True
