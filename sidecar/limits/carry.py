@@ -28,11 +28,16 @@ edit is already written, and the key is then limited as ``on_redis_error`` says 
 **Rate limits** have the same two scopes (a bucket is named by its scope and its place among
 the key's limits, ``gcra.RateRule``): setting or removing a key's own ``rate_limits`` moved it
 from the upstream's buckets to fresh ones and back to the spent ones refilled meanwhile, about
-twice the rate. ``carry_rates`` charges each bucket that now applies with what the buckets it
-replaces owe, as requests: the most any of an upstream's old buckets owes (a ``2/minute``
-owing 60 s owes 2 requests, which a ``100/day`` then owes as 2 × 864 s), summed over the old
-scopes it covers, never past the new bucket's burst — as an edit within one scope carries
-time owed, never past the new limit's burst. Charged through the backend's own check (cost n),
+twice the rate. Within one scope the place moves too: ``["1/minute", "3/day"]`` spent, then
+``["3/day"]``, put the day's limit in the minute's paid-off bucket (the global default and a
+list of the key's own share scope ``*``), and a bucket's debt kept as *time* under a longer
+period (``3/day`` spent, then ``3/week``) was a fraction of the new limit. So after any edit of
+``rate_limits``, ``carry_rates`` charges each bucket whose limit changed (another limit, or a
+bucket it did not have) with what the buckets it replaces owe, as requests: the most any of an
+upstream's old buckets owes (a ``2/minute`` owing 60 s owes 2 requests, which a ``100/day``
+then owes as 2 × 864 s), summed over the old scopes it covers, never past the new bucket's
+burst; what a bucket already owes is kept (the charge only tops it up), and a bucket whose
+limit is unchanged is left alone. Charged through the backend's own check (cost n),
 so it is as atomic as a request. Concurrency has scopes too; a move leaves in-flight requests
 counted in the old scope until they end (they are few and short-lived, not a budget over time).
 """
@@ -88,17 +93,22 @@ async def carry_quota(limiter: RateLimiter, before: KeyRecord, after: KeyRecord)
 
 async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:
     """Charge the buckets ``after`` is limited by with what ``before``'s buckets owe (module docstring)."""
-    if bool(before.rate_limits) == bool(after.rate_limits):
-        return  # the same scope: a bucket is the key's n-th limit there, and keeps its debt (gcra.RateRule)
+    if before.rate_limits == after.rate_limits:
+        return  # the only field of an edit that changes which limits apply to the key, or which buckets
     feeds: dict[str, tuple[RateRule, dict[tuple[str, ...], float]]] = {}  # new bucket -> (rule, owed per old scope)
     try:
         for up in limiter.config.upstreams:
             old, new = resolve_plan(limiter.config, before, up), resolve_plan(limiter.config, after, up)
-            if not old.rates or not new.rates or set(old.buckets) & set(new.buckets):
-                continue  # nothing was limited or is now, or the same buckets (the global default and a key's own)
+            if not old.rates or not new.rates:
+                continue  # nothing was limited, or nothing is now
+            kept = {b: (r.interval, r.capacity) for r, b in zip(old.rates, old.buckets, strict=True)}
+            changed = [(r, b) for r, b in zip(new.rates, new.buckets, strict=True)
+                       if kept.get(b) != (r.interval, r.capacity)]  # fmt: skip
+            if not changed:
+                continue  # the same limits in the same buckets (the global default and an equal list of the key's own)
             debts = (await _evaluate(limiter, old, 0)).debts
             owed = max(debt / rule.interval for rule, debt in zip(old.rates, debts, strict=True))  # requests
-            for rule, bucket in zip(new.rates, new.buckets, strict=True):
+            for rule, bucket in changed:
                 feeds.setdefault(bucket, (rule, {}))[1][old.buckets] = owed
         for bucket, (rule, olds) in feeds.items():
             one = Plan(rates=(rule,), buckets=(bucket,))
@@ -108,7 +118,7 @@ async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord)
             if cost > 0:
                 await _evaluate(limiter, one, cost)
     except (BackendDown, StoreError) as e:  # the edit is written; an unreachable backend is no reason for a 500
-        log.warning("key %s: its rate limits' debt was not carried over to its new scope: %s", after.id, e)
+        log.warning("key %s: its rate limits' debt was not carried over to its new limits: %s", after.id, e)
 
 
 async def _evaluate(limiter: RateLimiter, plan: Plan, cost: int) -> Outcome:

@@ -58,7 +58,8 @@ class RateRule:
     def build(cls, limit: Limit, scope: str, policy: str, index: int | None = None) -> RateRule:
         """``index``: the limit's place among a key's limits, which names its bucket, so an edit of
         the limit keeps what was spent (as time owed) instead of starting a fresh bucket: editing a
-        spent limit to another within reach (a delegate can) bought a request per edit."""
+        spent limit to another within reach (a delegate can) bought a request per edit. An edit that
+        moves a limit to another place, or to another period, is topped up by ``carry.carry_rates``."""
         interval = max(1, limit.period * US // limit.count)
         suffix = f"{scope}:{limit.period}:{limit.count}" if index is None else f"{scope}:#{index}"
         return cls(limit, scope, policy, interval, interval * limit.count, suffix)

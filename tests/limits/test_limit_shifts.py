@@ -1,0 +1,91 @@
+"""Attack: an edit that keeps a key's limits in one scope, but moves what they spent (invariant 10).
+
+A bucket is the key's n-th limit in its scope (``gcra.RateRule``), and what it owes is kept as
+*time* when its limit is edited. Two ways a delegate (``admin: true``) got requests back with
+edits within its own reach, on a sibling key or itself, without leaving the scope:
+
+- **shift the list**: ``["1/minute", "3/day"]`` spent, then ``["3/day"]`` — the day's limit is
+  now the *first* bucket, the minute's, which is paid off: 3 more requests at once; the same
+  moving between the global default and a list of the key's own (both scope ``*``);
+- **stretch the period**: ``3/day`` spent (a day owed), then ``3/week`` — a day is less than a
+  third of a week: 2 more requests at once.
+
+An edit now carries what the old buckets owed, as requests, into every bucket whose limit
+changed (``limits.carry.carry_rates``), as a move to another scope always did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar
+from limits_support import Clock
+from redis_support import RedisProc, redis_server
+from test_limits_attacks import get, plex_cfg
+
+__all__ = ["redis_server"]  # the fixture, re-exported for pytest
+
+
+@pytest.mark.parametrize(("by", "backend"), [("delegate", "memory"), ("admin", "memory"), ("delegate", "redis")])
+async def test_shifting_a_spent_limit_to_a_paid_off_bucket_buys_nothing(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, redis_server: RedisProc, by: str, backend: str
+) -> None:
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    clock = Clock()
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, **rl), clock=clock)
+    mgr = {"upstreams": ["plex"], "admin": True}
+    _, k_mgr = await r.create_key(owner="acme", permissions=mgr, rate_limits=["3/day"])
+    own = ["1/minute", "3/day"]
+    sib, k_sib = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]}, rate_limits=own)
+    for _ in range(3):
+        assert (await get(r, k_sib)).status == 200
+        clock.advance(60)  # the minute's bucket is paid off again; the day's owes a day
+    assert (await get(r, k_sib)).status == 429
+    auth = {"Authorization": f"Bearer {k_mgr}"} if by == "delegate" else r.admin_headers()
+    resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"rate_limits": ["3/day"]}, headers=auth)
+    assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+    refused = await get(r, k_sib)
+    assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["RateLimit"].startswith('"day";r=0;')
+
+
+async def test_the_global_default_and_a_shorter_list_of_the_keys_own_share_no_debt_by_position(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """The global default and a key's own limits are both scope ``*``: the same buckets by position."""
+    clock = Clock()
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, default=["1/minute", "3/day"]), clock=clock)
+    sib, k_sib = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]})
+    for _ in range(3):
+        assert (await get(r, k_sib)).status == 200
+        clock.advance(60)
+    assert (await get(r, k_sib)).status == 429
+    resp = await r.admin.patch(f"/admin/keys/{sib.id}", json={"rate_limits": ["3/day"]}, headers=r.admin_headers())
+    assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+    assert (await get(r, k_sib)).status == 429
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_stretching_a_spent_limits_period_buys_nothing(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, redis_server: RedisProc, backend: str
+) -> None:
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    clock = Clock()
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, **rl), clock=clock)
+    mgr = {"upstreams": ["plex"], "admin": True}
+    _, k_mgr = await r.create_key(owner="acme", permissions=mgr, rate_limits=["3/day"])
+    assert [(await get(r, k_mgr)).status for _ in range(4)] == [200, 200, 200, 429]
+    auth = {"Authorization": f"Bearer {k_mgr}"}  # the delegate edits itself, within its own reach
+    me = await r.sc.verifier.verify(k_mgr, "127.0.0.1")
+    resp = await r.admin.patch(f"/admin/keys/{me.id}", json={"rate_limits": ["3/week"]}, headers=auth)
+    assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+    refused = await get(r, k_mgr)
+    assert refused.status == 429 and refused.headers["RateLimit"].startswith('"week";r=0;')
+    # Only what was owed is carried: a week's limit that owes 3 requests is free again after one of its intervals.
+    clock.advance(7 * 86400 / 3)
+    assert [(await get(r, k_mgr)).status for _ in range(2)] == [200, 429]
