@@ -57,6 +57,14 @@ MAX_CONCURRENCY = 1_000_000
 # An OAuth grant is held to its parent's current limits (sidecar/oauth/grants.py): its own copy is not
 # what counts, so an edit of it would be a limit that does not hold and is refused.
 _PARENTS_LIMITS = ("rate_limits", "quota", "concurrency")
+# A rotated key and its successor spend one budget during the grace: with different limits, each would
+# read the other's buckets and counters its own way (a bucket is the key's n-th limit), or count on a
+# counter of its own, so their limits are not edited until the grace ends.
+_SHARED = "key {} shares its budget with key {} (a rotation's grace), so its limits cannot change {}"
+
+
+def _limits_change(kw: Mapping[str, Any], rec: KeyRecord) -> bool:
+    return any(f in kw and kw[f] != getattr(rec, f) for f in _PARENTS_LIMITS)
 
 
 def parse_expires(value: object, now: float) -> float | None:
@@ -342,6 +350,8 @@ class KeyManager:
                 check_target(self.config, by, rec, now)
             if rec.parent_id is not None and any(f in kw and kw[f] != getattr(rec, f) for f in _PARENTS_LIMITS):
                 raise Conflict(f"an OAuth grant has its parent key's limits: change those of key {rec.parent_id}")
+            if rec.rotated_to and rec.state(now) == "active" and _limits_change(kw, rec):
+                raise Conflict(_SHARED.format(rec.id, rec.rotated_to, "until its rotation's grace ends (revoke it)"))
             changes = dict(kw)
             if "expires_at" in changes:
                 changes["expires_at"] = self._cap_lifetime(changes["expires_at"], rec.created_at, now)
@@ -350,6 +360,12 @@ class KeyManager:
                 check_grant(self.config, by, new, now)
             return new
 
+        if current.budget_id and _limits_change(kw, current):  # a successor: is a predecessor still working?
+            for other in await self.store.list_keys():  # an edit's rare case: a scan is fine
+                same = (other.budget_id or other.id) == current.budget_id and other.id != current.id
+                if same and other.parent_id is None and other.state(now) == "active":
+                    until = f"until that key's grace ends (revoke {other.id})"
+                    raise Conflict(_SHARED.format(current.id, other.id, until))
         if kw.get("owner") and kw["owner"] != current.owner:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
         before, new = await self._update(key_id, change, now)

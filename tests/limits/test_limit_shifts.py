@@ -89,3 +89,42 @@ async def test_stretching_a_spent_limits_period_buys_nothing(
     # Only what was owed is carried: a week's limit that owes 3 requests is free again after one of its intervals.
     clock.advance(7 * 86400 / 3)
     assert [(await get(r, k_mgr)).status for _ in range(2)] == [200, 429]
+
+
+@pytest.mark.parametrize("edit", ["successor", "predecessor"])
+async def test_keys_sharing_a_budget_during_a_rotations_grace_keep_the_same_limits(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, edit: str
+) -> None:
+    """Attack: rotate a key with a grace (both keys work, on one budget), then edit one of the two:
+    two records reading the same buckets and counters with different limits. ``["3/day"]`` on the
+    old key and ``["1/minute", "3/day"]`` on the new one: the new key's 3 requests leave the first
+    bucket (its minute's) paid off, and the old key reads that bucket as its day's: 3 more, each
+    day; a quota moved to another scope on one of them, two counters. An edit of the limits of a
+    key that shares its budget with another working key is refused until the grace ends."""
+    clock = Clock()
+    cfg = plex_cfg(plex_upstream, tmp_path)
+    cfg["upstreams"][0]["quota"] = "3/day"
+    r = await make_sidecar(cfg, clock=clock)
+    mgr = {"upstreams": ["plex"], "admin": True}
+    _, k_mgr = await r.create_key(owner="acme", permissions=mgr, rate_limits=["3/day"])
+    old, k_old = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]}, rate_limits=["3/day"])
+    auth = {"Authorization": f"Bearer {k_mgr}"}
+    resp = await r.admin.post(f"/admin/keys/{old.id}/rotate", json={"grace": "1h"}, headers=auth)
+    assert resp.status == 201, await resp.text()
+    new_id, k_new = (await resp.json())["data"]["id"], (await resp.json())["data"]["key"]
+    target = new_id if edit == "successor" else old.id
+    for change in ({"rate_limits": ["1/minute", "3/day"]}, {"quota": "3/day"}, {"concurrency": 1}):
+        resp = await r.admin.patch(f"/admin/keys/{target}", json=change, headers=auth)
+        assert resp.status == 409, await resp.text()
+        assert "shares its budget" in (await resp.json())["error"]["message"]
+    resp = await r.admin.patch(f"/admin/keys/{target}", json={"description": "other fields still change"}, headers=auth)
+    assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+    seen = []
+    for _ in range(3):
+        seen += [(await get(r, k_new)).status, (await get(r, k_old)).status]
+        clock.advance(60)
+    assert seen.count(200) == 3
+    clock.advance(3600)  # the grace is over: the old key is revoked, the budget is the successor's alone
+    resp = await r.admin.patch(f"/admin/keys/{new_id}", json={"rate_limits": ["1/minute", "3/day"]}, headers=auth)
+    assert resp.status == 200, await resp.text()
