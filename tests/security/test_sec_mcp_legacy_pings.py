@@ -1,16 +1,17 @@
-"""Refused calls on a legacy SSE session go up as pings, and pings are bounded per session.
+"""Refused calls on a legacy SSE session go up as pings, and pings are bounded per key.
 
 On the legacy transport a refused call's answer must come down the session's event stream,
 so the sidecar sends the call up as a ``ping`` and swaps the ping's answer for the refusal.
 Refusals spend nothing (DESIGN invariant 12); without a bound a key could make the upstream
-answer pings as fast as it can post. Each session sends at most ``PING_BURST`` at once and
-``PING_RATE`` a second; past that the client gets a 429 and nothing goes up.
+answer pings as fast as it can post. Each key (all its sessions) sends at most ``PING_BURST`` at
+once and ``PING_RATE`` a second; past that the client gets a 429 and nothing goes up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiohttp
@@ -19,9 +20,9 @@ from conftest import MakeSidecar, Running
 from mcp_server import MCP_TOKEN, McpUpstream
 from mcp_support import ACCEPT, bearer, call, legacy_stream, mcp_config
 
+from sidecar.auth.models import KeyRecord
 from sidecar.upstreams.mcp.jsonrpc import TOOL_FORBIDDEN
-from sidecar.upstreams.mcp.legacy import PING_BURST, PING_RATE, pings_allowed
-from sidecar.upstreams.mcp.sessions import McpSession
+from sidecar.upstreams.mcp.legacy import PING_BURST, PING_RATE, PingBudgets, pings_allowed
 
 
 @pytest.fixture
@@ -82,8 +83,39 @@ async def test_a_batch_over_the_burst_is_refused_at_once_and_spends_nothing(gw: 
         assert "result" in await s.answer(2)
 
 
-def test_the_session_bucket_refills_at_its_rate() -> None:
-    s = McpSession(owner="k")
+async def test_many_legacy_sessions_of_one_key_share_one_ping_budget(gw: Running, upstream: McpUpstream) -> None:
+    """Attack: the bound was per session, and a key may hold hundreds of sessions (each costs one
+    request to open): N sessions were N times the pings a second, all of them free. The bound is
+    per key now — its budget, so a rotated key's successor and OAuth grants share it too."""
+    _, key = await gw.create_key(name="agent", permissions={"upstreams": ["*"], "tools": {"*": ["search"]}})
+    async with AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(legacy_stream(gw, key)) for _ in range(3)]
+        before = pings(upstream)
+
+        async def refused(endpoint: str, rid: int) -> int:
+            r = await gw.proxy.post(endpoint, json=call(rid, "delete_everything"), headers={**ACCEPT, **bearer(key)})
+            await r.read()
+            return r.status
+
+        started = time.monotonic()
+        statuses = await asyncio.gather(
+            *(refused(s.endpoint, 100 + 100 * n + i) for n, s in enumerate(streams) for i in range(PING_BURST))
+        )
+        elapsed = time.monotonic() - started
+        assert set(statuses) == {202, 429}
+        assert statuses.count(202) <= PING_BURST + elapsed * PING_RATE + 1
+        for _ in range(200):  # the accepted ones' pings reach the upstream as their answers come down
+            if pings(upstream) - before >= statuses.count(202):
+                break
+            await asyncio.sleep(0.01)
+        assert pings(upstream) - before == statuses.count(202)
+
+
+def test_the_key_bucket_refills_at_its_rate() -> None:
+    budgets = PingBudgets()
+    s = budgets.of(KeyRecord(id="k", name="k", hash=""), 100.0)
+    successor = KeyRecord(id="k2", name="k", hash="", budget_id="k")
+    assert budgets.of(successor, 100.0) is s  # one bucket per budget
     assert pings_allowed(s, PING_BURST, 100.0) == 0.0
     wait = pings_allowed(s, 1, 100.0)
     assert wait == pytest.approx(1 / PING_RATE)

@@ -77,7 +77,7 @@ from .discovery import Discovery
 from .encoding import decoded_body
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
-from .legacy import post_legacy
+from .legacy import PingBudgets, post_legacy
 from .response import GatewayFilter, answer_sent, single_answer
 from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
 from .scrub import scrub_bytes, scrubbed
@@ -104,6 +104,7 @@ class McpGateway:
     def __init__(self, sc: GatewayHost) -> None:
         self.sc = sc
         self.sessions = SessionTable()
+        self.pings = PingBudgets()  # legacy SSE: refusal pings, per key (``legacy.pings_allowed``)
         self.sealer = Sealer.from_config(sc.config.mcp_sessions)  # Mcp-Session-Id travels sealed
         self.judge = BodyJudge()  # JSON-RPC bodies parsed and authorized without stalling the loop
         self.tool_limits = ToolLimiter(sc.limiter)  # upstreams[].mcp.tool_limits, per (key, upstream, tool)

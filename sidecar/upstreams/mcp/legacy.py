@@ -13,17 +13,22 @@ their ids are sealed (``sealing.py``) and any process serves them.
 **Refusals as pings.** A refused call's answer must come down the stream too, so it goes
 up as a ``ping`` with the call's id and the ping's answer is swapped for the refusal. A
 refusal spends nothing (DESIGN invariant 12), so without a bound a key could make the
-upstream answer pings as fast as it can post; a session sends at most ``PING_RATE`` of
-them a second (``PING_BURST`` at once), past that the POST is a 429 and nothing goes up.
-A hand-written GCRA of two lines: a per-session float, not worth the limiter's machinery.
+upstream answer pings as fast as it can post; a key sends at most ``PING_RATE`` of them a
+second (``PING_BURST`` at once), past that the POST is a 429 and nothing goes up. Per key,
+not per session: a key may hold hundreds of legacy sessions (``sessions.MAX_SESSIONS_PER_KEY``,
+one request each to open), and a bound per session was that many times the pings, for free.
+The key is its budget (``gcra.budget_of``), so a rotated key's successor and the key's OAuth
+grants share its pings as they share its limits; per process, as legacy sessions are.
+A hand-written GCRA of two lines: a float per key, not worth the limiter's machinery.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -33,6 +38,7 @@ from ...auth.models import KeyRecord
 from ...config import UpstreamConfig
 from ...core.errors import RateLimited
 from ...core.scope import RequestScope
+from ...limits.gcra import budget_of
 from .authz import Decision
 from .filter import JsonRewriter, Policy, SseRewriter
 from .response import GatewayFilter
@@ -42,14 +48,44 @@ from .sessions import McpSession
 if TYPE_CHECKING:
     from .gateway import McpGateway
 
-__all__ = ["PING_BURST", "PING_RATE", "pings_allowed", "post_legacy"]
+__all__ = ["PING_BURST", "PING_RATE", "PingBudgets", "pings_allowed", "post_legacy"]
 
 PING_RATE = 10.0  # refusal pings a legacy session may send up per second
 PING_BURST = 20  # ... and at once
 TOO_MANY_REFUSED = "too many refused calls on this legacy SSE session: they go up as pings, at most {rate:g} a second"
 
 
-def pings_allowed(session: McpSession, n: int, now: float) -> float:
+MAX_BUDGETS = 10_000  # keys whose pings are remembered; paid-off ones are forgotten first
+
+
+class _Due(Protocol):
+    pings_due: float
+
+
+@dataclass(slots=True)
+class _Pings:
+    pings_due: float = 0.0
+
+
+class PingBudgets:
+    """When each key's refusal pings are paid off: one bucket for all of a key's legacy sessions."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, _Pings] = {}
+
+    def of(self, key: KeyRecord, now: float) -> _Pings:
+        budget = budget_of(key)
+        due = self._due.get(budget)
+        if due is None:
+            if len(self._due) >= MAX_BUDGETS:  # a paid-off bucket is the same as none
+                self._due = {b: d for b, d in self._due.items() if d.pings_due > now}
+                if len(self._due) >= MAX_BUDGETS:
+                    self._due.clear()
+            due = self._due[budget] = _Pings()
+        return due
+
+
+def pings_allowed(session: _Due, n: int, now: float) -> float:
     """0.0 if ``n`` more refusal pings fit the session's rate (and they are counted), else seconds to wait."""
     interval = 1.0 / PING_RATE
     due = max(session.pings_due, now) + n * interval
@@ -75,7 +111,8 @@ async def post_legacy(
     policy: Policy,
 ) -> web.StreamResponse:
     """Legacy SSE: answers travel down the event stream, so refusals do too (as answers to a ping)."""
-    if d.refused and (wait := pings_allowed(legacy, len(d.refused), time.monotonic())):
+    now = time.monotonic()
+    if d.refused and (wait := pings_allowed(gw.pings.of(key, now), len(d.refused), now)):
         if d.kept:  # the gateway refunds only a body it refused whole: this one is refused whole now
             await gw.sc.limiter.refund(key, upstream)
         scope.error = "rate_limit_exceeded"

@@ -48,7 +48,6 @@ class McpSession:
     owner: str  # key id
     lists: PendingIds = field(default_factory=PendingIds)  # list ids whose answers may come down a stream
     refusals: PendingIds = field(default_factory=PendingIds)  # legacy SSE: ids answered by a refusal
-    pings_due: float = 0.0  # legacy SSE: when the refusal pings sent so far are paid off (``legacy.pings_allowed``)
 
 
 @dataclass(frozen=True, slots=True)
