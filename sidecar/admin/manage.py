@@ -58,8 +58,8 @@ MAX_CONCURRENCY = 1_000_000
 # what counts, so an edit of it would be a limit that does not hold and is refused.
 _PARENTS_LIMITS = ("rate_limits", "quota", "concurrency")
 # A rotated key and its successor spend one budget during the grace: with different limits, each would
-# read the other's buckets and counters its own way (a bucket is the key's n-th limit), or count on a
-# counter of its own, so their limits are not edited until the grace ends.
+# read the other's buckets its own way or spend buckets and counters of its own (another period, another
+# quota scope), so their limits are not edited until the grace ends.
 _SHARED = "key {} shares its budget with key {} (a rotation's grace), so its limits cannot change {}"
 
 

@@ -25,13 +25,14 @@ several replicas, what they have not flushed yet (``rate_limits.quota_flush_inte
 not carried. A counter that cannot be reached then (Redis down) is logged, not carried: the
 edit is already written, and the key is then limited as ``on_redis_error`` says anyway.
 
-**Rate limits** have the same two scopes (a bucket is named by its scope and its place among
-the key's limits, ``gcra.RateRule``): setting or removing a key's own ``rate_limits`` moved it
+**Rate limits** have the same two scopes (a bucket is named by its scope and its limit's
+period, ``gcra.RateRule``): setting or removing a key's own ``rate_limits`` moved it
 from the upstream's buckets to fresh ones and back to the spent ones refilled meanwhile, about
-twice the rate. Within one scope the place moves too: ``["1/minute", "3/day"]`` spent, then
-``["3/day"]``, put the day's limit in the minute's paid-off bucket (the global default and a
-list of the key's own share scope ``*``), and a bucket's debt kept as *time* under a longer
-period (``3/day`` spent, then ``3/week``) was a fraction of the new limit. So after any edit of
+twice the rate. Within one scope, a limit moved to another period (``3/day`` spent, then
+``3/week``) is another bucket, and a limit that stays in its bucket keeps its debt as time, a
+fraction of a longer limit (buckets were named by place, so ``["1/minute", "3/day"]`` spent,
+then ``["3/day"]``, also put the day's limit in the minute's paid-off bucket; the global default
+and a list of the key's own share scope ``*``). So after any edit of
 ``rate_limits``, ``carry_rates`` charges each bucket whose limit changed (another limit, or a
 bucket it did not have) with what the buckets it replaces owe, as requests: the most any of an
 upstream's old buckets owes (a ``2/minute`` owing 60 s owes 2 requests, which a ``100/day``

@@ -55,13 +55,16 @@ class RateRule:
     suffix: str  # identifies the bucket among the key's: scope and index (per-tool: scope, period, count)
 
     @classmethod
-    def build(cls, limit: Limit, scope: str, policy: str, index: int | None = None) -> RateRule:
-        """``index``: the limit's place among a key's limits, which names its bucket, so an edit of
-        the limit keeps what was spent (as time owed) instead of starting a fresh bucket: editing a
-        spent limit to another within reach (a delegate can) bought a request per edit. An edit that
-        moves a limit to another place, or to another period, is topped up by ``carry.carry_rates``."""
+    def build(cls, limit: Limit, scope: str, policy: str, slot: str | None = None) -> RateRule:
+        """``slot`` names a key's bucket by the limit's period (``p86400``; ``p86400#1`` for a second
+        limit of that period), not its count, so an edit of the count keeps what was spent (as time
+        owed) instead of starting a fresh bucket: editing a spent limit to another within reach (a
+        delegate can) bought a request per edit. Not by its place among the key's limits either:
+        ``["1/minute", "3/day"]`` then ``["3/day"]`` (an edit, or a JWT subject's two rules) put the
+        day's limit in the minute's paid-off bucket. An edit that moves a limit to another period is
+        topped up by ``carry.carry_rates``."""
         interval = max(1, limit.period * US // limit.count)
-        suffix = f"{scope}:{limit.period}:{limit.count}" if index is None else f"{scope}:#{index}"
+        suffix = f"{scope}:{limit.period}:{limit.count}" if slot is None else f"{scope}:{slot}"
         return cls(limit, scope, policy, interval, interval * limit.count, suffix)
 
 
@@ -100,10 +103,12 @@ def resolve_plan(config: Config, key: KeyRecord, upstream: UpstreamConfig) -> Pl
         limits, scope = rl.default, "*"
     rates: list[RateRule] = []
     names: set[str] = set()
+    periods: dict[int, int] = {}  # period -> limits of that period so far (``RateRule.build``'s slot)
     for lim in limits:
         name = lim.name if lim.name not in names else lim.text
         names.add(name)
-        rates.append(RateRule.build(lim, scope, name, len(rates)))
+        n = periods[lim.period] = periods.get(lim.period, -1) + 1
+        rates.append(RateRule.build(lim, scope, name, f"p{lim.period}" + (f"#{n}" if n else "")))
     quota: QuotaRule | None = None
     if key.quota:
         quota = QuotaRule(parse_limit(key.quota), "*")

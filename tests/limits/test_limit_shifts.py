@@ -1,6 +1,6 @@
 """Attack: an edit that keeps a key's limits in one scope, but moves what they spent (invariant 10).
 
-A bucket is the key's n-th limit in its scope (``gcra.RateRule``), and what it owes is kept as
+A bucket was the key's n-th limit in its scope (``gcra.RateRule``), and what it owes is kept as
 *time* when its limit is edited. Two ways a delegate (``admin: true``) got requests back with
 edits within its own reach, on a sibling key or itself, without leaving the scope:
 
@@ -10,11 +10,13 @@ edits within its own reach, on a sibling key or itself, without leaving the scop
 - **stretch the period**: ``3/day`` spent (a day owed), then ``3/week`` — a day is less than a
   third of a week: 2 more requests at once.
 
-An edit now carries what the old buckets owed, as requests, into every bucket whose limit
-changed (``limits.carry.carry_rates``), as a move to another scope always did."""
+Buckets are named by their limit's period now, and an edit carries what the old buckets owed, as
+requests, into every bucket whose limit changed (``limits.carry.carry_rates``), as a move to
+another scope always did."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +98,10 @@ async def test_keys_sharing_a_budget_during_a_rotations_grace_keep_the_same_limi
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, edit: str
 ) -> None:
     """Attack: rotate a key with a grace (both keys work, on one budget), then edit one of the two:
-    two records reading the same buckets and counters with different limits. ``["3/day"]`` on the
-    old key and ``["1/minute", "3/day"]`` on the new one: the new key's 3 requests leave the first
-    bucket (its minute's) paid off, and the old key reads that bucket as its day's: 3 more, each
-    day; a quota moved to another scope on one of them, two counters. An edit of the limits of a
-    key that shares its budget with another working key is refused until the grace ends."""
+    two records on one budget with different limits. ``["3/day"]`` on the old key and ``["3/week"]``
+    on the new one (within a delegate's reach of ``3/day``): two buckets, 3 a day and 3 a week
+    more; a quota moved to another scope on one of them, two counters. An edit of the limits of
+    a key that shares its budget with another working key is refused until the grace ends."""
     clock = Clock()
     cfg = plex_cfg(plex_upstream, tmp_path)
     cfg["upstreams"][0]["quota"] = "3/day"
@@ -113,7 +114,7 @@ async def test_keys_sharing_a_budget_during_a_rotations_grace_keep_the_same_limi
     assert resp.status == 201, await resp.text()
     new_id, k_new = (await resp.json())["data"]["id"], (await resp.json())["data"]["key"]
     target = new_id if edit == "successor" else old.id
-    for change in ({"rate_limits": ["1/minute", "3/day"]}, {"quota": "3/day"}, {"concurrency": 1}):
+    for change in ({"rate_limits": ["3/week"]}, {"quota": "3/day"}, {"concurrency": 1}):
         resp = await r.admin.patch(f"/admin/keys/{target}", json=change, headers=auth)
         assert resp.status == 409, await resp.text()
         assert "shares its budget" in (await resp.json())["error"]["message"]
@@ -126,5 +127,34 @@ async def test_keys_sharing_a_budget_during_a_rotations_grace_keep_the_same_limi
         clock.advance(60)
     assert seen.count(200) == 3
     clock.advance(3600)  # the grace is over: the old key is revoked, the budget is the successor's alone
-    resp = await r.admin.patch(f"/admin/keys/{new_id}", json={"rate_limits": ["1/minute", "3/day"]}, headers=auth)
+    resp = await r.admin.patch(f"/admin/keys/{new_id}", json={"rate_limits": ["3/week"]}, headers=auth)
     assert resp.status == 200, await resp.text()
+
+
+async def test_one_jwt_subject_under_two_rules_shares_its_limits_by_period_not_by_place(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Attack: a JWT subject whose tokens can match either of two rules (ask the IdP for a token
+    with or without a group or scope) with the same day's limit in another place:
+    ``["1/minute", "3/day"]`` and ``["3/day"]``. One budget per subject, but a bucket was the n-th
+    limit: the second rule's day read the first rule's paid-off minute, 3 more a day. Buckets are
+    named by period now (``p86400``), so the day's limit is one bucket under both rules."""
+    from conftest import base_config
+    from jwt_support import IdP, bearer, provider
+
+    clock = Clock(float(int(time.time())))
+    idp = IdP(clock=clock)
+    idp.add_key("k1", "RSA")
+    await idp.start(aiohttp_server)
+    rules = [
+        {"when": {"group": "editors"}, "grant": {"upstreams": ["plex"], "rate_limits": ["1/minute", "3/day"]}},
+        {"when": {}, "grant": {"upstreams": ["plex"], "rate_limits": ["3/day"]}},
+    ]
+    url = str(plex_upstream.make_url("")).rstrip("/")
+    r = await make_sidecar(base_config(url, tmp_path, jwt=[provider(idp, rules)]), clock=clock)
+    for _ in range(3):
+        editor = idp.token(realm_access={"roles": ["editors"]})
+        assert (await r.proxy.get("/library/sections", headers=bearer(editor))).status == 200
+        clock.advance(60)
+    plain = await r.proxy.get("/library/sections", headers=bearer(idp.token()))
+    assert plain.status == 429 and plain.headers["RateLimit"].startswith('"day";r=0;')

@@ -213,7 +213,7 @@ async def test_editing_a_spent_limit_does_not_refill_it(
     its own reach (``2/minute`` -> ``1/30seconds`` -> ``1/31seconds`` … -> ``2/minute``): before, each
     distinct limit text was a fresh bucket, so every edit bought a request, without end.
 
-    The bucket is the key's n-th limit in its scope; what was spent carries over as time owed,
+    The bucket is the key's limit of a period in its scope; what was spent carries over as time owed,
     never more than the new limit's burst (so raising a limit helps at once, lowering it never
     refills it)."""
     clock = Clock()
