@@ -8,6 +8,7 @@ from the key's own buckets and quota counter. Each test asserts what the client 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import ADMIN_TOKEN, Running
 from mcp_server import McpUpstream
+from mcp_support import call as call_tool
 from oauth_support import free_port, oauth_config
 from oauth_support import start_sidecar as start
 from pg_support import pg_dsn, pg_server
@@ -158,3 +160,30 @@ async def test_the_admin_api_shows_a_grant_with_the_limits_that_hold_for_it(gw: 
     r = await gw.admin.get("/admin/keys", headers=ADMIN)
     (listed,) = [k for k in (await r.json())["data"] if k["id"] == grant.id]
     assert listed["rate_limits"] == ["5/minute"] and listed["quota"] == "4/day"
+
+
+async def test_grants_share_their_parents_per_tool_budget(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar], clock: Clock
+) -> None:
+    """Attack: per-tool limits (``tool_limits: {search: [2/minute]}``) counted per grant id would be
+    N grants, N times the tool's rate. They are counted on the parent's budget: two grants and the
+    key itself get 2 searches a minute together."""
+    from mcp_support import session
+
+    from sidecar.upstreams.mcp.jsonrpc import TOOL_RATE_LIMITED
+
+    cfg = oauth_config(upstream, tmp_path, free_port(), access_token_ttl="10m")
+    cfg["upstreams"][0]["mcp"] = {"tool_limits": {"search": ["2/minute"]}}
+    gw = await start(aiohttp_client, cfg, tmp_path, started, clock=clock)
+    _, key = await gw.create_key(permissions=PERMS)
+    _, a = await tokens(gw, key)
+    _, b = await tokens(gw, key)
+    answers = []
+    for rid, credential in enumerate((a["access_token"], b["access_token"], key)):
+        h = await session(gw, credential)
+        r = await gw.proxy.post("/mcp/tools", json=call_tool(rid, "search", query="q"), headers=h)
+        assert r.status == 200, await r.text()
+        text = (await r.text()).replace("\r\n", "\n")
+        answers.append(json.loads(text.split("data:", 1)[1].split("\n\n")[0]) if "data:" in text else json.loads(text))
+    assert ["result" in x for x in answers] == [True, True, False]
+    assert answers[2]["error"]["code"] == TOOL_RATE_LIMITED
