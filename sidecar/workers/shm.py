@@ -64,8 +64,10 @@ class ShmBuckets:
             self._hashes[bucket] = h
         return h
 
-    def _slot(self, h: int, now_us: int) -> tuple[int, int]:
-        """(offset, tat) of ``h``'s slot, claiming an empty or spent one when it has none."""
+    def _slot(self, h: int, now_us: int, taken: list[tuple[int, int]]) -> tuple[int, int]:
+        """(offset, tat) of ``h``'s slot, claiming an empty or spent one when it has none — never one
+        of ``taken`` (this plan's other buckets': a claimed slot or a full bucket looks spent, and
+        two buckets in one slot lost the first's limit)."""
         mm, mask, unpack = self.mm, self.mask, _SLOT.unpack_from
         i = h & mask
         spare = -1
@@ -78,7 +80,7 @@ class ShmBuckets:
                 if spare < 0:
                     spare = off
                 break
-            if spare < 0 and tat <= now_us:  # another bucket's, full again: as good as empty
+            if spare < 0 and tat <= now_us and all(off != o for o, _ in taken):  # full again: as good as empty
                 spare = off
             i = (i + 1) & mask
         if spare < 0:
@@ -94,7 +96,7 @@ class ShmBuckets:
             tats: list[int] = []
             for bucket in plan.buckets:
                 h = self._hash(bucket)
-                off, tat = self._slot(h, now_us)
+                off, tat = self._slot(h, now_us, slots)
                 slots.append((off, h))
                 tats.append(tat)
             out, new = decide(plan, tats, now_us, counter, cost)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,27 @@ def test_spent_slots_are_reused_and_a_full_table_refuses(tmp_path: Path) -> None
     later = now + 2 * US  # every bucket is full again: its slot may be taken
     assert table.evaluate(ps[4], later, None, 1).ok and table.evaluate(ps[5], later, None, 1).ok
     assert table.evaluate(ps[0], later, None, 1).ok  # and the old key starts from a full bucket
+
+
+def test_two_buckets_of_one_plan_never_share_a_slot(tmp_path: Path) -> None:
+    """Attack (workers): a key's two limits whose buckets start at the same slot. The bucket names
+    are public (the key id, the limit's period), so a delegate can pick periods that collide. The
+    second bucket took the first's slot — just claimed, or full again — as a spare: both were
+    written to one slot, the second's TAT won, and the first limit started afresh every time (a
+    key of ``1/hour`` and ``1000/week`` got 1000 an hour)."""
+    table = ShmBuckets(str(tmp_path / "b"), create=True, slots=64)
+    cfg = parse_config(CFG, env={})
+    k = key("k1")
+    hour = resolve_plan(cfg, replace(k, rate_limits=("1/hour",)), cfg.upstreams[0])
+    start = table._hash(hour.buckets[0]) & table.mask
+    weeks = next(
+        f"1000/{n}weeks"
+        for n in range(2, 10_000)
+        if table._hash(resolve_plan(cfg, replace(k, rate_limits=(f"1000/{n}weeks",)), cfg.upstreams[0]).buckets[0])
+        & table.mask
+        == start
+    )
+    plan = resolve_plan(cfg, replace(k, rate_limits=("1/hour", weeks)), cfg.upstreams[0])
+    now = 1_000 * US
+    assert table.evaluate(plan, now, None, 1).ok
+    assert [table.evaluate(plan, now + i * US, None, 1).ok for i in range(1, 5)] == [False] * 4
