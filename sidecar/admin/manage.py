@@ -360,7 +360,9 @@ class KeyManager:
                 check_grant(self.config, by, new, now)
             return new
 
-        if current.budget_id and _limits_change(kw, current):  # a successor: is a predecessor still working?
+        if current.budget_id and current.parent_id is None and _limits_change(kw, current):  # a successor
+            if by is not None:
+                check_target(self.config, by, current, now)  # a 403 first (the binding check is in the write)
             for other in await self.store.list_keys():  # an edit's rare case: a scan is fine
                 same = (other.budget_id or other.id) == current.budget_id and other.id != current.id
                 if same and other.parent_id is None and other.state(now) == "active":
