@@ -1,0 +1,136 @@
+"""Attacks on the websocket relay by a client holding a valid, restricted key (invariants 1, 2, 8).
+
+A handshake the sidecar's own websocket server then refuses (no ``Connection: Upgrade``, an
+unknown ``Sec-WebSocket-Version``, no ``Sec-WebSocket-Key``) used to be connected upstream
+first and then answered with aiohttp's plain-text 400 ("No CONNECTION upgrade hdr"): the
+upstream heard a handshake nobody completed, and the client got an undesigned error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
+
+WS_PATH = "/:/websockets/notifications"
+
+
+def ws_upstream(seen: list[dict[str, str]]) -> web.Application:
+    """A notifications websocket that offers subprotocol ``chat`` and leaks its token in every frame kind."""
+
+    async def notifications(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        ws = web.WebSocketResponse(protocols=("chat",), autoping=False)
+        await ws.prepare(request)
+        await ws.send_str(f"token {PLEX_TOKEN}")
+        await ws.send_bytes(b"\x00" + PLEX_TOKEN.encode() + b"\x01")
+        await ws.ping(PLEX_TOKEN.encode())
+        await ws.close(code=4000, message=PLEX_TOKEN.encode())
+        return ws
+
+    app = web.Application()
+    app.router.add_route("GET", WS_PATH, notifications)
+    return app
+
+
+async def raw(running: Running, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection; the answer's head and what follows within a moment."""
+    server = running.proxy.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(2.0):
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (int(h.split(b":")[1]) for h in answer.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0
+            )
+            return answer + await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+def handshake(key: str, conn: str = "Connection: Upgrade\r\n", version: str = "13", extra: str = "") -> bytes:
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {WS_PATH}?X-Plex-Token={key} HTTP/1.1\r\nHost: x\r\n{conn}Upgrade: websocket\r\n"
+        f"Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {nonce}\r\n{extra}\r\n"
+    ).encode()
+
+
+async def start(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) -> tuple[Running, list[dict[str, str]]]:
+    seen: list[dict[str, str]] = []
+    up = await aiohttp_server(ws_upstream(seen))
+    return await make_sidecar(base_config(str(up.make_url("")).rstrip("/"), tmp_path)), seen
+
+
+async def test_a_malformed_handshake_is_a_designed_400_before_the_upstream(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """No ``Connection: Upgrade``, version 99, no nonce: the client gets the JSON ``bad_request``; the upstream nothing."""
+    running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
+    _, key = await running.create_key()
+    no_nonce = handshake(key).replace(b"Sec-WebSocket-Key:", b"X-Nothing:")
+    for request in (handshake(key, conn=""), handshake(key, version="99"), no_nonce):
+        answer = await raw(running, request)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body["error"]["code"] == "bad_request", body
+    assert seen == [], "the upstream must not hear a handshake the sidecar then refuses"
+
+
+async def test_connection_keep_alive_upgrade_and_a_second_upgrade_header_still_relay_scrubbed(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """``Connection: keep-alive, Upgrade`` (Firefox) and ``Upgrade: h2c`` added: a 101 whose frames carry the key,
+    never the token, in text, binary, ping and close (same-length mask in control frames)."""
+    running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
+    _, key = await running.create_key()
+    for request in (
+        handshake(key, conn="Connection: keep-alive, Upgrade\r\n"),
+        handshake(key, extra="Upgrade: h2c\r\n"),
+    ):
+        answer = await raw(running, request)
+        assert answer.startswith(b"HTTP/1.1 101"), answer[:300]
+    async with running.proxy.ws_connect(WS_PATH, headers={"X-Plex-Token": key}, autoping=False) as ws:
+        frames = [await ws.receive() for _ in range(4)]
+    assert [f.type for f in frames] == [
+        aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.CLOSE,
+    ]  # fmt: skip
+    assert frames[0].data == f"token {key}"
+    assert PLEX_TOKEN.encode() not in frames[1].data and PLEX_TOKEN.encode() not in frames[2].data
+    assert frames[2].data == b"*" * len(PLEX_TOKEN)
+    assert frames[3].data == 4000 and frames[3].extra == "*" * len(PLEX_TOKEN)
+    assert len(seen) == 3
+
+
+async def test_a_subprotocol_carrying_the_key_never_reaches_the_upstream(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """``Sec-WebSocket-Protocol: chat, <key>``: the header is dropped going up (never rewritten to the token)."""
+    running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
+    _, key = await running.create_key()
+    answer = await raw(running, handshake(key, extra=f"Sec-WebSocket-Protocol: chat, {key}\r\n"))
+    assert answer.startswith(b"HTTP/1.1 101"), answer[:300]
+    assert key.encode() not in answer.partition(b"\r\n\r\n")[0]
+    assert len(seen) == 1 and "Sec-WebSocket-Protocol" not in seen[0]
+    assert key not in json.dumps(seen[0])
+
+
+async def test_a_key_without_the_websocket_path_is_refused_before_the_upgrade(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A key allowed ``/library*`` only: 403 ``insufficient_permissions``, never a 101, and the upstream hears nothing."""
+    running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
+    _, key = await running.create_key(permissions={"upstreams": ["plex"], "paths": ["/library*"]})
+    answer = await raw(running, handshake(key))
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+    assert b'"insufficient_permissions"' in answer
+    assert seen == []
