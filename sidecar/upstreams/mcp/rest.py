@@ -25,7 +25,7 @@ from ...core.errors import (
 )
 from ...core.scope import RequestScope
 from ..health import connect_problem
-from .filter import SseSplitter, parse_event
+from .filter import DEFAULT_MAX_EVENT, SseSplitter, parse_event
 from .jsonrpc import dumps
 from .scrub import scrub_text
 from .sessions import SESSION_HEADER
@@ -83,9 +83,14 @@ class RestClient:
     once per upstream, then ``tools/call``) over connections the sidecar already pools.
     """
 
-    def __init__(self, sessions: dict[str, aiohttp.ClientSession], limit: int = MAX_POOLED) -> None:
+    def __init__(
+        self, sessions: dict[str, aiohttp.ClientSession], limit: int = MAX_POOLED, max_answer: int = DEFAULT_MAX_EVENT
+    ) -> None:
         self.sessions = sessions
         self.limit = limit
+        # The answer is parsed and re-serialised whole: past this many bytes (a JSON body, one SSE
+        # event) it is a 502, never buffered on (one call must not hold gigabytes of the sidecar).
+        self.max_answer = max_answer
         self._pool: OrderedDict[tuple[str, str], _Pooled] = OrderedDict()
 
     def pooled(self, upstream_id: str, owner: str = "") -> _Pooled:
@@ -229,13 +234,18 @@ class RestClient:
             ctype = resp.headers.get("Content-Type", "").lower()
             try:
                 if ctype.startswith("text/event-stream"):
-                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
+                    answer = await _answer_from_sse(resp, msg["id"], upstream.read_timeout, self.max_answer)
+                    return resp.status, headers, answer
                 if ctype.startswith("application/json"):
                     async with asyncio.timeout(upstream.read_timeout):
-                        body = json.loads(await resp.read())
+                        body = json.loads(await _read_at_most(resp, self.max_answer))
                     return resp.status, headers, body if isinstance(body, dict) else None
             except TimeoutError:
                 raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
+            except _TooLarge:
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.id} answered more than {self.max_answer} bytes; use an MCP client for it"
+                ) from None
             except (aiohttp.ClientError, ValueError) as e:
                 raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
             return resp.status, headers, None
@@ -254,19 +264,42 @@ class RestClient:
         self._pool.clear()
 
 
-async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
+class _TooLarge(Exception):
+    """An answer past ``RestClient.max_answer``."""
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``_TooLarge`` as soon as it passes ``limit`` bytes (whatever its Content-Length says)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge
+    parts: list[bytes] = []
+    seen = 0
+    while chunk := await resp.content.readany():
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _answer_from_sse(
+    resp: aiohttp.ClientResponse, rid: Any, idle: float, max_event: int = DEFAULT_MAX_EVENT
+) -> dict[str, Any] | None:
     """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
 
     ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
     holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
     """
-    splitter = SseSplitter()
+    splitter = SseSplitter(max_event)
     while True:
         async with asyncio.timeout(idle):
             chunk = await resp.content.readany()
         if not chunk:
             break
-        for raw, complete in splitter.feed(chunk):
+        pieces = splitter.feed(chunk)
+        if splitter.overflowed:  # an event past the bound: it cannot be parsed, and the answer may be in it
+            raise _TooLarge
+        for raw, complete in pieces:
             if not complete:
                 continue
             ev = parse_event(raw)
