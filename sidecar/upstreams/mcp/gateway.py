@@ -79,7 +79,7 @@ from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
 from .legacy import post_legacy
 from .response import GatewayFilter, answer_sent, single_answer
-from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
+from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream, until_revoked
 from .scrub import scrub_bytes, scrubbed
 from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
@@ -482,6 +482,7 @@ class McpGateway:
                 over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
                 raise over.error
         async with sc.limiter.slot(key, upstream):
-            result = await self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
+            call = self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
+            result = await until_revoked(sc.forwarder.streams, key.id, call)  # a streamed answer can run long
         body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)

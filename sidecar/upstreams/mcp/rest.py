@@ -9,9 +9,9 @@ import itertools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -20,6 +20,8 @@ from yarl import URL
 from ...config import UpstreamConfig
 from ...core.errors import (
     BadRequest,
+    ExpiredKey,
+    RevokedKey,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -30,7 +32,9 @@ from .jsonrpc import dumps
 from .scrub import scrub_text
 from .sessions import SESSION_HEADER
 
-__all__ = ["CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "open_upstream"]
+__all__ = [
+    "CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "open_upstream", "until_revoked",
+]  # fmt: skip
 
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
@@ -58,6 +62,46 @@ async def open_upstream(
         raise UpstreamUnavailable(connect_problem(upstream, e)) from None
     except (aiohttp.ClientError, OSError) as e:
         raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+
+
+T = TypeVar("T")
+
+
+class Streams(Protocol):
+    """``sidecar.http.streams.StreamRegistry`` as the REST call uses it (no import of ``sidecar.http``)."""
+
+    def watch(
+        self, key_id: str, closer: Callable[[str], Awaitable[None]]
+    ) -> contextlib.AbstractAsyncContextManager[object]: ...
+
+
+async def until_revoked(streams: Streams | None, key_id: str, call: Awaitable[T]) -> T:
+    """``call``, ended like any open stream when its key is revoked or expires (invariant 5).
+
+    A tool answering as an event stream may run for as long as it sends keep-alives; without
+    this, its result would still be handed to a key revoked minutes before. The call is
+    cancelled (which closes the upstream request, and so cancels the tool) and the client
+    gets ``401 revoked_key`` / ``expired_key``.
+    """
+    if streams is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    ended: list[str] = []
+
+    async def closer(reason: str) -> None:
+        ended.append(reason)
+        task.cancel()
+
+    async with streams.watch(key_id, closer):
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not ended or (me is not None and me.cancelling()):  # the request itself was cancelled
+                raise
+    if ended[0] == "expired":
+        raise ExpiredKey("this API key has expired")
+    raise RevokedKey("this API key has been revoked")
 
 
 # ----------------------------------------------------------------------------- REST caller
