@@ -174,3 +174,21 @@ async def test_revocation_ends_a_call_whose_answer_streams(rig: tuple[Running, l
         status, body = await call
     assert time.monotonic() - start < BOUND
     assert (status, body["error"]["code"]) == (401, "revoked_key"), body
+
+
+async def test_other_methods_and_query_tricks_get_designed_errors(rig: tuple[Running, list[Any]]) -> None:
+    """GET/PUT/DELETE/PATCH ``/mcp``, a ``?tool=`` beside the body, an empty body, non-JSON, JSON null:
+    a designed JSON error every time (never a 500), and nothing reaches the upstream."""
+    run, calls = rig
+    _, key = await run.create_key(permissions=SEARCH_ONLY)
+    auth = {"Authorization": f"Bearer {key}"}
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        r = await run.proxy.request(method, "/mcp", headers=auth, data=b'{"mcp_id": "tools", "tool": "delete"}')
+        body = await r.json()
+        assert r.status in (400, 404, 405) and "code" in body["error"], (method, r.status, body)
+    r = await run.proxy.post("/mcp?tool=delete&mcp_id=tools", headers=auth, data=b'{"mcp_id": "tools", "tool": "del"}')
+    assert r.status == 403
+    for raw in (b"", b"null", b"not json", b"\xff\xfe", b'{"mcp_id": "tools", "tool": "search"'):
+        status, body = await rest(run, key, raw)
+        assert (status, body["error"]["code"]) == (400, "bad_request"), (raw, body)
+    assert calls == []
