@@ -15,6 +15,10 @@ How ownership stays sound:
   decoded path (``sidecar.http.canonical``), so ``//video/…`` cannot hide a session, and this
   module reads it as leniently as any upstream could (``\\`` as ``/``, runs of ``/``
   collapsed, letters in any case): ``…/session%2F%2FID/…`` still names ``ID``.
+- **One spelling per id.** An id is printable ASCII without spaces (anything else is ``400``),
+  and ids are owned case-insensitively: ``sess1``, ``Sess1 `` or ``Sess1%00x`` must not name
+  another session for the sidecar while a server that folds case, trims or stops at a NUL
+  reads ``Sess1``.
 - **Claimed late.** ``check`` runs with authorisation (a refusal is free); ``claim`` only
   once the rate limiter has let the request through, so a refused request records nothing.
 - **Bounded per key.** Each key keeps at most ``per_key`` sessions (its oldest goes
@@ -41,6 +45,7 @@ _SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal
 _SLASHES = re.compile(r"/{2,}")
 _ID_PARAMS = frozenset({"session", "x-plex-session-identifier"})
 _ID_HEADER = "X-Plex-Session-Identifier"
+_PRINTABLE = re.compile(r"[!-~]+")  # what an id may be made of: visible ASCII, no space, no control
 
 
 class TranscodeSessions:
@@ -67,14 +72,15 @@ class TranscodeSessions:
         return _UNIVERSAL.match(_lenient(path)) is None
 
     def ids(self, path: str, query: MultiMapping[str], headers: MultiMapping[str] | None = None) -> tuple[str, ...]:
-        """Every session id this request names, or ``()`` off the transcode paths. BadRequest if ambiguous."""
+        """Every session id this request names (lower-cased), or ``()`` off the transcode paths. BadRequest if
+        ambiguous."""
         path = _lenient(path)
         if _UNIVERSAL.match(path) is None:
             return ()
         found: list[str] = []
         sid = self.session_of(path)
         if sid is not None:
-            found.append(sid)
+            _one_id("the session in the path", 1, sid, found)
         counts: dict[str, int] = {}
         for name, value in query.items():
             lname = name.lower()
@@ -96,7 +102,7 @@ class TranscodeSessions:
 
     def claim(self, ids: Iterable[str], key_id: str) -> None:
         """Record ``key_id`` as the owner of ``ids`` (after ``check`` and the rate limiter)."""
-        ids = tuple(ids)
+        ids = tuple(sid.lower() for sid in ids)
         self.check(ids, key_id)  # again: another key may have claimed one while we awaited the limiter
         now = self.clock()
         mine = self._by_key.setdefault(key_id, OrderedDict())
@@ -109,6 +115,7 @@ class TranscodeSessions:
             self._owners[sid] = (key_id, now + self.ttl)
 
     def owner(self, session_id: str) -> str | None:
+        session_id = session_id.lower()
         entry = self._owners.get(session_id)
         if entry is None:
             return None
@@ -170,4 +177,6 @@ def _one_id(where: str, count: int, value: str, found: list[str]) -> None:
         raise BadRequest(f"{where} is repeated; a transcode session is named once")
     if not value.strip():
         raise BadRequest(f"{where} is empty")
-    found.append(value)
+    if _PRINTABLE.fullmatch(value) is None:
+        raise BadRequest(f"{where} is not a transcode session id (printable ASCII, no spaces)")
+    found.append(value.lower())  # owned case-insensitively: one session, however it is spelled
