@@ -103,3 +103,22 @@ async def test_the_owner_still_uses_its_session_in_any_case(rig: tuple[Running, 
     _, a, _ = await started_by_a(running)
     assert (await send(running, "/video/:/transcode/universal/stop?session=sess1", a)).status == 200
     assert (await send(running, SEGMENT.format("SESS1"))).status == 200  # keyless: still A's
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["session%00=Sess1", "session%20=Sess1", "%20session=Sess1", "session%09=Sess1", "X-Plex-Session-Identifier%00=Sess1",
+     "sess%00ion=Sess1"],
+)  # fmt: skip
+async def test_a_parameter_name_with_a_space_or_nul_still_names_the_session(
+    rig: tuple[Running, Recorder], query: str
+) -> None:
+    """``session%00=``, ``session%20=``, ``sess%00ion=``: a server that trims names, stops at a NUL or drops
+    control characters reads ``session``, so
+    the sidecar does too: B gets 403 and the upstream hears nothing."""
+    running, rec = rig
+    _, _, b = await started_by_a(running)
+    before = len(rec.seen)
+    ans = await send(running, f"{START}?{query}", b)
+    assert ans.status == 403, (query, ans.status, ans.body)
+    assert len(rec.seen) == before
