@@ -18,7 +18,8 @@ How ownership stays sound:
 - **One spelling per id.** An id is printable ASCII without spaces (anything else is ``400``),
   and ids are owned case-insensitively: ``sess1``, ``Sess1 `` or ``Sess1%00x`` must not name
   another session for the sidecar while a server that folds case, trims or stops at a NUL
-  reads ``Sess1``.
+  reads ``Sess1``; a parameter name is read without spaces or control characters
+  (``session%00=`` is ``session=``).
 - **Claimed late.** ``check`` runs with authorisation (a refusal is free); ``claim`` only
   once the rate limiter has let the request through, so a refused request records nothing.
 - **Bounded per key.** Each key keeps at most ``per_key`` sessions (its oldest goes
@@ -45,7 +46,8 @@ _SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal
 _SLASHES = re.compile(r"/{2,}")
 _ID_PARAMS = frozenset({"session", "x-plex-session-identifier"})
 _ID_HEADER = "X-Plex-Session-Identifier"
-_PRINTABLE = re.compile(r"[!-~]+")  # what an id may be made of: visible ASCII, no space, no control
+_PRINTABLE = re.compile(r"[!-~]+")
+_UNPRINTABLE = re.compile(r"[^!-~]")  # dropped from parameter names: ``session%00`` or ``session%20`` is ``session``  # what an id may be made of: visible ASCII, no space, no control
 
 
 class TranscodeSessions:
@@ -84,6 +86,8 @@ class TranscodeSessions:
         counts: dict[str, int] = {}
         for name, value in query.items():
             lname = name.lower()
+            if _PRINTABLE.fullmatch(lname) is None:  # as a server that trims names or stops at a NUL reads it
+                lname = _UNPRINTABLE.sub("", lname)
             if lname in _ID_PARAMS:
                 counts[lname] = counts.get(lname, 0) + 1
                 _one_id(f"the {name!r} parameter", counts[lname], value, found)

@@ -114,8 +114,7 @@ async def test_a_parameter_name_with_a_space_or_nul_still_names_the_session(
     rig: tuple[Running, Recorder], query: str
 ) -> None:
     """``session%00=``, ``session%20=``, ``sess%00ion=``: a server that trims names, stops at a NUL or drops
-    control characters reads ``session``, so
-    the sidecar does too: B gets 403 and the upstream hears nothing."""
+    control characters reads ``session``, so the sidecar does too: B gets 403 and the upstream hears nothing."""
     running, rec = rig
     _, _, b = await started_by_a(running)
     before = len(rec.seen)
