@@ -192,3 +192,29 @@ async def test_other_methods_and_query_tricks_get_designed_errors(rig: tuple[Run
         status, body = await rest(run, key, raw)
         assert (status, body["error"]["code"]) == (400, "bad_request"), (raw, body)
     assert calls == []
+
+
+async def test_a_per_tool_refusal_spends_neither_the_rate_limit_nor_the_quota(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """``search`` limited to 1 call an hour, the key to 3 calls a minute and a quota of 3 a day: after one
+    search, five refused searches (429) leave the key's budget whole — two other calls still go through."""
+    calls: list[dict[str, Any]] = []
+    up = await aiohttp_server(recording_app(calls))
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools",
+                         "headers": {"Authorization": "Bearer ${MCP_TOKEN}"},
+                         "mcp": {"tool_limits": {"search": "1/hour"}}}]  # fmt: skip
+    run = await make_sidecar(cfg, extra_env={"MCP_TOKEN": TOKEN})
+    perms = {"upstreams": ["tools"], "tools": {"tools": ["search", "other"]}}
+    _, key = await run.create_key(permissions=perms, rate_limits=["3/minute"], quota="3/day")
+    assert (await rest(run, key, {"mcp_id": "tools", "tool": "search"}))[0] == 200
+    for _ in range(5):
+        status, body = await rest(run, key, {"mcp_id": "tools", "tool": "search"})
+        assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded"), body
+    for _ in range(2):
+        status, body = await rest(run, key, {"mcp_id": "tools", "tool": "other"})
+        assert status == 200, body
+    status, body = await rest(run, key, {"mcp_id": "tools", "tool": "other"})
+    assert status == 429, body
+    assert [c["params"]["name"] for c in calls] == ["search", "other", "other"]

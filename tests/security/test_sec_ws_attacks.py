@@ -134,3 +134,29 @@ async def test_a_key_without_the_websocket_path_is_refused_before_the_upgrade(
     assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
     assert b'"insufficient_permissions"' in answer
     assert seen == []
+
+
+async def test_an_upstream_that_never_completes_the_handshake_is_a_504_and_frees_the_slot(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The upstream takes the handshake and never answers: the client gets 504 ``upstream_timeout`` after the
+    read timeout, and a key limited to one connection at a time can connect again at once."""
+    stalled = asyncio.Event()
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        stalled.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get(WS_PATH, never)
+    up = await aiohttp_server(app)
+    cfg = base_config(str(up.make_url("")).rstrip("/"), tmp_path)
+    cfg["upstreams"][0]["timeouts"] = {"read": "300ms"}
+    running = await make_sidecar(cfg)
+    _, key = await running.create_key(concurrency=1)
+    for _ in range(2):
+        answer = await raw(running, handshake(key))
+        assert answer.startswith(b"HTTP/1.1 504"), answer[:300]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "upstream_timeout"
+    assert stalled.is_set()
