@@ -218,3 +218,33 @@ async def test_a_per_tool_refusal_spends_neither_the_rate_limit_nor_the_quota(
     status, body = await rest(run, key, {"mcp_id": "tools", "tool": "other"})
     assert status == 429, body
     assert [c["params"]["name"] for c in calls] == ["search", "other", "other"]
+
+
+async def test_an_upstream_handshake_with_a_broken_protocol_version_is_not_a_500(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The upstream's ``initialize`` answers a ``protocolVersion`` holding CR LF (it would become a header of the
+    next request): the call still goes through, on the sidecar's own version, and the upstream never sees the
+    injected header."""
+    seen: list[dict[str, str]] = []
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        msg = json.loads(await request.read())
+        if msg.get("method") == "initialize":
+            result = {"protocolVersion": "2025-11-25\r\nX-Injected: 1", "capabilities": {}, "serverInfo": {"name": "r"}}
+            return web.json_response({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+        if "id" not in msg:
+            return web.Response(status=202)
+        return web.json_response({"jsonrpc": "2.0", "id": msg["id"], "result": {"content": []}})
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    up = await aiohttp_server(app)
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
+    run = await make_sidecar(cfg)
+    _, key = await run.create_key(permissions=SEARCH_ONLY)
+    status, body = await rest(run, key, {"mcp_id": "tools", "tool": "search"})
+    assert status == 200, body
+    assert all("X-Injected" not in h for h in seen)
