@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,6 +40,7 @@ __all__ = [
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
 CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+_VERSION = re.compile(r"[0-9A-Za-z._-]{1,32}")  # a protocol version that may go into a header as it is
 MAX_POOLED = 10_000  # REST callers' upstream sessions (one per key and upstream) kept at once
 
 
@@ -246,7 +248,8 @@ class RestClient:
         if status >= 300 or not isinstance(result, dict):
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
         pooled.session_id = headers.get(SESSION_HEADER)
-        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
+        version = result.get("protocolVersion")  # goes into every next request's headers: CR LF would be a 500
+        pooled.version = version if isinstance(version, str) and _VERSION.fullmatch(version) else HANDSHAKE_VERSION
         await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
         pooled.ready = True
 
