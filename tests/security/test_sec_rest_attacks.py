@@ -42,6 +42,12 @@ def recording_app(calls: list[dict[str, Any]]) -> web.Application:
             return web.Response(status=202)
         calls.append(msg)
         name, args = msg["params"]["name"], msg["params"].get("arguments", {})
+        if name == "deep":  # a result nested deeper than any JSON parser's recursion allows
+            depth = int(args["depth"])
+            body = b'{"jsonrpc": "2.0", "id": %d, "result": ' % msg["id"] + b"[" * depth + b"]" * depth + b"}"
+            if args.get("sse"):
+                body = b"event: message\ndata: " + body + b"\n\n"
+            return web.Response(body=body, content_type="text/event-stream" if args.get("sse") else "application/json")
         if name == "big":
             text = "x" * int(args["n"])
         elif name == "slow":  # keep-alive comments for a long while, then the answer
@@ -248,3 +254,16 @@ async def test_an_upstream_handshake_with_a_broken_protocol_version_is_not_a_500
     status, body = await rest(run, key, {"mcp_id": "tools", "tool": "search"})
     assert status == 200, body
     assert all("X-Injected" not in h for h in seen)
+
+
+@pytest.mark.parametrize("sse", [False, True])
+@pytest.mark.parametrize("depth", [950, 100_000])
+async def test_a_result_nested_too_deeply_is_a_502_not_a_500(
+    rig: tuple[Running, list[Any]], sse: bool, depth: int
+) -> None:
+    """An allowed tool whose answer (JSON or SSE) nests ``depth`` arrays: the client gets 502
+    ``upstream_unavailable`` (before: Python's RecursionError, a 500 ``internal_error``)."""
+    run, _ = rig
+    _, key = await run.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["deep"]}})
+    status, body = await rest(run, key, {"mcp_id": "tools", "tool": "deep", "arguments": {"depth": depth, "sse": sse}})
+    assert (status, body["error"]["code"]) == (502, "upstream_unavailable"), body
