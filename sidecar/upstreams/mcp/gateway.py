@@ -79,8 +79,8 @@ from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
 from .legacy import post_legacy
 from .response import GatewayFilter, answer_sent, single_answer
-from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream, until_revoked
-from .scrub import scrub_bytes, scrubbed
+from .rest import CREDENTIAL_REJECTED, RestClient, answer_body, open_upstream, until_revoked
+from .scrub import scrubbed
 from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 from .toollimits import ToolLimiter
@@ -484,5 +484,5 @@ class McpGateway:
         async with sc.limiter.slot(key, upstream):
             call = self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
             result = await until_revoked(sc.forwarder.streams, key.id, call)  # a streamed answer can run long
-        body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
+        body = answer_body(upstream, result)  # scrubbed: an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)

@@ -30,11 +30,12 @@ from ...core.scope import RequestScope
 from ..health import connect_problem
 from .filter import DEFAULT_MAX_EVENT, SseSplitter, parse_event
 from .jsonrpc import dumps
-from .scrub import scrub_text
+from .scrub import scrub_bytes, scrub_text
 from .sessions import SESSION_HEADER
 
 __all__ = [
-    "CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "open_upstream", "until_revoked",
+    "CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "answer_body", "open_upstream",
+    "until_revoked",
 ]  # fmt: skip
 
 CLIENT_NAME = "sidecar"
@@ -295,6 +296,8 @@ class RestClient:
                 ) from None
             except (aiohttp.ClientError, ValueError) as e:
                 raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+            except RecursionError:
+                raise UpstreamUnavailable(f"upstream {upstream.id} answered JSON nested too deeply") from None
             return resp.status, headers, None
 
     async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
@@ -309,6 +312,14 @@ class RestClient:
                     resp = await session.delete(up.url, headers=self._headers(up, pooled))
                     resp.release()
         self._pool.clear()
+
+
+def answer_body(upstream: UpstreamConfig, result: Any) -> bytes:
+    """The REST call's 200 body, scrubbed of the upstream's credential (an echo of it)."""
+    try:
+        return scrub_bytes(upstream, dumps({"success": True, "data": result}))
+    except RecursionError:  # parsed just within the limit, serialised a level deeper and further down the stack
+        raise UpstreamUnavailable(f"upstream {upstream.id} answered JSON nested too deeply") from None
 
 
 class _TooLarge(Exception):
