@@ -46,8 +46,8 @@ _SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal
 _SLASHES = re.compile(r"/{2,}")
 _ID_PARAMS = frozenset({"session", "x-plex-session-identifier"})
 _ID_HEADER = "X-Plex-Session-Identifier"
-_PRINTABLE = re.compile(r"[!-~]+")
-_UNPRINTABLE = re.compile(r"[^!-~]")  # dropped from parameter names: ``session%00`` or ``session%20`` is ``session``  # what an id may be made of: visible ASCII, no space, no control
+_PRINTABLE = re.compile(r"[!-~]+")  # what an id may be made of: visible ASCII, no space, no control
+_UNPRINTABLE = re.compile(r"[^!-~]")  # dropped from parameter names: ``session%00`` or ``session%20`` is ``session``
 
 
 class TranscodeSessions:

@@ -126,7 +126,7 @@ async def test_what_the_sidecar_judged_is_exactly_what_goes_up(rig: tuple[Runnin
 async def test_refusals_are_free_and_the_upstream_credential_is_scrubbed(rig: tuple[Running, list[Any]]) -> None:
     """A key with 2 calls a minute: ten refused calls of other tools spend nothing; the two allowed calls
     answer with the upstream's echo of its credential as REDACTED; the third is 429."""
-    run, calls = rig
+    run, _ = rig
     _, key = await run.create_key(permissions=SEARCH_ONLY, rate_limits=["2/minute"])
     for _ in range(10):
         status, _body = await rest(run, key, {"mcp_id": "tools", "tool": "delete"})
@@ -141,7 +141,7 @@ async def test_refusals_are_free_and_the_upstream_credential_is_scrubbed(rig: tu
 
 async def test_each_key_has_its_own_upstream_session_never_shown(rig: tuple[Running, list[Any]]) -> None:
     """Two keys' calls run on two upstream sessions; neither answer carries an ``Mcp-Session-Id``."""
-    run, calls = rig
+    run, _ = rig
     _, a = await run.create_key(permissions=SEARCH_ONLY)
     _, b = await run.create_key(permissions=SEARCH_ONLY)
     for key in (a, b, a):

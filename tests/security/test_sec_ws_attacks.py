@@ -74,7 +74,8 @@ async def start(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) 
 async def test_a_malformed_handshake_is_a_designed_400_before_the_upstream(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    """No ``Connection: Upgrade``, version 99, no nonce: the client gets the JSON ``bad_request``; the upstream nothing."""
+    """No ``Connection: Upgrade``, version 99, no nonce: the client gets the JSON ``bad_request``, the upstream
+    nothing."""
     running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
     _, key = await running.create_key()
     no_nonce = handshake(key).replace(b"Sec-WebSocket-Key:", b"X-Nothing:")
@@ -127,7 +128,7 @@ async def test_a_subprotocol_carrying_the_key_never_reaches_the_upstream(
 async def test_a_key_without_the_websocket_path_is_refused_before_the_upgrade(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    """A key allowed ``/library*`` only: 403 ``insufficient_permissions``, never a 101, and the upstream hears nothing."""
+    """A key allowed ``/library*`` only: 403 ``insufficient_permissions``, never a 101; the upstream hears nothing."""
     running, seen = await start(make_sidecar, aiohttp_server, tmp_path)
     _, key = await running.create_key(permissions={"upstreams": ["plex"], "paths": ["/library*"]})
     answer = await raw(running, handshake(key))
