@@ -122,3 +122,23 @@ async def test_a_parameter_name_with_a_space_or_nul_still_names_the_session(
     ans = await send(running, f"{START}?{query}", b)
     assert ans.status == 403, (query, ans.status, ans.body)
     assert len(rec.seen) == before
+
+
+async def test_a_keyless_request_claims_nothing_new_for_the_owner(rig: tuple[Running, Recorder]) -> None:
+    """Anyone who learnt A's session id (``/status/sessions`` lists them to every ``plex:read`` key) fetches
+    A's segments without a key, adding ``?session=junk``: before, that claimed ``junk`` for A and pushed A's
+    other session Sess2 out of A's table, and B then took Sess2 over. Now the keyless request is 403 and
+    B still cannot touch Sess2."""
+    running, rec = rig
+    _, a, b = await started_by_a(running)
+    assert (await send(running, f"{START}?session=Sess2&path=/library/metadata/2", a)).status == 200
+    running.sc.transcode.per_key = 2
+    before = len(rec.seen)
+    for query in ("session=junk", "X-Plex-Session-Identifier=junk"):
+        ans = await send(running, SEGMENT.format("Sess1") + "?" + query)
+        assert ans.status == 403, (query, ans.status, ans.body)
+    ans = await send(running, SEGMENT.format("Sess1"), headers={"X-Plex-Session-Identifier": "junk"})
+    assert ans.status == 403
+    assert len(rec.seen) == before
+    assert (await send(running, f"{START}?session=Sess2", b)).status == 403
+    assert (await send(running, SEGMENT.format("Sess1") + "?session=Sess2")).status == 200  # A's own ids: fine
