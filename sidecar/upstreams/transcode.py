@@ -22,6 +22,8 @@ How ownership stays sound:
   (``session%00=`` is ``session=``).
 - **Claimed late.** ``check`` runs with authorisation (a refusal is free); ``claim`` only
   once the rate limiter has let the request through, so a refused request records nothing.
+- **Keyless requests claim nothing.** A segment request without a key is authorised as the
+  session's owner; every id it names must already be that owner's (``check_keyless``).
 - **Bounded per key.** Each key keeps at most ``per_key`` sessions (its oldest goes
   first): a flood evicts only the flooder's own entries. When the whole table is full
   even after dropping expired entries, a key with entries gives up its oldest; a key
@@ -103,6 +105,13 @@ class TranscodeSessions:
             owner = self.owner(sid)
             if owner is not None and owner != key_id:
                 raise Forbidden("this transcode session belongs to another key")
+
+    def check_keyless(self, ids: Iterable[str], key_id: str) -> None:
+        """Forbidden unless ``key_id`` already owns every id: a request authorised by its session path alone
+        (no key) claims nothing new, or whoever learnt one id could push the owner's other sessions out."""
+        for sid in ids:
+            if self.owner(sid) != key_id:
+                raise Forbidden("a request without a key may name only its owner's transcode sessions")
 
     def claim(self, ids: Iterable[str], key_id: str) -> None:
         """Record ``key_id`` as the owner of ``ids`` (after ``check`` and the rate limiter)."""
