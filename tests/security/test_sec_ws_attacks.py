@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -161,3 +163,52 @@ async def test_an_upstream_that_never_completes_the_handshake_is_a_504_and_frees
         assert answer.startswith(b"HTTP/1.1 504"), answer[:300]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "upstream_timeout"
     assert stalled.is_set()
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One unmasked server frame (payloads under 126 bytes)."""
+    assert len(payload) < 126
+    return bytes([(0x80 if fin else 0) | opcode, len(payload)]) + payload
+
+
+async def test_a_token_split_across_fragments_is_scrubbed(
+    make_sidecar: MakeSidecar, unused_tcp_port_factory: Any, tmp_path: Path
+) -> None:
+    """A raw upstream splits its token across a text message's fragments (a ping between them) and across a
+    binary message's: the client sees the key in the text, no token bytes in the binary, a masked ping."""
+    half = len(PLEX_TOKEN) // 2
+    head, tail = PLEX_TOKEN[:half].encode(), PLEX_TOKEN[half:].encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        lines = request.split(b"\r\n")
+        nonce = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(nonce + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+        writer.write(_frame(0x1, b"token " + head, fin=False) + _frame(0x9, PLEX_TOKEN.encode())
+                     + _frame(0x0, tail + b" end"))  # fmt: skip
+        writer.write(_frame(0x2, b"\x00" + head, fin=False) + _frame(0x0, tail + b"\x01"))
+        writer.write(_frame(0x8, b"\x03\xe8"))
+        await writer.drain()
+        with contextlib.suppress(Exception):
+            await reader.read(1024)
+        writer.close()
+
+    port = unused_tcp_port_factory()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        running = await make_sidecar(base_config(f"http://127.0.0.1:{port}", tmp_path))
+        _, key = await running.create_key()
+        async with running.proxy.ws_connect(WS_PATH, headers={"X-Plex-Token": key}, autoping=False) as ws:
+            frames = [await ws.receive(timeout=5) for _ in range(3)]
+    finally:
+        server.close()
+        await server.wait_closed()
+    kinds = [f.type for f in frames]
+    ping = frames[kinds.index(aiohttp.WSMsgType.PING)]
+    text = frames[kinds.index(aiohttp.WSMsgType.TEXT)]
+    binary = frames[kinds.index(aiohttp.WSMsgType.BINARY)]
+    assert ping.data == b"*" * len(PLEX_TOKEN)
+    assert text.data == f"token {key} end"
+    assert PLEX_TOKEN.encode() not in binary.data and head not in binary.data
