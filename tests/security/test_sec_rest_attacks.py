@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import MakeSidecar, Running, base_config
+from conftest import MakeSidecar, Running, base_config, log_lines
 
 TOKEN = "mcp-upstream-secret-0123456789"
 BOUND = 5.0  # DESIGN invariant 5
@@ -267,3 +267,14 @@ async def test_a_result_nested_too_deeply_is_a_502_not_a_500(
     _, key = await run.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["deep"]}})
     status, body = await rest(run, key, {"mcp_id": "tools", "tool": "deep", "arguments": {"depth": depth, "sse": sse}})
     assert (status, body["error"]["code"]) == (502, "upstream_unavailable"), body
+
+
+async def test_a_key_in_the_query_never_reaches_the_access_log(rig: tuple[Running, list[Any]], tmp_path: Path) -> None:
+    """``POST /mcp?X-Plex-Token=<key>&note=<key>``: the call is authorised, and the access-log line holds neither
+    the key nor the upstream's credential."""
+    run, _ = rig
+    _, key = await run.create_key(permissions=SEARCH_ONLY)
+    r = await run.proxy.post(f"/mcp?X-Plex-Token={key}&note={key}", json={"mcp_id": "tools", "tool": "search"})
+    assert r.status == 200, await r.text()
+    lines = await log_lines(tmp_path / "access.log", want=1)
+    assert lines and key not in json.dumps(lines) and TOKEN not in json.dumps(lines), lines
