@@ -142,3 +142,19 @@ async def test_a_keyless_request_claims_nothing_new_for_the_owner(rig: tuple[Run
     assert len(rec.seen) == before
     assert (await send(running, f"{START}?session=Sess2", b)).status == 403
     assert (await send(running, SEGMENT.format("Sess1") + "?session=Sess2")).status == 200  # A's own ids: fine
+
+
+async def test_rotating_the_owners_key_frees_no_session(rig: tuple[Running, Recorder]) -> None:
+    """A's key is rotated (no grace): the session stays the old key's — B is still refused, and A's successor
+    is refused too (a rotated key's sessions end with it; a new key starts new sessions)."""
+    running, rec = rig
+    rec_a, _, b = await started_by_a(running)
+    resp = await running.admin.post(f"/admin/keys/{rec_a.id}/rotate", json={}, headers=running.admin_headers())
+    assert resp.status in (200, 201), await resp.text()
+    successor = (await resp.json())["data"]["key"]
+    await running.sc.verifier.refresh()
+    before = len(rec.seen)
+    for key in (b, successor):
+        assert (await send(running, "/video/:/transcode/universal/stop?session=Sess1", key)).status == 403
+    assert (await send(running, SEGMENT.format("Sess1"))).status == 401
+    assert len(rec.seen) == before
