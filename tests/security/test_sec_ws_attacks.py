@@ -212,3 +212,52 @@ async def test_a_token_split_across_fragments_is_scrubbed(
     assert ping.data == b"*" * len(PLEX_TOKEN)
     assert text.data == f"token {key} end"
     assert PLEX_TOKEN.encode() not in binary.data and head not in binary.data
+
+
+def mcp_ws_app(calls: list[str]) -> web.Application:
+    """An MCP server that also speaks JSON-RPC over a websocket (as the SDK's websocket transport does)."""
+
+    async def ws(request: web.Request) -> web.StreamResponse:
+        sock = web.WebSocketResponse(protocols=("mcp",))
+        await sock.prepare(request)
+        async for msg in sock:
+            rpc = json.loads(msg.data)
+            if rpc.get("method") == "tools/call":
+                calls.append(rpc["params"]["name"])
+            await sock.send_str(json.dumps({"jsonrpc": "2.0", "id": rpc.get("id"), "result": {"content": []}}))
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/mcp/ws", ws)
+    return app
+
+
+async def test_a_websocket_cannot_carry_mcp_calls_past_a_keys_tool_list(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A key allowed tool ``search`` only opens a websocket on the MCP route and sends ``tools/call delete``:
+    frames going up are never judged, so the upgrade is refused (403, spending nothing) for a key whose tools,
+    resources or prompts are restricted. A key without such limits still gets its websocket."""
+    calls: list[str] = []
+    up = await aiohttp_server(mcp_ws_app(calls))
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
+    running = await make_sidecar(cfg)
+    _, limited = await running.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["search"]}},
+                                          rate_limits=["1/hour"])  # fmt: skip
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "delete", "arguments": {}}}
+    for _ in range(3):
+        with contextlib.suppress(aiohttp.WSServerHandshakeError):
+            async with running.proxy.ws_connect("/mcp/tools/ws", headers={"Authorization": f"Bearer {limited}"}) as ws:
+                await ws.send_str(json.dumps(call))
+                await ws.receive(timeout=5)
+    assert calls == [], "a restricted key's tools/call went up a websocket unjudged"
+    r = await running.proxy.get("/mcp/tools/ws", headers={"Authorization": f"Bearer {limited}", "Upgrade": "websocket",
+                                                          "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                                          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})  # fmt: skip
+    assert r.status == 403 and (await r.json())["error"]["code"] == "insufficient_permissions"
+    _, free = await running.create_key(permissions={"upstreams": ["tools"]})
+    async with running.proxy.ws_connect("/mcp/tools/ws", headers={"Authorization": f"Bearer {free}"}) as ws:
+        await ws.send_str(json.dumps(call))
+        assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT
+    assert calls == ["delete"]
