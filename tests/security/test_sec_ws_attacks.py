@@ -1,5 +1,9 @@
 """Attacks on the websocket relay by a client holding a valid, restricted key (invariants 1, 2, 8).
 
+On an MCP route, a websocket's frames (and a body on any method but POST) went up unjudged:
+a key allowed tool ``search`` only called any tool through them. Such requests are now
+refused for a key with MCP limits (403, refunded).
+
 A handshake the sidecar's own websocket server then refuses (no ``Connection: Upgrade``, an
 unknown ``Sec-WebSocket-Version``, no ``Sec-WebSocket-Key``) used to be connected upstream
 first and then answered with aiohttp's plain-text 400 ("No CONNECTION upgrade hdr"): the
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 
@@ -261,3 +266,41 @@ async def test_a_websocket_cannot_carry_mcp_calls_past_a_keys_tool_list(
         await ws.send_str(json.dumps(call))
         assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT
     assert calls == ["delete"]
+
+
+def mcp_any_method_app(calls: list[tuple[str, str]]) -> web.Application:
+    """An MCP server that takes a JSON-RPC body on any method (``app.all("/mcp")`` in an express server)."""
+
+    async def any_method(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        rpc = json.loads(raw) if raw else {}
+        if rpc.get("method") == "tools/call":
+            calls.append((request.method, rpc["params"]["name"]))
+        return web.json_response({"jsonrpc": "2.0", "id": rpc.get("id"), "result": {"content": []}})
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", any_method)
+    return app
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
+async def test_a_body_on_another_method_cannot_carry_mcp_calls_past_a_keys_tool_list(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, method: str
+) -> None:
+    """The same key sends ``tools/call delete`` as the body of a PUT, PATCH or DELETE: only POST bodies are judged,
+    so for a restricted key a body on any other method is refused (403) and never reaches the upstream."""
+    calls: list[tuple[str, str]] = []
+    up = await aiohttp_server(mcp_any_method_app(calls))
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
+    running = await make_sidecar(cfg)
+    _, limited = await running.create_key(permissions={"upstreams": ["tools"], "tools": {"tools": ["search"]}})
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "delete", "arguments": {}}}
+    headers = {"Authorization": f"Bearer {limited}", "Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream"}  # fmt: skip
+    r = await running.proxy.request(method, "/mcp/tools", data=json.dumps(call), headers=headers)
+    assert r.status in (400, 403, 405), (r.status, await r.text())
+    assert "code" in (await r.json())["error"]
+    assert calls == [], "a restricted key's tools/call went up unjudged"
+    r = await running.proxy.request(method, "/mcp/tools", headers=headers)  # no body: nothing to judge, passes
+    assert r.status == 200
