@@ -148,11 +148,12 @@ class McpGateway:
         sub = self._upstream_path(upstream, request.path)
         if sub.startswith(_OAUTH_PATHS):
             raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
-        if request.headers.get("Upgrade", "").lower() == "websocket" and (
-            McpAccess.cached(key.permissions, upstream.id).restricted or upstream.mcp_tool_limits
-        ):  # frames going up are never judged: a websocket only for a key the judge would pass anyway
+        unjudged = request.headers.get("Upgrade", "").lower() == "websocket" or (
+            request.method != "POST" and request.body_exists
+        )  # websocket frames and bodies on other methods go up as they are: only a POST body is judged
+        if unjudged and (McpAccess.cached(key.permissions, upstream.id).restricted or upstream.mcp_tool_limits):
             await self.sc.limiter.refund(key, upstream)  # refusals are free
-            raise Forbidden("websockets on an MCP route are not filtered: this key's tools, resources or prompts are")
+            raise Forbidden("this key's MCP access is limited: only POST bodies are judged, no websocket or other body")
         url = self._exact_url(upstream, request, url)
         headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
         headers.popall("Content-Encoding", None)  # decoded to be judged (encoding.py): it goes up as judged
