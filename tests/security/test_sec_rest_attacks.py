@@ -278,3 +278,32 @@ async def test_a_key_in_the_query_never_reaches_the_access_log(rig: tuple[Runnin
     assert r.status == 200, await r.text()
     lines = await log_lines(tmp_path / "access.log", want=1)
     assert lines and key not in json.dumps(lines) and TOKEN not in json.dumps(lines), lines
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "text/event-stream"])
+async def test_a_list_nested_too_deeply_to_filter_is_a_502_on_the_proxied_route_too(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, ctype: str
+) -> None:
+    """The same upstream fault through ``POST /mcp/t`` (Streamable HTTP): a ``tools/list`` answer nested 5 000 deep
+    cannot be filtered for a restricted key, so it is a 502 (fail closed, nothing relayed), not a 500."""
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        msg = json.loads(await request.read())
+        deep = b"[" * 5000 + b"]" * 5000
+        body = b'{"jsonrpc": "2.0", "id": %d, "result": {"tools": [{"name": "delete", "x": %s}]}}' % (msg["id"], deep)
+        if ctype == "text/event-stream":
+            body = b"event: message\ndata: " + body + b"\n\n"
+        return web.Response(body=body, content_type=ctype)
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    up = await aiohttp_server(app)
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "t", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/t"}]
+    run = await make_sidecar(cfg)
+    _, key = await run.create_key(permissions={"upstreams": ["t"], "tools": {"t": ["search"]}})
+    headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+    r = await run.proxy.post("/mcp/t", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers)
+    raw = await r.read()
+    assert r.status == 502, raw[:200]
+    assert json.loads(raw)["error"]["code"] == "upstream_unavailable" and b"delete" not in raw
