@@ -200,6 +200,8 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
             _nested_urls_allowed(key, upstream, request.query)
         sessions = sc.transcode.ids(path, request.query, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
+        if scope.credential == "transcode_session":  # no key: authorised by the session path alone
+            sc.transcode.check_keyless(sessions, key.id)
 
     # 5. rate limit
     decision, on_headers = await _rate_limit(sc, key, upstream, scope)

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import UpstreamConfig
-from ..core.errors import UpstreamTimeout, UpstreamUnavailable
+from ..core.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from ..core.scope import RequestScope
 from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter
@@ -39,6 +39,10 @@ async def relay_websocket(
     With ``scrub`` (Plex), every frame coming down is scrubbed: text, binary, ping/pong
     payloads and the close reason (aiohttp hands over whole messages, fragments joined).
     """
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        # Checked before connecting: the upstream must not hear a handshake the client's side then fails,
+        # and the client gets the designed 400, not aiohttp's plain-text one.
+        raise BadRequest("not a websocket handshake: Connection: Upgrade, Sec-WebSocket-Key and -Version are needed")
     # From the headers going up, not the client's: a subprotocol carrying the key was stripped there.
     protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     for h in _WS_HANDSHAKE:

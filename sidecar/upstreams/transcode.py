@@ -15,8 +15,15 @@ How ownership stays sound:
   decoded path (``sidecar.http.canonical``), so ``//video/…`` cannot hide a session, and this
   module reads it as leniently as any upstream could (``\\`` as ``/``, runs of ``/``
   collapsed, letters in any case): ``…/session%2F%2FID/…`` still names ``ID``.
+- **One spelling per id.** An id is printable ASCII without spaces (anything else is ``400``),
+  and ids are owned case-insensitively: ``sess1``, ``Sess1 `` or ``Sess1%00x`` must not name
+  another session for the sidecar while a server that folds case, trims or stops at a NUL
+  reads ``Sess1``; a parameter name is read without spaces or control characters
+  (``session%00=`` is ``session=``).
 - **Claimed late.** ``check`` runs with authorisation (a refusal is free); ``claim`` only
   once the rate limiter has let the request through, so a refused request records nothing.
+- **Keyless requests claim nothing.** A segment request without a key is authorised as the
+  session's owner; every id it names must already be that owner's (``check_keyless``).
 - **Bounded per key.** Each key keeps at most ``per_key`` sessions (its oldest goes
   first): a flood evicts only the flooder's own entries. When the whole table is full
   even after dropping expired entries, a key with entries gives up its oldest; a key
@@ -41,6 +48,8 @@ _SESSION_PATH = re.compile(r"^/(?:video|audio|music|photo)/:/transcode/universal
 _SLASHES = re.compile(r"/{2,}")
 _ID_PARAMS = frozenset({"session", "x-plex-session-identifier"})
 _ID_HEADER = "X-Plex-Session-Identifier"
+_PRINTABLE = re.compile(r"[!-~]+")  # what an id may be made of: visible ASCII, no space, no control
+_UNPRINTABLE = re.compile(r"[^!-~]")  # dropped from parameter names: ``session%00`` or ``session%20`` is ``session``
 
 
 class TranscodeSessions:
@@ -67,17 +76,20 @@ class TranscodeSessions:
         return _UNIVERSAL.match(_lenient(path)) is None
 
     def ids(self, path: str, query: MultiMapping[str], headers: MultiMapping[str] | None = None) -> tuple[str, ...]:
-        """Every session id this request names, or ``()`` off the transcode paths. BadRequest if ambiguous."""
+        """Every session id this request names (lower-cased), or ``()`` off the transcode paths. BadRequest if
+        ambiguous."""
         path = _lenient(path)
         if _UNIVERSAL.match(path) is None:
             return ()
         found: list[str] = []
         sid = self.session_of(path)
         if sid is not None:
-            found.append(sid)
+            _one_id("the session in the path", 1, sid, found)
         counts: dict[str, int] = {}
         for name, value in query.items():
             lname = name.lower()
+            if _PRINTABLE.fullmatch(lname) is None:  # as a server that trims names or stops at a NUL reads it
+                lname = _UNPRINTABLE.sub("", lname)
             if lname in _ID_PARAMS:
                 counts[lname] = counts.get(lname, 0) + 1
                 _one_id(f"the {name!r} parameter", counts[lname], value, found)
@@ -94,9 +106,16 @@ class TranscodeSessions:
             if owner is not None and owner != key_id:
                 raise Forbidden("this transcode session belongs to another key")
 
+    def check_keyless(self, ids: Iterable[str], key_id: str) -> None:
+        """Forbidden unless ``key_id`` already owns every id: a request authorised by its session path alone
+        (no key) claims nothing new, or whoever learnt one id could push the owner's other sessions out."""
+        for sid in ids:
+            if self.owner(sid) != key_id:
+                raise Forbidden("a request without a key may name only its owner's transcode sessions")
+
     def claim(self, ids: Iterable[str], key_id: str) -> None:
         """Record ``key_id`` as the owner of ``ids`` (after ``check`` and the rate limiter)."""
-        ids = tuple(ids)
+        ids = tuple(sid.lower() for sid in ids)
         self.check(ids, key_id)  # again: another key may have claimed one while we awaited the limiter
         now = self.clock()
         mine = self._by_key.setdefault(key_id, OrderedDict())
@@ -109,6 +128,7 @@ class TranscodeSessions:
             self._owners[sid] = (key_id, now + self.ttl)
 
     def owner(self, session_id: str) -> str | None:
+        session_id = session_id.lower()
         entry = self._owners.get(session_id)
         if entry is None:
             return None
@@ -170,4 +190,6 @@ def _one_id(where: str, count: int, value: str, found: list[str]) -> None:
         raise BadRequest(f"{where} is repeated; a transcode session is named once")
     if not value.strip():
         raise BadRequest(f"{where} is empty")
-    found.append(value)
+    if _PRINTABLE.fullmatch(value) is None:
+        raise BadRequest(f"{where} is not a transcode session id (printable ASCII, no spaces)")
+    found.append(value.lower())  # owned case-insensitively: one session, however it is spelled

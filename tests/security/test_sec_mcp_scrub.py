@@ -342,8 +342,10 @@ async def test_a_filtered_tools_list_is_scrubbed_after_filtering(evil: Setup, ho
 
 
 async def test_websocket_frames_on_an_mcp_route_are_scrubbed(evil: Setup) -> None:
-    """Text and binary frames carry "REDACTED"; the ping payload and close reason a same-length "*" mask."""
-    run, _, key = evil
+    """Text and binary frames carry "REDACTED"; the ping payload and close reason a same-length "*" mask.
+    (A key without tool limits: a restricted one gets no websocket on an MCP route, test_sec_ws_attacks.py.)"""
+    run, _, _ = evil
+    _, key = await run.create_key(name="unlimited", permissions={"upstreams": ["*"]})
     async with run.proxy.ws_connect("/mcp/echo", headers={"Authorization": f"Bearer {key}"}, autoping=False) as ws:
         text = await ws.receive()
         assert text.type == aiohttp.WSMsgType.TEXT and text.data == f"you sent {MASK}"

@@ -79,8 +79,8 @@ from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
 from .legacy import PingBudgets, post_legacy
 from .response import GatewayFilter, answer_sent, single_answer
-from .rest import CREDENTIAL_REJECTED, RestClient, open_upstream
-from .scrub import scrub_bytes, scrubbed
+from .rest import CREDENTIAL_REJECTED, RestClient, answer_body, open_upstream, until_revoked
+from .scrub import scrubbed
 from .sealing import Sealer
 from .sessions import SESSION_HEADER, McpSession, SessionTable, presented_ids
 from .toollimits import ToolLimiter
@@ -149,6 +149,12 @@ class McpGateway:
         sub = self._upstream_path(upstream, request.path)
         if sub.startswith(_OAUTH_PATHS):
             raise NoRoute("the upstream's OAuth metadata is not served here: the sidecar is the protected resource")
+        unjudged = request.headers.get("Upgrade", "").lower() == "websocket" or (
+            request.method != "POST" and request.body_exists
+        )  # websocket frames and bodies on other methods go up as they are: only a POST body is judged
+        if unjudged and (McpAccess.cached(key.permissions, upstream.id).restricted or upstream.mcp_tool_limits):
+            await self.sc.limiter.refund(key, upstream)  # refusals are free
+            raise Forbidden("this key's MCP access is limited: only POST bodies are judged, no websocket or other body")
         url = self._exact_url(upstream, request, url)
         headers["Accept-Encoding"] = "identity"  # bodies may need reading (tool lists)
         headers.popall("Content-Encoding", None)  # decoded to be judged (encoding.py): it goes up as judged
@@ -483,6 +489,7 @@ class McpGateway:
                 over.error.message = over.error.message.replace("for this key", f"for tool {tool!r} and this key")
                 raise over.error
         async with sc.limiter.slot(key, upstream):
-            result = await self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
-        body = scrub_bytes(upstream, dumps({"success": True, "data": result}))  # an echoed credential
+            call = self.rest.call(upstream, tool, arguments, scope, key.id)  # the key's own session
+            result = await until_revoked(sc.forwarder.streams, key.id, call)  # a streamed answer can run long
+        body = answer_body(upstream, result)  # scrubbed: an echoed credential
         return web.Response(status=200, body=body, content_type="application/json", headers=decision.headers)

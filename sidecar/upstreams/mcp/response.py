@@ -13,6 +13,7 @@ from ...config import UpstreamConfig
 from ...core.errors import (
     UpstreamUnavailable,
 )
+from ..scrub import Unscrubbable
 from .filter import JsonRewriter, SseRewriter
 from .jsonrpc import dumps
 from .rest import CREDENTIAL_REJECTED
@@ -145,7 +146,20 @@ class GatewayFilter:
         return self._body is not None
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._body.feed(chunk) if self._body is not None else chunk
+        if self._body is None:
+            return chunk
+        try:
+            return self._body.feed(chunk)
+        except RecursionError:  # JSON nested past what Python parses: it cannot be filtered, so it is not relayed
+            raise Unscrubbable(_TOO_DEEP) from None
 
     def flush(self) -> bytes:
-        return self._body.flush() if self._body is not None else b""
+        if self._body is None:
+            return b""
+        try:
+            return self._body.flush()
+        except RecursionError:
+            raise Unscrubbable(_TOO_DEEP) from None
+
+
+_TOO_DEEP = "the MCP upstream answered JSON nested too deeply to filter"

@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -20,21 +21,27 @@ from yarl import URL
 from ...config import UpstreamConfig
 from ...core.errors import (
     BadRequest,
+    ExpiredKey,
+    RevokedKey,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from ...core.scope import RequestScope
 from ..health import connect_problem
-from .filter import SseSplitter, parse_event
+from .filter import DEFAULT_MAX_EVENT, SseSplitter, parse_event
 from .jsonrpc import dumps
-from .scrub import scrub_text
+from .scrub import scrub_bytes, scrub_text
 from .sessions import SESSION_HEADER
 
-__all__ = ["CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "open_upstream"]
+__all__ = [
+    "CLIENT_NAME", "CREDENTIAL_REJECTED", "HANDSHAKE_VERSION", "RestClient", "answer_body", "open_upstream",
+    "until_revoked",
+]  # fmt: skip
 
 CLIENT_NAME = "sidecar"
 HANDSHAKE_VERSION = "2025-11-25"  # what the REST caller's pooled sessions negotiate
 CREDENTIAL_REJECTED = "upstream rejected the sidecar's credential"
+_VERSION = re.compile(r"[0-9A-Za-z._-]{1,32}")  # a protocol version that may go into a header as it is
 MAX_POOLED = 10_000  # REST callers' upstream sessions (one per key and upstream) kept at once
 
 
@@ -60,6 +67,46 @@ async def open_upstream(
         raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
 
 
+T = TypeVar("T")
+
+
+class Streams(Protocol):
+    """``sidecar.http.streams.StreamRegistry`` as the REST call uses it (no import of ``sidecar.http``)."""
+
+    def watch(
+        self, key_id: str, closer: Callable[[str], Awaitable[None]]
+    ) -> contextlib.AbstractAsyncContextManager[object]: ...
+
+
+async def until_revoked(streams: Streams | None, key_id: str, call: Awaitable[T]) -> T:
+    """``call``, ended like any open stream when its key is revoked or expires (invariant 5).
+
+    A tool answering as an event stream may run for as long as it sends keep-alives; without
+    this, its result would still be handed to a key revoked minutes before. The call is
+    cancelled (which closes the upstream request, and so cancels the tool) and the client
+    gets ``401 revoked_key`` / ``expired_key``.
+    """
+    if streams is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    ended: list[str] = []
+
+    async def closer(reason: str) -> None:
+        ended.append(reason)
+        task.cancel()
+
+    async with streams.watch(key_id, closer):
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not ended or (me is not None and me.cancelling()):  # the request itself was cancelled
+                raise
+    if ended[0] == "expired":
+        raise ExpiredKey("this API key has expired")
+    raise RevokedKey("this API key has been revoked")
+
+
 # ----------------------------------------------------------------------------- REST caller
 
 
@@ -83,9 +130,14 @@ class RestClient:
     once per upstream, then ``tools/call``) over connections the sidecar already pools.
     """
 
-    def __init__(self, sessions: dict[str, aiohttp.ClientSession], limit: int = MAX_POOLED) -> None:
+    def __init__(
+        self, sessions: dict[str, aiohttp.ClientSession], limit: int = MAX_POOLED, max_answer: int = DEFAULT_MAX_EVENT
+    ) -> None:
         self.sessions = sessions
         self.limit = limit
+        # The answer is parsed and re-serialised whole: past this many bytes (a JSON body, one SSE
+        # event) it is a 502, never buffered on (one call must not hold gigabytes of the sidecar).
+        self.max_answer = max_answer
         self._pool: OrderedDict[tuple[str, str], _Pooled] = OrderedDict()
 
     def pooled(self, upstream_id: str, owner: str = "") -> _Pooled:
@@ -197,7 +249,8 @@ class RestClient:
         if status >= 300 or not isinstance(result, dict):
             raise UpstreamUnavailable(f"upstream {upstream.id} refused the MCP handshake ({status})")
         pooled.session_id = headers.get(SESSION_HEADER)
-        pooled.version = str(result.get("protocolVersion") or HANDSHAKE_VERSION)
+        version = result.get("protocolVersion")  # goes into every next request's headers: CR LF would be a 500
+        pooled.version = version if isinstance(version, str) and _VERSION.fullmatch(version) else HANDSHAKE_VERSION
         await self._rpc(upstream, pooled, {"jsonrpc": "2.0", "method": "notifications/initialized"})
         pooled.ready = True
 
@@ -229,15 +282,22 @@ class RestClient:
             ctype = resp.headers.get("Content-Type", "").lower()
             try:
                 if ctype.startswith("text/event-stream"):
-                    return resp.status, headers, await _answer_from_sse(resp, msg["id"], upstream.read_timeout)
+                    answer = await _answer_from_sse(resp, msg["id"], upstream.read_timeout, self.max_answer)
+                    return resp.status, headers, answer
                 if ctype.startswith("application/json"):
                     async with asyncio.timeout(upstream.read_timeout):
-                        body = json.loads(await resp.read())
+                        body = json.loads(await _read_at_most(resp, self.max_answer))
                     return resp.status, headers, body if isinstance(body, dict) else None
             except TimeoutError:
                 raise UpstreamTimeout(f"upstream {upstream.id} stalled answering the tool call") from None
+            except _TooLarge:
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.id} answered more than {self.max_answer} bytes; use an MCP client for it"
+                ) from None
             except (aiohttp.ClientError, ValueError) as e:
                 raise UpstreamUnavailable(f"upstream {upstream.id} failed: {type(e).__name__}") from None
+            except RecursionError:
+                raise UpstreamUnavailable(f"upstream {upstream.id} answered JSON nested too deeply") from None
             return resp.status, headers, None
 
     async def close(self, upstreams: Iterable[UpstreamConfig]) -> None:
@@ -254,19 +314,50 @@ class RestClient:
         self._pool.clear()
 
 
-async def _answer_from_sse(resp: aiohttp.ClientResponse, rid: Any, idle: float) -> dict[str, Any] | None:
+def answer_body(upstream: UpstreamConfig, result: Any) -> bytes:
+    """The REST call's 200 body, scrubbed of the upstream's credential (an echo of it)."""
+    try:
+        return scrub_bytes(upstream, dumps({"success": True, "data": result}))
+    except RecursionError:  # parsed just within the limit, serialised a level deeper and further down the stack
+        raise UpstreamUnavailable(f"upstream {upstream.id} answered JSON nested too deeply") from None
+
+
+class _TooLarge(Exception):
+    """An answer past ``RestClient.max_answer``."""
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``_TooLarge`` as soon as it passes ``limit`` bytes (whatever its Content-Length says)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge
+    parts: list[bytes] = []
+    seen = 0
+    while chunk := await resp.content.readany():
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _answer_from_sse(
+    resp: aiohttp.ClientResponse, rid: Any, idle: float, max_event: int = DEFAULT_MAX_EVENT
+) -> dict[str, Any] | None:
     """Read an SSE answer until the response to ``rid`` (progress and other events are skipped).
 
     ``idle`` bounds the wait for each next chunk (``: ping`` comments count): the REST caller
     holds a concurrency slot, and a stream that went silent must end as a 504, not hang.
     """
-    splitter = SseSplitter()
+    splitter = SseSplitter(max_event)
     while True:
         async with asyncio.timeout(idle):
             chunk = await resp.content.readany()
         if not chunk:
             break
-        for raw, complete in splitter.feed(chunk):
+        pieces = splitter.feed(chunk)
+        if splitter.overflowed:  # an event past the bound: it cannot be parsed, and the answer may be in it
+            raise _TooLarge
+        for raw, complete in pieces:
             if not complete:
                 continue
             ev = parse_event(raw)
