@@ -1,0 +1,51 @@
+"""An attacker holding one valid key tries to make the sidecar keep unbounded state.
+
+Per-tool rate limits (``upstreams[].mcp.tool_limits``) count each tool a glob matches in its
+own bucket. Tool names come from the client: with ``"delete_*": 1/hour`` every made-up
+``delete_<random>`` name was a new GCRA bucket that lived an hour, and one POSTed batch of
+``tools/call``s (1 MiB: ~15 000 calls) made 15 000 of them. The buckets with a name of their
+own are now bounded per (key, upstream); names past the bound share their rule's bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import MakeSidecar, base_config
+
+from sidecar.upstreams.mcp import toollimits
+from sidecar.upstreams.mcp.gateway import McpGateway
+
+LIMITS = {"search": ["3/minute"], "delete_*": "1/hour", "*": ["100/minute"]}
+
+
+def config(tmp_path: Path) -> dict[str, object]:
+    cfg = base_config("http://127.0.0.1:9", tmp_path)
+    cfg["upstreams"] = [
+        {"id": "tools", "kind": "mcp", "url": "http://127.0.0.1:9/mcp", "path_prefix": "/mcp/tools",
+         "mcp": {"tool_limits": LIMITS}},
+    ]  # fmt: skip
+    return cfg
+
+
+async def test_made_up_tool_names_cannot_grow_the_rate_buckets(make_sidecar: MakeSidecar, tmp_path: Path) -> None:
+    gw = await make_sidecar(config(tmp_path))
+    victim, _ = await gw.create_key(name="victim")
+    attacker, _ = await gw.create_key(name="attacker")
+    gateway = gw.sc.mcp
+    assert isinstance(gateway, McpGateway)
+    upstream = next(u for u in gw.config.upstreams if u.id == "tools")
+    tats = gw.sc.limiter.memory.tats
+    before = len(tats)
+    for batch in range(5):  # five 1 MiB batches' worth of made-up names
+        calls = [(i, f"delete_{batch}_{i}") for i in range(3000)]
+        over = await gateway.tool_limits.check(attacker, upstream, calls)
+        # each name past the bound shares the rule's one bucket: 1/hour, so all but one are refused
+        assert len(over) >= len(calls) - getattr(toollimits, "MAX_TOOL_BUCKETS", 256) - 1
+    assert len(tats) - before <= getattr(toollimits, "MAX_TOOL_BUCKETS", 256) + len(LIMITS)
+    # the victim's tools keep buckets of their own, untouched by the attacker's flood
+    assert await gateway.tool_limits.check(victim, upstream, [(0, "delete_everything")]) == {}
+    assert 0 in await gateway.tool_limits.check(victim, upstream, [(0, "delete_everything")])
+    assert await gateway.tool_limits.check(victim, upstream, [(0, "delete_other")]) == {}
+    # exact names keep their own budgets for the attacker too
+    assert await gateway.tool_limits.check(attacker, upstream, [(0, "search")]) == {}
