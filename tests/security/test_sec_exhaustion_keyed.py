@@ -41,8 +41,8 @@ async def test_made_up_tool_names_cannot_grow_the_rate_buckets(make_sidecar: Mak
         calls = [(i, f"delete_{batch}_{i}") for i in range(3000)]
         over = await gateway.tool_limits.check(attacker, upstream, calls)
         # each name past the bound shares the rule's one bucket: 1/hour, so all but one are refused
-        assert len(over) >= len(calls) - getattr(toollimits, "MAX_TOOL_BUCKETS", 256) - 1
-    assert len(tats) - before <= getattr(toollimits, "MAX_TOOL_BUCKETS", 256) + len(LIMITS)
+        assert len(over) >= len(calls) - toollimits.MAX_TOOL_BUCKETS - 1
+    assert len(tats) - before <= toollimits.MAX_TOOL_BUCKETS + len(LIMITS)
     # the victim's tools keep buckets of their own, untouched by the attacker's flood
     assert await gateway.tool_limits.check(victim, upstream, [(0, "delete_everything")]) == {}
     assert 0 in await gateway.tool_limits.check(victim, upstream, [(0, "delete_everything")])
