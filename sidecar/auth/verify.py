@@ -420,7 +420,9 @@ class Verifier:
             if wait > 0:
                 raise self._too_many(wait)
             load = self._load.get(lane, 0)
-            if load >= LANE_DEPTH or self._slots.waiting >= MAX_WAITING:
+            # len(_pending), not the slots' waiting count: checks scheduled in this loop iteration have
+            # not reached the queue yet, and a burst of connections read together would all pass.
+            if load >= LANE_DEPTH or len(self._pending) >= MAX_WAITING + ARGON2_CONCURRENCY:
                 # Distinct secrets for one key from one address at once: guesses, not a client.
                 raise self._too_many(max(self.throttled(bucket, now), 1.0))
             self._load[lane] = load + 1
