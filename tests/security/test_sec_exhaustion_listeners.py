@@ -123,3 +123,26 @@ async def test_admin_listener_still_serves_after_the_attacks(admin_addr: tuple[s
     status, _, _ = await read_response(reader)
     assert status == 200
     writer.close()
+
+
+async def test_admin_refusal_with_a_stalled_body_is_not_held(admin_addr: tuple[str, int]) -> None:
+    """No token, a body promised and never sent: 401 at once, and the connection ends within the bound."""
+    reader, writer = await asyncio.open_connection(*admin_addr)
+    started = time.monotonic()
+    writer.write(b"POST /admin/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"{")
+    status, _, body = await read_response(reader)
+    assert status == 401 and json.loads(body)["error"]["code"] in ("invalid_key", "missing_key", "unauthorized")
+    assert await closed(reader)
+    assert time.monotonic() - started < 3.0
+    writer.close()
+
+
+async def test_many_idle_admin_connections_are_all_closed(admin_addr: tuple[str, int]) -> None:
+    """200 connections that connect and say nothing: every one is closed by header_timeout."""
+    conns = [await asyncio.open_connection(*admin_addr) for _ in range(200)]
+    started = time.monotonic()
+    ends = await asyncio.gather(*(asyncio.wait_for(r.read(), BOUND) for r, _ in conns))
+    assert ends == [b""] * 200
+    assert time.monotonic() - started < 3.0
+    for _, w in conns:
+        w.close()
