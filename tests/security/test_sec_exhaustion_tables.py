@@ -165,3 +165,15 @@ def test_transcode_sessions_per_key_and_another_keys_survive() -> None:
         t.claim([f"a{i}"], "attacker")
     assert len(t) == 101
     assert t.owner("victim-session") == "victim"
+
+
+def test_mcp_sessions_many_keys_filling_the_table_evict_their_own() -> None:
+    """Past the global bound, the session that goes is the biggest holder's oldest: keys of one
+    owner flooding together cannot push out a key that holds one session (invariant 4)."""
+    t = SessionTable(limit=100, per_key=50)
+    t.bind("mcp", "streamable", "victim-session", "victim")
+    for k in range(10):
+        for i in range(50):
+            t.bind("mcp", "streamable", f"a{k}-{i}", f"attacker{k}")
+    assert len(t._items) == 100
+    assert t.get("mcp", "streamable", "victim-session") is not None
