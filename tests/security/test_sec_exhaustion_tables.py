@@ -9,15 +9,22 @@ constant is lowered for the test so the flood stays fast; the code path is the s
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
+from sidecar.cache.policy import Storable
+from sidecar.cache.store import ENTRY_OVERHEAD, EntryStore
 from sidecar.console import sessions as console_sessions
 from sidecar.console.sessions import SessionStore, SignInThrottle
 from sidecar.core.scope import RequestScope
+from sidecar.http import accesslog
+from sidecar.http.accesslog import AccessLog
 from sidecar.oauth.server import Gate
 from sidecar.observe import metrics as metrics_mod
 from sidecar.observe.metrics import MAX_TOOL_SERIES, Metrics
@@ -177,3 +184,34 @@ def test_mcp_sessions_many_keys_filling_the_table_evict_their_own() -> None:
             t.bind("mcp", "streamable", f"a{k}-{i}", f"attacker{k}")
     assert len(t._items) == 100
     assert t.get("mcp", "streamable", "victim-session") is not None
+
+
+# --------------------------------------------------------------------------- the response cache, the access log
+
+
+def test_cache_of_tiny_vary_variants_stays_within_its_byte_budget() -> None:
+    """Vary: User-Agent and a new User-Agent per request: each variant is charged its overhead,
+    so 20 000 one-byte answers never hold more than max_bytes / ENTRY_OVERHEAD entries."""
+    store = EntryStore(64 * 1024, clock=lambda: 0.0)
+    verdict = Storable(ttl=60, stale_while_revalidate=0, stale_if_error=0, vary=("user-agent",))
+    for i in range(20_000):
+        client: CIMultiDict[str] = CIMultiDict({"User-Agent": f"bot-{i}"})
+        store._store(("plex", "/library"), "plex", "/library", 200, CIMultiDict(), b"x", verdict, client, b"tok")
+    assert store.size <= 64 * 1024
+    assert len(store) <= 64 * 1024 // ENTRY_OVERHEAD
+    assert len(store._per_primary) == 1 and len(store._variants) == 1
+
+
+def test_access_log_pending_lines_stay_bounded(tmp_path: Path) -> None:
+    async def flood() -> int:
+        log = AccessLog(str(tmp_path / "access.log"))
+        peak = 0
+        for i in range(5000):
+            log.write(scope(key_id="k", status=200, path="/" + "p" * 8000 + str(i)))
+            peak = max(peak, len(log._pending))
+        log.close()
+        return peak
+
+    assert asyncio.run(flood()) < accesslog.MAX_PENDING
+    lines = (tmp_path / "access.log").read_bytes().splitlines()
+    assert len(lines) == 5000 and max(map(len, lines)) < accesslog.MAX_LINE
