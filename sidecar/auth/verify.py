@@ -111,11 +111,20 @@ def _settle(table: dict[str, KeyRecord]) -> None:
 
 
 def throttle_bucket(ip: str) -> str:
-    """The unit failures are counted in: the address, or its /64 for IPv6 (one host owns a whole /64)."""
+    """The unit failures are counted in: the address, or its /64 for IPv6 (one host owns a whole /64).
+
+    An IPv4-mapped address (``::ffff:a.b.c.d``: a dual-stack socket, as ``workers: N`` binds for
+    ``[::]``, or an ingress reporting one) is its IPv4 address: its /64 is ``::/64``, every IPv4
+    client's, so one attacker's failures would throttle them all.
+    """
     if ":" not in ip:
         return ip
     try:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        addr = ipaddress.IPv6Address(ip)
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
     except ValueError:
         return ip
 
