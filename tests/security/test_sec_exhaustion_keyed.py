@@ -49,3 +49,30 @@ async def test_made_up_tool_names_cannot_grow_the_rate_buckets(make_sidecar: Mak
     assert await gateway.tool_limits.check(victim, upstream, [(0, "delete_other")]) == {}
     # exact names keep their own budgets for the attacker too
     assert await gateway.tool_limits.check(attacker, upstream, [(0, "search")]) == {}
+
+
+async def test_one_key_cannot_pile_up_ended_oauth_grants(make_sidecar: MakeSidecar, tmp_path: Path) -> None:
+    """A grant's lifetime may be any positive number and grants are never deleted (kept for audit):
+    approving grants that end at once kept the active count at 0, so one key could add a key record
+    to every process's table ~30 times a minute per address, without end. Grants approved in the
+    last day are capped too (``MAX_GRANTS_PER_DAY``, a multiple of ``oauth.max_grants_per_key``)."""
+    from sidecar.auth.models import KeyRecord
+    from sidecar.oauth.grants import GRANTS_TODAY, active_grants, grant_refusal, grants_per_day
+
+    gw = await make_sidecar(base_config("http://127.0.0.1:9", tmp_path))
+    parent, _ = await gw.create_key(name="approver")
+    other, _ = await gw.create_key(name="someone else")
+    now = gw.sc.clock()
+    cap = 20
+    per_day = grants_per_day(cap)
+    ended = [
+        KeyRecord(id=f"g{i:011x}", name="oauth: c", hash="x", display="g", parent_id=parent.id,
+                  created_at=now - 60, expires_at=now - 30)
+        for i in range(per_day)
+    ]  # fmt: skip
+    await gw.sc.store.insert(ended)
+    await gw.sc.verifier.refresh()
+    assert active_grants(gw.sc, parent.id, now) == 0
+    assert grant_refusal(gw.sc, parent.id, now, cap) == GRANTS_TODAY
+    assert grant_refusal(gw.sc, other.id, now, cap) is None, "another key's grants are its own"
+    assert grant_refusal(gw.sc, parent.id, now + 86400 + 1, cap) is None, "a day later the key may approve again"
