@@ -144,6 +144,8 @@ async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mappi
     parent = sc.verifier.table.get(parent_id) or await sc.store.get(parent_id)
     if parent is None or sc.verifier.state(parent, now) != "active":
         raise GrantError("the API key that approved this grant is no longer active")
+    if grant_refusal(sc, parent_id, now, sc.config.oauth.max_grants_per_key) == GRANTS_TODAY:
+        raise GrantError(GRANTS_TODAY)  # again: codes collected together were each approved under the cap
     perms = child_permissions(parent, spec["resource"], tuple(spec.get("tools") or ()))
     expires = float(spec["expires_at"])
     if parent.expires_at is not None:

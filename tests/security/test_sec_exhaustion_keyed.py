@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import MakeSidecar, base_config
 
 from sidecar.upstreams.mcp import toollimits
@@ -57,7 +58,14 @@ async def test_one_key_cannot_pile_up_ended_oauth_grants(make_sidecar: MakeSidec
     to every process's table ~30 times a minute per address, without end. Grants approved in the
     last day are capped too (``MAX_GRANTS_PER_DAY``, a multiple of ``oauth.max_grants_per_key``)."""
     from sidecar.auth.models import KeyRecord
-    from sidecar.oauth.grants import GRANTS_TODAY, active_grants, grant_refusal, grants_per_day
+    from sidecar.oauth.grants import (
+        GRANTS_TODAY,
+        GrantError,
+        active_grants,
+        create_grant,
+        grant_refusal,
+        grants_per_day,
+    )
 
     gw = await make_sidecar(base_config("http://127.0.0.1:9", tmp_path))
     parent, _ = await gw.create_key(name="approver")
@@ -76,3 +84,7 @@ async def test_one_key_cannot_pile_up_ended_oauth_grants(make_sidecar: MakeSidec
     assert grant_refusal(gw.sc, parent.id, now, cap) == GRANTS_TODAY
     assert grant_refusal(gw.sc, other.id, now, cap) is None, "another key's grants are its own"
     assert grant_refusal(gw.sc, parent.id, now + 86400 + 1, cap) is None, "a day later the key may approve again"
+    # codes approved together, each under the cap, are checked again when they become grants
+    spec = {"resource": "plex", "expires_at": now + 60, "client_id": "c"}
+    with pytest.raises(GrantError, match="too many OAuth grants"):
+        await create_grant(gw.sc, "g" + "f" * 11, parent.id, spec, now)
