@@ -5,6 +5,9 @@ own bucket. Tool names come from the client: with ``"delete_*": 1/hour`` every m
 ``delete_<random>`` name was a new GCRA bucket that lived an hour, and one POSTed batch of
 ``tools/call``s (1 MiB: ~15 000 calls) made 15 000 of them. The buckets with a name of their
 own are now bounded per (key, upstream); names past the bound share their rule's bucket.
+
+OAuth grants are kept for audit whatever their lifetime: a key approving grants that end at
+once could add key records without end; grants approved per key and day are now capped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import MakeSidecar, base_config
 
+from sidecar.auth.models import KeyRecord
+from sidecar.oauth.grants import GRANTS_TODAY, GrantError, active_grants, create_grant, grant_refusal, grants_per_day
 from sidecar.upstreams.mcp import toollimits
 from sidecar.upstreams.mcp.gateway import McpGateway
 
@@ -57,16 +62,6 @@ async def test_one_key_cannot_pile_up_ended_oauth_grants(make_sidecar: MakeSidec
     approving grants that end at once kept the active count at 0, so one key could add a key record
     to every process's table ~30 times a minute per address, without end. Grants approved in the
     last day are capped too (``MAX_GRANTS_PER_DAY``, a multiple of ``oauth.max_grants_per_key``)."""
-    from sidecar.auth.models import KeyRecord
-    from sidecar.oauth.grants import (
-        GRANTS_TODAY,
-        GrantError,
-        active_grants,
-        create_grant,
-        grant_refusal,
-        grants_per_day,
-    )
-
     gw = await make_sidecar(base_config("http://127.0.0.1:9", tmp_path))
     parent, _ = await gw.create_key(name="approver")
     other, _ = await gw.create_key(name="someone else")
