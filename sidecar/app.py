@@ -41,7 +41,7 @@ from .core.errors import SidecarError
 from .core.scope import RequestScope
 from .http.accesslog import AccessLog
 from .http.forwarder import Forwarder, make_session
-from .http.listener import guarded_server
+from .http.listener import GuardedAppRunner, guarded_server
 from .http.pipeline import HitMemo, Router, make_handler
 from .http.pool import ConnectionPool, pooled
 from .http.streams import StreamRegistry
@@ -395,7 +395,7 @@ async def running(sc: Sidecar, worker: Any = None) -> AsyncIterator[tuple[web.Ba
         if worker is not None:
             worker.started(sc, admin)  # host-wide concurrency slots; the console's recent requests
         proxy_runner = ProxyRunner(proxy, sc, shutdown_timeout=sc.config.server.shutdown_grace)
-        admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+        admin_runner = GuardedAppRunner(admin, sc.config.server, access_log=None, shutdown_timeout=1.0)
         await proxy_runner.setup()
         await admin_runner.setup()
         ssl_ctx = None

@@ -111,11 +111,20 @@ def _settle(table: dict[str, KeyRecord]) -> None:
 
 
 def throttle_bucket(ip: str) -> str:
-    """The unit failures are counted in: the address, or its /64 for IPv6 (one host owns a whole /64)."""
+    """The unit failures are counted in: the address, or its /64 for IPv6 (one host owns a whole /64).
+
+    An IPv4-mapped address (``::ffff:a.b.c.d``: a dual-stack socket, as ``workers: N`` binds for
+    ``[::]``, or an ingress reporting one) is its IPv4 address: its /64 is ``::/64``, every IPv4
+    client's, so one attacker's failures would throttle them all.
+    """
     if ":" not in ip:
         return ip
     try:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        addr = ipaddress.IPv6Address(ip)
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
     except ValueError:
         return ip
 
@@ -420,7 +429,9 @@ class Verifier:
             if wait > 0:
                 raise self._too_many(wait)
             load = self._load.get(lane, 0)
-            if load >= LANE_DEPTH or self._slots.waiting >= MAX_WAITING:
+            # len(_pending), not the slots' waiting count: checks scheduled in this loop iteration have
+            # not reached the queue yet, and a burst of connections read together would all pass.
+            if load >= LANE_DEPTH or len(self._pending) >= MAX_WAITING + ARGON2_CONCURRENCY:
                 # Distinct secrets for one key from one address at once: guesses, not a client.
                 raise self._too_many(max(self.throttled(bucket, now), 1.0))
             self._load[lane] = load + 1

@@ -49,6 +49,7 @@ from ..core.errors import BadRequest, HeadersTooLarge, RequestTimeout, SidecarEr
 
 __all__ = [
     "CLIENT_CLAIMS",
+    "GuardedAppRunner",
     "GuardedHandler",
     "GuardedServer",
     "ListenerLimits",
@@ -98,6 +99,29 @@ def guarded_server(server: ServerConfig, handler: Any, **kwargs: Any) -> Guarded
         max_field_size=line,
         **kwargs,
     )
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An ``AppRunner`` whose server is a ``GuardedServer``: the admin listener (admin API, console,
+    metrics) is reachable without a token too, so it gets the same head and body deadlines and the
+    same head-size cap as the proxy listener (aiohttp's own server has neither)."""
+
+    def __init__(self, app: web.Application, server: ServerConfig, **kwargs: Any) -> None:
+        line = min(MAX_LINE, server.max_header_size)
+        super().__init__(
+            app, keepalive_timeout=server.keepalive_timeout, max_line_size=line, max_field_size=line, **kwargs
+        )
+        self._limits = ListenerLimits.from_config(server)
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # runs the app's startup hooks and freezes it
+        return GuardedServer(
+            plain.request_handler,
+            limits=self._limits,
+            request_factory=plain.request_factory,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
 
 
 class GuardedServer(web.Server):

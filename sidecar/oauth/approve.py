@@ -18,7 +18,7 @@ from ..auth.models import KeyRecord
 from ..store.base import AuditEvent, OAuthToken
 from .authorize import CONSENT
 from .clients import Client, ClientError
-from .grants import GRANTS_FULL, GrantError, active_grants, child_permissions, new_grant_id
+from .grants import GrantError, child_permissions, grant_refusal, new_grant_id
 from .metadata import SCOPE, resource_url
 from .tokenformat import CODE, digest, mint
 
@@ -81,8 +81,9 @@ async def answer(
         if sc.verifier.state(parent, now) != "active":
             raise GrantError("that API key is not active")
         child_permissions(parent, p.upstream_id, tools)  # never wider than the key
-        if active_grants(sc, parent.id, now) >= server.config.max_grants_per_key:
-            raise GrantError(GRANTS_FULL)
+        refusal = grant_refusal(sc, parent.id, now, server.config.max_grants_per_key)
+        if refusal is not None:
+            raise GrantError(refusal)
         if not 0 < lifetime <= server.config.max_grant_lifetime:
             raise GrantError("choose a lifetime")
     used = await sc.store.oauth_use(p.row.digest, now)

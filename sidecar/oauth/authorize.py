@@ -31,7 +31,7 @@ from ..core.errors import SidecarError
 from ..store.base import OAuthToken
 from .clients import Client, ClientError, redirect_matches
 from .consent import consent_page, error_page
-from .grants import GRANTS_FULL, GrantError, active_grants, child_permissions, new_grant_id
+from .grants import GrantError, child_permissions, grant_refusal, new_grant_id
 from .metadata import SCOPE
 from .tokenformat import CODE, digest, mint
 
@@ -245,8 +245,9 @@ async def _key_step(server: OAuthServer, request: web.Request, form: Any, row: O
     if parent.parent_id is not None:
         raise GrantError("an OAuth grant cannot approve another grant: use an API key")
     child_permissions(parent, data["resource"], ())  # may this key use the resource at all?
-    if active_grants(server.sc, parent.id, now) >= server.config.max_grants_per_key:
-        raise GrantError(GRANTS_FULL)
+    refusal = grant_refusal(server.sc, parent.id, now, server.config.max_grants_per_key)
+    if refusal is not None:
+        raise GrantError(refusal)
     try:
         lifetime = min(float(str(form.get("lifetime") or "")), server.config.max_grant_lifetime)
     except ValueError:

@@ -183,7 +183,7 @@ class ClientRegistry:
         responses = body.get("response_types") or ["code"]
         if responses != ["code"]:
             raise ClientError("invalid_client_metadata", "response_types: only code")
-        if len(await self.store.oauth_clients()) >= MAX_REGISTERED:
+        if await self.store.oauth_client_count() >= MAX_REGISTERED:  # not a read of every client: anyone may ask
             raise ClientError("access_denied", "too many registered clients; ask the operator to remove some")
         now = self.clock()
         client_id = "dcr_" + secrets.token_hex(16)

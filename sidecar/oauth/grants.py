@@ -44,11 +44,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GRANTS_FULL",
+    "GRANTS_TODAY",
     "GrantError",
     "allowed_now",
     "child_permissions",
     "create_grant",
+    "grant_refusal",
     "grants_of",
+    "grants_per_day",
     "new_grant_id",
     "revoke_grant",
     "with_parent_limits",
@@ -57,6 +60,8 @@ __all__ = [
 
 MAX_TOOLS = 500  # tool names one grant may name
 GRANTS_FULL = "that API key has reached its number of OAuth grants; revoke one first"
+GRANTS_TODAY = "that API key has approved too many OAuth grants in the last day; try again later"
+GRANTS_PER_DAY_FACTOR = 5  # grants a key may approve in a day, in units of oauth.max_grants_per_key
 
 
 class GrantError(Exception):
@@ -139,6 +144,8 @@ async def create_grant(sc: GrantHost, grant_id: str, parent_id: str, spec: Mappi
     parent = sc.verifier.table.get(parent_id) or await sc.store.get(parent_id)
     if parent is None or sc.verifier.state(parent, now) != "active":
         raise GrantError("the API key that approved this grant is no longer active")
+    if grant_refusal(sc, parent_id, now, sc.config.oauth.max_grants_per_key) == GRANTS_TODAY:
+        raise GrantError(GRANTS_TODAY)  # again: codes collected together were each approved under the cap
     perms = child_permissions(parent, spec["resource"], tuple(spec.get("tools") or ()))
     expires = float(spec["expires_at"])
     if parent.expires_at is not None:
@@ -199,6 +206,29 @@ async def revoke_grant(sc: GrantHost, grant_id: str, actor: str) -> KeyRecord:
     await sc.store.oauth_forget(grant_id, sc.clock())
     await sc.verifier.refresh()
     return after
+
+
+def grants_per_day(max_grants_per_key: int) -> int:
+    return GRANTS_PER_DAY_FACTOR * max_grants_per_key
+
+
+def grant_refusal(sc: GrantHost, parent_id: str, now: float, max_grants_per_key: int) -> str | None:
+    """Why this key may approve no grant now, or None. Active grants are capped; so are grants approved
+    in the last day, active or not: grants are kept for audit whatever their lifetime (which may be a
+    second), so the active cap alone let one key add key records to every process without end."""
+    active = recent = 0
+    since = now - 86400
+    for r in sc.verifier.table.values():
+        if r.parent_id == parent_id:
+            if r.created_at > since:
+                recent += 1
+            if sc.verifier.state(r, now) == "active":
+                active += 1
+    if active >= max_grants_per_key:
+        return GRANTS_FULL
+    if recent >= grants_per_day(max_grants_per_key):
+        return GRANTS_TODAY
+    return None
 
 
 def active_grants(sc: GrantHost, parent_id: str, now: float) -> int:

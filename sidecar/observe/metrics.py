@@ -8,7 +8,8 @@
   active, or on first traffic) until ``max_key_series`` keys have one; every other key
   folds into ``key="other"``;
 - methods outside the standard set are ``method="other"``; MCP tool names past
-  ``MAX_TOOL_SERIES`` are ``tool="other"``.
+  ``MAX_TOOL_SERIES`` are ``tool="other"``, and so are new names from a key that has
+  already introduced ``MAX_TOOL_SERIES_PER_KEY`` (one key cannot use up every tool label).
 
 Cost on the hot path. ``observe(scope)`` runs once per request, so the per-request
 families are not prometheus_client ``Counter``/``Histogram`` objects: every ``inc`` and
@@ -51,10 +52,13 @@ from ..core.scope import RequestScope
 from ..upstreams import health as upstream_health
 from .families import CONTENT_TYPE, DURATION_BUCKETS, FamilyCollector, Histogram, Spec, write_family
 
-__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "OTHER", "Metrics"]
+__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "MAX_TOOL_SERIES_PER_KEY", "OTHER", "Metrics"]
 
 OTHER = "other"
 MAX_TOOL_SERIES = 500
+# New tool names one key may give a label of their own: a key allowed every name (the default) cannot
+# take all MAX_TOOL_SERIES with made-up ones and leave every other key's real tools at tool="other".
+MAX_TOOL_SERIES_PER_KEY = 100
 MAX_TOOL_NAME = 128
 UPSTREAM_PROBE_INTERVAL = 15.0
 UPSTREAM_PROBE_TIMEOUT = 1.0
@@ -131,6 +135,7 @@ class Metrics:
         self.cache_requests: dict[tuple[str, str], int] = {}
         self.mcp_tool_calls: dict[tuple[str, str, str, str], int] = {}
         self._tools: set[tuple[str, str]] = set()
+        self._tool_claims: dict[str, int] = {}  # key id -> tool labels it introduced (<= MAX_TOOL_SERIES keys)
         self.in_flight = _InFlight()
         # (key id, scope) -> (limit, used, window end); the app points this at the limiter's
         # table so quota gauges cost nothing per request, only at scrape time.
@@ -170,12 +175,19 @@ class Metrics:
         self._slots.add(key_id)
         return key_id
 
-    def _tool_label(self, upstream: str, tool: str) -> str:
+    def _tool_label(self, upstream: str, tool: str, key_id: str = "") -> str:
+        """The ``tool`` label: the name once it has one, else a new one while slots last and the key
+        has introduced fewer than ``MAX_TOOL_SERIES_PER_KEY`` (denied names too: operators want to see
+        which tool was refused, and a refusal is free, so the per-key share is what bounds them)."""
         tool = tool.strip()[:MAX_TOOL_NAME]
         if (upstream, tool) in self._tools:
             return tool
         if len(self._tools) >= MAX_TOOL_SERIES:
             return OTHER
+        claims = self._tool_claims.get(key_id, 0)
+        if claims >= MAX_TOOL_SERIES_PER_KEY:
+            return OTHER
+        self._tool_claims[key_id] = claims + 1
         self._tools.add((upstream, tool))
         return tool
 
@@ -251,7 +263,7 @@ class Metrics:
             outcome = "ok"
         for tool in scope.tool.split(","):
             if tool.strip():
-                kt = (key, up, self._tool_label(up, tool), outcome)
+                kt = (key, up, self._tool_label(up, tool, scope.key_id), outcome)
                 self.mcp_tool_calls[kt] = self.mcp_tool_calls.get(kt, 0) + 1
 
     def set_upstream_up(self, upstream: str, value: float) -> None:

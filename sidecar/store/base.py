@@ -306,6 +306,10 @@ class Store(ABC):
         """Every registered client, oldest first."""
         raise StoreError(_NO_OAUTH)
 
+    async def oauth_client_count(self) -> int:
+        """How many clients are registered (the registration cap; stores with SQL count without reading them)."""
+        return len(await self.oauth_clients())
+
     async def oauth_delete_client(self, client_id: str) -> bool:
         """Remove a registered client; False when there was none."""
         raise StoreError(_NO_OAUTH)

@@ -92,6 +92,10 @@ class PgOAuth:
         rows = await self._fetch("SELECT data::text FROM sidecar_oauth_clients ORDER BY created_at, client_id")
         return [dict(json.loads(d)) for (d,) in rows]
 
+    async def oauth_client_count(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM sidecar_oauth_clients")
+        return int(rows[0][0])
+
     async def oauth_delete_client(self, client_id: str) -> bool:
         async def run() -> bool:
             async with self._conn("oauth") as conn:

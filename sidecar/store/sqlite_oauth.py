@@ -106,6 +106,10 @@ class OAuthTables:
         rows = await self._fetch("SELECT data FROM oauth_clients ORDER BY created_at, client_id")
         return [dict(json.loads(d)) for (d,) in rows]
 
+    async def oauth_client_count(self) -> int:
+        rows = await self._fetch("SELECT count(*) FROM oauth_clients")
+        return int(rows[0][0])
+
     async def oauth_delete_client(self, client_id: str) -> bool:
         before = await self.oauth_client(client_id)
         await self._write("DELETE FROM oauth_clients WHERE client_id = ?", (client_id,), kind="oauth")

@@ -51,6 +51,7 @@ from aiohttp import web
 from ..app import Sidecar, _host_port, bound_addresses, create_apps
 from ..config import Config
 from ..core.errors import SidecarError
+from ..http.listener import GuardedAppRunner
 from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, merge
 from .inflight import ShmInflight
@@ -290,7 +291,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
         await pool.wait_ready()
         _, admin = create_apps(sc)  # the admin app as one process has it: API, console, OAuth admin routes
         admin.middlewares.append(_host_metrics(sc, pool, _host_recent(admin), _console(admin)))
-        admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+        admin_runner = GuardedAppRunner(admin, sc.config.server, access_log=None, shutdown_timeout=1.0)
         await admin_runner.setup()
         ahost, aport = _host_port(config.admin.listen)
         try:

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.auth.keys import generate_key
 from sidecar.auth.models import KeyRecord
 from sidecar.core.scope import RequestScope
-from sidecar.observe.metrics import DURATION_BUCKETS, MAX_TOOL_SERIES, Metrics
+from sidecar.observe.metrics import DURATION_BUCKETS, MAX_TOOL_SERIES, MAX_TOOL_SERIES_PER_KEY, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 DEADLINE = 10.0
@@ -457,8 +457,8 @@ def test_labels_stay_bounded() -> None:
     assert get_("sidecar_requests_total", {"key": "other", "upstream": "u", "method": "GET", "code": "200"}) == 2
     assert get_("sidecar_requests_total", {"key": "", "upstream": "", "method": "other", "code": "405"}) == 50
     assert get_("sidecar_requests_total", {"key": "", "upstream": "", "method": "GET", "code": "500"}) == 1
-    for i in range(MAX_TOOL_SERIES + 10):
-        m.observe(scope(key_id="key0", upstream="mcp", status=200, tool=f"tool{i}"))
+    for i in range(MAX_TOOL_SERIES + 10):  # new names come from many keys: one key gets a share (see below)
+        m.observe(scope(key_id=f"key{i // MAX_TOOL_SERIES_PER_KEY}", upstream="mcp", status=200, tool=f"tool{i}"))
     tools = {
         s.labels["tool"] for fam in m.registry.collect() for s in fam.samples if fam.name == "sidecar_mcp_tool_calls"
     }

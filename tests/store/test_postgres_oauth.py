@@ -118,9 +118,11 @@ async def test_clients_register_replace_list_and_delete(store: Store) -> None:
     assert await store.oauth_client("dcr_b") == {"client_id": "dcr_b", "client_name": "B2"}
     assert await store.oauth_client("nope") is None
     assert [c["client_id"] for c in await store.oauth_clients()] == ["dcr_b", "dcr_a"]  # oldest first, kept
+    assert await store.oauth_client_count() == 2
     assert await store.oauth_delete_client("dcr_b") is True
     assert await store.oauth_delete_client("dcr_b") is False
     assert [c["client_id"] for c in await store.oauth_clients()] == ["dcr_a"]
+    assert await store.oauth_client_count() == 1
 
 
 async def test_grants_are_listed_by_parent_and_never_count_toward_the_owner_limit(store: Store) -> None:

@@ -129,8 +129,9 @@ class SessionTable:
         mine[k] = None
         while len(mine) > self.per_key:  # the key's own oldest session makes room
             self._drop(next(iter(mine)))
-        while len(self._items) > self.limit:
-            self._drop(next(iter(self._items)))
+        while len(self._items) > self.limit:  # the biggest holder's oldest goes: a flood evicts its own
+            biggest = max(self._by_owner.values(), key=len)
+            self._drop(next(iter(biggest)))
         return s
 
     def forget(self, upstream: str, kind: str, sid: str) -> None:

@@ -17,11 +17,18 @@ what the rate-limit headers would: ``limit``, ``remaining``, ``reset``, ``retry_
 ``policy`` (``RateLimit-Policy``) and ``ratelimit`` (``RateLimit``). Refused calls spend
 nothing: a tool's bucket is only charged for calls that go up, and a body whose every
 message was refused gives the request's budget back (DESIGN invariant 12).
+
+Tool names come from the client, so a glob's per-name buckets are bounded: a key holds at
+most ``MAX_TOOL_BUCKETS`` names with a bucket of their own per upstream at once (a name's
+slot lasts as long as its bucket can, the rule's longest period after its last call). Names
+past that share one bucket per glob, which is only ever stricter. Without the bound one batch
+of made-up ``delete_<random>`` names under ``"delete_*": 1/hour`` was 15 000 hour-long buckets.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any
 
 from ...auth.models import KeyRecord
@@ -33,6 +40,8 @@ __all__ = ["ToolLimiter"]
 
 MAX_PLANS = 10_000  # cached (key, upstream, tool) plans; cleared when full (rebuilt on demand)
 LONG_NAME = 64  # longer tool names are hashed in bucket keys
+MAX_TOOL_BUCKETS = 256  # names under globs with a bucket of their own, per (key budget, upstream), at once
+_GLOB_CHARS = frozenset("*?[")
 
 
 class ToolLimiter:
@@ -41,18 +50,62 @@ class ToolLimiter:
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
         self._plans: dict[tuple[str, str, str], tuple[KeyRecord, Plan] | None] = {}
+        # names matched by a glob: (key, own plan, shared plan, the rule's longest period)
+        self._globbed: dict[tuple[str, str, str], tuple[KeyRecord, Plan, Plan, int]] = {}
+        # (key budget, upstream) -> names matched by a glob that have their own bucket -> until (steady)
+        self._named: dict[tuple[str, str], OrderedDict[str, float]] = {}
 
     def plan(self, key: KeyRecord, upstream: UpstreamConfig, tool: str) -> Plan | None:
         ident = (key.id, upstream.id, tool)
         cached = self._plans.get(ident)
         if cached is not None and cached[0] is key:
             return cached[1]
+        globbed = self._globbed.get(ident)
+        if globbed is not None and globbed[0] is key:
+            mine = self._own_bucket(budget_of(key), upstream.id, tool, globbed[3])
+            return globbed[1] if mine else globbed[2]
         rule = upstream.mcp_tool_limits.for_tool(tool)
-        plan = None if rule is None else _plan(budget_of(key), upstream.id, tool, rule[1])  # a rotation's chain
+        if rule is None:
+            self._remember(ident, None)
+            return None
+        glob, limits = rule
+        budget = budget_of(key)  # a rotation's chain
+        if _GLOB_CHARS.isdisjoint(glob):  # an exact name: the config bounds these
+            plan = _plan(budget, upstream.id, _bucket_name(tool), limits)
+            self._remember(ident, (key, plan))
+            return plan
+        # Whether the name (still) holds a bucket of its own is asked on every call.
+        period = max(lim.period for lim in limits)
+        own, shared = (
+            _plan(budget, upstream.id, _bucket_name(tool), limits),
+            _plan(budget, upstream.id, _shared_name(glob), limits),
+        )
+        if len(self._globbed) >= MAX_PLANS:
+            self._globbed.clear()
+        self._globbed[ident] = (key, own, shared, period)
+        return own if self._own_bucket(budget, upstream.id, tool, period) else shared
+
+    def _remember(self, ident: tuple[str, str, str], entry: tuple[KeyRecord, Plan] | None) -> None:
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
-        self._plans[ident] = (key, plan) if plan is not None else None
-        return plan
+        self._plans[ident] = entry
+
+    def _own_bucket(self, budget: str, upstream_id: str, tool: str, period: int) -> bool:
+        """May this glob-matched name (still) count in a bucket of its own? Takes or renews its slot."""
+        now = self.limiter.steady()
+        names = self._named.get((budget, upstream_id))
+        if names is None:
+            names = self._named[(budget, upstream_id)] = OrderedDict()
+        if tool in names:
+            names[tool] = now + period
+            names.move_to_end(tool)
+            return True
+        while names and next(iter(names.values())) <= now:  # slots whose bucket is surely gone
+            names.popitem(last=False)
+        if len(names) >= MAX_TOOL_BUCKETS:
+            return False
+        names[tool] = now + period
+        return True
 
     async def check(
         self, key: KeyRecord, upstream: UpstreamConfig, calls: list[tuple[int, str]]
@@ -84,8 +137,16 @@ def refusal(tool: str, message: str, headers: dict[str, str]) -> tuple[str, dict
     return message.replace("for this key", f"for tool {tool!r} and this key"), data
 
 
-def _plan(key_id: str, upstream_id: str, tool: str, limits: tuple[Any, ...]) -> Plan:
-    name = tool if len(tool) <= LONG_NAME else "sha256-" + hashlib.sha256(tool.encode()).hexdigest()
+def _bucket_name(tool: str) -> str:
+    return tool if len(tool) <= LONG_NAME else "sha256-" + hashlib.sha256(tool.encode()).hexdigest()
+
+
+def _shared_name(glob: str) -> str:
+    """The bucket of a glob's overflow names: longer than LONG_NAME, so no tool name is it."""
+    return "shared-" + hashlib.sha256(glob.encode()).hexdigest()
+
+
+def _plan(key_id: str, upstream_id: str, name: str, limits: tuple[Any, ...]) -> Plan:
     scope = f"{upstream_id}/tool/{name}"
     rates: list[RateRule] = []
     names: set[str] = set()
