@@ -36,8 +36,9 @@ wherever that cannot be told, the token becomes ``REDACTED``. Why: a malicious o
 upstream answering ``Location: https://attacker.example/?X-Plex-Token=<token>`` (or such a URL
 in a ``thumb=``, a JSON string, a playlist) would otherwise have the sidecar rewrite it into a
 link carrying the client's key, which the client follows. The decision looks back from each
-occurrence to the nearest delimiter (at most 2 KiB, across chunks: the last bytes sent are
-kept), and runs only where the token occurs; headers, the reason phrase and websocket text and
+occurrence over the whole value its reader (XML, JSON, a line: by ``Content-Type``) sees it in
+(at most 2 KiB, across chunks: the last bytes sent are kept; HTML, CSS, scripts, SVG and DASH
+never get the key), and runs only where the token occurs; headers, the reason phrase and websocket text and
 binary frames are decided the same way. With ``REDACTED`` as replacement (no key: MCP, a
 request without one) nothing is looked at.
 
@@ -59,7 +60,7 @@ from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.errors import UpstreamUnavailable
-from .scrub_urls import WINDOW, Origin, key_may_go, own_origin
+from .scrub_urls import LINE, WINDOW, Origin, frame_kind, key_may_go, kind_of, own_origin
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 
@@ -185,7 +186,7 @@ class ScrubFilter:
     longest, ``also`` longest first, so a secret that contains another goes as a whole.
     """
 
-    __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_look", "_mask", "_origin",
+    __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_kind", "_look", "_mask", "_origin",
                  "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "replacement", "token")  # fmt: skip
 
     def __init__(
@@ -209,6 +210,7 @@ class ScrubFilter:
         self._origin_raw = origin
         self._origin: Origin | None = None
         self._ctx, self._ctx_cut = b"", False  # the body's last emitted bytes, for the look-back
+        self._kind = LINE  # how the body is read (``scrub_urls.kind_of``), set at the headers
 
     # ------------------------------------------------------------------ headers
 
@@ -222,13 +224,14 @@ class ScrubFilter:
         if not self._tok or self._tok not in value:
             return value
         if self._look:
-            return self._swap(value.encode("utf-8", "surrogateescape"), b"", False).decode("utf-8", "surrogateescape")
+            raw = value.encode("utf-8", "surrogateescape")
+            return self._swap(raw, b"", False, frame_kind(raw)).decode("utf-8", "surrogateescape")
         return value.replace(self._tok, self._repl)
 
     def binary(self, data: bytes) -> bytes:
         """A websocket binary frame (its length is framed, so the key may replace the token)."""
         if self._look and self.token in data:
-            data = self._swap(data, b"", False)
+            data = self._swap(data, b"", False, frame_kind(data))
         elif self.token:
             data = data.replace(self.token, self.replacement)
         for tok in self._also:
@@ -286,9 +289,12 @@ class ScrubFilter:
             self._decoders = [_Inflate(c) for c in reversed(codings)]  # the last one applied comes off first
             for name in ("Content-Encoding", "Content-Length", "ETag"):  # the representation changed
                 headers.popall(name, None)
-        if _is_text(headers.get("Content-Type", "").lower()):
-            self._out = self.replacement
-            self._body_look = self._look
+        ctype = headers.get("Content-Type", "").lower()
+        if _is_text(ctype):
+            kind = kind_of(ctype)
+            self._out = self.replacement if kind is not None or not self._look else _REDACTED
+            self._body_look = self._look and kind is not None
+            self._kind = LINE if kind is None else kind
             headers.popall("Content-Length", None)  # the key is not as long as the token
         else:
             self._out = self._mask  # same length: Content-Length and byte offsets stay right
@@ -314,7 +320,7 @@ class ScrubFilter:
         if not self._body_look:
             data = data.replace(self.token, self._out)
         elif self.token in data:  # rare: the look-back decides, occurrence by occurrence
-            data = self._swap(data, self._ctx, self._ctx_cut)
+            data = self._swap(data, self._ctx, self._ctx_cut, self._kind)
         for tok, out in self._outs:
             data = data.replace(tok, out)
         # Hold back only a tail that could start the token, never a fixed width: an SSE
@@ -340,7 +346,7 @@ class ScrubFilter:
             ctx, self._ctx_cut = ctx[-WINDOW:], True
         self._ctx = ctx
 
-    def _swap(self, data: bytes, ctx: bytes, cut: bool) -> bytes:
+    def _swap(self, data: bytes, ctx: bytes, cut: bool, kind: int) -> bytes:
         """``data`` with each token replaced by the key where the key may go, by ``REDACTED`` elsewhere.
 
         ``ctx``: the bytes that went out just before ``data`` (``cut``: not all of them since the start).
@@ -356,7 +362,7 @@ class ScrubFilter:
             else:
                 need = WINDOW - i
                 before, at_start = ctx[-need:] + data[:i], not cut and len(ctx) <= need
-            ok = key_may_go(before, at_start=at_start, origin=self._origin)
+            ok = key_may_go(before, at_start=at_start, origin=self._origin, kind=kind)
             parts += (data[pos:i], self.replacement if ok else _REDACTED)
             pos = i + n
             i = data.find(tok, pos)
@@ -394,7 +400,7 @@ class ScrubFilter:
         if not out:
             return out
         if self._body_look and self.token in out:
-            out = self._swap(out, self._ctx, self._ctx_cut)
+            out = self._swap(out, self._ctx, self._ctx_cut, self._kind)
         else:
             out = out.replace(self.token, self._out)
         for tok, rep in self._outs:

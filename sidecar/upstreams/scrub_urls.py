@@ -28,6 +28,16 @@ does) and then:
 - a raw tab or newline as delimiter right after ``:``, ``/``, ``\\`` or ``;`` (a URL an
   HTML reader would join across it) is foreign.
 
+The nearest delimiter is not where a value starts: a space, a quote of the other kind, ``>``
+or an escaped ``\\"`` may sit *inside* a quoted value, and every reader keeps them in the URL
+(``"https://attacker.example/ ?t=<token>"``). So the *whole value* the token ends must hold no
+absolute URL but ours, back to where its reader starts it (``kind_of``, from the media type):
+XML — the open attribute value or the text node after the last ``<`` (neither can hold one;
+CDATA, comments and ``xml:base`` nearby cannot be told: foreign); JSON — the last unescaped
+``"``; anything else (playlists, SSE, headers) — the line. A value that starts beyond the
+window is foreign. Active content (HTML, CSS, scripts, SVG) and DASH never get the key: a
+script, a CSS escape, ``<base href>`` or ``<BaseURL>`` decide where a URL goes, not its text.
+
 Anything the checks cannot read as ours (userinfo, ``\\``, percent-encoded or non-ASCII
 hosts, another scheme) is foreign: a wrong guess costs a broken link, never a key.
 This runs only where the token actually occurs (rare): the body's fast path is untouched.
@@ -40,7 +50,9 @@ import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["WINDOW", "Origin", "key_may_go", "last_delimiter", "own_origin"]
+__all__ = [
+    "JSON", "LINE", "WINDOW", "XML", "Origin", "frame_kind", "key_may_go", "kind_of", "last_delimiter", "own_origin",
+]  # fmt: skip
 
 WINDOW: Final = 2048  # bytes looked back from a token; a longer delimiter-free stretch is foreign
 DELIMS: Final = b" \t\n\r\f\v\"'<>`"
@@ -65,6 +77,20 @@ _CUT = re.compile(r"[\"'<>` ]")
 _SPECIAL: Final = frozenset({"http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob"})
 
 Origin = tuple[str, str, int]  # scheme (http/https), lower-case host, port
+
+LINE, JSON, XML = 0, 1, 2  # how a text is read: the start of the value a token ends (``_scan_start``)
+# Active content (a script gets the key from any bare value; CSS escapes, <base>, meta refresh) and
+# base URLs (DASH <BaseURL>): no look-back can tell where a relative URL goes, so the key never goes.
+_NEVER: Final = frozenset({
+    "text/html", "application/xhtml+xml", "image/svg+xml", "text/css", "application/javascript",
+    "text/javascript", "application/ecmascript", "text/ecmascript", "application/dash+xml", "text/xsl",
+    "application/xslt+xml", "text/xml-external-parsed-entity",
+})  # fmt: skip
+_XML_NAME = rb"[A-Za-z_:][-A-Za-z0-9_.:]*"
+_XML_TAG = re.compile(
+    rb"/?" + _XML_NAME + rb"(?:\s+" + _XML_NAME + rb"\s*=\s*(?:\"[^\"]*\"|'[^']*'))*"
+    rb"(?:\s*/?>|\s+" + _XML_NAME + rb"\s*=\s*(?P<q>[\"']))"
+)
 
 
 def own_origin(scheme: str, host: str) -> Origin | None:
@@ -151,15 +177,86 @@ def _nested_ours(text: str, origin: Origin | None) -> bool:
     return True
 
 
-def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None) -> bool:
+def kind_of(ctype: str) -> int | None:
+    """How a text body of media type ``ctype`` (lower-case) is read: ``XML``, ``JSON`` or ``LINE``;
+    None where the key never goes (active content, or a format with base URLs)."""
+    mime = ctype.split(";", 1)[0].strip()
+    if mime in _NEVER or mime.endswith(("+xhtml", "script")):
+        return None
+    if mime.endswith(("json", "+json")):
+        return JSON
+    if mime.endswith(("/xml", "+xml")):
+        return XML
+    return LINE
+
+
+def frame_kind(text: bytes) -> int:
+    """A websocket frame or a header value: JSON when it looks like JSON, else read as one line."""
+    return JSON if text.lstrip()[:1] in (b"{", b"[") else LINE
+
+
+def _json_start(before: bytes) -> int:
+    """Where the JSON string holding the token begins (after its unescaped opening quote), or -1."""
+    i = len(before)
+    while (i := before.rfind(b'"', 0, i)) != -1:
+        j = i
+        while j > 0 and before[j - 1] == 0x5C:  # backslash
+            j -= 1
+        if (i - j) % 2 == 0:
+            return i + 1
+    return -1
+
+
+def _xml_start(before: bytes) -> int:
+    """Where the XML attribute value or text node holding the token begins, or -1 if it cannot be told.
+
+    Back to the last ``<`` (neither an attribute value nor a text node may hold one), then the tag is
+    read: the token sits in its one open attribute value (which cannot hold its own quote), or in the
+    text after it. CDATA, comments, processing instructions: cannot be told.
+    """
+    lt = before.rfind(b"<")
+    if lt == -1 or b"xml:base" in before:  # a base URL nearby: where a relative URL goes cannot be told
+        return -1
+    m = _XML_TAG.match(before, lt + 1)
+    if m is None:
+        return -1
+    if m["q"]:
+        quote = m["q"][-1:]
+        return -1 if quote in before[m.end() :] else m.end()
+    return m.end()
+
+
+def _scan_start(before: bytes, kind: int) -> int:
+    """The start of what a reader of ``kind`` could take as one value with the token at its end, or -1."""
+    if kind == JSON:
+        return _json_start(before)
+    if kind == XML:
+        return _xml_start(before)
+    return max(before.rfind(b"\n"), before.rfind(b"\r")) + 1 or -1
+
+
+def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None, kind: int = LINE) -> bool:
     """May the client's key replace a token that follows ``before`` (the bytes before it)?
 
     ``before`` holds up to ``WINDOW`` bytes; ``at_start``: it begins at the start of the
     text (a header value, a frame, the body's first bytes), which delimits like a quote.
+    ``kind`` says how the text is read (``kind_of``): every absolute URL in the whole value the
+    token ends (back to where that reader starts it, not only to the nearest delimiter, which
+    may sit *inside* a quoted value: ``"https://attacker.example/ ?t=``) must be ours.
     """
     cut = last_delimiter(before)
     if cut == -1 and not (at_start and len(before) < WINDOW):
         return False  # no delimiter within the window: cannot tell, so foreign
+    start = _scan_start(before, kind)
+    if start == -1:
+        if not (at_start and len(before) < WINDOW) or (kind == XML and b"<" in before):
+            return False  # the value began beyond the window (or cannot be read): foreign
+        start = 0
+    if kind == LINE and before.startswith(b"data:", start):  # an SSE field name, not a "data:" URL
+        start += 5
+    for stretch in _readings(before[start:]):
+        if not _nested_ours(stretch, origin):
+            return False
     if cut != -1 and before[cut : cut + 1] in _SOFT:
         i = cut
         while i > 0 and before[i - 1 : i] in _SOFT:
