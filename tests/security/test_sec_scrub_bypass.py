@@ -40,6 +40,8 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "gt-in-xml-attribute": (XML, f'<V thumb="{EVIL}/>?X-Plex-Token={TOK}"/>'),
     "gt-in-xml-text": (XML, f"<Url>{EVIL}/>?X-Plex-Token={TOK}</Url>"),
     "newline-in-xml-attribute": (XML, f'<V thumb="{EVIL}/\n?X-Plex-Token={TOK}"/>'),
+    "xml-cdata": (XML, f"<Url><![CDATA[{EVIL}/ <a>?X-Plex-Token={TOK}]]></Url>"),
+    "cr-in-playlist-line": (M3U8, f"#EXTM3U\n#EXTINF:8,\n{EVIL}/s\r?X-Plex-Token={TOK}\n"),
     "xml-base": (XML, f'<V xml:base="{EVIL}/" thumb="/t?X-Plex-Token={TOK}"/>'),
     "long-xml-attribute": (XML, f'<V thumb="{EVIL}/{PAD}?X-Plex-Token={TOK}"/>'),
     "escaped-quote-in-json": (JSON, f'{{"thumb": "{EVIL}/\\"?X-Plex-Token={TOK}"}}'),
@@ -149,13 +151,14 @@ async def test_legitimate_answers_keep_the_key(rig: Rig, case: str) -> None:
         ("Refresh", f"0; url={EVIL}/ ?X-Plex-Token=TOK"),
         ("Link", f"<{EVIL}/ ?X-Plex-Token=TOK>; rel=preload"),
         ("Content-Location", f"{EVIL}/'?X-Plex-Token=TOK"),
+        ("Set-Cookie", "plex=TOK; Domain=example.test; Path=/"),  # sent to every *.example.test
     ],
 )
 async def test_headers_with_a_space_before_the_token(rig: Rig, name: str, value: str) -> None:
     run, key = rig
     status, headers, _ = await fetch(run, key, f"/header?name={name}&v={quote(value, safe='')}")
     assert status == 302
-    assert "X-Plex-Token=REDACTED" in headers[name], headers[name]
+    assert "REDACTED" in headers[name], headers[name]
     assert key not in repr(headers)
 
 
