@@ -117,6 +117,11 @@ def _is_text(ctype: str) -> bool:
     return mime.endswith(("+xml", "+json"))
 
 
+def _domain_cookie(name: str, value: str) -> bool:
+    """A ``Set-Cookie`` that may carry a ``Domain`` attribute (any mention counts: a broken cookie at worst)."""
+    return name.lower() == "set-cookie" and "domain" in value.lower()
+
+
 def whole_needed(status: int, headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bool:
     """A partial answer that must not be relayed by range: anything but identity video/audio."""
     if status != 206:
@@ -214,8 +219,9 @@ class ScrubFilter:
 
     # ------------------------------------------------------------------ headers
 
-    def text(self, value: str) -> str:
-        """A header name or value, a reason phrase, a websocket text frame."""
+    def text(self, value: str, kind: int | None = None) -> str:
+        """A header name or value, a reason phrase, a websocket text frame (``kind``: read as JSON if
+        it looks like it; headers are one line)."""
         if self._also:
             for tok in self._toks:
                 if tok in value:
@@ -225,7 +231,8 @@ class ScrubFilter:
             return value
         if self._look:
             raw = value.encode("utf-8", "surrogateescape")
-            return self._swap(raw, b"", False, frame_kind(raw)).decode("utf-8", "surrogateescape")
+            kind = frame_kind(raw) if kind is None else kind
+            return self._swap(raw, b"", False, kind).decode("utf-8", "surrogateescape")
         return value.replace(self._tok, self._repl)
 
     def binary(self, data: bytes) -> bytes:
@@ -262,7 +269,12 @@ class ScrubFilter:
         toks = self._toks
         if not toks or not any(tok in k or tok in v for k, v in headers.items() for tok in toks):
             return
-        items = [(self.text(k), self.text(v)) for k, v in headers.items()]
+        # A cookie's Domain= sends it to other hosts too: no key in such a Set-Cookie (a host-only one may).
+        items = [
+            (self.text(k, LINE), v.replace(self._tok, REDACTED) if self._look and _domain_cookie(k, v)
+             else self.text(v, LINE))
+            for k, v in headers.items()
+        ]  # fmt: skip
         headers.clear()
         headers.extend(items)
 

@@ -217,6 +217,8 @@ def _xml_start(before: bytes) -> int:
     lt = before.rfind(b"<")
     if lt == -1 or b"xml:base" in before:  # a base URL nearby: where a relative URL goes cannot be told
         return -1
+    if before.rfind(b"<![CDATA[") > before.rfind(b"]]>"):  # inside CDATA, "<" is text
+        return -1
     m = _XML_TAG.match(before, lt + 1)
     if m is None:
         return -1
@@ -232,7 +234,7 @@ def _scan_start(before: bytes, kind: int) -> int:
         return _json_start(before)
     if kind == XML:
         return _xml_start(before)
-    return max(before.rfind(b"\n"), before.rfind(b"\r")) + 1 or -1
+    return before.rfind(b"\n") + 1 or -1  # not a bare CR: a reader splitting at LF keeps it (URLs drop it)
 
 
 def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None, kind: int = LINE) -> bool:
