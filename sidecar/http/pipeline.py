@@ -38,7 +38,7 @@ from ..auth.models import KeyRecord
 from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
-from ..config import UpstreamConfig
+from ..config import CredentialsConfig, UpstreamConfig
 from ..core.addresses import client_ip
 from ..core.errors import (
     BadRequest,
@@ -60,7 +60,7 @@ from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
 from .canonical import canonical
 from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
-from .keypath import KEY_IN_PATH, key_in_path, logged_path
+from .keypath import KEY_IN_PATH, key_in_path, logged_path, presented_spellings
 from .listener import odd_target
 from .outbound import public_origin
 
@@ -173,6 +173,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         return await sc.mcp.rest_call(sc, request, scope)
     upstream = sc.router.match(request.path)
     if upstream is None:
+        _no_route_with_key(request, scope, cfg.credentials)  # the key there: neither echoed nor logged
         raise NoRoute(f"no upstream serves {request.path}")
     scope.upstream = upstream.id
     path = request.path
@@ -184,10 +185,14 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     credential = extract_credential(request.headers, request.query, cfg.credentials)
     if credential is not None and credential.key in scope.path:  # a key under a parameter name we do not know
         scope.path = scope.path.replace(credential.key, "REDACTED")
+    in_path = credential is not None and key_in_path(
+        credential.key, request.rel_url.raw_path, presented_spellings(credential.forms, request.headers)
+    )
+    if in_path:  # invariant 3; decided before verifying, so a 401 does not log the key either
+        scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
-    if credential is not None and key_in_path(credential.key, request.rel_url.raw_path):  # invariant 3
-        scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
+    if in_path:
         raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 
     # 4. authorize
@@ -267,6 +272,17 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         return await sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
         )
+
+
+def _no_route_with_key(request: web.Request, scope: RequestScope, creds: CredentialsConfig) -> None:
+    """A path no upstream serves that holds the presented credential: 404 without the path, logged withheld."""
+    try:
+        credential = extract_credential(request.headers, request.query, creds)
+    except SidecarError:
+        return
+    if credential is not None and key_in_path(credential.key, request.rel_url.raw_path):
+        scope.path = logged_path("/")
+        raise NoRoute("no upstream serves this path")
 
 
 def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
