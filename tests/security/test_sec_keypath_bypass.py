@@ -104,3 +104,18 @@ async def test_the_basic_credential_in_the_path_is_refused(rig: tuple[Running, R
     assert rec.seen == []
     text = (tmp_path / "access.log").read_text() if (tmp_path / "access.log").exists() else ""
     assert basic not in text
+
+
+@pytest.mark.parametrize("encode", [str, pct, twice], ids=["raw", "encoded", "encoded-twice"])
+async def test_a_key_glued_to_the_prefix_by_an_encoded_slash_is_neither_echoed_nor_logged(
+    rig: tuple[Running, Recorder], tmp_path: Path, encode: Any
+) -> None:
+    """``/plex%2F<key>`` routes to /plex once decoded, but its raw first segment is not the prefix:
+    the 400 used to quote that segment, key and all, before the key-in-path check ran."""
+    running, rec = rig
+    _, key = await running.create_key(permissions={"upstreams": ["*"]})
+    ans = await send(running, f"/plex%2F{encode(key)}/x", [("X-Plex-Token", key)])
+    assert ans.status == 400, ans.body
+    assert_clean(ans, key)
+    await no_key_in_log(tmp_path, key, 1)
+    assert rec.seen == []
