@@ -173,12 +173,17 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         return await sc.mcp.rest_call(sc, request, scope)
     upstream = sc.router.match(request.path)
     if upstream is None:
-        _no_route_with_key(request, scope, cfg.credentials)  # the key there: neither echoed nor logged
+        if _withhold_key_path(request, scope, cfg.credentials, "/"):  # the key there: neither echoed nor logged
+            raise NoRoute("no upstream serves this path")
         raise NoRoute(f"no upstream serves {request.path}")
     scope.upstream = upstream.id
     path = request.path
     if upstream.strip_prefix and upstream.path_prefix != "/":
-        strip_prefix_raw(upstream, request.rel_url.raw_path)  # 400 now if the raw prefix is not the one routed
+        try:
+            strip_prefix_raw(upstream, request.rel_url.raw_path)  # 400 now if the raw prefix is not the one routed
+        except BadRequest:
+            _withhold_key_path(request, scope, cfg.credentials, upstream.path_prefix)
+            raise
         path = path[len(upstream.path_prefix) :] or "/"
 
     # 2. credential, 3. verify
@@ -274,15 +279,19 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         )
 
 
-def _no_route_with_key(request: web.Request, scope: RequestScope, creds: CredentialsConfig) -> None:
-    """A path no upstream serves that holds the presented credential: 404 without the path, logged withheld."""
+def _withhold_key_path(request: web.Request, scope: RequestScope, creds: CredentialsConfig, prefix: str) -> bool:
+    """A request refused before its credential is read (no route, a malformed prefix) whose path holds
+    that credential: its path is logged withheld (True: the error must not quote it either)."""
     try:
         credential = extract_credential(request.headers, request.query, creds)
     except SidecarError:
-        return
-    if credential is not None and key_in_path(credential.key, request.rel_url.raw_path):
-        scope.path = logged_path("/")
-        raise NoRoute("no upstream serves this path")
+        return False
+    if credential is None or not key_in_path(
+        credential.key, request.rel_url.raw_path, presented_spellings(credential.forms, request.headers)
+    ):
+        return False
+    scope.path = logged_path(prefix)
+    return True
 
 
 def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
