@@ -198,11 +198,11 @@ def frame_kind(text: bytes) -> int:
 def _json_start(before: bytes) -> int:
     """Where the JSON string holding the token begins (after its unescaped opening quote), or -1."""
     i = len(before)
-    while (i := before.rfind(b'"', 0, i)) != -1:
-        j = i
-        while j > 0 and before[j - 1] == 0x5C:  # backslash
-            j -= 1
-        if (i - j) % 2 == 0:
+    for _ in range(64):  # more escaped quotes than that in one string: cannot be told (and bounded work)
+        i = before.rfind(b'"', 0, i)
+        if i == -1:
+            break
+        if (i - len(before[:i].rstrip(b"\\"))) % 2 == 0:  # an even run of backslashes before it: unescaped
             return i + 1
     return -1
 
