@@ -87,6 +87,7 @@ _NEVER: Final = frozenset({
     "application/xslt+xml", "text/xml-external-parsed-entity",
 })  # fmt: skip
 _XML_NAME = rb"[A-Za-z_:][-A-Za-z0-9_.:]*"
+_XML_CUSTOM_ENTITY = re.compile(rb"&(?!(?:lt|gt|amp|quot|apos);|#)")
 _XML_TAG = re.compile(
     rb"/?" + _XML_NAME + rb"(?:\s+" + _XML_NAME + rb"\s*=\s*(?:\"[^\"]*\"|'[^']*'))*"
     rb"(?:\s*/?>|\s+" + _XML_NAME + rb"\s*=\s*(?P<q>[\"']))"
@@ -212,7 +213,7 @@ def _xml_start(before: bytes) -> int:
 
     Back to the last ``<`` (neither an attribute value nor a text node may hold one), then the tag is
     read: the token sits in its one open attribute value (which cannot hold its own quote), or in the
-    text after it. CDATA, comments, processing instructions: cannot be told.
+    text after it. CDATA, comments, processing instructions, a DTD's own entities: cannot be told.
     """
     lt = before.rfind(b"<")
     if lt == -1 or b"xml:base" in before:  # a base URL nearby: where a relative URL goes cannot be told
@@ -222,9 +223,11 @@ def _xml_start(before: bytes) -> int:
     m = _XML_TAG.match(before, lt + 1)
     if m is None:
         return -1
-    if m["q"]:
-        quote = m["q"][-1:]
-        return -1 if quote in before[m.end() :] else m.end()
+    value = before[m.end() :]
+    if m["q"] and m["q"][-1:] in value:
+        return -1
+    if b"&" in value and _XML_CUSTOM_ENTITY.search(value):  # a DTD's entity may expand to any URL
+        return -1
     return m.end()
 
 
