@@ -66,7 +66,7 @@ _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):", re.I)
 # Anywhere in the stretch (nested in a parameter, inside "url(", after a srcset ","): two slashes
 # (the authority follows) and a special scheme's "https:" (browsers need no slashes after it).
 _DOUBLE = re.compile(r"(?:\b([a-z][a-z0-9+.\-]*):)?(?P<s>[/\\]{2,})", re.I)
-_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob):", re.I)
+_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob|mailto|sms|smsto|intent):", re.I)
 _HOSTPORT = re.compile(r"(?:([a-z0-9.\-]+)|(\[[0-9a-f:.]+\]))(?::(\d{1,5}))?", re.I)
 _DROPPED: Final = {9: None, 10: None, 13: None}  # tab, LF, CR: browsers drop them inside a URL
 _C0_SPACE: Final = "".join(chr(c) for c in range(33))
@@ -74,7 +74,10 @@ _CUT = re.compile(r"[\"'<>` ]")
 
 # Schemes that reach no host without "//" (``https:host`` does: browsers read it as ``https://host``;
 # ``javascript:``/``data:`` can send anything anywhere): not listed, so foreign.
-_SPECIAL: Final = frozenset({"http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob"})
+_SPECIAL: Final = frozenset({
+    "http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob",
+    "mailto", "sms", "smsto", "intent",  # no host, but one tap sends the text to someone else
+})  # fmt: skip
 
 Origin = tuple[str, str, int]  # scheme (http/https), lower-case host, port
 
