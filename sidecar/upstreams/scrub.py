@@ -269,14 +269,23 @@ class ScrubFilter:
         toks = self._toks
         if not toks or not any(tok in k or tok in v for k, v in headers.items() for tok in toks):
             return
-        # A cookie's Domain= sends it to other hosts too: no key in such a Set-Cookie (a host-only one may).
-        items = [
-            (self.text(k, LINE), v.replace(self._tok, REDACTED) if self._look and _domain_cookie(k, v)
-             else self.text(v, LINE))
-            for k, v in headers.items()
-        ]  # fmt: skip
+        prior: dict[str, bytes] = {}
+        items = [(self.text(k, LINE), self._header_value(k, v, prior)) for k, v in headers.items()]
         headers.clear()
         headers.extend(items)
+
+    def _header_value(self, name: str, value: str, prior: dict[str, bytes]) -> str:
+        """One header value, decided with the same-named lines before it (a reader joins them with ", ")."""
+        if not self._look:
+            return self.text(value, LINE)
+        raw, lname = value.encode("utf-8", "surrogateescape"), name.lower()
+        before = prior.get(lname, b"")
+        prior[lname] = before + raw + b", "
+        if self._tok not in value:
+            return value
+        if _domain_cookie(name, value):  # its Domain= sends it to other hosts too (a host-only one may)
+            return value.replace(self._tok, REDACTED)
+        return self._swap(raw, before, False, LINE).decode("utf-8", "surrogateescape")
 
     @staticmethod
     def check_framing(raw: CIMultiDict[str] | CIMultiDictProxy[str]) -> None:
@@ -303,7 +312,8 @@ class ScrubFilter:
                 headers.popall(name, None)
         ctype = headers.get("Content-Type", "").lower()
         if _is_text(ctype):
-            kind = kind_of(ctype)
+            # Several types, or a list: a browser reads the last one, so none is trusted to say how the body is read
+            kind = kind_of(ctype) if "," not in ctype and len(headers.getall("Content-Type")) == 1 else None
             self._out = self.replacement if kind is not None or not self._look else _REDACTED
             self._body_look = self._look and kind is not None
             self._kind = LINE if kind is None else kind
