@@ -38,7 +38,9 @@ in a ``thumb=``, a JSON string, a playlist) would otherwise have the sidecar rew
 link carrying the client's key, which the client follows. The decision looks back from each
 occurrence over the whole value its reader (XML, JSON, a line: by ``Content-Type``) sees it in
 (at most 2 KiB, across chunks: the last bytes sent are kept; HTML, CSS, scripts, SVG and DASH
-never get the key), and runs only where the token occurs; headers, the reason phrase and websocket text and
+never get the key; an HLS playlist is held whole, up to 1 MiB, since a variable or a content
+steering tag anywhere in it decides where its URLs go), and runs only where the token occurs;
+headers, the reason phrase and websocket text and
 binary frames are decided the same way. With ``REDACTED`` as replacement (no key: MCP, a
 request without one) nothing is looked at.
 
@@ -60,7 +62,7 @@ from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.errors import UpstreamUnavailable
-from .scrub_urls import LINE, WINDOW, Origin, frame_kind, key_may_go, kind_of, own_origin
+from .scrub_urls import LINE, PLAYLIST, WINDOW, Origin, frame_kind, key_may_go, kind_of, own_origin, steers
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 
@@ -75,6 +77,7 @@ _ACCEPTABLE: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 MAX_STACK: Final = 3  # Content-Encoding layers decoded at most (``gzip, gzip`` is legal; more is an attack)
 MAX_RATIO: Final = 256  # decoded bytes per encoded byte before a body counts as a decompression bomb
 MIN_DECODE_LIMIT: Final = 1 << 20  # ... but a tiny network chunk may always decode to this much
+MAX_PLAYLIST: Final = 1 << 20  # a playlist is held whole up to this; a bigger one gets no key
 REDACTED: Final = "REDACTED"  # what the token becomes where the client's key may not go
 _REDACTED: Final = REDACTED.encode()
 
@@ -192,7 +195,8 @@ class ScrubFilter:
     """
 
     __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_kind", "_look", "_mask", "_origin",
-                 "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "replacement", "token")  # fmt: skip
+                 "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "_whole", "replacement",
+                 "token")  # fmt: skip
 
     def __init__(
         self, token: str, replacement: str, *, also: tuple[str, ...] = (), origin: tuple[str, str] | None = None
@@ -216,6 +220,7 @@ class ScrubFilter:
         self._origin: Origin | None = None
         self._ctx, self._ctx_cut = b"", False  # the body's last emitted bytes, for the look-back
         self._kind = LINE  # how the body is read (``scrub_urls.kind_of``), set at the headers
+        self._whole: bytearray | None = None  # a playlist, held whole: a tag anywhere in it decides (``steers``)
 
     # ------------------------------------------------------------------ headers
 
@@ -317,6 +322,8 @@ class ScrubFilter:
             self._out = self.replacement if kind is not None or not self._look else _REDACTED
             self._body_look = self._look and kind is not None
             self._kind = LINE if kind is None else kind
+            if self._body_look and kind == PLAYLIST:
+                self._whole = bytearray()
             headers.popall("Content-Length", None)  # the key is not as long as the token
         else:
             self._out = self._mask  # same length: Content-Length and byte offsets stay right
@@ -338,6 +345,12 @@ class ScrubFilter:
 
     def scrub(self, chunk: bytes) -> bytes:
         """Replace every secret in decoded bytes, holding back a tail that could start one."""
+        if self._whole is not None:
+            self._whole += chunk
+            if len(self._whole) <= MAX_PLAYLIST:
+                return b""
+            chunk, self._whole = bytes(self._whole), None  # too big to hold: no key in it at all
+            self._body_look, self._out = False, _REDACTED
         data = self._tail + chunk if self._tail else chunk
         if not self._body_look:
             data = data.replace(self.token, self._out)
@@ -419,6 +432,10 @@ class ScrubFilter:
     def drain(self, last: bytes = b"") -> bytes:
         """The held-back tail (and ``last``, the final decoded bytes), scrubbed, nothing kept."""
         out, self._tail = self._tail + last, b""
+        if self._whole is not None:
+            out, self._whole = bytes(self._whole) + out, None
+            if steers(out):
+                self._body_look, self._out = False, _REDACTED
         if not out:
             return out
         if self._body_look and self.token in out:

@@ -34,8 +34,9 @@ or an escaped ``\\"`` may sit *inside* a quoted value, and every reader keeps th
 absolute URL but ours, back to where its reader starts it (``kind_of``, from the media type):
 XML — the open attribute value or the text node after the last ``<`` (neither can hold one;
 CDATA, comments and ``xml:base`` nearby cannot be told: foreign); JSON — the last unescaped
-``"``; anything else (playlists, SSE, headers) — the line. A value that starts beyond the
-window is foreign. Active content (HTML, CSS, scripts, SVG) and DASH never get the key: a
+``"``; an SSE event — from its blank line, ``data:`` lines joined; anything else (playlists,
+headers) — the line. A playlist with HLS variables or content steering gets no key (``steers``).
+A value that starts beyond the window is foreign. Active content (HTML, CSS, scripts, SVG) and DASH never get the key: a
 script, a CSS escape, ``<base href>`` or ``<BaseURL>`` decide where a URL goes, not its text.
 
 Anything the checks cannot read as ours (userinfo, ``\\``, percent-encoded or non-ASCII
@@ -51,7 +52,8 @@ from typing import Final
 from urllib.parse import unquote
 
 __all__ = [
-    "JSON", "LINE", "WINDOW", "XML", "Origin", "frame_kind", "key_may_go", "kind_of", "last_delimiter", "own_origin",
+    "EVENTS", "JSON", "LINE", "PLAYLIST", "WINDOW", "XML", "Origin", "frame_kind", "key_may_go", "kind_of",
+    "last_delimiter", "own_origin", "steers",
 ]  # fmt: skip
 
 WINDOW: Final = 2048  # bytes looked back from a token; a longer delimiter-free stretch is foreign
@@ -81,7 +83,13 @@ _SPECIAL: Final = frozenset({
 
 Origin = tuple[str, str, int]  # scheme (http/https), lower-case host, port
 
-LINE, JSON, XML = 0, 1, 2  # how a text is read: the start of the value a token ends (``_scan_start``)
+LINE, JSON, XML, PLAYLIST, EVENTS = 0, 1, 2, 3, 4  # how a text is read: where a value starts (``_scan_start``)
+_PLAYLISTS: Final = frozenset({
+    "application/vnd.apple.mpegurl", "application/x-mpegurl", "audio/mpegurl", "audio/x-mpegurl",
+})  # fmt: skip
+# HLS variables ({$name}) and content steering (its server may clone a pathway onto its own host) decide where
+# a playlist's relative URLs go, from anywhere in it: such a playlist never gets the key (``steers``).
+_STEERS = re.compile(rb"#EXT-X-(?:CONTENT-STEERING|DEFINE)|\{\$")
 # Active content (a script gets the key from any bare value; CSS escapes, <base>, meta refresh) and
 # base URLs (DASH <BaseURL>): no look-back can tell where a relative URL goes, so the key never goes.
 _NEVER: Final = frozenset({
@@ -189,9 +197,18 @@ def kind_of(ctype: str) -> int | None:
         return None
     if mime.endswith(("json", "+json")):
         return JSON
+    if mime in _PLAYLISTS:
+        return PLAYLIST
+    if mime == "text/event-stream":
+        return EVENTS
     if mime.endswith(("/xml", "+xml")):
         return XML
     return LINE
+
+
+def steers(playlist: bytes) -> bool:
+    """A playlist with HLS variables or content steering (decided on the whole playlist)."""
+    return _STEERS.search(playlist) is not None
 
 
 def frame_kind(text: bytes) -> int:
@@ -240,6 +257,9 @@ def _scan_start(before: bytes, kind: int) -> int:
         return _json_start(before)
     if kind == XML:
         return _xml_start(before)
+    if kind == EVENTS:  # one event's data: lines are joined into one value
+        lf, crlf = before.rfind(b"\n\n"), before.rfind(b"\r\n\r\n")
+        return max(lf + 2 if lf != -1 else -1, crlf + 4 if crlf != -1 else -1)
     return before.rfind(b"\n") + 1 or -1  # not a bare CR: a reader splitting at LF keeps it (URLs drop it)
 
 
@@ -260,9 +280,10 @@ def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None, kind: in
         if not (at_start and len(before) < WINDOW) or (kind == XML and b"<" in before):
             return False  # the value began beyond the window (or cannot be read): foreign
         start = 0
-    if kind == LINE and before.startswith(b"data:", start):  # an SSE field name, not a "data:" URL
-        start += 5
-    for stretch in _readings(before[start:]):
+    value = before[start:]
+    if kind in (LINE, EVENTS):  # SSE field names, not "data:" URLs
+        value = value.removeprefix(b"data:").replace(b"\ndata:", b"\n")
+    for stretch in _readings(value):
         if not _nested_ours(stretch, origin):
             return False
     if cut != -1 and before[cut : cut + 1] in _SOFT:
