@@ -119,3 +119,20 @@ async def test_a_key_glued_to_the_prefix_by_an_encoded_slash_is_neither_echoed_n
     assert_clean(ans, key)
     await no_key_in_log(tmp_path, key, 1)
     assert rec.seen == []
+
+
+@pytest.mark.parametrize("prefix", ["/plex/library/sections", "/nowhere"])
+async def test_a_twice_encoded_key_in_the_query_is_not_logged(
+    rig: tuple[Running, Recorder], tmp_path: Path, prefix: str
+) -> None:
+    """The query loses the key on the way up, but the log kept the target as sent: the access log's
+    key-shaped-run filter does not see through ``%25``, so ``?foo=%2570%256D…`` was logged whole."""
+    running, rec = rig
+    _, key = await running.create_key(permissions={"upstreams": ["*"]})
+    targets = [f"{prefix}?foo={twice(key)}", f"{prefix}?url=/x%3Ffoo%3D{twice(key)}"]
+    for target in targets:
+        ans = await send(running, target, [("X-Plex-Token", key)])
+        assert ans.status in (200, 404), ans.body
+        assert_clean(ans, key)
+    await no_key_in_log(tmp_path, key, len(targets))
+    assert all(key not in s.target and twice(key) not in s.target for s in rec.seen)
