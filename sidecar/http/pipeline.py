@@ -190,6 +190,8 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     credential = extract_credential(request.headers, request.query, cfg.credentials)
     if credential is not None and credential.key in scope.path:  # a key under a parameter name we do not know
         scope.path = scope.path.replace(credential.key, "REDACTED")
+    if credential is not None and "%25" in scope.path and key_in_path(credential.key, scope.path):
+        scope.path = logged_path(upstream.path_prefix)  # encoded twice: the log's key filter cannot see it
     in_path = credential is not None and key_in_path(
         credential.key, request.rel_url.raw_path, presented_spellings(credential.forms, request.headers)
     )
@@ -280,18 +282,19 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
 
 
 def _withhold_key_path(request: web.Request, scope: RequestScope, creds: CredentialsConfig, prefix: str) -> bool:
-    """A request refused before its credential is read (no route, a malformed prefix) whose path holds
-    that credential: its path is logged withheld (True: the error must not quote it either)."""
+    """A request refused before its credential is read (no route, a malformed prefix) whose target holds
+    that credential: its path is logged withheld (True: it is in the path, the error must not quote it)."""
     try:
         credential = extract_credential(request.headers, request.query, creds)
     except SidecarError:
         return False
-    if credential is None or not key_in_path(
-        credential.key, request.rel_url.raw_path, presented_spellings(credential.forms, request.headers)
-    ):
+    if credential is None:
         return False
-    scope.path = logged_path(prefix)
-    return True
+    spellings = presented_spellings(credential.forms, request.headers)
+    in_path = key_in_path(credential.key, request.rel_url.raw_path, spellings)
+    if in_path or ("%25" in scope.path and key_in_path(credential.key, scope.path)):  # or twice encoded in the query
+        scope.path = logged_path(prefix)
+    return in_path
 
 
 def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
