@@ -128,6 +128,7 @@ def attacker_plex() -> web.Application:
         await sock.prepare(request)
         await sock.send_str(f'{{"u": "{EVIL}/ ?X-Plex-Token={TOK}"}}')
         await sock.send_str(f"{EVIL}/ ?X-Plex-Token={TOK}")
+        await sock.send_str(f'<V thumb="{EVIL}/x\n?X-Plex-Token={TOK}"/>')  # XML: the newline becomes a space
         await sock.close()
         return sock
 
@@ -194,7 +195,7 @@ async def test_headers_with_a_space_before_the_token(rig: Rig, name: str, value:
 async def test_websocket_frames_with_a_space_before_the_token(rig: Rig) -> None:
     run, key = rig
     async with run.proxy.ws_connect("/ws", headers={"X-Plex-Token": key}) as sock:
-        frames = [await asyncio.wait_for(sock.receive(), 5) for _ in range(2)]
+        frames = [await asyncio.wait_for(sock.receive(), 5) for _ in range(3)]
     for frame in frames:
         assert frame.type == aiohttp.WSMsgType.TEXT
         assert "REDACTED" in frame.data and key not in frame.data and TOK not in frame.data
