@@ -212,8 +212,9 @@ def steers(playlist: bytes) -> bool:
 
 
 def frame_kind(text: bytes) -> int:
-    """A websocket frame or a header value: JSON when it looks like JSON, else read as one line."""
-    return JSON if text.lstrip()[:1] in (b"{", b"[") else LINE
+    """A websocket frame: JSON or XML when it looks like it, else read as one line."""
+    first = text.lstrip()[:1]
+    return JSON if first in (b"{", b"[") else XML if first == b"<" else LINE
 
 
 def _json_start(before: bytes) -> int:
