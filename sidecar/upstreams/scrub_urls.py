@@ -36,8 +36,9 @@ XML — the open attribute value or the text node after the last ``<`` (neither 
 CDATA, comments and ``xml:base`` nearby cannot be told: foreign); JSON — the last unescaped
 ``"``; an SSE event — from its blank line, ``data:`` lines joined; anything else (playlists,
 headers) — the line. A playlist with HLS variables or content steering gets no key (``steers``).
-A value that starts beyond the window is foreign. Active content (HTML, CSS, scripts, SVG) and DASH never get the key: a
-script, a CSS escape, ``<base href>`` or ``<BaseURL>`` decide where a URL goes, not its text.
+A value that starts beyond the window is foreign. Active content (HTML, CSS, scripts, SVG) and
+DASH never get the key: a script, a CSS escape, ``<base href>`` or ``<BaseURL>`` decide where a
+URL goes, not its text. Several ``Content-Type`` values, or a list: no key (browsers read the last).
 
 Anything the checks cannot read as ours (userinfo, ``\\``, percent-encoded or non-ASCII
 hosts, another scheme) is foreign: a wrong guess costs a broken link, never a key.
