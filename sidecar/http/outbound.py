@@ -57,7 +57,8 @@ def strip_prefix_raw(upstream: UpstreamConfig, raw_path: str) -> str:
     parts = raw_path.split("/", depth + 1)
     head = "/".join(parts[: depth + 1])
     if head != upstream.path_prefix and unquote(head) != upstream.path_prefix:
-        raise BadRequest(f"the path must begin with the segment(s) {upstream.path_prefix!r}, not {head!r}")
+        # The raw segments are not quoted back: they may hold the client's key (``/plex%2F<key>``).
+        raise BadRequest(f"the path must begin with the segment(s) {upstream.path_prefix!r}, without encoded '/'")
     return "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
 
 

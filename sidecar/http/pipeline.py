@@ -38,7 +38,7 @@ from ..auth.models import KeyRecord
 from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
-from ..config import UpstreamConfig
+from ..config import CredentialsConfig, UpstreamConfig
 from ..core.addresses import client_ip
 from ..core.errors import (
     BadRequest,
@@ -60,7 +60,7 @@ from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
 from .canonical import canonical
 from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
-from .keypath import KEY_IN_PATH, key_in_path, logged_path
+from .keypath import KEY_IN_PATH, key_in_path, logged_path, presented_spellings
 from .listener import odd_target
 from .outbound import public_origin
 
@@ -173,21 +173,33 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         return await sc.mcp.rest_call(sc, request, scope)
     upstream = sc.router.match(request.path)
     if upstream is None:
+        if _withhold_key_path(request, scope, cfg.credentials, "/"):  # the key there: neither echoed nor logged
+            raise NoRoute("no upstream serves this path")
         raise NoRoute(f"no upstream serves {request.path}")
     scope.upstream = upstream.id
     path = request.path
     if upstream.strip_prefix and upstream.path_prefix != "/":
-        strip_prefix_raw(upstream, request.rel_url.raw_path)  # 400 now if the raw prefix is not the one routed
+        try:
+            strip_prefix_raw(upstream, request.rel_url.raw_path)  # 400 now if the raw prefix is not the one routed
+        except BadRequest:
+            _withhold_key_path(request, scope, cfg.credentials, upstream.path_prefix)
+            raise
         path = path[len(upstream.path_prefix) :] or "/"
 
     # 2. credential, 3. verify
     credential = extract_credential(request.headers, request.query, cfg.credentials)
     if credential is not None and credential.key in scope.path:  # a key under a parameter name we do not know
         scope.path = scope.path.replace(credential.key, "REDACTED")
+    if credential is not None and "%25" in scope.path and key_in_path(credential.key, scope.path):
+        scope.path = logged_path(upstream.path_prefix)  # encoded twice: the log's key filter cannot see it
+    in_path = credential is not None and key_in_path(
+        credential.key, request.rel_url.raw_path, presented_spellings(credential.forms, request.headers)
+    )
+    if in_path:  # invariant 3; decided before verifying, so a 401 does not log the key either
+        scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
-    if credential is not None and key_in_path(credential.key, request.rel_url.raw_path):  # invariant 3
-        scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
+    if in_path:
         raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 
     # 4. authorize
@@ -269,6 +281,22 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         return await sc.forwarder.forward(
             request, scope, upstream, url, headers, response_filter=response_filter, on_headers=on_headers
         )
+
+
+def _withhold_key_path(request: web.Request, scope: RequestScope, creds: CredentialsConfig, prefix: str) -> bool:
+    """A request refused before its credential is read (no route, a malformed prefix) whose target holds
+    that credential: its path is logged withheld (True: it is in the path, the error must not quote it)."""
+    try:
+        credential = extract_credential(request.headers, request.query, creds)
+    except SidecarError:
+        return False
+    if credential is None:
+        return False
+    spellings = presented_spellings(credential.forms, request.headers)
+    in_path = key_in_path(credential.key, request.rel_url.raw_path, spellings)
+    if in_path or ("%25" in scope.path and key_in_path(credential.key, scope.path)):  # or twice encoded in the query
+        scope.path = logged_path(prefix)
+    return in_path
 
 
 def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:

@@ -36,8 +36,11 @@ wherever that cannot be told, the token becomes ``REDACTED``. Why: a malicious o
 upstream answering ``Location: https://attacker.example/?X-Plex-Token=<token>`` (or such a URL
 in a ``thumb=``, a JSON string, a playlist) would otherwise have the sidecar rewrite it into a
 link carrying the client's key, which the client follows. The decision looks back from each
-occurrence to the nearest delimiter (at most 2 KiB, across chunks: the last bytes sent are
-kept), and runs only where the token occurs; headers, the reason phrase and websocket text and
+occurrence over the whole value its reader (XML, JSON, a line: by ``Content-Type``) sees it in
+(at most 2 KiB, across chunks: the last bytes sent are kept; HTML, CSS, scripts, SVG and DASH
+never get the key; an HLS playlist is held whole, up to 1 MiB, since a variable or a content
+steering tag anywhere in it decides where its URLs go), and runs only where the token occurs;
+headers, the reason phrase and websocket text and
 binary frames are decided the same way. With ``REDACTED`` as replacement (no key: MCP, a
 request without one) nothing is looked at.
 
@@ -59,7 +62,7 @@ from aiohttp import WSMessage, WSMsgType
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..core.errors import UpstreamUnavailable
-from .scrub_urls import WINDOW, Origin, key_may_go, own_origin
+from .scrub_urls import LINE, PLAYLIST, WINDOW, Origin, frame_kind, key_may_go, kind_of, own_origin, steers
 
 __all__ = ["ScrubFilter", "Unscrubbable", "restrict_accept_encoding", "whole_needed"]
 
@@ -74,6 +77,7 @@ _ACCEPTABLE: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 MAX_STACK: Final = 3  # Content-Encoding layers decoded at most (``gzip, gzip`` is legal; more is an attack)
 MAX_RATIO: Final = 256  # decoded bytes per encoded byte before a body counts as a decompression bomb
 MIN_DECODE_LIMIT: Final = 1 << 20  # ... but a tiny network chunk may always decode to this much
+MAX_PLAYLIST: Final = 1 << 20  # a playlist is held whole up to this; a bigger one gets no key
 REDACTED: Final = "REDACTED"  # what the token becomes where the client's key may not go
 _REDACTED: Final = REDACTED.encode()
 
@@ -114,6 +118,11 @@ def _is_text(ctype: str) -> bool:
         return True
     mime = ctype.split(";", 1)[0].strip()
     return mime.endswith(("+xml", "+json"))
+
+
+def _domain_cookie(name: str, value: str) -> bool:
+    """A ``Set-Cookie`` that may carry a ``Domain`` attribute (any mention counts: a broken cookie at worst)."""
+    return name.lower() == "set-cookie" and "domain" in value.lower()
 
 
 def whole_needed(status: int, headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bool:
@@ -185,8 +194,9 @@ class ScrubFilter:
     longest, ``also`` longest first, so a secret that contains another goes as a whole.
     """
 
-    __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_look", "_mask", "_origin",
-                 "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "replacement", "token")  # fmt: skip
+    __slots__ = ("_also", "_body_look", "_ctx", "_ctx_cut", "_decoders", "_first", "_kind", "_look", "_mask", "_origin",
+                 "_origin_raw", "_out", "_outs", "_repl", "_tail", "_tok", "_toks", "_whole", "replacement",
+                 "token")  # fmt: skip
 
     def __init__(
         self, token: str, replacement: str, *, also: tuple[str, ...] = (), origin: tuple[str, str] | None = None
@@ -209,11 +219,14 @@ class ScrubFilter:
         self._origin_raw = origin
         self._origin: Origin | None = None
         self._ctx, self._ctx_cut = b"", False  # the body's last emitted bytes, for the look-back
+        self._kind = LINE  # how the body is read (``scrub_urls.kind_of``), set at the headers
+        self._whole: bytearray | None = None  # a playlist, held whole: a tag anywhere in it decides (``steers``)
 
     # ------------------------------------------------------------------ headers
 
-    def text(self, value: str) -> str:
-        """A header name or value, a reason phrase, a websocket text frame."""
+    def text(self, value: str, kind: int | None = None) -> str:
+        """A header name or value, a reason phrase, a websocket text frame (``kind``: read as JSON if
+        it looks like it; headers are one line)."""
         if self._also:
             for tok in self._toks:
                 if tok in value:
@@ -222,13 +235,15 @@ class ScrubFilter:
         if not self._tok or self._tok not in value:
             return value
         if self._look:
-            return self._swap(value.encode("utf-8", "surrogateescape"), b"", False).decode("utf-8", "surrogateescape")
+            raw = value.encode("utf-8", "surrogateescape")
+            kind = frame_kind(raw) if kind is None else kind
+            return self._swap(raw, b"", False, kind).decode("utf-8", "surrogateescape")
         return value.replace(self._tok, self._repl)
 
     def binary(self, data: bytes) -> bytes:
         """A websocket binary frame (its length is framed, so the key may replace the token)."""
         if self._look and self.token in data:
-            data = self._swap(data, b"", False)
+            data = self._swap(data, b"", False, frame_kind(data))
         elif self.token:
             data = data.replace(self.token, self.replacement)
         for tok in self._also:
@@ -259,9 +274,23 @@ class ScrubFilter:
         toks = self._toks
         if not toks or not any(tok in k or tok in v for k, v in headers.items() for tok in toks):
             return
-        items = [(self.text(k), self.text(v)) for k, v in headers.items()]
+        prior: dict[str, bytes] = {}
+        items = [(self.text(k, LINE), self._header_value(k, v, prior)) for k, v in headers.items()]
         headers.clear()
         headers.extend(items)
+
+    def _header_value(self, name: str, value: str, prior: dict[str, bytes]) -> str:
+        """One header value, decided with the same-named lines before it (a reader joins them with ", ")."""
+        if not self._look:
+            return self.text(value, LINE)
+        raw, lname = value.encode("utf-8", "surrogateescape"), name.lower()
+        before = prior.get(lname, b"")
+        prior[lname] = before + raw + b", "
+        if self._tok not in value:
+            return value
+        if _domain_cookie(name, value):  # its Domain= sends it to other hosts too (a host-only one may)
+            return value.replace(self._tok, REDACTED)
+        return self._swap(raw, before, False, LINE).decode("utf-8", "surrogateescape")
 
     @staticmethod
     def check_framing(raw: CIMultiDict[str] | CIMultiDictProxy[str]) -> None:
@@ -286,9 +315,15 @@ class ScrubFilter:
             self._decoders = [_Inflate(c) for c in reversed(codings)]  # the last one applied comes off first
             for name in ("Content-Encoding", "Content-Length", "ETag"):  # the representation changed
                 headers.popall(name, None)
-        if _is_text(headers.get("Content-Type", "").lower()):
-            self._out = self.replacement
-            self._body_look = self._look
+        ctype = headers.get("Content-Type", "").lower()
+        if _is_text(ctype):
+            # Several types, or a list: a browser reads the last one, so none is trusted to say how the body is read
+            kind = kind_of(ctype) if "," not in ctype and len(headers.getall("Content-Type")) == 1 else None
+            self._out = self.replacement if kind is not None or not self._look else _REDACTED
+            self._body_look = self._look and kind is not None
+            self._kind = LINE if kind is None else kind
+            if self._body_look and kind == PLAYLIST:
+                self._whole = bytearray()
             headers.popall("Content-Length", None)  # the key is not as long as the token
         else:
             self._out = self._mask  # same length: Content-Length and byte offsets stay right
@@ -310,11 +345,17 @@ class ScrubFilter:
 
     def scrub(self, chunk: bytes) -> bytes:
         """Replace every secret in decoded bytes, holding back a tail that could start one."""
+        if self._whole is not None:
+            self._whole += chunk
+            if len(self._whole) <= MAX_PLAYLIST:
+                return b""
+            chunk, self._whole = bytes(self._whole), None  # too big to hold: no key in it at all
+            self._body_look, self._out = False, _REDACTED
         data = self._tail + chunk if self._tail else chunk
         if not self._body_look:
             data = data.replace(self.token, self._out)
         elif self.token in data:  # rare: the look-back decides, occurrence by occurrence
-            data = self._swap(data, self._ctx, self._ctx_cut)
+            data = self._swap(data, self._ctx, self._ctx_cut, self._kind)
         for tok, out in self._outs:
             data = data.replace(tok, out)
         # Hold back only a tail that could start the token, never a fixed width: an SSE
@@ -340,7 +381,7 @@ class ScrubFilter:
             ctx, self._ctx_cut = ctx[-WINDOW:], True
         self._ctx = ctx
 
-    def _swap(self, data: bytes, ctx: bytes, cut: bool) -> bytes:
+    def _swap(self, data: bytes, ctx: bytes, cut: bool, kind: int) -> bytes:
         """``data`` with each token replaced by the key where the key may go, by ``REDACTED`` elsewhere.
 
         ``ctx``: the bytes that went out just before ``data`` (``cut``: not all of them since the start).
@@ -356,7 +397,7 @@ class ScrubFilter:
             else:
                 need = WINDOW - i
                 before, at_start = ctx[-need:] + data[:i], not cut and len(ctx) <= need
-            ok = key_may_go(before, at_start=at_start, origin=self._origin)
+            ok = key_may_go(before, at_start=at_start, origin=self._origin, kind=kind)
             parts += (data[pos:i], self.replacement if ok else _REDACTED)
             pos = i + n
             i = data.find(tok, pos)
@@ -391,10 +432,14 @@ class ScrubFilter:
     def drain(self, last: bytes = b"") -> bytes:
         """The held-back tail (and ``last``, the final decoded bytes), scrubbed, nothing kept."""
         out, self._tail = self._tail + last, b""
+        if self._whole is not None:
+            out, self._whole = bytes(self._whole) + out, None
+            if steers(out):
+                self._body_look, self._out = False, _REDACTED
         if not out:
             return out
         if self._body_look and self.token in out:
-            out = self._swap(out, self._ctx, self._ctx_cut)
+            out = self._swap(out, self._ctx, self._ctx_cut, self._kind)
         else:
             out = out.replace(self.token, self._out)
         for tok, rep in self._outs:

@@ -28,6 +28,18 @@ does) and then:
 - a raw tab or newline as delimiter right after ``:``, ``/``, ``\\`` or ``;`` (a URL an
   HTML reader would join across it) is foreign.
 
+The nearest delimiter is not where a value starts: a space, a quote of the other kind, ``>``
+or an escaped ``\\"`` may sit *inside* a quoted value, and every reader keeps them in the URL
+(``"https://attacker.example/ ?t=<token>"``). So the *whole value* the token ends must hold no
+absolute URL but ours, back to where its reader starts it (``kind_of``, from the media type):
+XML — the open attribute value or the text node after the last ``<`` (neither can hold one;
+CDATA, comments and ``xml:base`` nearby cannot be told: foreign); JSON — the last unescaped
+``"``; an SSE event — from its blank line, ``data:`` lines joined; anything else (playlists,
+headers) — the line. A playlist with HLS variables or content steering gets no key (``steers``).
+A value that starts beyond the window is foreign. Active content (HTML, CSS, scripts, SVG) and
+DASH never get the key: a script, a CSS escape, ``<base href>`` or ``<BaseURL>`` decide where a
+URL goes, not its text. Several ``Content-Type`` values, or a list: no key (browsers read the last).
+
 Anything the checks cannot read as ours (userinfo, ``\\``, percent-encoded or non-ASCII
 hosts, another scheme) is foreign: a wrong guess costs a broken link, never a key.
 This runs only where the token actually occurs (rare): the body's fast path is untouched.
@@ -40,7 +52,10 @@ import re
 from typing import Final
 from urllib.parse import unquote
 
-__all__ = ["WINDOW", "Origin", "key_may_go", "last_delimiter", "own_origin"]
+__all__ = [
+    "EVENTS", "JSON", "LINE", "PLAYLIST", "WINDOW", "XML", "Origin", "frame_kind", "key_may_go", "kind_of",
+    "last_delimiter", "own_origin", "steers",
+]  # fmt: skip
 
 WINDOW: Final = 2048  # bytes looked back from a token; a longer delimiter-free stretch is foreign
 DELIMS: Final = b" \t\n\r\f\v\"'<>`"
@@ -54,7 +69,7 @@ _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):", re.I)
 # Anywhere in the stretch (nested in a parameter, inside "url(", after a srcset ","): two slashes
 # (the authority follows) and a special scheme's "https:" (browsers need no slashes after it).
 _DOUBLE = re.compile(r"(?:\b([a-z][a-z0-9+.\-]*):)?(?P<s>[/\\]{2,})", re.I)
-_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob):", re.I)
+_SPECIAL_AT = re.compile(r"\b(https?|wss?|ftp|file|javascript|data|vbscript|blob|mailto|sms|smsto|intent):", re.I)
 _HOSTPORT = re.compile(r"(?:([a-z0-9.\-]+)|(\[[0-9a-f:.]+\]))(?::(\d{1,5}))?", re.I)
 _DROPPED: Final = {9: None, 10: None, 13: None}  # tab, LF, CR: browsers drop them inside a URL
 _C0_SPACE: Final = "".join(chr(c) for c in range(33))
@@ -62,9 +77,33 @@ _CUT = re.compile(r"[\"'<>` ]")
 
 # Schemes that reach no host without "//" (``https:host`` does: browsers read it as ``https://host``;
 # ``javascript:``/``data:`` can send anything anywhere): not listed, so foreign.
-_SPECIAL: Final = frozenset({"http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob"})
+_SPECIAL: Final = frozenset({
+    "http", "https", "ws", "wss", "ftp", "file", "javascript", "data", "vbscript", "blob",
+    "mailto", "sms", "smsto", "intent",  # no host, but one tap sends the text to someone else
+})  # fmt: skip
 
 Origin = tuple[str, str, int]  # scheme (http/https), lower-case host, port
+
+LINE, JSON, XML, PLAYLIST, EVENTS = 0, 1, 2, 3, 4  # how a text is read: where a value starts (``_scan_start``)
+_PLAYLISTS: Final = frozenset({
+    "application/vnd.apple.mpegurl", "application/x-mpegurl", "audio/mpegurl", "audio/x-mpegurl",
+})  # fmt: skip
+# HLS variables ({$name}) and content steering (its server may clone a pathway onto its own host) decide where
+# a playlist's relative URLs go, from anywhere in it: such a playlist never gets the key (``steers``).
+_STEERS = re.compile(rb"#EXT-X-(?:CONTENT-STEERING|DEFINE)|\{\$")
+# Active content (a script gets the key from any bare value; CSS escapes, <base>, meta refresh) and
+# base URLs (DASH <BaseURL>): no look-back can tell where a relative URL goes, so the key never goes.
+_NEVER: Final = frozenset({
+    "text/html", "application/xhtml+xml", "image/svg+xml", "text/css", "application/javascript",
+    "text/javascript", "application/ecmascript", "text/ecmascript", "application/dash+xml", "text/xsl",
+    "application/xslt+xml", "text/xml-external-parsed-entity",
+})  # fmt: skip
+_XML_NAME = rb"[A-Za-z_:][-A-Za-z0-9_.:]*"
+_XML_CUSTOM_ENTITY = re.compile(rb"&(?!(?:lt|gt|amp|quot|apos);|#)")
+_XML_TAG = re.compile(
+    rb"/?" + _XML_NAME + rb"(?:\s+" + _XML_NAME + rb"\s*=\s*(?:\"[^\"]*\"|'[^']*'))*"
+    rb"(?:\s*/?>|\s+" + _XML_NAME + rb"\s*=\s*(?P<q>[\"']))"
+)
 
 
 def own_origin(scheme: str, host: str) -> Origin | None:
@@ -151,15 +190,104 @@ def _nested_ours(text: str, origin: Origin | None) -> bool:
     return True
 
 
-def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None) -> bool:
+def kind_of(ctype: str) -> int | None:
+    """How a text body of media type ``ctype`` (lower-case) is read: ``XML``, ``JSON`` or ``LINE``;
+    None where the key never goes (active content, or a format with base URLs)."""
+    mime = ctype.split(";", 1)[0].strip()
+    if mime in _NEVER or mime.endswith(("+xhtml", "script")):
+        return None
+    if mime.endswith(("json", "+json")):
+        return JSON
+    if mime in _PLAYLISTS:
+        return PLAYLIST
+    if mime == "text/event-stream":
+        return EVENTS
+    if mime.endswith(("/xml", "+xml")):
+        return XML
+    return LINE
+
+
+def steers(playlist: bytes) -> bool:
+    """A playlist with HLS variables or content steering (decided on the whole playlist)."""
+    return _STEERS.search(playlist) is not None
+
+
+def frame_kind(text: bytes) -> int:
+    """A websocket frame: JSON or XML when it looks like it, else read as one line."""
+    first = text.lstrip()[:1]
+    return JSON if first in (b"{", b"[") else XML if first == b"<" else LINE
+
+
+def _json_start(before: bytes) -> int:
+    """Where the JSON string holding the token begins (after its unescaped opening quote), or -1."""
+    i = len(before)
+    for _ in range(64):  # more escaped quotes than that in one string: cannot be told (and bounded work)
+        i = before.rfind(b'"', 0, i)
+        if i == -1:
+            break
+        if (i - len(before[:i].rstrip(b"\\"))) % 2 == 0:  # an even run of backslashes before it: unescaped
+            return i + 1
+    return -1
+
+
+def _xml_start(before: bytes) -> int:
+    """Where the XML attribute value or text node holding the token begins, or -1 if it cannot be told.
+
+    Back to the last ``<`` (neither an attribute value nor a text node may hold one), then the tag is
+    read: the token sits in its one open attribute value (which cannot hold its own quote), or in the
+    text after it. CDATA, comments, processing instructions, a DTD's own entities: cannot be told.
+    """
+    lt = before.rfind(b"<")
+    if lt == -1 or b"xml:base" in before:  # a base URL nearby: where a relative URL goes cannot be told
+        return -1
+    if before.rfind(b"<![CDATA[") > before.rfind(b"]]>"):  # inside CDATA, "<" is text
+        return -1
+    m = _XML_TAG.match(before, lt + 1)
+    if m is None:
+        return -1
+    value = before[m.end() :]
+    if m["q"] and m["q"][-1:] in value:
+        return -1
+    if b"&" in value and _XML_CUSTOM_ENTITY.search(value):  # a DTD's entity may expand to any URL
+        return -1
+    return m.end()
+
+
+def _scan_start(before: bytes, kind: int) -> int:
+    """The start of what a reader of ``kind`` could take as one value with the token at its end, or -1."""
+    if kind == JSON:
+        return _json_start(before)
+    if kind == XML:
+        return _xml_start(before)
+    if kind == EVENTS:  # one event's data: lines are joined into one value
+        lf, crlf = before.rfind(b"\n\n"), before.rfind(b"\r\n\r\n")
+        return max(lf + 2 if lf != -1 else -1, crlf + 4 if crlf != -1 else -1)
+    return before.rfind(b"\n") + 1 or -1  # not a bare CR: a reader splitting at LF keeps it (URLs drop it)
+
+
+def key_may_go(before: bytes, *, at_start: bool, origin: Origin | None, kind: int = LINE) -> bool:
     """May the client's key replace a token that follows ``before`` (the bytes before it)?
 
     ``before`` holds up to ``WINDOW`` bytes; ``at_start``: it begins at the start of the
     text (a header value, a frame, the body's first bytes), which delimits like a quote.
+    ``kind`` says how the text is read (``kind_of``): every absolute URL in the whole value the
+    token ends (back to where that reader starts it, not only to the nearest delimiter, which
+    may sit *inside* a quoted value: ``"https://attacker.example/ ?t=``) must be ours.
     """
     cut = last_delimiter(before)
     if cut == -1 and not (at_start and len(before) < WINDOW):
         return False  # no delimiter within the window: cannot tell, so foreign
+    start = _scan_start(before, kind)
+    if start == -1:
+        if not (at_start and len(before) < WINDOW) or (kind == XML and b"<" in before):
+            return False  # the value began beyond the window (or cannot be read): foreign
+        start = 0
+    value = before[start:]
+    if kind in (LINE, EVENTS):  # SSE field names, not "data:" URLs
+        value = value.removeprefix(b"data:").replace(b"\ndata:", b"\n")
+    for stretch in _readings(value):
+        if not _nested_ours(stretch, origin):
+            return False
     if cut != -1 and before[cut : cut + 1] in _SOFT:
         i = cut
         while i > 0 and before[i - 1 : i] in _SOFT:
