@@ -4,7 +4,9 @@ The key is removed from the query and the headers on the way up (``strip_credent
 a path cannot lose a piece without naming another resource, so a request whose path holds
 the credential it presents is a 400 before anything is forwarded, cached or counted. The
 path is read as sent, once percent-decoded and twice (``%2570…``: a server or framework
-behind may decode again); keys are case-sensitive, so the test is too. The error names
+behind may decode again), and in any letter case: a key is case-sensitive, but an upstream
+that saw it upper-cased can read it back exactly (keys are lower-case), and a random key's
+letters in another case are no path's by chance. The error names
 neither the path nor the key, and the access log gets a placeholder for the path — also when
 the key then fails to verify (401) and when no upstream serves the path (404, whose message
 then leaves the path out). The Basic form's base64 of ``user:key`` counts as the key.
@@ -25,17 +27,19 @@ def key_in_path(key: str, raw_path: str, also: tuple[str, ...] = ()) -> bool:
     """``key`` (or one of ``also``: other spellings the client presented) is in ``raw_path`` (no
     query), raw or percent-decoded once or twice.
 
-    Substring tests only; a path without ``%`` (the common case) costs one ``in`` per spelling.
+    Substring tests only, case-folded; a path without ``%`` (the common case) costs a
+    ``lower`` and one ``in`` per spelling.
     """
     if not key:
         return False
-    secrets = (key, *also) if also else (key,)
-    if any(s in raw_path for s in secrets):
+    secrets = tuple(s.lower() for s in (key, *also)) if also else (key.lower(),)
+    path = raw_path.lower()
+    if any(s in path for s in secrets):
         return True
-    if "%" not in raw_path:
+    if "%" not in path:
         return False
-    once = unquote(raw_path)
-    twice = unquote(once) if "%" in once else once
+    once = unquote(raw_path).lower()
+    twice = unquote(unquote(raw_path)).lower() if "%" in once else once
     return any(s in once or s in twice for s in secrets)
 
 
