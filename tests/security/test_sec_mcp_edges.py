@@ -1,0 +1,147 @@
+"""MCP edges: every way a request under an MCP route could reach the upstream past the JSON-RPC judgement.
+
+The attacker holds a key limited to tool ``search``, resources ``docs://public/*`` and prompt
+``greet`` (``SCOPED``) on the official SDK's server (``tests/mcp_server.py``), and looks for what
+the upstream acts on that the gateway does not judge: headers the SDK reads (``Last-Event-ID``),
+other paths and methods under the prefix, bodies the SDK parses whatever their ``Content-Type``.
+The victim is another key of the same sidecar: the upstream sees one credential for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import MakeSidecar, Running
+from mcp_server import MCP_TOKEN, SECRET, McpUpstream, MemoryEventStore
+from mcp_support import ACCEPT, SCOPED, bearer, call, legacy_stream, mcp_config, session
+
+READ_VAULT = {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "secret://vault"}}
+
+
+@pytest.fixture
+async def resumable() -> AsyncIterator[McpUpstream]:
+    """The SDK's server with one event store for all its sessions, as the SDK wires it: resumable streams."""
+    up = McpUpstream(event_store=MemoryEventStore()).start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[McpUpstream]:
+    up = McpUpstream().start()
+    yield up
+    await up.stop()
+
+
+async def two_keys(make_sidecar: MakeSidecar, up: McpUpstream, tmp_path: Path) -> tuple[Running, str, str]:
+    """A sidecar, the limited attacker's key and an unlimited victim's key."""
+    gw = await make_sidecar(mcp_config(up, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
+    _, attacker = await gw.create_key(name="attacker", permissions=SCOPED)
+    _, victim = await gw.create_key(name="victim", permissions={"upstreams": ["*"]})
+    return gw, attacker, victim
+
+
+def event_ids(text: str) -> list[str]:
+    return [line[3:].strip() for line in text.splitlines() if line.startswith("id:")]
+
+
+async def first_event(gw: Running, headers: dict[str, str]) -> tuple[int, str]:
+    async with gw.proxy.get("/mcp/tools", headers=headers) as g:
+        if g.status != 200:
+            return g.status, await g.text()
+        return g.status, (await asyncio.wait_for(g.content.readuntil(b"\r\n\r\n"), 5)).decode()
+
+
+# ----------------------------------------------------------------------------- Last-Event-ID
+
+
+async def test_last_event_id_never_replays_another_keys_stream(
+    make_sidecar: MakeSidecar, resumable: McpUpstream, tmp_path: Path
+) -> None:
+    """The victim reads ``secret://vault``; its answer stream carries event ids. The attacker resumes with the
+    victim's event id on its own session: the SDK replays from its event store whatever stream the id names.
+
+    Before: ``GET`` + ``Last-Event-ID: ev-3`` (the SDK example stores' ids are often sequential) replayed the
+    victim's ``resources/read`` answer, the vault's contents, to the limited key. Now event ids leave the
+    sidecar sealed to the key whose stream carried them: another key's is a 403, one the sidecar did not
+    seal (the raw ``ev-3``, a guess) a 404, and neither reaches the upstream.
+    """
+    gw, attacker, victim = await two_keys(make_sidecar, resumable, tmp_path)
+    hv = await session(gw, victim)
+    r = await gw.proxy.post("/mcp/tools", json=READ_VAULT, headers=hv)
+    text = await r.text()
+    assert SECRET in text
+    victims = event_ids(text)
+    assert victims and not any(i.startswith("ev-") for i in victims), "the upstream's own event ids got out"
+    ha = await session(gw, attacker)
+    seen = len(resumable.rec.requests)
+    for guess in (victims[0], "ev-1", "ev-2", "ev-3", "ev-4"):
+        status, body = await first_event(gw, {**ha, "Accept": "text/event-stream", "Last-Event-ID": guess})
+        assert SECRET not in body
+        assert status in (403, 404), (guess, status, body)
+        assert json.loads(body)["error"]["code"] == ("insufficient_permissions" if guess in victims else "not_found")
+    assert len(resumable.rec.requests) == seen, "a refused resumption reached the upstream"
+    # The victim resumes its own stream with the id it was given: the replay is its answer.
+    status, body = await first_event(gw, {**hv, "Accept": "text/event-stream", "Last-Event-ID": victims[0]})
+    assert status == 200 and SECRET in body
+    assert not any(i.startswith("ev-") for i in event_ids(body))
+
+
+async def test_a_repeated_last_event_id_is_refused(
+    make_sidecar: MakeSidecar, resumable: McpUpstream, tmp_path: Path
+) -> None:
+    """Two ``Last-Event-ID`` headers: Starlette reads the first, another server the last. A 400, never forwarded."""
+    gw, attacker, _ = await two_keys(make_sidecar, resumable, tmp_path)
+    ha = await session(gw, attacker)
+    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=ha)
+    own = event_ids(await r.text())[0]
+    seen = len(resumable.rec.requests)
+    headers = [*ha.items(), ("Accept", "text/event-stream"), ("Last-Event-ID", own), ("Last-Event-ID", "ev-1")]
+    async with gw.proxy.get("/mcp/tools", headers=headers) as g:
+        assert g.status == 400 and (await g.json())["error"]["code"] == "bad_request"
+    assert len(resumable.rec.requests) == seen
+
+
+# ----------------------------------------------------------------------------- what held (kept as regressions)
+
+
+async def test_legacy_session_ids_in_every_spelling_the_sdk_reads(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """The SDK reads a legacy ``session_id`` with ``UUID(hex=…)``: upper case, dashes, braces and ``urn:uuid:``
+    name the same session. The attacker posts ``tools/call delete_everything`` to the victim's session under
+    each: an id this sidecar did not open a stream for is ``404``, never forwarded."""
+    gw, attacker, victim = await two_keys(make_sidecar, upstream, tmp_path)
+    async with legacy_stream(gw, victim) as s:
+        sid = s.sid
+        dashed = f"{sid[:8]}-{sid[8:12]}-{sid[12:16]}-{sid[16:20]}-{sid[20:]}"
+        for form in (sid.upper(), "{" + sid + "}", f"urn:uuid:{sid}", dashed):
+            for key in (attacker, victim):
+                r = await gw.proxy.post(f"/mcp/legacy/messages/?session_id={form}", json=call(9, "delete_everything"),
+                                        headers={**ACCEPT, **bearer(key)})  # fmt: skip
+                assert r.status == 404, (form, await r.text())
+    assert "delete_everything" not in upstream.rec.calls
+
+
+@pytest.mark.parametrize(
+    "path", ["/mcp/tools/", "/mcp/tools//", "/mcp/tools/../tools", "/mcp/legacy/mcp", "/mcp/tools/%2e%2e/sse"]
+)
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+async def test_a_post_on_any_path_with_any_content_type_is_judged(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path, path: str, ctype: str | None
+) -> None:
+    """The SDK's legacy message endpoint parses a body as JSON whatever its ``Content-Type``; other paths under
+    the prefix reach the other transport. Whatever the path and type, the forbidden call never runs."""
+    gw, attacker, _ = await two_keys(make_sidecar, upstream, tmp_path)
+    h = await session(gw, attacker)
+    headers = {k: v for k, v in h.items() if k != "Content-Type"}
+    if ctype:
+        headers["Content-Type"] = ctype
+    r = await gw.proxy.post(path, data=json.dumps(call(5, "delete_everything")).encode(), headers=headers)
+    assert r.status in (200, 400, 404), r.status
+    assert "code" in json.dumps(await r.json())
+    assert "delete_everything" not in upstream.rec.calls
