@@ -19,6 +19,8 @@ from conftest import MakeSidecar, Running
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, MemoryEventStore
 from mcp_support import ACCEPT, SCOPED, bearer, call, legacy_stream, mcp_config, session
 
+from sidecar.upstreams.mcp.eventids import MAX_ID_LINE, EventIdSealer
+
 READ_VAULT = {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "secret://vault"}}
 
 
@@ -145,3 +147,38 @@ async def test_a_post_on_any_path_with_any_content_type_is_judged(
     assert r.status in (200, 400, 404), r.status
     assert "code" in json.dumps(await r.json())
     assert "delete_everything" not in upstream.rec.calls
+
+
+STREAM = (
+    b"id: ev-1\r\ndata: \r\n\r\n"  # the SDK's priming event
+    b'event: message\nid:ev-2\ndata: {"id":2}\n\n'
+    b"data: no id\r\rid: ev-3\rdata: x\r\r"
+    b": comment id: ev-9\n"  # not a field: kept
+    b"data: id: ev-8\n\n"  # inside data: kept
+    b"id:\n\n"  # an empty id resets the client's: kept
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, len(STREAM)])
+def test_every_event_id_is_sealed_wherever_the_chunks_are_cut(step: int) -> None:
+    """Ids split across chunks, after ``\\r``, ``\\n`` or ``\\r\\n``, with or without the space: all sealed, nothing
+    else touched, and no raw id gets out."""
+    sealer = EventIdSealer(lambda raw: f"S<{raw}>")
+    out = b"".join(sealer.feed(STREAM[i : i + step]) for i in range(0, len(STREAM), step)) + sealer.flush()
+    assert out == (
+        b"id: S<ev-1>\r\ndata: \r\n\r\n"
+        b'event: message\nid: S<ev-2>\ndata: {"id":2}\n\n'
+        b"data: no id\r\rid: S<ev-3>\rdata: x\r\r"
+        b": comment id: ev-9\n"
+        b"data: id: ev-8\n\n"
+        b"id:\n\n"
+    )
+
+
+def test_an_id_line_too_long_to_seal_is_dropped_and_a_cut_one_still_sealed() -> None:
+    sealer = EventIdSealer(lambda raw: "S")
+    long = b"id: " + b"x" * (MAX_ID_LINE + 10)
+    out = sealer.feed(long[:100]) + sealer.feed(long[100:]) + sealer.feed(b"\ndata: y\n\n") + sealer.flush()
+    assert out == b"\ndata: y\n\n"
+    cut = EventIdSealer(lambda raw: f"S<{raw}>")
+    assert cut.feed(b"data: y\n\nid: ev-") + cut.flush() == b"data: y\n\nid: S<ev->"

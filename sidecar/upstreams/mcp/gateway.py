@@ -75,6 +75,7 @@ from . import WELL_KNOWN, cors
 from .authz import BodyJudge, McpAccess
 from .discovery import Discovery
 from .encoding import decoded_body
+from .eventids import LAST_EVENT_ID, open_last_event_id
 from .filter import JsonRewriter, PendingIds, Policy, SseRewriter, client_path
 from .jsonrpc import dumps, routing_headers
 from .legacy import PingBudgets, post_legacy
@@ -171,7 +172,9 @@ class McpGateway:
                 upstream.id, key.id, ids, post=request.method == "POST",
                 unseal=partial(self._unseal, upstream.id, key.id),
             )  # fmt: skip
-        except (Forbidden, NotFound):
+            if LAST_EVENT_ID in request.headers:  # sealed to the key whose stream it came down (eventids.py)
+                open_last_event_id(self.sealer, upstream.id, key.id, request.headers, headers)
+        except (BadRequest, Forbidden, NotFound):
             await self.sc.limiter.refund(key, upstream)  # refusals are free
             raise
         if session is not None and sid is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,6 +15,7 @@ from ...core.errors import (
     UpstreamUnavailable,
 )
 from ..scrub import Unscrubbable
+from .eventids import EVENT_SCOPE, EventIdSealer
 from .filter import JsonRewriter, SseRewriter
 from .jsonrpc import dumps
 from .rest import CREDENTIAL_REJECTED
@@ -107,6 +109,7 @@ class GatewayFilter:
         self.upstream_sid = upstream_sid  # what the upstream was sent in Mcp-Session-Id (``sid`` unsealed)
         self._sse, self._json = sse, json_body
         self._body: SseRewriter | JsonRewriter | None = None
+        self._ids: EventIdSealer | None = None  # every event stream's ids leave sealed to the key (eventids.py)
         self.status = 0
 
     def headers(self, status: int, headers: CIMultiDict[str]) -> bool:
@@ -135,31 +138,37 @@ class GatewayFilter:
         if not 200 <= status < 300:
             return False  # the upstream's errors pass through untouched
         ctype = headers.get("Content-Type", "").lower()
-        if ctype.startswith("text/event-stream") and self._sse is not None:
-            self._body = self._sse()
+        if ctype.startswith("text/event-stream"):
+            self._ids = EventIdSealer(partial(self.gw.sealer.seal, self.upstream.id + EVENT_SCOPE, self.key.id))
+            if self._sse is not None:
+                self._body = self._sse()
         elif ctype.startswith("application/json") and self._json is not None:
             self._body = self._json()
-        if self._body is not None and headers.get("Content-Encoding", "identity").lower() != "identity":
-            # Asked for identity. A list that must be filtered is never relayed unread (the key would see
-            # what it may not); with a credential configured, McpScrubFilter has decoded it before this.
+        rewrite = self._body is not None or self._ids is not None
+        if rewrite and headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Asked for identity. A list that must be filtered, or an event id that must be sealed, is never
+            # relayed unread; with a credential configured, McpScrubFilter has decoded it before this.
             raise UpstreamUnavailable("the MCP upstream compressed an answer that must be filtered")
-        return self._body is not None
+        return rewrite
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._body is None:
-            return chunk
-        try:
-            return self._body.feed(chunk)
-        except RecursionError:  # JSON nested past what Python parses: it cannot be filtered, so it is not relayed
-            raise Unscrubbable(_TOO_DEEP) from None
+        if self._body is not None:
+            try:
+                chunk = self._body.feed(chunk)
+            except RecursionError:  # JSON nested past what Python parses: it cannot be filtered, so it is not relayed
+                raise Unscrubbable(_TOO_DEEP) from None
+        return chunk if self._ids is None else self._ids.feed(chunk)
 
     def flush(self) -> bytes:
-        if self._body is None:
-            return b""
-        try:
-            return self._body.flush()
-        except RecursionError:
-            raise Unscrubbable(_TOO_DEEP) from None
+        tail = b""
+        if self._body is not None:
+            try:
+                tail = self._body.flush()
+            except RecursionError:
+                raise Unscrubbable(_TOO_DEEP) from None
+        if self._ids is not None:
+            tail = self._ids.feed(tail) + self._ids.flush()
+        return tail
 
 
 _TOO_DEEP = "the MCP upstream answered JSON nested too deeply to filter"

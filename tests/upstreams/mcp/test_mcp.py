@@ -28,6 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_server import BATCH_SEEN, MCP_TOKEN, McpUpstream, batch_app
 
+from sidecar.upstreams.mcp.eventids import EVENT_SCOPE
 from sidecar.upstreams.mcp.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, TOOL_FORBIDDEN
 
 AGENT_TOOLS = {
@@ -254,8 +255,13 @@ async def test_streamable_session_belongs_to_its_key(gw: Running, upstream: McpU
     assert r.status == 200
     names = {t["name"] for m in sse_messages(await r.text()) for t in m["result"]["tools"]}
     assert names == {"search", "fetch", "slow", "quiet"}
-    # The session's GET stream, resumed: Last-Event-ID reaches the upstream.
-    async with gw.proxy.get("/mcp/tools", headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": "ev-1"}):
+    # The session's GET stream, resumed: the upstream gets its own event id back. Clients only ever hold sealed
+    # ones (eventids.py); the upstream's raw id is refused before it.
+    raw = await gw.proxy.get("/mcp/tools", headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": "ev-1"})
+    assert raw.status == 404
+    owner = next(r.id for r in gw.sc.verifier.table.values() if r.name == "agent")
+    sealed = gw.sc.mcp.sealer.seal("tools" + EVENT_SCOPE, owner, "ev-1")
+    async with gw.proxy.get("/mcp/tools", headers={**headers, "Accept": "text/event-stream", "Last-Event-ID": sealed}):
         pass
     assert upstream.rec.requests[-1].header("last-event-id") == "ev-1"
     r = await gw.proxy.delete("/mcp/tools", headers=headers)
