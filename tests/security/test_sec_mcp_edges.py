@@ -13,9 +13,11 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import MakeSidecar, Running
+from aiohttp import web
+from conftest import MakeSidecar, Running, base_config
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, MemoryEventStore
 from mcp_support import ACCEPT, SCOPED, bearer, call, legacy_stream, mcp_config, session
 
@@ -182,3 +184,59 @@ def test_an_id_line_too_long_to_seal_is_dropped_and_a_cut_one_still_sealed() -> 
     assert out == b"\ndata: y\n\n"
     cut = EventIdSealer(lambda raw: f"S<{raw}>")
     assert cut.feed(b"data: y\n\nid: ev-") + cut.flush() == b"data: y\n\nid: S<ev->"
+
+
+def sessionless_resumable_app() -> web.Application:
+    """A stateless MCP server with an event store (the TypeScript SDK allows both): every answer event gets an id,
+    and a ``GET`` with ``Last-Event-ID`` and no session replays what followed it."""
+    events: list[bytes] = []
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_everything")]
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        msg = await request.json()
+        events.append(b"event: message\nid: %d\ndata: %s\n\n" % (len(events) + 1, json.dumps(
+            {"jsonrpc": "2.0", "id": msg["id"], "result": {"tools": tools}}).encode()))  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"id: 0\ndata: \n\n" + events[-1])
+        await resp.write_eof()
+        return resp
+
+    async def get(request: web.Request) -> web.StreamResponse:
+        after = int(request.headers.get("Last-Event-ID", "-1"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in events[max(after, 0) :]:
+            await resp.write(ev)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    app.router.add_get("/mcp", get)
+    return app
+
+
+async def test_a_sessionless_resumption_replays_lists_filtered(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The limited key lists tools (filtered: ``search``), then resumes from its own priming event with no
+    ``Mcp-Session-Id``: the upstream replays its ``tools/list`` answer as it first sent it.
+
+    Before: a GET stream without a session filtered only the ids this request asked about (none), so the replay
+    listed ``delete_everything``. Every GET stream now finds a limited key's lists by their shape."""
+    up = await aiohttp_server(sessionless_resumable_app())
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
+    gw = await make_sidecar(cfg)
+    _, key = await gw.create_key(name="attacker", permissions=SCOPED)
+    r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                            headers={**ACCEPT, **bearer(key)})  # fmt: skip
+    text = await r.text()
+    assert "delete_everything" not in text and "search" in text
+    priming = event_ids(text)[0]
+    async with gw.proxy.get("/mcp/tools", headers={**bearer(key), "Accept": "text/event-stream",
+                                                   "Last-Event-ID": priming}) as g:  # fmt: skip
+        assert g.status == 200
+        replayed = (await asyncio.wait_for(g.read(), 5)).decode()
+    assert "search" in replayed and "delete_everything" not in replayed
