@@ -382,7 +382,9 @@ class McpGateway:
         session: McpSession | None,
     ) -> web.StreamResponse:
         """A session's GET stream (answers replayed after a resumption are filtered too) or a legacy SSE stream."""
-        policy = Policy(McpAccess.cached(key.permissions, upstream.id))
+        # Any GET stream may replay answers to requests this process never saw (a resumption, a sessionless
+        # server's event store): a limited key's lists are also found by their shape.
+        policy = Policy(McpAccess.cached(key.permissions, upstream.id), by_shape=True)
         legacy_sid: list[str] = []
 
         def endpoint(data: str) -> str:
@@ -397,7 +399,6 @@ class McpGateway:
 
         if session is not None:
             policy.lists = (session.lists,)
-            policy.by_shape = True  # answers replayed here may be to requests another process saw
         filt = GatewayFilter(
             self,
             upstream,
