@@ -20,6 +20,7 @@ from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
 from mcp_server import MCP_TOKEN, SECRET, McpUpstream, MemoryEventStore
 from mcp_support import ACCEPT, SCOPED, bearer, call, legacy_stream, mcp_config, session
+from raw_http import read_response
 
 from sidecar.upstreams.mcp.eventids import MAX_ID_LINE, EventIdSealer
 
@@ -240,3 +241,44 @@ async def test_a_sessionless_resumption_replays_lists_filtered(
         assert g.status == 200
         replayed = (await asyncio.wait_for(g.read(), 5)).decode()
     assert "search" in replayed and "delete_everything" not in replayed
+
+
+async def test_framings_and_methods_never_carry_a_call_past_the_judge(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """Byte for byte, on one connection each: a body after ``Content-Length: 0``, a chunked body, ``Expect:
+    100-continue``, and a body on GET (chunked or not), HEAD and OPTIONS. The forbidden call never runs: a POST
+    body is judged however it is framed, a body on any other method is refused for a limited key."""
+    gw, attacker, _ = await two_keys(make_sidecar, upstream, tmp_path)
+    h = await session(gw, attacker)
+    body = json.dumps(call(7, "delete_everything")).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in h.items()).encode()
+    host = f"Host: {gw.proxy.host}:{gw.proxy.port}\r\n".encode()
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    sized = b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    cases = [  # (request bytes, the statuses the client may see, in order)
+        (b"POST /mcp/tools HTTP/1.1\r\n" + host + head + b"Content-Length: 0\r\n\r\n" + body, (400,)),
+        (b"POST /mcp/tools HTTP/1.1\r\n" + host + head + chunked, (200,)),
+        (b"POST /mcp/tools HTTP/1.1\r\n" + host + head + b"Expect: 100-continue\r\n" + sized, (100, 200)),
+        (b"GET /mcp/tools HTTP/1.1\r\n" + host + head + chunked, (403,)),
+        (b"GET /mcp/tools HTTP/1.1\r\n" + host + head + sized, (403,)),
+        (b"HEAD /mcp/tools HTTP/1.1\r\n" + host + head + sized, (403,)),
+        (b"OPTIONS /mcp/tools HTTP/1.1\r\n" + host + head + sized, (403,)),
+    ]
+    for raw, statuses in cases:
+        reader, writer = await asyncio.open_connection(gw.proxy.host, gw.proxy.port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            for want in statuses:
+                if want == 100 or raw.startswith(b"HEAD"):  # a status line and headers, no body
+                    line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert line.startswith(b"HTTP/1.1 %d" % want), line
+                    continue
+                status, _, answer = await asyncio.wait_for(read_response(reader, to_eof=False), 5)
+                assert status == want, (raw[:40], status, answer)
+                if status == 200:
+                    assert json.loads(answer)["error"]["code"] == -32010
+        finally:
+            writer.close()
+    assert "delete_everything" not in upstream.rec.calls
