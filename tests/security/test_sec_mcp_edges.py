@@ -282,3 +282,22 @@ async def test_framings_and_methods_never_carry_a_call_past_the_judge(
         finally:
             writer.close()
     assert "delete_everything" not in upstream.rec.calls
+
+
+async def test_cancelling_another_sessions_request_id_cancels_nothing(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """The victim's ``slow`` call runs as request 5; the attacker posts ``notifications/cancelled`` for request 5
+    (and ``notifications/roots/list_changed``) on its own session: the SDK scopes request ids to a session,
+    so the victim's call finishes."""
+    gw, attacker, victim = await two_keys(make_sidecar, upstream, tmp_path)
+    hv, ha = await session(gw, victim), await session(gw, attacker)
+    running = asyncio.ensure_future(gw.proxy.post("/mcp/tools", json=call(5, "slow", seconds=0.5), headers=hv))
+    assert await asyncio.to_thread(upstream.rec.started.wait, 5)
+    for note in ({"method": "notifications/cancelled", "params": {"requestId": 5, "reason": "x"}},
+                 {"method": "notifications/roots/list_changed"}):  # fmt: skip
+        r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", **note}, headers=ha)
+        assert r.status == 202
+    r = await asyncio.wait_for(running, 10)
+    assert "slept 0.5" in await r.text()
+    assert not upstream.rec.cancelled.is_set()
