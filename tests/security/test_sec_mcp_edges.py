@@ -301,3 +301,70 @@ async def test_cancelling_another_sessions_request_id_cancels_nothing(
     r = await asyncio.wait_for(running, 10)
     assert "slept 0.5" in await r.text()
     assert not upstream.rec.cancelled.is_set()
+
+
+# ----------------------------------------------------------------------------- tasks (2025-11-25)
+
+
+def task_server_app(seen: list[str]) -> web.Application:
+    """A task-capable server behind one credential: one task store for every caller (it cannot tell keys apart)."""
+    results: dict[str, dict[str, Any]] = {}
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        msg = await request.json()
+        method, params, rid = msg.get("method"), msg.get("params") or {}, msg.get("id")
+        seen.append(method)
+        if rid is None:
+            return web.Response(status=202)
+        if method == "tools/call" and "task" in params:
+            tid = f"t-{len(results) + 1}"
+            results[tid] = {"content": [{"type": "text", "text": f"{params['name']}: {SECRET}"}]}
+            result: dict[str, Any] = {"task": {"taskId": tid, "status": "completed"}}
+        elif method == "tasks/result":
+            result = results.get(params.get("taskId"), {})
+        elif method == "tasks/list":
+            result = {"tasks": [{"taskId": t, "status": "completed"} for t in results]}
+        else:
+            result = {}
+        return web.json_response({"jsonrpc": "2.0", "id": rid, "result": result})
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    return app
+
+
+async def test_a_limited_key_never_reads_another_keys_task(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """MCP 2025-11-25 tasks: a task-augmented ``tools/call`` answers with a task id; ``tasks/get``, ``tasks/result``,
+    ``tasks/cancel`` and ``tasks/list`` act on ids the upstream cannot bind to a key (one credential for all).
+
+    Before: the limited key's ``tasks/result`` for the victim's ``t-1`` (and ``tasks/list`` to find it) went up
+    unjudged and returned the victim's result. Now a key whose MCP access is limited may not use tasks (a refusal,
+    nothing goes up); a key without limits still does."""
+    seen: list[str] = []
+    up = await aiohttp_server(task_server_app(seen))
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
+    gw = await make_sidecar(cfg)
+    _, attacker = await gw.create_key(name="attacker", permissions=SCOPED)
+    _, victim = await gw.create_key(name="victim", permissions={"upstreams": ["*"]})
+    task_call = {**call(1, "fetch", url="x"), "params": {"name": "fetch", "arguments": {}, "task": {"ttl": 60000}}}
+    r = await gw.proxy.post("/mcp/tools", json=task_call, headers={**ACCEPT, **bearer(victim)})
+    assert (await r.json())["result"]["task"]["taskId"] == "t-1"
+    del seen[:]
+    asks = [
+        {"jsonrpc": "2.0", "id": 2, "method": "tasks/result", "params": {"taskId": "t-1"}},
+        {"jsonrpc": "2.0", "id": 3, "method": "tasks/list"},
+        {"jsonrpc": "2.0", "id": 4, "method": "tasks/get", "params": {"taskId": "t-1"}},
+        {"jsonrpc": "2.0", "id": 5, "method": "tasks/cancel", "params": {"taskId": "t-1"}},
+        {**task_call, "id": 6, "params": {"name": "search", "arguments": {}, "task": {}}},
+    ]
+    for ask in asks:
+        r = await gw.proxy.post("/mcp/tools", json=ask, headers={**ACCEPT, **bearer(attacker)})
+        answer = await r.json()
+        assert SECRET not in json.dumps(answer) and "t-1" not in json.dumps(answer.get("result", {}))
+        assert answer["error"]["code"] == -32010, answer
+    assert seen == [], "a limited key's task request reached the upstream"
+    r = await gw.proxy.post("/mcp/tools", json=asks[0], headers={**ACCEPT, **bearer(victim)})
+    assert SECRET in await r.text()  # the victim's own tasks still work
