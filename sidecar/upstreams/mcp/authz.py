@@ -73,6 +73,9 @@ _COMPLETION_REFS = {
     "ref/prompt": ("prompts", "name", "complete prompt"),
     "ref/resource": ("resources", "uri", "complete resource"),
 }
+# 2025-11-25's tasks: ids the upstream hands out and reads back, which it cannot bind to a key (it sees one
+# credential for all); a key whose MCP access is limited may not use them (``_task_use``).
+TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/cancel", "tasks/list"})
 # 2026-07-28's subscriptions/listen names the resources to watch in params.notifications (the SDK's
 # model takes the field by its alias or by its name): resources/subscribe in another form.
 _LISTEN_FIELDS = ("resourceSubscriptions", "resource_subscriptions")
@@ -119,7 +122,9 @@ class McpAccess:
         return self.tools is not None or self.resources is not None or self.prompts is not None
 
     def allows(self, kind: str, name: Any) -> bool:
-        """Tool name, resource URI (or a template's text, for template lists) or prompt name."""
+        """Tool name, resource URI (or a template's text, for template lists) or prompt name; ``tasks``: any use."""
+        if kind == "tasks":
+            return not self.restricted
         globs: tuple[str, ...] | None = getattr(self, kind)
         if globs is None:
             return True
@@ -172,6 +177,20 @@ def _target(msg: Message) -> tuple[str, Any, str] | None:
         if isinstance(ref, dict) and ref.get("type") in _COMPLETION_REFS:
             kind, key, verb = _COMPLETION_REFS[ref["type"]]
             return kind, ref.get(key), verb
+    return None
+
+
+def _task_use(msg: Message) -> tuple[str, Any, str] | None:
+    """A ``tasks/*`` request, or a ``tools/call`` asking to run as a task (``params.task``).
+
+    The upstream's task store answers whoever names a task id, and behind the sidecar every key is
+    the same caller to it: another key's ``tasks/result`` would be that key's answer, ``tasks/list``
+    would name every key's tasks. Until task ids are bound to keys, a limited key does not use tasks.
+    """
+    if msg.method in TASK_METHODS:
+        return "tasks", msg.method, "use"
+    if msg.method == "tools/call" and "task" in msg.params:
+        return "tasks", msg.params.get("name"), "call as a task the tool"
     return None
 
 
@@ -239,6 +258,8 @@ def judge(
         target = _target(msg)
         if target is None and msg.method == "subscriptions/listen" and access.resources is not None:
             target = _listen_refused(msg, access)
+        if access.restricted and (task := _task_use(msg)) is not None:
+            target = task
         if target is not None:
             kind, name, verb = target
             if kind == "tools" and isinstance(name, str):
