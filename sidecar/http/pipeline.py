@@ -31,10 +31,10 @@ from ..auth.credentials import (
     CLIENT_CREDENTIAL_HEADERS,
     Credential,
     extract_credential,
-    relative_url_path,
     strip_credential,
 )
 from ..auth.models import KeyRecord
+from ..auth.nested import nested_refusal
 from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
@@ -209,7 +209,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     sessions: tuple[str, ...] = ()
     if upstream.kind == "plex":
         if request.query:
-            _nested_urls_allowed(key, upstream, request.query)
+            _nested_urls_allowed(key, upstream, path, request.query, credential.key if credential else "")
         sessions = sc.transcode.ids(path, request.query, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone
@@ -303,14 +303,15 @@ def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
     return allowed(key.permissions, upstream.id, upstream.kind, "GET", path) is None
 
 
-def _nested_urls_allowed(key: KeyRecord, upstream: UpstreamConfig, query: MultiMapping[str]) -> None:
-    """Plex fetches a relative nested ``url=`` (``/photo/:/transcode``) from itself for the
-    client: the key must be allowed to GET that path too, or Plex would be its deputy."""
-    for name, value in query.items():
-        if name.lower() == "url":
-            nested = relative_url_path(value)
-            if nested is not None and (reason := allowed(key.permissions, upstream.id, upstream.kind, "GET", nested)):
-                raise Forbidden(f"nested url: {reason}")
+def _nested_urls_allowed(
+    key: KeyRecord, upstream: UpstreamConfig, path: str, query: MultiMapping[str], client_key: str
+) -> None:
+    """Plex fetches a nested ``url=`` (``/photo/:/transcode``) or transcodes a ``path=`` for the
+    client: where that is on Plex itself, the key must be allowed to GET it too, or Plex would be
+    its deputy (``sidecar.auth.nested``)."""
+    perms = key.permissions
+    if reason := nested_refusal(perms, upstream.id, upstream.kind, path, query.items(), upstream.url, client_key):
+        raise Forbidden(reason)
 
 
 @dataclass(frozen=True, slots=True)
