@@ -69,6 +69,11 @@ def plex_itself(scheme: str, netloc: str, host: str | None, own_host: str) -> bo
     return ip is not None and not ip.is_global
 
 
+def _pairs(query: str) -> list[tuple[str, str]]:
+    """A query's parameters, split at `&` and at `;`."""
+    return parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+
+
 @lru_cache(maxsize=64)
 def _host(url: str) -> str:
     return (urlsplit(url).hostname or "").rstrip(".").lower()
@@ -88,11 +93,14 @@ def nested_refusal(
     upstream_url: str,
     key: str = "",
     depth: int = 0,
+    raw_query: str = "",
 ) -> str | None:
     """None when every URL Plex would act on for this request (``route``, ``query``'s pairs) is one
     the key may GET; else why not. ``upstream_url``: the upstream's own URL; ``key``: the
     client's key (a value holding it is never forwarded: ``credentials.strip_credential``)."""
     names = _params(route)
+    if ";" in raw_query:  # a server that also splits on `;` reads `a=1;url=/x` as two parameters
+        query = [*query, *_pairs(raw_query)]
     for name, value in query:
         if name.lower() not in names:
             continue
@@ -111,7 +119,7 @@ def nested_refusal(
         if reason := allowed(perms, upstream_id, kind, "GET", nested):
             return f"nested url: {reason}"
         if parts.query:
-            inner = parse_qsl(parts.query, keep_blank_values=True)
+            inner = _pairs(parts.query)
             if reason := nested_refusal(perms, upstream_id, kind, nested, inner, upstream_url, key, depth + 1):
                 return reason
     return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, MultiDict, MultiMapping
+from multidict import CIMultiDict, MultiDict
 
 from ..auth.credentials import (
     CLIENT_CREDENTIAL_HEADERS,
@@ -209,7 +209,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     sessions: tuple[str, ...] = ()
     if upstream.kind == "plex":
         if request.query:
-            _nested_urls_allowed(key, upstream, path, request.query, credential.key if credential else "")
+            _nested_urls_allowed(key, upstream, path, request, credential.key if credential else "")
         sessions = sc.transcode.ids(path, request.query, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone
@@ -304,13 +304,15 @@ def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
 
 
 def _nested_urls_allowed(
-    key: KeyRecord, upstream: UpstreamConfig, path: str, query: MultiMapping[str], client_key: str
+    key: KeyRecord, upstream: UpstreamConfig, path: str, request: web.Request, client_key: str
 ) -> None:
     """Plex fetches a nested ``url=`` (``/photo/:/transcode``) or transcodes a ``path=`` for the
     client: where that is on Plex itself, the key must be allowed to GET it too, or Plex would be
     its deputy (``sidecar.auth.nested``)."""
-    perms = key.permissions
-    if reason := nested_refusal(perms, upstream.id, upstream.kind, path, query.items(), upstream.url, client_key):
+    perms, pairs, raw = key.permissions, request.query.items(), request.rel_url.raw_query_string
+    if reason := nested_refusal(
+        perms, upstream.id, upstream.kind, path, pairs, upstream.url, client_key, raw_query=raw
+    ):
         raise Forbidden(reason)
 
 

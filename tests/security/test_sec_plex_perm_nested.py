@@ -136,3 +136,20 @@ async def test_a_transcode_of_an_item_the_key_may_read_passes(rig: tuple[Running
         ans = await get(running, f"/video/:/transcode/universal/decision?path={quote(path, safe='')}", key)
         assert ans.status == 200, (path, ans.body)
     assert len(rec.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "width=1;url=%2Flibrary%2Fparts%2F1%2Ffile.jpg",  # `;` as a separator, as some servers read it
+        "width=1&url=%2Fphoto%2F%3A%2Ftranscode%3Fa%3D1%3Burl%3D%2Flibrary%2Fparts%2F1%2Ffile.jpg",
+        "u%72l=%2Flibrary%2Fparts%2F1%2Ffile.jpg",
+        "URL=%2Flibrary%2Fparts%2F1%2Ffile.jpg",
+    ],
+)
+async def test_a_nested_url_in_any_query_spelling_is_authorised(rig: tuple[Running, Recorder], query: str) -> None:
+    running, rec = rig
+    _, key = await running.create_key(permissions=READ)
+    ans = await get(running, f"/photo/:/transcode?{query}", key)
+    assert refused(ans), (query, ans.status, ans.body)
+    assert rec.seen == []
