@@ -27,10 +27,12 @@ from collections.abc import Iterable
 from functools import lru_cache
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from multidict import MultiDict
+
 from .models import Permissions
 from .permissions import allowed
 
-__all__ = ["MAX_DEPTH", "nested_refusal", "plex_itself"]
+__all__ = ["MAX_DEPTH", "lenient_query", "nested_refusal", "plex_itself"]
 
 MAX_DEPTH = 4  # nested URLs inside nested URLs: deeper than any client sends is refused
 _LAN_SUFFIXES = (".localhost", ".local", ".lan", ".home", ".internal", ".intranet", ".home.arpa", ".localdomain")
@@ -72,6 +74,12 @@ def plex_itself(scheme: str, netloc: str, host: str | None, own_host: str) -> bo
 def _pairs(query: str) -> list[tuple[str, str]]:
     """A query's parameters, split at `&` and at `;`."""
     return parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+
+
+def lenient_query(raw_query: str) -> MultiDict[str]:
+    """The query as a server that splits at `;` as well as `&` reads it (a superset of the `&` reading:
+    ``a=1;session=S`` names session S for it), for checks that must see every parameter."""
+    return MultiDict(_pairs(raw_query))
 
 
 @lru_cache(maxsize=64)

@@ -34,7 +34,7 @@ from ..auth.credentials import (
     strip_credential,
 )
 from ..auth.models import KeyRecord
-from ..auth.nested import nested_refusal
+from ..auth.nested import lenient_query, nested_refusal
 from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
@@ -210,7 +210,9 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     if upstream.kind == "plex":
         if request.query:
             _nested_urls_allowed(key, upstream, path, request, credential.key if credential else "")
-        sessions = sc.transcode.ids(path, request.query, request.headers)
+        raw_query = request.rel_url.raw_query_string
+        query_seen = lenient_query(raw_query) if ";" in raw_query else request.query  # `a=1;session=S` too
+        sessions = sc.transcode.ids(path, query_seen, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone
             sc.transcode.check_keyless(sessions, key.id)

@@ -153,3 +153,20 @@ async def test_a_nested_url_in_any_query_spelling_is_authorised(rig: tuple[Runni
     ans = await get(running, f"/photo/:/transcode?{query}", key)
     assert refused(ans), (query, ans.status, ans.body)
     assert rec.seen == []
+
+
+PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
+
+
+@pytest.mark.parametrize("query", ["a=1;session=S", "session=MINE;session=S", "a=1;X-Plex-Session-Identifier=S"])
+async def test_a_session_id_after_a_semicolon_is_checked(rig: tuple[Running, Recorder], query: str) -> None:
+    """Key B cannot reach key A's transcode session S by hiding ``session=S`` behind a `;`."""
+    running, rec = rig
+    _, a = await running.create_key(permissions=PLAYBACK)
+    _, b = await running.create_key(permissions=PLAYBACK)
+    start = "/video/:/transcode/universal/start.m3u8?session=S&path=%2Flibrary%2Fmetadata%2F1"
+    assert (await get(running, start, a)).status == 200
+    seen = len(rec.seen)
+    ans = await get(running, f"/video/:/transcode/universal/ping?{query}", b)
+    assert ans.status in (400, 403), (query, ans.status, ans.body)
+    assert len(rec.seen) == seen
