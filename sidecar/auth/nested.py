@@ -9,7 +9,9 @@ key's deputy, so the key must be allowed to GET its path, or the request is refu
   link-local or unspecified address in any spelling a resolver accepts (``127.1``,
   ``2130706433``, ``[::ffff:127.0.0.1]``), ``localhost``, a LAN name (``.local``, ``.lan``, …), the
   upstream's own host; or a scheme other than http(s) (``file:``);
-- and the same again inside it (``url=/photo/:/transcode?url=…``), up to ``MAX_DEPTH``.
+- and the same again inside it (``url=/photo/:/transcode?url=…``), up to ``MAX_DEPTH``;
+- the items a play queue or playlist is made of (``uri=server://…/library/metadata/1``,
+  ``library://…/item/…``) and the item a play queue starts at (``key=``).
 
 An absolute http(s) URL to a public name is the internet (artwork from a metadata agent):
 Plex fetches it without a token (``credentials.strip_credential`` never puts one there),
@@ -89,7 +91,28 @@ def _host(url: str) -> str:
 
 def _params(route: str) -> tuple[str, ...]:
     """The parameters of ``route`` that name a URL Plex acts on."""
-    return ("url", "path") if "/:/transcode" in route.lower() else ("url",)
+    r = route.lower()
+    if "/:/transcode" in r:
+        return ("url", "path")
+    if r.startswith("/playqueues"):
+        return ("url", "uri", "key")  # ``key``: the item to start at
+    if r.startswith("/playlists"):
+        return ("url", "uri")
+    return ("url",)
+
+
+def _library_uri(value: str) -> str | None:
+    """The path on the server a play queue or playlist ``uri=`` names: ``server://<id>/<provider><path>``,
+    ``library://<uuid>/item/<path>`` or ``library://<uuid>/directory/<path>`` (encoded or not); None if it
+    names no such path (a scheme Plex reads from elsewhere)."""
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:
+        return "/"  # refused unless the key may use every path
+    if parts.scheme.lower() not in ("server", "library"):
+        return None
+    rest = parts.path.lstrip("/").split("/", 1)  # the provider, or item/directory; then the path
+    return "/" + unquote(rest[1] if len(rest) > 1 else "").lstrip("/")
 
 
 def nested_refusal(
@@ -114,6 +137,11 @@ def nested_refusal(
             continue
         if depth >= MAX_DEPTH:
             return "nested url: nested too deep"
+        if name.lower() == "uri":
+            item = _library_uri(value)
+            if item is not None and (reason := allowed(perms, upstream_id, kind, "GET", item.split("?", 1)[0])):
+                return f"nested uri: {reason}"
+            continue
         try:
             parts = urlsplit(value.strip())
             host = parts.hostname

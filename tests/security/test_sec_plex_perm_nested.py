@@ -170,3 +170,47 @@ async def test_a_session_id_after_a_semicolon_is_checked(rig: tuple[Running, Rec
     ans = await get(running, f"/video/:/transcode/universal/ping?{query}", b)
     assert ans.status in (400, 403), (query, ans.status, ans.body)
     assert len(rec.seen) == seen
+
+
+QUEUE_ONE = {"upstreams": ["plex"], "paths": ["/library/metadata/1", "/playQueues*", "/playlists*"]}
+LIB = "com.plexapp.plugins.library"
+
+
+@pytest.mark.parametrize(
+    ("route", "query"),
+    [
+        ("/playQueues", f"type=video&uri=server://mid/{LIB}/library/metadata/2"),
+        ("/playQueues", "type=video&uri=library://uuid/item/%2Flibrary%2Fmetadata%2F2"),
+        ("/playQueues", "type=video&uri=library://uuid/item/library/metadata/2"),
+        ("/playQueues", "type=video&uri=library:///directory/%2Flibrary%2Fmetadata%2F1%2C2"),
+        ("/playQueues", f"type=video&uri=server://mid/{LIB}/library/sections/2/all?type=1"),
+        ("/playQueues", f"type=video&uri=server://mid/{LIB}/library/metadata/1&key=/library/metadata/2"),
+        ("/playlists", f"type=video&title=x&smart=0&uri=server://mid/{LIB}/library/metadata/2"),
+        ("/playlists/5/items", f"uri=server://mid/{LIB}/library/metadata/2"),
+        ("/playQueues/5", "uri=library://uuid/item/%2Flibrary%2Fmetadata%2F2"),
+    ],
+)
+async def test_a_queue_or_playlist_of_items_the_key_may_not_read_is_refused(
+    rig: tuple[Running, Recorder], route: str, query: str
+) -> None:
+    """``uri=`` names the items Plex puts in the queue (and serves back): authorised as the key's GET."""
+    running, rec = rig
+    _, key = await running.create_key(permissions=QUEUE_ONE)
+    target = route + "?" + "&".join(f"{n}={quote(v, safe='')}" for n, v in (p.split("=", 1) for p in query.split("&")))
+    ans = await raw_request(
+        running.proxy.server.host, running.proxy.server.port, "POST", target, [("X-Plex-Token", key)]
+    )
+    assert refused(ans), (route, query, ans.status, ans.body)
+    assert rec.seen == []
+
+
+async def test_a_queue_of_items_the_key_may_read_passes(rig: tuple[Running, Recorder]) -> None:
+    running, rec = rig
+    _, key = await running.create_key(permissions=QUEUE_ONE)
+    for uri in (f"server://mid/{LIB}/library/metadata/1", "library://uuid/item/%2Flibrary%2Fmetadata%2F1"):
+        target = f"/playQueues?type=video&key=%2Flibrary%2Fmetadata%2F1&uri={quote(uri, safe='')}"
+        ans = await raw_request(
+            running.proxy.server.host, running.proxy.server.port, "POST", target, [("X-Plex-Token", key)]
+        )
+        assert ans.status == 200, (uri, ans.body)
+    assert len(rec.seen) == 2
