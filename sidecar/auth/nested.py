@@ -24,6 +24,7 @@ Pure: no I/O; runs only when the query has such a parameter.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from functools import lru_cache
@@ -36,6 +37,8 @@ from .permissions import allowed
 
 __all__ = ["MAX_DEPTH", "lenient_query", "nested_refusal", "plex_itself"]
 
+_PRINTABLE = re.compile(r"[!-~]+")  # a parameter name as sent, usually
+_UNPRINTABLE = re.compile(r"[^!-~]")  # dropped from a name: ``url%00`` or `` url`` is ``url`` (as in ``transcode``)
 MAX_DEPTH = 4  # nested URLs inside nested URLs: deeper than any client sends is refused
 _LAN_SUFFIXES = (".localhost", ".local", ".lan", ".home", ".internal", ".intranet", ".home.arpa", ".localdomain")
 
@@ -133,11 +136,14 @@ def nested_refusal(
     if ";" in raw_query:  # a server that also splits on `;` reads `a=1;url=/x` as two parameters
         query = [*query, *_pairs(raw_query)]
     for name, value in query:
-        if name.lower() not in names:
+        lname = name.lower()
+        if _PRINTABLE.fullmatch(lname) is None:  # as a server that trims names or stops at a NUL reads it
+            lname = _UNPRINTABLE.sub("", lname)
+        if lname not in names:
             continue
         if depth >= MAX_DEPTH:
             return "nested url: nested too deep"
-        if name.lower() == "uri":
+        if lname == "uri":
             item = _library_uri(value)
             if item is not None and (reason := allowed(perms, upstream_id, kind, "GET", item.split("?", 1)[0])):
                 return f"nested uri: {reason}"

@@ -214,3 +214,15 @@ async def test_a_queue_of_items_the_key_may_read_passes(rig: tuple[Running, Reco
         )
         assert ans.status == 200, (uri, ans.body)
     assert len(rec.seen) == 2
+
+
+@pytest.mark.parametrize("name", ["url%00", "url%20", "%20url", "url%09", "u%00rl", "path%00"])
+async def test_a_nested_url_under_a_padded_name_is_authorised(rig: tuple[Running, Recorder], name: str) -> None:
+    """A server that trims names or stops at a NUL reads ``url%00=`` as ``url=``."""
+    running, rec = rig
+    transcode = name.startswith("path")
+    _, key = await running.create_key(permissions=TRANSCODE_ONE if transcode else READ)
+    route = "/video/:/transcode/universal/decision" if transcode else "/photo/:/transcode"
+    ans = await get(running, f"{route}?{name}=%2Flibrary%2Fparts%2F1%2Ffile.jpg", key)
+    assert refused(ans), (name, ans.status, ans.body)
+    assert rec.seen == []
