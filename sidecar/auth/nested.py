@@ -81,10 +81,17 @@ def _pairs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query.replace(";", "&"), keep_blank_values=True)
 
 
-def lenient_query(raw_query: str) -> MultiDict[str]:
-    """The query as a server that splits at `;` as well as `&` reads it (a superset of the `&` reading:
-    ``a=1;session=S`` names session S for it), for checks that must see every parameter."""
-    return MultiDict(_pairs(raw_query))
+def lenient_query(query: Iterable[tuple[str, str]], raw_query: str) -> MultiDict[str]:
+    """``query`` (the `&` reading) plus what a server that also splits at `;` reads in ``raw_query``:
+    ``a=1;session=S`` names session S for it, and ``session=T;x=1`` names both ``T;x=1`` and ``T``
+    (a parameter read two ways is then repeated, and refused as such)."""
+    out = MultiDict(query)
+    seen = set(out.items())
+    for pair in _pairs(raw_query):
+        if pair not in seen:
+            out.add(*pair)
+            seen.add(pair)
+    return out
 
 
 @lru_cache(maxsize=64)

@@ -211,7 +211,9 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         if request.query:
             _nested_urls_allowed(key, upstream, path, request, credential.key if credential else "")
         raw_query = request.rel_url.raw_query_string
-        query_seen = lenient_query(raw_query) if ";" in raw_query else request.query  # `a=1;session=S` too
+        query_seen = (
+            lenient_query(request.query.items(), raw_query) if ";" in raw_query else request.query
+        )  # `a=1;session=S` too
         sessions = sc.transcode.ids(path, query_seen, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone

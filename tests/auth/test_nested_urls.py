@@ -58,7 +58,9 @@ def test_nested_refusal_table() -> None:
 
 
 def test_lenient_query() -> None:
-    assert list(lenient_query("a=1;session=S&b=2").items()) == [("a", "1"), ("session", "S"), ("b", "2")]
+    both = lenient_query([("a", "1;session=S"), ("b", "2")], "a=1;session=S&b=2")
+    assert list(both.items()) == [("a", "1;session=S"), ("b", "2"), ("a", "1"), ("session", "S")]
+    assert lenient_query([("session", "T;x=1")], "session=T;x=1").getall("session") == ["T;x=1", "T"]
 
 
 @pytest.mark.parametrize(

@@ -226,3 +226,16 @@ async def test_a_nested_url_under_a_padded_name_is_authorised(rig: tuple[Running
     ans = await get(running, f"{route}?{name}=%2Flibrary%2Fparts%2F1%2Ffile.jpg", key)
     assert refused(ans), (name, ans.status, ans.body)
     assert rec.seen == []
+
+
+async def test_a_session_id_read_two_ways_is_refused(rig: tuple[Running, Recorder]) -> None:
+    """``session=T;x=1`` is session ``T;x=1`` to one server and ``T`` to another: 400, nothing claimed."""
+    running, rec = rig
+    _, a = await running.create_key(permissions=PLAYBACK)
+    ans = await get(running, "/video/:/transcode/universal/start.m3u8?session=T;x=1&path=%2Flibrary%2Fmetadata%2F1", a)
+    assert ans.status == 400, (ans.status, ans.body)
+    assert rec.seen == []
+    ans = await get(
+        running, "/video/:/transcode/universal/start.m3u8?a=1;b=2&session=T&path=%2Flibrary%2Fmetadata%2F1", a
+    )
+    assert ans.status == 200, ans.body  # a `;` elsewhere changes nothing about the id
