@@ -17,7 +17,7 @@ An absolute http(s) URL to a public name is the internet (artwork from a metadat
 Plex fetches it without a token (``credentials.strip_credential`` never puts one there),
 and it is let through. A name that resolves to Plex's own address (a single-label LAN name such
 as ``http://nas:32400/``, or ``127.0.0.1.nip.io``) cannot be told without DNS: it is let
-through too, like any other name (see docs/security.md).
+through too, like any other name (docs/keys.md).
 Pure: no I/O; runs only when the query has such a parameter.
 """
 
