@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -32,19 +33,50 @@ __all__ = [
 TOKEN_MINTING = ("/security/token", "/security/resources", "/myplex")
 _TOKEN_MINTING_RE = re.compile(r"(?:^|/)(?:security/(?:token|resources)|myplex)(?![a-z0-9_])", re.IGNORECASE)
 _ENCODED_DOTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
+# After the one decoding the path has had: an escape left (decoded twice by a lenient upstream).
+_ESCAPE = re.compile("%[0-9a-fA-F]{2}")
+# A segment a lenient upstream may read as `.` / `..`: `;params` cut off (`..;x`), a C string ended
+# at NUL (`..\0`), trailing dots and spaces dropped as Windows does (`.. `, `...`).
+_DOTTY = re.compile(r"[. ]*\.[. ]*(?:[;\x00].*)?", re.DOTALL)
+
+
+def _splits(folded: str, p: str) -> bool:
+    """Has ``folded`` (``p`` normalised) a `/`, `\\` or dot segment that ``p`` has not?"""
+    return folded.count("/") != p.count("/") or "\\" in folded or any(_DOTTY.fullmatch(s) for s in folded.split("/"))
+
+
+def _ambiguous(p: str) -> bool:
+    """Is ``p`` (decoded once) read as another path by an upstream that is lenient in some common way?
+
+    Refused, rather than guessed at: an escape left after the one decoding (`%252F`, `%252e`; a
+    second decoding would make it `/`, `.`), overlong or broken UTF-8 (`%c0%ae`), a NUL, and
+    Unicode compatibility forms that normalise (NFKC) into `/`, `\\` or dots (`．．`, `／`, `‥`).
+    """
+    if "\x00" in p:
+        return True
+    if "%" in p and _ESCAPE.search(p):
+        return True
+    if not p.isascii():
+        folded = unicodedata.normalize("NFKC", p)
+        if folded != p and (_splits(folded, p) or is_token_minting(folded)):
+            return True
+    return False
 
 
 def normalize_path(path: str) -> str | None:
     """The path as authorization sees it: runs of ``/`` (and ``\\``) collapsed; None if it
-    has ``.``/``..`` segments (plain or still percent-encoded), which would make what we
+    has ``.``/``..`` segments (plain or still percent-encoded, or made so by ``;params``, a NUL,
+    trailing dots or spaces) or is otherwise ambiguous (``_ambiguous``), which would make what we
     check and what the upstream serves two different paths."""
     p = path.replace("\\", "/")
     if "//" in p:
         p = re.sub("/{2,}", "/", p)
     if "." in p or "%" in p:
         for seg in p.split("/"):
-            if seg.lower() in _ENCODED_DOTS:
+            if seg.lower() in _ENCODED_DOTS or ("." in seg and _DOTTY.fullmatch(seg)):
                 return None
+    if ("%" in p or "\x00" in p or not p.isascii()) and _ambiguous(p):
+        return None
     return p
 
 
@@ -77,7 +109,7 @@ def allowed(perms: Permissions, upstream_id: str, kind: str, method: str, path: 
         return f"this key may not use method {method}"
     norm = normalize_path(path)
     if norm is None:
-        return "paths with '.' or '..' segments are refused"
+        return "paths with '.' or '..' segments or an ambiguous spelling (escapes left, NUL, ...) are refused"
     # The admin permission, and nothing in `paths` (not even plex:admin), opens these.
     if kind == "plex" and not perms.admin and is_token_minting(norm):
         return "token-minting endpoints need the admin permission"

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, MultiDict, MultiMapping
+from multidict import CIMultiDict, MultiDict
 
 from ..auth.credentials import (
     CLIENT_CREDENTIAL_HEADERS,
     Credential,
     extract_credential,
-    relative_url_path,
     strip_credential,
 )
 from ..auth.models import KeyRecord
+from ..auth.nested import lenient_query, nested_refusal
 from ..auth.permissions import allowed
 from ..cache.policy import CacheKey, origin_of, request_bypass
 from ..cache.response import OnHeaders
@@ -209,8 +209,12 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     sessions: tuple[str, ...] = ()
     if upstream.kind == "plex":
         if request.query:
-            _nested_urls_allowed(key, upstream, request.query)
-        sessions = sc.transcode.ids(path, request.query, request.headers)
+            _nested_urls_allowed(key, upstream, path, request, credential.key if credential else "")
+        raw_query = request.rel_url.raw_query_string
+        query_seen = (
+            lenient_query(request.query.items(), raw_query) if ";" in raw_query else request.query
+        )  # `a=1;session=S` too
+        sessions = sc.transcode.ids(path, query_seen, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone
             sc.transcode.check_keyless(sessions, key.id)
@@ -303,14 +307,17 @@ def _may_get(key: KeyRecord, upstream: UpstreamConfig, path: str) -> bool:
     return allowed(key.permissions, upstream.id, upstream.kind, "GET", path) is None
 
 
-def _nested_urls_allowed(key: KeyRecord, upstream: UpstreamConfig, query: MultiMapping[str]) -> None:
-    """Plex fetches a relative nested ``url=`` (``/photo/:/transcode``) from itself for the
-    client: the key must be allowed to GET that path too, or Plex would be its deputy."""
-    for name, value in query.items():
-        if name.lower() == "url":
-            nested = relative_url_path(value)
-            if nested is not None and (reason := allowed(key.permissions, upstream.id, upstream.kind, "GET", nested)):
-                raise Forbidden(f"nested url: {reason}")
+def _nested_urls_allowed(
+    key: KeyRecord, upstream: UpstreamConfig, path: str, request: web.Request, client_key: str
+) -> None:
+    """Plex fetches a nested ``url=`` (``/photo/:/transcode``) or transcodes a ``path=`` for the
+    client: where that is on Plex itself, the key must be allowed to GET it too, or Plex would be
+    its deputy (``sidecar.auth.nested``)."""
+    perms, pairs, raw = key.permissions, request.query.items(), request.rel_url.raw_query_string
+    if reason := nested_refusal(
+        perms, upstream.id, upstream.kind, path, pairs, upstream.url, client_key, raw_query=raw
+    ):
+        raise Forbidden(reason)
 
 
 @dataclass(frozen=True, slots=True)
