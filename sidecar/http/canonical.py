@@ -21,6 +21,12 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   the injected real token). Credential headers, ``Host``, ``Content-Length`` and the
   websocket handshake headers are kept: the sidecar consumes or replaces them itself.
 
+- **Header names with ``_`` are dropped** (nginx's ``underscores_in_headers off``). CGI-style
+  upstreams (WSGI, Rack, PHP) read ``X_Forwarded_For`` as ``X-Forwarded-For``: forwarded, the
+  client's spelling would shadow or join a header the sidecar sets (``X-Forwarded-For``, an
+  injected ``X-Api-Key``) or strips (``X-Real-IP``, method overrides, Puma CVE-2024-45614).
+  An upstream's configured ``headers`` are added after this, whatever their spelling.
+
 With ``strip_prefix``, ``sidecar.http.outbound.upstream_url`` strips the prefix by path segment,
 so a percent-encoded prefix (``/%70lex/…``) loses exactly the segment the router matched.
 
@@ -66,6 +72,8 @@ def canonical(request: web.Request) -> web.Request:
     if "//" in raw:
         new_url = URL.build(path=collapse_slashes(raw), query_string=url.raw_query_string, encoded=True)
     new_headers = _without_connection_named(request)
+    if any("_" in name for name in request.headers):  # rare: one scan of the names
+        new_headers = CIMultiDict((n, v) for n, v in (new_headers or request.headers).items() if "_" not in n)
     if new_url is None and new_headers is None:
         return request
     changes: dict[str, Any] = {}
