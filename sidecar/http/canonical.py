@@ -27,6 +27,11 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   injected ``X-Api-Key``) or strips (``X-Real-IP``, method overrides, Puma CVE-2024-45614).
   An upstream's configured ``headers`` are added after this, whatever their spelling.
 
+- **A transfer coding other than ``chunked`` alone is refused** (400, connection closed): the
+  parser reads ``gzip, chunked`` as chunked and the body went up re-chunked without the
+  ``gzip`` it declared: dropped, not undone. An HTTP/1.0 request with ``Transfer-Encoding`` is
+  faulty framing (RFC 9112 §6.1) and is refused the same way.
+
 With ``strip_prefix``, ``sidecar.http.outbound.upstream_url`` strips the prefix by path segment,
 so a percent-encoded prefix (``/%70lex/…``) loses exactly the segment the router matched.
 
@@ -39,12 +44,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from ..core.errors import BadRequest
 from .forwarder import HOP_BY_HOP
+from .listener import GuardedHandler
 
 __all__ = ["canonical", "collapse_slashes"]
 
@@ -66,6 +72,9 @@ def collapse_slashes(raw_path: str) -> str:
 
 def canonical(request: web.Request) -> web.Request:
     """``request`` itself when already canonical, else a canonical clone; BadRequest if it cannot be one."""
+    coding = request.headers.get("Transfer-Encoding")
+    if coding is not None and (coding.lower() != "chunked" or request.version != HttpVersion11):
+        _check_coding(request, coding)
     url = request.rel_url
     raw = url.raw_path
     new_url: URL | None = None
@@ -86,6 +95,17 @@ def canonical(request: web.Request) -> web.Request:
     except UnicodeEncodeError:  # a header value that is not UTF-8 cannot be re-encoded by the clone
         raise BadRequest("request headers are not valid UTF-8") from None
     return clone
+
+
+def _check_coding(request: web.Request, coding: str) -> None:
+    """BadRequest (and the connection closed after it) unless the body is exactly ``chunked`` on HTTP/1.1."""
+    codings = [c.strip().lower() for c in coding.split(",") if c.strip()]
+    if codings == ["chunked"] and request.version == HttpVersion11:
+        return  # ``chunked `` or ``,chunked``: spelled oddly, read the same way by every parser
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler):
+        protocol.close_after_answer()
+    raise BadRequest("the only transfer coding accepted is chunked, on HTTP/1.1")
 
 
 def _without_connection_named(request: web.Request) -> CIMultiDict[str] | None:
