@@ -27,6 +27,11 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   injected ``X-Api-Key``) or strips (``X-Real-IP``, method overrides, Puma CVE-2024-45614).
   An upstream's configured ``headers`` are added after this, whatever their spelling.
 
+- **An absolute-form target becomes origin-form, its authority the ``Host``** (RFC 9112
+  §3.2.2: the target's authority *is* the host; aiohttp's ``request.host`` says so). The
+  upstream is told that authority as ``X-Forwarded-Host``; the cache and the repeat-hit memo
+  keyed the answer by the ``Host`` header instead, so ``GET http://attacker.example/links``
+  with ``Host: plex.test`` stored the attacker's links for every ``plex.test`` client.
 - **A transfer coding other than ``chunked`` alone is refused** (400, connection closed): the
   parser reads ``gzip, chunked`` as chunked and the body went up re-chunked without the
   ``gzip`` it declared: dropped, not undone. An HTTP/1.0 request with ``Transfer-Encoding`` is
@@ -81,6 +86,10 @@ def canonical(request: web.Request) -> web.Request:
     if "//" in raw:
         new_url = URL.build(path=collapse_slashes(raw), query_string=url.raw_query_string, encoded=True)
     new_headers = _without_connection_named(request)
+    if request.raw_path[:1] != "/":  # absolute-form (``pipeline`` refused every other odd target)
+        new_url = new_url or URL.build(path=raw, query_string=url.raw_query_string, encoded=True)
+        new_headers = CIMultiDict(new_headers or request.headers)
+        new_headers["Host"] = request.url.host_port_subcomponent or ""
     if any("_" in name for name in request.headers):  # rare: one scan of the names
         new_headers = CIMultiDict((n, v) for n, v in (new_headers or request.headers).items() if "_" not in n)
     if new_url is None and new_headers is None:
