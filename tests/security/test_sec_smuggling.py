@@ -253,3 +253,35 @@ async def test_a_refused_requests_body_is_never_a_request_and_the_next_one_is_re
     assert [c for c in statuses(answer) if c != 100][-1] == 200, answer[:400]
     assert [r.split(b" ", 2)[1] for r in wire.requests] == [b"/library/second"]
     assert b"hidden" not in wire.requests[0]
+
+
+# ------------------------------------------------------------------ the Host header
+
+
+@pytest.mark.parametrize(
+    "host", [b"user:pw@evil.example", b"a b", b"h/../x", b"h:99999x", b"h\\x", b"evil.example#", b"[::1"]
+)
+async def test_an_invalid_host_is_refused_never_forwarded_as_x_forwarded_host(
+    rig: tuple[Running, Wire, str, str], host: bytes
+) -> None:
+    """RFC 9112 §3.2: a Host that is not ``uri-host [":" port]`` is a 400. Forwarded, it reached the upstream
+    as ``X-Forwarded-Host`` and was the origin under which the scrubber writes the client's key back."""
+    gw, wire, plex, _ = rig
+    answer = await exchange(
+        gw, b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\n\r\n" % (host, plex.encode())
+    )
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"bad_request"' in answer
+    assert wire.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", [b"plex.test", b"plex.test:32400", b"127.0.0.1:8080", b"[::1]:8080", b"xn--e1a.example"]
+)
+async def test_a_valid_host_is_forwarded_as_x_forwarded_host(rig: tuple[Running, Wire, str, str], host: bytes) -> None:
+    gw, wire, plex, _ = rig
+    answer = await exchange(
+        gw, b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\n\r\n" % (host, plex.encode())
+    )
+    assert statuses(answer) == [200], answer[:300]
+    assert b"\r\nX-Forwarded-Host: %s\r\n" % host in wire.requests[0]
