@@ -32,6 +32,10 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   upstream is told that authority as ``X-Forwarded-Host``; the cache and the repeat-hit memo
   keyed the answer by the ``Host`` header instead, so ``GET http://attacker.example/links``
   with ``Host: plex.test`` stored the attacker's links for every ``plex.test`` client.
+- **A ``Host`` that is not ``uri-host [":" port]`` is refused** (400, RFC 9112 §3.2): it went up
+  as ``X-Forwarded-Host`` (``user:pw@evil.example``, ``h/../x``, ``a b``) and was the origin the
+  scrubber writes the client's key back under. Valid values are remembered, so the usual
+  request costs one set lookup.
 - **A transfer coding other than ``chunked`` alone is refused** (400, connection closed): the
   parser reads ``gzip, chunked`` as chunked and the body went up re-chunked without the
   ``gzip`` it declared: dropped, not undone. An HTTP/1.0 request with ``Transfer-Encoding`` is
@@ -62,6 +66,10 @@ __all__ = ["canonical", "collapse_slashes"]
 _SLASHES = re.compile(r"/{2,}")
 # Connection tokens that name no end-to-end header: left in place.
 _STANDARD = HOP_BY_HOP | {"close", "keep-alive", "upgrade"}
+# RFC 3986 uri-host (an IP literal, or a reg-name: IPv4 addresses and DNS names are reg-names too)
+# and an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%~_-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+_GOOD_HOSTS: set[str] = set()  # Host values already found valid (a few per deployment)
 _COMMON = frozenset({"keep-alive", "close", "upgrade", "keep-alive, upgrade", "upgrade, keep-alive"})
 # Headers the sidecar itself consumes (credentials, the websocket handshake), replaces (Host)
 # or frames the body by (Content-Length): a Connection token naming them must not hide them.
@@ -77,6 +85,9 @@ def collapse_slashes(raw_path: str) -> str:
 
 def canonical(request: web.Request) -> web.Request:
     """``request`` itself when already canonical, else a canonical clone; BadRequest if it cannot be one."""
+    host = request.headers.get("Host")
+    if host is not None and host not in _GOOD_HOSTS:
+        _check_host(host)
     coding = request.headers.get("Transfer-Encoding")
     if coding is not None and (coding.lower() != "chunked" or request.version != HttpVersion11):
         _check_coding(request, coding)
@@ -104,6 +115,15 @@ def canonical(request: web.Request) -> web.Request:
     except UnicodeEncodeError:  # a header value that is not UTF-8 cannot be re-encoded by the clone
         raise BadRequest("request headers are not valid UTF-8") from None
     return clone
+
+
+def _check_host(host: str) -> None:
+    """BadRequest unless ``host`` is a host name or address with an optional port; remembered if it is."""
+    if _HOST.fullmatch(host) is None:
+        raise BadRequest("the Host header must be a host name or address, with an optional port")
+    if len(_GOOD_HOSTS) >= 256:  # clients that make up names cannot grow it without bound
+        _GOOD_HOSTS.clear()
+    _GOOD_HOSTS.add(host)
 
 
 def _check_coding(request: web.Request, coding: str) -> None:

@@ -268,7 +268,8 @@ async def test_an_invalid_host_is_refused_never_forwarded_as_x_forwarded_host(
     as ``X-Forwarded-Host`` and was the origin under which the scrubber writes the client's key back."""
     gw, wire, plex, _ = rig
     answer = await exchange(
-        gw, b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\n\r\n" % (host, plex.encode())
+        gw,
+        b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\nConnection: close\r\n\r\n" % (host, plex.encode()),
     )
     assert statuses(answer) == [400], answer[:300]
     assert b'"bad_request"' in answer
@@ -281,7 +282,8 @@ async def test_an_invalid_host_is_refused_never_forwarded_as_x_forwarded_host(
 async def test_a_valid_host_is_forwarded_as_x_forwarded_host(rig: tuple[Running, Wire, str, str], host: bytes) -> None:
     gw, wire, plex, _ = rig
     answer = await exchange(
-        gw, b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\n\r\n" % (host, plex.encode())
+        gw,
+        b"GET /library/x HTTP/1.1\r\nHost: %s\r\nX-Plex-Token: %s\r\nConnection: close\r\n\r\n" % (host, plex.encode()),
     )
     assert statuses(answer) == [200], answer[:300]
     assert b"\r\nX-Forwarded-Host: %s\r\n" % host in wire.requests[0]
