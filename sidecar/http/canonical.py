@@ -20,13 +20,11 @@ itself (the usual case: nothing to do, a few string tests) or a clone in which:
   forwarder drop a header the sidecar sets (``Connection: X-Plex-Token`` used to remove
   the injected real token). Credential headers, ``Host``, ``Content-Length`` and the
   websocket handshake headers are kept: the sidecar consumes or replaces them itself.
-
 - **Header names with ``_`` are dropped** (nginx's ``underscores_in_headers off``). CGI-style
   upstreams (WSGI, Rack, PHP) read ``X_Forwarded_For`` as ``X-Forwarded-For``: forwarded, the
   client's spelling would shadow or join a header the sidecar sets (``X-Forwarded-For``, an
   injected ``X-Api-Key``) or strips (``X-Real-IP``, method overrides, Puma CVE-2024-45614).
   An upstream's configured ``headers`` are added after this, whatever their spelling.
-
 - **An absolute-form target becomes origin-form, its authority the ``Host``** (RFC 9112
   §3.2.2: the target's authority *is* the host; aiohttp's ``request.host`` says so). The
   upstream is told that authority as ``X-Forwarded-Host``; the cache and the repeat-hit memo
@@ -101,7 +99,7 @@ def canonical(request: web.Request) -> web.Request:
         new_url = new_url or URL.build(path=raw, query_string=url.raw_query_string, encoded=True)
         new_headers = CIMultiDict(new_headers or request.headers)
         new_headers["Host"] = request.url.host_port_subcomponent or ""
-    if any("_" in name for name in request.headers):  # rare: one scan of the names
+    if "_" in "".join(request.headers):  # rare; the names joined in C: quicker than a scan in Python
         new_headers = CIMultiDict((n, v) for n, v in (new_headers or request.headers).items() if "_" not in n)
     if new_url is None and new_headers is None:
         return request
