@@ -119,6 +119,8 @@ def _check_host(host: str) -> None:
     """BadRequest unless ``host`` is a host name or address with an optional port; remembered if it is."""
     if _HOST.fullmatch(host) is None:
         raise BadRequest("the Host header must be a host name or address, with an optional port")
+    if len(host) > 262:  # over a DNS name's 253 and a port: valid, but not worth remembering (memory)
+        return
     if len(_GOOD_HOSTS) >= 256:  # clients that make up names cannot grow it without bound
         _GOOD_HOSTS.clear()
     _GOOD_HOSTS.add(host)
