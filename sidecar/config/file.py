@@ -112,6 +112,8 @@ def _prefix(prefix: str) -> str:
 def _header_value(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("a header value cannot contain a line break")
+    if any((c < " " and c != "\t") or c == "\x7f" for c in value):  # RFC 9110 §5.5; both clients refuse a NUL
+        raise ValueError("a header value cannot contain a control character")
     return value
 
 

@@ -262,6 +262,13 @@ class GuardedHandler(RequestHandler):
 
     # ------------------------------------------------------------------ deadlines
 
+    def close_after_answer(self) -> None:
+        """The request being handled is refused for its framing: answer it, read nothing more, close.
+
+        What follows its head on this connection (its body, pipelined requests) was framed by a
+        reading that a proxy in front or the upstream may not share, so none of it is served."""
+        self._close = self._ending = True
+
     def _heads_done(self, new: int, maybe_oversized: bool, now: float) -> None:
         """One or more request heads just completed: check their size, start watching a body."""
         self._head_due = None

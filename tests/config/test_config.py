@@ -281,6 +281,8 @@ ERROR_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "upstreams[0].headers.Bad Name: 'Bad Name' is not a valid header name"),
     ("header value with a line break", _set("upstreams.0.headers", {"X-A": "a\r\nX-Injected: 1"}),
      "upstreams[0].headers.X-A: a header value cannot contain a line break"),
+    ("header value with a NUL", _set("upstreams.0.headers", {"X-A": "a\x00b"}),
+     "upstreams[0].headers.X-A: a header value cannot contain a control character"),
     ("admin on the proxy port", _set("admin.listen", "127.0.0.1:8080"),
      "admin.listen: '127.0.0.1:8080' is also the proxy listener (listen); give the admin API its own port"),
     ("section not a mapping", _set("admin", "127.0.0.1:9188"), "admin: expected a mapping, got str"),

@@ -141,6 +141,23 @@ async def test_one_clients_host_does_not_poison_the_cached_answer_of_another(rig
         assert victim.encode() in body and TOKEN not in body
 
 
+async def test_an_absolute_form_authority_does_not_poison_the_cached_answer_of_another(rig: Rig) -> None:
+    """``GET http://attacker.example/links`` with ``Host: plex.test``: RFC 9112 §3.2.2 makes the target's
+    authority the host, and it went up as ``X-Forwarded-Host``, while the cache (and the repeat-hit memo)
+    keyed the answer by the ``Host`` header. The victim's ``Host: plex.test`` got the attacker's links."""
+    run, _, key = rig
+    _, victim = await run.create_key(permissions={"admin": True})
+    server = run.proxy.server
+    evil = await raw_request(server.host, server.port, "GET", "http://attacker.example/links", [("X-Plex-Token", key)])
+    assert evil.status == 200 and b"attacker.example" in evil.body
+    for _ in range(2):  # the cache's own path, then the repeat-hit fast path
+        resp = await run.proxy.get("/links", headers={"X-Plex-Token": victim, "Host": "plex.test"})
+        body = await resp.read()
+        assert resp.status == 200
+        assert b"attacker.example" not in body, (resp.headers.get("X-Cache-Status"), body)
+        assert b"http://plex.test/" in body and victim.encode() in body and TOKEN not in body
+
+
 async def test_a_literal_key_placeholder_does_not_share_an_entry_with_a_real_key(rig: Rig) -> None:
     """The cache keys "the client's key inside a value" by a placeholder; a value that *is* that
     placeholder (``%00key``) is forwarded as it is, so its answer must not become the entry for
