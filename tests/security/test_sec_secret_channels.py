@@ -1,0 +1,159 @@
+"""Secrets through the channels the leak scans (test_sec_leakscan.py, test_sec_logs.py) do not drive
+(DESIGN invariant 7 and "Secrets: no key, hash or upstream token in any log line, metric, error or
+response").
+
+- Config errors: an option's value is quoted back when it is wrong, and a value may come from
+  the environment (``${VAR}``: where secrets live) or carry ``user:password@``. Neither may be
+  echoed by ``parse_config`` nor by ``sidecar config check``.
+- Log lines naming a URL the operator configured with credentials in it (a JWKS URL with
+  ``user:password@``, a Redis URL): the password never reaches a log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import MakeSidecar, base_config
+from jwt_support import IdP, provider
+
+from sidecar.config import ConfigError, parse_config
+from sidecar.observe.logfilter import redact
+
+URL_PW = "urlpass-5ecret-d41d"  # a password written into a URL
+ENV_SECRET = "env-5ecret-value-8c2f"  # any value a ${VAR} brings in
+
+
+def _config(**upstream: Any) -> dict[str, Any]:
+    up = {"id": "plex", "kind": "plex", "url": "http://127.0.0.1:32400", "token_env": "PLEX_TOKEN"}
+    up.update(upstream)
+    return {"upstreams": [up]}
+
+
+BAD_VALUES: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+    ("url, port out of range", _config(url=f"http://u:{URL_PW}@h:99999"), {}),
+    ("url, not http", _config(url=f"ftp://u:{URL_PW}@h/"), {}),
+    ("url, with a query", _config(url=f"http://u:{URL_PW}@h/?x=1"), {}),
+    ("url from the environment", _config(url="${UP_URL}"), {"UP_URL": f"http://u:{URL_PW}@h:99999"}),
+    ("url from the environment, not a URL", _config(url="${UP_URL}"), {"UP_URL": ENV_SECRET}),
+    ("listen from the environment", {**_config(), "listen": "${LISTEN}"}, {"LISTEN": ENV_SECRET}),
+    ("kind from the environment", _config(kind="${KIND}"), {"KIND": ENV_SECRET}),
+    ("prefix from the environment", _config(path_prefix="${PFX}"), {"PFX": ENV_SECRET}),
+    (
+        "jwks_url with a password",
+        {
+            **_config(),
+            "jwt": [{"issuer": "https://idp", "audience": "a", "jwks_url": f"ftp://u:{URL_PW}@idp/certs",
+                     "rules": [{"grant": {"upstreams": ["*"]}}]}],
+        },
+        {},
+    ),  # fmt: skip
+    (
+        "oauth public_url with a password",
+        {**_config(), "oauth": {"enabled": True, "public_url": f"https://u:{URL_PW}@sidecar.example/x"}},
+        {},
+    ),
+    ("redis_url from the environment", {**_config(), "rate_limits": {"backend": "${RB}"}}, {"RB": ENV_SECRET}),
+]
+
+
+@pytest.mark.parametrize(("cfg", "extra"), [(c, e) for _, c, e in BAD_VALUES], ids=[n for n, _, _ in BAD_VALUES])
+def test_a_config_error_never_quotes_a_password_or_an_environment_value(
+    cfg: dict[str, Any], extra: dict[str, str], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg, env={"PLEX_TOKEN": "plex-token-value", **extra}, base=tmp_path)
+    text = str(e.value) + "\n".join(e.value.problems)
+    assert text, "the value was refused"
+    assert URL_PW not in text and ENV_SECRET not in text, text
+    assert "upstreams[0]" in text or "listen" in text or "jwt[0]" in text or "oauth" in text or "rate_limits" in text
+
+
+def test_config_check_never_prints_a_password_or_an_environment_value(tmp_path: Path) -> None:
+    cfg = {
+        "listen": "${LISTEN}",
+        "upstreams": [
+            {"id": "plex", "kind": "plex", "url": "${UP_URL}", "token_env": "PLEX_TOKEN"},
+            {"id": "m", "kind": "mcp", "url": f"ftp://u:{URL_PW}@h/", "path_prefix": "/m"},
+        ],
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PLEX_TOKEN": "plex-token-value", "LISTEN": ENV_SECRET, "UP_URL": f"http://u:{URL_PW}@h:0x"}
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "config", "check", "-c", str(path)],
+        capture_output=True, text=True, env=env, timeout=30, check=False,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "upstreams[0].url" in out and "upstreams[1].url" in out, out
+    assert URL_PW not in out and ENV_SECRET not in out, out
+
+
+def test_the_redactor_hides_a_password_in_any_url() -> None:
+    for text, hidden in (
+        (f"JWKS fetch from https://u:{URL_PW}@idp/certs failed", URL_PW),
+        (f"Error connecting to redis://:{URL_PW}@cache:6379/0", URL_PW),
+        (f"dsn postgresql://sidecar:{URL_PW}@db/sidecar?sslmode=require", URL_PW),
+        (f"'http://user:{URL_PW}@h:99999' (Port out of range)", URL_PW),
+        (f"url=https://{URL_PW}@idp/", URL_PW),  # a token as the user name
+    ):
+        out = redact(text)
+        assert hidden not in out and "REDACTED" in out, out
+    assert redact("mail admin@example.com about https://idp/certs") == "mail admin@example.com about https://idp/certs"
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, needle: str, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records]
+        if any(needle in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
+
+
+async def test_a_jwks_url_password_never_reaches_a_log_line(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp = await IdP().start(aiohttp_server)
+    idp.add_key("k1")
+    idp.status = 503  # the fetch fails: its log line names the URL
+    caplog.set_level(logging.DEBUG)
+    entry = provider(idp, [{"grant": {"upstreams": ["*"]}}])
+    entry["jwks_url"] = entry["jwks_url"].replace("http://", f"http://jwks-user:{URL_PW}@")
+    cfg = base_config("http://127.0.0.1:9", tmp_path, jwt=[entry])
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": "http://127.0.0.1:9/mcp", "path_prefix": "/mcp"}]
+    run = await make_sidecar(cfg)
+    assert run.sc.jwt is not None
+    await run.proxy.get("/mcp", headers={"Authorization": "Bearer " + idp.token("k1", sub="a")})
+    lines = await _logged(caplog, "JWKS fetch from")
+    assert any("JWKS fetch from" in line for line in lines), lines
+    assert not [line for line in lines if URL_PW in line], lines
+
+
+async def test_a_redis_url_password_never_reaches_a_log_line(
+    make_sidecar: MakeSidecar, plex_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: every Redis call fails
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.DEBUG)
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
+    cfg["rate_limits"] = {"backend": "redis", "redis_url": "${REDIS_URL}", "default": ["100/second"]}
+    run = await make_sidecar(cfg, extra_env={"REDIS_URL": f"redis://:{URL_PW}@127.0.0.1:{port}/0"})
+    _, key = await run.create_key(name="r")
+    resp = await run.proxy.get("/library/sections", headers={"X-Plex-Token": key})
+    assert resp.status in (200, 429, 503)
+    lines = await _logged(caplog, "backend")
+    assert any("backend" in line for line in lines), lines
+    assert not [line for line in lines if URL_PW in line], lines
