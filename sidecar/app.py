@@ -38,6 +38,7 @@ from .clocks import steady_clock
 from .config import Config, UpstreamConfig
 from .config.postgres import dsn_secrets
 from .core.errors import SidecarError
+from .core.redaction import url_secrets
 from .core.scope import RequestScope
 from .http.accesslog import AccessLog
 from .http.forwarder import Forwarder, make_session
@@ -273,6 +274,9 @@ class Sidecar:
         out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
         out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
         out.extend(dsn_secrets(self.config.store.dsn))  # a postgres store's DSN and its password
+        out.extend(self.config.mcp_sessions.texts)  # MCP session sealing keys, current and previous
+        out.extend(url_secrets(self.config.rate_limits.redis_url))  # a Redis URL's password
+        out.extend(s for p in self.config.jwt for s in url_secrets(p.jwks_url))  # a JWKS URL's password
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:

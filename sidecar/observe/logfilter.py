@@ -13,6 +13,7 @@ redacted:
   every prefix's key, whatever parameter or header carried it;
 * argon2 hashes (``$argon2id$v=19$…``);
 * JWTs (``eyJ…``.``…``.``…``, sidecar/auth/jwt.py), signed or not;
+* a URL's user information (``redis://:password@``, ``https://user:password@``);
 * the configured secrets themselves (upstream tokens and credential headers, the admin
   token, allow-listed per-key upstream tokens).
 
@@ -28,6 +29,8 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from ..core.redaction import hide_userinfo
 
 __all__ = ["REDACTED", "install", "redact", "redact_path_keys"]
 
@@ -71,7 +74,7 @@ def redact_path_keys(text: str) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every key-shaped run, argon2 hash and configured secret replaced by ``REDACTED``."""
-    text = redact_path_keys(text)
+    text = hide_userinfo(redact_path_keys(text))  # a URL's user:password@ (Redis, PostgreSQL, JWKS URLs)
     if "$argon2" in text:
         text = _ARGON2.sub(REDACTED, text)
     literal = _literal

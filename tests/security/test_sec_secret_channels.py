@@ -50,11 +50,17 @@ BAD_VALUES: list[tuple[str, dict[str, Any], dict[str, str]]] = [
         "jwks_url with a password",
         {
             **_config(),
-            "jwt": [{"issuer": "https://idp", "audience": "a", "jwks_url": f"ftp://u:{URL_PW}@idp/certs",
-                     "rules": [{"grant": {"upstreams": ["*"]}}]}],
+            "jwt": [
+                {
+                    "issuer": "https://idp",
+                    "audience": "a",
+                    "jwks_url": f"ftp://u:{URL_PW}@idp/certs",
+                    "rules": [{"grant": {"upstreams": ["*"]}}],
+                }
+            ],
         },
         {},
-    ),  # fmt: skip
+    ),
     (
         "oauth public_url with a password",
         {**_config(), "oauth": {"enabled": True, "public_url": f"https://u:{URL_PW}@sidecar.example/x"}},
