@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import MakeSidecar, base_config
+from conftest import ADMIN_TOKEN, MakeSidecar, base_config
 from jwt_support import IdP, provider
 
 from sidecar.config import ConfigError, parse_config
 from sidecar.observe.logfilter import redact
 
+HERE = Path(__file__).resolve().parent
 URL_PW = "urlpass-5ecret-d41d"  # a password written into a URL
 ENV_SECRET = "env-5ecret-value-8c2f"  # any value a ${VAR} brings in
 
@@ -163,3 +164,105 @@ async def test_a_redis_url_password_never_reaches_a_log_line(
     lines = await _logged(caplog, "backend")
     assert any("backend" in line for line in lines), lines
     assert not [line for line in lines if URL_PW in line], lines
+
+
+# ---------------------------------------------------------------------------- OAuth, console and admin at DEBUG
+
+CLIENT_SECRET = "preregistered-client-5ecret-77aa"
+
+
+async def test_oauth_console_and_admin_secrets_never_reach_a_log_line(
+    aiohttp_client: Any, upstream: Any, tmp_path: Path, started: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every secret of the OAuth flow (code, PKCE verifier, access and refresh tokens, client secrets),
+    of the console (admin token, session id, CSRF token) and of the admin API, sent the way clients
+    send them and the ways careless clients do (in the query string), is absent from every log record
+    at DEBUG and from the access log."""
+    for folder in ("oauth", "console"):  # their shared helpers (pytest puts only a test's own folder on the path)
+        if str(HERE.parent / folder) not in sys.path:
+            sys.path.append(str(HERE.parent / folder))
+    from console_support import sign_in
+    from mcp_server import MCP_TOKEN
+    from oauth_support import code_for, exchange, free_port, oauth_config, register, start_sidecar
+
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    client = {"client_id": "conf", "client_secret": "${CONF_SECRET}", "redirect_uris": ["http://127.0.0.1:1/callback"]}
+    cfg = oauth_config(upstream, tmp_path, port, clients=[client])
+    cfg["log"] = {"access": str(tmp_path / "access.log"), "level": "debug"}
+    gw = await start_sidecar(aiohttp_client, cfg, tmp_path, started, extra_env={"CONF_SECRET": CLIENT_SECRET})
+    _, key = await gw.sc.manager().create({"name": "o", "permissions": {"upstreams": ["*"]}}, "test")
+    await gw.sc.verifier.refresh()
+    secrets: dict[str, str] = {"admin token": ADMIN_TOKEN, "MCP upstream token": MCP_TOKEN, "API key": key,
+                               "client secret": CLIENT_SECRET}  # fmt: skip
+
+    dcr = await register(gw, token_endpoint_auth_method="client_secret_post")
+    secrets["registered client secret"] = dcr["client_secret"]
+    code, verifier = await code_for(gw, key, dcr["client_id"])
+    secrets["code"], secrets["PKCE verifier"] = code, verifier
+    status, tokens = await exchange(gw, dcr["client_id"], code, verifier, client_secret=dcr["client_secret"])
+    assert status == 200, tokens
+    secrets["access token"], secrets["refresh token"] = tokens["access_token"], tokens["refresh_token"]
+    mcp = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+    init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+    r = await gw.proxy.post(
+        "/mcp/tools", json=body, headers={**mcp, "Authorization": f"Bearer {tokens['access_token']}"}
+    )
+    assert r.status == 200, await r.text()
+    # Careless clients: every credential in the query string too, and a replayed code.
+    q = "&".join(f"{n}={v}" for n, v in (
+        ("client_secret", CLIENT_SECRET), ("code_verifier", verifier), ("code", code),
+        ("refresh_token", tokens["refresh_token"]), ("access_token", tokens["access_token"]),
+        ("password", ADMIN_TOKEN), ("secret", dcr["client_secret"]),
+    ))  # fmt: skip
+    await gw.proxy.post(f"/oauth/token?{q}", data={"grant_type": "authorization_code", "code": code,
+                                                    "code_verifier": verifier, "client_id": dcr["client_id"]})  # fmt: skip
+    await gw.proxy.post(f"/mcp/tools?{q}", json=body, headers=mcp)
+    await gw.proxy.get(f"/.well-known/oauth-authorization-server?{q}")
+    r = await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+                                                  "client_id": dcr["client_id"], "client_secret": dcr["client_secret"]})  # fmt: skip
+    assert r.status == 200, await r.text()
+    secrets["rotated access token"] = (await r.json())["access_token"]
+    await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+                                              "client_id": dcr["client_id"], "client_secret": dcr["client_secret"]})  # fmt: skip
+    await gw.proxy.post("/oauth/revoke", data={"token": secrets["rotated access token"], "client_id": "conf",
+                                               "client_secret": CLIENT_SECRET})  # fmt: skip
+    await gw.proxy.post("/oauth/token", data={"grant_type": "client_credentials", "client_id": "conf",
+                                              "client_secret": CLIENT_SECRET + "x"})  # fmt: skip
+    # The console: a wrong token, the right one, a page, a form.
+    await gw.admin.post("/signin", data={"token": ADMIN_TOKEN + "x", "next": "/"}, allow_redirects=False)
+    fields = await sign_in(gw.admin)
+    secrets["CSRF token"] = fields["csrf"]
+    session = next(iter(c.value for c in gw.admin.session.cookie_jar if c.key.startswith("sidecar_console")), "")
+    assert session
+    secrets["console session id"] = session
+    await gw.admin.get("/keys")
+    await gw.admin.get(f"/keys/nope?csrf={fields['csrf']}&token={ADMIN_TOKEN}")
+    # The admin API: a bad token, a good one, an error.
+    await gw.admin.get("/admin/keys", headers={"Authorization": f"Bearer {ADMIN_TOKEN}x"})
+    await gw.admin.get("/admin/keys", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    await gw.admin.patch("/admin/keys/nope", json={"name": 1}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    await gw.admin.get("/admin/audit", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    access = await _access_lines(tmp_path / "access.log", 2)
+    # aiohttp.access: the test harness's own servers log their requests; the sidecar's listeners run with
+    # access_log=None (a real process's stderr is scanned in test_sec_logs.py).
+    records = [f"{r.name}: {r.getMessage()} {r.exc_text or ''} {r.stack_info or ''}" for r in caplog.records
+               if r.name != "aiohttp.access"]  # fmt: skip
+    assert len(records) > 3 and len(access.splitlines()) >= 2, (records, access)
+    leaks = [f"{what} in {where}" for what, value in secrets.items()
+             for where, text in [("the access log", access), *((f"log record {i}", t) for i, t in enumerate(records))]
+             if value in text]  # fmt: skip
+    assert not leaks, (
+        "\n".join(leaks) + "\n" + access + "\n" + "\n".join(t for t in records if secrets["CSRF token"] in t)
+    )
+
+
+async def _access_lines(path: Path, want: int) -> str:
+    deadline = time.monotonic() + 5
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if len(text.splitlines()) >= want or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.02)
