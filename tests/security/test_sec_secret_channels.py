@@ -216,20 +216,27 @@ async def test_oauth_console_and_admin_secrets_never_reach_a_log_line(
         ("refresh_token", tokens["refresh_token"]), ("access_token", tokens["access_token"]),
         ("password", ADMIN_TOKEN), ("secret", dcr["client_secret"]),
     ))  # fmt: skip
-    await gw.proxy.post(f"/oauth/token?{q}", data={"grant_type": "authorization_code", "code": code,
-                                                    "code_verifier": verifier, "client_id": dcr["client_id"]})  # fmt: skip
+    token_url = "/oauth/token"
+    replay = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "code_verifier": verifier,
+        "client_id": dcr["client_id"],
+    }
+    await gw.proxy.post(f"{token_url}?{q}", data=replay)
     await gw.proxy.post(f"/mcp/tools?{q}", json=body, headers=mcp)
     await gw.proxy.get(f"/.well-known/oauth-authorization-server?{q}")
-    r = await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
-                                                  "client_id": dcr["client_id"], "client_secret": dcr["client_secret"]})  # fmt: skip
+    refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": dcr["client_id"],
+               "client_secret": dcr["client_secret"]}  # fmt: skip
+    r = await gw.proxy.post(token_url, data=refresh)
     assert r.status == 200, await r.text()
     secrets["rotated access token"] = (await r.json())["access_token"]
-    await gw.proxy.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
-                                              "client_id": dcr["client_id"], "client_secret": dcr["client_secret"]})  # fmt: skip
-    await gw.proxy.post("/oauth/revoke", data={"token": secrets["rotated access token"], "client_id": "conf",
-                                               "client_secret": CLIENT_SECRET})  # fmt: skip
-    await gw.proxy.post("/oauth/token", data={"grant_type": "client_credentials", "client_id": "conf",
-                                              "client_secret": CLIENT_SECRET + "x"})  # fmt: skip
+    await gw.proxy.post(token_url, data=refresh)  # reuse: the whole family is revoked
+    conf = {"client_id": "conf", "client_secret": CLIENT_SECRET}
+    await gw.proxy.post("/oauth/revoke", data={"token": secrets["rotated access token"], **conf})
+    await gw.proxy.post(
+        token_url, data={"grant_type": "client_credentials", **conf, "client_secret": CLIENT_SECRET + "x"}
+    )
     # The console: a wrong token, the right one, a page, a form.
     await gw.admin.post("/signin", data={"token": ADMIN_TOKEN + "x", "next": "/"}, allow_redirects=False)
     fields = await sign_in(gw.admin)
