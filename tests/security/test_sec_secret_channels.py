@@ -28,6 +28,9 @@ from sidecar.config import ConfigError, parse_config
 from sidecar.observe.logfilter import redact
 
 HERE = Path(__file__).resolve().parent
+for _folder in ("oauth", "console"):  # their shared helpers (pytest puts only a test's own folder on the path)
+    if str(HERE.parent / _folder) not in sys.path:
+        sys.path.append(str(HERE.parent / _folder))
 URL_PW = "urlpass-5ecret-d41d"  # a password written into a URL
 ENV_SECRET = "env-5ecret-value-8c2f"  # any value a ${VAR} brings in
 
@@ -178,9 +181,6 @@ async def test_oauth_console_and_admin_secrets_never_reach_a_log_line(
     of the console (admin token, session id, CSRF token) and of the admin API, sent the way clients
     send them and the ways careless clients do (in the query string), is absent from every log record
     at DEBUG and from the access log."""
-    for folder in ("oauth", "console"):  # their shared helpers (pytest puts only a test's own folder on the path)
-        if str(HERE.parent / folder) not in sys.path:
-            sys.path.append(str(HERE.parent / folder))
     from console_support import sign_in
     from mcp_server import MCP_TOKEN
     from oauth_support import code_for, exchange, free_port, oauth_config, register, start_sidecar
@@ -273,3 +273,42 @@ async def _access_lines(path: Path, want: int) -> str:
         if len(text.splitlines()) >= want or time.monotonic() > deadline:
             return text
         await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------- a key as an MCP tool name
+
+
+async def test_a_key_sent_as_a_tool_name_never_reaches_a_metric_or_the_access_log(
+    make_sidecar: MakeSidecar, upstream: Any, tmp_path: Path
+) -> None:
+    """A tool name is the client's text, and it becomes a ``tool`` label, an access-log field and a
+    console row: a key pasted there (its own, or one it holds of someone else's) must not become
+    readable to whoever reads metrics or logs."""
+    from console_support import sign_in
+    from mcp_server import MCP_TOKEN
+
+    cfg = base_config(upstream.url, tmp_path)
+    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": f"{upstream.url}/mcp", "path_prefix": "/mcp/tools",
+                         "headers": auth}]  # fmt: skip
+    run = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN})
+    _, key = await run.create_key(name="caller")
+    _, other = await run.create_key(name="other")
+    mcp = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+           "Authorization": f"Bearer {key}", "Content-Type": "application/json"}  # fmt: skip
+    for i, name in enumerate((other, key, f"x{other}y")):
+        body = {"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": name, "arguments": {}}}
+        r = await run.proxy.post("/mcp/tools", json=body, headers={**mcp, "Mcp-Method": "tools/call", "Mcp-Name": name})
+        assert r.status < 500, await r.text()
+    r = await run.proxy.post(
+        "/mcp", json={"mcp_id": "tools", "tool": other}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert r.status < 500, await r.text()
+    metrics = await (await run.admin.get("/metrics")).text()
+    assert "sidecar_mcp_tool_calls_total" in metrics
+    access = await _access_lines(tmp_path / "access.log", 4)
+    await sign_in(run.admin)
+    activity = await (await run.admin.get("/activity")).text()
+    for where, text in (("/metrics", metrics), ("the access log", access), ("the console's activity", activity)):
+        for what, value in (("the caller's key", key), ("another key", other)):
+            assert value not in text and value[5:] not in text, f"{what} in {where}"
