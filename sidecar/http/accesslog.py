@@ -118,7 +118,7 @@ class AccessLog:
         if scope.cache:
             entry["cache"] = scope.cache
         if scope.tool:
-            entry["tool"] = scope.tool
+            entry["tool"] = redact_path_keys(scope.tool)  # the client's text: a key pasted as a tool name goes
         if scope.credential:
             entry["credential"] = scope.credential
         # orjson rather than json: the stdlib encoder was ~10 µs a line, a visible share of a
