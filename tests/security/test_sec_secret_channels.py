@@ -312,3 +312,22 @@ async def test_a_key_sent_as_a_tool_name_never_reaches_a_metric_or_the_access_lo
     for where, text in (("/metrics", metrics), ("the access log", access), ("the console's activity", activity)):
         for what, value in (("the caller's key", key), ("another key", other)):
             assert value not in text and value[5:] not in text, f"{what} in {where}"
+
+
+async def test_every_credential_header_of_an_upstream_is_redacted_from_logs(
+    make_sidecar: MakeSidecar, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log redactor knows the same upstream credentials the MCP answer scrubber does: every
+    configured header value but the ones that never carry a credential (Accept, User-Agent …),
+    whatever the header is called."""
+    creds, signature = "upstream-creds-5ecret-61ab", "hmac-signature-5ecret-9f0e"
+    cfg = base_config("http://127.0.0.1:9", tmp_path)
+    cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": "http://127.0.0.1:9/mcp", "path_prefix": "/mcp",
+                         "headers": {"X-Upstream-Creds": "${CREDS}", "X-Signature": "${SIG}",
+                                     "User-Agent": "sidecar-gateway/1.0"}}]  # fmt: skip
+    await make_sidecar(cfg, extra_env={"CREDS": creds, "SIG": signature})
+    caplog.set_level(logging.DEBUG)
+    # What a library that logs the request it was handed would write.
+    logging.getLogger("aiohttp.client").debug("sending %r", {"X-Upstream-Creds": creds, "X-Signature": signature})
+    text = caplog.text
+    assert "X-Upstream-Creds" in text and creds not in text and signature not in text, text
