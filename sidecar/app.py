@@ -52,6 +52,7 @@ from .observe.looplag import LoopLag
 from .observe.metrics import Metrics
 from .observe.usage import UsageRecorder
 from .store import Store, open_store
+from .upstreams.mcp.scrub import mcp_secrets
 from .upstreams.plex import TranscodeSessions
 
 if TYPE_CHECKING:
@@ -270,6 +271,7 @@ class Sidecar:
             for name, value in up.headers.items():
                 if any(w in name.lower() for w in ("auth", "token", "key", "secret", "cookie", "pass")):
                     out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
+            out.extend(mcp_secrets(up))  # every header the MCP answer scrubber counts as a credential, any name
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
         out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
         out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
