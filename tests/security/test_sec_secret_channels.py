@@ -331,3 +331,18 @@ async def test_every_credential_header_of_an_upstream_is_redacted_from_logs(
     logging.getLogger("aiohttp.client").debug("sending %r", {"X-Upstream-Creds": creds, "X-Signature": signature})
     text = caplog.text
     assert "X-Upstream-Creds" in text and creds not in text and signature not in text, text
+
+
+async def test_admin_answers_that_show_a_key_are_never_stored_by_a_cache(plex_sidecar: Any) -> None:
+    """The one answer with a full key (create, rotate) says ``no-store``, as OAuth's token answers do
+    (RFC 6749 §5.1): a caching proxy or a browser's disk cache in front of the admin listener keeps nothing."""
+    run = plex_sidecar
+    r = await run.admin.post("/admin/keys", json={"name": "n"}, headers=run.admin_headers())
+    assert r.status == 201 and "key" in (await r.json())["data"]
+    assert "no-store" in r.headers.get("Cache-Control", ""), dict(r.headers)
+    kid = (await r.json())["data"]["id"]
+    r = await run.admin.post(f"/admin/keys/{kid}/rotate", json={"grace": 0}, headers=run.admin_headers())
+    assert r.status == 201 and "key" in (await r.json())["data"]
+    assert "no-store" in r.headers.get("Cache-Control", ""), dict(r.headers)
+    r = await run.admin.get("/admin/keys", headers=run.admin_headers())
+    assert "no-store" in r.headers.get("Cache-Control", ""), dict(r.headers)
