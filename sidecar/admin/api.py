@@ -87,7 +87,8 @@ def require_full_admin(request: web.Request) -> None:
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
-    return web.json_response({"success": True, "data": data}, status=status)
+    # no-store: keys (shown once), key lists and audit are nobody's cache's business (as RFC 6749 §5.1 for tokens)
+    return web.json_response({"success": True, "data": data}, status=status, headers={"Cache-Control": "no-store"})
 
 
 class AdminHost(Protocol):
