@@ -48,7 +48,7 @@ _BLANK = r"(?:%20|%09|\+|\s)*"
 # what a client sends under them is not key-shaped (a PKCE verifier, a client secret, a password).
 _NAMES = (
     "X-Plex-Token|token|api_key|apikey|key|access_token|refresh_token|id_token|client_secret|code_verifier|code"
-    "|password|passwd|secret|auth|authorization|csrf|session|session_id"
+    "|password|passwd|secret|auth|authorization|csrf"
 )
 _SECRET_PARAM = re.compile(
     rf"((?:^|[?&;/]|%3F|%26|%2F){_BLANK}(?:{_NAMES}){_BLANK}(?:=|%3D))"
