@@ -346,3 +346,14 @@ async def test_admin_answers_that_show_a_key_are_never_stored_by_a_cache(plex_si
     assert "no-store" in r.headers.get("Cache-Control", ""), dict(r.headers)
     r = await run.admin.get("/admin/keys", headers=run.admin_headers())
     assert "no-store" in r.headers.get("Cache-Control", ""), dict(r.headers)
+
+
+async def test_a_key_pasted_as_a_key_name_or_owner_never_reaches_metrics(plex_sidecar: Any) -> None:
+    """People paste a key into the wrong field: the name and owner become ``sidecar_key_info`` labels,
+    which whoever reads Prometheus or a dashboard sees."""
+    run = plex_sidecar
+    _, pasted = await run.create_key(name="first")
+    await run.create_key(name=f"copy of {pasted}", owner=pasted)
+    text = await (await run.admin.get("/metrics")).text()
+    assert "sidecar_key_info" in text and "copy of " in text
+    assert pasted not in text and pasted[5:] not in text, [line for line in text.splitlines() if "copy of" in line]
