@@ -319,7 +319,8 @@ class Metrics:
             state = rec.state(now)
             counts[state] += 1
             if rec.id in self._slots:
-                info[(rec.id, rec.name, rec.owner or "")] = 1
+                # a key pasted into the wrong field is no label (whoever reads Prometheus could use it)
+                info[(rec.id, redact_path_keys(rec.name), redact_path_keys(rec.owner or ""))] = 1
                 if state == "active" and rec.expires_at is not None:
                     expires[(rec.id,)] = rec.expires_at
         quota_limit: dict[tuple[str, str], int] = {}
