@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
-from conftest import ADMIN_TOKEN, MakeSidecar, base_config
+from conftest import ADMIN_TOKEN, PLEX_TOKEN, MakeSidecar, base_config
 from jwt_support import IdP, provider
 
 from sidecar.config import ConfigError, parse_config
@@ -357,3 +358,86 @@ async def test_a_key_pasted_as_a_key_name_or_owner_never_reaches_metrics(plex_si
     text = await (await run.admin.get("/metrics")).text()
     assert "sidecar_key_info" in text and "copy of " in text
     assert pasted not in text and pasted[5:] not in text, [line for line in text.splitlines() if "copy of" in line]
+
+
+# ---------------------------------------------------------------------------- a real process, workers, at DEBUG
+
+
+@pytest.mark.timeout(90)
+async def test_no_configured_secret_on_a_real_workers_process_stderr_at_debug(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """``sidecar serve`` with two workers at DEBUG, every kind of configured secret set, and the
+    dependencies that name them failing: Redis unreachable (its URL has a password), the JWKS URL
+    (with a password) unreachable, the MCP upstream (credential header under any name) unreachable.
+    The supervisor's and the workers' stderr never carries one of them."""
+    import base64
+    import socket
+
+    from serve_support import sidecar_process
+
+    from sidecar.demo import plex_like_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nobody listens here
+    plex = await aiohttp_server(plex_like_app(PLEX_TOKEN))
+    values = {
+        "CREDS": "upstream-creds-5ecret-2c4d",
+        "REDIS_URL": f"redis://:redis-5ecret-pw-0a1b@127.0.0.1:{dead}/0",
+        "SEAL": base64.b64encode(b"s" * 32).decode(),
+        "HS_SECRET": "hs256-shared-5ecret-" + "x" * 24,
+        "CLIENT_SECRET": "oauth-client-5ecret-7d",
+        "UT_ALICE": "per-key-upstream-5ecret-55",
+    }
+    cfg = base_config(str(plex.make_url("")).rstrip("/"), tmp_path, log={"access": str(tmp_path / "a.log"),
+                                                                        "level": "debug"})  # fmt: skip
+    cfg["workers"] = 2
+    cfg["keys"]["upstream_token_envs"] = ["UT_*"]
+    cfg["upstreams"].append({"id": "tools", "kind": "mcp", "url": f"http://127.0.0.1:{dead}/mcp", "path_prefix": "/mcp",
+                             "headers": {"X-Upstream-Creds": "${CREDS}"}})  # fmt: skip
+    cfg["rate_limits"] = {"backend": "redis", "redis_url": "${REDIS_URL}", "default": ["100/second"]}
+    cfg["mcp_sessions"] = {"seal_key_env": "SEAL"}
+    cfg["jwt"] = [
+        {"issuer": "http://127.0.0.1/idp", "audience": "a", "rules": [{"grant": {"upstreams": ["*"]}}],
+         "jwks_url": f"http://idp-user:jwks-5ecret-pw-3e@127.0.0.1:{dead}/certs"},
+        {"issuer": "https://ci", "audience": "a", "algorithms": ["HS256"], "secret_env": "HS_SECRET",
+         "rules": [{"grant": {"upstreams": ["*"]}}]},
+    ]  # fmt: skip
+    cfg["oauth"] = {"enabled": True, "public_url": "http://127.0.0.1:8080",
+                    "clients": [{"client_id": "c", "client_secret": "${CLIENT_SECRET}",
+                                 "redirect_uris": ["http://127.0.0.1/cb"]}]}  # fmt: skip
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    secrets = [*values.values(), "redis-5ecret-pw-0a1b", "jwks-5ecret-pw-3e", ADMIN_TOKEN, PLEX_TOKEN]
+    async with sidecar_process(path, extra_env=values) as served, aiohttp.ClientSession() as http:
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with http.post(f"{served.admin}/admin/keys", json={"name": "k"}, headers=admin) as r:
+            assert r.status == 201
+            key = (await r.json())["data"]["key"]
+        deadline = time.monotonic() + 5
+        while True:  # every worker sees the key within a second
+            async with http.get(f"{served.proxy}/identity", headers={"X-Plex-Token": key}) as r:
+                if r.status != 401 or time.monotonic() > deadline:
+                    break
+            await asyncio.sleep(0.1)
+        fake_jwt = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJodHRwOi8vMTI3LjAuMC4xL2lkcCJ9.c2ln"
+        for _ in range(4):  # spread over both workers
+            await http.get(f"{served.proxy}/identity", headers={"X-Plex-Token": key})
+            await http.post(f"{served.proxy}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                            headers={"Authorization": f"Bearer {key}", "Accept": "application/json"})  # fmt: skip
+            await http.get(f"{served.proxy}/mcp", headers={"Authorization": f"Bearer {fake_jwt}"})
+        host, port = served.proxy.removeprefix("http://").rsplit(":", 1)
+        for _ in range(2):  # a malformed request line: logged at DEBUG by the listener (the level is on)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET /identity HTTP/1.1\r\nHost: x\r\nX-Plex-Token {key}\r\n\r\n".encode())
+            await writer.drain()
+            await reader.read()
+            writer.close()
+        await served.wait_log("DEBUG")
+        await served.wait_log("JWKS fetch from")
+        await served.wait_log("rate-limit")
+    text = "\n".join(served.log)
+    assert "DEBUG" in text and "worker 1 started" in text, text[-3000:]
+    found = [s for s in secrets if s in text] + (["the API key"] if key in text or key[5:] in text else [])
+    assert not found, (found, [line for line in served.log if any(s in line for s in found)][:5])
