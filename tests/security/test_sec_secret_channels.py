@@ -441,3 +441,19 @@ async def test_no_configured_secret_on_a_real_workers_process_stderr_at_debug(
     assert "DEBUG" in text and "worker 1 started" in text, text[-3000:]
     found = [s for s in secrets if s in text] + (["the API key"] if key in text or key[5:] in text else [])
     assert not found, (found, [line for line in served.log if any(s in line for s in found)][:5])
+
+
+def test_a_log_records_extra_fields_are_redacted_too(caplog: pytest.LogCaptureFixture) -> None:
+    """A library may hand its log record fields (aiohttp's access logger: ``first_request_line``,
+    ``request_header``) that a JSON formatter prints as they are: they are cleaned like the message."""
+    from sidecar.observe import logfilter
+
+    logfilter.install()
+    key = "pmcp_" + "0123456789abcdef" * 4 + "0123"
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("aiohttp.access").info(
+        "request", extra={"first_request_line": f"GET /x?foo={key} HTTP/1.1", "request_header": {"X-Plex-Token": key}}
+    )
+    record = caplog.records[-1]
+    shown = f"{record.__dict__.get('first_request_line')} {record.__dict__.get('request_header')}"
+    assert "REDACTED" in shown and key not in shown and key[5:] not in shown, shown
