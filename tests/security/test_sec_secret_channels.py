@@ -457,3 +457,22 @@ def test_a_log_records_extra_fields_are_redacted_too(caplog: pytest.LogCaptureFi
     record = caplog.records[-1]
     shown = f"{record.__dict__.get('first_request_line')} {record.__dict__.get('request_header')}"
     assert "REDACTED" in shown and key not in shown and key[5:] not in shown, shown
+
+
+def test_config_check_never_prints_an_upstream_urls_path(tmp_path: Path) -> None:
+    """Hosted MCP servers put the account's secret in the URL path (``/api/mcp/s/<secret>/mcp``); the
+    operator keeps it in the environment (``url: ${VAR}``), and ``config check`` runs in CI logs."""
+    secret = "a1b2c3-url-path-5ecret-zz"
+    cfg = {"upstreams": [{"id": "z", "kind": "mcp", "url": "${MCP_URL}", "path_prefix": "/mcp"}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "MCP_URL": f"https://mcp.example.com/api/mcp/s/{secret}/mcp"}
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "config", "check", "-c", str(path)],
+        capture_output=True, text=True, env=env, timeout=30, check=False,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "mcp.example.com" in out, out
+    assert secret not in out, out
