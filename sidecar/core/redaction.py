@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-__all__ = ["REDACTED", "hide_userinfo", "hide_values", "url_secrets"]
+__all__ = ["REDACTED", "hide_userinfo", "hide_values", "url_origin", "url_secrets"]
 
 REDACTED = "REDACTED"
 MIN_SECRET = 6  # shorter values are not worth (nor safe) replacing everywhere
@@ -41,3 +41,9 @@ def url_secrets(url: str | None) -> list[str]:
     userinfo = url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
     user, _, password = userinfo.partition(":")
     return [v for raw in (password, user if not password else "") for v in (raw, unquote(raw)) if v]
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, for messages: its path may hold a secret (``/api/mcp/s/<secret>/mcp``)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.split('/', 1)[0].rpartition('@')[2]}" if sep else REDACTED
