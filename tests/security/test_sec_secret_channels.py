@@ -476,3 +476,18 @@ def test_config_check_never_prints_an_upstream_urls_path(tmp_path: Path) -> None
     out = done.stdout + done.stderr
     assert done.returncode == 0 and "mcp.example.com" in out, out
     assert secret not in out, out
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["postgres+asyncpg://u:{pw}@db/sidecar", "pg://u:{pw}@db/sidecar", "psql://u:{pw}@db/sidecar", "u:{pw}@db/sidecar"],
+)
+def test_store_copy_never_quotes_a_mistyped_dsns_password(spec: str) -> None:
+    """``sidecar store copy --to <DSN>`` with a scheme the command does not know: the refusal (printed
+    to a terminal or a CI log) names what is wrong without the password."""
+    from sidecar.store.copy import parse_endpoint
+
+    with pytest.raises(ValueError) as e:
+        parse_endpoint(spec.format(pw=URL_PW), env={})
+    assert "expected sqlite:PATH or postgres:ENV_VAR" in str(e.value)
+    assert URL_PW not in str(e.value), str(e.value)
