@@ -491,3 +491,31 @@ def test_store_copy_never_quotes_a_mistyped_dsns_password(spec: str) -> None:
         parse_endpoint(spec.format(pw=URL_PW), env={})
     assert "expected sqlite:PATH or postgres:ENV_VAR" in str(e.value)
     assert URL_PW not in str(e.value), str(e.value)
+
+
+async def test_a_key_given_where_an_id_belongs_is_never_echoed(plex_sidecar: Any) -> None:
+    """``sidecar keys revoke <the key>`` and ``GET /admin/keys/<the key>``: people give the key where its
+    id belongs. The 404 names the mistake without the key (a terminal, a CI log, a proxy's log of
+    error bodies keep it)."""
+    from console_support import sign_in
+
+    from sidecar.core.errors import SidecarError
+
+    run = plex_sidecar
+    _, key = await run.create_key(name="k")
+    shown: list[str] = []
+    for method, path in (("GET", f"/admin/keys/{key}"), ("PATCH", f"/admin/keys/{key}"),
+                         ("DELETE", f"/admin/keys/{key}"), ("POST", f"/admin/keys/{key}/rotate"),
+                         ("GET", f"/admin/keys/{key}/usage")):  # fmt: skip
+        r = await run.admin.request(method, path, json={} if method != "GET" else None, headers=run.admin_headers())
+        assert r.status == 404, (method, path, r.status)
+        shown.append(f"{method} {path}: {await r.text()}")
+    for call in (run.sc.manager().get, run.sc.manager().revoke):
+        with pytest.raises(SidecarError) as e:
+            await call(key, "cli") if call.__name__ == "revoke" else await call(key)
+        shown.append(f"KeyManager.{call.__name__}: {e.value.message}")
+    await sign_in(run.admin)
+    page = await run.admin.get(f"/keys/{key}")
+    shown.append(f"console /keys/<key>: {await page.text()}")
+    leaked = [s.split(":", 1)[0] for s in shown if key in s.split(": ", 1)[1] or key[5:] in s.split(": ", 1)[1]]
+    assert not leaked, leaked
