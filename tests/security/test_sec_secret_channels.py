@@ -519,3 +519,20 @@ async def test_a_key_given_where_an_id_belongs_is_never_echoed(plex_sidecar: Any
     shown.append(f"console /keys/<key>: {await page.text()}")
     leaked = [s.split(":", 1)[0] for s in shown if key in s.split(": ", 1)[1] or key[5:] in s.split(": ", 1)[1]]
     assert not leaked, leaked
+
+
+async def test_an_oauth_token_or_secret_given_where_an_id_belongs_is_never_echoed(
+    aiohttp_client: Any, upstream: Any, tmp_path: Path, started: list[Any]
+) -> None:
+    """``DELETE /admin/oauth/grants/<access token>``, ``DELETE /admin/oauth/clients/<client secret>``:
+    the 404 names the mistake without the token or the secret."""
+    from oauth_support import free_port, oauth_config, register, start_sidecar
+
+    gw = await start_sidecar(aiohttp_client, oauth_config(upstream, tmp_path, free_port()), tmp_path, started)
+    dcr = await register(gw, token_endpoint_auth_method="client_secret_post")
+    token = "pmcp_oat_" + "ab" * 36  # shaped like an access token
+    for path, value in ((f"/admin/oauth/grants/{token}", token), (f"/admin/oauth/clients/{dcr['client_secret']}",
+                                                                  dcr["client_secret"])):  # fmt: skip
+        r = await gw.admin.delete(path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        text = await r.text()
+        assert r.status == 404 and value not in text, text
