@@ -75,13 +75,13 @@ def redact_path_keys(text: str) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every key-shaped run, argon2 hash and configured secret replaced by ``REDACTED``."""
-    text = hide_userinfo(redact_path_keys(text))  # a URL's user:password@ (Redis, PostgreSQL, JWKS URLs)
+    text = redact_path_keys(text)
     if "$argon2" in text:
         text = _ARGON2.sub(REDACTED, text)
     literal = _literal
-    if literal is not None:
+    if literal is not None:  # first: a configured DSN or URL goes whole
         text = literal.sub(REDACTED, text)
-    return text
+    return hide_userinfo(text)  # then any other URL's user:password@ (one a library built, say)
 
 
 # What every record has; anything else was handed in as ``extra`` (a JSON formatter prints it as it is).
