@@ -38,6 +38,7 @@ from .clocks import steady_clock
 from .config import Config, UpstreamConfig
 from .config.postgres import dsn_secrets
 from .core.errors import SidecarError
+from .core.redaction import url_secrets
 from .core.scope import RequestScope
 from .http.accesslog import AccessLog
 from .http.forwarder import Forwarder, make_session
@@ -51,6 +52,7 @@ from .observe.looplag import LoopLag
 from .observe.metrics import Metrics
 from .observe.usage import UsageRecorder
 from .store import Store, open_store
+from .upstreams.mcp.scrub import mcp_secrets
 from .upstreams.plex import TranscodeSessions
 
 if TYPE_CHECKING:
@@ -269,10 +271,14 @@ class Sidecar:
             for name, value in up.headers.items():
                 if any(w in name.lower() for w in ("auth", "token", "key", "secret", "cookie", "pass")):
                     out.extend((value, value.rpartition(" ")[2]))  # "Bearer xyz": the header and its token
+            out.extend(mcp_secrets(up))  # every header the MCP answer scrubber counts as a credential, any name
         out.extend(v for k, v in self.env.items() if self.config.keys.token_env_allowed(k))
         out.extend(self.env.get(p.secret_env) for p in self.config.jwt if p.secret_env)  # HS* shared secrets
         out.extend(c.client_secret for c in self.config.oauth.clients)  # pre-registered OAuth clients
         out.extend(dsn_secrets(self.config.store.dsn))  # a postgres store's DSN and its password
+        out.extend(self.config.mcp_sessions.texts)  # MCP session sealing keys, current and previous
+        out.extend(url_secrets(self.config.rate_limits.redis_url))  # a Redis URL's password
+        out.extend(s for p in self.config.jwt for s in url_secrets(p.jwks_url))  # a JWKS URL's password
         return out
 
     def challenge_headers(self, request: web.Request, upstream_id: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from .auth.models import KeyRecord, iso
 from .config import Config, ConfigError, load_config, parse_duration
 from .config.postgres import describe_dsn
 from .core.errors import SidecarError
+from .core.redaction import url_origin
 from .observe import logfilter
 from .store import StoreError, open_store
 from .store.commands import add_store_commands
@@ -200,7 +201,7 @@ async def _quota_used(m: KeyManager, rec: KeyRecord) -> Any:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
-    ups = ", ".join(f"{u.id} ({u.kind}) {u.path_prefix} -> {u.url}" for u in config.upstreams)
+    ups = ", ".join(f"{u.id} ({u.kind}) {u.path_prefix} -> {url_origin(u.url)}" for u in config.upstreams)
     where = describe_dsn(config.store.dsn) if config.store.dsn else config.store.path
     print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
           f"{where}, upstreams: {ups}")  # fmt: skip

@@ -23,6 +23,7 @@ from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
 from ..core.addresses import client_ip
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized, error_body
+from ..observe.logfilter import redact_path_keys
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
 from ..observe.usage import report as usage_report
@@ -87,7 +88,8 @@ def require_full_admin(request: web.Request) -> None:
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
-    return web.json_response({"success": True, "data": data}, status=status)
+    # no-store: keys (shown once), key lists and audit are nobody's cache's business (as RFC 6749 §5.1 for tokens)
+    return web.json_response({"success": True, "data": data}, status=status, headers={"Cache-Control": "no-store"})
 
 
 class AdminHost(Protocol):
@@ -293,7 +295,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         if key_id and not manages_all(by):
             rec = await sc.store.get(key_id)
             if rec is None or not owns(by, rec):
-                raise NotFound(f"no key with id {key_id!r}")
+                raise NotFound(f"no key with id {redact_path_keys(key_id)!r}")  # a key given for its id: not echoed
         events = await sc.store.audit_log(key_id, limit)
         if not manages_all(by):  # a delegated key sees the trail of its owner's keys only
             mine = {r.id for r in await sc.store.list_keys() if owns(by, r)}

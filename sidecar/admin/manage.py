@@ -29,6 +29,7 @@ from ..auth.models import KeyRecord, Permissions, iso, parse_time
 from ..auth.verify import argon2_pool, password_hasher
 from ..config import Config, parse_duration, parse_limit
 from ..core.errors import BadRequest, Conflict, ExpiredKey, Forbidden, NotFound, RevokedKey
+from ..observe.logfilter import redact_path_keys
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
 from .delegation import check_grant, check_target
@@ -304,7 +305,7 @@ class KeyManager:
     async def get(self, key_id: str) -> KeyRecord:
         rec = await self.store.get(key_id)
         if rec is None:
-            raise NotFound(f"no key with id {key_id!r}")
+            raise NotFound(f"no key with id {redact_path_keys(key_id)!r}")  # a key given for its id: not echoed
         return rec
 
     async def quota_status(self, rec: KeyRecord) -> list[dict[str, Any]] | None:
@@ -326,7 +327,7 @@ class KeyManager:
                 key_id, change, max_per_owner=self.config.keys.max_keys_per_owner, now=now, insert=insert
             )
         except KeyMissing:
-            raise NotFound(f"no key with id {key_id!r}") from None
+            raise NotFound(f"no key with id {redact_path_keys(key_id)!r}") from None  # a key given for its id
         except OwnerLimitReached as e:
             raise Conflict(str(e)) from None
 

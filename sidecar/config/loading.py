@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from .file import ConfigFile, UpstreamSection, cross_checks, duplicates, literal_secrets
 from .mcp_scale import McpSessions, mcp_sessions_from
-from .models import expand_env, validate_model
+from .models import env_values, expand_env, validate_model
 from .postgres import PostgresStoreOptions, postgres_options
 from .schema import (
     AdminConfig,
@@ -50,13 +50,13 @@ def parse_config(
     file = validate_model(ConfigFile, raw, "", problems, {"env": env, "base": base}, unknown_first=True)
     duplicates(raw, problems)
     if file is None:
-        raise ConfigError(problems)
+        raise ConfigError(problems, env_values(data, env))
     cross_checks(file, problems, env)
     # What the file names in the environment, read once: checked here, handed to build.
     postgres = _postgres(file, env, problems)
     sealing = mcp_sessions_from(file.mcp_sessions, env, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, env_values(data, env))
     return build(file, env, base, source, postgres=postgres, sealing=sealing)
 
 

@@ -271,6 +271,17 @@ def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str
     return value
 
 
+def env_values(value: Any, env: Mapping[str, str]) -> set[str]:
+    """What every ``${NAME}`` in ``value`` brings in: secrets live there, so errors never quote them."""
+    if isinstance(value, str):
+        return {env[n] for n in _ENV_RE.findall(value) if n in env}
+    if isinstance(value, dict):
+        return {v for item in value.values() for v in env_values(item, env)}
+    if isinstance(value, list):
+        return {v for item in value for v in env_values(item, env)}
+    return set()
+
+
 def _unknown_first(errors: list[Any]) -> list[Any]:
     """Each mapping's unknown options before its other problems (a typo explains what follows)."""
     out: list[Any] = []

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from ..core.redaction import hide_userinfo, hide_values
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB|K|M|G)?\s*$", re.IGNORECASE)
@@ -32,7 +35,10 @@ PERIOD_SECONDS = {
 class ConfigError(Exception):
     """Every problem found in a config file, one per line, each with its YAML path."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], hide: Iterable[str] = ()) -> None:
+        # A problem may quote the value it refuses: never a URL's password, nor ``hide`` (what ${VAR}s brought in).
+        hide = tuple(hide)
+        problems = [hide_values(hide_userinfo(p), hide) for p in problems]
         self.problems = problems
         super().__init__("\n".join(problems))
 

@@ -24,6 +24,7 @@ from ..oauth.approve import Pending, answer, pending
 from ..oauth.clients import ClientError
 from ..oauth.consent import LIFETIMES
 from ..oauth.grants import GrantError, revoke_grant
+from ..observe.logfilter import redact_path_keys
 from .routes import CONSOLE, CSP, Console, harden, page, see_other
 from .sessions import Session
 
@@ -96,7 +97,7 @@ async def revoke_grant_view(request: web.Request, console: Console, session: Ses
     grant = sc.verifier.table.get(grant_id) or await sc.store.get(grant_id)
     by = console.acting_key(session)
     if grant is None or grant.parent_id != parent_id or not owns(by, grant):
-        raise NotFound(f"no OAuth grant with id {grant_id!r} of key {parent_id!r}")
+        raise NotFound(f"no OAuth grant with id {redact_path_keys(grant_id)!r} of key {redact_path_keys(parent_id)!r}")
     check_target(sc.config, by, grant, sc.clock())  # a delegated admin key: only grants within its reach
     await revoke_grant(sc, grant_id, session.actor)  # refused by the next request: the verifier is refreshed
     session.flash = f"OAuth grant for “{grant.grant.get('client_name') or grant.grant.get('client_id')}” revoked."
@@ -130,7 +131,7 @@ async def remove_client(request: web.Request, console: Console, session: Session
     except ClientError as e:
         raise BadRequest(e.description) from None
     if not removed:
-        raise NotFound(f"no registered client {client_id!r}")
+        raise NotFound(f"no registered client {redact_path_keys(client_id)!r}")
     session.flash = f"Client {client_id} removed. Its existing grants stay until revoked."
     return see_other("/oauth/clients")
 

@@ -20,6 +20,7 @@ from ..admin.delegation import owns
 from ..auth.models import KeyRecord
 from ..config import parse_duration
 from ..core.errors import BadRequest, NotFound, SidecarError
+from ..observe.logfilter import redact_path_keys
 from ..observe.usage import report as usage_report
 from .chart import bar_chart, fill_days, human_bytes
 from .forms import GRACE_CHOICES, blank_form, changed_fields, fields_from_form, form_from_record, lifetime_choices
@@ -37,7 +38,7 @@ SORTS = {"last_used": "Last used", "created": "Created", "name": "Name", "expire
 async def _visible(console: Console, session: Session, key_id: str) -> KeyRecord:
     rec = await console.sc.manager().get(key_id)
     if not owns(console.acting_key(session), rec):
-        raise NotFound(f"no key with id {key_id!r}")
+        raise NotFound(f"no key with id {redact_path_keys(key_id)!r}")  # a key given for its id: not echoed
     return rec
 
 

@@ -44,8 +44,14 @@ _CUT_SIZE = len(CUT.encode())
 # parameter (Plex's ``/photo/:/transcode?url=/library/…/thumb?X-Plex-Token%3D<key>``) and
 # with blanks around the name (``X-Plex-Token%20=``).
 _BLANK = r"(?:%20|%09|\+|\s)*"
+# Names a credential goes by, ours and OAuth's (a careless client puts a form's fields in the query):
+# what a client sends under them is not key-shaped (a PKCE verifier, a client secret, a password).
+_NAMES = (
+    "X-Plex-Token|token|api_key|apikey|key|access_token|refresh_token|id_token|client_secret|code_verifier|code"
+    "|password|passwd|secret|auth|authorization|csrf"
+)
 _SECRET_PARAM = re.compile(
-    rf"((?:^|[?&;/]|%3F|%26|%2F){_BLANK}(?:X-Plex-Token|token|api_key|apikey|key|access_token){_BLANK}(?:=|%3D))"
+    rf"((?:^|[?&;/]|%3F|%26|%2F){_BLANK}(?:{_NAMES}){_BLANK}(?:=|%3D))"
     r"(?:(?!%26)[^&;#\s])*",
     re.I,
 )
@@ -112,7 +118,7 @@ class AccessLog:
         if scope.cache:
             entry["cache"] = scope.cache
         if scope.tool:
-            entry["tool"] = scope.tool
+            entry["tool"] = redact_path_keys(scope.tool)  # the client's text: a key pasted as a tool name goes
         if scope.credential:
             entry["credential"] = scope.credential
         # orjson rather than json: the stdlib encoder was ~10 µs a line, a visible share of a

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ..admin.api import ACTOR, ok, query_str, require_full_admin
 from ..core.errors import BadRequest, NotFound
+from ..observe.logfilter import redact_path_keys
 from .clients import ClientError
 from .grants import revoke_grant
 
@@ -51,7 +52,7 @@ def add_routes(app: web.Application, sc: OAuthHost) -> None:
         except ClientError as e:
             raise BadRequest(e.description) from None
         if not removed:
-            raise NotFound(f"no registered client {client_id!r}")
+            raise NotFound(f"no registered client {redact_path_keys(client_id)!r}")  # a secret given for an id
         return ok({"client_id": client_id, "removed": True})
 
     app.router.add_get("/admin/oauth/grants", list_grants)

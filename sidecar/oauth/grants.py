@@ -37,6 +37,7 @@ from ..auth.models import KeyRecord, Permissions
 from ..auth.permissions import MCP_KINDS, mcp_globs
 from ..auth.verify import argon2_pool
 from ..core.errors import NotFound
+from ..observe.logfilter import redact_path_keys
 from ..store.base import AuditEvent, GrantLimitReached
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ async def revoke_grant(sc: GrantHost, grant_id: str, actor: str) -> KeyRecord:
     """Revoke a grant (audited as any key's revocation) and delete its codes and tokens."""
     rec = await sc.store.get(grant_id)
     if rec is None or rec.parent_id is None:
-        raise NotFound(f"no OAuth grant with id {grant_id!r}")
+        raise NotFound(f"no OAuth grant with id {redact_path_keys(grant_id)!r}")  # a token given for an id
     after = await sc.manager().revoke(grant_id, actor)
     await sc.store.oauth_forget(grant_id, sc.clock())
     await sc.verifier.refresh()

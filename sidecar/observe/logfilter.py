@@ -7,12 +7,14 @@ reach handlers through propagation (filters on a logger apply only to its own re
 so redaction is installed in the log-record factory: every record of every logger is
 cleaned once, as it is created, before any handler, formatter or pytest's ``caplog``
 sees it. Message, arguments, exception text and stack are flattened into text and
-redacted:
+redacted; ``extra`` fields (set after the factory, so cleaned in ``Logger.makeRecord``)
+are redacted too, a structure replaced by its redacted text only when it carried a secret:
 
 * anything shaped like a key body (a run of 40+ hex digits, also percent-encoded):
   every prefix's key, whatever parameter or header carried it;
 * argon2 hashes (``$argon2id$v=19$…``);
 * JWTs (``eyJ…``.``…``.``…``, sidecar/auth/jwt.py), signed or not;
+* a URL's user information (``redis://:password@``, ``https://user:password@``);
 * the configured secrets themselves (upstream tokens and credential headers, the admin
   token, allow-listed per-key upstream tokens).
 
@@ -28,6 +30,8 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from ..core.redaction import hide_userinfo
 
 __all__ = ["REDACTED", "install", "redact", "redact_path_keys"]
 
@@ -75,9 +79,24 @@ def redact(text: str) -> str:
     if "$argon2" in text:
         text = _ARGON2.sub(REDACTED, text)
     literal = _literal
-    if literal is not None:
+    if literal is not None:  # first: a configured DSN or URL goes whole
         text = literal.sub(REDACTED, text)
-    return text
+    return hide_userinfo(text)  # then any other URL's user:password@ (one a library built, say)
+
+
+# What every record has; anything else was handed in as ``extra`` (a JSON formatter prints it as it is).
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+_BASE = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)  # a record without extras
+
+
+def _clean_extras(record: logging.LogRecord) -> None:
+    for name, value in list(record.__dict__.items()):
+        if name in _STANDARD or value is None or isinstance(value, int | float | bool):
+            continue
+        text = value if isinstance(value, str) else repr(value)
+        cleaned = redact(text)
+        if cleaned != text:  # a structure is kept as it is unless it carried a secret
+            record.__dict__[name] = cleaned
 
 
 def _clean(record: logging.LogRecord) -> None:
@@ -113,6 +132,16 @@ def install(secrets: Iterable[str | None] = ()) -> None:
                 return record
 
             logging.setLogRecordFactory(factory)
+            # ``extra`` fields are set on the record after the factory made it: cleaned once they are there.
+            make = logging.Logger.makeRecord
+
+            def make_record(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+                record = make(self, *args, **kwargs)
+                if len(record.__dict__) > _BASE:  # extras (rare): the common record skips the walk
+                    _clean_extras(record)
+                return record
+
+            logging.Logger.makeRecord = make_record  # type: ignore[method-assign]
             _installed = True
     aiosqlite = logging.getLogger("aiosqlite")
     if aiosqlite.level < logging.INFO:  # NOTSET included: it would inherit DEBUG from the root

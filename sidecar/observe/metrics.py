@@ -51,6 +51,7 @@ from ..config import UpstreamConfig
 from ..core.scope import RequestScope
 from ..upstreams import health as upstream_health
 from .families import CONTENT_TYPE, DURATION_BUCKETS, FamilyCollector, Histogram, Spec, write_family
+from .logfilter import redact_path_keys
 
 __all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "MAX_TOOL_SERIES", "MAX_TOOL_SERIES_PER_KEY", "OTHER", "Metrics"]
 
@@ -179,7 +180,7 @@ class Metrics:
         """The ``tool`` label: the name once it has one, else a new one while slots last and the key
         has introduced fewer than ``MAX_TOOL_SERIES_PER_KEY`` (denied names too: operators want to see
         which tool was refused, and a refusal is free, so the per-key share is what bounds them)."""
-        tool = tool.strip()[:MAX_TOOL_NAME]
+        tool = redact_path_keys(tool.strip()[:MAX_TOOL_NAME])  # the client's text: a key pasted there stays out
         if (upstream, tool) in self._tools:
             return tool
         if len(self._tools) >= MAX_TOOL_SERIES:
@@ -318,7 +319,8 @@ class Metrics:
             state = rec.state(now)
             counts[state] += 1
             if rec.id in self._slots:
-                info[(rec.id, rec.name, rec.owner or "")] = 1
+                # a key pasted into the wrong field is no label (whoever reads Prometheus could use it)
+                info[(rec.id, redact_path_keys(rec.name), redact_path_keys(rec.owner or ""))] = 1
                 if state == "active" and rec.expires_at is not None:
                     expires[(rec.id,)] = rec.expires_at
         quota_limit: dict[tuple[str, str], int] = {}

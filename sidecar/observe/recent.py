@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ..core.scope import RequestScope
+from .logfilter import redact_path_keys
 
 __all__ = ["AUTH_FAILURES", "RATE_REFUSALS", "Entry", "RecentRequests"]
 
@@ -74,7 +75,8 @@ class RecentRequests:
             return  # neither a key's request nor a refusal: nothing this keeps
         entry = Entry(
             self.clock(), scope.method, scope.path, scope.status, (time.perf_counter() - scope.start) * 1000,
-            scope.client_ip, scope.upstream, key_id, error, scope.bytes_sent, scope.tool, scope.credential,
+            scope.client_ip, scope.upstream, key_id, error, scope.bytes_sent,
+            redact_path_keys(scope.tool), scope.credential,  # a tool name is the client's text: no key shown
         )  # fmt: skip
         if key_id:
             ring = self._keys.get(key_id)

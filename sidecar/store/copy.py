@@ -48,8 +48,9 @@ def parse_endpoint(spec: str, env: Mapping[str, str] | None = None) -> Endpoint:
     command line is visible to every local user) or ``postgres:postgresql://…``."""
     env = os.environ if env is None else env
     kind, sep, rest = spec.partition(":")
+    shown = f"{kind[:20]!r}" if sep else "the value"  # never the rest: a mistyped DSN carries its password
     if not sep or not rest:
-        raise ValueError(f"{spec!r}: expected sqlite:PATH or postgres:ENV_VAR")
+        raise ValueError(f"{shown}: expected sqlite:PATH or postgres:ENV_VAR")
     if kind == "sqlite":
         return Endpoint("sqlite", rest)
     if kind in ("postgres", "postgresql"):
@@ -67,7 +68,7 @@ def parse_endpoint(spec: str, env: Mapping[str, str] | None = None) -> Endpoint:
         if bad:
             raise ValueError(f"postgres:{rest}: {bad}")
         return Endpoint("postgres", dsn)
-    raise ValueError(f"{spec!r}: expected sqlite:PATH or postgres:ENV_VAR")
+    raise ValueError(f"{shown}: expected sqlite:PATH or postgres:ENV_VAR")
 
 
 @dataclass
