@@ -15,7 +15,8 @@ What is decided here:
 - ``primary_key`` / ``variant_key``: a tuple of upstream, upstream identity (the token
   in use, as a keyed BLAKE2b digest: never in clear), path, the query with the
   credential (``X-Plex-Token``) dropped and parameters sorted, the rule's ``vary``
-  headers and, once the upstream has said so, its ``Vary`` headers. A plain tuple, not
+  headers, the ``IMPLICIT_VARY`` headers the client sent and, once the upstream has said so,
+  its ``Vary`` headers. A plain tuple, not
   a digest of it: a dict hashes it in a fraction of the time, and a hit is that fast.
 
 Keys are computed from the *client's* request, before anything is prepared for the
@@ -47,6 +48,7 @@ __all__ = [
     "CONDITIONAL_HEADERS",
     "CREDENTIAL_HEADERS",
     "CREDENTIAL_PARAMS",
+    "IMPLICIT_VARY",
     "PER_CLIENT_HEADERS",
     "CacheKey",
     "Storable",
@@ -261,11 +263,33 @@ def origin_of(scheme: str, headers: MultiMapping[str]) -> str:
     return f"{scheme}\0{h('Host', '')}\0{h('X-Forwarded-Proto', '')}\0{h('X-Forwarded-Host', '')}"
 
 
+# Request headers always keyed, ``Vary`` or not: upstreams choose the representation from them
+# without saying so (Plex: JSON or XML from ``Accept``, the language, CORS from ``Origin``), and
+# a client that sends one must not choose what the next client of that identity gets.
+# ``X-Plex-*`` headers (but the token) are keyed for the reason their query spellings are.
+IMPLICIT_VARY = frozenset({"accept", "accept-language", "origin", "cookie"})
+_HASHED = frozenset({"cookie"})  # may hold secrets: kept in a key only as a digest
+
+
+def _implicit(headers: MultiMapping[str]) -> tuple[tuple[str, str | bytes], ...]:
+    out: list[tuple[str, str | bytes]] = []
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in IMPLICIT_VARY or (lname.startswith("x-plex-") and lname != "x-plex-token"):
+            v = " ".join(value.split())
+            out.append((lname, hashlib.blake2b(v.encode(), digest_size=16).digest() if lname in _HASHED else v))
+    if len(out) > 1:
+        out.sort(key=lambda nv: nv[0])  # stable: repeated lines of one name keep their order
+    return tuple(out)
+
+
 def variant_key(primary: CacheKey, vary: tuple[str, ...], headers: MultiMapping[str]) -> CacheKey:
-    """The entry's key once the upstream's ``Vary`` names are known (``primary`` when none)."""
+    """The entry's key once the upstream's ``Vary`` names are known, with the ``IMPLICIT_VARY``
+    headers the request sent (``primary`` when neither)."""
+    implicit = _implicit(headers)
     if not vary:
-        return primary
-    return (primary, _header_values(headers, vary))
+        return (primary, implicit) if implicit else primary
+    return (primary, _header_values(headers, vary), implicit)
 
 
 @lru_cache(maxsize=1024)

@@ -179,7 +179,12 @@ def test_keys_never_hold_the_identity_in_clear() -> None:
 
 def test_variant_key() -> None:
     p = _key()
-    assert variant_key(p, (), h(("Accept", "a"))) == p
+    assert variant_key(p, (), h(("X-Other", "a"))) == p
+    # Headers upstreams choose a representation from are keyed without a Vary (cookies as a digest).
+    for name in ("Accept", "Accept-Language", "Origin", "Cookie", "X-Plex-Language", "X-Plex-Client-Identifier"):
+        assert variant_key(p, (), h((name, "a"))) != variant_key(p, (), h((name, "b"))) != p
+    assert variant_key(p, (), h(("X-Plex-Token", "t"))) == p  # the credential: the identity is keyed instead
+    assert "secret" not in repr(variant_key(p, (), h(("Cookie", "session=secret"))))
     xml = variant_key(p, ("accept",), h(("Accept", "application/xml")))
     json_ = variant_key(p, ("accept",), h(("Accept", "application/json")))
     assert xml != json_ and xml != p
