@@ -53,7 +53,7 @@ from ..config import Config
 from ..core.errors import SidecarError
 from ..http.listener import GuardedAppRunner
 from ..observe.metrics import CONTENT_TYPE
-from .aggregate import Retired, merge
+from .aggregate import Retired, scrape_merge
 from .inflight import ShmInflight
 from .limits import LimitsOwner
 from .recent import RECENT_PATH, HostRecent, wanted
@@ -376,8 +376,7 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = Non
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
             return await handler(request)  # type: ignore[no-any-return]
         texts = await asyncio.gather(*(pool.scrape(i) for i in range(pool.n)))
-        pool.last.update((i, text) for i, text in enumerate(texts) if text is not None)
-        body = merge(sc.metrics.exposition().decode(), list(enumerate(texts)), pool.restarts, pool.retired)
+        body = scrape_merge(sc.metrics.exposition().decode(), texts, pool.last, pool.restarts, pool.retired)
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     return middleware
