@@ -5,7 +5,11 @@ connection drops (a database restart, a failover, a network cut) it says so (``o
 reconnects with exponential back-off and jitter (100 ms doubling to ``max_backoff``), and
 on every (re)connection calls ``on_up``: the store then catches up with whatever changed
 while nobody was listening. A keep-alive query every ``keepalive`` seconds finds a
-connection that died without a goodbye (a cut cable sends none).
+connection that died without a goodbye (a cut cable sends none). A half-open socket gives
+no error until that query times out, so ``fresh`` says whether the connection proved itself
+(connected, a notification, a keep-alive answer) within ``STALE`` seconds: when it did not,
+the store reads by ``seq`` on every poll instead of trusting that silence means no change
+(a revocation reaches the replica within 1 s even then).
 
 ``wrap`` turns asyncpg's and the OS's errors into ``StoreError`` with the database named
 by ``describe_dsn`` (host, port, database: never the user or the password); a fault of
@@ -27,10 +31,12 @@ import asyncpg
 
 from .base import StoreError
 
-__all__ = ["Listener", "is_connection_error", "wrap"]
+__all__ = ["KEEPALIVE", "STALE", "Listener", "is_connection_error", "wrap"]
 
 log = logging.getLogger("sidecar.store")
 
+KEEPALIVE = 0.25  # seconds between keep-alive queries on the LISTEN connection (one SELECT 1)
+STALE = 0.75  # a listener silent this long is not trusted: polls read by seq (revocation within 1 s)
 _CONNECTION_STATES = ("08", "57P01", "57P02", "57P03", "53300")  # connection exception, shutdown, too many
 
 
@@ -68,7 +74,7 @@ class Listener:
         on_notify: Callable[[], None],
         on_up: Callable[[], None],
         on_down: Callable[[], None],
-        keepalive: float = 5.0,
+        keepalive: float = KEEPALIVE,
         timeout: float = 5.0,
         max_backoff: float = 5.0,
     ) -> None:
@@ -82,9 +88,16 @@ class Listener:
         self.listening = False
         self.reconnects = 0  # connections made after the first (sidecar_store_reconnects_total, tests)
         self.connected = asyncio.Event()  # set while listening
+        self.alive_at = 0.0  # monotonic time the connection last proved it delivers (``fresh``)
         self._conn: Any = None
 
+    @property
+    def fresh(self) -> bool:
+        """Listening, and heard from within ``STALE`` s: silence on it means nothing changed."""
+        return self.listening and time.monotonic() - self.alive_at < STALE
+
     def _notified(self, *_: Any) -> None:
+        self.alive_at = time.monotonic()
         self._on_notify()
 
     async def run(self) -> None:
@@ -99,6 +112,7 @@ class Listener:
                 self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._conn.add_listener(self.channel, self._notified)
                 self.listening = True
+                self.alive_at = time.monotonic()
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
@@ -135,6 +149,7 @@ class Listener:
                 await asyncio.wait_for(lost.wait(), self.keepalive)
             if not lost.is_set():
                 await self._conn.execute("SELECT 1", timeout=self.timeout)
+                self.alive_at = time.monotonic()  # notifications sent before it were delivered before its answer
         raise ConnectionError("the server closed the connection")
 
     async def _drop(self) -> None:

@@ -290,7 +290,7 @@ class PostgresStore(PgOAuth, PgState, Store):
             return None  # the listener reconnects; the outage was logged once, not every poll
         if now >= self._next_resync:
             return await self._resync(now)
-        listening = self.listener is not None and self.listener.listening
+        listening = self.listener is not None and self.listener.fresh  # a half-open socket is not
         if not self._dirty and listening:
             return None
         self._dirty = False  # before the read: a notification arriving during it marks it again

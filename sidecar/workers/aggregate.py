@@ -20,6 +20,9 @@ the host's sums never step down (which Prometheus would read as a reset of the w
 host), the counters and histograms of a worker's last exposition the supervisor read are
 kept (``Retired``) and added to every later merge: what a dead worker counted after that
 last read is lost, as a crashed single process loses it, but nothing is counted twice.
+A worker that is alive but does not answer a scrape (hung, or slower than the scrape
+timeout) counts as it was last read, for that scrape (``scrape_merge``): leaving it out made
+the host's counters dip, which Prometheus reads as a reset (and its return as everything again).
 Why not prometheus_client's multiprocess mode: it keeps one mmap file per process and
 metric, reads them all at scrape time, cannot express the cheap per-request families
 (``sidecar.observe.metrics``) and has no per-key label cap of its own.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["HOST_GAUGES", "Retired", "merge"]
+__all__ = ["HOST_GAUGES", "Retired", "merge", "scrape_merge"]
 
 HOST_GAUGES = frozenset(
     {
@@ -102,6 +105,26 @@ class Retired:
             if fam is None:
                 fam = self.families[name] = _Family(help_line, type_line, kind)
             _add(fam, name, series, value)
+
+    def plus(self, texts: Iterable[str]) -> Retired:
+        """A copy with these expositions' counters added (workers that did not answer, as last read)."""
+        out = Retired()
+        for name, fam in self.families.items():
+            copy = out.families[name] = _Family(fam.help, fam.type, fam.kind)
+            copy.samples = dict(fam.samples)
+        for text in texts:
+            out.add(text)
+        return out
+
+
+def scrape_merge(
+    own: str, texts: Sequence[str | None], last: dict[int, str], restarts: Sequence[int], retired: Retired
+) -> str:
+    """``merge`` of one scrape (None: a worker that did not answer); ``last`` keeps each worker's
+    latest read, and a silent worker's counters count as that read, not as zero."""
+    last.update((i, text) for i, text in enumerate(texts) if text is not None)
+    silent = [last[i] for i, text in enumerate(texts) if text is None and i in last]
+    return merge(own, list(enumerate(texts)), restarts, retired.plus(silent) if silent else retired)
 
 
 def _add(fam: _Family, name: str, series: str, value: float) -> None:

@@ -53,7 +53,7 @@ from ..config import Config
 from ..core.errors import SidecarError
 from ..http.listener import GuardedAppRunner
 from ..observe.metrics import CONTENT_TYPE
-from .aggregate import Retired, merge
+from .aggregate import Retired, scrape_merge
 from .inflight import ShmInflight
 from .limits import LimitsOwner
 from .recent import RECENT_PATH, HostRecent, wanted
@@ -117,6 +117,7 @@ class WorkerPool:
         self.retired = Retired()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._hups: dict[int, asyncio.Future[None]] = {}  # SIGHUPs held for workers still starting
         self._started: list[asyncio.Event] = [asyncio.Event() for _ in range(n)]
 
     def role(self, i: int, seal_fd: int | None = None) -> WorkerRole:
@@ -124,6 +125,8 @@ class WorkerPool:
         return WorkerRole(i, self.directory, port, self.sock.fileno() if self.inherit else None, seal_fd=seal_fd)
 
     async def _spawn(self, i: int) -> asyncio.subprocess.Process:
+        with contextlib.suppress(FileNotFoundError):  # the dead worker's: its existence says "ready" (signal_all)
+            os.unlink(admin_socket(self.directory, i))
         seal_fd = send(self.seal) if self.seal is not None else None
         fds = ((self.sock.fileno(),) if self.inherit else ()) + ((seal_fd,) if seal_fd is not None else ())
         try:
@@ -198,10 +201,33 @@ class WorkerPool:
         return out
 
     def signal_all(self, sig: signal.Signals) -> None:
-        for proc in self.procs:
+        for i, proc in enumerate(self.procs):
             if proc is not None and proc.returncode is None:
+                if sig == signal.SIGHUP and not self._bound(i):
+                    # Still starting: its handler is not in place, and SIGHUP's default action is to
+                    # terminate (a reload during a restart killed the replacement, again and again).
+                    if i not in self._hups:
+                        self._hups[i] = asyncio.ensure_future(self._hup_when_ready(i, proc))
+                    continue
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
+
+    def _bound(self, i: int) -> bool:
+        """Has worker ``i`` bound its admin socket (so its SIGHUP handler is in place)? One stat, in tmpfs."""
+        return os.path.exists(admin_socket(self.directory, i))
+
+    async def _hup_when_ready(self, i: int, proc: asyncio.subprocess.Process) -> None:
+        """SIGHUP once the worker has bound its admin socket (after its handler): it re-reads then."""
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while proc.returncode is None and time.monotonic() < deadline:
+                if self._bound(i):
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGHUP)
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            self._hups.pop(i, None)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each drains up to ``grace``), then SIGKILL what is left."""
@@ -214,9 +240,9 @@ class WorkerPool:
             log.warning("workers still running %.0fs after SIGTERM: killing them", grace + KILL_AFTER)
             self.signal_all(signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in self.procs if p is not None))
-        for t in self._tasks:
+        for t in [*self._tasks, *self._hups.values()]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._hups.values(), return_exceptions=True)
 
 
 def _private_dir() -> str:
@@ -376,8 +402,7 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = Non
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
             return await handler(request)  # type: ignore[no-any-return]
         texts = await asyncio.gather(*(pool.scrape(i) for i in range(pool.n)))
-        pool.last.update((i, text) for i, text in enumerate(texts) if text is not None)
-        body = merge(sc.metrics.exposition().decode(), list(enumerate(texts)), pool.restarts, pool.retired)
+        body = scrape_merge(sc.metrics.exposition().decode(), texts, pool.last, pool.restarts, pool.retired)
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     return middleware

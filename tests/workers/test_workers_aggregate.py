@@ -66,3 +66,22 @@ def test_a_dead_workers_counters_stay_in_the_sums() -> None:
     assert got[("sidecar_request_duration_seconds_count", (("upstream", "plex"),))] == 7
     assert got[("sidecar_in_flight_requests", ())] == 0  # gauges of the dead are not kept
     assert got[("sidecar_worker_requests_total", (("worker", "0"),))] == 1  # per worker: since it started
+
+
+def test_a_hung_worker_does_not_make_the_host_counters_step_down() -> None:
+    """A worker that misses one scrape (hung, slow past the scrape timeout) keeps its last counts
+    in the sums: a dip would read as a reset of the whole host, and its return as all of it again."""
+    from sidecar.workers.aggregate import scrape_merge
+
+    last: dict[int, str] = {}
+    retired = Retired()
+    req = "sidecar_requests_total"
+    w0, w1 = exposition({"k1": 3}), exposition({"k2": 5})
+    first = samples(scrape_merge(exposition({}), [w0, w1], last, [0, 0], retired))
+    second = samples(scrape_merge(exposition({}), [exposition({"k1": 4}), None], last, [0, 0], retired))
+    total = [sum(v for (name, _), v in got.items() if name == req) for got in (first, second)]
+    assert total == [8, 9], f"host requests_total stepped {total}"
+    assert second[("sidecar_workers", ())] == 1  # the hung one is not counted as answering
+    assert second[("sidecar_in_flight_requests", ())] == 0  # its gauges are not kept
+    third = samples(scrape_merge(exposition({}), [exposition({"k1": 4}), exposition({"k2": 6})], last, [0, 0], retired))
+    assert sum(v for (name, _), v in third.items() if name == req) == 10  # back: its live counts, once
