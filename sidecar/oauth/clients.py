@@ -45,6 +45,8 @@ def redirect_matches(registered: str, given: str) -> bool:
     OAuth 2.1 §8.4.2: native apps such as VS Code listen on whatever port is free)."""
     if given == registered:
         return True
+    if not given.isprintable():  # ``urlsplit`` drops tabs and newlines: "/c<LF>b" would pass as "/cb"
+        return False
     try:
         r, g = urlsplit(registered), urlsplit(given)
         g.port  # noqa: B018 - a malformed port raises here

@@ -1,0 +1,42 @@
+"""A second attacker's pass over the authorization server (what the first pass left): each test
+asserts what the browser or the client sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running
+from mcp_server import McpUpstream
+from oauth_support import authorize_url, consent, free_port, oauth_config, pkce, register, start_sidecar
+from test_oauth_refusals import PERMS
+
+from sidecar.app import Sidecar
+
+LOOPBACK = "http://127.0.0.1:1/cb"
+CONF = {"client_id": "conf-loop", "redirect_uris": [LOOPBACK]}
+
+
+@pytest.fixture
+async def gw(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]) -> Running:
+    cfg = oauth_config(upstream, tmp_path, free_port(), clients=[CONF])
+    return await start_sidecar(aiohttp_client, cfg, tmp_path, started)
+
+
+async def test_a_loopback_redirect_with_control_characters_is_refused_not_a_500(gw: Running) -> None:
+    """``urlsplit`` drops tabs and newlines, so ``/c<LF>b`` looked like the registered ``/cb``; the
+    Location header built from it then failed (500), after the code was spent. Refused as a page."""
+    _, key = await gw.create_key(permissions=PERMS)
+    dcr = (await register(gw, redirect_uris=["http://127.0.0.1/cb"]))["client_id"]
+    _, challenge = pkce()
+    cases = [
+        (client, extra, spelling)
+        for spelling in ("http://127.0.0.1:5555/c\nb", "http://127.0.0.1:5555/\tcb")
+        for client, extra in ((dcr, {}), ("conf-loop", {}), ("conf-loop", {"code_challenge_method": "plain"}))
+    ]
+    cases.append(("conf-loop", {}, "http://127.0.0.1:5555/c\r\nb"))
+    for client, extra, spelling in cases:
+        back = await consent(authorize_url(gw, client, challenge, redirect_uri=spelling, **extra), key)
+        assert back.location.startswith("status:400:"), (client, extra, back.location)
+        assert "redirect URI is not one this client registered" in back.location
