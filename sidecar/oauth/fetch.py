@@ -95,6 +95,9 @@ def _check_url(url: str, allowed: frozenset[str]) -> None:
         raise FetchRefused("the client id is not a URL") from None
     if parts.scheme != "https" or not parts.hostname or parts.username is not None or parts.password is not None:
         raise FetchRefused("a client metadata document's URL must be https, without credentials")
+    if not url.isascii() or "\\" in parts.netloc or "%" in parts.netloc:  # the consent page shows this id:
+        # its host must be the one fetched and browsers show, never a look-alike (IDN: punycode)
+        raise FetchRefused("a client metadata document's URL must be plain ASCII (punycode for a name)")
     if parts.fragment or parts.path in ("", "/"):
         raise FetchRefused("a client metadata document's URL needs a path and no fragment")
     host = parts.hostname.lower()

@@ -151,6 +151,10 @@ async def test_metadata_document_rules(
     assert "answered 302" in await refusal(gw, doc_url(docs, "redirect.json"))
     assert "could not be fetched" in await refusal(gw, doc_url(docs, "slow.json"))
     assert "answered 404" in await refusal(gw, doc_url(docs, "missing.json"))
+    # the client id is shown on the consent page: its host must be the one fetched, no look-alike
+    for spoof in ("https://cl\u0430ude.ai/client.json", "https://claude.ai\\.evil.example/c.json",
+                  "https://claude.ai%2eevil.example/c.json"):  # fmt: skip
+        assert "plain ASCII" in await refusal(gw, spoof), spoof
     # redirect URIs match exactly
     url = doc_url(docs, "exact.json")
     docs.app[DOCS]["exact.json"] = {"client_id": url, "redirect_uris": [CALLBACK + "/x"]}

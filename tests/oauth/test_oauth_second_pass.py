@@ -40,3 +40,20 @@ async def test_a_loopback_redirect_with_control_characters_is_refused_not_a_500(
         back = await consent(authorize_url(gw, client, challenge, redirect_uri=spelling, **extra), key)
         assert back.location.startswith("status:400:"), (client, extra, back.location)
         assert "redirect URI is not one this client registered" in back.location
+
+
+async def test_a_redirect_host_shown_on_the_consent_page_is_the_one_the_browser_goes_to(gw: Running) -> None:
+    """The consent page's defence against a look-alike client is the host it shows ("read the
+    host", docs/oauth.md): a host spelled with homoglyphs or characters browsers rewrite defeats it."""
+    for uri in (
+        "https://cl\u0430ude.ai/cb",  # Cyrillic а: the page would show "claude.ai"
+        "https://claude.ai\\.evil.example/cb",  # browsers read "\\" as "/": the page and the browser disagree
+        "https://claude.ai%2eevil.example/cb",  # browsers decode the host: claude.ai.evil.example
+        "https://app.example/c\u0430llback",  # an IRI, not a URI (RFC 3986): no client sends one
+    ):
+        r = await gw.proxy.post("/oauth/register", json={"redirect_uris": [uri], "client_name": "Claude"})
+        assert r.status == 400 and (await r.json())["error"] == "invalid_redirect_uri", (uri, await r.text())
+    assert await gw.sc.store.oauth_clients() == []
+    for uri in ("https://xn--cl-8kc.example:8443/cb?a=1", "http://[::1]:8080/cb", "https://A-b.example./cb"):
+        r = await gw.proxy.post("/oauth/register", json={"redirect_uris": [uri]})
+        assert r.status == 201, (uri, await r.text())
