@@ -136,7 +136,7 @@ async def fetch_document(
         raise FetchRefused(f"the client metadata document could not be fetched: {type(e).__name__}") from None
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can
         raise FetchRefused("the client metadata document is not JSON") from None
     if not isinstance(doc, dict):
         raise FetchRefused("the client metadata document is not a JSON object")

@@ -83,7 +83,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except TokenError as e:
         raise _CE("invalid_client_metadata", e.description) from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested deeper than json can
         raise _CE("invalid_client_metadata", "the body is not JSON") from None
     if not isinstance(data, dict):
         raise _CE("invalid_client_metadata", "the body must be a JSON object")

@@ -43,6 +43,8 @@ async def docs(tls: TlsFiles) -> AsyncIterator[TestServer]:
         name = request.match_info["name"]
         if name == "big.json":
             return web.Response(body=b"{" + b" " * 200_000 + b"}", content_type="application/json")
+        if name == "deep.json":  # nested deeper than Python's json can parse, well within max_bytes
+            return web.Response(body=b"[" * 5_000 + b"]" * 5_000, content_type="application/json")
         if name == "redirect.json":
             raise web.HTTPFound("https://10.0.0.1/client.json")
         if name == "slow.json":
@@ -148,6 +150,7 @@ async def test_metadata_document_rules(
                                      "token_endpoint_auth_method": "client_secret_post"}  # fmt: skip
     assert "public" in await refusal(gw, doc_url(docs, "secret.json"))
     assert "too large" in await refusal(gw, doc_url(docs, "big.json"))
+    assert "not JSON" in await refusal(gw, doc_url(docs, "deep.json"))  # not a 500
     assert "answered 302" in await refusal(gw, doc_url(docs, "redirect.json"))
     assert "could not be fetched" in await refusal(gw, doc_url(docs, "slow.json"))
     assert "answered 404" in await refusal(gw, doc_url(docs, "missing.json"))

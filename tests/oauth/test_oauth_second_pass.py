@@ -57,3 +57,24 @@ async def test_a_redirect_host_shown_on_the_consent_page_is_the_one_the_browser_
     for uri in ("https://xn--cl-8kc.example:8443/cb?a=1", "http://[::1]:8080/cb", "https://A-b.example./cb"):
         r = await gw.proxy.post("/oauth/register", json={"redirect_uris": [uri]})
         assert r.status == 201, (uri, await r.text())
+
+
+async def test_registration_with_odd_json_is_a_designed_error_never_a_500(gw: Running) -> None:
+    """Anyone may register: every shape of JSON gets RFC 7591's error, and nothing is stored."""
+    ok = {"redirect_uris": ["https://app.example/cb"]}
+    for odd in (
+        {"grant_types": [["authorization_code"]]},
+        {"grant_types": [{"a": 1}]},
+        {"response_types": [["code"]]},
+        {"token_endpoint_auth_method": ["none"]},
+        {"token_endpoint_auth_method": {"none": 1}},
+        {"client_name": ["x"]},
+        {"redirect_uris": [["https://app.example/cb"]]},
+    ):
+        r = await gw.proxy.post("/oauth/register", json={**ok, **odd})
+        assert r.status == 400, (odd, r.status, await r.text())
+        assert (await r.json())["error"] in ("invalid_client_metadata", "invalid_redirect_uri"), odd
+    assert await gw.sc.store.oauth_clients() == []
+    deep = '{"redirect_uris": ' + "[" * 8_000 + "]" * 8_000 + "}"  # within the 16 KiB body limit
+    r = await gw.proxy.post("/oauth/register", data=deep, headers={"Content-Type": "application/json"})
+    assert r.status == 400 and (await r.json())["error"] == "invalid_client_metadata", await r.text()
