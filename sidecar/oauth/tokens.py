@@ -97,7 +97,7 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
     if header[:6].lower() == "basic ":
         try:
             user, sep, pw = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII text to b64decode
             raise TokenError("invalid_client", "malformed Basic credentials", 401) from None
         if not sep or (client_id and unquote(user) != client_id):
             raise TokenError("invalid_client", "malformed Basic credentials", 401)

@@ -78,3 +78,14 @@ async def test_registration_with_odd_json_is_a_designed_error_never_a_500(gw: Ru
     deep = '{"redirect_uris": ' + "[" * 8_000 + "]" * 8_000 + "}"  # within the 16 KiB body limit
     r = await gw.proxy.post("/oauth/register", data=deep, headers={"Content-Type": "application/json"})
     assert r.status == 400 and (await r.json())["error"] == "invalid_client_metadata", await r.text()
+
+
+async def test_non_ascii_basic_credentials_are_an_invalid_client_never_a_500(gw: Running) -> None:
+    """``b64decode`` raises a plain ValueError (not binascii.Error) for non-ASCII text: a header
+    anyone can send must get the designed 401."""
+    for header in ("Basic \u00e9", "Basic \u00ed\u00a0\u0080", "Basic Zm9v\u00e9"):
+        for path in ("/oauth/token", "/oauth/revoke"):
+            r = await gw.proxy.post(path, data={"grant_type": "refresh_token", "refresh_token": "x", "token": "x"},
+                                    headers={"Authorization": header})  # fmt: skip
+            assert r.status == 401, (header, path, r.status, await r.text())
+            assert (await r.json())["error"] == "invalid_client"
