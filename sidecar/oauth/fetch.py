@@ -127,7 +127,12 @@ async def fetch_document(
                 raise FetchRefused(f"the client metadata document answered {resp.status}")
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise FetchRefused("the client metadata document is too large")
-            body = await resp.content.read(max_bytes + 1)
+            body = b""
+            while len(body) <= max_bytes:  # read(n) returns what has arrived so far, not the whole document
+                chunk = await resp.content.read(max_bytes + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > max_bytes:
                 raise FetchRefused("the client metadata document is too large")
     except (aiohttp.ClientError, OSError, TimeoutError) as e:

@@ -50,7 +50,12 @@ class TokenError(Exception):
 async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise TokenError("invalid_request", "request body too large")
-    raw = await request.content.read(MAX_BODY + 1)
+    raw = b""
+    while len(raw) <= MAX_BODY:  # read(n) returns what has arrived so far: a body in two packets was cut short
+        chunk = await request.content.read(MAX_BODY + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > MAX_BODY:
         raise TokenError("invalid_request", "request body too large")
     return raw

@@ -3,13 +3,26 @@ asserts what the browser or the client sees."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from conftest import Running
 from mcp_server import McpUpstream
-from oauth_support import authorize_url, consent, free_port, oauth_config, pkce, register, start_sidecar
+from oauth_support import (
+    CALLBACK,
+    authorize_url,
+    code_for,
+    consent,
+    free_port,
+    oauth_config,
+    pkce,
+    register,
+    start_sidecar,
+)
 from test_oauth_refusals import PERMS
 
 from sidecar.app import Sidecar
@@ -89,3 +102,29 @@ async def test_non_ascii_basic_credentials_are_an_invalid_client_never_a_500(gw:
                                     headers={"Authorization": header})  # fmt: skip
             assert r.status == 401, (header, path, r.status, await r.text())
             assert (await r.json())["error"] == "invalid_client"
+
+
+async def in_two_packets(body: bytes) -> AsyncIterator[bytes]:
+    """A body as a slow network delivers it: the second half arrives a little later (chunked)."""
+    yield body[: len(body) // 2]
+    await asyncio.sleep(0.02)
+    yield body[len(body) // 2 :]
+
+
+async def test_a_body_that_arrives_in_two_packets_is_read_whole(gw: Running) -> None:
+    """``read(n)`` returns what has arrived so far: a token request was cut after its first packet
+    (here in the middle of its code: "unknown authorization code"; a cut ``code_verifier`` failed
+    PKCE and burned the code, so the client's retry looked like a replay); a registration was
+    "not JSON". Slow networks and chunked uploads send bodies in pieces."""
+    _, key = await gw.create_key(permissions=PERMS)
+    client = (await register(gw))["client_id"]
+    code, verifier = await code_for(gw, key, client)
+    form = {"grant_type": "authorization_code", "client_id": client, "redirect_uri": CALLBACK, "code": code,
+            "code_verifier": verifier}  # fmt: skip
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = await gw.proxy.post("/oauth/token", data=in_two_packets(urlencode(form).encode()), headers=headers)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["access_token"]
+    body = b'{"redirect_uris": ["https://app.example/cb"], "client_name": "Two packets"}'
+    r = await gw.proxy.post("/oauth/register", data=in_two_packets(body), headers={"Content-Type": "application/json"})
+    assert r.status == 201, await r.text()
