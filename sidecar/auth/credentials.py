@@ -48,7 +48,7 @@ def _from_authorization(value: str, cfg: CredentialsConfig) -> tuple[str, str] |
     elif scheme == "basic" and cfg.basic:
         try:
             decoded = base64.b64decode(rest, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII text to b64decode
             raise BadRequest("malformed Basic credential: not base64 of user:key") from None
         _, sep, rest = decoded.partition(":")
         if not sep:

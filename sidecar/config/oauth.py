@@ -10,6 +10,7 @@ the checks that need the rest of the file (upstream ids, store kind).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -20,6 +21,9 @@ from .units import parse_public_url
 
 __all__ = ["CimdConfig", "OAuthClientConfig", "OAuthConfig", "check_oauth", "loopback_host"]
 
+# The host (and port) of a redirect URI: what the consent page shows must be what browsers go to, so
+# no homoglyph (IDN: punycode only), no "\\" or "%" that browsers rewrite in a host.
+_NETLOC = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?")
 DEFAULT_ACCESS_TOKEN_TTL = 3600.0
 DEFAULT_REFRESH_TOKEN_TTL = 30 * 86400.0
 DEFAULT_CODE_TTL = 60.0
@@ -51,6 +55,8 @@ def check_redirect_uri(uri: str) -> str | None:
         return f"{uri!r}: a redirect URI must not have a fragment"
     if "@" in parts.netloc:  # "https://claude.ai@evil.example/": the consent page must show the real host
         return f"{uri!r}: a redirect URI must not carry user information"
+    if not uri.isascii() or not _NETLOC.fullmatch(parts.netloc):  # RFC 3986: a URI is ASCII
+        return f"{uri!r}: a redirect URI's host must be plain ASCII letters, digits, dots and dashes (punycode)"
     if parts.scheme == "https" and parts.hostname:
         return None
     if parts.scheme == "http" and loopback_host(parts.hostname):

@@ -45,6 +45,8 @@ def redirect_matches(registered: str, given: str) -> bool:
     OAuth 2.1 §8.4.2: native apps such as VS Code listen on whatever port is free)."""
     if given == registered:
         return True
+    if not given.isprintable():  # ``urlsplit`` drops tabs and newlines: "/c<LF>b" would pass as "/cb"
+        return False
     try:
         r, g = urlsplit(registered), urlsplit(given)
         g.port  # noqa: B018 - a malformed port raises here
@@ -173,12 +175,13 @@ class ClientRegistry:
         redirect_uris = _redirects(body.get("redirect_uris"))
         name = _name(body.get("client_name"))
         method = body.get("token_endpoint_auth_method") or "none"
-        if method not in _AUTH_METHODS:
+        if not isinstance(method, str) or method not in _AUTH_METHODS:
             raise ClientError(
                 "invalid_client_metadata", f"token_endpoint_auth_method: one of {', '.join(_AUTH_METHODS)}"
             )
         grants = body.get("grant_types") or ["authorization_code", "refresh_token"]
-        if not isinstance(grants, list) or not set(grants) <= _GRANTS or "authorization_code" not in grants:
+        if (not isinstance(grants, list) or not all(isinstance(g, str) for g in grants)  # [[…]]: unhashable
+                or not set(grants) <= _GRANTS or "authorization_code" not in grants):  # fmt: skip
             raise ClientError("invalid_client_metadata", "grant_types: authorization_code (and refresh_token) only")
         responses = body.get("response_types") or ["code"]
         if responses != ["code"]:

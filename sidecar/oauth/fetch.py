@@ -95,6 +95,9 @@ def _check_url(url: str, allowed: frozenset[str]) -> None:
         raise FetchRefused("the client id is not a URL") from None
     if parts.scheme != "https" or not parts.hostname or parts.username is not None or parts.password is not None:
         raise FetchRefused("a client metadata document's URL must be https, without credentials")
+    if not url.isascii() or "\\" in parts.netloc or "%" in parts.netloc:  # the consent page shows this id:
+        # its host must be the one fetched and browsers show, never a look-alike (IDN: punycode)
+        raise FetchRefused("a client metadata document's URL must be plain ASCII (punycode for a name)")
     if parts.fragment or parts.path in ("", "/"):
         raise FetchRefused("a client metadata document's URL needs a path and no fragment")
     host = parts.hostname.lower()
@@ -124,7 +127,12 @@ async def fetch_document(
                 raise FetchRefused(f"the client metadata document answered {resp.status}")
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise FetchRefused("the client metadata document is too large")
-            body = await resp.content.read(max_bytes + 1)
+            body = b""
+            while len(body) <= max_bytes:  # read(n) returns what has arrived so far, not the whole document
+                chunk = await resp.content.read(max_bytes + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > max_bytes:
                 raise FetchRefused("the client metadata document is too large")
     except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -133,7 +141,7 @@ async def fetch_document(
         raise FetchRefused(f"the client metadata document could not be fetched: {type(e).__name__}") from None
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can
         raise FetchRefused("the client metadata document is not JSON") from None
     if not isinstance(doc, dict):
         raise FetchRefused("the client metadata document is not a JSON object")

@@ -50,7 +50,12 @@ class TokenError(Exception):
 async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise TokenError("invalid_request", "request body too large")
-    raw = await request.content.read(MAX_BODY + 1)
+    raw = b""
+    while len(raw) <= MAX_BODY:  # read(n) returns what has arrived so far: a body in two packets was cut short
+        chunk = await request.content.read(MAX_BODY + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > MAX_BODY:
         raise TokenError("invalid_request", "request body too large")
     return raw
@@ -83,7 +88,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except TokenError as e:
         raise _CE("invalid_client_metadata", e.description) from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested deeper than json can
         raise _CE("invalid_client_metadata", "the body is not JSON") from None
     if not isinstance(data, dict):
         raise _CE("invalid_client_metadata", "the body must be a JSON object")
@@ -97,7 +102,7 @@ async def _client(server: OAuthServer, request: web.Request, form: MultiDictProx
     if header[:6].lower() == "basic ":
         try:
             user, sep, pw = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII text to b64decode
             raise TokenError("invalid_client", "malformed Basic credentials", 401) from None
         if not sep or (client_id and unquote(user) != client_id):
             raise TokenError("invalid_client", "malformed Basic credentials", 401)

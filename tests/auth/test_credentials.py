@@ -162,7 +162,15 @@ async def test_error_contract_for_every_auth_failure(plex_sidecar: Running, plex
     contract(await resp.json(), "insufficient_permissions")
 
     no_colon = "Basic " + base64.b64encode(b"only-a-user").decode()
-    for bad in ("Basic !!!notbase64", no_colon, "Digest abc", "Bearer a b", "Bearer "):
+    for bad in (
+        "Basic !!!notbase64",
+        no_colon,
+        "Digest abc",
+        "Bearer a b",
+        "Bearer ",
+        "Basic \u00e9",
+        "Basic Zm9v\u00e9",
+    ):
         resp = await proxy.get("/library/sections", headers={"Authorization": bad})
         assert resp.status == 400, bad
         contract(await resp.json(), "bad_request")

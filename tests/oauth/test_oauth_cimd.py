@@ -6,6 +6,7 @@ and redirect URIs matched exactly."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ async def docs(tls: TlsFiles) -> AsyncIterator[TestServer]:
         name = request.match_info["name"]
         if name == "big.json":
             return web.Response(body=b"{" + b" " * 200_000 + b"}", content_type="application/json")
+        if name == "chunked.json":  # a document whose second half arrives a little later
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            body = json.dumps(request.app[DOCS]["chunked.json"]).encode()
+            await resp.write(body[:20])
+            await asyncio.sleep(0.02)
+            await resp.write(body[20:])
+            return resp
+        if name == "deep.json":  # nested deeper than Python's json can parse, well within max_bytes
+            return web.Response(body=b"[" * 5_000 + b"]" * 5_000, content_type="application/json")
         if name == "redirect.json":
             raise web.HTTPFound("https://10.0.0.1/client.json")
         if name == "slow.json":
@@ -148,9 +159,17 @@ async def test_metadata_document_rules(
                                      "token_endpoint_auth_method": "client_secret_post"}  # fmt: skip
     assert "public" in await refusal(gw, doc_url(docs, "secret.json"))
     assert "too large" in await refusal(gw, doc_url(docs, "big.json"))
+    assert "not JSON" in await refusal(gw, doc_url(docs, "deep.json"))  # not a 500
+    url = doc_url(docs, "chunked.json")  # read whole, not cut after its first packet
+    docs.app[DOCS]["chunked.json"] = {"client_id": url, "client_name": "Chunked", "redirect_uris": [CALLBACK]}
+    assert gw.sc.oauth is not None and (await gw.sc.oauth.clients.get(url)).name == "Chunked"
     assert "answered 302" in await refusal(gw, doc_url(docs, "redirect.json"))
     assert "could not be fetched" in await refusal(gw, doc_url(docs, "slow.json"))
     assert "answered 404" in await refusal(gw, doc_url(docs, "missing.json"))
+    # the client id is shown on the consent page: its host must be the one fetched, no look-alike
+    for spoof in ("https://cl\u0430ude.ai/client.json", "https://claude.ai\\.evil.example/c.json",
+                  "https://claude.ai%2eevil.example/c.json"):  # fmt: skip
+        assert "plain ASCII" in await refusal(gw, spoof), spoof
     # redirect URIs match exactly
     url = doc_url(docs, "exact.json")
     docs.app[DOCS]["exact.json"] = {"client_id": url, "redirect_uris": [CALLBACK + "/x"]}
