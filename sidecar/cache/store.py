@@ -69,7 +69,7 @@ class EntryStore:
     ) -> bool:
         stored = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _UNSTORED)
         key = variant_key(primary, verdict.vary, client_headers)
-        size = len(body) + sum(len(k) + len(v) + 4 for k, v in stored.items()) + len(repr(key)) + ENTRY_OVERHEAD
+        size = len(body) + sum(len(k) + len(v) + 4 for k, v in stored.items()) + _key_size(key) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return False
         age = headers.get("Age", "")
@@ -132,3 +132,13 @@ class EntryStore:
         for k in doomed:
             self._remove(k)
         return len(doomed)
+
+
+def _key_size(part: object) -> int:
+    """Bytes a cache key holds, the same whatever its digests' values: ``len(repr(key))`` was not
+    (a digest's ``repr`` is 19 to 67 characters, by how many of its bytes need escapes)."""
+    if isinstance(part, tuple):
+        return 2 + sum(_key_size(p) for p in part)
+    if isinstance(part, str | bytes):
+        return 2 + len(part)
+    return 8
