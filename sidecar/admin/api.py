@@ -164,7 +164,12 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         cred = extract_credential(request.headers, request.query, sc.config.credentials)
         if cred is None:
             if not token:
-                raise ServiceUnavailable(f"the admin API is off: set {sc.config.admin.token_env}")
+                # Not "off": keys with the admin permission still manage keys (a deployment
+                # without a master secret); only the token's way in is closed.
+                raise ServiceUnavailable(
+                    f"the admin token is not set ({sc.config.admin.token_env}): only a key with the admin"
+                    " permission can use the admin API"
+                )
             raise Unauthorized("the admin token (Authorization: Bearer …) is required", {"WWW-Authenticate": "Bearer"})
         ip = client_ip(request, sc.trusted_proxies)
         if looks_like_jwt(cred):  # never verified here: a JWT is never admin (counted like a forged key)

@@ -62,14 +62,21 @@ async def test_admin_auth(plex_sidecar: Running) -> None:
     assert (await plex_sidecar.admin.get("/admin/openapi.json")).status == 200
 
 
-async def test_admin_api_is_off_without_a_token(
+async def test_without_an_admin_token_only_admin_keys_use_the_admin_api(
     make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
 ) -> None:
+    """No master secret configured: a request without credentials is told which variable is
+    unset and that keys with the admin permission still work; such a key does, others do not."""
     cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
     cfg["admin"]["token_env"] = "UNSET_ADMIN_TOKEN_VAR"
     running = await make_sidecar(cfg)
     err = await api(running, "GET", "/admin/keys", headers={}, status=503)
-    assert "UNSET_ADMIN_TOKEN_VAR" in err["message"]
+    assert "UNSET_ADMIN_TOKEN_VAR" in err["message"] and "admin permission" in err["message"]
+    _, admin_key = await running.create_key(name="ops", permissions={"upstreams": ["*"], "admin": "full"})
+    _, plain_key = await running.create_key(name="app")
+    await api(running, "GET", "/admin/keys", headers={"Authorization": f"Bearer {admin_key}"}, status=200)
+    await api(running, "GET", "/admin/keys", headers={"Authorization": f"Bearer {plain_key}"}, status=403)
+    await api(running, "GET", "/admin/keys", headers={"Authorization": "Bearer not-the-token"}, status=401)
 
 
 # ---------------------------------------------------------------------------- lifecycle
