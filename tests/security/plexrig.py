@@ -10,7 +10,9 @@ headers, and answers:
   and which path it served.
 
 ``raw_request`` sends one request with exactly the target and headers given (aiohttp's
-client would tidy ``//`` and encodings away) and reads the whole answer.
+client would tidy ``//`` and encodings away) and reads the whole answer. ``rig`` is the
+fixture most Plex attack tests share: a sidecar with Plex at ``/`` in front of that server;
+``get`` and ``refused`` what the permission tests send and expect.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
+from conftest import MakeSidecar, Running, base_config
 from multidict import CIMultiDict
 from raw_http import read_response
 
@@ -103,3 +108,22 @@ async def raw_request(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+@pytest.fixture
+async def rig(make_sidecar: MakeSidecar, aiohttp_raw_server: Any, tmp_path: Path) -> tuple[Running, Recorder]:
+    """A sidecar with Plex at ``/`` in front of a recording server: whatever reaches the upstream is seen."""
+    rec = Recorder()
+    server = await aiohttp_raw_server(recording_handler(rec))
+    return await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path)), rec
+
+
+async def get(running: Running, target: str, key: str) -> Any:
+    """A raw GET of ``target`` with the key in ``X-Plex-Token``."""
+    return await raw_request(
+        running.proxy.server.host, running.proxy.server.port, "GET", target, [("X-Plex-Token", key)]
+    )
+
+
+def refused(ans: Any) -> bool:
+    return bool(ans.status == 403 and ans.json()["error"]["code"] == "insufficient_permissions")

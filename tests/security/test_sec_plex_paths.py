@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
 from multidict import MultiDict
-from plexrig import Recorder, raw_request, recording_handler
+from plexrig import Recorder, raw_request, recording_handler, rig
 
 from sidecar.core.errors import BadRequest, Forbidden, ServiceUnavailable
 from sidecar.upstreams.transcode import TranscodeSessions
@@ -23,13 +23,7 @@ from sidecar.upstreams.transcode import TranscodeSessions
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
 START = "/video/:/transcode/universal/start.m3u8"
 
-
-@pytest.fixture
-async def rig(make_sidecar: MakeSidecar, aiohttp_raw_server: Any, tmp_path: Path) -> tuple[Running, Recorder]:
-    rec = Recorder()
-    server = await aiohttp_raw_server(recording_handler(rec))
-    running = await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path))
-    return running, rec
+__all__ = ["rig"]  # the fixture, from plexrig: pytest finds it here
 
 
 async def send(running: Running, target: str, key: str | None = None, **headers: str) -> Any:

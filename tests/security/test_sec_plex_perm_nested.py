@@ -9,32 +9,16 @@ refused with ``403 insufficient_permissions`` before anything is forwarded.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import MakeSidecar, Running, base_config
-from plexrig import Recorder, raw_request, recording_handler
+from conftest import Running
+from plexrig import Recorder, get, raw_request, refused, rig
 
 READ = {"upstreams": ["plex"], "paths": ["plex:read"]}
 
-
-@pytest.fixture
-async def rig(make_sidecar: MakeSidecar, aiohttp_raw_server: Any, tmp_path: Path) -> tuple[Running, Recorder]:
-    rec = Recorder()
-    server = await aiohttp_raw_server(recording_handler(rec))
-    return await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path)), rec
-
-
-async def get(running: Running, target: str, key: str) -> Any:
-    return await raw_request(
-        running.proxy.server.host, running.proxy.server.port, "GET", target, [("X-Plex-Token", key)]
-    )
-
-
-def refused(ans: Any) -> bool:
-    return bool(ans.status == 403 and ans.json()["error"]["code"] == "insufficient_permissions")
+__all__ = ["rig"]  # the fixture, from plexrig: pytest finds it here
 
 
 async def photo(running: Running, nested: str, key: str) -> Any:

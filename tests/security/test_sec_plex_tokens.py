@@ -10,26 +10,20 @@ dropped, never rewritten.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
+from conftest import PLEX_TOKEN, Running
 from multidict import CIMultiDict, MultiDict
-from plexrig import Recorder, Seen, raw_request, recording_handler
+from plexrig import Recorder, Seen, raw_request, rig
 
 from sidecar.auth.credentials import strip_credential
 
 READ = {"upstreams": ["plex"], "paths": ["plex:read"]}
 THUMB = "/library/metadata/1/thumb/1700000000"
 
-
-@pytest.fixture
-async def rig(make_sidecar: MakeSidecar, aiohttp_raw_server: Any, tmp_path: Path) -> tuple[Running, Recorder]:
-    rec = Recorder()
-    server = await aiohttp_raw_server(recording_handler(rec))
-    return await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path)), rec
+__all__ = ["rig"]  # the fixture, from plexrig: pytest finds it here
 
 
 async def photo(running: Running, params: list[tuple[str, str]], key: str) -> Any:

@@ -11,24 +11,17 @@ printable ASCII without spaces (anything else is ``400``) and owned case-insensi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MakeSidecar, Running, base_config
-from plexrig import Recorder, raw_request, recording_handler
+from conftest import Running
+from plexrig import Recorder, raw_request, rig
 
 PLAYBACK = {"upstreams": ["plex"], "paths": ["plex:playback"]}
 START = "/video/:/transcode/universal/start.m3u8"
 SEGMENT = "/video/:/transcode/universal/session/{}/base/00001.ts"
 
-
-@pytest.fixture
-async def rig(make_sidecar: MakeSidecar, aiohttp_raw_server: Any, tmp_path: Path) -> tuple[Running, Recorder]:
-    rec = Recorder()
-    server = await aiohttp_raw_server(recording_handler(rec))
-    running = await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path))
-    return running, rec
+__all__ = ["rig"]  # the fixture, from plexrig: pytest finds it here
 
 
 async def send(running: Running, target: str, key: str | None = None, headers: dict[str, str] | None = None) -> Any:
