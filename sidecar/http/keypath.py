@@ -38,8 +38,9 @@ def key_in_path(key: str, raw_path: str, also: tuple[str, ...] = ()) -> bool:
         return True
     if "%" not in path:
         return False
-    once = unquote(raw_path).lower()
-    twice = unquote(unquote(raw_path)).lower() if "%" in once else once
+    decoded = unquote(raw_path)
+    once = decoded.lower()
+    twice = unquote(decoded).lower() if "%" in decoded else once
     return any(s in once or s in twice for s in secrets)
 
 
