@@ -182,8 +182,8 @@ async def test_default_mcp_body_limit_refuses_4_mib(gw: Running, upstream: McpUp
 
 async def test_large_bodies_do_not_stall_other_clients(make_sidecar: MakeSidecar, tmp_path: Path) -> None:
     """Eight bodies just under the 1 MiB MCP limit, made of tiny JSON values (the costliest to parse), at
-    once: the event loop keeps ticking (each body is parsed off the loop, one at a time, never all of them
-    back to back) and a small request sent meanwhile is answered promptly."""
+    once: the event loop keeps ticking (each body is parsed off the loop, never all of them back to back
+    on it) and a small request sent meanwhile is answered."""
     sink = web.Application(client_max_size=16 * 1024 * 1024)
 
     async def answer(request: web.Request) -> web.Response:
@@ -205,23 +205,26 @@ async def test_large_bodies_do_not_stall_other_clients(make_sidecar: MakeSidecar
         heavy = json.dumps(call(1, "search", q=[{}] * (1024 * 1024 // 3 - 40)), separators=(",", ":")).encode()
         assert 1024 * 1024 - 200 < len(heavy) <= 1024 * 1024
 
-        lag = 0.0
+        # The loop thread's own CPU between two ticks, not the wall clock: a busy machine stretches
+        # wall time (a 0.2 s wall bound failed under CI load, and passed with the parse on the
+        # loop), but only work done on the loop thread counts here. Off the loop: ~9 ms at most;
+        # parsed on the loop: ~190 ms.
+        busy = 0.0
         done = False
 
         async def ticker() -> None:
-            nonlocal lag
-            last = time.perf_counter()
+            nonlocal busy
+            last = time.thread_time()
             while not done:
                 await asyncio.sleep(0.005)
-                now = time.perf_counter()
-                lag = max(lag, now - last - 0.005)
+                now = time.thread_time()
+                busy = max(busy, now - last)
                 last = now
 
-        async def post(data: bytes) -> tuple[int, float]:
-            started = time.perf_counter()
+        async def post(data: bytes) -> int:
             r = await gw.proxy.post("/mcp/sink", data=data, headers={**ACCEPT, **bearer(key)})
             await r.read()
-            return r.status, time.perf_counter() - started
+            return r.status
 
         # The key's first use: all the requests wait for its one verification, then reach their
         # (already received) bodies at the same moment — the worst case for the loop.
@@ -229,14 +232,13 @@ async def test_large_bodies_do_not_stall_other_clients(make_sidecar: MakeSidecar
         await asyncio.sleep(0.02)
         big = [asyncio.create_task(post(heavy)) for _ in range(BIG_BODIES)]
         await asyncio.sleep(0.05)
-        small_status, small_took = await post(json.dumps(call(2, "search", q="x")).encode())
+        small_status = await post(json.dumps(call(2, "search", q="x")).encode())
         results = await asyncio.gather(*big)
         done = True
         await tick
-        assert [s for s, _ in results] == [200] * BIG_BODIES
+        assert results == [200] * BIG_BODIES
         assert small_status == 200
-        assert lag < 0.2, f"the event loop stalled for {lag * 1000:.0f} ms"
-        assert small_took < 2.0, f"a small request took {small_took:.2f} s behind the large ones"
+        assert busy < 0.05, f"the event loop's thread worked {busy * 1000:.0f} ms without a tick"
     finally:
         await runner.cleanup()
 
