@@ -8,6 +8,8 @@ then measures, direct and through Sidecar, in interleaved rounds:
   connection its own Streamable HTTP session, driven by raw aiohttp (so the client costs
   little next to the server): calls/s and p50;
 - one SDK ``ClientSession`` calling the tool in a loop (what an agent does): calls/s, p50;
+- ``tools/call`` at 1 connection of a tool that waits a few ms on I/O before answering (a
+  direct call then takes about the 8 ms the issue measured for the SDK server);
 - session creation (``initialize`` + ``notifications/initialized``): p50, with sealing;
 - Sidecar's CPU per call: ``utime + stime`` of its process from ``/proc/PID/stat`` over
   the round, divided by the calls (robust to a loaded machine, unlike req/s);
@@ -41,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from .mcp_upstream import LOOKUP_WAIT
 from .procs import Proc, _nginx_common, free_ports, wait_http
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -123,12 +126,18 @@ async def open_session(http: aiohttp.ClientSession, url: str, headers: dict[str,
 
 
 async def drive(
-    url: str, headers: dict[str, str], method: str, connections: int, seconds: float, cpu: Callable[[], float]
+    url: str,
+    headers: dict[str, str],
+    method: str,
+    connections: int,
+    seconds: float,
+    cpu: Callable[[], float],
+    tool: str = "echo",
 ) -> tuple[int, list[float], float, float]:
     """``connections`` sessions calling ``method`` back to back: (calls, latencies in ms, elapsed, cpu used)."""
     body: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
     if method == "tools/call":
-        body["params"] = {"name": "echo", "arguments": {"text": "hello"}}
+        body["params"] = {"name": tool, "arguments": {"text": "hello"}}
     raw = json.dumps(body).encode()
     conn = aiohttp.TCPConnector(limit=connections, force_close=False)
     async with aiohttp.ClientSession(connector=conn) as http:
@@ -358,6 +367,12 @@ def run(seconds: float, rounds: int, out: Path) -> str:
                         (f"{label}, {conns} conn.", lambda u, h, c, m=method, n=conns: drive(u, h, m, n, seconds, c))
                     )
             cases.append(("SDK ClientSession, 1 session", lambda u, h, c: sdk_session(u, h, seconds, c)))
+            cases.append(
+                (
+                    f"tools/call of a tool that waits {LOOKUP_WAIT * 1000:g} ms, 1 conn.",
+                    lambda u, h, c: drive(u, h, "tools/call", 1, seconds, c, tool="lookup"),
+                )
+            )
             for name, fn in cases:
                 row = Row(name)
                 for i in range(rounds):
@@ -443,12 +458,14 @@ def report(
         f"{sess[2]:.3f} ms per session. Sealing one id: {seal[0]:.1f} µs; opening a token: {seal[1]:.1f} µs "
         f"the first time, {seal[2]:.2f} µs after (remembered).",
         "",
-        "Goals (issue 19): added p50 ≤ 1 ms, Sidecar CPU ≤ 0.5 ms per call, ≥ 0.9× direct throughput. "
-        "The throughput goal is read at 32 connections, where the SDK server is the bottleneck: at one "
-        "connection a call is latency-bound: calls/s is direct p50 / proxied p50, so the ratio there "
-        "measures the hop's own time (reference columns: the bare aiohttp forwarder, no features, and "
-        "nginx proxy_pass, both in front of the same server). CPU per call: the median over the rounds, "
-        "their range in brackets.",
+        "Goals (issue 19): added p50 ≤ 1 ms, Sidecar CPU ≤ 0.5 ms per call, ≥ 0.9× direct throughput "
+        "\"(the SDK server is the bottleneck, so Sidecar must not be)\". The throughput goal is read "
+        "where the server is the bottleneck: at 32 connections, and at one connection against the tool "
+        "that waits (a direct call then takes about the issue's measured 8 ms). At one connection "
+        "against the echo tool, which answers in under 1 ms, a call is latency-bound: calls/s is direct "
+        "p50 / proxied p50, so that ratio measures the hop's own time, which the added-p50 goal bounds "
+        "(reference columns: the bare aiohttp forwarder, no features, and nginx proxy_pass, both in front "
+        "of the same server). CPU per call: the median over the rounds, their range in brackets.",
     ]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,20 @@
 ``python -m bench.mcp_upstream PORT``: an ``MCPServer`` with a small ``echo`` tool and a
 handful of others (so ``tools/list`` has something to list), Streamable HTTP at ``/mcp``
 (sessions, SSE answers: what the SDK serves by default), under uvicorn with uvloop when
-installed. A process of its own, so the Sidecar's CPU time in ``/proc`` is the Sidecar's.
+installed. ``lookup`` answers like ``echo`` after waiting ``LOOKUP_WAIT`` on (simulated) I/O, as
+a tool that queries something does: with it a direct call takes about the 8 ms the issue
+measured, so the one-connection ratio shows the hop against a server that works. A process of its own, so the Sidecar's CPU time in ``/proc`` is the Sidecar's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+
+LOOKUP_WAIT = 0.007  # seconds
 
 
 def build() -> MCPServer:
@@ -20,6 +25,12 @@ def build() -> MCPServer:
     @mcp.tool()
     def echo(text: str) -> str:
         """Answer with the text (a small JSON answer)."""
+        return text
+
+    @mcp.tool()
+    async def lookup(text: str) -> str:
+        """Answer with the text after a wait on I/O (a tool that queries something)."""
+        await asyncio.sleep(LOOKUP_WAIT)
         return text
 
     for name in ("search", "fetch", "summarise", "translate", "delete_item"):
