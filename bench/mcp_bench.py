@@ -459,7 +459,7 @@ def report(
         f"the first time, {seal[2]:.2f} µs after (remembered).",
         "",
         "Goals (issue 19): added p50 ≤ 1 ms, Sidecar CPU ≤ 0.5 ms per call, ≥ 0.9× direct throughput "
-        "\"(the SDK server is the bottleneck, so Sidecar must not be)\". The throughput goal is read "
+        '"(the SDK server is the bottleneck, so Sidecar must not be)". The throughput goal is read '
         "where the server is the bottleneck: at 32 connections, and at one connection against the tool "
         "that waits (a direct call then takes about the issue's measured 8 ms). At one connection "
         "against the echo tool, which answers in under 1 ms, a call is latency-bound: calls/s is direct "

@@ -5,7 +5,8 @@ handful of others (so ``tools/list`` has something to list), Streamable HTTP at 
 (sessions, SSE answers: what the SDK serves by default), under uvicorn with uvloop when
 installed. ``lookup`` answers like ``echo`` after waiting ``LOOKUP_WAIT`` on (simulated) I/O, as
 a tool that queries something does: with it a direct call takes about the 8 ms the issue
-measured, so the one-connection ratio shows the hop against a server that works. A process of its own, so the Sidecar's CPU time in ``/proc`` is the Sidecar's.
+measured, so the one-connection ratio shows the hop against a server that works. A process of
+its own, so the Sidecar's CPU time in ``/proc`` is the Sidecar's.
 """
 
 from __future__ import annotations
