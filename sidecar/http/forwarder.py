@@ -327,7 +327,7 @@ class Forwarder:
         if streaming:
             out_headers.setdefault("X-Accel-Buffering", "no")
             if as_json is not None and seen is not None and isinstance(resp, PooledResponse):
-                if short and not resp.content.is_eof() and await answer_in_hand(resp.content, as_json):
+                if short and not resp.content.is_eof() and await answer_in_hand(resp.content, as_json, SMALL_BODY):
                     seen.done = True  # ``forward`` reads the end of the stream after the answer went out
                     return await relay_whole(scope, upstream, resp, resp.content.total_bytes, out_headers,
                                              response_filter, rewrite, recording, tap, reason, as_json)  # fmt: skip

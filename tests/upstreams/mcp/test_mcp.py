@@ -94,6 +94,10 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def sse_messages(text: str) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an answer: an event stream's, or the one JSON answer the sidecar
+    makes of a stream holding just that (``sidecar.http.whole``)."""
+    if text.startswith("{"):
+        return [json.loads(text)]
     out = []
     for block in text.replace("\r\n", "\n").split("\n\n"):
         data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]

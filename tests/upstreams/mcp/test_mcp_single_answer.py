@@ -11,6 +11,7 @@ Also: POST bodies read through orjson only where it reads what ``json.loads`` re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,29 @@ def events(mode: str, rid: Any) -> list[bytes]:
     }[mode]
 
 
+GATE = web.AppKey("gate", asyncio.Event)  # a "gated-" mode's last event waits for it
+ARRIVED = web.AppKey("arrived", list[web.Request])  # the requests the upstream got, in order
+
+
 def upstream_app() -> web.Application:
+    """``X-Mode``: one of ``events``' modes; ``slow-M``: M after 50 ms at work (its headers sent at
+    once, as the SDK's server does); ``gated-M``: M's last event only once the test opens the gate."""
     app = web.Application()
+    app[GATE] = asyncio.Event()
+    app[ARRIVED] = []
 
     async def post(request: web.Request) -> web.StreamResponse:
         msg = await request.json()
+        request.app[ARRIVED].append(request)
+        mode = request.headers["X-Mode"]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for chunk in events(request.headers["X-Mode"], msg["id"]):
+        await resp.prepare(request)  # a StreamResponse sends its headers now
+        chunks = events(mode.removeprefix("slow-").removeprefix("gated-"), msg["id"])
+        if mode.startswith("slow-"):
+            await asyncio.sleep(0.05)  # the tool at work
+        for i, chunk in enumerate(chunks):
+            if mode.startswith("gated-") and i == len(chunks) - 1:
+                await request.app[GATE].wait()
             await resp.write(chunk)
         await resp.write_eof()
         return resp
@@ -60,8 +76,14 @@ def upstream_app() -> web.Application:
 
 
 @pytest.fixture
-async def setup(make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path) -> tuple[Running, str]:
-    up: TestServer = await aiohttp_server(upstream_app())
+async def upstream(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(upstream_app())
+    return server
+
+
+@pytest.fixture
+async def setup(make_sidecar: MakeSidecar, upstream: TestServer, tmp_path: Path) -> tuple[Running, str]:
+    up = upstream
     cfg = base_config(str(up.make_url("")).rstrip("/"), tmp_path)
     cfg["upstreams"] = [{"id": "tools", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/tools"}]
     gw = await make_sidecar(cfg)
@@ -105,6 +127,82 @@ async def test_anything_else_stays_an_event_stream(setup: tuple[Running, str], m
     ctype, body = await post(gw, key, mode)
     assert ctype == "text/event-stream"
     assert body.replace(b"\r\n", b"\n") == b"".join(events(mode, 3)).replace(b"\r\n", b"\n")
+
+
+async def test_an_answer_that_comes_after_its_headers_still_goes_out_whole(setup: tuple[Running, str]) -> None:
+    """A tool at work: the server sends its stream's headers at once and the answer 50 ms later. The
+    client gets that answer as JSON with a length (it was a stream when the wait ended after 5 ms)."""
+    gw, key = setup
+    ctype, body = await post(gw, key, "slow-one")
+    assert ctype == "application/json"
+    assert body == ANSWER % b"3"
+
+
+def _headers(key: str, mode: str) -> dict[str, str]:
+    return {**ACCEPT, "Authorization": f"Bearer {key}", "X-Mode": mode}
+
+
+CALL = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "x", "arguments": {}}}
+
+
+async def test_progress_goes_out_while_the_answer_is_still_awaited(
+    setup: tuple[Running, str], upstream: TestServer
+) -> None:
+    """Holding the headers for the answer never holds an event: the progress notification reaches the
+    client while the server has not even sent the answer (the gate is still closed)."""
+    gw, key = setup
+    gate = upstream.app[GATE]
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(gw.proxy.make_url("/mcp/tools"), json=CALL, headers=_headers(key, "gated-progress"))
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+        assert b"notifications/progress" in first and not gate.is_set()
+        gate.set()
+        rest = await asyncio.wait_for(r.read(), 5)
+        assert (ANSWER % b"3") in rest
+
+
+async def test_headers_are_held_for_the_first_event_a_bounded_time(
+    setup: tuple[Running, str], upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool that takes longer than ``FIRST_EVENT_WAIT``: the stream's headers go out then (so the
+    stream is watched for revocation), and the answer follows as an event when it comes."""
+    monkeypatch.setattr(whole, "FIRST_EVENT_WAIT", 0.05)
+    gw, key = setup
+    gate = upstream.app[GATE]
+    async with aiohttp.ClientSession() as http:
+        r = await asyncio.wait_for(
+            http.post(gw.proxy.make_url("/mcp/tools"), json=CALL, headers=_headers(key, "gated-one")), 5
+        )
+        assert r.status == 200 and r.content_type == "text/event-stream" and not gate.is_set()
+        gate.set()
+        body = await asyncio.wait_for(r.read(), 5)
+        assert (ANSWER % b"3") in body
+
+
+async def test_a_client_that_leaves_while_the_answer_is_awaited_closes_the_upstream_request(
+    setup: tuple[Running, str], upstream: TestServer
+) -> None:
+    """Closing the response is cancellation (DESIGN, MCP), also while the headers are held: the
+    client gives up on its call, and the upstream's connection for it is closed at once."""
+    gw, key = setup
+    arrived = upstream.app[ARRIVED]
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.create_task(
+            http.post(gw.proxy.make_url("/mcp/tools"), json=CALL, headers=_headers(key, "gated-one"))
+        )
+        deadline = asyncio.get_running_loop().time() + 5
+        while not arrived:
+            assert asyncio.get_running_loop().time() < deadline, "the call never reached the upstream"
+            await asyncio.sleep(0.01)
+        call.cancel()  # the client's connection is closed with it
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    transport = arrived[0].transport
+    while transport is not None and not transport.is_closing():
+        assert asyncio.get_running_loop().time() < deadline + 1, "the upstream request was left open"
+        await asyncio.sleep(0.01)
+    assert not upstream.app[GATE].is_set()  # well before the tool would have answered
 
 
 def test_only_the_answer_to_the_request_is_taken() -> None:
