@@ -217,7 +217,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         sessions = sc.transcode.ids(path, query_seen, request.headers)
         sc.transcode.check(sessions, key.id)  # claimed only once the limits let the request through
         if scope.credential == "transcode_session":  # no key: authorised by the session path alone
-            sc.transcode.check_keyless(sessions, key.id)
+            sc.transcode.check_keyless(sessions, key.id, scope.client_ip)
 
     # 5. rate limit
     decision, on_headers = await _rate_limit(sc, key, upstream, scope)
@@ -240,7 +240,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         hit = sc.cache.hit(request, scope, primary, identity, response_filter=response_filter, on_headers=on_headers)
         if hit is not None:
             if sessions:
-                sc.transcode.claim(sessions, key.id)
+                sc.transcode.claim(sessions, key.id, scope.client_ip)
             await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
             if memo_key and memo is not None and not rule.vary and sc.transcode.untracked(path):
                 memo.remember(memo_key, Decided(key, upstream, primary, scope.path, scope.credential))
@@ -265,7 +265,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     # 8. cache (miss, stale, coalescing), 9. forward
     async with sc.limiter.slot(key, upstream):
         if sessions:
-            sc.transcode.claim(sessions, key.id)  # authorised, within its rate and concurrency limits
+            sc.transcode.claim(sessions, key.id, scope.client_ip)  # authorised, within its rate and concurrency limits
         if upstream.kind == "mcp" and sc.mcp is not None:
             return await sc.mcp.handle(sc, request, scope, upstream, key, url, headers, decision.headers)
         if rule is not None:
@@ -422,7 +422,7 @@ async def _authenticate(
     if upstream.kind == "plex":
         # Transcode segments come back without any key: they belong to the key that started the session.
         sid = sc.transcode.session_of(path)
-        owner = sc.transcode.owner(sid) if sid else None
+        owner = sc.transcode.keyless_owner(sid, scope.client_ip) if sid else None  # from the player's address
         rec = sc.verifier.table.get(owner) if owner else None
         if rec is not None and rec.state() == "active":
             scope.credential = "transcode_session"

@@ -22,8 +22,14 @@ How ownership stays sound:
   (``session%00=`` is ``session=``).
 - **Claimed late.** ``check`` runs with authorisation (a refusal is free); ``claim`` only
   once the rate limiter has let the request through, so a refused request records nothing.
-- **Keyless requests claim nothing.** A segment request without a key is authorised as the
-  session's owner; every id it names must already be that owner's (``check_keyless``).
+- **Keyless requests claim nothing, and come from the player.** A segment request without a
+  key is authorised as the session's owner only from the address of the owner's latest
+  request naming the session (the player that started it fetches its segments), and every id
+  it names must already be that owner's (``check_keyless``). Why the address: a session id
+  is a bearer capability, and ``/status/sessions`` (``plex:read``) lists every session's id;
+  without the binding anyone who read one there could watch that stream, spending the
+  owner's budget. A player that moves to another address sends its key again (a new
+  ``start.m3u8``), which moves the binding.
 - **Bounded per key.** Each key keeps at most ``per_key`` sessions (its oldest goes
   first): a flood evicts only the flooder's own entries. When the whole table is full
   even after dropping expired entries, a key with entries gives up its oldest; a key
@@ -66,7 +72,7 @@ class TranscodeSessions:
         self.max_sessions = max_sessions
         self.per_key = per_key
         self.clock = clock
-        self._owners: dict[str, tuple[str, float]] = {}  # id -> (key id, expires)
+        self._owners: dict[str, tuple[str, float, str]] = {}  # id -> (key id, expires, client address)
         self._by_key: dict[str, OrderedDict[str, None]] = {}  # key id -> its ids, least recently claimed first
         self._next_sweep = 0.0  # when a full table may next be swept for expired entries
 
@@ -106,15 +112,16 @@ class TranscodeSessions:
             if owner is not None and owner != key_id:
                 raise Forbidden("this transcode session belongs to another key")
 
-    def check_keyless(self, ids: Iterable[str], key_id: str) -> None:
-        """Forbidden unless ``key_id`` already owns every id: a request authorised by its session path alone
-        (no key) claims nothing new, or whoever learnt one id could push the owner's other sessions out."""
+    def check_keyless(self, ids: Iterable[str], key_id: str, address: str) -> None:
+        """Forbidden unless ``key_id`` already owns every id, claimed from ``address``: a request authorised by
+        its session path alone (no key) claims nothing new, or whoever learnt one id could push the owner's
+        other sessions out."""
         for sid in ids:
-            if self.owner(sid) != key_id:
+            if self.keyless_owner(sid, address) != key_id:
                 raise Forbidden("a request without a key may name only its owner's transcode sessions")
 
-    def claim(self, ids: Iterable[str], key_id: str) -> None:
-        """Record ``key_id`` as the owner of ``ids`` (after ``check`` and the rate limiter)."""
+    def claim(self, ids: Iterable[str], key_id: str, address: str) -> None:
+        """Record ``key_id`` as the owner of ``ids``, used from ``address`` (after ``check`` and the rate limiter)."""
         ids = tuple(sid.lower() for sid in ids)
         self.check(ids, key_id)  # again: another key may have claimed one while we awaited the limiter
         now = self.clock()
@@ -125,9 +132,19 @@ class TranscodeSessions:
             else:
                 self._make_room(key_id, mine, now)
                 self._by_key.setdefault(key_id, mine)[sid] = None  # _make_room may have dropped an emptied map
-            self._owners[sid] = (key_id, now + self.ttl)
+            self._owners[sid] = (key_id, now + self.ttl, address)
 
     def owner(self, session_id: str) -> str | None:
+        entry = self._entry(session_id)
+        return entry[0] if entry is not None else None
+
+    def keyless_owner(self, session_id: str, address: str) -> str | None:
+        """The owner, for a request without a key from ``address``: only the address that last used the
+        session with the key (see the module docstring)."""
+        entry = self._entry(session_id)
+        return entry[0] if entry is not None and entry[2] == address else None
+
+    def _entry(self, session_id: str) -> tuple[str, float, str] | None:
         session_id = session_id.lower()
         entry = self._owners.get(session_id)
         if entry is None:
@@ -135,7 +152,7 @@ class TranscodeSessions:
         if entry[1] < self.clock():
             self._forget(session_id, entry[0])
             return None
-        return entry[0]
+        return entry
 
     @staticmethod
     def session_of(path: str) -> str | None:
@@ -158,7 +175,7 @@ class TranscodeSessions:
             return
         if now >= self._next_sweep:  # a full scan, so at most once a minute however hard the table is pushed
             self._next_sweep = now + 60
-            for sid, (kid, expires) in list(self._owners.items()):
+            for sid, (kid, expires, _) in list(self._owners.items()):
                 if expires < now:
                     self._forget(sid, kid)
             if len(self._owners) < self.max_sessions:

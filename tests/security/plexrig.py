@@ -91,16 +91,22 @@ class Answer:
 
 
 async def raw_request(
-    host: str, port: int, method: str, target: str, headers: list[tuple[str, str]] | None = None
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    source: str | None = None,
 ) -> Answer:
-    """One HTTP/1.1 request sent byte for byte as given (``Connection: close`` added unless given)."""
+    """One HTTP/1.1 request sent byte for byte as given (``Connection: close`` added unless given), from the
+    ``source`` address if given (any 127.x.y.z: another client on loopback)."""
     lines = [f"{method} {target} HTTP/1.1", "Host: plex.test"]
     names = {n.lower() for n, _ in headers or ()}
     for name, value in headers or ():
         lines.append(f"{name}: {value}")
     if "connection" not in names:
         lines.append("Connection: close")
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0) if source else None)
     try:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()

@@ -167,9 +167,9 @@ def test_sealed_session_memo_is_bounded_and_garbage_is_not_remembered(monkeypatc
 
 def test_transcode_sessions_per_key_and_another_keys_survive() -> None:
     t = TranscodeSessions(max_sessions=1000, per_key=100, clock=lambda: 0.0)
-    t.claim(["victim-session"], "victim")
+    t.claim(["victim-session"], "victim", "127.0.0.1")
     for i in range(5000):
-        t.claim([f"a{i}"], "attacker")
+        t.claim([f"a{i}"], "attacker", "127.0.0.1")
     assert len(t) == 101
     assert t.owner("victim-session") == "victim"
 

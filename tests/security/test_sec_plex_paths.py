@@ -166,18 +166,18 @@ async def test_a_flood_by_an_unlimited_key_evicts_only_its_own_sessions(rig: tup
 def test_session_table_is_bounded_per_key_and_never_gives_away_a_slot() -> None:
     now = [0.0]
     t = TranscodeSessions(ttl=60, max_sessions=4, per_key=2, clock=lambda: now[0])
-    t.claim(["a1"], "A")
+    t.claim(["a1"], "A", "127.0.0.1")
     for i in range(5):
-        t.claim([f"b{i}"], "B")
+        t.claim([f"b{i}"], "B", "127.0.0.1")
     assert t.owner("a1") == "A" and t.owner("b4") == "B" and t.owner("b2") is None  # B kept its newest 2
-    t.claim(["c0"], "C")  # table: a1, b3, b4, c0 = full
+    t.claim(["c0"], "C", "127.0.0.1")  # table: a1, b3, b4, c0 = full
     with pytest.raises(ServiceUnavailable):
-        t.claim(["d0"], "D")  # D owns nothing to give up, and nobody else's entry is taken
+        t.claim(["d0"], "D", "127.0.0.1")  # D owns nothing to give up, and nobody else's entry is taken
     assert {t.owner(s) for s in ("a1", "b3", "b4", "c0")} == {"A", "B", "C"}
-    t.claim(["c1"], "C")  # full: C gives up its own oldest
+    t.claim(["c1"], "C", "127.0.0.1")  # full: C gives up its own oldest
     assert t.owner("c0") is None and t.owner("c1") == "C" and t.owner("a1") == "A"
     now[0] += 61
-    t.claim(["d0"], "D")  # expired entries make room first
+    t.claim(["d0"], "D", "127.0.0.1")  # expired entries make room first
     assert t.owner("d0") == "D"
     with pytest.raises(Forbidden):
         t.check(t.ids("/video/:/transcode/universal/session/d0/1.ts", MultiDict()), "A")

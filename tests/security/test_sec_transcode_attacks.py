@@ -24,11 +24,17 @@ SEGMENT = "/video/:/transcode/universal/session/{}/base/00001.ts"
 __all__ = ["rig"]  # the fixture, from plexrig: pytest finds it here
 
 
-async def send(running: Running, target: str, key: str | None = None, headers: dict[str, str] | None = None) -> Any:
+async def send(
+    running: Running,
+    target: str,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+    source: str | None = None,
+) -> Any:
     hdrs = list((headers or {}).items())
     if key:
         hdrs.append(("X-Plex-Token", key))
-    return await raw_request(running.proxy.server.host, running.proxy.server.port, "GET", target, hdrs)
+    return await raw_request(running.proxy.server.host, running.proxy.server.port, "GET", target, hdrs, source)
 
 
 async def started_by_a(running: Running) -> tuple[Any, str, str]:
@@ -135,6 +141,24 @@ async def test_a_keyless_request_claims_nothing_new_for_the_owner(rig: tuple[Run
     assert len(rec.seen) == before
     assert (await send(running, f"{START}?session=Sess2", b)).status == 403
     assert (await send(running, SEGMENT.format("Sess1") + "?session=Sess2")).status == 200  # A's own ids: fine
+
+
+async def test_a_keyless_segment_request_counts_only_from_the_players_address(rig: tuple[Running, Recorder]) -> None:
+    """A session id is a bearer capability, and ``/status/sessions`` lists them to every ``plex:read`` key.
+    Before, anyone who read ``Sess1`` there fetched A's segments without a key, from anywhere, as A (and on
+    A's budget). Now only the address of A's latest keyed request naming the session may: another client
+    gets 401 and the upstream hears nothing. A player that moves sends its key again, and the binding moves."""
+    running, rec = rig
+    _, a, _ = await started_by_a(running)  # from 127.0.0.1
+    before = len(rec.seen)
+    elsewhere = await send(running, SEGMENT.format("Sess1"), source="127.0.0.2")
+    assert elsewhere.status == 401 and b"an API key is required" in elsewhere.body
+    assert len(rec.seen) == before
+    assert (await send(running, SEGMENT.format("Sess1"))).status == 200  # the player itself
+    moved = await send(running, f"{START}?session=Sess1&path=/library/metadata/1", a, source="127.0.0.2")
+    assert moved.status == 200
+    assert (await send(running, SEGMENT.format("Sess1"), source="127.0.0.2")).status == 200
+    assert (await send(running, SEGMENT.format("Sess1"))).status == 401  # the old address no longer
 
 
 async def test_rotating_the_owners_key_frees_no_session(rig: tuple[Running, Recorder]) -> None:

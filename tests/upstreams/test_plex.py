@@ -225,7 +225,7 @@ def test_transcode_sessions_unit() -> None:
             t.check(ids, key)
         except Forbidden:
             return False
-        t.claim(ids, key)
+        t.claim(ids, key, "127.0.0.1")
         return True
 
     assert claim(start, {"session": "s1"}, "A")
