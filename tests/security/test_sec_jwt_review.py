@@ -1,0 +1,83 @@
+"""A second attacker's review of JWTs from an identity provider (``sidecar/auth/jwt*.py``).
+
+A real sidecar in front of the Plex-like upstream, a real in-process JWKS server
+(``tests/jwt_support.py``) and an HMAC provider whose secret the test holds, so a token can
+carry exactly the bytes a hostile client or a buggy IdP would put there. Each refusal is the
+designed JSON error, never a 500, and nothing reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar, Running, base_config
+from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+
+from sidecar.demo import SEEN
+
+HS_ISSUER = "https://minter.test"
+HS_SECRET = "an HMAC secret of at least 32 bytes for HS256 tests"
+GRANT_ALL = {"grant": {"upstreams": ["plex"]}}
+
+
+@pytest.fixture
+async def idp(aiohttp_server: Any) -> IdP:
+    idp = IdP()
+    idp.add_key("k1", "RSA")
+    return await idp.start(aiohttp_server)
+
+
+@pytest.fixture
+async def gw(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, idp: IdP) -> Running:
+    hs = {"issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "HS_SECRET"}
+    providers = [provider(idp, [GRANT_ALL]), {**hs, "rules": [GRANT_ALL]}]
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=providers)
+    return await make_sidecar(cfg, extra_env={"HS_SECRET": HS_SECRET})
+
+
+def hs256(payload: dict[str, Any], header: bytes = b'{"alg":"HS256","typ":"JWT"}') -> str:
+    """Signed with the HMAC provider's secret over exactly this header text."""
+    head, body = b64(header), b64(json.dumps(payload).encode())
+    return f"{head}.{body}.{b64(hmac.new(HS_SECRET.encode(), f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    return {"iss": HS_ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300, **over}
+
+
+async def answer(gw: Running, token: str) -> tuple[int, dict[str, Any]]:
+    r = await gw.proxy.get("/library/sections", headers=bearer(token))
+    text = await r.text()
+    assert token not in text
+    return r.status, json.loads(text) if r.content_type == "application/json" else {}
+
+
+# ----------------------------------------------------------------------------- a header that is no JSON object
+
+NOT_AN_OBJECT = {
+    "a list naming alg (signed)": b'["alg"]',
+    "a string holding alg (signed)": b'"alg"',
+    "a string holding b64 too": b'"alg b64"',
+    "a list naming b64 too (joserfc indexes it)": b'["alg", "b64"]',
+}
+
+
+@pytest.mark.parametrize("header", list(NOT_AN_OBJECT.values()), ids=list(NOT_AN_OBJECT))
+async def test_a_header_that_is_not_a_json_object_is_401_not_500(
+    gw: Running, plex_upstream: TestServer, idp: IdP, header: bytes
+) -> None:
+    """joserfc accepts any JSON header that contains the text ``alg`` (``"alg" in header``): a list or a
+    string got through to ``header.get`` and answered 500, unthrottled, before any signature check."""
+    before = len(plex_upstream.app[SEEN])
+    for token in (hs256(claims(), header), hs256(claims(iss=idp.issuer), header)):
+        status, body = await answer(gw, token)
+        assert (status, body["error"]["code"]) == (401, "invalid_token"), body
+        assert body["error"]["message"] == "invalid token: malformed token"
+    assert len(plex_upstream.app[SEEN]) == before
