@@ -81,3 +81,29 @@ async def test_a_header_that_is_not_a_json_object_is_401_not_500(
         assert (status, body["error"]["code"]) == (401, "invalid_token"), body
         assert body["error"]["message"] == "invalid token: malformed token"
     assert len(plex_upstream.app[SEEN]) == before
+
+
+# ----------------------------------------------------------------------------- claims read as the IdP wrote them
+
+ADMIN_BY_SCOPE = {"when": {"scope": "admin"}, "grant": {"upstreams": ["plex"]}}
+
+
+async def hs_gw(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, *rules: Any) -> Running:
+    hs = {"issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "HS_SECRET"}
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=[{**hs, "rules": list(rules)}])
+    return await make_sidecar(cfg, extra_env={"HS_SECRET": HS_SECRET})
+
+
+@pytest.mark.parametrize(
+    "space", ["\t", "\n", "\u00a0", "\u2003", "\u3000", "\x1c", "\x85", "\u2028"], ids=lambda c: f"U+{ord(c):04X}"
+)
+async def test_a_scope_is_split_only_on_the_space_the_idp_splits_on(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, space: str
+) -> None:
+    """RFC 6749 §3.3 / RFC 8693 §4.2: scope tokens are separated by SP (U+0020) alone. ``str.split()``
+    also split on tabs, NBSP, U+2003, U+001C…: one scope an IdP issued (a dynamic scope whose parameter
+    the client chose, ``group:x<NBSP>admin``) was read here as two, ``admin`` among them."""
+    gw = await hs_gw(make_sidecar, plex_upstream, tmp_path, ADMIN_BY_SCOPE)
+    assert (await answer(gw, hs256(claims(scope="openid admin"))))[0] == 200  # the control
+    status, body = await answer(gw, hs256(claims(scope=f"openid group:x{space}admin")))
+    assert (status, body["error"]["code"]) == (403, "insufficient_permissions"), body
