@@ -8,6 +8,7 @@ designed JSON error, never a 500, and nothing reaches the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -18,8 +19,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
 
+from sidecar.auth.jwt import JwtAuthenticator
+from sidecar.config.jwt import JwtProvider
+from sidecar.core.errors import Forbidden, InvalidToken
 from sidecar.demo import SEEN
 
 HS_ISSUER = "https://minter.test"
@@ -107,3 +113,51 @@ async def test_a_scope_is_split_only_on_the_space_the_idp_splits_on(
     assert (await answer(gw, hs256(claims(scope="openid admin"))))[0] == 200  # the control
     status, body = await answer(gw, hs256(claims(scope=f"openid group:x{space}admin")))
     assert (status, body["error"]["code"]) == (403, "insufficient_permissions"), body
+
+
+# ----------------------------------------------------------------------------- any JSON a signer could emit
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+HEADER_NAMES = st.sampled_from(["alg", "kid", "typ", "crit", "b64", "jku", "jwk", "x5u", "x5c", "cty", "zip", "enc"])
+HEADERS = (
+    st.dictionaries(HEADER_NAMES, JSON, max_size=4).map(lambda h: {"alg": "HS256", **h})
+    | st.dictionaries(HEADER_NAMES, JSON, max_size=4)
+    | st.lists(st.sampled_from(["alg", "b64", "kid", "crit"]), max_size=3)
+    | st.sampled_from(["alg", "alg b64", "b64", ""])
+    | JSON
+)
+CLAIM_NAMES = st.sampled_from(["iss", "aud", "sub", "exp", "nbf", "iat", "jti", "scope", "groups", "name", "x"])
+PAYLOADS = st.dictionaries(CLAIM_NAMES, JSON, max_size=6).map(lambda c: {**claims(), **c}) | JSON
+
+
+def authenticator() -> JwtAuthenticator:
+    """The HMAC provider alone, in process: what a token's bytes can do to verification itself."""
+    raw = {
+        "issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "S",
+        "claims": {"groups": "groups", "name": "name"}, "rules": [{"when": {"group": "g"}, **GRANT_ALL}],
+    }  # fmt: skip
+    return JwtAuthenticator([JwtProvider.model_validate(raw)], env={"S": HS_SECRET})
+
+
+@given(header=HEADERS, payload=PAYLOADS)
+@settings(max_examples=300)
+def test_any_signed_header_and_payload_is_an_identity_or_a_designed_refusal(header: Any, payload: Any) -> None:
+    """Whatever JSON sits in a signed token's header and payload: a record, 401 invalid_token or 403."""
+    token = hs256(payload, json.dumps(header).encode())
+
+    async def run() -> None:
+        auth = authenticator()
+        try:
+            record = await auth.verify(token)
+            assert record.id.startswith("jwt:") and record.permissions.upstreams == ("plex",)
+        except (InvalidToken, Forbidden):
+            pass
+        finally:
+            await auth.close()
+
+    asyncio.run(run())
