@@ -22,6 +22,7 @@ from conftest import MakeSidecar, Running, base_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+from limits_support import Clock
 
 from sidecar.auth.jwt import JwtAuthenticator
 from sidecar.config.jwt import JwtProvider
@@ -161,3 +162,50 @@ def test_any_signed_header_and_payload_is_an_identity_or_a_designed_refusal(head
             await auth.close()
 
     asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------- a key set with a key joserfc cannot read
+
+
+class OddIdP(IdP):
+    """An IdP whose JWKS also lists keys this sidecar cannot use (a curve joserfc does not know)."""
+
+    extra: tuple[dict[str, Any], ...] = ()
+
+    def jwks(self) -> dict[str, Any]:
+        out = super().jwks()
+        out["keys"] += list(self.extra)
+        return out
+
+
+ODD_KEYS = {
+    "EC on brainpoolP256r1 (eIDAS IdPs)": {"kty": "EC", "crv": "brainpoolP256r1", "x": "AAAA", "y": "AAAA"},
+    "EC on P-192": {"kty": "EC", "crv": "P-192", "x": "AAAA", "y": "AAAA"},
+    "OKP on a NIST curve": {"kty": "OKP", "crv": "P-256", "x": "AAAA"},
+}
+
+
+@pytest.mark.parametrize("odd", list(ODD_KEYS.values()), ids=list(ODD_KEYS))
+async def test_a_key_set_with_an_unreadable_key_still_rotates_and_withdraws(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_server: Any, odd: dict[str, Any]
+) -> None:
+    """joserfc raises KeyError for a curve it does not know, and parse_jwks let it escape: the whole
+    fetch failed, so the sidecar kept its old keys. A key the IdP withdrew (after a leak) stayed valid,
+    and the key that replaced it was never learnt. One unusable key must be skipped, not the set."""
+    clock = Clock(float(int(time.time())))
+    idp = OddIdP(clock=clock)
+    idp.add_key("k1", "RSA")
+    await idp.start(aiohttp_server)
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=[provider(idp, [GRANT_ALL])])
+    gw = await make_sidecar(cfg, clock=clock)
+    leaked = idp.token("k1")
+    assert (await answer(gw, leaked))[0] == 200
+    idp.add_key("k2", "EC")  # the IdP rotates: k1 withdrawn, k2 published next to a key it cannot use
+    idp.published.remove("k1")
+    idp.extra = ({**odd, "kid": "odd", "use": "sig"},)
+    clock.advance(11)  # past jwks_refetch_interval: k2's unknown kid refetches
+    assert (await answer(gw, idp.token("k2")))[0] == 200
+    status, body = await answer(gw, leaked)
+    assert (status, body["error"]["message"]) == (401, "invalid token: unknown signing key (kid)")
+    assert gw.sc.jwt is not None
+    assert [cache.failures for _, cache in gw.sc.jwt.jwks()] == [0]
