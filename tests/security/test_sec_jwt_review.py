@@ -209,3 +209,27 @@ async def test_a_key_set_with_an_unreadable_key_still_rotates_and_withdraws(
     assert (status, body["error"]["message"]) == (401, "invalid token: unknown signing key (kid)")
     assert gw.sc.jwt is not None
     assert [cache.failures for _, cache in gw.sc.jwt.jwks()] == [0]
+
+
+# ----------------------------------------------------------------------------- keys stay with their issuer
+
+
+async def test_a_kid_of_another_issuers_key_set_never_verifies(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Two providers, each its own key set: a token naming issuer A, signed by B's key under B's kid (or
+    A's kid), is refused; each issuer's own token passes. Keys are looked up per issuer, never pooled."""
+    a, b = IdP(), IdP(issuer="https://other-idp.test/")
+    a.add_key("ka", "RSA")
+    b.add_key("kb", "RSA")
+    await a.start(aiohttp_server)
+    await b.start(aiohttp_server)
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path,
+                      jwt=[provider(a, [GRANT_ALL]), provider(b, [GRANT_ALL])])  # fmt: skip
+    gw = await make_sidecar(cfg)
+    assert (await answer(gw, a.token("ka")))[0] == 200
+    assert (await answer(gw, b.token("kb")))[0] == 200
+    b.issuer = a.issuer  # B's key signs a token that names A as its issuer
+    for kid, why in (("kb", "unknown signing key (kid)"), ("ka", "bad signature")):
+        status, body = await answer(gw, b.token("kb", header={"kid": kid}))
+        assert (status, body["error"]["message"]) == (401, f"invalid token: {why}")
