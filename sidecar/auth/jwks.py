@@ -64,8 +64,10 @@ def parse_jwks(body: bytes) -> dict[str, list[PublicKey]]:
         public = {k: v for k, v in item.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
         try:
             key = JWKRegistry.import_key(public)
-        except (JoseError, ValueError, TypeError):
-            continue  # an unsupported curve or a broken key: skip it, keep the others
+        except (JoseError, ValueError, TypeError, KeyError):  # KeyError: joserfc on a curve it does not know
+            # An unsupported curve or a broken key: skip it, keep the others. Were the whole set refused,
+            # the keys held would stay: a key the IdP withdrew would keep verifying, its successor unknown.
+            continue
         if isinstance(key, RSAKey | ECKey | OKPKey):
             out.setdefault(kid, []).append(key)
     return out

@@ -278,9 +278,11 @@ class JwtAuthenticator:
             obj = extract_compact(token.encode("ascii"))
             header = obj.headers()
             claims = json.loads(obj.payload)
-        except (JoseError, ValueError, RecursionError, UnicodeError):
+        except (JoseError, ValueError, TypeError, RecursionError, UnicodeError):
+            # TypeError: joserfc takes any JSON header holding the text "alg" (``"alg" in header``), a list
+            # or a string too, and then indexes it (``header["b64"]``); the isinstance test below for the rest.
             raise InvalidToken("malformed token", "malformed") from None
-        if not isinstance(claims, dict) or "b64" in header:
+        if not isinstance(claims, dict) or not isinstance(header, dict) or "b64" in header:
             raise InvalidToken("malformed token", "malformed")
         iss = claims.get("iss")
         provider = self.providers.get(iss) if isinstance(iss, str) else None

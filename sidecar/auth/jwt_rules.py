@@ -51,9 +51,13 @@ def group_names(value: Any) -> frozenset[str]:
 
 
 def scope_names(value: Any) -> frozenset[str]:
-    """Scopes: RFC 8693's space-separated text (``scope``, Entra's ``scp``) or a list (Okta's ``scp``)."""
+    """Scopes: RFC 8693's space-separated text (``scope``, Entra's ``scp``) or a list (Okta's ``scp``).
+
+    Split on U+0020 alone (RFC 6749 §3.3), as the IdP joined them: ``str.split()`` also splits on tabs,
+    NBSP, U+2003…, so one scope the IdP issued (a dynamic scope whose parameter a client chose,
+    ``group:x<NBSP>admin``) would be read here as two, one of them a scope nobody granted."""
     if isinstance(value, str):
-        return frozenset(value.split())
+        return frozenset(t for t in value.split(" ") if t)
     return group_names(value)
 
 
