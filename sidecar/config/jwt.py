@@ -167,6 +167,14 @@ class JwtProvider(Section):
             raise ValueError("must be https (plain http only on loopback): keys fetched in clear can be forged")
         return v
 
+    @field_validator("jwks_refetch_interval")
+    @classmethod
+    def _refetch_floor(cls, v: float) -> float:
+        if v < 1:
+            # Random kids are free to send: without a floor, a flood keeps one fetch to the IdP in flight always.
+            raise ValueError("must be at least 1s (each unknown kid may trigger a fetch from the IdP)")
+        return v
+
     @field_validator("algorithms")
     @classmethod
     def _algorithms(cls, v: tuple[str, ...]) -> tuple[str, ...]:

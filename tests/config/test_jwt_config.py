@@ -52,6 +52,13 @@ def test_a_provider_with_defaults(tmp_path: Path) -> None:
     assert rule.grant.tools == ("search", "read_*")
 
 
+@pytest.mark.parametrize("interval", ["0s", "500ms"])
+def test_a_refetch_interval_under_a_second_is_refused(tmp_path: Path, interval: str) -> None:
+    """Random kids cost an attacker nothing: ``0s`` let a flood keep a fetch to the IdP in flight always."""
+    [msg] = problems(config(provider(jwks_refetch_interval=interval)), tmp_path)
+    assert "jwks_refetch_interval" in msg and "at least 1s" in msg
+
+
 def test_no_jwt_section_means_no_providers(tmp_path: Path) -> None:
     cfg = config()
     del cfg["jwt"]
