@@ -39,6 +39,7 @@ from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
 from .answer import PooledResponse
 from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
+from .browser import DROP, MCP_DROP, answer_headers
 from .outbound import (
     Networks,
     connection_tokens,
@@ -304,9 +305,13 @@ class Forwarder:
         if "Transfer-Encoding" in resp.headers:
             drop = drop | {"content-length"}  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
+        mcp = upstream.kind == "mcp"
+        origin_wide = MCP_DROP if mcp else DROP  # headers that act on the whole origin (browser.py)
         for name, value in resp.headers.items():
-            if name.lower() not in drop:
+            lname = name.lower()
+            if lname not in drop and lname not in origin_wide:
                 out_headers.add(name, as_sent(value))
+        answer_headers(mcp, out_headers)
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

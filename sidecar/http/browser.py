@@ -1,0 +1,129 @@
+"""What a relayed answer may make a browser do to the proxy's origin, and what of the sidecar's own goes up.
+
+Every upstream behind the proxy listener and the sidecar's own pages (the OAuth consent page
+where a person types an API key, its error pages) share one origin, and a browser keeps cookies
+per *host*, not per port: the console on the admin listener shares them too. An upstream that
+echoes client input, or serves files people upload (Plex posters, MCP resources), must not be
+able to act on that whole origin. Decisions, per header (docs/security.md, "Browsers and the
+shared origin"):
+
+Dropped from every relayed answer (``DROP``; the gateway owns the origin, not one upstream):
+
+- ``Service-Worker-Allowed``: would let a relayed script register a service worker whose scope
+  covers every path, the consent page included, for good. Plex Web and MCP do not send it.
+- ``Clear-Site-Data``: wipes cookies and storage of every upstream on the origin (and the
+  consent page's CSRF cookie), or reloads their pages.
+- ``Strict-Transport-Security``, ``Alt-Svc``: pin the public origin's transport, which is the
+  business of whoever terminates the client's TLS; an upstream's describe its own endpoint.
+- ``Access-Control-Allow-Credentials``: the sidecar's credentials are explicit (a header or
+  the query), never ambient; a credentialed cross-origin read could only ride on something
+  ambient (a cookie, cached Basic credentials) the person never meant to lend another site.
+- On MCP routes also every other ``Access-Control-*`` (``MCP_DROP``): the sidecar's ``cors``
+  section is the only CORS policy there (``upstreams/mcp/cors.py``), so a hostile upstream
+  cannot widen it. Plex answers keep Plex's own CORS (browser Plex apps on other origins use it).
+
+``Set-Cookie`` lines naming one of the sidecar's own cookies (``sidecar_*``, with or without a
+``__Host-``/``__Secure-`` prefix: the console session, the consent CSRF cookie) are dropped: no
+tossing a value over them. Other cookies pass (load balancers' affinity cookies). Going up, the
+same cookies are taken out of the client's ``Cookie`` header (``upstream_cookie``): the browser
+sends the console's session cookie to every port of the host, and no upstream may see it.
+
+Added (never replacing what the upstream sent; CSP headers add up, the strictest wins):
+
+- MCP answers: ``X-Content-Type-Options: nosniff`` and ``Content-Security-Policy: sandbox;
+  default-src 'none'`` — an MCP server answers JSON or event streams to programs, never a page
+  to run; CSP does not apply to ``fetch`` answers, so MCP clients in browsers are unaffected.
+- Every upstream: SVG and XML types get the same sandbox CSP (an SVG poster or an XML answer
+  that echoes a title can carry script; as ``<img>`` or ``fetch`` nothing changes for Plex
+  Web), and an answer with no or an "unknown" ``Content-Type`` gets ``nosniff`` (else the
+  browser may sniff it into HTML). Plex's HTML (Plex Web at ``/web``) is left alone: it is
+  the application. Plex's typed answers get no ``nosniff``: a mislabelled Plex Web script
+  would stop loading, and sniffing a typed answer never yields HTML.
+
+Service workers (``worker_refusal``): a request carrying ``Service-Worker: script`` (what a
+browser sends when it fetches a script to register) is refused when the script's directory —
+its widest possible scope, ``Service-Worker-Allowed`` being dropped — is ``/`` or ``/oauth/``:
+such a worker would sit between the person and the consent page (and every upstream's pages)
+even after the page that registered it is gone. Workers under an application's own folder
+(Plex Web's ``/web/``) register as before.
+
+Not done, on purpose: no ``Cross-Origin-Opener-Policy`` on the consent page (it would cut the
+``window.opener`` of web MCP clients that open it in a popup, and a script on this origin could
+as well draw a look-alike page), ``Link``/``Refresh``/upstream CSP pass (they act on one
+document only).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from multidict import CIMultiDict
+
+from ..core.errors import Forbidden
+
+__all__ = ["DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", "upstream_cookie", "worker_refusal"]
+
+DROP: Final = frozenset(
+    {"service-worker-allowed", "clear-site-data", "strict-transport-security", "alt-svc",
+     "access-control-allow-credentials"}
+)  # fmt: skip
+MCP_DROP: Final = DROP | frozenset(
+    {"access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
+     "access-control-expose-headers", "access-control-max-age", "access-control-allow-private-network"}
+)  # fmt: skip
+SANDBOX: Final = "sandbox; default-src 'none'"
+# Media types a browser runs script in when navigated to (besides HTML): sandboxed from every upstream.
+_ACTIVE: Final = frozenset(
+    {"image/svg+xml", "text/xml", "application/xml", "application/xhtml+xml", "text/xsl", "application/xslt+xml"}
+)
+_UNKNOWN: Final = frozenset({"", "unknown/unknown", "application/unknown", "*/*"})  # sniffed by browsers
+# The directories a service worker's script may not come from: "/" and every folder of the
+# sidecar's own pages (``oauth.metadata.ENDPOINTS``; the root ``/authorize`` is under "/").
+WORKER_FORBIDDEN: Final = frozenset({"/", "/oauth/"})
+_OWN_COOKIE: Final = "sidecar_"
+
+
+def _own(cookie_name: str) -> bool:
+    """One of the sidecar's cookies (the console session, the consent CSRF cookie)?"""
+    n = cookie_name.strip().lower()
+    if n.startswith("__"):
+        n = n.removeprefix("__host-").removeprefix("__secure-")
+    return n.startswith(_OWN_COOKIE)
+
+
+def answer_headers(mcp: bool, headers: CIMultiDict[str]) -> None:
+    """The additions (and ``Set-Cookie`` removals) above, on a relayed answer's headers (``DROP`` is
+    applied while they are copied). A dict lookup and a set test for most answers."""
+    if "Set-Cookie" in headers:
+        kept = [v for v in headers.getall("Set-Cookie") if not _own(v.split("=", 1)[0])]
+        headers.popall("Set-Cookie")
+        for v in kept:
+            headers.add("Set-Cookie", v)
+    if mcp:
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers.add("Content-Security-Policy", SANDBOX)
+        return
+    ctype = headers.get("Content-Type", "")
+    mime = ctype.split(";", 1)[0].strip().lower() if ctype else ""
+    if mime in _ACTIVE:
+        headers.add("Content-Security-Policy", SANDBOX)
+    elif mime in _UNKNOWN:
+        headers["X-Content-Type-Options"] = "nosniff"
+
+
+def upstream_cookie(value: str) -> str:
+    """A client's ``Cookie`` header without the sidecar's own cookies ("" when nothing is left)."""
+    if _OWN_COOKIE not in value.lower():
+        return value
+    return "; ".join(p.strip() for p in value.split(";") if p.strip() and not _own(p.split("=", 1)[0]))
+
+
+def worker_refusal(raw_path: str) -> Forbidden | None:
+    """Refuse a service worker script whose scope could cover the whole origin or the consent page."""
+    directory = raw_path[: raw_path.rfind("/") + 1]
+    if directory in WORKER_FORBIDDEN:
+        return Forbidden(
+            "a service worker script from this folder would control the sidecar's own pages: "
+            "serve it from the application's own folder"
+        )
+    return None
