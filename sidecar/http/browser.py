@@ -15,6 +15,9 @@ Dropped from every relayed answer (``DROP``; the gateway owns the origin, not on
   consent page's CSRF cookie), or reloads their pages.
 - ``Strict-Transport-Security``, ``Alt-Svc``: pin the public origin's transport, which is the
   business of whoever terminates the client's TLS; an upstream's describe its own endpoint.
+- ``NEL``, ``Report-To``: Network Error Logging is an origin-wide policy that lasts (``max_age``)
+  and reports the URL of every request to the origin — Plex Web's carry the key in the query —
+  to an address the upstream picks.
 - ``Access-Control-Allow-Credentials``: the sidecar's credentials are explicit (a header or
   the query), never ambient; a credentialed cross-origin read could only ride on something
   ambient (a cookie, cached Basic credentials) the person never meant to lend another site.
@@ -28,7 +31,9 @@ tossing a value over them. Other cookies pass (load balancers' affinity cookies)
 same cookies are taken out of the client's ``Cookie`` header (``upstream_cookie``): the browser
 sends the console's session cookie to every port of the host, and no upstream may see it.
 
-Added (never replacing what the upstream sent; CSP headers add up, the strictest wins):
+Added (CSP headers add up, the strictest wins; on an answer given the sandbox below, the upstream's
+own CSP and ``Reporting-Endpoints`` are replaced: they could only add a report address, which would
+be sent the URL, the client's key in its query):
 
 - MCP answers: ``X-Content-Type-Options: nosniff`` and ``Content-Security-Policy: sandbox;
   default-src 'none'`` — an MCP server answers JSON or event streams to programs, never a page
@@ -65,8 +70,11 @@ __all__ = ["DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", 
 
 DROP: Final = frozenset(
     {"service-worker-allowed", "clear-site-data", "strict-transport-security", "alt-svc",
-     "access-control-allow-credentials"}
+     "access-control-allow-credentials", "nel", "report-to"}
 )  # fmt: skip
+# An upstream's own policies on an answer the sidecar sandboxes: ours is stricter than any, and
+# theirs could only add a report address (which would be sent the URL, the client's key in it).
+_REPLACED: Final = ("Content-Security-Policy", "Content-Security-Policy-Report-Only", "Reporting-Endpoints")
 MCP_DROP: Final = DROP | frozenset(
     {"access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
      "access-control-expose-headers", "access-control-max-age", "access-control-allow-private-network"}
@@ -101,14 +109,20 @@ def answer_headers(mcp: bool, headers: CIMultiDict[str]) -> None:
             headers.add("Set-Cookie", v)
     if mcp:
         headers["X-Content-Type-Options"] = "nosniff"
-        headers.add("Content-Security-Policy", SANDBOX)
+        _sandbox(headers)
         return
     ctype = headers.get("Content-Type", "")
     mime = ctype.split(";", 1)[0].strip().lower() if ctype else ""
     if mime in _ACTIVE:
-        headers.add("Content-Security-Policy", SANDBOX)
+        _sandbox(headers)
     elif mime in _UNKNOWN:
         headers["X-Content-Type-Options"] = "nosniff"
+
+
+def _sandbox(headers: CIMultiDict[str]) -> None:
+    for name in _REPLACED:
+        headers.popall(name, None)
+    headers["Content-Security-Policy"] = SANDBOX
 
 
 def upstream_cookie(value: str) -> str:

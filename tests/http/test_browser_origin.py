@@ -24,9 +24,13 @@ HOSTILE = {
     "Alt-Svc": 'h2="evil.example:443"; ma=86400',
     "Access-Control-Allow-Origin": "https://evil.example",
     "Access-Control-Allow-Credentials": "true",
+    "NEL": '{"report_to": "g", "max_age": 31536000, "include_subdomains": true, "success_fraction": 1.0}',
+    "Report-To": '{"group": "g", "max_age": 31536000, "endpoints": [{"url": "https://evil.example/r"}]}',
+    "Content-Security-Policy": "img-src 'none'; report-uri https://evil.example/csp",
+    "Reporting-Endpoints": 'e="https://evil.example/r"',
 }
 ORIGIN_WIDE = ("Service-Worker-Allowed", "Clear-Site-Data", "Strict-Transport-Security", "Alt-Svc",
-               "Access-Control-Allow-Credentials")  # fmt: skip
+               "Access-Control-Allow-Credentials", "NEL", "Report-To")  # fmt: skip
 TOSSED = (
     "sidecar_console=attacker; Path=/; HttpOnly",
     "__Host-sidecar_console=attacker; Path=/; Secure",
@@ -99,8 +103,10 @@ async def test_headers_that_act_on_the_whole_origin_are_dropped(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
 ) -> None:
     """A Plex upstream cannot widen a service worker's scope to "/", wipe the origin's storage,
-    pin its transport, allow credentialed cross-origin reads, or toss cookies over the sidecar's
-    own (console session, consent CSRF). Its own cookies and CORS origin stay (browser Plex apps)."""
+    pin its transport, install Network Error Logging (every later URL on the origin, keys in
+    Plex Web's queries, reported to it for a year), allow credentialed cross-origin reads, or
+    toss cookies over the sidecar's own (console session, consent CSRF). Its own cookies and
+    CORS origin stay (browser Plex apps)."""
     sc, key, _ = await plex_front(make_sidecar, aiohttp_server, tmp_path)
     resp = await sc.proxy.get("/web/sw.js", headers={"X-Plex-Token": key})
     assert resp.status == 200
@@ -130,7 +136,11 @@ async def test_types_a_browser_would_run_are_sandboxed(
     sc, key, _ = await plex_front(make_sidecar, aiohttp_server, tmp_path)
     resp = await sc.proxy.get("/library/metadata/1/thumb", params={"type": ctype, "X-Plex-Token": key})
     assert resp.status == 200
-    assert (SANDBOX in resp.headers.getall("Content-Security-Policy", [])) is sandboxed
+    if sandboxed:  # only the sidecar's policy: the upstream's could only add a report address (the URL, key and all)
+        assert resp.headers.getall("Content-Security-Policy") == [SANDBOX]
+        assert "Reporting-Endpoints" not in resp.headers
+    else:  # Plex Web's own policy stays
+        assert resp.headers.getall("Content-Security-Policy") == [HOSTILE["Content-Security-Policy"]]
     assert (resp.headers.get("X-Content-Type-Options") == "nosniff") is nosniff
     if ctype == "none":
         assert resp.headers["Content-Type"] == "application/octet-stream"
@@ -163,7 +173,7 @@ async def test_an_mcp_upstream_cannot_widen_the_sidecars_cors(
     assert resp.status == 200
     assert not [h for h in resp.headers if h.lower().startswith("access-control-")], dict(resp.headers)
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
-    assert SANDBOX in resp.headers.getall("Content-Security-Policy")
+    assert resp.headers.getall("Content-Security-Policy") == [SANDBOX]
     if cors:
         good = await sc.proxy.post("/mcp/tools?type=application/json", json=PING,
                                    headers={**auth, "Origin": "https://good.example"})  # fmt: skip
