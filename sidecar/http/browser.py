@@ -41,9 +41,10 @@ be sent the URL, the client's key in its query):
 - Every upstream: SVG and XML types get the same sandbox CSP (an SVG poster or an XML answer
   that echoes a title can carry script; as ``<img>`` or ``fetch`` nothing changes for Plex
   Web), and an answer with no or an "unknown" ``Content-Type`` gets ``nosniff`` (else the
-  browser may sniff it into HTML). Plex's HTML (Plex Web at ``/web``) is left alone: it is
-  the application. Plex's typed answers get no ``nosniff``: a mislabelled Plex Web script
-  would stop loading, and sniffing a typed answer never yields HTML.
+  browser may sniff it into HTML). HTML from Plex is sandboxed too, except in Plex Web's own
+  folder (``<path_prefix>/web/``): that is the application; anywhere else an HTML answer can
+  only be an error page or a reflection. Plex's typed answers get no ``nosniff``: a mislabelled
+  Plex Web script would stop loading, and sniffing a typed answer never yields HTML.
 
 Service workers (``worker_refusal``): a request carrying ``Service-Worker: script`` (what a
 browser sends when it fetches a script to register) is refused when the script's directory —
@@ -99,9 +100,10 @@ def _own(cookie_name: str) -> bool:
     return n.startswith(_OWN_COOKIE)
 
 
-def answer_headers(mcp: bool, headers: CIMultiDict[str]) -> None:
+def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/") -> None:
     """The additions (and ``Set-Cookie`` removals) above, on a relayed answer's headers (``DROP`` is
-    applied while they are copied). A dict lookup and a set test for most answers."""
+    applied while they are copied); ``path`` is the client's, ``prefix`` the upstream's path prefix
+    (only an HTML answer looks at them). A dict lookup and a set test for most answers."""
     if "Set-Cookie" in headers:
         kept = [v for v in headers.getall("Set-Cookie") if not _own(v.split("=", 1)[0])]
         headers.popall("Set-Cookie")
@@ -113,10 +115,16 @@ def answer_headers(mcp: bool, headers: CIMultiDict[str]) -> None:
         return
     ctype = headers.get("Content-Type", "")
     mime = ctype.split(";", 1)[0].strip().lower() if ctype else ""
-    if mime in _ACTIVE:
+    if mime in _ACTIVE or (mime == "text/html" and not _plex_web(path, prefix)):
         _sandbox(headers)
     elif mime in _UNKNOWN:
         headers["X-Content-Type-Options"] = "nosniff"
+
+
+def _plex_web(path: str, prefix: str) -> bool:
+    """Is ``path`` in Plex Web's folder (``<prefix>/web``), the one place Plex serves a page to run?"""
+    web = prefix.rstrip("/") + "/web"
+    return path == web or path.startswith(web + "/")
 
 
 def _sandbox(headers: CIMultiDict[str]) -> None:
@@ -127,7 +135,7 @@ def _sandbox(headers: CIMultiDict[str]) -> None:
 
 def upstream_cookie(value: str) -> str:
     """A client's ``Cookie`` header without the sidecar's own cookies ("" when nothing is left)."""
-    if _OWN_COOKIE not in value.lower():
+    if _OWN_COOKIE not in value:  # the sidecar sets its names in lower case, and reads them only so
         return value
     return "; ".join(p.strip() for p in value.split(";") if p.strip() and not _own(p.split("=", 1)[0]))
 

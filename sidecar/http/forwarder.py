@@ -311,7 +311,7 @@ class Forwarder:
             lname = name.lower()
             if lname not in drop and lname not in origin_wide:
                 out_headers.add(name, as_sent(value))
-        answer_headers(mcp, out_headers)
+        answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

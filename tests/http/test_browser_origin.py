@@ -125,7 +125,7 @@ async def test_headers_that_act_on_the_whole_origin_are_dropped(
         ("none", False, False),  # no type: relayed as application/octet-stream (aiohttp), never sniffed
         ("unknown/unknown", False, True),  # a type browsers sniff: HTML could come out of it
         ("*/*", False, True),
-        ("text/html", False, False),  # Plex Web itself
+        ("text/html", True, False),  # HTML outside Plex Web: an error page or a reflection
         ("application/javascript", False, False),  # Plex Web's scripts
         ("image/jpeg", False, False),
     ],
@@ -133,6 +133,8 @@ async def test_headers_that_act_on_the_whole_origin_are_dropped(
 async def test_types_a_browser_would_run_are_sandboxed(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, ctype: str, sandboxed: bool, nosniff: bool
 ) -> None:
+    """A poster, an XML answer that echoes a title, a reflected HTML page: navigated to, none of
+    them runs script on the origin the consent page shares."""
     sc, key, _ = await plex_front(make_sidecar, aiohttp_server, tmp_path)
     resp = await sc.proxy.get("/library/metadata/1/thumb", params={"type": ctype, "X-Plex-Token": key})
     assert resp.status == 200
@@ -213,3 +215,30 @@ def test_every_sidecar_page_is_guarded_against_workers() -> None:
         folders = {path[: i + 1] for i, c in enumerate(path) if c == "/"}
         assert folders <= WORKER_FORBIDDEN, path
     assert worker_refusal("/web/sw.js") is None
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "sandboxed"),
+    [
+        ("/", "/web/index.html", False),  # Plex Web: the application, untouched
+        ("/", "/web", False),
+        ("/", "/webhooks/x", True),
+        ("/", "/search", True),
+        ("/plex", "/plex/web/index.html", False),
+        ("/plex", "/web/index.html", True),  # not the Plex upstream's own /web (no route: 404 anyway)
+        ("/plex", "/plex/library/x", True),
+    ],
+)
+async def test_only_plex_webs_own_html_runs(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, prefix: str, path: str, sandboxed: bool
+) -> None:
+    url, _ = await hostile_upstream(aiohttp_server)
+    cfg = base_config(url, tmp_path)
+    cfg["upstreams"][0]["path_prefix"] = prefix
+    sc = await make_sidecar(cfg)
+    _, key = await sc.create_key(permissions={"upstreams": ["*"]})
+    resp = await sc.proxy.get(path, params={"type": "text/html", "X-Plex-Token": key})
+    if resp.status == 404:
+        assert sandboxed
+        return
+    assert (resp.headers.getall("Content-Security-Policy") == [SANDBOX]) is sandboxed
