@@ -25,6 +25,12 @@ Dropped from every relayed answer (``DROP``; the gateway owns the origin, not on
   section is the only CORS policy there (``upstreams/mcp/cors.py``), so a hostile upstream
   cannot widen it. Plex answers keep Plex's own CORS (browser Plex apps on other origins use it).
 
+``WWW-Authenticate`` challenges a browser answers with a password dialog (Basic, Digest, Negotiate,
+NTLM) are dropped: on the sidecar's origin the dialog would collect a person's key for the
+sidecar (which takes ``Basic any:<key>``), and the browser would then attach it to every request
+to the origin, other sites' included — an ambient credential for cross-site forgeries. (MCP
+answers lose every challenge already: ``upstreams/mcp/response.py``.)
+
 ``Set-Cookie`` lines naming one of the sidecar's own cookies (``sidecar_*``, with or without a
 ``__Host-``/``__Secure-`` prefix: the console session, the consent CSRF cookie) are dropped: no
 tossing a value over them. Other cookies pass (load balancers' affinity cookies). Going up, the
@@ -90,6 +96,7 @@ _UNKNOWN: Final = frozenset({"", "unknown/unknown", "application/unknown", "*/*"
 # sidecar's own pages (``oauth.metadata.ENDPOINTS``; the root ``/authorize`` is under "/").
 WORKER_FORBIDDEN: Final = frozenset({"/", "/oauth/"})
 _OWN_COOKIE: Final = "sidecar_"
+_PROMPTING: Final = frozenset({"basic", "digest", "negotiate", "ntlm"})  # schemes with a browser dialog
 
 
 def _own(cookie_name: str) -> bool:
@@ -98,6 +105,11 @@ def _own(cookie_name: str) -> bool:
     if n.startswith("__"):
         n = n.removeprefix("__host-").removeprefix("__secure-")
     return n.startswith(_OWN_COOKIE)
+
+
+def _prompts(challenge: str) -> bool:
+    """Does this ``WWW-Authenticate`` value name a scheme browsers ask a person for credentials with?"""
+    return any((c.split(None, 1) or ("",))[0].lower() in _PROMPTING for c in challenge.split(","))
 
 
 def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/") -> None:
@@ -109,6 +121,11 @@ def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix
         headers.popall("Set-Cookie")
         for v in kept:
             headers.add("Set-Cookie", v)
+    if "WWW-Authenticate" in headers and any(_prompts(v) for v in headers.getall("WWW-Authenticate")):
+        kept = [v for v in headers.getall("WWW-Authenticate") if not _prompts(v)]
+        headers.popall("WWW-Authenticate")
+        for v in kept:
+            headers.add("WWW-Authenticate", v)
     if mcp:
         headers["X-Content-Type-Options"] = "nosniff"
         _sandbox(headers)

@@ -242,3 +242,28 @@ async def test_only_plex_webs_own_html_runs(
         assert sandboxed
         return
     assert (resp.headers.getall("Content-Security-Policy") == [SANDBOX]) is sandboxed
+
+
+async def test_an_upstream_cannot_make_the_browser_collect_a_key(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A Basic (or Digest, NTLM, Negotiate) challenge relayed on the sidecar's origin opens the
+    browser's password dialog; a key typed there becomes Basic credentials the browser then sends
+    with every request to the origin, other sites' forms and images included. Dropped; other
+    challenges pass."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        resp = web.Response(status=401, text="no")
+        for value in ('Basic realm="Plex"', 'Digest realm="x", nonce="1"', "NTLM", "basic\trealm=x", "Negotiate",
+                      'Bearer realm="plex", Basic realm="b"', 'X-Plex realm="plex"'):  # fmt: skip
+            resp.headers.add("WWW-Authenticate", value)
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    server = await aiohttp_server(app)
+    sc = await make_sidecar(base_config(str(server.make_url("")).rstrip("/"), tmp_path))
+    _, key = await sc.create_key(permissions={"upstreams": ["*"]})
+    resp = await sc.proxy.get("/library/sections", headers={"X-Plex-Token": key})
+    assert resp.status == 401 and await resp.text() == "no"  # Plex's own refusal, otherwise untouched
+    assert resp.headers.getall("WWW-Authenticate") == ['X-Plex realm="plex"']
