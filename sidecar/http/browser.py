@@ -33,9 +33,12 @@ answers lose every challenge already: ``upstreams/mcp/response.py``.)
 
 ``Set-Cookie`` lines naming one of the sidecar's own cookies (``sidecar_*``, with or without a
 ``__Host-``/``__Secure-`` prefix: the console session, the consent CSRF cookie) are dropped: no
-tossing a value over them. Other cookies pass (load balancers' affinity cookies). Going up, the
-same cookies are taken out of the client's ``Cookie`` header (``upstream_cookie``): the browser
-sends the console's session cookie to every port of the host, and no upstream may see it.
+tossing a value over them; so are those whose ``Path`` lies in the sidecar's own folders
+(``/oauth``, ``/.well-known/oauth-``): a few large ones there would lock the consent page out
+(every request over the header limit) for as long as they last. Other cookies pass (load
+balancers' affinity cookies). Going up, the sidecar's cookies are taken out of the client's
+``Cookie`` header (``upstream_cookie``): the browser sends the console's session cookie to every
+port of the host, and no upstream may see it.
 
 Added (CSP headers add up, the strictest wins; on an answer given the sandbox below, the upstream's
 own CSP and ``Reporting-Endpoints`` are replaced: they could only add a report address, which would
@@ -59,10 +62,14 @@ such a worker would sit between the person and the consent page (and every upstr
 even after the page that registered it is gone. Workers under an application's own folder
 (Plex Web's ``/web/``) register as before.
 
-Not done, on purpose: no ``Cross-Origin-Opener-Policy`` on the consent page (it would cut the
-``window.opener`` of web MCP clients that open it in a popup, and a script on this origin could
-as well draw a look-alike page), ``Link``/``Refresh``/upstream CSP pass (they act on one
-document only).
+Passed as sent, on purpose: ``Link``, ``Refresh``, the upstream's own CSP (outside the sandbox
+above), ``Permissions-Policy``, ``Cross-Origin-Opener/Embedder/Resource-Policy``,
+``Origin-Agent-Cluster``, ``Accept-CH``: each acts on its own document or resource, or is a hint;
+none reaches the sidecar's pages or outlives the answer. No ``Cross-Origin-Opener-Policy`` is set
+on the consent page: it would cut the ``window.opener`` of web MCP clients that open it in a
+popup, and a script already running on this origin could as well draw a look-alike page at the
+real address; what such a script can no longer do is make itself last (a worker, NEL) or reach
+the console's session.
 """
 
 from __future__ import annotations
@@ -96,6 +103,7 @@ _UNKNOWN: Final = frozenset({"", "unknown/unknown", "application/unknown", "*/*"
 # sidecar's own pages (``oauth.metadata.ENDPOINTS``; the root ``/authorize`` is under "/").
 WORKER_FORBIDDEN: Final = frozenset({"/", "/oauth/"})
 _OWN_COOKIE: Final = "sidecar_"
+_OWN_PATHS: Final = ("/oauth", "/.well-known/oauth-")  # cookie paths only the sidecar's pages match
 _PROMPTING: Final = frozenset({"basic", "digest", "negotiate", "ntlm"})  # schemes with a browser dialog
 
 
@@ -112,12 +120,22 @@ def _prompts(challenge: str) -> bool:
     return any((c.split(None, 1) or ("",))[0].lower() in _PROMPTING for c in challenge.split(","))
 
 
+def _aimed(set_cookie: str) -> bool:
+    """A cookie whose ``Path`` lies in the sidecar's own folders (``/oauth``, ``/.well-known/oauth-``):
+    it could only be meant for the sidecar's pages (a cookie bomb there locks the consent page out)."""
+    for attr in set_cookie.split(";")[1:]:
+        name, _, value = attr.partition("=")
+        if name.strip().lower() == "path" and value.strip().lower().startswith(_OWN_PATHS):
+            return True
+    return False
+
+
 def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/") -> None:
     """The additions (and ``Set-Cookie`` removals) above, on a relayed answer's headers (``DROP`` is
     applied while they are copied); ``path`` is the client's, ``prefix`` the upstream's path prefix
     (only an HTML answer looks at them). A dict lookup and a set test for most answers."""
     if "Set-Cookie" in headers:
-        kept = [v for v in headers.getall("Set-Cookie") if not _own(v.split("=", 1)[0])]
+        kept = [v for v in headers.getall("Set-Cookie") if not (_own(v.split("=", 1)[0]) or _aimed(v))]
         headers.popall("Set-Cookie")
         for v in kept:
             headers.add("Set-Cookie", v)

@@ -36,6 +36,9 @@ TOSSED = (
     "__Host-sidecar_console=attacker; Path=/; Secure",
     "sidecar_oauth_csrf=attacker; Path=/oauth",
     " Sidecar_OAuth_CSRF =x",
+    "bomb1=" + "x" * 4000 + "; Path=/oauth/authorize",  # a few of these: the consent page is over the header limit
+    "bomb2=x; Max-Age=99999999; path = /OAUTH",
+    "bomb3=x; Path=/.well-known/oauth-authorization-server",
 )
 
 
@@ -105,8 +108,8 @@ async def test_headers_that_act_on_the_whole_origin_are_dropped(
     """A Plex upstream cannot widen a service worker's scope to "/", wipe the origin's storage,
     pin its transport, install Network Error Logging (every later URL on the origin, keys in
     Plex Web's queries, reported to it for a year), allow credentialed cross-origin reads, or
-    toss cookies over the sidecar's own (console session, consent CSRF). Its own cookies and
-    CORS origin stay (browser Plex apps)."""
+    toss cookies over the sidecar's own (console session, consent CSRF) or aim them at its pages.
+    Its own cookies and CORS origin stay (browser Plex apps)."""
     sc, key, _ = await plex_front(make_sidecar, aiohttp_server, tmp_path)
     resp = await sc.proxy.get("/web/sw.js", headers={"X-Plex-Token": key})
     assert resp.status == 200
