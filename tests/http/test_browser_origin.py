@@ -270,3 +270,26 @@ async def test_an_upstream_cannot_make_the_browser_collect_a_key(
     resp = await sc.proxy.get("/library/sections", headers={"X-Plex-Token": key})
     assert resp.status == 401 and await resp.text() == "no"  # Plex's own refusal, otherwise untouched
     assert resp.headers.getall("WWW-Authenticate") == ['X-Plex realm="plex"']
+
+
+async def test_the_sidecars_own_errors_are_json_and_never_sniffed(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """An error that quotes the path carries markup an attacker chose; typed JSON with nosniff, a
+    browser shows it as text, whatever it contains."""
+    url, _ = await hostile_upstream(aiohttp_server)
+    cfg = base_config(url, tmp_path)
+    cfg["upstreams"][0]["path_prefix"] = "/plex"
+    sc = await make_sidecar(cfg)
+    resp = await sc.proxy.get("/<svg onload=alert(1)>")
+    assert resp.status == 404 and "<svg" in await resp.text()
+    assert resp.content_type == "application/json"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_oauth_endpoints_json_is_never_sniffed() -> None:
+    """Token, registration and revocation answers and their errors (which may quote a client's input)."""
+    from sidecar.oauth.server import NO_STORE, oauth_error
+
+    assert oauth_error("invalid_request", "<script>").headers["X-Content-Type-Options"] == "nosniff"
+    assert NO_STORE["X-Content-Type-Options"] == "nosniff"
