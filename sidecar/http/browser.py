@@ -47,7 +47,8 @@ be sent the URL, the client's key in its query):
 - MCP answers: ``X-Content-Type-Options: nosniff`` and ``Content-Security-Policy: sandbox;
   default-src 'none'`` — an MCP server answers JSON or event streams to programs, never a page
   to run; CSP does not apply to ``fetch`` answers, so MCP clients in browsers are unaffected.
-- Every upstream: SVG and XML types get the same sandbox CSP (an SVG poster or an XML answer
+- Every upstream: SVG and XML types (``+xml`` too, and ``multipart/x-mixed-replace``, whose
+  parts render as documents) get the same sandbox CSP (an SVG poster or an XML answer
   that echoes a title can carry script; as ``<img>`` or ``fetch`` nothing changes for Plex
   Web), and an answer with no or an "unknown" ``Content-Type`` gets ``nosniff`` (else the
   browser may sniff it into HTML). HTML from Plex is sandboxed too, except in Plex Web's own
@@ -95,9 +96,11 @@ MCP_DROP: Final = DROP | frozenset(
 )  # fmt: skip
 SANDBOX: Final = "sandbox; default-src 'none'"
 # Media types a browser runs script in when navigated to (besides HTML): sandboxed from every upstream.
+# (and every ``+xml`` type: Atom, RSS, MathML… render as XML documents, which may hold XHTML script)
 _ACTIVE: Final = frozenset(
-    {"image/svg+xml", "text/xml", "application/xml", "application/xhtml+xml", "text/xsl", "application/xslt+xml"}
-)
+    {"image/svg+xml", "text/xml", "application/xml", "application/xhtml+xml", "text/xsl", "application/xslt+xml",
+     "multipart/x-mixed-replace"}
+)  # fmt: skip
 _UNKNOWN: Final = frozenset({"", "unknown/unknown", "application/unknown", "*/*"})  # sniffed by browsers
 # The directories a service worker's script may not come from: "/" and every folder of the
 # sidecar's own pages (``oauth.metadata.ENDPOINTS``; the root ``/authorize`` is under "/").
@@ -150,7 +153,7 @@ def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix
         return
     ctype = headers.get("Content-Type", "")
     mime = ctype.split(";", 1)[0].strip().lower() if ctype else ""
-    if mime in _ACTIVE or (mime == "text/html" and not _plex_web(path, prefix)):
+    if mime in _ACTIVE or mime.endswith("+xml") or (mime == "text/html" and not _plex_web(path, prefix)):
         _sandbox(headers)
     elif mime in _UNKNOWN:
         headers["X-Content-Type-Options"] = "nosniff"

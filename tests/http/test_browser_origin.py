@@ -125,6 +125,8 @@ async def test_headers_that_act_on_the_whole_origin_are_dropped(
         ("image/svg+xml", True, False),  # a poster someone uploaded
         ("text/xml; charset=utf-8", True, False),  # Plex's API answers, echoing titles
         ("application/xhtml+xml", True, False),
+        ("application/atom+xml", True, False),  # any +xml renders as an XML document
+        ("multipart/x-mixed-replace; boundary=b", True, False),  # each part renders by its own type
         ("none", False, False),  # no type: relayed as application/octet-stream (aiohttp), never sniffed
         ("unknown/unknown", False, True),  # a type browsers sniff: HTML could come out of it
         ("*/*", False, True),
