@@ -80,8 +80,11 @@ from typing import Final
 from multidict import CIMultiDict
 
 from ..core.errors import Forbidden
+from ..core.relay import HOP_BY_HOP
 
-__all__ = ["DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", "upstream_cookie", "worker_refusal"]
+__all__ = [
+    "DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", "refused", "upstream_cookie", "worker_refusal",
+]  # fmt: skip
 
 DROP: Final = frozenset(
     {"service-worker-allowed", "clear-site-data", "strict-transport-security", "alt-svc",
@@ -94,6 +97,8 @@ MCP_DROP: Final = DROP | frozenset(
     {"access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
      "access-control-expose-headers", "access-control-max-age", "access-control-allow-private-network"}
 )  # fmt: skip
+_REFUSED: Final = HOP_BY_HOP | DROP  # the usual answer's whole drop set, one lookup per header
+_MCP_REFUSED: Final = HOP_BY_HOP | MCP_DROP
 SANDBOX: Final = "sandbox; default-src 'none'"
 # Media types a browser runs script in when navigated to (besides HTML): sandboxed from every upstream.
 # (and every ``+xml`` type: Atom, RSS, MathML… render as XML documents, which may hold XHTML script)
@@ -108,6 +113,14 @@ WORKER_FORBIDDEN: Final = frozenset({"/", "/oauth/"})
 _OWN_COOKIE: Final = "sidecar_"
 _OWN_PATHS: Final = ("/oauth", "/.well-known/oauth-")  # cookie paths only the sidecar's pages match
 _PROMPTING: Final = frozenset({"basic", "digest", "negotiate", "ntlm"})  # schemes with a browser dialog
+
+
+def refused(hop_by_hop: frozenset[str], mcp: bool) -> frozenset[str]:
+    """Every header name not relayed: ``hop_by_hop`` (``HOP_BY_HOP`` unless ``Connection`` named more)
+    and ``DROP`` (``MCP_DROP``): the precomputed union for the usual answer."""
+    if hop_by_hop is HOP_BY_HOP:
+        return _MCP_REFUSED if mcp else _REFUSED
+    return hop_by_hop | (MCP_DROP if mcp else DROP)
 
 
 def _own(cookie_name: str) -> bool:

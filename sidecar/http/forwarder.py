@@ -39,7 +39,7 @@ from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
 from .answer import PooledResponse
 from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
-from .browser import DROP, MCP_DROP, answer_headers
+from .browser import answer_headers, refused
 from .outbound import (
     Networks,
     connection_tokens,
@@ -306,10 +306,9 @@ class Forwarder:
             drop = drop | {"content-length"}  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
         mcp = upstream.kind == "mcp"
-        origin_wide = MCP_DROP if mcp else DROP  # headers that act on the whole origin (browser.py)
+        drop = refused(drop, mcp)  # + the headers that act on the whole origin (browser.py), precomputed
         for name, value in resp.headers.items():
-            lname = name.lower()
-            if lname not in drop and lname not in origin_wide:
+            if name.lower() not in drop:
                 out_headers.add(name, as_sent(value))
         answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
         reason = resp.reason
