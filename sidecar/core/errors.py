@@ -73,12 +73,14 @@ class SidecarError(Exception):
         self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
-        return web.Response(
+        resp = web.Response(
             status=self.status,
             body=error_body(self.code, self.message),
             content_type="application/json",
             headers=self.headers,
         )
+        resp.headers["X-Content-Type-Options"] = "nosniff"  # a message may quote the path: never read as markup
+        return resp
 
 
 class BadRequest(SidecarError):

@@ -39,6 +39,7 @@ from ..upstreams.health import connect_problem
 from ..upstreams.scrub import ScrubFilter, Unscrubbable, whole_needed
 from .answer import PooledResponse
 from .bodies import SMALL_BODY, IdleDeadline, Upload, is_stream, small_body
+from .browser import answer_headers, refused
 from .outbound import (
     Networks,
     connection_tokens,
@@ -304,9 +305,12 @@ class Forwarder:
         if "Transfer-Encoding" in resp.headers:
             drop = drop | {"content-length"}  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
+        mcp = upstream.kind == "mcp"
+        drop = refused(drop, mcp)  # + the headers that act on the whole origin (browser.py), precomputed
         for name, value in resp.headers.items():
             if name.lower() not in drop:
                 out_headers.add(name, as_sent(value))
+        answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

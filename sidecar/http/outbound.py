@@ -15,6 +15,7 @@ from ..config import UpstreamConfig
 from ..core.addresses import forwarded_for, proxied_origin
 from ..core.errors import BadRequest
 from ..core.relay import HOP_BY_HOP, as_sent
+from .browser import upstream_cookie
 from .listener import CLIENT_CLAIMS
 
 CHUNK = 64 * 1024
@@ -106,6 +107,10 @@ def forward_headers(
         if lname in drop or lname in CLIENT_CLAIMS:
             continue
         out.add(name, as_sent(value))  # both upstream clients send the same bytes
+    if "Cookie" in out:  # the sidecar's own cookies (console session, consent CSRF) stay here (browser.py)
+        cookies = [c for c in map(upstream_cookie, out.popall("Cookie")) if c]
+        for c in cookies:
+            out.add("Cookie", c)
     out["Host"] = upstream.host
     out["X-Forwarded-For"] = forwarded_for(request.remote or "", headers.getall("X-Forwarded-For", ()), trusted_proxies)
     out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)

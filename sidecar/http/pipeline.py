@@ -58,6 +58,7 @@ from ..upstreams.mcp import WELL_KNOWN
 from ..upstreams.plex import inject_plex
 from ..upstreams.scrub import ScrubFilter, restrict_accept_encoding
 from .accesslog import redact_path
+from .browser import worker_refusal
 from .canonical import canonical
 from .forwarder import ResponseFilter, ResponseTap, forward_headers, strip_prefix_raw, upstream_url
 from .keypath import KEY_IN_PATH, key_in_path, logged_path, presented_spellings
@@ -162,6 +163,8 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
     canon = canonical(request)  # one form for every stage: `//` collapsed, Connection-named headers gone
     memo = sc.hit_memo if canon is request else None  # the memo is keyed by the request as sent
     request = canon
+    if "Service-Worker" in request.headers and (refusal := worker_refusal(request.rel_url.raw_path)) is not None:
+        raise refusal  # a worker that would control the consent page and every upstream (http/browser.py)
     memo_key = b""
     if memo is not None and request.method in ("GET", "HEAD"):
         memo_key = memo.key(request)

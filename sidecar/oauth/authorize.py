@@ -30,7 +30,7 @@ from ..auth.permissions import tool_allowed
 from ..core.errors import SidecarError
 from ..store.base import OAuthToken
 from .clients import Client, ClientError, redirect_matches
-from .consent import consent_page, error_page
+from .consent import consent_page, csrf_cookie, error_page
 from .grants import GrantError, child_permissions, grant_refusal, new_grant_id
 from .metadata import SCOPE
 from .tokenformat import CODE, digest, mint
@@ -45,7 +45,7 @@ log = logging.getLogger("sidecar.oauth")
 CONSENT = "consent"
 MAX_TOOLS = 500  # checkboxes on the page
 CONSENT_TTL = 900.0  # seconds a person has to decide
-COOKIE = "sidecar_oauth_csrf"
+COOKIE = "sidecar_oauth_csrf"  # over http; behind https ``__Host-`` prefixed (consent.csrf_cookie)
 MAX_STATE = 1024
 
 
@@ -181,7 +181,7 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
     now = server.sc.clock()
     if row is None or row.kind != CONSENT or row.used_at is not None or row.expires_at <= now:
         return error_page("this authorization request has expired or was already answered; start again")
-    cookie = request.cookies.get(COOKIE, "")
+    cookie = request.cookies.get(csrf_cookie(server.issuer.startswith("https://")), "")
     if not (
         csrf
         and cookie

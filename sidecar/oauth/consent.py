@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-__all__ = ["LIFETIMES", "consent_page", "error_page"]
+__all__ = ["LIFETIMES", "consent_page", "csrf_cookie", "error_page"]
 
 LIFETIMES = (("1h", 3600.0), ("1 day", 86400.0), ("7 days", 7 * 86400.0), ("30 days", 30 * 86400.0),
              ("90 days", 90 * 86400.0))  # fmt: skip
@@ -43,6 +43,11 @@ def _headers(form_action: str = "'self'") -> dict[str, str]:
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "no-store",
     }
+
+
+def csrf_cookie(secure: bool) -> str:
+    """The CSRF cookie's name: ``__Host-`` prefixed behind https (browsers refuse it from anyone but the host)."""
+    return "__Host-sidecar_oauth_csrf" if secure else "sidecar_oauth_csrf"
 
 
 def _page(title: str, body: str) -> str:
@@ -131,6 +136,7 @@ def consent_page(
     form_action = "'self' " + target if _ORIGIN.match(target) else "'self'"  # nothing that could end the directive
     response = web.Response(text=_page("Authorize access", body), status=status, content_type="text/html",
                             headers=_headers(form_action))  # fmt: skip
-    response.set_cookie("sidecar_oauth_csrf", csrf, httponly=True, samesite="Strict", secure=secure_cookie,
+    # __Host-: behind https only the host itself can set it (Secure, Path=/, no Domain): no sibling host tosses one in
+    response.set_cookie(csrf_cookie(secure_cookie), csrf, httponly=True, samesite="Strict", secure=secure_cookie,
                         path="/", max_age=900)  # fmt: skip
     return response

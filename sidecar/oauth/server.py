@@ -62,7 +62,7 @@ MAX_CACHED_TOKENS = 100_000
 REQUESTS_PER_MINUTE = 30
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Endpoint = Callable[["OAuthServer", web.Request], Awaitable[web.StreamResponse]]
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache", "X-Content-Type-Options": "nosniff"}
 
 
 def oauth_error(error: str, description: str, status: int = 400, headers: dict[str, str] | None = None) -> web.Response:
