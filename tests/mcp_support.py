@@ -37,6 +37,20 @@ SCOPED = {
 }
 
 
+def answer_messages(text: str) -> list[Any]:
+    """The JSON-RPC messages of a POST's answer: a JSON body (the sidecar sends a stream holding just
+    the answer as JSON, ``sidecar.http.whole``) or an event stream's ``data:`` lines."""
+    if text.lstrip().startswith(("{", "[")):
+        body = json.loads(text)
+        return body if isinstance(body, list) else [body]
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
+        if data and "".join(data):
+            out.append(json.loads("\n".join(data)))
+    return out
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

@@ -5,13 +5,13 @@ classic OAuth attacks. Each test asserts what the client sees and what was (not)
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Running
 from mcp_server import McpUpstream
+from mcp_support import answer_messages
 from oauth_support import CALLBACK, authorize_url, code_for, consent, exchange, free_port, oauth_config, pkce, register
 from oauth_support import start_sidecar as start
 from pg_support import pg_dsn, pg_server
@@ -52,7 +52,7 @@ async def listed_tools(gw: Running, access: str) -> set[str] | int:
     assert r.status == 202, await r.text()
     r = await gw.proxy.post("/mcp/tools", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=headers)
     text = await r.text()
-    data = next(json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:"))
+    data = answer_messages(text)[0]
     return {t["name"] for t in data["result"]["tools"]}
 
 

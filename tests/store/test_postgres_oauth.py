@@ -6,7 +6,6 @@ through replica A works on replica B, and revoking its parent on A ends it on B 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import asyncpg
 import pytest
 from conftest import Running
 from mcp_server import McpUpstream
+from mcp_support import answer_messages
 from oauth.oauth_support import code_for, exchange, free_port, oauth_config, register, start_sidecar
 from pg_support import PgServer, pg_dsn, pg_server
 
@@ -278,7 +278,7 @@ async def tools_list(gw: Running, access: str) -> set[str]:
     r = await mcp(gw, access, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session)
     assert r.status == 200, await r.text()
     text = await r.text()
-    data = next(json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:"))
+    data = answer_messages(text)[0]
     return {t["name"] for t in data["result"]["tools"]}
 
 
