@@ -20,6 +20,7 @@ ROWS = [
     "tools/list, 1 conn.",
     "tools/list, 32 conn.",
     "SDK ClientSession, 1 session",
+    "tools/call of a tool that waits 7 ms, 1 conn.",
 ]
 COLUMNS = 14
 FIGURE = re.compile(r"^[+-]?[\d,]+(\.\d+)?( ms| ms \([\d.]+–[\d.]+\)|×)?$")
