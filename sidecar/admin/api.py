@@ -207,9 +207,11 @@ def create_admin_app(sc: AdminHost) -> web.Application:
     async def body_of(request: web.Request) -> dict[str, Any]:
         if not request.can_read_body:
             return {}
+        if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259 §8.1)
+            raise BadRequest("the body is not valid JSON: send it as UTF-8")  # an unknown charset was a 500
         try:
             data = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]]
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, an int past Python's digits limit; [[[[…]]]]
             raise BadRequest("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")

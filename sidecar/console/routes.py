@@ -17,15 +17,16 @@ import logging
 import mimetypes
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from ..auth.models import KeyRecord
 from ..core.addresses import browser_origin, client_ip
-from ..core.errors import RevokedKey, SidecarError, TooManyFailures
+from ..core.errors import BadRequest, RevokedKey, SidecarError, TooManyFailures
 from ..observe.recent import Entry, RecentRequests
 from ..store import ReadOnlyStore, StoreError
 from .forms import audit_detail
@@ -35,7 +36,7 @@ from .tools import ToolLister
 if TYPE_CHECKING:
     from .host import ConsoleHost
 
-__all__ = ["CONSOLE", "Console", "harden", "page", "see_other"]
+__all__ = ["CONSOLE", "Console", "harden", "page", "read_form", "see_other"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -197,6 +198,29 @@ def _same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc == browser_origin(request, request.app[CONSOLE].sc.trusted_proxies)[1]
 
 
+FORM = "application/x-www-form-urlencoded"
+BAD_FORM = (
+    "The console's forms are sent as URL-encoded UTF-8 text (application/x-www-form-urlencoded): nothing was changed."
+)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    """A form as the console's own pages send it: URL-encoded UTF-8 text fields, nothing else.
+
+    Anything else is a 400 before it is parsed: a multipart body (files spooled to disk, fields that are
+    not text, a missing boundary), another or an unknown charset, bytes that are not UTF-8 — each was a 500
+    and a traceback in the log, from ``/signin`` for anyone, and a cross-site form can send most of them."""
+    if request.body_exists and (
+        request.content_type != FORM or (request.charset or "utf-8").lower() not in ("utf-8", "utf8")
+    ):
+        raise BadRequest(BAD_FORM)
+    try:
+        form = await request.post()
+    except ValueError:  # UnicodeDecodeError: not UTF-8
+        raise BadRequest(BAD_FORM) from None
+    return cast("MultiDictProxy[str]", form)  # URL-encoded: every value is text
+
+
 def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """A console page: signed in, CSRF-checked when it changes something, errors as pages."""
 
@@ -213,7 +237,10 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
                 request, "signin.html", status=401, message="Your session ended: sign in again.", next="/"
             )
         if request.method not in ("GET", "HEAD"):
-            form = await request.post()
+            try:
+                form = await read_form(request)
+            except BadRequest as e:
+                return console.error(request, e.status, e.message, session)
             raw = form.get("csrf")
             token = raw if isinstance(raw, str) else None
             if not _same_origin(request) or not session.check_csrf(token or request.headers.get("X-CSRF-Token")):
@@ -268,11 +295,14 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     """The admin token, or a key with ``admin``; failures throttled per address like failed keys."""
     console = request.app[CONSOLE]
     sc = console.sc
-    form = await request.post()
+    if not _same_origin(request):  # before the body is even read
+        return console.error(request, 403, "Sign in from the console's own page.")
+    try:
+        form = await read_form(request)
+    except BadRequest as e:
+        return console.error(request, e.status, e.message)
     nxt = _safe_next(str(form.get("next") or "/"))
     ip = console.client_ip(request)
-    if not _same_origin(request):
-        return console.error(request, 403, "Sign in from the console's own page.")
     wait = console.throttle.wait(ip)
     if wait > 0:
         console.note_failure(request, "too_many_failed_attempts")
