@@ -36,7 +36,7 @@ from .tools import ToolLister
 if TYPE_CHECKING:
     from .host import ConsoleHost
 
-__all__ = ["CONSOLE", "Console", "harden", "page", "read_form", "see_other"]
+__all__ = ["CONSOLE", "Console", "default_headers", "harden", "page", "read_form", "see_other"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -60,6 +60,14 @@ def harden(resp: web.StreamResponse, *, cache: bool = False) -> web.StreamRespon
     resp.headers.update(_HEADERS)
     resp.headers["Cache-Control"] = "public, max-age=31536000, immutable" if cache else "no-store"
     return resp
+
+
+async def default_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Every other answer of the admin listener (the router's 404/405/413, the admin API's JSON, /metrics)
+    is on the console's origin too: the same headers, where the answer did not set its own."""
+    for name, value in _HEADERS.items():
+        resp.headers.setdefault(name, value)
+    resp.headers.setdefault("Cache-Control", "no-store")
 
 
 def _time(ts: float | None) -> str:
