@@ -21,7 +21,7 @@ from ..auth.identify import looks_like_jwt, not_for_admin
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
-from ..core.addresses import client_ip
+from ..core.addresses import client_ip, foreign_page
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized, error_body
 from ..observe.logfilter import redact_path_keys
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -155,6 +155,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/admin/") or request.path in PUBLIC:
             return await handler(request)
+        if foreign_page(request, sc.trusted_proxies):  # credentials a browser adds by itself (Basic) never act
+            raise Forbidden("the admin API does not answer pages of other origins")
         token = sc.config.admin.token
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")

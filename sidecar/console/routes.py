@@ -18,14 +18,14 @@ import mimetypes
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 
 from ..auth.models import KeyRecord
-from ..core.addresses import browser_origin, client_ip
+from ..core.addresses import browser_origin, client_ip, foreign_page
 from ..core.errors import BadRequest, RevokedKey, SidecarError, TooManyFailures
 from ..observe.recent import Entry, RecentRequests
 from ..store import ReadOnlyStore, StoreError
@@ -198,12 +198,7 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 def _same_origin(request: web.Request) -> bool:
     """A browser's own statement that the form came from elsewhere (CSRF's first line; the token is the second).
     The host compared is the one the browser used (a trusted ingress's ``X-Forwarded-Host``, else ``Host``)."""
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == browser_origin(request, request.app[CONSOLE].sc.trusted_proxies)[1]
+    return not foreign_page(request, request.app[CONSOLE].sc.trusted_proxies)
 
 
 FORM = "application/x-www-form-urlencoded"

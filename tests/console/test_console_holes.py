@@ -69,3 +69,35 @@ async def test_the_console_session_cookie_never_reaches_an_upstream(
     forwarded = seen[-4]["headers"]
     assert isinstance(forwarded, dict) and forwarded["Cookie"] == "a=1; b=2"  # the upstream's own cookies still go
     assert "Cookie" not in seen[-5]["headers"]  # type: ignore[operator]
+
+
+async def test_no_console_form_acts_for_a_page_of_the_proxy_listener(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Every state-changing route, enumerated from the router (a route added later is covered too):
+    a page served through the proxy listener is the same site, so the browser sends the session cookie;
+    even holding the session's CSRF token (as a script that read a page could), it is refused and
+    nothing changes. (A check that holds: recorded so that it keeps holding.)"""
+    url = str(plex_upstream.make_url("")).rstrip("/")
+    mcp = {"id": "tools", "kind": "mcp", "url": f"{url}/mcp", "path_prefix": "/mcp"}
+    cfg = base_config(url, tmp_path, oauth={"enabled": True, "public_url": "http://127.0.0.1:1"})
+    cfg["upstreams"].append(mcp)
+    sc = await make_sidecar(cfg)
+    rec, _ = await sc.create_key(name="victim")
+    hidden = await sign_in(sc.admin)
+    proxy_origin = f"http://127.0.0.1:{sc.proxy.port}"
+    posts = sorted({
+        r.resource.canonical for r in sc.admin.app.router.routes()
+        if r.method == "POST" and r.resource is not None and not r.resource.canonical.startswith("/admin/")
+    })  # fmt: skip
+    assert {"/signin", "/signout", "/keys/new", "/keys/{id}/revoke", "/oauth/consent/{request}"} <= set(posts)
+    for template in posts:
+        path = template.replace("{id}", rec.id).replace("{grant}", rec.id).replace("{request}", "r" * 43)
+        for site in ({"Origin": proxy_origin, "Sec-Fetch-Site": "same-site"}, {"Origin": proxy_origin}):
+            data = {**hidden, "token": ADMIN_TOKEN, "name": "made", "client_id": "c", "decision": "deny"}
+            resp = await sc.admin.post(path, data=data, headers=site, allow_redirects=False)
+            assert resp.status == 403, (path, site, resp.status)
+            assert "Set-Cookie" not in resp.headers
+    assert [r.name for r in await sc.sc.store.list_keys()] == ["victim"]
+    assert (await sc.sc.store.get(rec.id)).revoked_at is None  # type: ignore[union-attr]
+    assert (await sc.admin.get("/", allow_redirects=False)).status == 200  # not signed out either

@@ -87,3 +87,21 @@ async def test_a_signed_in_form_with_a_file_or_another_encoding_changes_nothing(
     assert (await sc.sc.store.get(rec.id)).revoked_at is None  # type: ignore[union-attr]
     assert (await sc.admin.get("/", allow_redirects=False)).status == 200  # still signed in
     assert ADMIN_TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://[bad]:1"])
+async def test_an_origin_header_that_is_not_a_url_is_refused_not_a_500(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    origin: str,
+) -> None:  # fmt: skip
+    """``urlsplit`` raises on a broken IPv6 host: the origin check itself was a 500 (and a traceback)
+    for anyone posting to ``/signin``."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    caplog.set_level(logging.INFO)
+    signin = {"token": ADMIN_TOKEN}
+    resp = await sc.admin.post("/signin", data=signin, headers={"Origin": origin}, allow_redirects=False)
+    assert resp.status == 403 and "Set-Cookie" not in resp.headers
+    hidden = await sign_in(sc.admin)
+    resp = await sc.admin.post("/signout", data=hidden, headers={"Origin": origin}, allow_redirects=False)
+    assert resp.status == 403
+    no_internal_errors(caplog)
