@@ -45,6 +45,7 @@ from .outbound import (
     forward_headers,
     make_session,
     public_origin,
+    sets_console_cookie,
     strip_prefix_raw,
     upstream_url,
 )
@@ -305,7 +306,7 @@ class Forwarder:
             drop = drop | {"content-length"}  # both sent: the framing was Transfer-Encoding (RFC 9112 §6.3)
         out_headers: CIMultiDict[str] = CIMultiDict()
         for name, value in resp.headers.items():
-            if name.lower() not in drop:
+            if name.lower() not in drop and not sets_console_cookie(name, value):
                 out_headers.add(name, as_sent(value))
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):

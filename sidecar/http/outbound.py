@@ -101,6 +101,14 @@ def without_console_cookies(value: str) -> str:
     return "; ".join(p for p in kept if p and p.split("=", 1)[0].strip() not in CONSOLE_COOKIES)
 
 
+def sets_console_cookie(name: str, value: str) -> bool:
+    """An upstream's ``Set-Cookie`` for the console's session cookie: the browser would keep it for the host,
+    whatever the port, and the operator's console would run in the session it names (or sign out)."""
+    if "sidecar_console" not in value:  # the common case: one substring test
+        return False
+    return name.lower() == "set-cookie" and value.split("=", 1)[0].strip() in CONSOLE_COOKIES
+
+
 def forward_headers(
     request: web.Request, headers: CIMultiDict[str], upstream: UpstreamConfig, trusted_proxies: Networks = ()
 ) -> CIMultiDict[str]:

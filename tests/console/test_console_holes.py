@@ -8,8 +8,10 @@ with its requests), a holder of a delegated admin key, or anyone who reaches the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 from console_support import sign_in
@@ -101,3 +103,26 @@ async def test_no_console_form_acts_for_a_page_of_the_proxy_listener(
     assert [r.name for r in await sc.sc.store.list_keys()] == ["victim"]
     assert (await sc.sc.store.get(rec.id)).revoked_at is None  # type: ignore[union-attr]
     assert (await sc.admin.get("/", allow_redirects=False)).status == 200  # not signed out either
+
+
+async def test_an_upstream_cannot_set_the_console_cookie_through_the_proxy(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The other way round: a hostile upstream's ``Set-Cookie: sidecar_console=…`` went to the browser,
+    which keeps it for the host whatever the port, so the operator's next console page ran in the
+    session it names (a delegated key's own, planted) or signed the operator out. Its other cookies pass."""
+
+    async def planting(request: web.Request) -> web.Response:
+        resp = web.Response(text="<html>hello</html>", content_type="text/html")
+        for name in (COOKIE, COOKIE_TLS, " sidecar_console", "theme"):
+            resp.headers.add("Set-Cookie", f"{name}=planted; Path=/; HttpOnly; SameSite=Strict")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", planting)
+    hostile = await aiohttp_server(app)
+    sc = await make_sidecar(base_config(str(hostile.make_url("")).rstrip("/"), tmp_path))
+    _, key = await sc.create_key(name="player")
+    resp = await sc.proxy.get("/web/index.html", headers={"X-Plex-Token": key})
+    assert resp.status == 200
+    assert resp.headers.getall("Set-Cookie") == ["theme=planted; Path=/; HttpOnly; SameSite=Strict"]
