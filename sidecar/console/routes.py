@@ -135,7 +135,22 @@ class Console:
         return client_ip(request, self.sc.trusted_proxies)
 
     def cookie(self, request: web.Request) -> str | None:
-        return request.cookies.get(cookie_name(self.tls(request)))
+        """The session cookie's value; None when there is none, or more than one: a page on another port of
+        this host can plant a second one from script (cookies are not per port), and which of two is the
+        operator's own cannot be told, so neither is used (``two_cookies`` says why on the sign-in page)."""
+        found = self._cookies(request)
+        return found[0] if len(found) == 1 else None
+
+    def _cookies(self, request: web.Request) -> list[str]:
+        name = cookie_name(self.tls(request))
+        raw = "; ".join(request.headers.getall("Cookie", ()))
+        if name not in raw:
+            return []
+        pairs = (p.split("=", 1) for p in raw.split(";"))
+        return [p[1].strip() for p in pairs if len(p) == 2 and p[0].strip() == name]
+
+    def two_cookies(self, request: web.Request) -> bool:
+        return len(self._cookies(request)) > 1
 
     def session(self, request: web.Request) -> Session | None:
         return self.sessions.get(self.cookie(request))
@@ -268,6 +283,12 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     return handler
 
 
+TWO_COOKIES = (
+    "Your browser sent two console cookies: a page on another port of this host may have set one. "
+    "Neither is used: clear this site's cookies in the browser, then sign in."
+)
+
+
 def _safe_next(value: str | None) -> str:
     """Only a path on this listener (never //host or a scheme): no open redirect after sign-in.
     Printable ASCII only: browsers drop tabs and newlines from a URL (``/<TAB>/evil`` is ``//evil``),
@@ -284,7 +305,9 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
     if console.session(request) is not None:
         return see_other(_safe_next(request.query.get("next")))
     message = (
-        ""
+        TWO_COOKIES
+        if console.two_cookies(request)
+        else ""
         if console.sc.config.admin.token
         else (
             f"The admin token is not set ({console.sc.config.admin.token_env}): "

@@ -126,3 +126,27 @@ async def test_an_upstream_cannot_set_the_console_cookie_through_the_proxy(
     resp = await sc.proxy.get("/web/index.html", headers={"X-Plex-Token": key})
     assert resp.status == 200
     assert resp.headers.getall("Set-Cookie") == ["theme=planted; Path=/; HttpOnly; SameSite=Strict"]
+
+
+async def test_two_console_cookies_are_never_guessed_between(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """A page on another port of the host can still plant a console cookie from script (``Domain=<host>``
+    makes it a second cookie beside the operator's ``HttpOnly`` one, and the newer is sent last). The
+    console read the last one: the operator's browser ran in the planted session, a delegated key's
+    that the attacker signed in with. With two, neither is used, and the sign-in page says why."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    _, delegate_key = await sc.create_key(name="boss-a", owner="team-a", permissions={"admin": True})
+    resp = await sc.admin.post("/signin", data={"token": delegate_key}, allow_redirects=False)
+    planted = resp.cookies[COOKIE].value
+    sc.admin.session.cookie_jar.clear()
+    resp = await sc.admin.post("/signin", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    operator = resp.cookies[COOKIE].value
+    sc.admin.session.cookie_jar.clear()
+    for both in (f"{COOKIE}={operator}; {COOKIE}={planted}", f"{COOKIE}={planted}; theme=x; {COOKIE}={operator}"):
+        resp = await sc.admin.get("/", headers={"Cookie": both}, allow_redirects=False)
+        assert resp.status == 303 and resp.headers["Location"].startswith("/signin"), resp.status
+        page = await sc.admin.get("/signin", headers={"Cookie": both}, allow_redirects=False)
+        assert page.status == 200 and "two console cookies" in await page.text()
+    for one in (operator, planted):  # each alone is its own session, as before
+        assert (await sc.admin.get("/", headers={"Cookie": f"{COOKIE}={one}"}, allow_redirects=False)).status == 200
