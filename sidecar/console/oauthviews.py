@@ -127,7 +127,7 @@ async def remove_client(request: web.Request, console: Console, session: Session
         raise Forbidden("OAuth clients are managed with the admin token or an admin: full key")
     client_id = str((await request.post()).get("client_id") or "")
     try:
-        removed = await server.clients.remove(client_id)
+        removed = await server.clients.remove(client_id, session.actor)
     except ClientError as e:
         raise BadRequest(e.description) from None
     if not removed:

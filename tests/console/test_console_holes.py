@@ -150,3 +150,29 @@ async def test_two_console_cookies_are_never_guessed_between(
         assert page.status == 200 and "two console cookies" in await page.text()
     for one in (operator, planted):  # each alone is its own session, as before
         assert (await sc.admin.get("/", headers={"Cookie": f"{COOKIE}={one}"}, allow_redirects=False)).status == 200
+
+
+async def test_removing_an_oauth_client_is_audited_from_the_console_and_the_admin_api(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """ "Every action ... is audited": removing a registered client (its new authorizations refused from
+    then on) left no trail, from the console or from ``DELETE /admin/oauth/clients/{id}``."""
+    url = str(plex_upstream.make_url("")).rstrip("/")
+    cfg = base_config(url, tmp_path, oauth={"enabled": True, "public_url": "http://127.0.0.1:1"})
+    cfg["upstreams"].append({"id": "tools", "kind": "mcp", "url": f"{url}/mcp", "path_prefix": "/mcp"})
+    sc = await make_sidecar(cfg)
+    assert sc.sc.oauth is not None
+    made = [await sc.sc.oauth.clients.register({"client_name": n, "redirect_uris": ["http://127.0.0.1:1/cb"]})
+            for n in ("one", "two")]  # fmt: skip
+    hidden = await sign_in(sc.admin)
+    resp = await sc.admin.post(
+        "/oauth/clients/remove", data={"csrf": hidden["csrf"], "client_id": made[0]["client_id"]}, allow_redirects=False
+    )
+    assert resp.status == 303
+    resp = await sc.admin.delete(f"/admin/oauth/clients/{made[1]['client_id']}", headers=sc.admin_headers())
+    assert resp.status == 200
+    events = [(e.actor, e.action, e.detail.get("client_id")) for e in await sc.sc.store.audit_log(None, 10)]
+    assert ("console", "oauth_client_removed", made[0]["client_id"]) in events, events
+    assert ("admin", "oauth_client_removed", made[1]["client_id"]) in events, events
+    html = await (await sc.admin.get("/activity")).text()
+    assert "oauth_client_removed" in html
