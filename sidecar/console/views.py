@@ -145,7 +145,10 @@ async def new_key(request: web.Request, console: Console, session: Session) -> w
     state = blank_form(sc.config)
     try:
         fields, state = fields_from_form(form, sc.config, edit=False)  # type: ignore[arg-type]
-        rec, key = await sc.manager().create(fields, session.actor, by=console.acting_key(session))
+        by = console.acting_key(session)
+        if by is not None and fields.get("owner") is None:
+            del fields["owner"]  # as POST /admin/keys without one: a delegated key's keys are its owner's
+        rec, key = await sc.manager().create(fields, session.actor, by=by)
     except SidecarError as e:
         return _form_page(request, console, session, state, message=e.message, status=e.status)
     await sc.verifier.refresh()  # usable (and listed) at once, as after POST /admin/keys

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
-from console_support import sign_in
+from console_support import key_form, sign_in
 
 from sidecar.console.sessions import COOKIE, COOKIE_TLS
 from sidecar.demo import SEEN
@@ -176,3 +176,20 @@ async def test_removing_an_oauth_client_is_audited_from_the_console_and_the_admi
     assert ("admin", "oauth_client_removed", made[1]["client_id"]) in events, events
     html = await (await sc.admin.get("/activity")).text()
     assert "oauth_client_removed" in html
+
+
+async def test_a_delegate_creates_a_key_in_the_console_without_typing_its_owner(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """The form sent an empty owner as ``"owner": null``, which the delegation check refused (another
+    owner's key); ``POST /admin/keys`` without an owner makes the delegate's owner's key. Now both do."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    _, boss_key = await sc.create_key(name="boss", owner="team-a", permissions={"admin": True})
+    hidden = await sign_in(sc.admin, boss_key)
+    resp = await sc.admin.post("/keys/new", data={**key_form("made"), **hidden}, allow_redirects=False)
+    assert resp.status == 200, await resp.text()
+    made = [r for r in await sc.sc.store.list_keys() if r.name == "made"]
+    assert len(made) == 1 and made[0].owner == "team-a"
+    hidden = await sign_in(sc.admin, boss_key)
+    resp = await sc.admin.post("/keys/new", data={**key_form("theirs", owner="team-b"), **hidden})
+    assert resp.status == 403 and not [r for r in await sc.sc.store.list_keys() if r.name == "theirs"]
