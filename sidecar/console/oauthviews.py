@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..admin.delegation import check_target, manages_all, owns
 from ..auth.models import KeyRecord
+from ..auth.permissions import literal_glob
 from ..core.errors import BadRequest, Forbidden, NotFound, SidecarError
 from ..oauth.approve import Pending, answer, pending
 from ..oauth.clients import ClientError
@@ -155,7 +156,7 @@ async def _consent_page(request: web.Request, console: Console, session: Session
     now = console.sc.clock()
     upstream = console.sc.config.upstream(p.upstream_id)
     try:
-        tools = [t["name"] for t in await console.tools.tools(upstream)]
+        tools = [(literal_glob(t["name"]), t["name"]) for t in await console.tools.tools(upstream)]
     except (SidecarError, TimeoutError):
         tools = []  # the person types names instead
     lifetimes = [(label, int(sec)) for label, sec in LIFETIMES if sec <= server.config.max_grant_lifetime]

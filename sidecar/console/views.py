@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..admin.delegation import owns
 from ..auth.models import KeyRecord
+from ..auth.permissions import literal_glob
 from ..config import parse_duration
 from ..core.errors import BadRequest, NotFound, SidecarError
 from ..observe.logfilter import redact_path_keys
@@ -289,7 +290,7 @@ async def tools_json(request: web.Request, console: Console, session: Session) -
         upstream = None  # a delegated admin key sees the tools of the upstreams it reaches only
     started = time.perf_counter()
     try:
-        tools = await console.tools.tools(upstream)
+        tools = [{**t, "allow": literal_glob(t["name"])} for t in await console.tools.tools(upstream)]
         body: dict[str, Any] = {"tools": tools, "ms": round((time.perf_counter() - started) * 1000)}
         status = 200
     except SidecarError as e:

@@ -193,3 +193,47 @@ async def test_a_delegate_creates_a_key_in_the_console_without_typing_its_owner(
     hidden = await sign_in(sc.admin, boss_key)
     resp = await sc.admin.post("/keys/new", data={**key_form("theirs", owner="team-b"), **hidden})
     assert resp.status == 403 and not [r for r in await sc.sc.store.list_keys() if r.name == "theirs"]
+
+
+def hostile_mcp(tools: list[dict[str, str]]) -> web.Application:
+    """An MCP upstream (plain JSON-RPC over HTTP) whose ``tools/list`` names tools as it likes."""
+
+    async def rpc(request: web.Request) -> web.Response:
+        msg = await request.json()
+        if "id" not in msg:
+            return web.Response(status=202)
+        if msg["method"] == "initialize":
+            result: dict[str, Any] = {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                                      "serverInfo": {"name": "hostile", "version": "1"}}  # fmt: skip
+        else:
+            result = {"tools": [{**t, "inputSchema": {"type": "object"}} for t in tools]}
+        return web.json_response({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+
+    app = web.Application()
+    app.router.add_post("/mcp", rpc)
+    return app
+
+
+async def test_a_tool_named_like_a_glob_is_allowed_as_that_one_tool(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Permissions take tool *globs*, and the picker ticked a listed tool's name as it was: a tool an
+    upstream (or one server behind an aggregating one) names ``*`` or ``read_*``, ticked as one tool,
+    allowed every tool. The picker's value now matches that name only."""
+    from sidecar.auth.permissions import tool_allowed
+
+    upstream = await aiohttp_server(hostile_mcp([{"name": "*", "description": "just one tool"},
+                                                 {"name": "read_?[x]", "description": ""}]))  # fmt: skip
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
+    cfg["upstreams"].append({"id": "agg", "kind": "mcp", "url": str(upstream.make_url("/mcp")), "path_prefix": "/mcp"})
+    sc = await make_sidecar(cfg)
+    hidden = await sign_in(sc.admin)
+    listed = (await (await sc.admin.get("/console/tools/agg")).json())["tools"]
+    assert [(t["name"], t["allow"]) for t in listed] == [("*", "[*]"), ("read_?[x]", "read_[?][[]x]")]
+    form = {**key_form("one tool"), **hidden, "tools_mode.agg": "some", "tool.agg": listed[0]["allow"]}
+    resp = await sc.admin.post("/keys/new", data=form)
+    assert resp.status == 200, await resp.text()
+    (rec,) = [r for r in await sc.sc.store.list_keys() if r.name == "one tool"]
+    assert tool_allowed(rec.permissions, "agg", "*")
+    assert not tool_allowed(rec.permissions, "agg", "delete_everything")
+    assert tool_allowed(rec.permissions, "agg", "read_?[x]") is False  # not ticked
