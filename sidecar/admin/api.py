@@ -32,6 +32,7 @@ from ..store.base import AuditEvent
 from ..upstreams import health as upstream_health
 from .bodies import KeyInput, QuotaChange, Rotate, parse
 from .delegation import manages_all, owns
+from .hostguard import host_guard
 from .openapi import MAX_AUDIT_LIMIT, openapi_spec
 
 if TYPE_CHECKING:
@@ -183,7 +184,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         request[ACTOR_KEY] = key
         return await handler(request)
 
-    app = web.Application(middlewares=[errors, auth])
+    guard = host_guard(sc.config.admin.listen, sc.trusted_proxies)  # DNS rebinding (admin/hostguard.py)
+    app = web.Application(middlewares=[*([guard] if guard else []), errors, auth])
     r = app.router
 
     async def healthz(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 from console_support import key_form, sign_in
 
+from sidecar.console import CONSOLE
 from sidecar.console.sessions import COOKIE, COOKIE_TLS
 from sidecar.demo import SEEN
 from sidecar.http.outbound import CONSOLE_COOKIES
@@ -237,3 +238,26 @@ async def test_a_tool_named_like_a_glob_is_allowed_as_that_one_tool(
     assert tool_allowed(rec.permissions, "agg", "*")
     assert not tool_allowed(rec.permissions, "agg", "delete_everything")
     assert tool_allowed(rec.permissions, "agg", "read_?[x]") is False  # not ticked
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9188", "127.0.0.1.evil.example", "localhost.evil"])
+async def test_a_loopback_admin_listener_answers_no_renamed_host(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, host: str
+) -> None:
+    """DNS rebinding: a web page at ``evil.example`` re-points its name at 127.0.0.1, and the operator's
+    browser then talks to the loopback admin listener as that page's *own* origin: ``Origin`` matches
+    ``Host``, so the console's origin check passes; it reads ``/metrics`` (key ids, names, owners, counts)
+    and can guess at the sign-in until the operator's own address is throttled. A listener bound to
+    loopback only ever has loopback names: any other ``Host`` is refused before anything runs."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    await sc.create_key(name="secret-project", owner="team-a")
+    origin = {"Host": host, "Origin": f"http://{host}"}
+    for method, path in (("GET", "/metrics"), ("POST", "/signin"), ("GET", "/admin/keys"), ("GET", "/signin")):
+        resp = await sc.admin.request(method, path, headers=origin, data={"token": "guess"}, allow_redirects=False)
+        assert resp.status == 400, (method, path, resp.status)
+        body = await resp.text()
+        assert "secret-project" not in body and "rebinding" in body
+    assert not sc.admin.app[CONSOLE].recent.failures  # the guess was never tried
+    port = sc.admin.port
+    for own in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", f"LOCALHOST:{port}"):
+        assert (await sc.admin.get("/metrics", headers={"Host": own})).status == 200, own
