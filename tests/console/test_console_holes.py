@@ -261,3 +261,25 @@ async def test_a_loopback_admin_listener_answers_no_renamed_host(
     port = sc.admin.port
     for own in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", f"LOCALHOST:{port}"):
         assert (await sc.admin.get("/metrics", headers={"Host": own})).status == 200, own
+
+
+async def test_a_delegate_sees_only_the_tools_its_own_key_may_list(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A key's ``tools`` filter its ``tools/list`` (names and descriptions of the others stay hidden), but
+    the console's picker showed a delegated admin key every tool of the upstream, with descriptions."""
+    tools = [{"name": "search", "description": "public"}, {"name": "wipe_db", "description": "internal: prod db"}]
+    upstream = await aiohttp_server(hostile_mcp(tools))
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
+    cfg["upstreams"].append({"id": "agg", "kind": "mcp", "url": str(upstream.make_url("/mcp")), "path_prefix": "/mcp"})
+    sc = await make_sidecar(cfg)
+    _, boss = await sc.create_key(
+        name="boss", owner="team-a", permissions={"upstreams": ["agg"], "tools": {"agg": ["search"]}, "admin": True}
+    )
+    await sign_in(sc.admin, boss)
+    body = await (await sc.admin.get("/console/tools/agg")).json()
+    assert [t["name"] for t in body["tools"]] == ["search"] and "prod db" not in str(body)
+    sc.admin.session.cookie_jar.clear()
+    await sign_in(sc.admin)  # the admin token sees them all
+    body = await (await sc.admin.get("/console/tools/agg")).json()
+    assert [t["name"] for t in body["tools"]] == ["search", "wipe_db"]
