@@ -21,7 +21,7 @@ from ..auth.identify import looks_like_jwt, not_for_admin
 from ..auth.models import KeyRecord, iso
 from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
-from ..core.addresses import client_ip
+from ..core.addresses import client_ip, foreign_page
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized, error_body
 from ..observe.logfilter import redact_path_keys
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -32,6 +32,7 @@ from ..store.base import AuditEvent
 from ..upstreams import health as upstream_health
 from .bodies import KeyInput, QuotaChange, Rotate, parse
 from .delegation import manages_all, owns
+from .hostguard import host_guard
 from .openapi import MAX_AUDIT_LIMIT, openapi_spec
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/admin/") or request.path in PUBLIC:
             return await handler(request)
+        if foreign_page(request, sc.trusted_proxies):  # credentials a browser adds by itself (Basic) never act
+            raise Forbidden("the admin API does not answer pages of other origins")
         token = sc.config.admin.token
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
@@ -181,7 +184,8 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         request[ACTOR_KEY] = key
         return await handler(request)
 
-    app = web.Application(middlewares=[errors, auth])
+    guard = host_guard(sc.config.admin.listen, sc.trusted_proxies)  # DNS rebinding (admin/hostguard.py)
+    app = web.Application(middlewares=[*([guard] if guard else []), errors, auth])
     r = app.router
 
     async def healthz(request: web.Request) -> web.Response:
@@ -207,9 +211,11 @@ def create_admin_app(sc: AdminHost) -> web.Application:
     async def body_of(request: web.Request) -> dict[str, Any]:
         if not request.can_read_body:
             return {}
+        if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259 §8.1)
+            raise BadRequest("the body is not valid JSON: send it as UTF-8")  # an unknown charset was a 500
         try:
             data = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]]
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, an int past Python's digits limit; [[[[…]]]]
             raise BadRequest("the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")

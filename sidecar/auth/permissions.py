@@ -23,8 +23,8 @@ from .models import Permissions
 from .presets import PLEX_PRESETS, preset_allows
 
 __all__ = [
-    "MCP_KINDS", "PLEX_PRESETS", "TOKEN_MINTING", "allowed", "is_token_minting", "mcp_allowed", "mcp_globs",
-    "normalize_path", "tool_allowed",
+    "MCP_KINDS", "PLEX_PRESETS", "TOKEN_MINTING", "allowed", "is_token_minting", "literal_glob", "mcp_allowed",
+    "mcp_globs", "normalize_path", "tool_allowed",
 ]  # fmt: skip
 
 # The presets' tables (path x methods) live in sidecar.auth.presets, printed in docs/keys.md.
@@ -150,3 +150,9 @@ def mcp_allowed(perms: Permissions, upstream_id: str, kind: str, name: str) -> b
 def tool_allowed(perms: Permissions, upstream_id: str, tool: str) -> bool:
     """MCP tools: see :func:`mcp_globs` (no MCP entry at all for this upstream means every tool)."""
     return mcp_allowed(perms, upstream_id, "tools", tool)
+
+
+def literal_glob(name: str) -> str:
+    """``name`` as a glob that matches only itself (fnmatch has no escape character: ``*``, ``?`` and ``[``
+    go in brackets). A tool an upstream names ``*``, picked from its list, allows that tool, not all."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .activity import activity_page
-from .routes import CONSOLE, Console, page, sign_in, sign_in_once, sign_in_page, sign_out, static
+from .routes import CONSOLE, Console, default_headers, page, sign_in, sign_in_once, sign_in_page, sign_out, static
 from .views import edit_key, key_page, keys_page, new_key, revoke_key, rotate_key, tools_json
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ def mount(app: web.Application, sc: ConsoleHost) -> Console:
         from .oauthviews import mount_oauth
 
         mount_oauth(app)  # grants on key pages, the clients page, approving from the console
+
+    app.on_response_prepare.append(default_headers)  # the router's 404/405, the admin API's JSON: the same origin
 
     async def close(_: web.Application) -> None:
         await console.tools.close(list(sc.config.upstreams))

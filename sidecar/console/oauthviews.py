@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..admin.delegation import check_target, manages_all, owns
 from ..auth.models import KeyRecord
+from ..auth.permissions import literal_glob, tool_allowed
 from ..core.errors import BadRequest, Forbidden, NotFound, SidecarError
 from ..oauth.approve import Pending, answer, pending
 from ..oauth.clients import ClientError
@@ -127,7 +128,7 @@ async def remove_client(request: web.Request, console: Console, session: Session
         raise Forbidden("OAuth clients are managed with the admin token or an admin: full key")
     client_id = str((await request.post()).get("client_id") or "")
     try:
-        removed = await server.clients.remove(client_id)
+        removed = await server.clients.remove(client_id, session.actor)
     except ClientError as e:
         raise BadRequest(e.description) from None
     if not removed:
@@ -154,8 +155,12 @@ async def _consent_page(request: web.Request, console: Console, session: Session
     server = _server(console)
     now = console.sc.clock()
     upstream = console.sc.config.upstream(p.upstream_id)
+    by = console.acting_key(session)
     try:
-        tools = [t["name"] for t in await console.tools.tools(upstream)]
+        tools = [
+            (literal_glob(t["name"]), t["name"]) for t in await console.tools.tools(upstream)
+            if by is None or tool_allowed(by.permissions, p.upstream_id, t["name"])  # as the picker: its own only
+        ]  # fmt: skip
     except (SidecarError, TimeoutError):
         tools = []  # the person types names instead
     lifetimes = [(label, int(sec)) for label, sec in LIFETIMES if sec <= server.config.max_grant_lifetime]

@@ -17,15 +17,16 @@ import logging
 import mimetypes
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 import jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from ..auth.models import KeyRecord
-from ..core.addresses import browser_origin, client_ip
-from ..core.errors import RevokedKey, SidecarError, TooManyFailures
+from ..core.addresses import browser_origin, client_ip, foreign_page
+from ..core.errors import BadRequest, RevokedKey, SidecarError, TooManyFailures
 from ..observe.recent import Entry, RecentRequests
 from ..store import ReadOnlyStore, StoreError
 from .forms import audit_detail
@@ -35,7 +36,7 @@ from .tools import ToolLister
 if TYPE_CHECKING:
     from .host import ConsoleHost
 
-__all__ = ["CONSOLE", "Console", "harden", "page", "see_other"]
+__all__ = ["CONSOLE", "Console", "default_headers", "harden", "page", "read_form", "see_other"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -59,6 +60,14 @@ def harden(resp: web.StreamResponse, *, cache: bool = False) -> web.StreamRespon
     resp.headers.update(_HEADERS)
     resp.headers["Cache-Control"] = "public, max-age=31536000, immutable" if cache else "no-store"
     return resp
+
+
+async def default_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Every other answer of the admin listener (the router's 404/405/413, the admin API's JSON, /metrics)
+    is on the console's origin too: the same headers, where the answer did not set its own."""
+    for name, value in _HEADERS.items():
+        resp.headers.setdefault(name, value)
+    resp.headers.setdefault("Cache-Control", "no-store")
 
 
 def _time(ts: float | None) -> str:
@@ -126,7 +135,22 @@ class Console:
         return client_ip(request, self.sc.trusted_proxies)
 
     def cookie(self, request: web.Request) -> str | None:
-        return request.cookies.get(cookie_name(self.tls(request)))
+        """The session cookie's value; None when there is none, or more than one: a page on another port of
+        this host can plant a second one from script (cookies are not per port), and which of two is the
+        operator's own cannot be told, so neither is used (``two_cookies`` says why on the sign-in page)."""
+        found = self._cookies(request)
+        return found[0] if len(found) == 1 else None
+
+    def _cookies(self, request: web.Request) -> list[str]:
+        name = cookie_name(self.tls(request))
+        raw = "; ".join(request.headers.getall("Cookie", ()))
+        if name not in raw:
+            return []
+        pairs = (p.split("=", 1) for p in raw.split(";"))
+        return [p[1].strip() for p in pairs if len(p) == 2 and p[0].strip() == name]
+
+    def two_cookies(self, request: web.Request) -> bool:
+        return len(self._cookies(request)) > 1
 
     def session(self, request: web.Request) -> Session | None:
         return self.sessions.get(self.cookie(request))
@@ -189,12 +213,30 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 def _same_origin(request: web.Request) -> bool:
     """A browser's own statement that the form came from elsewhere (CSRF's first line; the token is the second).
     The host compared is the one the browser used (a trusted ingress's ``X-Forwarded-Host``, else ``Host``)."""
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == browser_origin(request, request.app[CONSOLE].sc.trusted_proxies)[1]
+    return not foreign_page(request, request.app[CONSOLE].sc.trusted_proxies)
+
+
+FORM = "application/x-www-form-urlencoded"
+BAD_FORM = (
+    "The console's forms are sent as URL-encoded UTF-8 text (application/x-www-form-urlencoded): nothing was changed."
+)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    """A form as the console's own pages send it: URL-encoded UTF-8 text fields, nothing else.
+
+    Anything else is a 400 before it is parsed: a multipart body (files spooled to disk, fields that are
+    not text, a missing boundary), another or an unknown charset, bytes that are not UTF-8 — each was a 500
+    and a traceback in the log, from ``/signin`` for anyone, and a cross-site form can send most of them."""
+    if request.body_exists and (
+        request.content_type != FORM or (request.charset or "utf-8").lower() not in ("utf-8", "utf8")
+    ):
+        raise BadRequest(BAD_FORM)
+    try:
+        form = await request.post()
+    except ValueError:  # UnicodeDecodeError: not UTF-8
+        raise BadRequest(BAD_FORM) from None
+    return cast("MultiDictProxy[str]", form)  # URL-encoded: every value is text
 
 
 def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -213,7 +255,10 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
                 request, "signin.html", status=401, message="Your session ended: sign in again.", next="/"
             )
         if request.method not in ("GET", "HEAD"):
-            form = await request.post()
+            try:
+                form = await read_form(request)
+            except BadRequest as e:
+                return console.error(request, e.status, e.message, session)
             raw = form.get("csrf")
             token = raw if isinstance(raw, str) else None
             if not _same_origin(request) or not session.check_csrf(token or request.headers.get("X-CSRF-Token")):
@@ -238,6 +283,12 @@ def page(fn: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     return handler
 
 
+TWO_COOKIES = (
+    "Your browser sent two console cookies: a page on another port of this host may have set one. "
+    "Neither is used: clear this site's cookies in the browser, then sign in."
+)
+
+
 def _safe_next(value: str | None) -> str:
     """Only a path on this listener (never //host or a scheme): no open redirect after sign-in.
     Printable ASCII only: browsers drop tabs and newlines from a URL (``/<TAB>/evil`` is ``//evil``),
@@ -254,7 +305,9 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
     if console.session(request) is not None:
         return see_other(_safe_next(request.query.get("next")))
     message = (
-        ""
+        TWO_COOKIES
+        if console.two_cookies(request)
+        else ""
         if console.sc.config.admin.token
         else (
             f"The admin token is not set ({console.sc.config.admin.token_env}): "
@@ -268,11 +321,14 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     """The admin token, or a key with ``admin``; failures throttled per address like failed keys."""
     console = request.app[CONSOLE]
     sc = console.sc
-    form = await request.post()
+    if not _same_origin(request):  # before the body is even read
+        return console.error(request, 403, "Sign in from the console's own page.")
+    try:
+        form = await read_form(request)
+    except BadRequest as e:
+        return console.error(request, e.status, e.message)
     nxt = _safe_next(str(form.get("next") or "/"))
     ip = console.client_ip(request)
-    if not _same_origin(request):
-        return console.error(request, 403, "Sign in from the console's own page.")
     wait = console.throttle.wait(ip)
     if wait > 0:
         console.note_failure(request, "too_many_failed_attempts")

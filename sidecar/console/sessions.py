@@ -40,7 +40,7 @@ __all__ = [
     "cookie_name",
 ]
 
-COOKIE = "sidecar_console"
+COOKIE = "sidecar_console"  # http/outbound.CONSOLE_COOKIES: the proxy never forwards these to an upstream
 COOKIE_TLS = "__Host-sidecar_console"  # the prefix browsers enforce: Secure, Path=/, no Domain
 LINK_TTL = 120.0  # a one-time sign-in link (``sidecar demo``) works this long, once
 THROTTLE_WINDOW = 60.0

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..admin.delegation import owns
 from ..auth.models import KeyRecord
+from ..auth.permissions import literal_glob, tool_allowed
 from ..config import parse_duration
 from ..core.errors import BadRequest, NotFound, SidecarError
 from ..observe.logfilter import redact_path_keys
@@ -145,7 +146,10 @@ async def new_key(request: web.Request, console: Console, session: Session) -> w
     state = blank_form(sc.config)
     try:
         fields, state = fields_from_form(form, sc.config, edit=False)  # type: ignore[arg-type]
-        rec, key = await sc.manager().create(fields, session.actor, by=console.acting_key(session))
+        by = console.acting_key(session)
+        if by is not None and fields.get("owner") is None:
+            del fields["owner"]  # as POST /admin/keys without one: a delegated key's keys are its owner's
+        rec, key = await sc.manager().create(fields, session.actor, by=by)
     except SidecarError as e:
         return _form_page(request, console, session, state, message=e.message, status=e.status)
     await sc.verifier.refresh()  # usable (and listed) at once, as after POST /admin/keys
@@ -279,14 +283,18 @@ async def revoke_key(request: web.Request, console: Console, session: Session) -
 
 
 async def tools_json(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
-    """The picker's list: ``{"tools": [{"name", "description"}]}``, or ``{"error": "…"}``."""
+    """The picker's list: ``{"tools": [{"name", "description", "allow"}]}`` (``allow``: the glob matching that
+    name only), or ``{"error": "…"}``. A delegated key's session sees what its own ``tools/list`` would."""
     upstream = console.sc.config.upstream(request.match_info["upstream"])
     by = console.acting_key(session)
     if upstream is not None and by is not None and not ({"*", upstream.id} & set(by.permissions.upstreams)):
         upstream = None  # a delegated admin key sees the tools of the upstreams it reaches only
-    started = time.perf_counter()
+    started, up_id = time.perf_counter(), request.match_info["upstream"]
     try:
-        tools = await console.tools.tools(upstream)
+        tools = [
+            {**t, "allow": literal_glob(t["name"])} for t in await console.tools.tools(upstream)
+            if by is None or tool_allowed(by.permissions, up_id, t["name"])  # what its own tools/list shows
+        ]  # fmt: skip
         body: dict[str, Any] = {"tools": tools, "ms": round((time.perf_counter() - started) * 1000)}
         status = 200
     except SidecarError as e:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-__all__ = ["browser_origin", "client_ip", "forwarded_for", "proxied_origin", "public_base"]
+__all__ = ["browser_origin", "client_ip", "foreign_page", "forwarded_for", "proxied_origin", "public_base"]
 
 _Nets = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
@@ -80,6 +81,23 @@ def browser_origin(request: web.BaseRequest, trusted: _Nets) -> tuple[str, str]:
     """The scheme and host the browser used: a trusted proxy's word (TLS ended at an ingress), else
     the request's own. The console's cookie is ``Secure`` and its forms same-origin by this."""
     return proxied_origin(request, trusted) or (request.scheme, request.host)
+
+
+def foreign_page(request: web.BaseRequest, trusted: _Nets) -> bool:
+    """A browser's own word that a page of another origin sent this request (``Sec-Fetch-Site``, else
+    ``Origin`` compared with the host the browser used). Scripts and curl send neither: False.
+    The proxy listener on the same host is another origin (the same *site*: cookies go with it)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[": not an origin any browser sends
+        return True
+    return origin == "null" or netloc.lower() != browser_origin(request, trusted)[1].lower()
 
 
 def client_ip(request: web.BaseRequest, trusted: _Nets) -> str:

@@ -46,6 +46,7 @@ from .outbound import (
     forward_headers,
     make_session,
     public_origin,
+    sets_console_cookie,
     strip_prefix_raw,
     upstream_url,
 )
@@ -308,7 +309,7 @@ class Forwarder:
         mcp = upstream.kind == "mcp"
         drop = refused(drop, mcp)  # + the headers that act on the whole origin (browser.py), precomputed
         for name, value in resp.headers.items():
-            if name.lower() not in drop:
+            if name.lower() not in drop and not sets_console_cookie(name, value):
                 out_headers.add(name, as_sent(value))
         answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
         reason = resp.reason

@@ -48,7 +48,7 @@ def add_routes(app: web.Application, sc: OAuthHost) -> None:
         assert sc.oauth is not None
         client_id = request.match_info["client_id"]
         try:
-            removed = await sc.oauth.clients.remove(client_id)
+            removed = await sc.oauth.clients.remove(client_id, request[ACTOR])
         except ClientError as e:
             raise BadRequest(e.description) from None
         if not removed:

@@ -65,7 +65,7 @@ async def _main(args: argparse.Namespace) -> int:
                           f"{' '.join(c['redirect_uris'])}")  # fmt: skip
             return 0
         try:
-            removed = await registry.remove(args.id)
+            removed = await registry.remove(args.id, "cli")
         except ClientError as e:
             raise ValueError(e.description) from None
         if not removed:

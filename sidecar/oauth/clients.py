@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from ..config.oauth import OAuthConfig, check_redirect_uri
 from ..store import Store
+from ..store.base import AuditEvent
 from .fetch import FetchRefused, fetch_document
 
 __all__ = ["Client", "ClientError", "ClientRegistry", "redirect_matches"]
@@ -216,11 +217,17 @@ class ClientRegistry:
         out.extend(c.public_dict() for _, c in self._documents.values())
         return out
 
-    async def remove(self, client_id: str) -> bool:
-        """Forget a registered client (or a cached metadata document); configured ones live in the file."""
+    async def remove(self, client_id: str, actor: str | None = None) -> bool:
+        """Forget a registered client (or a cached metadata document); configured ones live in the file.
+        ``actor`` (the console, the admin API, the CLI): audited as ``oauth_client_removed``."""
         if client_id in self._configured:
             raise ClientError("invalid_request", "a client from the config file is removed by editing the file")
         if not client_id.isprintable():
             return False  # never stored (``get`` refuses it): nothing to remove
         cached = self._documents.pop(client_id, None)
-        return await self.store.oauth_delete_client(client_id) or cached is not None
+        removed = await self.store.oauth_delete_client(client_id) or cached is not None
+        if removed and actor is not None:
+            await self.store.audit(
+                AuditEvent(self.clock(), actor, "oauth_client_removed", None, {"client_id": client_id})
+            )
+        return removed

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..auth.permissions import literal_glob
+
 __all__ = ["LIFETIMES", "consent_page", "csrf_cookie", "error_page"]
 
 LIFETIMES = (("1h", 3600.0), ("1 day", 86400.0), ("7 days", 7 * 86400.0), ("30 days", 30 * 86400.0),
@@ -117,7 +119,8 @@ def consent_page(
         else:
             choice = (
                 "".join(
-                    f'<label><input type=checkbox name=tool value="{escape(t)}"> {escape(t)}</label>' for t in tools
+                    f'<label><input type=checkbox name=tool value="{escape(literal_glob(t))}"> {escape(t)}</label>'
+                    for t in tools  # the value matches that tool only, whatever its name (``*``)
                 )
                 or "<p>The server lists no tool this key may use.</p>"
             )

@@ -166,7 +166,7 @@ async def slow_posts(running: Running, key: str, requests: list[tuple[str, bytes
     out = []
     for path, body in requests:
         reader, writer = await asyncio.open_connection(running.admin.host, running.admin.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
         writer.write(head.encode() + body[:1])
         await writer.drain()

@@ -53,9 +53,9 @@ document.querySelectorAll("[data-tools-for]").forEach(async (list) => {
     const body = await resp.json();
     if (!resp.ok || !body.tools) throw new Error(body.error || resp.statusText);
     for (const tool of body.tools) {
-      if (have.has(tool.name)) continue;
+      if (have.has(tool.allow)) continue;
       const label = document.createElement("label"); label.className = "inline";
-      const box = document.createElement("input"); box.type = "checkbox"; box.name = `tool.${upstream}`; box.value = tool.name;
+      const box = document.createElement("input"); box.type = "checkbox"; box.name = `tool.${upstream}`; box.value = tool.allow;  // the name as a glob matching only it
       const name = document.createElement("code"); name.textContent = tool.name;
       label.append(box, " ", name);
       if (tool.description) { const d = document.createElement("small"); d.textContent = ` ${tool.description}`; label.append(d); }
