@@ -40,7 +40,7 @@ __all__ = [
     "cookie_name",
 ]
 
-COOKIE = "sidecar_console"  # http/outbound.CONSOLE_COOKIES: the proxy never forwards these to an upstream
+COOKIE = "sidecar_console"  # a sidecar_* name: the proxy never forwards it to an upstream (http/browser.py)
 COOKIE_TLS = "__Host-sidecar_console"  # the prefix browsers enforce: Secure, Path=/, no Domain
 LINK_TTL = 120.0  # a one-time sign-in link (``sidecar demo``) works this long, once
 THROTTLE_WINDOW = 60.0

@@ -46,7 +46,6 @@ from .outbound import (
     forward_headers,
     make_session,
     public_origin,
-    sets_console_cookie,
     strip_prefix_raw,
     upstream_url,
 )
@@ -309,7 +308,7 @@ class Forwarder:
         mcp = upstream.kind == "mcp"
         drop = refused(drop, mcp)  # + the headers that act on the whole origin (browser.py), precomputed
         for name, value in resp.headers.items():
-            if name.lower() not in drop and not sets_console_cookie(name, value):
+            if name.lower() not in drop:
                 out_headers.add(name, as_sent(value))
         answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
         reason = resp.reason

@@ -88,28 +88,6 @@ def public_origin(request: web.Request, trusted_proxies: Networks = ()) -> tuple
     return proxied_origin(request, trusted_proxies) or (request.scheme, request.host)
 
 
-# The console's session cookies (console/sessions.py: COOKIE, COOKIE_TLS). Cookies are not per port: a browser
-# signed in to the console sends them with its requests to the proxy listener on the same host too.
-CONSOLE_COOKIES = frozenset({"sidecar_console", "__Host-sidecar_console"})
-
-
-def without_console_cookies(value: str) -> str:
-    """A ``Cookie`` header without the console's session cookie: it is the sidecar's own credential, never an
-    upstream's (a live admin session in an upstream's hands or its access log). Others pass untouched."""
-    if "sidecar_console" not in value:  # the common case: as sent
-        return value
-    kept = (p.strip() for p in value.split(";"))
-    return "; ".join(p for p in kept if p and p.split("=", 1)[0].strip() not in CONSOLE_COOKIES)
-
-
-def sets_console_cookie(name: str, value: str) -> bool:
-    """An upstream's ``Set-Cookie`` for the console's session cookie: the browser would keep it for the host,
-    whatever the port, and the operator's console would run in the session it names (or sign out)."""
-    if "sidecar_console" not in value:  # the common case: one substring test
-        return False
-    return name.lower() == "set-cookie" and value.split("=", 1)[0].strip() in CONSOLE_COOKIES
-
-
 def forward_headers(
     request: web.Request, headers: CIMultiDict[str], upstream: UpstreamConfig, trusted_proxies: Networks = ()
 ) -> CIMultiDict[str]:
@@ -128,13 +106,9 @@ def forward_headers(
         # make the upstream request wait for a 100 that some servers never send.
         if lname in drop or lname in CLIENT_CLAIMS:
             continue
-        if lname == "cookie" and not (value := without_console_cookies(value)):
-            continue
+        if lname == "cookie" and not (value := upstream_cookie(value)):
+            continue  # the sidecar's own cookies (console session, consent CSRF) stay here (browser.py)
         out.add(name, as_sent(value))  # both upstream clients send the same bytes
-    if "Cookie" in out:  # the sidecar's own cookies (console session, consent CSRF) stay here (browser.py)
-        cookies = [c for c in map(upstream_cookie, out.popall("Cookie")) if c]
-        for c in cookies:
-            out.add("Cookie", c)
     out["Host"] = upstream.host
     out["X-Forwarded-For"] = forwarded_for(request.remote or "", headers.getall("X-Forwarded-For", ()), trusted_proxies)
     out["X-Forwarded-Proto"], out["X-Forwarded-Host"] = public_origin(request, trusted_proxies)
