@@ -205,7 +205,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     where = describe_dsn(config.store.dsn) if config.store.dsn else config.store.path
     print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
           f"{where}, upstreams: {ups}")  # fmt: skip
-    for warning in _file_mode_warnings(config):
+    for warning in [*_file_mode_warnings(config), *filter(None, [config.admin.weak_token()])]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
@@ -233,6 +233,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logging.getLogger().setLevel(config.log.level.upper())
+    if not os.environ.get("SIDECAR_WORKER") and (weak := config.admin.weak_token()):  # once per host
+        logging.getLogger("sidecar").warning("%s", weak)
     if os.environ.get("SIDECAR_WORKER") or (args.workers or config.workers) > 1:  # sidecar.workers
         from .workers import serve_workers
 

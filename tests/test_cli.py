@@ -284,3 +284,21 @@ async def test_serve_reloads_the_yaml_store_on_sighup(tmp_path: Path) -> None:
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("token", ["admin-token-for-tests", "x" * 31])
+def test_config_check_warns_of_an_admin_token_too_short_to_resist_guessing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """The admin token is compared before the failed-attempt throttle (no operator is locked out), so its
+    length is all that stops a guesser: under 32 characters ``config check`` (and ``serve``) warn, naming the
+    variable and the length, never the value."""
+    monkeypatch.setenv("PLEX_TOKEN", PLEX_TOKEN)
+    monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", token)
+    code, _, err = run(capsys, "config", "check", "-c", str(write_config(tmp_path)))
+    assert code == 0
+    assert f"warning: the admin token (SIDECAR_ADMIN_TOKEN) has {len(token)} characters" in err
+    assert token not in err
+    monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", "y" * 64)
+    code, _, err = run(capsys, "config", "check", "-c", str(write_config(tmp_path)))
+    assert code == 0 and "admin token" not in err

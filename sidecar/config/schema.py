@@ -47,12 +47,26 @@ class TlsConfig:
     key: Path
 
 
+MIN_ADMIN_TOKEN = 32  # characters; openssl rand -hex 32 gives 64
+
+
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: str = DEFAULT_ADMIN_LISTEN
     token_env: str = DEFAULT_ADMIN_TOKEN_ENV
     # Resolved from the environment at load; None disables the admin API (health and metrics stay).
     token: str | None = field(default=None, repr=False)
+
+    def weak_token(self) -> str | None:
+        """Why the admin token is too short to resist guessing, or None. It is compared before the failed-attempt
+        throttle, so that a throttled address (a NAT shared with an attacker) never locks the operator out; a
+        guesser then learns from every answer, however throttled, and only the token's length protects it."""
+        if self.token is None or len(self.token) >= MIN_ADMIN_TOKEN:
+            return None
+        return (
+            f"the admin token ({self.token_env}) has {len(self.token)} characters: it must resist guessing on its own "
+            f"(an operator is never throttled out); use {MIN_ADMIN_TOKEN} or more random ones (openssl rand -hex 32)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
