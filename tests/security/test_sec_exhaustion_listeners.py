@@ -57,7 +57,7 @@ async def closed(reader: asyncio.StreamReader) -> bool:
 async def test_admin_slowloris_head_gets_408_and_closes(admin_addr: tuple[str, int]) -> None:
     """A head trickled a byte every 50 ms never completes: 408 request_timeout within the bound, then EOF."""
     reader, writer = await asyncio.open_connection(*admin_addr)
-    writer.write(b"GET /admin/keys HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"GET /admin/keys HTTP/1.1\r\nHost: localhost\r\n")
     started = time.monotonic()
 
     async def trickle() -> None:
@@ -89,7 +89,7 @@ async def test_admin_body_that_stops_is_408(admin_addr: tuple[str, int]) -> None
     """An authenticated POST that promises 1000 bytes and sends 10: 408, not a handler held forever."""
     reader, writer = await asyncio.open_connection(*admin_addr)
     writer.write(
-        b"POST /admin/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /admin/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
         + b'{"name": "'
     )
@@ -102,7 +102,7 @@ async def test_admin_body_that_stops_is_408(admin_addr: tuple[str, int]) -> None
 async def test_admin_head_over_the_size_cap_is_431(admin_addr: tuple[str, int]) -> None:
     """Header lines (each under the line limit) stop at server.max_header_size (16 KiB here) with 431."""
     reader, writer = await asyncio.open_connection(*admin_addr)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
 
     async def flood() -> None:
         with contextlib.suppress(ConnectionError):
@@ -119,7 +119,7 @@ async def test_admin_head_over_the_size_cap_is_431(admin_addr: tuple[str, int]) 
 
 async def test_admin_listener_still_serves_after_the_attacks(admin_addr: tuple[str, int]) -> None:
     reader, writer = await asyncio.open_connection(*admin_addr)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     status, _, _ = await read_response(reader)
     assert status == 200
     writer.close()
@@ -129,7 +129,7 @@ async def test_admin_refusal_with_a_stalled_body_is_not_held(admin_addr: tuple[s
     """No token, a body promised and never sent: 401 at once, and the connection ends within the bound."""
     reader, writer = await asyncio.open_connection(*admin_addr)
     started = time.monotonic()
-    writer.write(b"POST /admin/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"{")
+    writer.write(b"POST /admin/keys HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n" + b"{")
     status, _, body = await read_response(reader)
     assert status == 401 and json.loads(body)["error"]["code"] in ("invalid_key", "missing_key", "unauthorized")
     assert await closed(reader)
