@@ -46,6 +46,7 @@ from .http.listener import GuardedAppRunner, guarded_server
 from .http.pipeline import HitMemo, Router, make_handler
 from .http.pool import ConnectionPool, pooled
 from .http.streams import StreamRegistry
+from .limits.carry import EditLocks
 from .limits.ratelimit import RateLimiter
 from .observe import logfilter
 from .observe.looplag import LoopLag
@@ -108,6 +109,7 @@ class Sidecar:
         self._store: Store | None = None
         self._verifier: Verifier | None = None
         self._limiter: RateLimiter | None = None
+        self.edit_locks = EditLocks()  # one key's limit edits one after another (limits.carry)
         self._usage: UsageRecorder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.loop_lag = LoopLag(self.metrics.registry)  # sidecar_event_loop_lag_seconds
@@ -149,7 +151,7 @@ class Sidecar:
         return with_parent_limits(rec, parent)
 
     def manager(self) -> KeyManager:
-        return KeyManager(self.config, self.store, clock=self.clock, limiter=self._limiter)
+        return KeyManager(self.config, self.store, clock=self.clock, limiter=self._limiter, edit_locks=self.edit_locks)
 
     async def start(self) -> None:
         self._store = await open_store(self.config.store)

@@ -29,6 +29,7 @@ from ..auth.models import KeyRecord, Permissions, iso, parse_time
 from ..auth.verify import argon2_pool, password_hasher
 from ..config import Config, parse_duration, parse_limit
 from ..core.errors import BadRequest, Conflict, ExpiredKey, Forbidden, NotFound, RevokedKey
+from ..limits.carry import EditLocks
 from ..observe.logfilter import redact_path_keys
 from ..store import KeyMissing, OwnerLimitReached, ReadOnlyStore, Store
 from ..store.base import AuditEvent
@@ -102,12 +103,14 @@ class KeyManager:
         *,
         clock: Callable[[], float] = time.time,
         limiter: RateLimiter | None = None,
+        edit_locks: EditLocks | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.hasher = password_hasher(config.keys.argon2_profile)
         self.limiter = limiter  # a serving sidecar's: an edit moving a key's quota scope carries its count
+        self.edit_locks = edit_locks or EditLocks()  # the application's: one key's edits one after another
 
     # ---------------------------------------------------------------- checks
 
@@ -371,12 +374,13 @@ class KeyManager:
                     raise Conflict(_SHARED.format(current.id, other.id, until))
         if kw.get("owner") and kw["owner"] != current.owner:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
-        before, new = await self._update(key_id, change, now)
-        if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
-            from ..limits.carry import carry_quota, carry_rates
+        async with self.edit_locks.hold(key_id):  # write and carry of one edit before the next (carry.EditLocks)
+            before, new = await self._update(key_id, change, now)
+            if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
+                from ..limits.carry import carry_quota, carry_rates
 
-            await carry_quota(self.limiter, before, new)
-            await carry_rates(self.limiter, before, new)
+                await carry_quota(self.limiter, before, new)
+                await carry_rates(self.limiter, before, new)
         await self.store.audit(AuditEvent(now, actor, "patched", key_id, {"fields": sorted(kw)}))
         return new
 

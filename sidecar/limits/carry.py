@@ -45,9 +45,12 @@ counted in the old scope until they end (they are few and short-lived, not a bud
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..auth.models import KeyRecord
@@ -58,9 +61,41 @@ from .quota import CounterKey, window_bounds, window_id
 if TYPE_CHECKING:
     from .ratelimit import RateLimiter
 
-__all__ = ["carry_quota", "carry_rates"]
+__all__ = ["EditLocks", "carry_quota", "carry_rates"]
 
 log = logging.getLogger("sidecar.ratelimit")
+
+
+class EditLocks:
+    """One lock per key whose limits are being edited: one edit's write and carry end before the next begins.
+
+    Why: two edits racing (``A -> B`` and ``B -> C``) let the second read ``B``'s buckets and counters
+    before the first had charged them, so up to a burst went uncarried, every time; a delegate could
+    repeat it at will. Held by the application (every admin API and console edit of this process);
+    two replicas editing one key at the same instant are not serialised.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, int] = {}  # holders and waiters per key: the lock goes with the last
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key_id, asyncio.Lock())
+        self._waiting[key_id] = self._waiting.get(key_id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            left = self._waiting.pop(key_id) - 1
+            if left:
+                self._waiting[key_id] = left
+            else:
+                del self._locks[key_id]
+
+    def waiting(self, key_id: str) -> int:
+        """Edits of ``key_id`` under way or queued (tests see an edit queue behind another)."""
+        return self._waiting.get(key_id, 0)
 
 
 async def carry_quota(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:

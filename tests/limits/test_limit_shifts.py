@@ -158,3 +158,62 @@ async def test_one_jwt_subject_under_two_rules_shares_its_limits_by_period_not_b
         clock.advance(60)
     plain = await r.proxy.get("/library/sections", headers=bearer(idp.token()))
     assert plain.status == 429 and plain.headers["RateLimit"].startswith('"day";r=0;')
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_two_edits_at_once_carry_every_debt(
+    make_sidecar: MakeSidecar,
+    plex_upstream: TestServer,
+    tmp_path: Path,
+    redis_server: RedisProc,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+) -> None:
+    """``3/day`` spent, then two edits at once: ``3/week`` and ``3/month``. The second carry read the week's
+    bucket before the first had charged it, so the month's started empty: 3 more requests per pair of
+    edits, as often as a delegate liked. Now one key's edits run one after another (``EditLocks``): the
+    first carry is held until the second edit is queued, and the key is still refused after both."""
+    import asyncio
+
+    from sidecar.limits import carry
+
+    rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
+    clock = Clock()
+    r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, **rl), clock=clock)
+    rec, key = await r.create_key(owner="acme", permissions={"upstreams": ["plex"]}, rate_limits=["3/day"])
+    for _ in range(3):
+        assert (await get(r, key)).status == 200
+    assert (await get(r, key)).status == 429
+
+    held, calls = asyncio.Event(), []
+    real = carry.carry_rates
+
+    async def first_held(limiter: Any, before: Any, after: Any) -> None:
+        calls.append(after.rate_limits)
+        if len(calls) == 1:
+            await held.wait()
+        await real(limiter, before, after)
+
+    monkeypatch.setattr(carry, "carry_rates", first_held)
+
+    def edit(limits: list[str]) -> asyncio.Task[Any]:
+        return asyncio.create_task(
+            r.admin.patch(f"/admin/keys/{rec.id}", json={"rate_limits": limits}, headers=r.admin_headers())
+        )
+
+    week = edit(["3/week"])
+    deadline = time.monotonic() + 5
+    while not calls:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    month = edit(["3/month"])
+    while len(calls) < 2 and r.sc.edit_locks.waiting(rec.id) < 2:  # raced past it, or queued behind it
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    held.set()
+    for task in (week, month):
+        resp = await task
+        assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+    refused = await get(r, key)
+    assert refused.status == 429 and refused.headers["RateLimit"].startswith('"month";r=0;')
