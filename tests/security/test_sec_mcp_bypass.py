@@ -23,6 +23,7 @@ import pytest
 from conftest import MakeSidecar, Running, base_config
 from mcp_server import ALL_TOOLS, MCP_TOKEN, McpUpstream, MemoryEventStore, batch_app
 from mcp_support import ACCEPT, INIT, SCOPED, bearer, call, mcp_config, session
+from mcp_support import answer_messages as messages
 
 from sidecar.auth.models import Permissions
 from sidecar.upstreams.mcp.authz import McpAccess
@@ -41,19 +42,6 @@ MODERN_META = {
     "io.modelcontextprotocol/clientCapabilities": {},
 }
 FORBIDDEN_TOOLS = set(ALL_TOOLS) - {"search"}
-
-
-def messages(text: str) -> list[Any]:
-    """The JSON-RPC messages of an answer, JSON or SSE."""
-    if text.lstrip().startswith(("{", "[")):
-        body = json.loads(text)
-        return body if isinstance(body, list) else [body]
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
-        if data and "".join(data):
-            out.append(json.loads("\n".join(data)))
-    return out
 
 
 def listed_tools(msgs: list[Any]) -> set[str]:

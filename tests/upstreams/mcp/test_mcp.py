@@ -27,6 +27,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_server import BATCH_SEEN, MCP_TOKEN, McpUpstream, batch_app
+from mcp_support import answer_messages as sse_messages
 
 from sidecar.upstreams.mcp.eventids import EVENT_SCOPE
 from sidecar.upstreams.mcp.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, TOOL_FORBIDDEN
@@ -91,19 +92,6 @@ def url(gw: Running, path: str) -> str:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def sse_messages(text: str) -> list[dict[str, Any]]:
-    """The JSON-RPC messages of an answer: an event stream's, or the one JSON answer the sidecar
-    makes of a stream holding just that (``sidecar.http.whole``)."""
-    if text.startswith("{"):
-        return [json.loads(text)]
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
-        if data and "".join(data):
-            out.append(json.loads("\n".join(data)))
-    return out
 
 
 async def raw_session(gw: Running, key: str, prefix: str = "/mcp/tools") -> dict[str, str]:
