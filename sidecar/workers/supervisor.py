@@ -13,6 +13,8 @@ The supervisor does not proxy. It holds what must exist once per host:
   counts are flushed to the store once. With ``backend: redis`` workers use Redis;
 - the **in-flight table** (``sidecar.workers.inflight``): ``concurrency`` slots for the host,
   a dead worker's cleared before its replacement starts;
+- the **transcode-session owners** (``sidecar.workers.transcode``): Plex sessions owned by
+  their key on every worker;
 - the **MCP sealing key** when ``mcp_sessions.seal_key_env`` is not set: one random key for
   every worker, handed over through a pipe (``sidecar.workers.sealkey``);
 - the proxy port: bound with ``SO_REUSEPORT`` by each worker (the supervisor holds one
@@ -59,7 +61,8 @@ from .limits import LimitsOwner
 from .recent import RECENT_PATH, HostRecent, wanted
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
-from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket
+from .transcode import ShmTranscode
+from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket, transcode_file
 
 __all__ = ["WorkerPool", "supervise"]
 
@@ -107,6 +110,7 @@ class WorkerPool:
         self.n = n
         self.seal = seal  # the host's MCP sealing key, handed to each worker through a pipe (sealkey)
         self.inflight = ShmInflight(inflight_file(directory), workers=n)  # the host's concurrency slots
+        self.transcode = ShmTranscode(transcode_file(directory), create=True)  # the host's transcode-session owners
         self.config_path = config_path
         self.directory = directory
         self.sock = sock
@@ -343,6 +347,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             await pool.stop(config.server.shutdown_grace)
             pool.sock.close()
             pool.inflight.close()
+            pool.transcode.close()
         if admin_runner is not None:
             await admin_runner.cleanup()
         if owner is not None:
