@@ -58,6 +58,7 @@ from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, scrape_merge
 from .inflight import ShmInflight
 from .limits import LimitsOwner
+from .purge import purge_workers
 from .recent import RECENT_PATH, HostRecent, wanted
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
@@ -402,6 +403,8 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = Non
         if path is not None and recent is not None:
             recent.load(await pool.recent(path), full=path == RECENT_PATH)
             return await handler(request)  # type: ignore[no-any-return]
+        if request.path == "/admin/cache" and request.method == "DELETE":
+            await purge_workers(pool, request)  # every worker's cache: the supervisor's own is empty
         if request.path == "/readyz":
             return _with_workers(await handler(request), pool)
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):

@@ -110,6 +110,7 @@ class WorkerRole:
         """After ``Sidecar.start``, before serving: the host's concurrency slots, and what the
         supervisor reads from the admin app besides ``/metrics`` (the console's recent requests)."""
         from .inflight import ShmInflight
+        from .purge import serve_purge
         from .recent import serve_recent
         from .transcode import ShmTranscode
 
@@ -117,6 +118,7 @@ class WorkerRole:
         sc.limiter.held, sc.limiter.make_slot = inflight, inflight.slot
         sc.transcode = ShmTranscode(transcode_file(self.directory))  # the host's session owners (invariant 4)
         serve_recent(admin)
+        serve_purge(sc, admin)  # DELETE /admin/cache on the supervisor reaches this worker's cache
 
     async def bind(
         self, proxy: web.BaseRunner, admin: web.BaseRunner, host: str, port: int, ssl_ctx: ssl.SSLContext | None
