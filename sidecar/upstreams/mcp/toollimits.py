@@ -22,8 +22,9 @@ Tool names come from the client, so a glob's per-name buckets are bounded: a key
 most ``MAX_TOOL_BUCKETS`` names with a bucket of their own per upstream at once (a name's
 slot lasts as long as its bucket can, the rule's longest period after its last call). Names
 past that also count in one bucket per glob, which is only ever stricter (and still in their own,
-which another worker may be counting them in: a tool's budget is never its own plus the glob's). Without the bound one batch
-of made-up ``delete_<random>`` names under ``"delete_*": 1/hour`` was 15 000 hour-long buckets.
+which another worker may be counting them in: a tool's budget is never its own plus the glob's).
+Without the bound one batch of made-up ``delete_<random>`` names under ``"delete_*": 1/hour``
+was 15 000 hour-long buckets.
 """
 
 from __future__ import annotations
