@@ -10,10 +10,10 @@ supervisor creates in its private directory and every worker maps, as the GCRA b
 forms an id takes, the late claim, keyless requests from the owner's address) is inherited.
 
 - **Layout.** A 32-byte header (a random secret the supervisor draws), then buckets of 8
-  slots of 128 bytes: the session id's keyed BLAKE2b digest, the claim's expiry, the client
+  slots of 64 bytes: the session id's keyed BLAKE2b digest, the claim's expiry, the client
   address's digest, the owner key id's digest and the key id itself (for a keyless request's
-  owner; a key id over 71 bytes is never a keyless owner: it fails closed). Keyed hashes,
-  so a client cannot choose ids that fill one bucket.
+  owner; a key id over 15 bytes — the store's are 12 — is never a keyless owner: it fails
+  closed). Keyed hashes, so a client cannot choose ids that fill one bucket.
 - **Claims are atomic for the host.** ``claim`` re-checks the owner and writes under one
   ``flock``; reads take the shared lock. A slot is taken only if it is empty, expired, or
   already the claiming key's — never another key's live session. A bucket full of other
@@ -40,10 +40,11 @@ from ..upstreams.transcode import TranscodeSessions
 
 __all__ = ["BUCKETS", "ShmTranscode"]
 
-BUCKETS = 1 << 12  # of 8 slots: 32 768 sessions on the host, 4 MiB
+BUCKETS = 1 << 14  # of 8 slots: 131 072 sessions on the host (one process keeps 100 000), 8 MiB
 WAYS = 8
 _HEAD = 32
-_SLOT = struct.Struct("<16sd16s16sB71s")  # id digest, expires, address digest, key digest, key id length, key id
+_SLOT = struct.Struct("<16sd8s16sB15s")  # id digest, expires, address digest, key digest, key id length, key id
+_KEY_TEXT = 15  # a key id longer than this (none of the store's: 12 hex) is never a keyless request's owner
 _EMPTY = bytes(16)
 _Entry = tuple[bytes, str, bytes]  # key digest, key id ("" when too long to keep), address digest
 
@@ -76,7 +77,8 @@ class ShmTranscode(TranscodeSessions):
         os.close(self.fd)
 
     def _digest(self, kind: bytes, value: str) -> bytes:
-        return hashlib.blake2b(value.encode(), digest_size=16, key=self.secret, person=kind).digest()
+        size = 8 if kind == b"addr" else 16
+        return hashlib.blake2b(value.encode(), digest_size=size, key=self.secret, person=kind).digest()
 
     def _bucket(self, sid: str) -> tuple[bytes, int]:
         digest = self._digest(b"id", sid.lower())
@@ -121,7 +123,7 @@ class ShmTranscode(TranscodeSessions):
         ids = tuple(dict.fromkeys(sid.lower() for sid in ids))
         kd, ad = self._digest(b"key", key_id), self._digest(b"addr", address)
         raw = key_id.encode()
-        kid = raw if len(raw) <= 71 else b""
+        kid = raw if len(raw) <= _KEY_TEXT else b""
         now = self.clock()
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:

@@ -81,3 +81,27 @@ def test_two_workers_tables_are_one(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_a_flood_on_every_worker_keeps_only_the_flooders_newest(tmp_path: Path) -> None:
+    """As one process's table (test_sec_exhaustion_tables): a key claiming thousands of sessions on two
+    workers holds at most ``per_key`` on each, and pushes out nobody else's."""
+    path = str(tmp_path / "transcode")
+    first = ShmTranscode(path, create=True, buckets=1024)
+    second = ShmTranscode(path)
+    try:
+        first.claim(["victim-session"], "vvvvvvvvvvvv", "10.0.0.1")
+        for i in range(2500):
+            (first, second)[i % 2].claim([f"a{i}"], "aaaaaaaaaaaa", "10.0.0.2")
+        assert len(first) == 1 + 2 * 100
+        assert second.owner("victim-session") == "vvvvvvvvvvvv"
+        assert first.owner("a2499") == first.owner("a2498") == "aaaaaaaaaaaa" and first.owner("a2000") is None
+        long_id = "jwt:" + "x" * 40  # too long to keep: owns and is checked, but is never a keyless owner
+        first.claim(["j"], long_id, "10.0.0.3")
+        with pytest.raises(Forbidden):
+            second.check(["j"], "aaaaaaaaaaaa")
+        second.check(["j"], long_id)
+        assert second.keyless_owner("j", "10.0.0.3") is None
+    finally:
+        first.close()
+        second.close()
