@@ -53,6 +53,8 @@ __all__ = ["create_admin_app", "openapi_spec"]
 ACTOR = web.RequestKey("admin_actor", str)
 ACTOR_KEY = web.RequestKey("admin_actor_key", KeyRecord)  # absent for the admin token
 UPSTREAM_CHECK_TIMEOUT = 1.0
+# With workers: what the supervisor purged from every worker's cache before the admin API's purge ran.
+PURGED_ELSEWHERE = web.RequestKey("admin_purged_elsewhere", int)
 PUBLIC = frozenset({"/admin/openapi.json", "/admin/config.schema.json"})  # documents without secrets: no auth
 
 
@@ -318,7 +320,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
     async def purge_cache(request: web.Request) -> web.Response:
         require_full_admin(request)
         upstream, path = query_str(request, "upstream"), query_str(request, "path")
-        n = sc.cache.purge(upstream, path)
+        n = sc.cache.purge(upstream, path) + request.get(PURGED_ELSEWHERE, 0)
         detail = {k: v for k, v in (("upstream", upstream), ("path", path)) if v} | {"purged": n}
         await sc.store.audit(AuditEvent(sc.clock(), request[ACTOR], "cache_purged", None, detail))  # who emptied it
         return ok({"purged": n})

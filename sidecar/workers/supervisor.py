@@ -13,6 +13,8 @@ The supervisor does not proxy. It holds what must exist once per host:
   counts are flushed to the store once. With ``backend: redis`` workers use Redis;
 - the **in-flight table** (``sidecar.workers.inflight``): ``concurrency`` slots for the host,
   a dead worker's cleared before its replacement starts;
+- the **transcode-session owners** (``sidecar.workers.transcode``): Plex sessions owned by
+  their key on every worker;
 - the **MCP sealing key** when ``mcp_sessions.seal_key_env`` is not set: one random key for
   every worker, handed over through a pipe (``sidecar.workers.sealkey``);
 - the proxy port: bound with ``SO_REUSEPORT`` by each worker (the supervisor holds one
@@ -56,10 +58,12 @@ from ..observe.metrics import CONTENT_TYPE
 from .aggregate import Retired, scrape_merge
 from .inflight import ShmInflight
 from .limits import LimitsOwner
+from .purge import purge_workers
 from .recent import RECENT_PATH, HostRecent, wanted
 from .sealkey import draw, needs_key, send, with_key
 from .shm import ShmBuckets
-from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket
+from .transcode import ShmTranscode
+from .worker import WorkerRole, admin_socket, buckets_file, inflight_file, limits_socket, transcode_file
 
 __all__ = ["WorkerPool", "supervise"]
 
@@ -107,6 +111,7 @@ class WorkerPool:
         self.n = n
         self.seal = seal  # the host's MCP sealing key, handed to each worker through a pipe (sealkey)
         self.inflight = ShmInflight(inflight_file(directory), workers=n)  # the host's concurrency slots
+        self.transcode = ShmTranscode(transcode_file(directory), create=True)  # the host's transcode-session owners
         self.config_path = config_path
         self.directory = directory
         self.sock = sock
@@ -343,6 +348,7 @@ async def supervise(config: Config, config_path: str, n: int) -> None:
             await pool.stop(config.server.shutdown_grace)
             pool.sock.close()
             pool.inflight.close()
+            pool.transcode.close()
         if admin_runner is not None:
             await admin_runner.cleanup()
         if owner is not None:
@@ -397,6 +403,8 @@ def _host_metrics(sc: Sidecar, pool: WorkerPool, recent: HostRecent | None = Non
         if path is not None and recent is not None:
             recent.load(await pool.recent(path), full=path == RECENT_PATH)
             return await handler(request)  # type: ignore[no-any-return]
+        if request.path == "/admin/cache" and request.method == "DELETE":
+            await purge_workers(pool, request)  # every worker's cache: the supervisor's own is empty
         if request.path == "/readyz":
             return _with_workers(await handler(request), pool)
         if request.path != "/metrics" or request.method not in ("GET", "HEAD"):

@@ -12,6 +12,7 @@ platform has no ``SO_REUSEPORT`` — the number of the listening socket it inher
 - Limits: the memory backend becomes the host's (``SharedLimits``: buckets in the shared
   table, quotas in the supervisor), so counts are exact; with ``backend: redis`` nothing changes.
   ``concurrency`` slots are the host's whatever the backend (``sidecar.workers.inflight``).
+- Plex transcode-session owners: the host's table (``sidecar.workers.transcode``).
 - MCP sealing key: without ``mcp_sessions.seal_key_env``, the one the supervisor drew for
   the host, read from an inherited pipe (``sidecar.workers.sealkey``).
 - The supervisor gone (killed hard), the worker stops: ``PR_SET_PDEATHSIG`` on Linux, and
@@ -41,7 +42,7 @@ from .shm import ShmBuckets
 if TYPE_CHECKING:
     from ..app import Sidecar
 
-__all__ = ["WorkerRole", "admin_socket", "buckets_file", "inflight_file", "limits_socket"]
+__all__ = ["WorkerRole", "admin_socket", "buckets_file", "inflight_file", "limits_socket", "transcode_file"]
 
 log = logging.getLogger("sidecar.workers")
 
@@ -58,6 +59,10 @@ def buckets_file(directory: str) -> str:
 
 def inflight_file(directory: str) -> str:
     return os.path.join(directory, "inflight")
+
+
+def transcode_file(directory: str) -> str:
+    return os.path.join(directory, "transcode")
 
 
 def admin_socket(directory: str, index: int) -> str:
@@ -105,11 +110,15 @@ class WorkerRole:
         """After ``Sidecar.start``, before serving: the host's concurrency slots, and what the
         supervisor reads from the admin app besides ``/metrics`` (the console's recent requests)."""
         from .inflight import ShmInflight
+        from .purge import serve_purge
         from .recent import serve_recent
+        from .transcode import ShmTranscode
 
         inflight = ShmInflight(inflight_file(self.directory), column=self.index)
         sc.limiter.held, sc.limiter.make_slot = inflight, inflight.slot
+        sc.transcode = ShmTranscode(transcode_file(self.directory))  # the host's session owners (invariant 4)
         serve_recent(admin)
+        serve_purge(sc, admin)  # DELETE /admin/cache on the supervisor reaches this worker's cache
 
     async def bind(
         self, proxy: web.BaseRunner, admin: web.BaseRunner, host: str, port: int, ssl_ctx: ssl.SSLContext | None

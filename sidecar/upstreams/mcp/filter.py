@@ -221,14 +221,15 @@ class Policy:
     # Whether the key's lists lose anything; if not, a list is only read for its cacheScope.
     restricted: bool = field(default=True, init=False)
     # A session's GET stream: answers replayed after a resumption on another worker or replica
-    # carry ids this process never saw, so a restricted key's lists are also found by their shape.
+    # carry ids this process never saw, so a restricted key's lists are also found by their shape,
+    # and any key's list with a public cacheScope (made private, as where the request was seen).
     by_shape: bool = False
 
     def __post_init__(self) -> None:
         self.restricted = bool(getattr(self.access, "restricted", True))
 
     def active(self) -> bool:
-        return any(self.lists) or any(self.refusals) or (self.by_shape and self.restricted)
+        return any(self.lists) or any(self.refusals) or self.by_shape  # by shape: a limited key's lists, any public
 
     def guarding(self) -> bool:
         """Whether an answer may have to be withheld (a list to filter for this key, or a refusal)."""
@@ -276,7 +277,7 @@ class Policy:
         listed = False
         for pending in self.lists:
             listed = pending.pop(rid) is not None or listed
-        if not listed and not (self.by_shape and self.restricted):
+        if not listed and not self.by_shape:  # a GET stream: a replay this process never saw asked for
             return None
         new_result = dict(result)
         removed = 0

@@ -159,9 +159,11 @@ class SessionTable:
         """``(streamable session, legacy session, upstream session id)`` of a request, checked against its key.
 
         Every id presented is looked up in the legacy table (raw ids): another key's session,
-        in any form, is ``403``. A legacy message POST must name a legacy session opened
-        through this process (``404`` otherwise): its answer goes down that session's event
-        stream, which only this process holds and filters. A header id that is not a legacy
+        in any form, is ``403``. A query id (legacy message POST or any other method) must name
+        a legacy session opened through this process (``404`` otherwise: with workers its owner
+        is known only where its stream lives, so forwarding it let another key act on it): a
+        message's answer goes down that session's event stream, which only this process holds
+        and filters. A header id that is not a legacy
         session is a sealed Streamable HTTP session (``sealing.py``): ``unseal`` opens it
         (``403`` for another key's, ``404`` for anything that does not open) and returns the
         upstream's id, which is what goes upstream.
@@ -176,7 +178,7 @@ class SessionTable:
         legacy = None
         if ids.query is not None:
             legacy = self.get(upstream, SSE, ids.query)
-            if legacy is None and post:
+            if legacy is None:  # any method: the query names only legacy sessions, whose owner only their process knows
                 raise NoRoute(LEGACY_ELSEWHERE)
         http = None
         sid = ids.header

@@ -21,12 +21,15 @@ message was refused gives the request's budget back (DESIGN invariant 12).
 Tool names come from the client, so a glob's per-name buckets are bounded: a key holds at
 most ``MAX_TOOL_BUCKETS`` names with a bucket of their own per upstream at once (a name's
 slot lasts as long as its bucket can, the rule's longest period after its last call). Names
-past that share one bucket per glob, which is only ever stricter. Without the bound one batch
-of made-up ``delete_<random>`` names under ``"delete_*": 1/hour`` was 15 000 hour-long buckets.
+past that also count in one bucket per glob, which is only ever stricter (and still in their own,
+which another worker may be counting them in: a tool's budget is never its own plus the glob's).
+Without the bound one batch of made-up ``delete_<random>`` names under ``"delete_*": 1/hour``
+was 15 000 hour-long buckets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from typing import Any
@@ -80,6 +83,11 @@ class ToolLimiter:
             _plan(budget, upstream.id, _bucket_name(tool), limits),
             _plan(budget, upstream.id, _shared_name(glob), limits),
         )
+        # Past the bound a name counts in the shared bucket *and* its own: its own may exist (another
+        # worker, or this one before the bound filled) and must not be skipped, or a tool's budget was
+        # its own plus the glob's. A refused check writes no bucket, so own buckets still grow only as
+        # fast as the shared one lets calls through.
+        shared = dataclasses.replace(shared, rates=own.rates + shared.rates, buckets=own.buckets + shared.buckets)
         if len(self._globbed) >= MAX_PLANS:
             self._globbed.clear()
         self._globbed[ident] = (key, own, shared, period)
