@@ -1,0 +1,157 @@
+"""Names a client chooses, as identifiers and as output: the MCP tool name above all.
+
+The attacker holds a key allowed every tool of an MCP upstream (the default) and chooses the
+``params.name`` of its ``tools/call``s; a delegate chooses the owner and description of the keys
+it creates. What the name must not do: fail a sink (the access log line lost, ``/metrics`` a 500
+for everyone), or be counted as another tool (a made-up name in a real tool's series).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import MakeSidecar, Running, log_lines, require_binary
+from mcp_server import MCP_TOKEN, McpUpstream
+from mcp_support import call, mcp_config, session
+
+from sidecar.core.names import join, split
+from sidecar.core.scope import RequestScope
+from sidecar.http.accesslog import AccessLog
+from sidecar.observe.metrics import MAX_TOOL_NAME, Metrics
+
+SURROGATE_CALL = b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sea\\ud800rch","arguments":{}}}'
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[McpUpstream]:
+    up = McpUpstream().start()
+    yield up
+    await up.stop()
+
+
+async def gateway(make_sidecar: MakeSidecar, up: McpUpstream, tmp_path: Path) -> tuple[Running, str]:
+    gw = await make_sidecar(mcp_config(up, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
+    _, key = await gw.create_key(name="attacker", permissions={"upstreams": ["*"]})
+    return gw, key
+
+
+async def metrics_text(gw: Running) -> str:
+    resp = await gw.admin.get("/metrics")
+    assert resp.status == 200, await resp.text()
+    return await resp.text()
+
+
+async def promtool_accepts(text: str) -> None:
+    """Prometheus's own parser (``promtool check metrics``) reads the exposition: a scrape would not fail."""
+    proc = await asyncio.create_subprocess_exec(
+        require_binary("promtool"), "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 10)
+    assert b"parsing error" not in out and b"invalid" not in out, out.decode(errors="replace")
+
+
+async def test_lone_surrogate_tool_name_is_refused_and_every_sink_survives(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """Before: ``"name": "sea\\ud800rch"`` (JSON's lone surrogate, which Python's json reads) went upstream,
+    then the access log's orjson refused the line (the client got a 500 and the call was never logged) and
+    the name became a ``tool`` label that no exposition could encode: ``/metrics`` answered 500 to every
+    scraper until a restart. Now the body is a 400 ``bad_request`` that never goes up, and is logged."""
+    gw, key = await gateway(make_sidecar, upstream, tmp_path)
+    h = await session(gw, key)
+    posts = len(upstream.rec.posts())
+    r = await gw.proxy.post("/mcp/tools", data=SURROGATE_CALL, headers=h)
+    assert r.status == 400, await r.text()
+    answer = await r.json()
+    assert answer["error"]["code"] == -32602 and answer["error"]["data"]["code"] == "bad_request"
+    assert len(upstream.rec.posts()) == posts  # nothing went up
+
+    # The REST tool call is the same name by another door.
+    rest = {"Authorization": f"ApiKey {key}", "Content-Type": "application/json"}
+    r = await gw.proxy.post("/mcp", data=b'{"mcp_id":"tools","tool":"a\\udfff","arguments":{}}', headers=rest)
+    assert r.status == 400 and (await r.json())["error"]["code"] == "bad_request"
+
+    # A good call after them: still served, and every request has its line.
+    r = await gw.proxy.post("/mcp/tools", json=call(6, "search", query="q"), headers=h)
+    assert r.status == 200
+    lines = await log_lines(tmp_path / "access.log", 5)
+    assert [x["status"] for x in lines[-3:]] == [400, 400, 200]
+    await promtool_accepts(await metrics_text(gw))
+
+
+async def test_made_up_tool_names_are_not_counted_as_real_tools(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """The ``tool`` label is the name the client sent, or ``other``; never a real tool it resembles.
+
+    Before: the request's names were joined with ``,`` and split again for the metrics, so one call of the
+    made-up ``search,delete_everything`` counted one call of each real tool (the operator sees
+    ``delete_everything`` called); labels were ``strip()``-ed (`` search`` counted as ``search``) and cut at
+    128 characters (a 129-character name counted as the real 128-character tool it starts with).
+    """
+    gw, key = await gateway(make_sidecar, upstream, tmp_path)
+    h = await session(gw, key)
+    long_real = "t" * MAX_TOOL_NAME
+    for i, name in enumerate(("search,delete_everything", " search", long_real + "x", "50%2Cx"), start=10):
+        r = await gw.proxy.post("/mcp/tools", json=call(i, name), headers=h)
+        assert r.status == 200, await r.text()
+        await r.read()
+    text = await metrics_text(gw)
+    tools = {
+        json.loads('"' + line.split('tool="', 1)[1].split('",outcome=')[0] + '"')
+        for line in text.splitlines()
+        if line.startswith("sidecar_mcp_tool_calls_total{")
+    }
+    assert tools == {"search,delete_everything", " search", "other", "50%2Cx"}
+    await promtool_accepts(text)
+    lines = await log_lines(tmp_path / "access.log", 6)
+    logged = [x["tool"] for x in lines if "tool" in x]
+    assert [split(t) for t in logged] == [["search,delete_everything"], [" search"], [long_real + "x"], ["50%2Cx"]]
+
+
+def test_the_tool_field_splits_back_into_the_names_joined() -> None:
+    for names in (["a"], ["a,b", "c"], ["%2C", "%25,x"], ["%41", ""]):
+        assert split(join(names)) == names
+
+
+def test_metrics_exposition_encodes_whatever_label_it_holds() -> None:
+    """The sinks' own guard: a label that is not valid Unicode is written escaped, never a failed scrape."""
+    m = Metrics()
+    scope = RequestScope(method="POST", path="/mcp", client_ip="127.0.0.1")
+    scope.upstream, scope.key_id, scope.tool, scope.status = "tools", "k1", "a\udfffb", 200
+    m.observe(scope)
+    text = m.exposition().decode()
+    assert 'tool="a\\\\udfffb"' in text
+
+
+def test_access_log_line_survives_text_orjson_refuses(tmp_path: Path) -> None:
+    """One valid JSON line per request whatever its strings hold (a path aiohttp decoded, a name)."""
+    target = tmp_path / "access.log"
+    log = AccessLog(str(target))
+    scope = RequestScope(method="GET", path="/a\ud800", client_ip="127.0.0.1")
+    scope.tool, scope.status = "x\udfff", 400
+    log.write(scope)
+    log.flush()
+    log.close()
+    (line,) = target.read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["path"] == "/a\\ud800" and entry["tool"] == "x\\udfff"
+
+
+@pytest.mark.parametrize("field", ["owner", "description"])
+async def test_key_fields_refuse_lone_surrogates(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path, field: str
+) -> None:
+    """Before: an owner with a lone surrogate was a 500 (the store could not encode it) and a description was
+    stored, then broke whatever wrote it out (``sidecar keys list``, the console's key page). Now a 400."""
+    gw, _ = await gateway(make_sidecar, upstream, tmp_path)
+    body = b'{"name": "n", "%s": "x\\ud800"}' % field.encode()
+    headers = {**gw.admin_headers(), "Content-Type": "application/json"}
+    r = await gw.admin.post("/admin/keys", data=body, headers=headers)
+    assert r.status == 400, await r.text()
+    assert (await r.json())["error"]["code"] == "bad_request"
