@@ -18,6 +18,7 @@ from conftest import MakeSidecar, Running, log_lines, require_binary
 from mcp_server import MCP_TOKEN, McpUpstream
 from mcp_support import call, mcp_config, session
 
+from sidecar.cli import main
 from sidecar.core.names import join, split
 from sidecar.core.scope import RequestScope
 from sidecar.http.accesslog import AccessLog
@@ -155,3 +156,32 @@ async def test_key_fields_refuse_lone_surrogates(
     r = await gw.admin.post("/admin/keys", data=body, headers=headers)
     assert r.status == 400, await r.text()
     assert (await r.json())["error"]["code"] == "bad_request"
+
+
+def test_keys_show_text_keeps_a_multiline_description_on_its_own_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A description may hold newlines (it wraps); a delegate chose it. Before: ``sidecar keys show`` printed it
+    raw, so ``"ok\\n          revoked_at: 2020-01-01T00:00:00Z"`` showed the operator an active key as revoked
+    (any field can be forged that way). Now a value with line breaks or other non-printing characters is
+    printed quoted, on its one line."""
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "admin": {"listen": "127.0.0.1:0"},
+                "store": {"kind": "sqlite", "path": str(tmp_path / "s.db")},
+                "keys": {"argon2": "cheapest"},
+                "upstreams": [{"id": "tools", "kind": "mcp", "url": "http://127.0.0.1:9", "path_prefix": "/mcp"}],
+                "log": {"access": "off"},
+            }
+        )
+    )
+    forged = "ok\n          revoked_at: 2020-01-01T00:00:00Z\n               state: revoked"
+    assert main(["keys", "create", "-c", str(cfg), "--name", "n", "--description", forged, "--json"]) == 0
+    kid = json.loads(capsys.readouterr().out)["id"]
+    assert main(["keys", "show", kid, "-c", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fields = [line.split(":", 1)[0].strip() for line in lines]
+    assert "revoked_at" not in fields and fields.count("state") == 1
+    assert any(line.strip() == f"description: {json.dumps(forged)}" for line in lines)
