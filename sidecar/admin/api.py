@@ -161,7 +161,11 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         token = sc.config.admin.token
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+        if (
+            token
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(value.strip().encode("utf-8", "surrogatepass"), token.encode())
+        ):
             request[ACTOR] = "admin"
             return await handler(request)
         cred = extract_credential(request.headers, request.query, sc.config.credentials)
