@@ -10,7 +10,8 @@ own guard for any text that still gets that far.
 Several tool names of one request travel as one comma-joined field (``RequestScope.tool``,
 read by the access log, the console and the metrics, which split it again): ``join`` escapes
 ``%`` and ``,`` in each name, so a made-up name ``"search,delete_all"`` stays one name and is
-never counted as the real tools ``search`` and ``delete_all``.
+never counted as the real tools ``search`` and ``delete_all``. The field is bounded: a name
+is at most ``MAX_NAME`` characters (a body may carry a 1 MiB name), at most ``MAX_NAMES`` names.
 """
 
 from __future__ import annotations
@@ -37,17 +38,38 @@ def safe(text: str) -> str:
     return text if valid(text) else text.encode("utf-8", "backslashreplace").decode()
 
 
+MAX_NAME = 128  # longer names are cut in the field (the MCP spec's longest tool name is 128 characters)
+MAX_NAMES = 8  # names of one request written in the field; the rest are counted
+_CUT = "%\u2026"  # "%…": no escaped name holds it (every '%' of a name is written "%25")
+
+
 def _escape(name: str) -> str:
     return name.replace("%", "%25").replace(",", "%2C") if ("," in name or "%" in name) else name
 
 
 def join(names: Iterable[str]) -> str:
-    """Tool names as one field: comma-separated, each name's own ``%`` and ``,`` escaped."""
-    return ",".join(_escape(n) for n in names)
+    """Tool names as one bounded field: comma-separated, each name's own ``%`` and ``,`` escaped.
+
+    A client's names are kept in memory (the console's recent requests) and written (the access
+    log): a name over ``MAX_NAME`` is cut and marked, names past ``MAX_NAMES`` are only counted. A
+    marked piece is no name (``split`` gives None): never a label, never taken for a real tool.
+    """
+    pieces: list[str] = []
+    extra = 0
+    for name in names:
+        if len(pieces) == MAX_NAMES:
+            extra += 1
+        elif len(name) > MAX_NAME:
+            pieces.append(_escape(name[:MAX_NAME]) + _CUT)
+        else:
+            pieces.append(_escape(name))
+    if extra:
+        pieces.append(f"{_CUT}{extra} more")
+    return ",".join(pieces)
 
 
-def split(field: str) -> list[str]:
-    """The names ``join`` joined, as ``join`` was given them (escapes undone)."""
+def split(field: str) -> list[str | None]:
+    """The names ``join`` joined, as ``join`` was given them; None for a cut name or the count of the rest."""
     if "%" not in field:
-        return field.split(",")
-    return [unquote(n) if "%" in n else n for n in field.split(",")]
+        return list(field.split(","))
+    return [None if _CUT in n else unquote(n) if "%" in n else n for n in field.split(",")]

@@ -266,8 +266,8 @@ class Metrics:
         else:
             outcome = "ok"
         for tool in split(scope.tool):  # as the gateway joined them: a name's own ',' is no second tool
-            if tool:
-                kt = (key, up, self._tool_label(up, tool, scope.key_id), outcome)
+            if tool != "":  # None: a name cut or not written (core/names.py), counted as "other"
+                kt = (key, up, OTHER if tool is None else self._tool_label(up, tool, scope.key_id), outcome)
                 self.mcp_tool_calls[kt] = self.mcp_tool_calls.get(kt, 0) + 1
 
     def set_upstream_up(self, upstream: str, value: float) -> None:

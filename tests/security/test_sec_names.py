@@ -19,7 +19,7 @@ from mcp_server import MCP_TOKEN, McpUpstream
 from mcp_support import call, mcp_config, session
 
 from sidecar.cli import main
-from sidecar.core.names import join, split
+from sidecar.core.names import MAX_NAME, MAX_NAMES, join, split
 from sidecar.core.scope import RequestScope
 from sidecar.http.accesslog import AccessLog
 from sidecar.observe.metrics import MAX_TOOL_NAME, Metrics
@@ -112,12 +112,40 @@ async def test_made_up_tool_names_are_not_counted_as_real_tools(
     await promtool_accepts(text)
     lines = await log_lines(tmp_path / "access.log", 6)
     logged = [x["tool"] for x in lines if "tool" in x]
-    assert [split(t) for t in logged] == [["search,delete_everything"], [" search"], [long_real + "x"], ["50%2Cx"]]
+    assert [split(t) for t in logged] == [["search,delete_everything"], [" search"], [None], ["50%2Cx"]]
+
+
+async def test_long_and_many_tool_names_are_not_kept_whole(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """A body may carry a 1 MiB tool name, or a batch of thousands. Before: every such name was kept whole
+    in the per-tool limiter's caches (10 000 plans and 256 names a key: gigabytes from one key), in the
+    console's recent requests (100 a key) and written whole in the field the log and metrics read. Now the
+    field holds at most ``MAX_NAMES`` names of at most ``MAX_NAME`` characters, and the limiter's caches
+    hold a long name's digest."""
+    cfg = mcp_config(upstream, tmp_path)
+    cfg["upstreams"][0]["mcp"] = {"tool_limits": {"*": "1000/minute", "x*": "1000/minute"}}
+    gw = await make_sidecar(cfg, extra_env={"MCP_TOKEN": MCP_TOKEN})
+    _, key = await gw.create_key(name="attacker", permissions={"upstreams": ["*"]})
+    h = await session(gw, key)
+    huge = "x" * 200_000
+    batch = [call(i, huge + str(i)) for i in range(3)] + [call(100 + i, f"t{i}") for i in range(20)]
+    r = await gw.proxy.post("/mcp/tools", json=batch, headers=h)
+    assert r.status in (200, 400)  # the SDK refuses batches (since 2025-06-18) itself: judged and counted first
+    await r.read()
+    (line,) = [x for x in await log_lines(tmp_path / "access.log", 3) if "tool" in x]
+    assert len(line["tool"]) < MAX_NAMES * (MAX_NAME + 8) and len(split(line["tool"])) == MAX_NAMES + 1
+    limiter = gw.sc.mcp.tool_limits  # type: ignore[union-attr]
+    kept = [ident[2] for ident in (*limiter._plans, *limiter._globbed)]
+    kept += [name for names in limiter._named.values() for name in names]
+    assert kept and max(len(name) for name in kept) <= 71  # a digest, never the name
 
 
 def test_the_tool_field_splits_back_into_the_names_joined() -> None:
-    for names in (["a"], ["a,b", "c"], ["%2C", "%25,x"], ["%41", ""]):
+    for names in (["a"], ["a,b", "c"], ["%2C", "%25,x"], ["%41", ""], ["%\u2026", "x%\u2026 more"]):
         assert split(join(names)) == names
+    assert split(join(["y" * (MAX_NAME + 1), "z"])) == [None, "z"]
+    assert split(join(str(i) for i in range(MAX_NAMES + 3))) == [*map(str, range(MAX_NAMES)), None]
 
 
 def test_metrics_exposition_encodes_whatever_label_it_holds() -> None:

@@ -56,13 +56,16 @@ class ToolLimiter:
         self._named: dict[tuple[str, str], OrderedDict[str, float]] = {}
 
     def plan(self, key: KeyRecord, upstream: UpstreamConfig, tool: str) -> Plan | None:
-        ident = (key.id, upstream.id, tool)
+        # Cached under the bucket's name (a digest past LONG_NAME): a body may carry a 1 MiB name, and
+        # MAX_PLANS full names (or MAX_TOOL_BUCKETS per key) kept in memory were gigabytes.
+        name = _bucket_name(tool)
+        ident = (key.id, upstream.id, name)
         cached = self._plans.get(ident)
         if cached is not None and cached[0] is key:
             return cached[1]
         globbed = self._globbed.get(ident)
         if globbed is not None and globbed[0] is key:
-            mine = self._own_bucket(budget_of(key), upstream.id, tool, globbed[3])
+            mine = self._own_bucket(budget_of(key), upstream.id, name, globbed[3])
             return globbed[1] if mine else globbed[2]
         rule = upstream.mcp_tool_limits.for_tool(tool)
         if rule is None:
@@ -71,19 +74,19 @@ class ToolLimiter:
         glob, limits = rule
         budget = budget_of(key)  # a rotation's chain
         if _GLOB_CHARS.isdisjoint(glob):  # an exact name: the config bounds these
-            plan = _plan(budget, upstream.id, _bucket_name(tool), limits)
+            plan = _plan(budget, upstream.id, name, limits)
             self._remember(ident, (key, plan))
             return plan
         # Whether the name (still) holds a bucket of its own is asked on every call.
         period = max(lim.period for lim in limits)
         own, shared = (
-            _plan(budget, upstream.id, _bucket_name(tool), limits),
+            _plan(budget, upstream.id, name, limits),
             _plan(budget, upstream.id, _shared_name(glob), limits),
         )
         if len(self._globbed) >= MAX_PLANS:
             self._globbed.clear()
         self._globbed[ident] = (key, own, shared, period)
-        return own if self._own_bucket(budget, upstream.id, tool, period) else shared
+        return own if self._own_bucket(budget, upstream.id, name, period) else shared
 
     def _remember(self, ident: tuple[str, str, str], entry: tuple[KeyRecord, Plan] | None) -> None:
         if len(self._plans) >= MAX_PLANS:
@@ -138,7 +141,11 @@ def refusal(tool: str, message: str, headers: dict[str, str]) -> tuple[str, dict
 
 
 def _bucket_name(tool: str) -> str:
-    return tool if len(tool) <= LONG_NAME else "sha256-" + hashlib.sha256(tool.encode()).hexdigest()
+    return (
+        tool
+        if len(tool) <= LONG_NAME
+        else "sha256-" + hashlib.sha256(tool.encode("utf-8", "surrogatepass")).hexdigest()
+    )
 
 
 def _shared_name(glob: str) -> str:
