@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import MakeSidecar, Running, log_lines, require_binary
 from mcp_server import MCP_TOKEN, McpUpstream
-from mcp_support import call, mcp_config, session
+from mcp_support import SCOPED, call, mcp_config, session
 
 from sidecar.cli import main
 from sidecar.core.names import MAX_NAME, MAX_NAMES, join, split
@@ -213,3 +213,22 @@ def test_keys_show_text_keeps_a_multiline_description_on_its_own_line(
     fields = [line.split(":", 1)[0].strip() for line in lines]
     assert "revoked_at" not in fields and fields.count("state") == 1
     assert any(line.strip() == f"description: {json.dumps(forged)}" for line in lines)
+
+
+async def test_a_rewritten_body_keeps_a_lone_surrogate_as_the_client_spelled_it(
+    make_sidecar: MakeSidecar, upstream: McpUpstream, tmp_path: Path
+) -> None:
+    """A batch the gateway rewrites (a call refused, the rest forwarded) is serialised again: before, a lone
+    surrogate in a forwarded call's arguments (``"\\ud800"``, which Python's json reads) failed that encode and
+    the client got a 500. Now the body goes up with the escape the client wrote."""
+    gw = await make_sidecar(mcp_config(upstream, tmp_path), extra_env={"MCP_TOKEN": MCP_TOKEN})
+    _, key = await gw.create_key(name="k", permissions=SCOPED)
+    h = await session(gw, key)
+    body = (
+        b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"query":"\\ud800"}}},'
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_everything","arguments":{}}}]'
+    )
+    r = await gw.proxy.post("/mcp/tools", data=body, headers=h)
+    assert r.status != 500, await r.text()
+    sent = upstream.rec.requests[-1].body
+    assert b'"query":"\\ud800"' in sent and b"delete_everything" not in sent
