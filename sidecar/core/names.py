@@ -17,7 +17,7 @@ is at most ``MAX_NAME`` characters (a body may carry a 1 MiB name), at most ``MA
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 __all__ = ["join", "safe", "split", "valid"]
 
@@ -44,7 +44,11 @@ _CUT = "%\u2026"  # "%…": no escaped name holds it (every '%' of a name is wri
 
 
 def _escape(name: str) -> str:
-    return name.replace("%", "%25").replace(",", "%2C") if ("," in name or "%" in name) else name
+    """``%``, ``,`` and every character that does not print (zero-width, bidi, controls) percent-encoded:
+    ``search\u200b`` reads ``search%E2%80%8B`` in the log and the console, never as ``search``."""
+    if name.isprintable() and "," not in name and "%" not in name:
+        return name
+    return "".join(c if c.isprintable() and c not in ",%" else quote(c.encode("utf-8", "surrogatepass")) for c in name)
 
 
 def join(names: Iterable[str]) -> str:

@@ -181,7 +181,9 @@ class Metrics:
         """The ``tool`` label: the name once it has one, else a new one while slots last and the key
         has introduced fewer than ``MAX_TOOL_SERIES_PER_KEY`` (denied names too: operators want to see
         which tool was refused, and a refusal is free, so the per-key share is what bounds them)."""
-        if len(tool) > MAX_TOOL_NAME:  # never cut: a cut made-up name would count as the real tool it starts with
+        if len(tool) > MAX_TOOL_NAME or not tool.isprintable() or tool != tool.strip():
+            # never cut: a cut made-up name would count as the real tool it starts with; nor one a dashboard
+            # shows as another (``search\u200b``, `` search``, a bidi override): the MCP spec's names are plain
             return OTHER
         tool = safe(redact_path_keys(tool))  # the client's text: a key pasted there stays out; encodable
         if (upstream, tool) in self._tools:

@@ -22,6 +22,7 @@ from sidecar.cli import main
 from sidecar.core.names import MAX_NAME, MAX_NAMES, join, split
 from sidecar.core.scope import RequestScope
 from sidecar.http.accesslog import AccessLog
+from sidecar.observe.families import Spec, write_family
 from sidecar.observe.metrics import MAX_TOOL_NAME, Metrics
 
 SURROGATE_CALL = b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sea\\ud800rch","arguments":{}}}'
@@ -93,12 +94,16 @@ async def test_made_up_tool_names_are_not_counted_as_real_tools(
     Before: the request's names were joined with ``,`` and split again for the metrics, so one call of the
     made-up ``search,delete_everything`` counted one call of each real tool (the operator sees
     ``delete_everything`` called); labels were ``strip()``-ed (`` search`` counted as ``search``) and cut at
-    128 characters (a 129-character name counted as the real 128-character tool it starts with).
+    128 characters (a 129-character name counted as the real 128-character tool it starts with); a
+    zero-width or bidi character made a series a dashboard shows as ``search``, and a log line and the
+    console's recent requests that read ``search``. Now such names are ``tool="other"``, and the log
+    spells their invisible characters (``search%E2%80%8B``).
     """
     gw, key = await gateway(make_sidecar, upstream, tmp_path)
     h = await session(gw, key)
     long_real = "t" * MAX_TOOL_NAME
-    for i, name in enumerate(("search,delete_everything", " search", long_real + "x", "50%2Cx"), start=10):
+    names = ("search,delete_everything", " search", long_real + "x", "50%2Cx", "search\u200b", "sea\u202erch")
+    for i, name in enumerate(names, start=10):
         r = await gw.proxy.post("/mcp/tools", json=call(i, name), headers=h)
         assert r.status == 200, await r.text()
         await r.read()
@@ -108,11 +113,12 @@ async def test_made_up_tool_names_are_not_counted_as_real_tools(
         for line in text.splitlines()
         if line.startswith("sidecar_mcp_tool_calls_total{")
     }
-    assert tools == {"search,delete_everything", " search", "other", "50%2Cx"}
+    assert tools == {"search,delete_everything", "other", "50%2Cx"}
     await promtool_accepts(text)
-    lines = await log_lines(tmp_path / "access.log", 6)
+    lines = await log_lines(tmp_path / "access.log", 8)
     logged = [x["tool"] for x in lines if "tool" in x]
-    assert [split(t) for t in logged] == [["search,delete_everything"], [" search"], [None], ["50%2Cx"]]
+    assert logged[-2:] == ["search%E2%80%8B", "sea%E2%80%AErch"]
+    assert [split(t) for t in logged] == [[n] if len(n) <= MAX_NAME else [None] for n in names]
 
 
 async def test_long_and_many_tool_names_are_not_kept_whole(
@@ -150,12 +156,14 @@ def test_the_tool_field_splits_back_into_the_names_joined() -> None:
 
 def test_metrics_exposition_encodes_whatever_label_it_holds() -> None:
     """The sinks' own guard: a label that is not valid Unicode is written escaped, never a failed scrape."""
+    out: list[str] = []
+    write_family(Spec("x", "counter", "doc", ("tool",), {("a\udfffb",): 1}), out, {})
+    assert 'x_total{tool="a\\\\udfffb"} 1' in "".join(out).encode().decode()
     m = Metrics()
     scope = RequestScope(method="POST", path="/mcp", client_ip="127.0.0.1")
     scope.upstream, scope.key_id, scope.tool, scope.status = "tools", "k1", "a\udfffb", 200
     m.observe(scope)
-    text = m.exposition().decode()
-    assert 'tool="a\\\\udfffb"' in text
+    assert 'tool="other"' in m.exposition().decode()
 
 
 def test_access_log_line_survives_text_orjson_refuses(tmp_path: Path) -> None:
