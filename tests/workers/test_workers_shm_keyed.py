@@ -20,6 +20,8 @@ from sidecar.config import parse_config
 from sidecar.config.units import parse_limit
 from sidecar.limits.gcra import US, resolve_plan
 from sidecar.upstreams.mcp.toollimits import _plan
+from sidecar.workers.inflight import MAX_PROBE as ROW_PROBE
+from sidecar.workers.inflight import ShmInflight
 from sidecar.workers.shm import MAX_PROBE, ShmBuckets
 
 CFG = {"upstreams": [{"id": "api", "kind": "mcp", "url": "http://127.0.0.1:9"}]}
@@ -58,3 +60,24 @@ def test_the_hash_key_is_per_table_and_shared_by_its_mappings(tmp_path: Path) ->
     assert a.key == a2.key != b.key and len(a.key) == 16
     assert a._hash("x") == a2._hash("x")
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o600
+
+
+def test_key_ids_cannot_be_aimed_at_another_keys_in_flight_row(tmp_path: Path) -> None:
+    """The in-flight table (``concurrency`` across workers): a delegate creates keys until it holds 64 whose
+    (public) row is the victim's, and keeps one request of each in flight: the victim's next request found
+    no row ("table full") and was refused as over its concurrency. Now the rows are keyed per table."""
+    rows = 1024
+    path = str(tmp_path / "inflight")
+    owner, worker = ShmInflight(path, workers=1, rows=rows), ShmInflight(path, column=0)
+
+    def public_row(ident: tuple[str, str]) -> int:
+        digest = hashlib.blake2b(f"{ident[0]}\0{ident[1]}".encode(), digest_size=8).digest()
+        return ((int.from_bytes(digest, "little") >> 1) or 1) % rows
+
+    victim = ("victim", "*")
+    target = public_row(victim)
+    ids = (f"{n:012x}" for n in itertools.count())
+    aimed = list(itertools.islice((i for i in ids if public_row((i, "*")) == target), ROW_PROBE))
+    assert all(worker.acquire((i, "*"), 1) for i in aimed)
+    assert worker.acquire(victim, 1)
+    assert owner.key != ShmInflight(str(tmp_path / "other"), workers=1, rows=rows).key
