@@ -24,6 +24,7 @@ from sidecar.core.scope import RequestScope
 from sidecar.http.accesslog import AccessLog
 from sidecar.observe.families import Spec, write_family
 from sidecar.observe.metrics import MAX_TOOL_NAME, Metrics
+from sidecar.upstreams.mcp.toollimits import MAX_BUDGETS
 
 SURROGATE_CALL = b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sea\\ud800rch","arguments":{}}}'
 
@@ -145,6 +146,10 @@ async def test_long_and_many_tool_names_are_not_kept_whole(
     kept = [ident[2] for ident in (*limiter._plans, *limiter._globbed)]
     kept += [name for names in limiter._named.values() for name in names]
     assert kept and max(len(name) for name in kept) <= 71  # a digest, never the name
+    # Every budget that called a globbed name is remembered (JWT subjects are budgets): a bounded number.
+    for i in range(MAX_BUDGETS + 10):
+        limiter._own_bucket(f"subject-{i}", "tools", "x1", 60)
+    assert len(limiter._named) == MAX_BUDGETS and ("subject-0", "tools") not in limiter._named
 
 
 def test_the_tool_field_splits_back_into_the_names_joined() -> None:

@@ -41,6 +41,7 @@ __all__ = ["ToolLimiter"]
 MAX_PLANS = 10_000  # cached (key, upstream, tool) plans; cleared when full (rebuilt on demand)
 LONG_NAME = 64  # longer tool names are hashed in bucket keys
 MAX_TOOL_BUCKETS = 256  # names under globs with a bucket of their own, per (key budget, upstream), at once
+MAX_BUDGETS = 10_000  # (key budget, upstream) pairs whose names are remembered; the least recent forgotten
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -53,7 +54,8 @@ class ToolLimiter:
         # names matched by a glob: (key, own plan, shared plan, the rule's longest period)
         self._globbed: dict[tuple[str, str, str], tuple[KeyRecord, Plan, Plan, int]] = {}
         # (key budget, upstream) -> names matched by a glob that have their own bucket -> until (steady)
-        self._named: dict[tuple[str, str], OrderedDict[str, float]] = {}
+        # (JWT subjects are budgets too: without the bound, one entry per subject ever seen, kept for good)
+        self._named: OrderedDict[tuple[str, str], OrderedDict[str, float]] = OrderedDict()
 
     def plan(self, key: KeyRecord, upstream: UpstreamConfig, tool: str) -> Plan | None:
         # Cached under the bucket's name (a digest past LONG_NAME): a body may carry a 1 MiB name, and
@@ -98,7 +100,11 @@ class ToolLimiter:
         now = self.limiter.steady()
         names = self._named.get((budget, upstream_id))
         if names is None:
+            if len(self._named) >= MAX_BUDGETS:
+                self._named.popitem(last=False)
             names = self._named[(budget, upstream_id)] = OrderedDict()
+        else:
+            self._named.move_to_end((budget, upstream_id))
         if tool in names:
             names[tool] = now + period
             names.move_to_end(tool)
