@@ -16,10 +16,12 @@ is at most ``MAX_NAME`` characters (a body may carry a 1 MiB name), at most ``MA
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote, unquote
 
-__all__ = ["join", "safe", "split", "valid"]
+__all__ = ["join", "loads_unicode", "safe", "split", "valid"]
 
 
 def valid(text: str) -> bool:
@@ -31,6 +33,15 @@ def valid(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def loads_unicode(text: str | bytes) -> Any:
+    """``json.loads``, refusing a lone surrogate anywhere in the document (``ValueError``): what a body
+    holds is stored and written out later (the console's pages, ``sidecar keys``), where it cannot be."""
+    data = json.loads(text)
+    if b"\\u" in text if isinstance(text, bytes) else "\\u" in text:  # only an escape spells one
+        json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError is a ValueError
+    return data
 
 
 def safe(text: str) -> str:
