@@ -103,7 +103,15 @@ async def test_made_up_tool_names_are_not_counted_as_real_tools(
     gw, key = await gateway(make_sidecar, upstream, tmp_path)
     h = await session(gw, key)
     long_real = "t" * MAX_TOOL_NAME
-    names = ("search,delete_everything", " search", long_real + "x", "50%2Cx", "search\u200b", "sea\u202erch")
+    names = (
+        "search,delete_everything",
+        " search",
+        long_real + "x",
+        "50%2Cx",
+        'q"} 1\\',
+        "search\u200b",
+        "sea\u202erch",
+    )
     for i, name in enumerate(names, start=10):
         r = await gw.proxy.post("/mcp/tools", json=call(i, name), headers=h)
         assert r.status == 200, await r.text()
@@ -114,9 +122,9 @@ async def test_made_up_tool_names_are_not_counted_as_real_tools(
         for line in text.splitlines()
         if line.startswith("sidecar_mcp_tool_calls_total{")
     }
-    assert tools == {"search,delete_everything", "other", "50%2Cx"}
+    assert tools == {"search,delete_everything", "other", "50%2Cx", 'q"} 1\\'}
     await promtool_accepts(text)
-    lines = await log_lines(tmp_path / "access.log", 8)
+    lines = await log_lines(tmp_path / "access.log", 9)
     logged = [x["tool"] for x in lines if "tool" in x]
     assert logged[-2:] == ["search%E2%80%8B", "sea%E2%80%AErch"]
     assert [split(t) for t in logged] == [[n] if len(n) <= MAX_NAME else [None] for n in names]
