@@ -87,7 +87,8 @@ def _show(rec: KeyRecord, as_json: bool, extra: dict[str, Any] | None = None) ->
         return
     for k, v in data.items():
         if v not in (None, "", [], {}):
-            print(f"{k:>20}: {json.dumps(v) if isinstance(v, dict | list) else v}")
+            quoted = isinstance(v, dict | list) or (isinstance(v, str) and not v.isprintable())  # one line each
+            print(f"{k:>20}: {json.dumps(v) if quoted else v}")
 
 
 async def _with_manager(args: argparse.Namespace, fn: Callable[[KeyManager], Awaitable[int]]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,6 +22,7 @@ from ..config import UpstreamConfig, parse_duration
 from ..config.json_schema import config_json_schema
 from ..core.addresses import client_ip, foreign_page
 from ..core.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, SidecarError, Unauthorized, error_body
+from ..core.names import loads_unicode
 from ..observe.logfilter import redact_path_keys
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..observe.usage import MAX_DAYS
@@ -163,7 +163,11 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         token = sc.config.admin.token
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        if token and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+        if (
+            token
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(value.strip().encode("utf-8", "surrogatepass"), token.encode())
+        ):
             request[ACTOR] = "admin"
             return await handler(request)
         cred = extract_credential(request.headers, request.query, sc.config.credentials)
@@ -216,7 +220,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259 §8.1)
             raise BadRequest("the body is not valid JSON: send it as UTF-8")  # an unknown charset was a 500
         try:
-            data = await request.json(loads=json.loads)
+            data = await request.json(loads=loads_unicode)  # a lone surrogate stored was a 500 (pages, CLI)
         except (ValueError, RecursionError):  # bad JSON or UTF-8, an int past Python's digits limit; [[[[…]]]]
             raise BadRequest("the body is not valid JSON") from None
         if not isinstance(data, dict):

@@ -45,9 +45,11 @@ _MAX_NAME = 200
 
 def _plain(text: str, multiline: bool = False) -> bool:
     """No control or format characters: a name with U+202E renders as another key's name in the
-    console and the lists, a NUL or a newline breaks lines that quote it (a description may wrap)."""
+    console and the lists, a NUL or a newline breaks lines that quote it (a description may wrap), a lone
+    surrogate (JSON's ``"\\ud800"``) cannot be stored or written at all (a 500, a page that fails)."""
     return not any(
-        (cat := unicodedata.category(ch)) == "Cf" or (cat == "Cc" and not (multiline and ch in "\n\t")) for ch in text
+        (cat := unicodedata.category(ch)) in ("Cf", "Cs") or (cat == "Cc" and not (multiline and ch in "\n\t"))
+        for ch in text
     )
 
 

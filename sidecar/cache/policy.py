@@ -233,7 +233,7 @@ def _header_values(headers: MultiMapping[str], names: Iterable[str]) -> tuple[tu
 @lru_cache(maxsize=1024)
 def _identity_tag(salt: bytes, identity: str, origin: str = "") -> bytes:
     material = f"{identity}\0{origin}" if origin else identity  # one digest: keys stay as small as they were
-    return hashlib.blake2b(material.encode(), key=salt, digest_size=16).digest()
+    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), key=salt, digest_size=16).digest()
 
 
 def primary_key(
@@ -277,7 +277,8 @@ def _implicit(headers: MultiMapping[str]) -> tuple[tuple[str, str | bytes], ...]
         lname = name.lower()
         if lname in IMPLICIT_VARY or (lname.startswith("x-plex-") and lname != "x-plex-token"):
             v = " ".join(value.split())
-            out.append((lname, hashlib.blake2b(v.encode(), digest_size=16).digest() if lname in _HASHED else v))
+            raw = v.encode("utf-8", "surrogatepass")  # a header's non-UTF-8 byte is a lone surrogate here
+            out.append((lname, hashlib.blake2b(raw, digest_size=16).digest() if lname in _HASHED else v))
     if len(out) > 1:
         out.sort(key=lambda nv: nv[0])  # stable: repeated lines of one name keep their order
     return tuple(out)

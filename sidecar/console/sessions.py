@@ -74,7 +74,7 @@ class Session:
         return message
 
     def check_csrf(self, presented: str | None) -> bool:
-        return bool(presented) and hmac.compare_digest(presented.encode(), self.csrf.encode())  # type: ignore[union-attr]
+        return bool(presented) and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), self.csrf.encode())  # type: ignore[union-attr]
 
     def nonce(self) -> str:
         """A one-time value for a form whose second submission must not act again."""

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from ..core.names import safe
 from ..core.scope import RequestScope
 from ..observe.logfilter import redact_path_keys
 from ..store.filemodes import open_private_append
@@ -124,7 +125,11 @@ class AccessLog:
         # orjson rather than json: the stdlib encoder was ~10 µs a line, a visible share of a
         # cache hit; orjson is ~1 µs and writes the same compact JSON (UTF-8, not \u escapes).
         pending = self._pending
-        raw = orjson.dumps(entry)
+        try:
+            raw = orjson.dumps(entry)
+        except TypeError:  # a string orjson cannot encode (a lone surrogate): the line is still written
+            entry = {k: safe(v) if isinstance(v, str) else v for k, v in entry.items()}
+            raw = orjson.dumps(entry)
         pending.append((raw if len(raw) < MAX_LINE else fit_line(entry)).decode())
         if len(pending) >= MAX_PENDING:
             self.flush()

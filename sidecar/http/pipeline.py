@@ -354,7 +354,8 @@ class HitMemo:
         creds = (",".join(h.getall(n, ())) for n in CLIENT_CREDENTIAL_HEADERS)
         # The origin is part of the cache key (``cache.policy.primary_key``): a memo must not cross it.
         material = "\0".join((request.method, request.raw_path, *creds, origin_of(request.scheme, h)))
-        return hashlib.blake2b(material.encode(), key=self._salt, digest_size=16).digest()
+        # surrogatepass: aiohttp reads a header's non-UTF-8 byte as a lone surrogate (one byte, a 500 before)
+        return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), key=self._salt, digest_size=16).digest()
 
     def get(self, key: bytes) -> Decided | None:
         return self._decided.get(key)

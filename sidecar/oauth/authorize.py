@@ -185,7 +185,7 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
     if not (
         csrf
         and cookie
-        and hmac.compare_digest(csrf.encode(), cookie.encode())  # bytes: str must be ASCII
+        and hmac.compare_digest(csrf.encode("utf-8", "surrogatepass"), cookie.encode("utf-8", "surrogatepass"))
         and hmac.compare_digest(digest(csrf), row.data["csrf"])
     ):
         return error_page("the form did not come from this page (CSRF check failed)", 403)

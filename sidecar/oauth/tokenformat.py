@@ -54,4 +54,4 @@ def parse(prefix: str, value: str, kind: str) -> bool:
 
 def digest(value: str) -> str:
     """What the store keeps: the hex SHA-256 of the token."""
-    return hashlib.sha256(value.encode()).hexdigest()
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()  # a header byte may be a surrogate

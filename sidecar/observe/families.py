@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..core.names import safe
+
 __all__ = ["BUCKET_LABELS", "CONTENT_TYPE", "DURATION_BUCKETS", "FamilyCollector", "Histogram", "Spec", "write_family"]
 
 # From sub-millisecond cache hits and API calls through minute-long downloads and
@@ -64,6 +66,7 @@ def _label_values(k: Any) -> tuple[str, ...]:
 
 
 def _escape(value: str) -> str:
+    value = safe(value)  # a lone surrogate would fail the whole exposition's encode: /metrics dead for everyone
     if "\\" in value or '"' in value or "\n" in value:
         return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
     return value

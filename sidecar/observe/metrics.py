@@ -48,6 +48,7 @@ from prometheus_client import (
 
 from ..auth.models import KeyRecord
 from ..config import UpstreamConfig
+from ..core.names import safe, split
 from ..core.scope import RequestScope
 from ..upstreams import health as upstream_health
 from .families import CONTENT_TYPE, DURATION_BUCKETS, FamilyCollector, Histogram, Spec, write_family
@@ -180,7 +181,11 @@ class Metrics:
         """The ``tool`` label: the name once it has one, else a new one while slots last and the key
         has introduced fewer than ``MAX_TOOL_SERIES_PER_KEY`` (denied names too: operators want to see
         which tool was refused, and a refusal is free, so the per-key share is what bounds them)."""
-        tool = redact_path_keys(tool.strip()[:MAX_TOOL_NAME])  # the client's text: a key pasted there stays out
+        if len(tool) > MAX_TOOL_NAME or not tool.isprintable() or tool != tool.strip():
+            # never cut: a cut made-up name would count as the real tool it starts with; nor one a dashboard
+            # shows as another (``search\u200b``, `` search``, a bidi override): the MCP spec's names are plain
+            return OTHER
+        tool = safe(redact_path_keys(tool))  # the client's text: a key pasted there stays out; encodable
         if (upstream, tool) in self._tools:
             return tool
         if len(self._tools) >= MAX_TOOL_SERIES:
@@ -262,9 +267,9 @@ class Metrics:
             outcome = "error"
         else:
             outcome = "ok"
-        for tool in scope.tool.split(","):
-            if tool.strip():
-                kt = (key, up, self._tool_label(up, tool, scope.key_id), outcome)
+        for tool in split(scope.tool):  # as the gateway joined them: a name's own ',' is no second tool
+            if tool != "":  # None: a name cut or not written (core/names.py), counted as "other"
+                kt = (key, up, OTHER if tool is None else self._tool_label(up, tool, scope.key_id), outcome)
                 self.mcp_tool_calls[kt] = self.mcp_tool_calls.get(kt, 0) + 1
 
     def set_upstream_up(self, upstream: str, value: float) -> None:

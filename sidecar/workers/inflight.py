@@ -4,7 +4,9 @@ A key's ``concurrency: N`` is the number of its requests in flight on the host, 
 each worker. The counts live in a table in a file the supervisor creates in its private
 directory and every worker maps (``mmap``, ``MAP_SHARED``), as the GCRA buckets do
 (``sidecar.workers.shm``): one row per ``(key id, scope)`` with requests in flight,
-found by a 64-bit BLAKE2b hash and linear probing; a row holds one count **per worker**
+found by a 64-bit BLAKE2b hash (keyed with a random key in the file's head: key ids a delegate can
+create by the thousand and JWT identity ids anyone can compute must not aim at a chosen row's probe
+window) and linear probing; a row holds one count **per worker**
 (its column is the worker's index). Taking a slot sums the row and adds one to the
 worker's own column under one ``flock``; giving it back takes one away. A row whose
 counts are all zero is free to reuse in place, so nothing needs a sweep.
@@ -33,7 +35,7 @@ __all__ = ["ROWS", "ShmInflight"]
 
 ROWS = 1 << 14  # (key, scope) pairs with requests in flight at once on the host
 MAX_PROBE = 64
-_HEAD = struct.Struct("<q")  # number of columns (workers)
+_HEAD = struct.Struct("<q16s")  # number of columns (workers), the hash key (random: see ShmBuckets)
 _HASH = struct.Struct("<q")
 _COUNT = struct.Struct("<i")
 _MAX_HASHES = 100_000
@@ -47,9 +49,10 @@ class ShmInflight:
         self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         if create:
             os.ftruncate(self.fd, _HEAD.size + rows * (_HASH.size + _COUNT.size * workers))
-            os.pwrite(self.fd, _HEAD.pack(workers), 0)
+            os.pwrite(self.fd, _HEAD.pack(workers, os.urandom(16)), 0)
         self.mm = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
-        self.cols: int = _HEAD.unpack_from(self.mm, 0)[0]
+        self.cols: int
+        self.cols, self.key = _HEAD.unpack_from(self.mm, 0)
         self.row = _HASH.size + _COUNT.size * self.cols
         self.rows = (len(self.mm) - _HEAD.size) // self.row
         self.column = column
@@ -65,7 +68,8 @@ class ShmInflight:
         if h is None:
             if len(self._hashes) >= _MAX_HASHES:
                 self._hashes.clear()
-            digest = hashlib.blake2b(f"{ident[0]}\0{ident[1]}".encode(), digest_size=8).digest()
+            material = f"{ident[0]}\0{ident[1]}".encode("utf-8", "surrogatepass")
+            digest = hashlib.blake2b(material, digest_size=8, key=self.key).digest()
             h = (int.from_bytes(digest, "little") >> 1) or 1  # never 0: 0 marks a row never used
             self._hashes[ident] = h
         return h

@@ -4,7 +4,12 @@ A GCRA bucket is one integer (its theoretical arrival time, µs), so the host's 
 fit a fixed table of ``(hash, tat)`` slots in a file the supervisor creates in its
 private directory and every worker maps (``mmap``, ``MAP_SHARED``): open addressing on a
 64-bit BLAKE2b hash of the bucket key (collisions between 2^64 values are not a concern
-next to the table size), linear probing. A slot whose bucket is full again (``tat <=
+next to the table size), linear probing. The hash is keyed with a random key the supervisor
+writes at the start of the file: bucket names are partly the client's (``tools/call`` names
+under a tool-limit glob, key ids, JWT identity ids anyone can compute), and with a public hash
+a client picked ~64 names whose slots fill the probe window of a chosen bucket — its own (the
+check is then "table full", and ``on_redis_error: allow`` let it pass unlimited) or another
+key's (refused for as long as the names' buckets lived). A slot whose bucket is full again (``tat <=
 now``) is as good as empty and is reused in place, so the table needs no sweep.
 
 One ``flock`` on the file serialises checks across processes (the kernel drops it if a
@@ -35,6 +40,8 @@ SLOTS = 1 << 18  # 4 MiB: a quarter of a million buckets in use at once before p
 MAX_PROBE = 64
 _SLOT = struct.Struct("<qq")  # hash, tat (µs; 0: full, i.e. free to take)
 _MAX_HASHES = 100_000  # cached bucket hashes per process before the cache starts over
+_HEADER = 32  # the hash key (16 random bytes), then padding; the slots follow
+_HASH_KEY = 16
 
 
 class ShmBuckets:
@@ -44,10 +51,13 @@ class ShmBuckets:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(path, flags, 0o600)
         if create:
-            os.ftruncate(self.fd, slots * _SLOT.size)
+            os.ftruncate(self.fd, _HEADER + slots * _SLOT.size)
         size = os.fstat(self.fd).st_size
         self.mm = mmap.mmap(self.fd, size)
-        self.mask = size // _SLOT.size - 1
+        if create:
+            self.mm[:_HASH_KEY] = os.urandom(_HASH_KEY)
+        self.key = bytes(self.mm[:_HASH_KEY])
+        self.mask = (size - _HEADER) // _SLOT.size - 1
         self._hashes: dict[str, int] = {}
 
     def close(self) -> None:
@@ -59,7 +69,7 @@ class ShmBuckets:
         if h is None:
             if len(self._hashes) >= _MAX_HASHES:
                 self._hashes.clear()
-            digest = hashlib.blake2b(bucket.encode(), digest_size=8).digest()
+            digest = hashlib.blake2b(bucket.encode("utf-8", "surrogatepass"), digest_size=8, key=self.key).digest()
             h = (int.from_bytes(digest, "little") >> 1) or 1  # 63 bits, never 0 (0 marks an empty slot)
             self._hashes[bucket] = h
         return h
@@ -72,7 +82,7 @@ class ShmBuckets:
         i = h & mask
         spare = -1
         for _ in range(MAX_PROBE):
-            off = i * 16
+            off = _HEADER + i * 16
             sh, tat = unpack(mm, off)
             if sh == h:
                 return off, tat

@@ -38,7 +38,9 @@ from urllib.parse import unquote
 
 from ...auth.models import Permissions
 from ...auth.permissions import mcp_globs
+from ...core.names import valid
 from .jsonrpc import (
+    INVALID_PARAMS,
     TOOL_FORBIDDEN,
     TOOL_RATE_LIMITED,
     JsonRpcError,
@@ -262,6 +264,12 @@ def judge(
             target = task
         if target is not None:
             kind, name, verb = target
+            if isinstance(name, str) and not valid(name):  # a lone surrogate: no sink could write it (core/names.py)
+                return Decision(
+                    error=JsonRpcError(
+                        INVALID_PARAMS, "Invalid params: a name that is not valid Unicode (a lone surrogate)"
+                    )
+                )
             if kind == "tools" and isinstance(name, str):
                 d.tools.append(name)
             over = limited.get(i) if limited else None

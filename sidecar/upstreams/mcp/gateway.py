@@ -70,6 +70,7 @@ from ...core.errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from ...core.names import join, valid
 from ...core.scope import RequestScope
 from . import WELL_KNOWN, cors
 from .authz import BodyJudge, McpAccess
@@ -302,7 +303,7 @@ class McpGateway:
             # DESIGN's 400 bad_request, spoken as JSON-RPC so MCP clients can read it (docs/mcp.md).
             scope.error = "bad_request"
             return self._json(d.error.body(code="bad_request"), 400, rate_headers)
-        scope.tool = ",".join(dict.fromkeys(d.tools))
+        scope.tool = join(dict.fromkeys(d.tools))  # a name's own ',' escaped: one name stays one
         if d.lists and not access.restricted and request.headers.get("MCP-Protocol-Version", "") < "2026":
             d.lists = []  # lists this key may see whole carry no cacheScope before 2026-07-28: nothing to read
         if d.denied:
@@ -463,6 +464,8 @@ class McpGateway:
             raise BadRequest("mcp_id: required (the id of an MCP upstream)")
         if not isinstance(tool, str) or not tool:
             raise BadRequest("tool: required (the name of the tool to call)")
+        if not valid(tool):  # a lone surrogate: no sink could write it (core/names.py)
+            raise BadRequest("tool: not valid Unicode")
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
@@ -473,7 +476,7 @@ class McpGateway:
         upstream = sc.config.upstream(mcp_id)
         if upstream is None or upstream.kind != "mcp":
             raise NoRoute(f"no MCP upstream with id {mcp_id!r}")
-        scope.upstream, scope.tool = upstream.id, tool
+        scope.upstream, scope.tool = upstream.id, join((tool,))
 
         reason = allowed(key.permissions, upstream.id, upstream.kind, "POST", "/")
         if reason:

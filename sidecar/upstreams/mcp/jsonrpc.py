@@ -86,7 +86,11 @@ def error_object(id: Any, code: int, message: str, data: Any = None) -> dict[str
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate the client spelled "\\ud800": written back as it came (was a 500)
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def id_key(value: Any) -> str:

@@ -44,6 +44,7 @@ __all__ = ["ToolLimiter"]
 MAX_PLANS = 10_000  # cached (key, upstream, tool) plans; cleared when full (rebuilt on demand)
 LONG_NAME = 64  # longer tool names are hashed in bucket keys
 MAX_TOOL_BUCKETS = 256  # names under globs with a bucket of their own, per (key budget, upstream), at once
+MAX_BUDGETS = 10_000  # (key budget, upstream) pairs whose names are remembered; the least recent forgotten
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -56,16 +57,20 @@ class ToolLimiter:
         # names matched by a glob: (key, own plan, shared plan, the rule's longest period)
         self._globbed: dict[tuple[str, str, str], tuple[KeyRecord, Plan, Plan, int]] = {}
         # (key budget, upstream) -> names matched by a glob that have their own bucket -> until (steady)
-        self._named: dict[tuple[str, str], OrderedDict[str, float]] = {}
+        # (JWT subjects are budgets too: without the bound, one entry per subject ever seen, kept for good)
+        self._named: OrderedDict[tuple[str, str], OrderedDict[str, float]] = OrderedDict()
 
     def plan(self, key: KeyRecord, upstream: UpstreamConfig, tool: str) -> Plan | None:
-        ident = (key.id, upstream.id, tool)
+        # Cached under the bucket's name (a digest past LONG_NAME): a body may carry a 1 MiB name, and
+        # MAX_PLANS full names (or MAX_TOOL_BUCKETS per key) kept in memory were gigabytes.
+        name = _bucket_name(tool)
+        ident = (key.id, upstream.id, name)
         cached = self._plans.get(ident)
         if cached is not None and cached[0] is key:
             return cached[1]
         globbed = self._globbed.get(ident)
         if globbed is not None and globbed[0] is key:
-            mine = self._own_bucket(budget_of(key), upstream.id, tool, globbed[3])
+            mine = self._own_bucket(budget_of(key), upstream.id, name, globbed[3])
             return globbed[1] if mine else globbed[2]
         rule = upstream.mcp_tool_limits.for_tool(tool)
         if rule is None:
@@ -74,13 +79,13 @@ class ToolLimiter:
         glob, limits = rule
         budget = budget_of(key)  # a rotation's chain
         if _GLOB_CHARS.isdisjoint(glob):  # an exact name: the config bounds these
-            plan = _plan(budget, upstream.id, _bucket_name(tool), limits)
+            plan = _plan(budget, upstream.id, name, limits)
             self._remember(ident, (key, plan))
             return plan
         # Whether the name (still) holds a bucket of its own is asked on every call.
         period = max(lim.period for lim in limits)
         own, shared = (
-            _plan(budget, upstream.id, _bucket_name(tool), limits),
+            _plan(budget, upstream.id, name, limits),
             _plan(budget, upstream.id, _shared_name(glob), limits),
         )
         # Past the bound a name counts in the shared bucket *and* its own: its own may exist (another
@@ -91,7 +96,7 @@ class ToolLimiter:
         if len(self._globbed) >= MAX_PLANS:
             self._globbed.clear()
         self._globbed[ident] = (key, own, shared, period)
-        return own if self._own_bucket(budget, upstream.id, tool, period) else shared
+        return own if self._own_bucket(budget, upstream.id, name, period) else shared
 
     def _remember(self, ident: tuple[str, str, str], entry: tuple[KeyRecord, Plan] | None) -> None:
         if len(self._plans) >= MAX_PLANS:
@@ -103,7 +108,11 @@ class ToolLimiter:
         now = self.limiter.steady()
         names = self._named.get((budget, upstream_id))
         if names is None:
+            if len(self._named) >= MAX_BUDGETS:
+                self._named.popitem(last=False)
             names = self._named[(budget, upstream_id)] = OrderedDict()
+        else:
+            self._named.move_to_end((budget, upstream_id))
         if tool in names:
             names[tool] = now + period
             names.move_to_end(tool)
@@ -146,7 +155,11 @@ def refusal(tool: str, message: str, headers: dict[str, str]) -> tuple[str, dict
 
 
 def _bucket_name(tool: str) -> str:
-    return tool if len(tool) <= LONG_NAME else "sha256-" + hashlib.sha256(tool.encode()).hexdigest()
+    return (
+        tool
+        if len(tool) <= LONG_NAME
+        else "sha256-" + hashlib.sha256(tool.encode("utf-8", "surrogatepass")).hexdigest()
+    )
 
 
 def _shared_name(glob: str) -> str:
