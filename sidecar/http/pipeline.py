@@ -427,7 +427,7 @@ async def _authenticate(
         sid = sc.transcode.session_of(path)
         owner = sc.transcode.keyless_owner(sid, scope.client_ip) if sid else None  # from the player's address
         rec = sc.verifier.table.get(owner) if owner else None
-        if rec is not None and rec.state() == "active":
+        if rec is not None and sc.verifier.state(rec, sc.verifier.clock()) == "active":  # wall clock, latch, parent
             scope.credential = "transcode_session"
             return rec
     raise Unauthorized("an API key is required")

@@ -22,6 +22,8 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter
 
+from ..core.errors import ExpiredKey, RevokedKey
+
 __all__ = ["Closer", "StreamRegistry"]
 
 log = logging.getLogger("sidecar.streams")
@@ -52,6 +54,56 @@ class _Watch:
                 del self.registry._open[self.key_id]
 
 
+class _Wait:
+    """``async with registry.waiting(key_id):`` around a wait for the upstream's answer (nothing sent yet).
+
+    An upstream may take its whole ``read_timeout`` (a minute, for a slow Plex or an MCP tool
+    answering as JSON) before its headers; a request of a key revoked meanwhile must not be
+    answered then. The sweep cancels the wait (closing the upstream request) and the client
+    gets ``401 revoked_key``/``expired_key``: nothing had been sent, so a designed answer can be.
+    No task of its own: the closer cancels the waiting task, and only while it is inside.
+    """
+
+    __slots__ = ("ended", "inside", "key_id", "registry", "task")
+
+    def __init__(self, registry: StreamRegistry, key_id: str) -> None:
+        self.registry, self.key_id = registry, key_id
+        self.task: asyncio.Task[object] | None = None
+        self.ended: str | None = None
+        self.inside = False
+
+    async def _close(self, reason: str) -> None:
+        # Run by the sweep's task: the waiting task is suspended, inside the block or gone past it.
+        if self.inside and self.ended is None and self.task is not None:
+            self.ended = reason
+            self.task.cancel()
+
+    async def __aenter__(self) -> _Wait:
+        self.task = asyncio.current_task()
+        if self.key_id and self.task is not None:
+            self.inside = True
+            self.registry._open.setdefault(self.key_id, {})[id(self)] = self._close
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.inside:
+            return
+        self.inside = False
+        streams = self.registry._open.get(self.key_id)
+        if streams is not None:
+            streams.pop(id(self), None)
+            if not streams:
+                del self.registry._open[self.key_id]
+        # uncancel() first, always: ours is answered; another (the client going away) stays a cancel.
+        ended = self.ended is not None and self.task is not None and self.task.uncancel() == 0
+        if ended and et is asyncio.CancelledError:
+            if self.ended == "expired":
+                raise ExpiredKey("this API key has expired") from None
+            raise RevokedKey("this API key has been revoked") from None
+
+
 class StreamRegistry:
     """Key id -> its open streams' closers; ``sweep`` ends those of keys no longer active.
 
@@ -72,6 +124,9 @@ class StreamRegistry:
 
     def watch(self, key_id: str, closer: Closer) -> _Watch:
         return _Watch(self, key_id, closer)
+
+    def waiting(self, key_id: str) -> _Wait:
+        return _Wait(self, key_id)
 
     def open_streams(self, key_id: str) -> int:
         return len(self._open.get(key_id, ()))

@@ -1,0 +1,135 @@
+"""An attacker's view of time and state transitions, through a running sidecar (invariant 5).
+
+What must hold: a key that has ended (revoked, expired) gets nothing more — not through a
+keyless transcode segment of a session it started, not while a request of it waits for the
+upstream's answer, not after the wall clock steps back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import MakeSidecar, Running, base_config
+
+HOUR = 3600.0
+START = "/video/:/transcode/universal/start.m3u8"
+SEGMENT = "/video/:/transcode/universal/session/sess-t/base/index.m3u8"
+
+
+class Clocks:
+    """A steady clock the test advances and a wall clock that is the steady one plus a step."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+        self.step = 0.0
+
+    def steady(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.t + self.step
+
+
+async def test_an_expired_keys_transcode_segments_stop_and_a_step_back_revives_none(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path
+) -> None:
+    """Keyless segments are authorised as the key that started the session. That check read the
+    record's state on the system clock, not the sidecar's wall clock and its "seen ended" latch:
+    the key expired (wall clock past its expiry) still got its segments, and so did a key seen
+    expired once the wall clock stepped back."""
+    clocks = Clocks(time.time())  # starts at the system clock, which then stays behind the wall clock
+    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path)
+    r = await make_sidecar(cfg, clock=clocks.wall, steady=clocks.steady)
+    _, key = await r.create_key(expires="30s")
+    resp = await r.proxy.get(START, params={"session": "sess-t"}, headers={"X-Plex-Token": key})
+    assert resp.status == 200
+    assert (await r.proxy.get(SEGMENT)).status == 200  # keyless: the player follows the playlist
+    clocks.step = +HOUR  # the key's expiry has passed on the wall clock
+    assert (await r.proxy.get(SEGMENT)).status == 401
+    resp = await r.proxy.get(START, params={"session": "sess-t"}, headers={"X-Plex-Token": key})
+    assert (resp.status, (await resp.json())["error"]["code"]) == (401, "expired_key")
+    clocks.step = -HOUR  # NTP steps the clock back: the key was seen expired, it stays so
+    assert (await r.proxy.get(SEGMENT)).status == 401
+
+
+def held_upstream(release: asyncio.Event, asked: asyncio.Event) -> web.Application:
+    """An upstream whose answer (headers and all) waits until the test releases it."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        asked.set()
+        await release.wait()
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.send_str("the answer")
+            await ws.close()
+            return ws
+        return web.Response(text="the answer")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    return app
+
+
+async def _rig(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> tuple[Running, asyncio.Event, asyncio.Event]:
+    release, asked = asyncio.Event(), asyncio.Event()
+    up = await aiohttp_server(held_upstream(release, asked))
+    cfg = base_config(
+        str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
+    )
+    cfg["upstreams"][0]["timeouts"] = {"read": "60s"}
+    return await make_sidecar(cfg), release, asked
+
+
+async def test_a_request_waiting_for_its_answer_gets_none_once_its_key_is_revoked(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Authorised, then the upstream takes its time (up to ``read_timeout``, a minute here). The key
+    is revoked meanwhile. Before: the answer, whenever it came, went to the revoked key — the sweep
+    only knew streams whose headers had come. Now the wait ends within a sweep with 401 revoked_key,
+    and the upstream request is closed (cancelled)."""
+    r, release, asked = await _rig(make_sidecar, aiohttp_server, tmp_path)
+    rec, key = await r.create_key()
+    task = asyncio.create_task(r.proxy.get("/library/sections", headers={"X-Plex-Token": key}))
+    async with asyncio.timeout(2):
+        await asked.wait()
+    await r.sc.manager().revoke(rec.id, "test")
+    await r.sc.verifier.refresh()
+    try:
+        async with asyncio.timeout(2):  # a sweep is 50 ms; the contract's bound is 5 s
+            resp = await task
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "revoked_key"
+    finally:
+        release.set()
+        await asyncio.gather(task, return_exceptions=True)
+    assert r.sc.streams.open_streams(rec.id) == 0
+
+
+async def test_a_websocket_handshake_waiting_upstream_fails_once_its_key_expires(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The same for a websocket whose upstream has not answered the handshake yet: 401, no socket."""
+    r, release, asked = await _rig(make_sidecar, aiohttp_server, tmp_path)
+    rec, key = await r.create_key()
+    task = asyncio.create_task(r.proxy.ws_connect("/:/websockets/notifications", params={"X-Plex-Token": key}))
+    async with asyncio.timeout(2):
+        await asked.wait()
+    await r.sc.store.update(rec.with_changes(expires_at=time.time() - 1))
+    await r.sc.verifier.refresh()
+    try:
+        async with asyncio.timeout(2):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await task
+        assert refused.value.status == 401
+    finally:
+        release.set()
+        await asyncio.gather(task, return_exceptions=True)
