@@ -127,7 +127,7 @@ class Forwarder:
         async with self.streams.waiting(scope.key_id):
             return await self._send(request, upstream, session, url, headers, data, deadline, upload)
 
-    def _waiting(self, scope: RequestScope) -> contextlib.AbstractAsyncContextManager[object]:
+    def waiting(self, scope: RequestScope) -> contextlib.AbstractAsyncContextManager[object]:
         """Ends a wait for the upstream's answer with 401 when its key is revoked or expires (``streams._Wait``)."""
         if self.streams is None or not scope.key_id:
             return contextlib.nullcontext()

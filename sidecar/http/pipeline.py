@@ -280,7 +280,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
 
             cached = await sc.cache.serve(
                 request, scope, upstream, rule, path, url, headers, identity, client_key, fetch,
-                response_filter=response_filter, on_headers=on_headers,
+                response_filter=response_filter, on_headers=on_headers, waiting=lambda: sc.forwarder.waiting(scope),
             )  # fmt: skip
             if scope.cache in ("HIT", "STALE"):
                 await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits

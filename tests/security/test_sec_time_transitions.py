@@ -87,6 +87,7 @@ async def _rig(
         str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
     )
     cfg["upstreams"][0]["timeouts"] = {"read": "60s"}
+    cfg["cache"] = {"rules": [{"upstream": "plex", "path": "/library/*", "ttl": "60s"}]}
     return await make_sidecar(cfg), release, asked
 
 
@@ -133,3 +134,32 @@ async def test_a_websocket_handshake_waiting_upstream_fails_once_its_key_expires
     finally:
         release.set()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_cache_follower_gets_nothing_once_its_key_is_revoked(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Two keys miss one cache entry together: A's request goes upstream, B's waits for it (up to
+    30 s). B is revoked meanwhile. Before: B was answered from the entry A's answer filled, after
+    its revocation. Now B's wait ends with 401; A, whose key stands, gets its answer."""
+    r, release, asked = await _rig(make_sidecar, aiohttp_server, tmp_path)
+    _, a = await r.create_key(name="a")
+    b_rec, b = await r.create_key(name="b")
+    lead = asyncio.create_task(r.proxy.get("/library/sections", headers={"X-Plex-Token": a}))
+    async with asyncio.timeout(2):
+        await asked.wait()
+    follow = asyncio.create_task(r.proxy.get("/library/sections", headers={"X-Plex-Token": b}))
+    async with asyncio.timeout(2):
+        while r.sc.cache.waiting == 0:
+            await asyncio.sleep(0.01)
+    await r.sc.manager().revoke(b_rec.id, "test")
+    await r.sc.verifier.refresh()
+    try:
+        async with asyncio.timeout(2):
+            resp = await follow
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "revoked_key"
+    finally:
+        release.set()
+        await asyncio.gather(follow, return_exceptions=True)
+    resp = await lead
+    assert resp.status == 200 and await resp.text() == "the answer"
