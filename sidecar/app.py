@@ -96,7 +96,7 @@ class Sidecar:
         self.pools: dict[str, ConnectionPool] = {}  # plain-HTTP MCP upstreams: the lean client (http/pool.py)
         self.forwarder = Forwarder(self.sessions, self.pools)
         # Open streams per key, ended within a sweep of their key's revocation or expiry.
-        self.streams = StreamRegistry(self._key_state, self.metrics.registry)
+        self.streams = StreamRegistry(self._key_state, self.metrics.registry, self._key_granted)
         self.forwarder.streams = self.streams
         logfilter.install(self._secrets())
         # No repeat-hit shortcuts next to an MCP gateway: it answers some paths before routing.
@@ -262,6 +262,13 @@ class Sidecar:
             return self.jwt.state(key_id)  # a JWT subject: active while its latest token is
         record = self.verifier.table.get(key_id)
         return self.verifier.state(record, self.clock()) if record is not None else "revoked"
+
+    def _key_granted(self, key_id: str) -> object:
+        """What the key may reach now, as the pipeline authorised it (an OAuth grant: narrowed by its parent)."""
+        record = self.verifier.table.get(key_id)
+        if record is not None and record.parent_id is not None and self.oauth is not None:
+            record = self.oauth.allowed_now(record)
+        return record.permissions if record is not None else None
 
     def _secrets(self) -> list[str | None]:
         """Every secret this sidecar holds, for the log redactor."""

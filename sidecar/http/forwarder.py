@@ -106,7 +106,7 @@ class Forwarder:
         """Registers a stream under its key, so that revocation or expiry ends it (``sidecar.http.streams``)."""
         if self.streams is None or not scope.key_id:
             return contextlib.nullcontext()
-        return self.streams.watch(scope.key_id, closer)
+        return self.streams.watch(scope.key_id, closer, scope.granted)
 
     async def _answer(
         self,
@@ -122,16 +122,14 @@ class Forwarder:
     ) -> Answer:
         """``_send``, ended with 401 when the key is revoked or expires while the upstream thinks
         (up to its ``read_timeout``): no answer reaches a key revoked meanwhile (invariant 5)."""
-        if self.streams is None or not scope.key_id:
-            return await self._send(request, upstream, session, url, headers, data, deadline, upload)
-        async with self.streams.waiting(scope.key_id):
+        async with self.waiting(scope):
             return await self._send(request, upstream, session, url, headers, data, deadline, upload)
 
     def waiting(self, scope: RequestScope) -> contextlib.AbstractAsyncContextManager[object]:
         """Ends a wait for the upstream's answer with 401 when its key is revoked or expires (``streams._Wait``)."""
         if self.streams is None or not scope.key_id:
             return contextlib.nullcontext()
-        return self.streams.waiting(scope.key_id)
+        return self.streams.waiting(scope.key_id, scope.granted)
 
     @contextlib.asynccontextmanager
     async def _long_lived_stream(self, close: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:

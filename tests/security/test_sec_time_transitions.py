@@ -163,3 +163,72 @@ async def test_a_cache_follower_gets_nothing_once_its_key_is_revoked(
         await asyncio.gather(follow, return_exceptions=True)
     resp = await lead
     assert resp.status == 200 and await resp.text() == "the answer"
+
+
+def ticking_upstream() -> web.Application:
+    """A websocket and an event stream that tick until the other side goes away."""
+
+    async def ws(request: web.Request) -> web.StreamResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        n = 0
+        while not sock.closed:
+            await sock.send_str(f"tick {n}")
+            n += 1
+            try:
+                msg = await sock.receive(timeout=0.05)
+            except TimeoutError:
+                continue
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                break
+        return sock
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n in range(10_000):
+            await resp.write(f"data: {n}\n\n".encode())
+            await asyncio.sleep(0.05)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/:/websockets/notifications", ws)
+    app.router.add_get("/:/eventsource/notifications", events)
+    return app
+
+
+async def test_a_key_narrowed_loses_its_open_streams_and_a_renamed_one_keeps_them(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """An operator takes the notification paths away from a key (PATCH permissions). Before: its
+    open websocket and event stream went on for as long as the client kept them (only revocation
+    and expiry were swept). Now they end within a sweep (websocket: 1008; the event stream is
+    cut), and a reconnect is refused 403. An edit that leaves permissions alone ends nothing."""
+    up = await aiohttp_server(ticking_upstream())
+    cfg = base_config(
+        str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
+    )
+    r = await make_sidecar(cfg)
+    rec, key = await r.create_key(name="narrowed")
+    kept_rec, kept = await r.create_key(name="renamed")
+    ws = await r.proxy.ws_connect("/:/websockets/notifications", params={"X-Plex-Token": key})
+    ws_kept = await r.proxy.ws_connect("/:/websockets/notifications", params={"X-Plex-Token": kept})
+    events = await r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": key})
+    assert events.status == 200 and await events.content.readline()
+    assert (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
+    await r.sc.manager().patch(rec.id, {"permissions": {"upstreams": ["plex"], "paths": ["/library/*"]}}, "test")
+    await r.sc.manager().patch(kept_rec.id, {"name": "renamed again"}, "test")
+    await r.sc.verifier.refresh()
+    async with asyncio.timeout(2):
+        while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+            pass
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
+    with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
+        async with asyncio.timeout(2):
+            while await events.content.readline():
+                pass
+    for _ in range(3):  # a sweep or two later, the renamed key's websocket still ticks
+        assert (await ws_kept.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
+    await ws_kept.close()
+    resp = await r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": key})
+    assert resp.status == 403
