@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from ..core.errors import InvalidKey, RevokedKey
 from .models import KeyRecord
 
-__all__ = ["Ended", "carried", "current"]
+__all__ = ["Ended", "carried", "carry", "current"]
 
 Ended = tuple[KeyRecord, str, bool]  # (record, "revoked"/"expired", ended by its own times, not a parent's)
 
@@ -47,3 +47,10 @@ def carried(ended: Ended, record: KeyRecord | None) -> Ended | None:
     if record is None or not own or (record.revoked_at, record.expires_at) != (old.revoked_at, old.expires_at):
         return None
     return record, state, own
+
+
+def carry(latches: dict[str, Ended], record: KeyRecord) -> None:
+    """A poll brought a new ``record`` of a key: keep its latch if ``carried`` says so, else drop it."""
+    ended = latches.pop(record.id, None)
+    if ended is not None and (kept := carried(ended, record)):
+        latches[record.id] = kept

@@ -59,7 +59,7 @@ from ..clocks import steady_clock
 from ..config import KeysConfig
 from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
 from .keys import ParsedKey, parse_key
-from .latch import Ended, carried, current
+from .latch import Ended, carried, carry, current
 from .models import KeyRecord
 
 if TYPE_CHECKING:  # the verifier reads a store; it never depends on store/ at run time
@@ -215,8 +215,7 @@ class Verifier:
         self.prefix = config.prefix
         self.clock = clock  # wall: expiry and revocation
         self.steady = steady_clock(clock, steady)  # intervals: failure throttling
-        # key id -> (record, "revoked"/"expired", ended by its own times) once seen so: a wall clock
-        # stepped back does not revive it (kept across re-reads that leave those times as they were)
+        # key id -> (record, state, own end) once seen ended: a wall clock stepped back revives nothing (``latch``)
         self._ended: dict[str, Ended] = {}
         self.hasher = password_hasher(config.argon2_profile)
         self.table: dict[str, KeyRecord] = {}
@@ -234,6 +233,7 @@ class Verifier:
         self.store_lookups = 0
         self.poll_errors = 0  # polls that failed and kept the current keys (sidecar_store_reload_errors_total)
         self._on_change = on_change
+        self._refreshing = asyncio.Lock()
         self._loaded_at = 0.0
 
     # ------------------------------------------------------------ table upkeep
@@ -249,7 +249,12 @@ class Verifier:
             self._on_change(list(self.table.values()), True)
 
     async def refresh(self, force: bool = False) -> bool:
-        """Apply changes made by any process; True when something changed."""
+        """Apply changes made by any process; True when something changed. One re-read at a time: a
+        full one (SIGHUP) applied after a poll that saw a newer revocation would undo it for good."""
+        async with self._refreshing:
+            return await self._refresh(force)
+
+    async def _refresh(self, force: bool) -> bool:
         changes = await self.store.poll(force=force)
         if changes is None:
             return False
@@ -262,9 +267,7 @@ class Verifier:
         else:
             for rec in changes.records:
                 self.table[rec.id] = rec
-                ended = self._ended.pop(rec.id, None)
-                if ended is not None and (kept := carried(ended, rec)):
-                    self._ended[rec.id] = kept
+                carry(self._ended, rec)
         self._note_ended(changes.records)
         if self._on_change:
             self._on_change(changes.records, changes.full)
@@ -291,9 +294,8 @@ class Verifier:
     def state(self, record: KeyRecord, now: float) -> str:
         """``record.state(now)``, except that a record once seen revoked or expired stays so.
 
-        The latch holds while the key's ``revoked_at`` and ``expires_at`` stay as they were, across
-        re-reads too (``latch.carried``): an admin who extends or un-revokes a key changes them.
-        One dict lookup on the hot path when the latch is in use.
+        The latch holds while ``revoked_at`` and ``expires_at`` stay as they were, across re-reads too
+        (``latch.carried``): an admin who extends or un-revokes a key changes them. One dict lookup.
         """
         state = own = record.state(now)
         if state == "active" and record.parent_id is not None:  # an OAuth grant ends with its parent key

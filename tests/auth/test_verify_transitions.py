@@ -8,6 +8,7 @@ back when the wall clock steps back and the store is then re-read (SIGHUP, a key
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,4 +161,48 @@ async def test_a_reload_after_a_step_back_revives_no_expired_key(kind: str, tmp_
         await v.refresh(force=True)
         assert (await v.verify(key, "192.0.2.7")).id == rec.id
     finally:
+        await store.close()
+
+
+async def test_a_sighup_reload_does_not_undo_a_revocation_a_poll_saw_meanwhile(tmp_path: Path) -> None:
+    """A big table (over 1000 keys) is decoded in a thread on SIGHUP. A key revoked after that
+    reload read the rows was applied by the next poll, then the reload's older snapshot replaced
+    the table, and the store's cursor was already past the revocation: the key worked again until
+    its row changed once more. Re-reads are now one at a time."""
+    entered, hold = threading.Event(), threading.Event()
+
+    class HeldDecode(SqliteStore):
+        armed = False
+
+        @classmethod
+        def _records(cls, rows: list[Any]) -> dict[str, KeyRecord]:
+            if cls.armed:  # the SIGHUP reload's decoding thread, held until the test lets it go
+                entered.set()
+                hold.wait(5)
+            return super()._records(rows)
+
+    clock = Clock()
+    rec, key = new_record()
+    crowd = [KeyRecord(id=generate_key("pmcp_")[1].key_id, name="n", hash=rec.hash) for _ in range(1100)]
+    store = HeldDecode(tmp_path / "big.db")
+    await store.open()
+    try:
+        await store.insert([rec, *crowd])
+        v = Verifier(store, KeysConfig(argon2_profile="cheapest"), clock=clock)
+        await v.load()
+        assert (await v.verify(key, "192.0.2.7")).id == rec.id
+        HeldDecode.armed = True
+        reload = asyncio.create_task(v.refresh(force=True))  # SIGHUP
+        assert await asyncio.to_thread(entered.wait, 2)
+        HeldDecode.armed = False
+        await store.update(rec.with_changes(revoked_at=clock.now - 1))  # revoked after the reload's read
+        poll = asyncio.create_task(v.refresh())  # the watch loop's next poll
+        await asyncio.wait({poll}, timeout=0.5)  # unserialised, it applies the revocation now
+        hold.set()
+        await asyncio.gather(reload, poll)
+        await v.refresh()
+        with pytest.raises(RevokedKey):
+            await v.verify(key, "192.0.2.7")
+    finally:
+        hold.set()
         await store.close()
