@@ -261,7 +261,13 @@ class Sidecar:
         if self.jwt is not None and key_id.startswith("jwt:"):
             return self.jwt.state(key_id)  # a JWT subject: active while its latest token is
         record = self.verifier.table.get(key_id)
-        return self.verifier.state(record, self.clock()) if record is not None else "revoked"
+        if record is None:
+            return "revoked"
+        now = self.clock()
+        state = self.verifier.state(record, now)
+        if state == "active" and record.parent_id is not None and self.oauth is not None:
+            return self.oauth.token_state(key_id, now)  # an OAuth grant: active while one of its tokens is
+        return state
 
     def _key_granted(self, key_id: str) -> object:
         """What the key may reach now, as the pipeline authorised it (an OAuth grant: narrowed by its parent)."""
