@@ -270,11 +270,13 @@ class Sidecar:
         return state
 
     def _key_granted(self, key_id: str) -> object:
-        """What the key may reach now, as the pipeline authorised it (an OAuth grant: narrowed by its parent)."""
+        """What the key may reach now and with which secret, as the pipeline authorised it (``scope.granted``)."""
         record = self.verifier.table.get(key_id)
         if record is not None and record.parent_id is not None and self.oauth is not None:
             record = self.oauth.allowed_now(record)
-        return record.permissions if record is not None else None
+        # hash(): a secret replaced under the same id (a keys-file edit) ends the old secret's streams;
+        # Python's str hash, not the argon2 text, so no secret material sits in the request scope.
+        return (record.permissions, hash(record.hash)) if record is not None else None
 
     def _secrets(self) -> list[str | None]:
         """Every secret this sidecar holds, for the log redactor."""

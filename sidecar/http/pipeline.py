@@ -202,7 +202,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
-    scope.granted = key.permissions  # a stream of it ends if they change (http/streams.py)
+    scope.granted = (key.permissions, hash(key.hash))  # its streams end if either changes (app._key_granted)
     if in_path:
         raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 

@@ -232,3 +232,46 @@ async def test_a_key_narrowed_loses_its_open_streams_and_a_renamed_one_keeps_the
     await ws_kept.close()
     resp = await r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": key})
     assert resp.status == 403
+
+
+async def test_a_secret_replaced_under_the_same_id_ends_the_old_secrets_streams(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A keys file whose entry keeps its id and permissions but gets a new hash (the operator
+    replaced a leaked secret in place). Before: the old secret's open websocket went on, since the
+    key was still active with the same permissions. Now it ends; the old secret gets 401."""
+    import yaml
+
+    from sidecar.auth.keys import display_form, generate_key
+    from sidecar.auth.models import KeyRecord
+    from sidecar.auth.verify import password_hasher
+
+    cheap = password_hasher("cheapest")
+    old, parts = generate_key("pmcp_")
+    rec = KeyRecord(id=parts.key_id, name="in-file", hash=cheap.hash(parts.secret),
+                    display=display_form("pmcp_", parts.key_id, old))  # fmt: skip
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [rec.to_dict()]}))
+    up = await aiohttp_server(ticking_upstream())
+    cfg = base_config(
+        str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
+    )
+    cfg["store"] = {"kind": "yaml", "path": str(keys_file)}
+    r = await make_sidecar(cfg)
+    ws = await r.proxy.ws_connect("/:/websockets/notifications", params={"X-Plex-Token": old})
+    assert (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
+    new, new_parts = generate_key("pmcp_", rec.id)
+    replaced = rec.with_changes(hash=cheap.hash(new_parts.secret), display=display_form("pmcp_", rec.id, new))
+    keys_file.write_text(yaml.safe_dump({"keys": [replaced.to_dict()]}))
+    await r.sc.verifier.refresh(force=True)  # SIGHUP
+    try:
+        async with asyncio.timeout(2):
+            while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+                pass
+    finally:
+        await ws.close()
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
+    resp = await r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": old})
+    assert resp.status == 401
+    async with r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": new}) as resp:
+        assert resp.status == 200
