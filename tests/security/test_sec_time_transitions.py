@@ -275,3 +275,22 @@ async def test_a_secret_replaced_under_the_same_id_ends_the_old_secrets_streams(
     assert resp.status == 401
     async with r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": new}) as resp:
         assert resp.status == 200
+
+
+async def test_a_request_waiting_for_its_answer_gets_403_once_its_key_loses_the_path(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    r, release, asked = await _rig(make_sidecar, aiohttp_server, tmp_path)
+    rec, key = await r.create_key()
+    task = asyncio.create_task(r.proxy.get("/library/sections", headers={"X-Plex-Token": key}))
+    async with asyncio.timeout(2):
+        await asked.wait()
+    await r.sc.manager().patch(rec.id, {"permissions": {"upstreams": ["plex"], "paths": ["/status/*"]}}, "test")
+    await r.sc.verifier.refresh()
+    try:
+        async with asyncio.timeout(2):
+            resp = await task
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "insufficient_permissions"
+    finally:
+        release.set()
+        await asyncio.gather(task, return_exceptions=True)
