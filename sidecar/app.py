@@ -97,7 +97,7 @@ class Sidecar:
         self.pools: dict[str, ConnectionPool] = {}  # plain-HTTP MCP upstreams: the lean client (http/pool.py)
         self.forwarder = Forwarder(self.sessions, self.pools)
         # Open streams per key, ended within a sweep of their key's revocation or expiry.
-        self.streams = StreamRegistry(self._key_state, self.metrics.registry)
+        self.streams = StreamRegistry(self._key_state, self.metrics.registry, self._key_granted)
         self.forwarder.streams = self.streams
         logfilter.install(self._secrets())
         # No repeat-hit shortcuts next to an MCP gateway: it answers some paths before routing.
@@ -263,7 +263,22 @@ class Sidecar:
         if self.jwt is not None and key_id.startswith("jwt:"):
             return self.jwt.state(key_id)  # a JWT subject: active while its latest token is
         record = self.verifier.table.get(key_id)
-        return self.verifier.state(record, self.clock()) if record is not None else "revoked"
+        if record is None:
+            return "revoked"
+        now = self.clock()
+        state = self.verifier.state(record, now)
+        if state == "active" and record.parent_id is not None and self.oauth is not None:
+            return self.oauth.token_state(key_id, now)  # an OAuth grant: active while one of its tokens is
+        return state
+
+    def _key_granted(self, key_id: str) -> object:
+        """What the key may reach now and with which secret, as the pipeline authorised it (``scope.granted``)."""
+        record = self.verifier.table.get(key_id)
+        if record is not None and record.parent_id is not None and self.oauth is not None:
+            record = self.oauth.allowed_now(record)
+        # hash(): a secret replaced under the same id (a keys-file edit) ends the old secret's streams;
+        # Python's str hash, not the argon2 text, so no secret material sits in the request scope.
+        return (record.permissions, hash(record.hash)) if record is not None else None
 
     def _secrets(self) -> list[str | None]:
         """Every secret this sidecar holds, for the log redactor."""

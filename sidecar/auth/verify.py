@@ -59,6 +59,7 @@ from ..clocks import steady_clock
 from ..config import KeysConfig
 from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, SidecarError, TooManyFailures
 from .keys import ParsedKey, parse_key
+from .latch import Ended, carried, carry, current
 from .models import KeyRecord
 
 if TYPE_CHECKING:  # the verifier reads a store; it never depends on store/ at run time
@@ -214,8 +215,8 @@ class Verifier:
         self.prefix = config.prefix
         self.clock = clock  # wall: expiry and revocation
         self.steady = steady_clock(clock, steady)  # intervals: failure throttling
-        # key id -> (record, "revoked"/"expired") once seen so: a wall clock stepped back does not revive it
-        self._ended: dict[str, tuple[KeyRecord, str]] = {}
+        # key id -> (record, state, own end) once seen ended: a wall clock stepped back revives nothing (``latch``)
+        self._ended: dict[str, Ended] = {}
         self.hasher = password_hasher(config.argon2_profile)
         self.table: dict[str, KeyRecord] = {}
         # key id -> (argon2 hash it was verified against, sha256 of the secret)
@@ -232,6 +233,7 @@ class Verifier:
         self.store_lookups = 0
         self.poll_errors = 0  # polls that failed and kept the current keys (sidecar_store_reload_errors_total)
         self._on_change = on_change
+        self._refreshing = asyncio.Lock()
         self._loaded_at = 0.0
 
     # ------------------------------------------------------------ table upkeep
@@ -247,7 +249,12 @@ class Verifier:
             self._on_change(list(self.table.values()), True)
 
     async def refresh(self, force: bool = False) -> bool:
-        """Apply changes made by any process; True when something changed."""
+        """Apply changes made by any process; True when something changed. One re-read at a time: a
+        full one (SIGHUP) applied after a poll that saw a newer revocation would undo it for good."""
+        async with self._refreshing:
+            return await self._refresh(force)
+
+    async def _refresh(self, force: bool) -> bool:
         changes = await self.store.poll(force=force)
         if changes is None:
             return False
@@ -255,12 +262,12 @@ class Verifier:
             self.table = {r.id: r for r in changes.records}
             self._verified = {k: v for k, v in self._verified.items() if k in self.table}
             self._known = {}
-            self._ended = {k: v for k, v in self._ended.items() if self.table.get(k) is v[0]}
+            self._ended = {k: kept for k, v in self._ended.items() if (kept := carried(v, self.table.get(k)))}
             _settle(self.table)
         else:
             for rec in changes.records:
                 self.table[rec.id] = rec
-                self._ended.pop(rec.id, None)
+                carry(self._ended, rec)
         self._note_ended(changes.records)
         if self._on_change:
             self._on_change(changes.records, changes.full)
@@ -287,15 +294,15 @@ class Verifier:
     def state(self, record: KeyRecord, now: float) -> str:
         """``record.state(now)``, except that a record once seen revoked or expired stays so.
 
-        The latch is per record object: an admin who extends or un-revokes a key writes a new
-        record, which is judged afresh. One dict lookup on the hot path when the latch is in use.
+        The latch holds while ``revoked_at`` and ``expires_at`` stay as they were, across re-reads too
+        (``latch.carried``): an admin who extends or un-revokes a key changes them. One dict lookup.
         """
-        state = record.state(now)
+        state = own = record.state(now)
         if state == "active" and record.parent_id is not None:  # an OAuth grant ends with its parent key
             parent = self.table.get(record.parent_id)
             state = "revoked" if parent is None or parent.parent_id is not None else self.state(parent, now)
         if state != "active":
-            self._ended[record.id] = (record, state)
+            self._ended[record.id] = (record, state, own != "active")
             return state
         if self._ended:
             ended = self._ended.get(record.id)
@@ -386,6 +393,8 @@ class Verifier:
         fresh = cached is not None and cached[0] == record.hash and hmac.compare_digest(cached[1], digest)
         if not fresh and not await self._check_secret(record, parsed.secret, digest, bucket):
             raise InvalidKey("wrong API key")  # the failure was counted where argon2 ran
+        if not fresh:
+            record = current(self.table, record)  # argon2 queued: revoked or replaced meanwhile?
         if len(self._known) >= MAX_FINGERPRINTS:
             self._known.clear()
         self._known[fingerprint] = record

@@ -222,8 +222,12 @@ class ResponseCache(EntryStore):
         *,
         response_filter: ResponseFilter | None = None,
         on_headers: OnHeaders | None = None,
+        waiting: Callable[[], contextlib.AbstractAsyncContextManager[object]] | None = None,
     ) -> web.StreamResponse:
         """Answer from the cache, or fetch (filling the cache when the answer is storable).
+
+        ``waiting()``: held around a follower's wait for its leader, so that the wait ends (401)
+        when the follower's own key is revoked or expires meanwhile (``http.streams``, invariant 5).
 
         ``path`` is the upstream-relative path the rule matched (what purge globs see).
         ``url`` and ``headers`` are the ones going upstream; ``fetch`` sends them, so edits
@@ -259,7 +263,10 @@ class ResponseCache(EntryStore):
             rounds += 1
             self.waiting += 1
             try:
-                async with asyncio.timeout(min(COALESCE_WAIT, upstream.read_timeout)):
+                async with (
+                    waiting() if waiting is not None else contextlib.nullcontext(),
+                    asyncio.timeout(min(COALESCE_WAIT, upstream.read_timeout)),
+                ):
                     await flight.done.wait()
             except TimeoutError:
                 pass  # the leader is too slow: go alone (below)

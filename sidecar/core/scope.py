@@ -28,6 +28,7 @@ class RequestScope:
     tool: str = ""  # MCP tool name(s)
     credential: str = ""  # credential form(s) used
     rate_limited: bool = False
+    granted: object = None  # the key's permissions (and secret) as authorised: its streams end when they change
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

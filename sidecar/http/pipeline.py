@@ -202,6 +202,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
+    scope.granted = (key.permissions, hash(key.hash))  # its streams end if either changes (app._key_granted)
     if in_path:
         raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 
@@ -280,7 +281,7 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
 
             cached = await sc.cache.serve(
                 request, scope, upstream, rule, path, url, headers, identity, client_key, fetch,
-                response_filter=response_filter, on_headers=on_headers,
+                response_filter=response_filter, on_headers=on_headers, waiting=lambda: sc.forwarder.waiting(scope),
             )  # fmt: skip
             if scope.cache in ("HIT", "STALE"):
                 await sc.limiter.served_from_cache(key, upstream)  # gives the budget back unless count_cache_hits
@@ -428,7 +429,7 @@ async def _authenticate(
         sid = sc.transcode.session_of(path)
         owner = sc.transcode.keyless_owner(sid, scope.client_ip) if sid else None  # from the player's address
         rec = sc.verifier.table.get(owner) if owner else None
-        if rec is not None and rec.state() == "active":
+        if rec is not None and sc.verifier.state(rec, sc.verifier.clock()) == "active":  # wall clock, latch, parent
             scope.credential = "transcode_session"
             return rec
     raise Unauthorized("an API key is required")

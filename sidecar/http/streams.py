@@ -22,24 +22,26 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter
 
+from ..core.errors import ExpiredKey, Forbidden, RevokedKey
+
 __all__ = ["Closer", "StreamRegistry"]
 
 log = logging.getLogger("sidecar.streams")
 
-Closer = Callable[[str], Awaitable[None]]  # called with the reason ("revoked", "expired")
+Closer = Callable[[str], Awaitable[None]]  # called with the reason ("revoked", "expired", "changed")
 
 
 class _Watch:
     """``async with registry.watch(key_id, closer):`` around the relay of one stream."""
 
-    __slots__ = ("closer", "key_id", "registry")
+    __slots__ = ("closer", "granted", "key_id", "registry")
 
-    def __init__(self, registry: StreamRegistry, key_id: str, closer: Closer) -> None:
-        self.registry, self.key_id, self.closer = registry, key_id, closer
+    def __init__(self, registry: StreamRegistry, key_id: str, closer: Closer, granted: object = None) -> None:
+        self.registry, self.key_id, self.closer, self.granted = registry, key_id, closer, granted
 
     async def __aenter__(self) -> _Watch:
         if self.key_id:
-            self.registry._open.setdefault(self.key_id, {})[id(self)] = self.closer
+            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self.closer, self.granted)
         return self
 
     async def __aexit__(
@@ -52,16 +54,78 @@ class _Watch:
                 del self.registry._open[self.key_id]
 
 
+class _Wait:
+    """``async with registry.waiting(key_id):`` around a wait for the upstream's answer (nothing sent yet).
+
+    An upstream may take its whole ``read_timeout`` (a minute, for a slow Plex or an MCP tool
+    answering as JSON) before its headers; a request of a key revoked meanwhile must not be
+    answered then. The sweep cancels the wait (closing the upstream request) and the client
+    gets ``401 revoked_key``/``expired_key``: nothing had been sent, so a designed answer can be.
+    No task of its own: the closer cancels the waiting task, and only while it is inside.
+    """
+
+    __slots__ = ("ended", "granted", "inside", "key_id", "registry", "task")
+
+    def __init__(self, registry: StreamRegistry, key_id: str, granted: object = None) -> None:
+        self.registry, self.key_id, self.granted = registry, key_id, granted
+        self.task: asyncio.Task[object] | None = None
+        self.ended: str | None = None
+        self.inside = False
+
+    async def _close(self, reason: str) -> None:
+        # Run by the sweep's task: the waiting task is suspended, inside the block or gone past it.
+        if self.inside and self.ended is None and self.task is not None:
+            self.ended = reason
+            self.task.cancel()
+
+    async def __aenter__(self) -> _Wait:
+        self.task = asyncio.current_task()
+        if self.key_id and self.task is not None:
+            self.inside = True
+            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self._close, self.granted)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.inside:
+            return
+        self.inside = False
+        streams = self.registry._open.get(self.key_id)
+        if streams is not None:
+            streams.pop(id(self), None)
+            if not streams:
+                del self.registry._open[self.key_id]
+        # uncancel() first, always: ours is answered; another (the client going away) stays a cancel.
+        ended = self.ended is not None and self.task is not None and self.task.uncancel() == 0
+        if ended and et is asyncio.CancelledError:
+            if self.ended == "expired":
+                raise ExpiredKey("this API key has expired") from None
+            if self.ended == "changed":
+                raise Forbidden("this API key's permissions changed while the upstream answered") from None
+            raise RevokedKey("this API key has been revoked") from None
+
+
 class StreamRegistry:
     """Key id -> its open streams' closers; ``sweep`` ends those of keys no longer active.
 
     ``state(key_id)`` answers ``active``, ``revoked`` or ``expired`` from the verifier's
-    table (a key gone from the table counts as revoked).
+    table (a key gone from the table counts as revoked). ``granted(key_id)``, when given, is
+    what the key may reach now (its permissions; None: not known): a stream registered with
+    another ``granted`` than the key has now is ended too (reason ``changed``), because an
+    operator who narrows a key expects its open websocket to a path it lost to stop; the
+    client reconnects, and is authorised again, if it still may.
     """
 
-    def __init__(self, state: Callable[[str], str], registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        state: Callable[[str], str],
+        registry: CollectorRegistry | None = None,
+        granted: Callable[[str], object] | None = None,
+    ) -> None:
         self.state = state
-        self._open: dict[str, dict[int, Closer]] = {}
+        self.granted = granted
+        self._open: dict[str, dict[int, tuple[Closer, object]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.closed = Counter(
             "sidecar_streams_closed",
@@ -70,8 +134,12 @@ class StreamRegistry:
             registry=registry,
         )
 
-    def watch(self, key_id: str, closer: Closer) -> _Watch:
-        return _Watch(self, key_id, closer)
+    def watch(self, key_id: str, closer: Closer, granted: object = None) -> _Watch:
+        """``granted``: the key's permissions the stream was authorised under (None: not rechecked)."""
+        return _Watch(self, key_id, closer, granted)
+
+    def waiting(self, key_id: str, granted: object = None) -> _Wait:
+        return _Wait(self, key_id, granted)
 
     def open_streams(self, key_id: str) -> int:
         return len(self._open.get(key_id, ()))
@@ -82,16 +150,36 @@ class StreamRegistry:
         for key_id in list(self._open):
             reason = self.state(key_id)
             if reason == "active":
+                if self.granted is not None:
+                    ended += self._recheck(key_id, self.granted(key_id))
                 continue
-            closers = list(self._open.pop(key_id).values())
-            ended += len(closers)
-            self.closed.labels(reason=reason).inc(len(closers))
-            log.warning("closing %d open stream(s) of key %s: key %s", len(closers), key_id, reason)
-            for close in closers:
-                task = asyncio.create_task(self._close(close, reason))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+            closers = [c for c, _ in self._open.pop(key_id).values()]
+            ended += self._end(key_id, closers, reason)
         return ended
+
+    def _recheck(self, key_id: str, now: object) -> int:
+        """End the streams of an active key that were authorised under other permissions than it has now."""
+        if now is None:
+            return 0
+        streams = self._open[key_id]
+        changed = [
+            i for i, (_, granted) in streams.items() if granted is not None and granted is not now and granted != now
+        ]
+        if not changed:
+            return 0
+        closers = [streams.pop(i)[0] for i in changed]
+        if not streams:
+            del self._open[key_id]
+        return self._end(key_id, closers, "changed")
+
+    def _end(self, key_id: str, closers: list[Closer], reason: str) -> int:
+        self.closed.labels(reason=reason).inc(len(closers))
+        log.warning("closing %d open stream(s) of key %s: key %s", len(closers), key_id, reason)
+        for close in closers:
+            task = asyncio.create_task(self._close(close, reason))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return len(closers)
 
     @staticmethod
     async def _close(close: Closer, reason: str) -> None:

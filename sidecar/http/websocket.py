@@ -51,7 +51,7 @@ async def relay_websocket(
     session = fw.sessions[upstream.id]
     ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
     try:
-        async with asyncio.timeout(upstream.read_timeout):
+        async with fw.waiting(scope), asyncio.timeout(upstream.read_timeout):  # revoked meanwhile: 401
             up = await session.ws_connect(ws_url, headers=headers, protocols=protocols, autoping=False)
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {upstream.id} did not answer within {upstream.read_timeout:g}s") from None

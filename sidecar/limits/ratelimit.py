@@ -65,6 +65,7 @@ from ..config import Config, Limit, UpstreamConfig
 from ..core.errors import BadRequest, Conflict, QuotaExceeded, RateLimited, ServiceUnavailable, SidecarError
 from ..store import Store, StoreError
 from . import gcra
+from .charged import window_moment
 from .concurrency import NO_SLOT, ConcurrencySlot, RefundingSlot, concurrency_error
 from .gcra import QUOTA_POLICY, US, BackendDown, MemoryBackend, Outcome, Plan, QuotaRule, RateDecision, resolve_plan
 from .quota import CounterKey, QuotaBook, quota_metrics, window_bounds, window_id
@@ -270,7 +271,7 @@ class RateLimiter:
         qkey: CounterKey | None = None
         qstart = qend = now
         if plan.quota is not None:
-            qstart, qend, wid = self._window(plan.quota.limit, now)
+            qstart, qend, wid = self._window(plan.quota.limit, window_moment(key.budget_id or key.id, now, cost))
             qkey = (key.budget_id or key.id, plan.quota.scope, wid)
         now_us = int(now * US)
         outcome: Outcome | None = None

@@ -114,6 +114,7 @@ class OAuthServer:
         self._metadata = json.dumps(server_metadata(self.config, self.issuer)).encode()
         self._access: dict[str, OAuthToken] = {}  # digest -> access token row, once seen
         self._narrowed: dict[str, tuple[KeyRecord, KeyRecord, KeyRecord]] = {}  # grant id -> (grant, parent, now)
+        self._token_ends: dict[str, float] = {}  # grant id -> latest expiry of its access tokens seen (streams)
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
         self.fetch_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # client metadata documents fetched
@@ -237,7 +238,17 @@ class OAuthServer:
             raise RevokedKey("this access token's grant has been revoked", headers)
         if state == "expired":
             raise ExpiredKey("this access token's grant has expired", headers)
+        if tok.expires_at > self._token_ends.get(record.id, 0.0):
+            if len(self._token_ends) >= MAX_CACHED_TOKENS:
+                self._token_ends = {k: v for k, v in self._token_ends.items() if v > now}  # the ended go first
+            self._token_ends[record.id] = tok.expires_at
         return self.allowed_now(record)
+
+    def token_state(self, grant_id: str, now: float) -> str:
+        """``active`` while an access token of the grant this process has seen is unexpired, else
+        ``expired``: a stream an access token opened ends with it (invariant 5), as a JWT's does;
+        a client that refreshed keeps its streams. Unknown (a flood emptied the table): expired."""
+        return "active" if now < self._token_ends.get(grant_id, 0.0) else "expired"
 
     async def grant_record(self, key_id: str) -> KeyRecord | None:
         """The grant from the verifier's table, or (a fleet: a grant another replica made since this

@@ -1,0 +1,105 @@
+"""An OAuth access token's open stream ends when the token expires (invariant 5), as a JWT's does.
+
+A stream authorised by an access token never asks again. Its grant stays active for as long as
+its client keeps refreshing, so before, a stream opened with a token that leaked (or one that
+simply expired) went on for as long as the connection held. Now it ends within a sweep once no
+token of its grant this process has seen is valid any more; a client that refreshed keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import Running
+from mcp_server import McpUpstream
+from oauth_support import code_for, exchange, free_port, oauth_config, register, start_sidecar
+
+from sidecar.app import Sidecar
+
+
+class Clock:
+    """Real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def rig(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> tuple[Running, Clock]:
+    port = free_port()
+    cfg = oauth_config(upstream, tmp_path, port, access_token_ttl="10m")
+    cfg["upstreams"][0]["url"] = upstream.url  # the legacy SSE transport: GET /mcp/tools/sse is the stream
+    cfg["keys"] = {"argon2": "cheapest", "stream_check_interval": "50ms"}
+    clock = Clock()
+    return await start_sidecar(aiohttp_client, cfg, tmp_path, started, clock=clock), clock
+
+
+async def token(gw: Running) -> dict[str, Any]:
+    _, key = await gw.create_key(permissions={"upstreams": ["*"]})
+    client = await register(gw, token_endpoint_auth_method="none")
+    code, verifier = await code_for(gw, key, client["client_id"])
+    status, body = await exchange(gw, client["client_id"], code, verifier)
+    assert status == 200, body
+    return {**body, "client_id": client["client_id"]}
+
+
+async def opened(gw: Running, access: str) -> aiohttp.ClientResponse:
+    stream = await gw.proxy.get("/mcp/tools/sse", headers={"Authorization": f"Bearer {access}"})
+    assert stream.status == 200
+    first = b""
+    while b"endpoint" not in first:
+        first += await stream.content.readany()
+    return stream
+
+
+async def test_an_access_tokens_stream_ends_when_the_token_expires(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> None:
+    gw, clock = await rig(aiohttp_client, upstream, tmp_path, started)
+    access = (await token(gw))["access_token"]
+    headers = {"Authorization": f"Bearer {access}"}
+    async with await opened(gw, access) as stream:
+        clock.offset = 11 * 60.0  # the token's ten minutes are over; the grant itself stands
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
+            async with asyncio.timeout(2):
+                while await stream.content.readany():
+                    pass
+    resp = await gw.proxy.get("/mcp/tools/sse", headers=headers)
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "expired_key"
+
+
+async def test_a_client_that_refreshed_keeps_its_stream(
+    aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
+) -> None:
+    gw, clock = await rig(aiohttp_client, upstream, tmp_path, started)
+    tokens = await token(gw)
+    grant_id = next(r.id for r in gw.sc.verifier.table.values() if r.parent_id is not None)
+    async with await opened(gw, tokens["access_token"]) as stream:
+        clock.offset = 9 * 60.0
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": tokens["client_id"],
+        }
+        fresh = await (await gw.proxy.post("/oauth/token", data=form)).json()
+        async with await opened(gw, fresh["access_token"]):  # the client goes on with its new token
+            pass
+        async with asyncio.timeout(2):
+            while gw.sc.streams.open_streams(grant_id) != 1:  # the second one's end reaches the server
+                await asyncio.sleep(0.01)
+        clock.offset = 11 * 60.0  # the first token has expired, the second has not
+        assert gw.sc.streams.sweep() == 0 and gw.sc.streams.open_streams(grant_id) == 1
+        clock.offset = 20 * 60.0  # no token of the grant is valid any more: the next sweep ends it
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(2):
+                while await stream.content.readany():
+                    pass
