@@ -206,9 +206,27 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     where = describe_dsn(config.store.dsn) if config.store.dsn else config.store.path
     print(f"{args.config}: OK — listen {config.listen}, admin {config.admin.listen}, store {config.store.kind} "
           f"{where}, upstreams: {ups}")  # fmt: skip
-    for warning in [*_file_mode_warnings(config), *filter(None, [config.admin.weak_token()])]:
+    for warning in [
+        *_file_mode_warnings(config),
+        *filter(None, [config.admin.weak_token()]),
+        *_slow_revocation(config),
+    ]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _slow_revocation(config: Config) -> list[str]:
+    """Intervals that stretch revocation past DESIGN invariant 5 (1 s for new requests, 5 s for open streams):
+    allowed (the operator's trade), but said."""
+    poll = config.store.poll_interval if config.store.kind != "postgres" else 0.0  # postgres: LISTEN/NOTIFY
+    out = []
+    if poll > 1:
+        out.append(f"store.poll_interval is {poll:g}s: a revoked key's new requests are refused up to {poll:g}s late "
+                   "(the contract says 1s)")  # fmt: skip
+    if (ends := poll + config.keys.stream_check_interval) > 5:
+        out.append(f"keys.stream_check_interval and store.poll_interval let a revoked key's open streams run up to "
+                   f"{ends:g}s (the contract says 5s)")  # fmt: skip
+    return out
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

@@ -302,3 +302,20 @@ def test_config_check_warns_of_an_admin_token_too_short_to_resist_guessing(
     monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", "y" * 64)
     code, _, err = run(capsys, "config", "check", "-c", str(write_config(tmp_path)))
     assert code == 0 and "admin token" not in err
+
+
+def test_config_check_warns_of_intervals_that_stretch_revocation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN invariant 5 (1 s for new requests, 5 s for open streams) rests on two intervals an operator may
+    raise: ``config check`` says what the contract becomes, and still accepts the file."""
+    monkeypatch.setenv("PLEX_TOKEN", PLEX_TOKEN)
+    path = write_config(tmp_path, kind="sqlite", path="sidecar.db", poll_interval="3s")
+    text = path.read_text() + "keys:\n  argon2: cheapest\n  stream_check_interval: 4s\n"
+    path.write_text(text.replace("keys:\n  argon2: cheapest\n", "", 1))
+    code, _, err = run(capsys, "config", "check", "-c", str(path))
+    assert code == 0, err
+    assert "store.poll_interval is 3s: a revoked key's new requests are refused up to 3s late" in err
+    assert "open streams run up to 7s (the contract says 5s)" in err
+    code, _, err = run(capsys, "config", "check", "-c", str(write_config(tmp_path)))
+    assert code == 0 and "contract" not in err
