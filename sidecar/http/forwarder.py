@@ -108,23 +108,6 @@ class Forwarder:
             return contextlib.nullcontext()
         return self.streams.watch(scope.key_id, closer, scope.granted)
 
-    async def _answer(
-        self,
-        scope: RequestScope,
-        request: web.Request,
-        upstream: UpstreamConfig,
-        session: aiohttp.ClientSession | ConnectionPool,
-        url: URL,
-        headers: CIMultiDict[str],
-        data: bytes | AsyncIterator[bytes] | None,
-        deadline: IdleDeadline,
-        upload: Upload,
-    ) -> Answer:
-        """``_send``, ended with 401 when the key is revoked or expires while the upstream thinks
-        (up to its ``read_timeout``): no answer reaches a key revoked meanwhile (invariant 5)."""
-        async with self.waiting(scope):
-            return await self._send(request, upstream, session, url, headers, data, deadline, upload)
-
     def waiting(self, scope: RequestScope) -> contextlib.AbstractAsyncContextManager[object]:
         """Ends a wait for the upstream's answer with 401 when its key is revoked or expires (``streams._Wait``)."""
         if self.streams is None or not scope.key_id:
@@ -219,7 +202,7 @@ class Forwarder:
         if pool is not None and held and request.method in METHODS:
             session = pool
         started = time.perf_counter()
-        resp = await self._answer(scope, request, upstream, session, url, headers, data, deadline, upload)
+        resp = await self._send(scope, request, upstream, session, url, headers, data, deadline, upload)
         if scrub is not None and held and request.method in ("GET", "HEAD") and whole_needed(resp.status, resp.headers):
             # Ranges of a body that must be scrubbed could be joined around the token: ask for
             # it whole (a server may always ignore Range); a 206 again is refused by the filter.
@@ -227,7 +210,7 @@ class Forwarder:
             resp.close()
             for name in ("Range", "If-Range"):
                 headers.popall(name, None)
-            resp = await self._answer(scope, request, upstream, session, url, headers, data, deadline, upload)
+            resp = await self._send(scope, request, upstream, session, url, headers, data, deadline, upload)
         scope.upstream_seconds = time.perf_counter() - started
         if not 100 <= resp.status <= 599:  # aiohttp's client takes any three digits (RFC 9110 §15: invalid)
             resp.close()
@@ -265,8 +248,9 @@ class Forwarder:
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
-    @staticmethod
     async def _send(
+        self,
+        scope: RequestScope,
         request: web.Request,
         upstream: UpstreamConfig,
         session: aiohttp.ClientSession | ConnectionPool,
@@ -276,12 +260,14 @@ class Forwarder:
         deadline: IdleDeadline,
         upload: Upload,
     ) -> Answer:
-        """The upstream's answer up to its headers, or the contract error for why there is none."""
+        """The upstream's answer up to its headers, or the contract error for why there is none; ended with
+        401 when the key is revoked or expires while the upstream thinks (up to its ``read_timeout``): no
+        answer reaches a key revoked meanwhile (invariant 5)."""
         limit = upstream.max_body
         # aiohttp itself sends an idempotent request once more when a pooled keep-alive
         # connection turns out closed (RFC 9112 §9.3.1); a streamed body is never replayed.
         try:
-            async with deadline:
+            async with self.waiting(scope), deadline:
                 if isinstance(session, ConnectionPool):
                     assert data is None or isinstance(data, bytes)
                     return await session.request(request.method, url, headers, data)
