@@ -76,6 +76,8 @@ def streaming_upstream() -> web.Application:
     app.router.add_get("/events", events)
     app.router.add_get("/download", download)
     app.router.add_get("/endless", endless)
+    app.router.add_get("/:/websockets/notifications", ws)  # the same two at Plex's own paths
+    app.router.add_get("/:/eventsource/notifications", events)
     return app
 
 

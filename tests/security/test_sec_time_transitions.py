@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
+from test_sec_revocation import streaming_upstream
 
 HOUR = 3600.0
 START = "/video/:/transcode/universal/start.m3u8"
@@ -165,38 +166,6 @@ async def test_a_cache_follower_gets_nothing_once_its_key_is_revoked(
     assert resp.status == 200 and await resp.text() == "the answer"
 
 
-def ticking_upstream() -> web.Application:
-    """A websocket and an event stream that tick until the other side goes away."""
-
-    async def ws(request: web.Request) -> web.StreamResponse:
-        sock = web.WebSocketResponse()
-        await sock.prepare(request)
-        n = 0
-        while not sock.closed:
-            await sock.send_str(f"tick {n}")
-            n += 1
-            try:
-                msg = await sock.receive(timeout=0.05)
-            except TimeoutError:
-                continue
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                break
-        return sock
-
-    async def events(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for n in range(10_000):
-            await resp.write(f"data: {n}\n\n".encode())
-            await asyncio.sleep(0.05)
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/:/websockets/notifications", ws)
-    app.router.add_get("/:/eventsource/notifications", events)
-    return app
-
-
 async def test_a_key_narrowed_loses_its_open_streams_and_a_renamed_one_keeps_them(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
 ) -> None:
@@ -204,7 +173,7 @@ async def test_a_key_narrowed_loses_its_open_streams_and_a_renamed_one_keeps_the
     open websocket and event stream went on for as long as the client kept them (only revocation
     and expiry were swept). Now they end within a sweep (websocket: 1008; the event stream is
     cut), and a reconnect is refused 403. An edit that leaves permissions alone ends nothing."""
-    up = await aiohttp_server(ticking_upstream())
+    up = await aiohttp_server(streaming_upstream())
     cfg = base_config(
         str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
     )
@@ -252,7 +221,7 @@ async def test_a_secret_replaced_under_the_same_id_ends_the_old_secrets_streams(
                     display=display_form("pmcp_", parts.key_id, old))  # fmt: skip
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(yaml.safe_dump({"keys": [rec.to_dict()]}))
-    up = await aiohttp_server(ticking_upstream())
+    up = await aiohttp_server(streaming_upstream())
     cfg = base_config(
         str(up.make_url("")).rstrip("/"), tmp_path, keys={"argon2": "cheapest", "stream_check_interval": "50ms"}
     )
