@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import PLEX_TOKEN, MakeSidecar, Running, base_config
+from test_sec_upgrade import raw
 
 WS_PATH = "/:/websockets/notifications"
 
@@ -45,23 +46,6 @@ def ws_upstream(seen: list[dict[str, str]]) -> web.Application:
     app = web.Application()
     app.router.add_route("GET", WS_PATH, notifications)
     return app
-
-
-async def raw(running: Running, request: bytes) -> bytes:
-    """Send ``request`` on a fresh connection; the answer's head and what follows within a moment."""
-    server = running.proxy.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(2.0):
-            answer = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (int(h.split(b":")[1]) for h in answer.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0
-            )
-            return answer + await reader.readexactly(length)
-    finally:
-        writer.close()
 
 
 def handshake(key: str, conn: str = "Connection: Upgrade\r\n", version: str = "13", extra: str = "") -> bytes:
