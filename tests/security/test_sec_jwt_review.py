@@ -21,17 +21,16 @@ from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jwt_support import AUDIENCE, IdP, b64, bearer, provider
+from jwt_support import AUDIENCE, IdP, b64, provider
 from limits_support import Clock
+from test_sec_jwt_sealing import GRANT_ALL, HS_ISSUER, HS_SECRET, answer, gw
 
 from sidecar.auth.jwt import JwtAuthenticator
 from sidecar.config.jwt import JwtProvider
 from sidecar.core.errors import Forbidden, InvalidToken
 from sidecar.demo import SEEN
 
-HS_ISSUER = "https://minter.test"
-HS_SECRET = "an HMAC secret of at least 32 bytes for HS256 tests"
-GRANT_ALL = {"grant": {"upstreams": ["plex"]}}
+__all__ = ["gw"]  # the fixture (test_sec_jwt_sealing's, on this file's idp), re-exported for pytest
 
 
 @pytest.fixture
@@ -39,14 +38,6 @@ async def idp(aiohttp_server: Any) -> IdP:
     idp = IdP()
     idp.add_key("k1", "RSA")
     return await idp.start(aiohttp_server)
-
-
-@pytest.fixture
-async def gw(make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, idp: IdP) -> Running:
-    hs = {"issuer": HS_ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "secret_env": "HS_SECRET"}
-    providers = [provider(idp, [GRANT_ALL]), {**hs, "rules": [GRANT_ALL]}]
-    cfg = base_config(str(plex_upstream.make_url("")).rstrip("/"), tmp_path, jwt=providers)
-    return await make_sidecar(cfg, extra_env={"HS_SECRET": HS_SECRET})
 
 
 def hs256(payload: dict[str, Any], header: bytes = b'{"alg":"HS256","typ":"JWT"}') -> str:
@@ -57,13 +48,6 @@ def hs256(payload: dict[str, Any], header: bytes = b'{"alg":"HS256","typ":"JWT"}
 
 def claims(**over: Any) -> dict[str, Any]:
     return {"iss": HS_ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300, **over}
-
-
-async def answer(gw: Running, token: str) -> tuple[int, dict[str, Any]]:
-    r = await gw.proxy.get("/library/sections", headers=bearer(token))
-    text = await r.text()
-    assert token not in text
-    return r.status, json.loads(text) if r.content_type == "application/json" else {}
 
 
 # ----------------------------------------------------------------------------- a header that is no JSON object
