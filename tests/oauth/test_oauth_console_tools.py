@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
-import pytest
 from conftest import Running
-from mcp_server import McpUpstream
-from oauth_support import authorize_url, free_port, oauth_config, pkce, register
-from oauth_support import start_sidecar as start_oauth_sidecar
+from oauth_support import authorize_url, pkce, register
+from test_oauth_console import gw
 
-from sidecar.app import Sidecar
-
-CONSOLE_URL = "https://admin.example.test:9443"
-
-
-@pytest.fixture
-async def gw(aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path) -> AsyncIterator[Running]:
-    started: list[Sidecar] = []
-    cfg = oauth_config(upstream, tmp_path, free_port(), console_url=CONSOLE_URL)
-    gw = await start_oauth_sidecar(aiohttp_client, cfg, tmp_path, started)
-    yield gw
-    for sc in started:
-        await sc.close()
+__all__ = ["gw"]  # the fixture, test_oauth_console's (a sidecar with oauth.console_url), re-exported for pytest
 
 
 async def test_a_delegate_approving_from_the_console_sees_only_its_own_tools(gw: Running) -> None:
