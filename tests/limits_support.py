@@ -28,5 +28,22 @@ class Clock:
         self.t += seconds
 
 
+class Clocks:
+    """A steady clock the test advances and a wall clock that is the steady one plus a step."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+        self.step = 0.0
+
+    def steady(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.t + self.step
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def key(kid: str = "k1", **fields: Any) -> KeyRecord:
     return KeyRecord(id=kid, name="test", hash="$argon2id$unused", **fields)

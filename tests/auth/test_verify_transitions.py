@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_verify import Clock  # its clock starts at T0 too
 
 from sidecar.auth.keys import display_form, generate_key
 from sidecar.auth.models import KeyRecord, Permissions
@@ -23,14 +24,6 @@ from sidecar.store import SqliteStore, YamlStore
 
 CHEAP = password_hasher("cheapest")
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def new_record(**kw: Any) -> tuple[KeyRecord, str]:

@@ -19,30 +19,13 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
-from limits_support import utc
+from limits_support import Clocks, utc
 
 from sidecar.auth.keys import generate_key
 from sidecar.config import parse_limit
 from sidecar.limits.quota import window_bounds, window_id
 
 HOUR = 3600.0
-
-
-class Clocks:
-    """A steady clock the test advances and a wall clock that is the steady one plus a step."""
-
-    def __init__(self, start: float) -> None:
-        self.t = start
-        self.step = 0.0
-
-    def steady(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return self.t + self.step
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 async def sidecar(

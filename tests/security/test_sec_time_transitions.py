@@ -17,25 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
+from limits_support import Clocks
 from test_sec_revocation import streaming_upstream
 
 HOUR = 3600.0
 START = "/video/:/transcode/universal/start.m3u8"
 SEGMENT = "/video/:/transcode/universal/session/sess-t/base/index.m3u8"
-
-
-class Clocks:
-    """A steady clock the test advances and a wall clock that is the steady one plus a step."""
-
-    def __init__(self, start: float) -> None:
-        self.t = start
-        self.step = 0.0
-
-    def steady(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return self.t + self.step
 
 
 async def test_an_expired_keys_transcode_segments_stop_and_a_step_back_revives_none(
