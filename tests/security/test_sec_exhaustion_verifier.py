@@ -15,24 +15,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from test_sec_throttle import new_record
 
 from sidecar.auth import verify
-from sidecar.auth.keys import ID_LEN, display_form, generate_key
-from sidecar.auth.models import KeyRecord
-from sidecar.auth.verify import Verifier, password_hasher, throttle_bucket
+from sidecar.auth.keys import ID_LEN, generate_key
+from sidecar.auth.verify import Verifier, throttle_bucket
 from sidecar.config import KeysConfig
 from sidecar.core.errors import InvalidKey, TooManyFailures
 from sidecar.oauth.server import Gate
 from sidecar.store import SqliteStore
-
-CHEAP = password_hasher("cheapest")
-
-
-def new_record() -> tuple[KeyRecord, str]:
-    key, parts = generate_key("pmcp_")
-    return KeyRecord(
-        id=parts.key_id, name="t", hash=CHEAP.hash(parts.secret), display=display_form("pmcp_", parts.key_id, key)
-    ), key
 
 
 @pytest.fixture

@@ -18,21 +18,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import MakeSidecar, Running, base_config
-from mcp_server import MCP_TOKEN, SECRET, McpUpstream, MemoryEventStore
+from mcp_server import MCP_TOKEN, SECRET, McpUpstream
 from mcp_support import ACCEPT, SCOPED, bearer, call, legacy_stream, mcp_config, session
 from raw_http import read_response
+from test_sec_mcp_bypass import resumable
 
 from sidecar.upstreams.mcp.eventids import MAX_ID_LINE, EventIdSealer
 
+__all__ = ["resumable"]  # the fixture, test_sec_mcp_bypass's, re-exported for pytest
+
 READ_VAULT = {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "secret://vault"}}
-
-
-@pytest.fixture
-async def resumable() -> AsyncIterator[McpUpstream]:
-    """The SDK's server with one event store for all its sessions, as the SDK wires it: resumable streams."""
-    up = McpUpstream(event_store=MemoryEventStore()).start()
-    yield up
-    await up.stop()
 
 
 @pytest.fixture
