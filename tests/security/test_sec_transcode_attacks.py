@@ -153,6 +153,9 @@ async def test_a_keyless_segment_request_counts_only_from_the_players_address(ri
     before = len(rec.seen)
     elsewhere = await send(running, SEGMENT.format("Sess1"), source="127.0.0.2")
     assert elsewhere.status == 401 and b"an API key is required" in elsewhere.body
+    for claim in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):  # no trusted proxy: a client's word is not taken
+        value = "for=127.0.0.1" if claim == "Forwarded" else "127.0.0.1"
+        assert (await send(running, SEGMENT.format("Sess1"), headers={claim: value}, source="127.0.0.2")).status == 401
     assert len(rec.seen) == before
     assert (await send(running, SEGMENT.format("Sess1"))).status == 200  # the player itself
     moved = await send(running, f"{START}?session=Sess1&path=/library/metadata/1", a, source="127.0.0.2")

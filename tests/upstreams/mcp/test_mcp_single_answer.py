@@ -41,6 +41,7 @@ def events(mode: str, rid: Any) -> list[bytes]:
         "other-id": [b"event: message\ndata: " + ANSWER % b'"elsewhere"' + b"\n\n"],
         "split-data": [b"event: message\ndata: " + answer[:10] + b"\ndata: " + answer[10:] + b"\n\n"],
         "other-event": [b"event: custom\ndata: " + answer + b"\n\n"],
+        "big": [b"event: message\ndata: " + b"x" * 200_000, b"\n\n"],  # past SMALL_BODY before its event ends
     }[mode]
 
 
@@ -203,6 +204,25 @@ async def test_a_client_that_leaves_while_the_answer_is_awaited_closes_the_upstr
         assert asyncio.get_running_loop().time() < deadline + 1, "the upstream request was left open"
         await asyncio.sleep(0.01)
     assert not upstream.app[GATE].is_set()  # well before the tool would have answered
+
+
+async def test_a_first_event_past_the_small_body_size_is_streamed_not_held(
+    setup: tuple[Running, str], upstream: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile or chatty upstream sends 200 KB of one unfinished event: the wait for a whole answer
+    stops at ``SMALL_BODY`` bytes (memory stays bounded) and the stream goes out, however long the
+    event takes to end (``FIRST_EVENT_WAIT`` raised so that only the size can end the wait)."""
+    monkeypatch.setattr(whole, "FIRST_EVENT_WAIT", 60.0)
+    gw, key = setup
+    gate = upstream.app[GATE]
+    async with aiohttp.ClientSession() as http:
+        r = await asyncio.wait_for(
+            http.post(gw.proxy.make_url("/mcp/tools"), json=CALL, headers=_headers(key, "gated-big")), 5
+        )
+        assert r.status == 200 and r.content_type == "text/event-stream" and not gate.is_set()
+        gate.set()
+        body = await asyncio.wait_for(r.read(), 5)
+        assert body.endswith(b"x" * 1000 + b"\n\n")
 
 
 def test_only_the_answer_to_the_request_is_taken() -> None:
