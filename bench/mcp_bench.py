@@ -15,8 +15,10 @@ then measures, direct and through Sidecar, in interleaved rounds:
   the round, divided by the calls (robust to a loaded machine, unlike req/s);
 - sealing and unsealing one session id, in process;
 - for reference, the bare aiohttp forwarder (``bench/bare_forwarder.py``: no auth, no
-  features, aiohttp's client) and nginx ``proxy_pass`` (keep-alive pool, no buffering) in front of the same
-  server, when nginx is installed: what one proxy hop costs at all. At one connection a
+  features, aiohttp's client), the Python pipe (``bench/pipe_forwarder.py``: bytes copied
+  between asyncio protocols, no HTTP: the floor for any proxy in Python) and nginx
+  ``proxy_pass`` (keep-alive pool, no buffering) in front of the same server, nginx when it
+  is installed: what one proxy hop costs at all. At one connection a
   call is latency-bound, so any hop lowers calls/s (the ratio is direct p50 / proxied p50);
   the throughput goal is about the loaded case, where the SDK server is the bottleneck.
 
@@ -81,20 +83,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+REFERENCES = (  # (target, column title): the other proxies in front of the same server
+    ("bare", "bare aiohttp"),
+    ("pipe", "Python pipe"),
+    ("nginx", "nginx"),
+)
+
+
 @dataclass
 class Row:
+    """One scenario's figures per round, by target: direct, sidecar, and each of ``REFERENCES``."""
+
     name: str
-    direct: list[float] = field(default_factory=list)  # calls/s per round
-    sidecar: list[float] = field(default_factory=list)
-    p50_direct: list[float] = field(default_factory=list)  # ms
-    p50_sidecar: list[float] = field(default_factory=list)
-    cpu_ms: list[float] = field(default_factory=list)  # Sidecar CPU ms per call
-    nginx: list[float] = field(default_factory=list)  # calls/s through nginx proxy_pass (reference)
-    p50_nginx: list[float] = field(default_factory=list)
-    cpu_nginx: list[float] = field(default_factory=list)  # nginx's CPU ms per call (master + worker)
-    bare: list[float] = field(default_factory=list)  # calls/s through the bare aiohttp forwarder (reference)
-    p50_bare: list[float] = field(default_factory=list)
-    cpu_bare: list[float] = field(default_factory=list)
+    calls: dict[str, list[float]] = field(default_factory=dict)  # calls/s per round
+    p50: dict[str, list[float]] = field(default_factory=dict)  # ms
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # the proxy's CPU ms per call
+
+    def add(self, target: str, n: int, lat: list[float], elapsed: float, used: float) -> None:
+        self.calls.setdefault(target, []).append(n / elapsed)
+        self.p50.setdefault(target, []).append(p50(lat))
+        if target != "direct":
+            self.cpu.setdefault(target, []).append(used / n * 1000)
 
 
 # ------------------------------------------------------------------ raw Streamable HTTP client
@@ -296,12 +305,13 @@ def start_nginx(tmp: Path, upstream_port: int) -> tuple[Proc, str] | None:
     return proc, _ready(proc, f"http://127.0.0.1:{port}/mcp")
 
 
-def start_bare(tmp: Path, upstream_port: int, env: dict[str, str]) -> tuple[Proc, str]:
-    """The bare aiohttp forwarder in front of the server: what aiohttp alone costs, without Sidecar."""
+def start_forwarder(tmp: Path, name: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, str]:
+    """A Python reference in front of the server: ``bare`` (aiohttp, no features) or ``pipe`` (bytes only)."""
     (port,) = free_ports(1)
-    argv = [sys.executable, str(BENCH_DIR / "bare_forwarder.py"), "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"http://127.0.0.1:{upstream_port}"]  # fmt: skip
-    proc = Proc("bare", argv, tmp / "bare.log", env=env)
+    target = f"127.0.0.1:{upstream_port}" if name == "pipe" else f"http://127.0.0.1:{upstream_port}"
+    argv = [sys.executable, str(BENCH_DIR / f"{name}_forwarder.py"), "--listen", f"127.0.0.1:{port}",
+            "--upstream", target]  # fmt: skip
+    proc = Proc(name, argv, tmp / f"{name}.log", env=env)
     return proc, _ready(proc, f"http://127.0.0.1:{port}/mcp")
 
 
@@ -342,21 +352,21 @@ def run(seconds: float, rounds: int, out: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="sidecar-mcp-bench-") as d:
         tmp = Path(d)
         up, sc, direct, proxied, auth = start(tmp, env)
-        ngx = bare = None
+        refs: dict[str, tuple[Proc, str]] = {}
         try:
             up_port = int(direct.rsplit(":", 1)[1].split("/")[0])
-            ngx = start_nginx(tmp, up_port)
-            bare = start_bare(tmp, up_port, env)
+            for name in ("bare", "pipe"):
+                refs[name] = start_forwarder(tmp, name, up_port, env)
+            if (ngx := start_nginx(tmp, up_port)) is not None:
+                refs["nginx"] = ngx
             cpu = lambda: cpu_seconds(sc.pid)  # noqa: E731
-            # Each proxy's own CPU: Sidecar's process, the bare forwarder's, nginx's master and worker.
+            # Each proxy's own CPU: Sidecar's process, each forwarder's, nginx's master and worker.
             targets: list[tuple[str, str, dict[str, str], Callable[[], float]]] = [
                 ("direct", direct, {}, cpu),
                 ("sidecar", proxied, auth, cpu),
             ]
-            if ngx is not None:
-                targets.append(("nginx", ngx[1], {}, lambda p=ngx[0].pid: tree_cpu_seconds(p)))
-            if bare is not None:
-                targets.append(("bare", bare[1], {}, lambda p=bare[0].pid: cpu_seconds(p)))
+            for name, (proc, url) in refs.items():
+                targets.append((name, url, {}, lambda p=proc.pid: tree_cpu_seconds(p)))
             for _, url, h, used_by in targets[1:]:
                 for method in ("tools/call", "tools/list"):  # warm-up, not measured: lazy imports, caches
                     asyncio.run(drive(url, h, method, 4, min(1.0, seconds), used_by))  # (a tiny run: tiny warm-up)
@@ -378,29 +388,14 @@ def run(seconds: float, rounds: int, out: Path) -> str:
                 for i in range(rounds):
                     for which, url, h, used_by in targets if i % 2 == 0 else targets[::-1]:
                         n, lat, elapsed, used = asyncio.run(fn(url, h, used_by))
-                        if which == "direct":
-                            row.direct.append(n / elapsed)
-                            row.p50_direct.append(p50(lat))
-                        elif which == "nginx":
-                            row.nginx.append(n / elapsed)
-                            row.p50_nginx.append(p50(lat))
-                            row.cpu_nginx.append(used / n * 1000)
-                        elif which == "bare":
-                            row.bare.append(n / elapsed)
-                            row.p50_bare.append(p50(lat))
-                            row.cpu_bare.append(used / n * 1000)
-                        else:
-                            row.sidecar.append(n / elapsed)
-                            row.p50_sidecar.append(p50(lat))
-                            row.cpu_ms.append(used / n * 1000)
+                        row.add(which, n, lat, elapsed, used)
                 rows.append(row)
                 print(f"  {name}: done", file=sys.stderr)
             sess_d, _ = asyncio.run(session_cost(direct, {}, SESSIONS, cpu))
             sess_s, sess_cpu = asyncio.run(session_cost(proxied, auth, SESSIONS, cpu))
         finally:
-            for ref in (ngx, bare):
-                if ref is not None:
-                    ref[0].stop()
+            for proc, _ in refs.values():
+                proc.stop()
             sc.stop()
             up.stop()
     seal = seal_cost() if SEALING else (float("nan"),) * 3
@@ -430,27 +425,25 @@ def report(
         "not CPU per call).",
         "",
         "| scenario | direct calls/s | Sidecar calls/s | ratio | direct p50 | Sidecar p50 | added p50 "
-        "| Sidecar CPU/call | bare aiohttp ratio | bare added p50 | bare CPU/call "
-        "| nginx ratio | nginx added p50 | nginx CPU/call |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Sidecar CPU/call | "
+        + " | ".join(f"{title} ratio | {title} added p50 | {title} CPU/call" for _, title in REFERENCES)
+        + " |",
+        "|---|" + "---:|" * (7 + 3 * len(REFERENCES)),
     ]
     for r in rows:
-        d, s = statistics.mean(r.direct), statistics.mean(r.sidecar)
-        pd, ps = p50(r.p50_direct), p50(r.p50_sidecar)
-        lines.append(
-            f"| {r.name} | {d:,.0f} | {s:,.0f} | {s / d:.2f}× | {pd:.2f} ms | {ps:.2f} ms | "
-            f"{ps - pd:+.2f} ms | {cpu_cell(r.cpu_ms)} | "
-            + (
-                f"{statistics.mean(r.bare) / d:.2f}× | {p50(r.p50_bare) - pd:+.2f} ms | {cpu_cell(r.cpu_bare)} | "
-                if r.bare
-                else "– | – | – | "
-            )
-            + (
-                f"{statistics.mean(r.nginx) / d:.2f}× | {p50(r.p50_nginx) - pd:+.2f} ms | {cpu_cell(r.cpu_nginx)} |"
-                if r.nginx
-                else "– | – | – |"
-            )
-        )
+        d, s = statistics.mean(r.calls["direct"]), statistics.mean(r.calls["sidecar"])
+        pd, ps = p50(r.p50["direct"]), p50(r.p50["sidecar"])
+        cells = [
+            r.name, f"{d:,.0f}", f"{s:,.0f}", f"{s / d:.2f}×", f"{pd:.2f} ms", f"{ps:.2f} ms",
+            f"{ps - pd:+.2f} ms", cpu_cell(r.cpu["sidecar"]),
+        ]  # fmt: skip
+        for target, _ in REFERENCES:
+            if target in r.calls:
+                ratio, added = statistics.mean(r.calls[target]) / d, p50(r.p50[target]) - pd
+                cells += [f"{ratio:.2f}×", f"{added:+.2f} ms", cpu_cell(r.cpu[target])]
+            else:
+                cells += ["–"] * 3
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Session creation (initialize + initialized, sealed id): direct p50 {sess[0]:.2f} ms, "
@@ -464,8 +457,9 @@ def report(
         "that waits (a direct call then takes about the issue's measured 8 ms). At one connection "
         "against the echo tool, which answers in under 1 ms, a call is latency-bound: calls/s is direct "
         "p50 / proxied p50, so that ratio measures the hop's own time, which the added-p50 goal bounds "
-        "(reference columns: the bare aiohttp forwarder, no features, and nginx proxy_pass, both in front "
-        "of the same server). CPU per call: the median over the rounds, their range in brackets.",
+        "(reference columns, each in front of the same server: the bare aiohttp forwarder, no features; "
+        "the Python pipe, a TCP byte copy on asyncio protocols, no HTTP at all: the floor for a proxy "
+        "in Python; nginx proxy_pass). CPU per call: the median over the rounds, their range in brackets.",
     ]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
