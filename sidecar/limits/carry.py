@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 from ..auth.models import KeyRecord
 from ..core.errors import ServiceUnavailable
 from ..store import StoreError
-from .gcra import US, BackendDown, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
+from .gcra import US, BackendDown, BackendRefused, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
 from .quota import CounterKey, window_bounds, window_id
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord)
             cost = min(math.ceil((want - debt) / rule.interval), (rule.capacity - debt) // rule.interval)
             if cost > 0:
                 await _evaluate(limiter, one, cost)
-    except (BackendDown, StoreError) as e:  # the edit is written; an unreachable backend is no reason for a 500
+    except (BackendDown, BackendRefused, StoreError) as e:  # the edit is written: no reason for a 500 (a full table)
         log.warning("key %s: its rate limits' debt was not carried over to its new limits: %s", after.id, e)
 
 
