@@ -376,7 +376,7 @@ class KeyManager:
                     raise Conflict(_SHARED.format(current.id, other.id, until))
         if kw.get("owner") and kw["owner"] != current.owner:
             await self._check_owner_limit(kw["owner"], now)  # early; the binding check is in the write
-        async with self.edit_locks.hold(key_id):  # write and carry of one edit before the next (carry.EditLocks)
+        async with self.edit_locks.hold(key_id, self.limiter):  # one edit's write and carry, then the next (EditLocks)
             before, new = await self._update(key_id, change, now)
             if self.limiter is not None:  # before the hot path sees the edit (the caller refreshes after)
                 from ..limits.carry import carry_quota, carry_rates

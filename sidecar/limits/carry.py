@@ -54,8 +54,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..auth.models import KeyRecord
+from ..core.errors import ServiceUnavailable
 from ..store import StoreError
-from .gcra import US, BackendDown, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
+from .gcra import US, BackendDown, BackendRefused, Outcome, Plan, QuotaRule, RateRule, budget_of, resolve_plan
 from .quota import CounterKey, window_bounds, window_id
 
 if TYPE_CHECKING:
@@ -71,21 +72,31 @@ class EditLocks:
 
     Why: two edits racing (``A -> B`` and ``B -> C``) let the second read ``B``'s buckets and counters
     before the first had charged them, so up to a burst went uncarried, every time; a delegate could
-    repeat it at will. Held by the application (every admin API and console edit of this process);
-    two replicas editing one key at the same instant are not serialised.
+    repeat it at will. Held by the application (every admin API and console edit of this process).
+    With ``rate_limits.backend: redis`` the edit also holds a lock in Redis (``RedisBackend.edit_lock``:
+    redis-py's ``Lock``, a random token, a 10 s expiry, released only by its holder), so two replicas
+    editing one key at the same instant run one after the other too. An edit that cannot have it
+    within ``EDIT_LOCK_WAIT`` (a stream of edits of that key elsewhere) is ``503 service_unavailable``,
+    nothing written. Redis unreachable: the edit goes ahead under this process's lock, logged — as its
+    carry does then (module docstring), the admin client sees its 200.
     """
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}  # holders and waiters per key: the lock goes with the last
+        self._elsewhere: dict[str, int] = {}  # edits of this process waiting for the replicas' lock
 
     @contextlib.asynccontextmanager
-    async def hold(self, key_id: str) -> AsyncIterator[None]:
+    async def hold(self, key_id: str, limiter: RateLimiter | None = None) -> AsyncIterator[None]:
         lock = self._locks.setdefault(key_id, asyncio.Lock())
         self._waiting[key_id] = self._waiting.get(key_id, 0) + 1
         try:
             async with lock:
-                yield
+                if limiter is None or limiter.rl.backend != "redis" or limiter.redis is None:
+                    yield
+                else:
+                    async with self._across_replicas(limiter, key_id):
+                        yield
         finally:
             left = self._waiting.pop(key_id) - 1
             if left:
@@ -93,9 +104,43 @@ class EditLocks:
             else:
                 del self._locks[key_id]
 
+    @contextlib.asynccontextmanager
+    async def _across_replicas(self, limiter: RateLimiter, key_id: str) -> AsyncIterator[None]:
+        assert limiter.redis is not None
+        errors = limiter.redis.errors
+        shared = limiter.redis.edit_lock(key_id)
+        self._elsewhere[key_id] = self._elsewhere.get(key_id, 0) + 1
+        try:
+            got: bool | None = await shared.acquire()
+        except errors as e:
+            why = "an edit of it on another replica at this instant may leave a debt uncarried"
+            log.warning("key %s: its limits are edited without the replicas' lock, Redis is unreachable (%s): %s",
+                        key_id, e, why)  # fmt: skip
+            got = None
+        finally:
+            self._elsewhere[key_id] -= 1
+            if not self._elsewhere[key_id]:
+                del self._elsewhere[key_id]
+        if got is False:
+            raise ServiceUnavailable(
+                "another replica is editing this key's limits; try again shortly", {"Retry-After": "1"}
+            )
+        try:
+            yield
+        finally:
+            if got:
+                try:
+                    await shared.release()
+                except errors as e:  # expired first (the edit outlived EDIT_LOCK_TTL), or Redis went away
+                    log.warning("key %s: the replicas' lock on its limit edit was not released cleanly: %s", key_id, e)
+
     def waiting(self, key_id: str) -> int:
         """Edits of ``key_id`` under way or queued (tests see an edit queue behind another)."""
         return self._waiting.get(key_id, 0)
+
+    def waiting_elsewhere(self, key_id: str) -> int:
+        """Edits of ``key_id`` in this process waiting for another replica's (tests see them queue)."""
+        return self._elsewhere.get(key_id, 0)
 
 
 async def carry_quota(limiter: RateLimiter, before: KeyRecord, after: KeyRecord) -> None:
@@ -153,7 +198,7 @@ async def carry_rates(limiter: RateLimiter, before: KeyRecord, after: KeyRecord)
             cost = min(math.ceil((want - debt) / rule.interval), (rule.capacity - debt) // rule.interval)
             if cost > 0:
                 await _evaluate(limiter, one, cost)
-    except (BackendDown, StoreError) as e:  # the edit is written; an unreachable backend is no reason for a 500
+    except (BackendDown, BackendRefused, StoreError) as e:  # the edit is written: no reason for a 500 (a full table)
         log.warning("key %s: its rate limits' debt was not carried over to its new limits: %s", after.id, e)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "QuotaRule",
     "RateDecision",
     "RateRule",
+    "TableFull",
     "bucket_key",
     "budget_of",
     "decide",
@@ -150,6 +151,12 @@ class BackendRefused(Exception):
     Not ``BackendDown``: the backend is there (no back-off, no ``on_redis_error``), and a check
     nobody could make grants nothing.
     """
+
+
+class TableFull(BackendRefused):
+    """A fixed bucket table (workers' shared memory) has no slot for a bucket: every slot it may take
+    holds a live bucket (spent ones were reclaimed first). Not the backend down: never ``on_redis_error``
+    (``allow`` let the key pass unlimited); refused as ``BackendRefused``, a 503 with ``Retry-After``."""
 
 
 def budget_of(key: KeyRecord) -> str:

@@ -290,7 +290,7 @@ class RateLimiter:
         except StoreError as e:  # fail closed: a quota nobody can count is not granted (workers: the owner's)
             msg = f"the quota store is unavailable: {e}"
             return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))
-        except gcra.BackendRefused as e:  # workers: the owner could not read the question (a bug, logged by both)
+        except gcra.BackendRefused as e:  # workers: the owner could not read the question (a bug), or TableFull
             log.warning("rate-limit check refused by the backend: %s", e)
             msg = "the rate limiter could not check this request; try again shortly"
             return RateDecision(False, error=ServiceUnavailable(msg, {"Retry-After": DENY_RETRY_AFTER}))

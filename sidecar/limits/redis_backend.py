@@ -13,16 +13,23 @@ from __future__ import annotations
 import contextlib
 
 from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .gcra import BackendDown, Outcome, Plan, quota_key
+from .gcra import REDIS_PREFIX, BackendDown, Outcome, Plan, quota_key
 from .quota import CounterKey
 
-__all__ = ["GCRA_LUA", "QUOTA_EXPIRE_SLACK", "REDIS_TIMEOUT", "RedisBackend"]
+__all__ = ["EDIT_LOCK_TTL", "EDIT_LOCK_WAIT", "GCRA_LUA", "QUOTA_EXPIRE_SLACK", "REDIS_TIMEOUT", "RedisBackend"]
 
 REDIS_TIMEOUT = 0.5  # seconds: connect and command timeout for the limiter's Redis calls
+# One key's limit edit (its store write and carry) across replicas (``carry.EditLocks``): the lock
+# expires after EDIT_LOCK_TTL (a replica that died holding it blocks no one for longer), and an edit
+# waits for it at most EDIT_LOCK_WAIT — past the TTL, so only a stream of edits makes one give up.
+EDIT_LOCK_TTL = 10.0
+EDIT_LOCK_WAIT = EDIT_LOCK_TTL + 1.0
+EDIT_LOCK_POLL = 0.05  # seconds between tries while another replica holds it
 QUOTA_EXPIRE_SLACK = 86400  # quota counters outlive their window by a day (for the admin API)
 
 # KEYS[1..n]: GCRA buckets, KEYS[n+1]: the quota counter (optional).
@@ -138,6 +145,12 @@ class RedisBackend:
             p.expire(k, ttl)
             value, _ = await p.execute()
         return _count(value)
+
+    def edit_lock(self, key_id: str) -> Lock:
+        """redis-py's lock (a random token, an expiry, released only by its holder) on one key's limit edits."""
+        name = f"{REDIS_PREFIX}:edit:{{{key_id}}}"
+        return Lock(self.client, name, timeout=EDIT_LOCK_TTL, sleep=EDIT_LOCK_POLL,
+                    blocking_timeout=EDIT_LOCK_WAIT, thread_local=False)  # fmt: skip
 
     async def ping(self) -> None:
         await self.client.ping()

@@ -40,10 +40,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ..config import parse_limit
-from ..limits.gcra import US, BackendDown, BackendRefused, MemoryBackend, Outcome, Plan, QuotaRule, RateRule
+from ..limits.gcra import US, BackendDown, BackendRefused, MemoryBackend, Outcome, Plan, QuotaRule, RateRule, TableFull
 from ..limits.quota import CounterKey, QuotaBook
 from ..store import StoreError
-from .shm import ShmBuckets
+from .shm import TABLE_FULL, ShmBuckets
 
 __all__ = ["LimitsOwner", "SharedLimits"]
 
@@ -123,7 +123,10 @@ class LimitsOwner:
             await self.book.counter(qkey, qend)
         except StoreError as e:
             return f"{STORE_DOWN}: {e}"
-        result = self.evaluate(plan, cost, now_us, qkey, qend)
+        try:
+            result = self.evaluate(plan, cost, now_us, qkey, qend)
+        except TableFull:
+            return TABLE_FULL  # the worker's TableFull (a 503), not a BackendDown (on_redis_error)
         return result if result is not None else "quota counter not loaded"
 
     async def admin(self, op: str, qkey: CounterKey, end: float, value: int) -> int:
@@ -180,7 +183,11 @@ class _OwnerConn(asyncio.Protocol):
             _, _, pid, cost, now_us, qk, qend = msg
             plan = self.plans[pid]
             qkey = (qk[0], qk[1], qk[2]) if qk is not None else None
-            result = self.owner.evaluate(plan, cost, now_us, qkey, qend)
+            try:
+                result = self.owner.evaluate(plan, cost, now_us, qkey, qend)
+            except TableFull:  # not a bad question: the worker refuses the request (shm.TableFull)
+                out.append(_dumps([rid, None, TABLE_FULL]))
+                return
             if result is not None:
                 out.append(_dumps([rid, *result]))
             else:
@@ -236,8 +243,10 @@ class SharedLimits:
         *,
         send_clock: bool = False,
         quota_timeout: float = QUOTA_TIMEOUT,
+        steady: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self.steady = steady  # the shared table's clock, as the owner's (tests move both to expire buckets)
         self.quota_timeout = quota_timeout
         self.buckets = buckets  # plans without a quota are checked here, in shared memory, with no round trip
         self.send_clock = send_clock
@@ -269,7 +278,7 @@ class SharedLimits:
 
     async def evaluate(self, plan: Plan, now_us: int, qkey: CounterKey | None, qend: float, cost: int) -> Outcome:
         if qkey is None and self.buckets is not None:
-            return self.buckets.evaluate(plan, int(time.monotonic() * US), None, cost)
+            return self.buckets.evaluate(plan, int(self.steady() * US), None, cost)
         conn = self._proto
         if conn is None or not conn.open:
             conn = await self._conn()
@@ -291,6 +300,8 @@ class SharedLimits:
         if reply[0] is None:
             if str(reply[1]).startswith(STORE_DOWN):  # the owner is there, its store is not: as one process
                 raise StoreError(str(reply[1]).removeprefix(f"{STORE_DOWN}: "))
+            if reply[1] == TABLE_FULL:  # refused, as a worker's own check of the table (never on_redis_error)
+                raise TableFull(TABLE_FULL)
             if str(reply[1]).startswith(BAD_QUESTION):  # e.g. a plan it lost: registered again next time
                 self._plans.clear()
                 raise BackendRefused(str(reply[1]))

@@ -12,6 +12,11 @@ check is then "table full", and ``on_redis_error: allow`` let it pass unlimited)
 key's (refused for as long as the names' buckets lived). A slot whose bucket is full again (``tat <=
 now``) is as good as empty and is reused in place, so the table needs no sweep.
 
+A bucket whose probe window is all live buckets (none full again: the table is genuinely full there)
+is ``TableFull``: the request is refused, ``503 service_unavailable`` with ``Retry-After: 1``, whatever
+``on_redis_error`` says. It was ``BackendDown``, so ``on_redis_error: allow`` let the key pass with
+no limit at all (and the worker's back-off then decided every key's check the same way for a while).
+
 One ``flock`` on the file serialises checks across processes (the kernel drops it if a
 worker dies holding it); inside, a check reads, decides and commits every bucket of the
 plan, all or nothing — the same arithmetic as ``MemoryBackend.evaluate`` (the tests hold
@@ -31,13 +36,14 @@ import mmap
 import os
 import struct
 
-from ..limits.gcra import BackendDown, Outcome, Plan, decide
+from ..limits.gcra import Outcome, Plan, TableFull, decide
 from ..limits.quota import QuotaCounter
 
-__all__ = ["SLOTS", "ShmBuckets"]
+__all__ = ["SLOTS", "TABLE_FULL", "ShmBuckets"]
 
 SLOTS = 1 << 18  # 4 MiB: a quarter of a million buckets in use at once before probes run long
 MAX_PROBE = 64
+TABLE_FULL = "the shared rate-limit table is full"  # TableFull's message (the owner's reply to a worker too)
 _SLOT = struct.Struct("<qq")  # hash, tat (µs; 0: full, i.e. free to take)
 _MAX_HASHES = 100_000  # cached bucket hashes per process before the cache starts over
 _HEADER = 32  # the hash key (16 random bytes), then padding; the slots follow
@@ -94,7 +100,7 @@ class ShmBuckets:
                 spare = off
             i = (i + 1) & mask
         if spare < 0:
-            raise BackendDown("the shared rate-limit table is full")
+            raise TableFull(TABLE_FULL)  # every slot h may take is a live bucket: refused, never on_redis_error
         _SLOT.pack_into(mm, spare, h, 0)  # claimed: a second bucket of this plan cannot take it too
         return spare, 0
 

@@ -10,7 +10,7 @@ import pytest
 from limits_support import key
 
 from sidecar.config import parse_config
-from sidecar.limits.gcra import US, BackendDown, MemoryBackend, resolve_plan
+from sidecar.limits.gcra import US, MemoryBackend, TableFull, resolve_plan
 from sidecar.workers.shm import ShmBuckets
 
 CFG = {"upstreams": [{"id": "api", "kind": "mcp", "url": "http://127.0.0.1:9"}]}
@@ -51,7 +51,7 @@ def test_spent_slots_are_reused_and_a_full_table_refuses(tmp_path: Path) -> None
     now = 1 * US
     for p in ps[:4]:
         assert table.evaluate(p, now, None, 1).ok
-    with pytest.raises(BackendDown):  # four buckets in debt fill four slots
+    with pytest.raises(TableFull):  # four buckets in debt fill four slots: refused, not "backend down"
         table.evaluate(ps[4], now, None, 1)
     later = now + 2 * US  # every bucket is full again: its slot may be taken
     assert table.evaluate(ps[4], later, None, 1).ok and table.evaluate(ps[5], later, None, 1).ok
