@@ -53,6 +53,7 @@ from prometheus_client.registry import Collector
 from ..clocks import HighWater, steady_clock
 from ..config.jwt import JwtProvider
 from ..core.errors import Forbidden, InvalidToken, SidecarError
+from ..core.scope import RequestScope
 from .credentials import Credential
 from .identify import FailureThrottle, looks_like_jwt
 from .jwks import JwksCache, PublicKey
@@ -228,11 +229,13 @@ class JwtAuthenticator:
         """A JWT in ``Authorization: Bearer`` (an API key never has a dot)."""
         return looks_like_jwt(credential)
 
-    async def verify(self, token: str, client_ip: str | None = None) -> KeyRecord:
+    async def verify(self, token: str, client_ip: str | None = None, scope: RequestScope | None = None) -> KeyRecord:
         """The identity this token proves, or ``InvalidToken`` (401) / ``Forbidden`` (no rule grants it).
 
         With ``client_ip``, a refusal counts as a failed attempt of that address: past
         ``keys.failed_attempts_per_minute`` it is a 429 instead (a token that verifies always passes).
+        ``scope.until``: this token's end, so the streams it opens end with it, not with the subject's
+        newest token (a leaked token's stream must not live on while its owner keeps refreshing).
         """
         # surrogateescape: aiohttp hands header bytes that are not UTF-8 over as lone surrogates (malformed below).
         fingerprint = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
@@ -242,14 +245,19 @@ class JwtAuthenticator:
                 self._tokens.move_to_end(fingerprint)
                 if seen.provider.jwks is not None:
                     seen.provider.jwks.tick()  # past its TTL: refreshed in the background (a key may be gone)
+                if scope is not None:
+                    scope.until = seen.until
                 return seen.record
             del self._tokens[fingerprint]
         try:
-            return await self._check(token, fingerprint)
+            record = await self._check(token, fingerprint)
         except InvalidToken as e:
             if self.throttle is None or client_ip is None:
                 raise
             raise self.throttle.refuse(client_ip, e) from None
+        if scope is not None and (seen := self._tokens.get(fingerprint)) is not None:
+            scope.until = seen.until
+        return record
 
     async def _check(self, token: str, fingerprint: bytes) -> KeyRecord:
         """A token not remembered as verified: a settled refusal, or the full check."""

@@ -421,7 +421,7 @@ async def _authenticate(
         scope.credential = ",".join(credential.forms)
         if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
             scope.credential = "jwt"
-            return await sc.jwt.verify(credential.key, scope.client_ip)
+            return await sc.jwt.verify(credential.key, scope.client_ip, scope)
         if sc.oauth is not None and sc.oauth.claims(credential.key):  # an OAuth access token (sidecar/oauth/)
             return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip, scope)
         return await sc.verifier.verify(credential.key, scope.client_ip)
