@@ -41,19 +41,19 @@ async def test_a_jwts_stream_ends_with_it_though_the_subject_has_a_newer_token(
     ident = identity_id(idp.issuer, "alice")
 
     first = idp.token(lifetime=120, **ROLES)  # an attacker holds a copy of it
-    leaked = await gw.proxy.get(EVENTS, headers=bearer(first))
-    assert leaked.status == 200
-    await leaked.content.readline()
-    clock.advance(100)
-    newer = idp.token(lifetime=600, **ROLES)  # the real client refreshed: the subject lives on
-    async with gw.proxy.get(EVENTS, headers=bearer(newer)) as own:
-        assert own.status == 200 and gw.sc.streams.open_streams(ident) == 2
-        clock.advance(81)  # the first token is over (exp + 60 s of clock skew), the newer one is not
-        with pytest.raises(aiohttp.ClientPayloadError):  # cut within a sweep, never a clean end
-            async with asyncio.timeout(2):
-                while await leaked.content.readline():
-                    pass
-        assert gw.sc.streams.open_streams(ident) == 1  # the client's own stream goes on
-        assert await own.content.readline()
-        again = await gw.proxy.get(EVENTS, headers=bearer(first))
-        assert again.status == 401 and (await again.json())["error"]["code"] == "invalid_token"
+    async with gw.proxy.get(EVENTS, headers=bearer(first)) as leaked:
+        assert leaked.status == 200
+        await leaked.content.readline()
+        clock.advance(100)
+        newer = idp.token(lifetime=600, **ROLES)  # the real client refreshed: the subject lives on
+        async with gw.proxy.get(EVENTS, headers=bearer(newer)) as own:
+            assert own.status == 200 and gw.sc.streams.open_streams(ident) == 2
+            clock.advance(81)  # the first token is over (exp + 60 s of clock skew), the newer one is not
+            with pytest.raises(aiohttp.ClientPayloadError):  # cut within a sweep, never a clean end
+                async with asyncio.timeout(2):
+                    while await leaked.content.readline():
+                        pass
+            assert gw.sc.streams.open_streams(ident) == 1  # the client's own stream goes on
+            assert await own.content.readline()
+    again = await gw.proxy.get(EVENTS, headers=bearer(first))
+    assert again.status == 401 and (await again.json())["error"]["code"] == "invalid_token"

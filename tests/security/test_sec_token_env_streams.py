@@ -50,6 +50,19 @@ async def in_file(tmp_path: Path) -> tuple[Path, KeyRecord, str]:
     return path, rec, key
 
 
+async def move(r: Running, rec: KeyRecord, how: str) -> None:
+    """The operator moves the key to another managed user."""
+    if how == "keys file":  # an edit of the file, then SIGHUP
+        moved = rec.with_changes(upstream_token_env={"plex": "PLEX_TOKEN_TEEN"})
+        r.config.store.path.write_text(yaml.safe_dump({"keys": [moved.to_dict()]}))
+        await r.sc.verifier.refresh(force=True)
+        return
+    body = {"upstream_token_env": {"plex": "PLEX_TOKEN_TEEN"}}
+    resp = await r.admin.patch(f"/admin/keys/{rec.id}", json=body, headers=r.admin_headers())
+    assert resp.status == 200, await resp.text()
+    await r.sc.verifier.refresh()
+
+
 @pytest.mark.parametrize("how", ["admin API", "keys file"])
 async def test_a_keys_streams_end_when_its_upstream_identity_changes(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, how: str
@@ -61,31 +74,21 @@ async def test_a_keys_streams_end_when_its_upstream_identity_changes(
         r = await rig(make_sidecar, aiohttp_server, tmp_path, {})
         rec, key = await r.create_key(upstream_token_env={"plex": "PLEX_TOKEN_KIDS"})
     headers = {"X-Plex-Token": key}
-    ws = await r.proxy.ws_connect("/:/websockets/notifications", headers=headers)
-    events = await r.proxy.get("/:/eventsource/notifications", headers=headers)
-    assert events.status == 200 and (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
-    await events.content.readline()
-
-    if how == "keys file":  # the operator moves the key to another managed user, then SIGHUP
-        moved = rec.with_changes(upstream_token_env={"plex": "PLEX_TOKEN_TEEN"})
-        path.write_text(yaml.safe_dump({"keys": [moved.to_dict()]}))
-        await r.sc.verifier.refresh(force=True)
-    else:
-        resp = await r.admin.patch(f"/admin/keys/{rec.id}", json={"upstream_token_env": {"plex": "PLEX_TOKEN_TEEN"}},
-                                   headers=r.admin_headers())  # fmt: skip
-        assert resp.status == 200, await resp.text()
-        await r.sc.verifier.refresh()
-    try:
+    async with (
+        r.proxy.ws_connect("/:/websockets/notifications", headers=headers) as ws,
+        r.proxy.get("/:/eventsource/notifications", headers=headers) as events,
+    ):
+        assert events.status == 200 and (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
+        await events.content.readline()
+        await move(r, rec, how)
         async with asyncio.timeout(2):
             while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
                 pass
-    finally:
-        await ws.close()
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
-    with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
-        async with asyncio.timeout(2):
-            while await events.content.readline():
-                pass
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
+            async with asyncio.timeout(2):
+                while await events.content.readline():
+                    pass
     async with r.proxy.get("/:/eventsource/notifications", headers=headers) as again:  # now as the new identity
         assert again.status == 200
         assert r.sc.streams.open_streams(rec.id) == 1
