@@ -34,7 +34,7 @@ from .admin.manage import KeyManager
 from .auth.models import KeyRecord
 from .auth.verify import Verifier, reload_error_metric
 from .cache.response import ResponseCache
-from .clocks import steady_clock
+from .clocks import HighWater, steady_clock
 from .config import Config, UpstreamConfig
 from .config.postgres import dsn_secrets
 from .core.errors import SidecarError
@@ -80,6 +80,7 @@ class Sidecar:
         self.config = config
         self.clock = clock  # wall: expiry, quota windows, audit and usage times
         self.steady = steady_clock(clock, steady)  # intervals: rate buckets, throttling, TTLs (sidecar.clocks)
+        self.expiry_clock = HighWater(clock)  # never back: OAuth codes and tokens, JWTs, their streams' ends
         self.env = env if env is not None else dict(os.environ)
         self.metrics = Metrics(
             registry,
@@ -98,6 +99,7 @@ class Sidecar:
         self.forwarder = Forwarder(self.sessions, self.pools)
         # Open streams per key, ended within a sweep of their key's revocation or expiry.
         self.streams = StreamRegistry(self._key_state, self.metrics.registry, self._key_granted)
+        self.streams.clock = self.expiry_clock  # a stream's own end (an access token's, a JWT's): scope.until
         self.forwarder.streams = self.streams
         logfilter.install(self._secrets())
         # No repeat-hit shortcuts next to an MCP gateway: it answers some paths before routing.
@@ -191,6 +193,7 @@ class Sidecar:
                 steady=self.steady,
                 registry=self.metrics.registry,
                 throttle=self.verifier,  # bad tokens count against the address like bad keys
+                expiry=self.expiry_clock,
             )
             self.jwt.start()
         if self.config.oauth.enabled:
@@ -266,10 +269,7 @@ class Sidecar:
         if record is None:
             return "revoked"
         now = self.clock()
-        state = self.verifier.state(record, now)
-        if state == "active" and record.parent_id is not None and self.oauth is not None:
-            return self.oauth.token_state(key_id, now)  # an OAuth grant: active while one of its tokens is
-        return state
+        return self.verifier.state(record, now)  # an OAuth grant's streams end with their token: scope.until
 
     def _key_granted(self, key_id: str) -> object:
         """What the key may reach now and with which secret, as the pipeline authorised it (``scope.granted``)."""
@@ -278,7 +278,8 @@ class Sidecar:
             record = self.oauth.allowed_now(record)
         # hash(): a secret replaced under the same id (a keys-file edit) ends the old secret's streams;
         # Python's str hash, not the argon2 text, so no secret material sits in the request scope.
-        return (record.permissions, hash(record.hash)) if record is not None else None
+        # upstream_token_env: a stream relays with the upstream token of the identity it was opened under
+        return (record.permissions, hash(record.hash), record.upstream_token_env) if record is not None else None
 
     def _secrets(self) -> list[str | None]:
         """Every secret this sidecar holds, for the log redactor."""

@@ -13,6 +13,8 @@ from the provider's JWKS by ``kid`` (``sidecar.auth.jwks``) and must be of the t
 algorithm needs (joserfc checks, so an RSA key is never an HMAC secret); then ``exp``
 (required), ``nbf`` and ``iat`` with ``clock_skew`` of leeway, ``iss`` and ``aud``. Header
 URLs (``jku``, ``x5u``) are never followed: keys come only from the configured JWKS.
+``exp`` is also judged on ``expiry`` (``sidecar.clocks.HighWater``): once the sidecar has seen
+a token's end, a wall clock stepped back does not make it valid again.
 
 The identity: a ``KeyRecord`` with the id ``jwt:`` + 16 hex of SHA-256(issuer, subject)
 (stable across tokens, never the token), the name of its subject, and the permissions and
@@ -48,9 +50,10 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..clocks import steady_clock
+from ..clocks import HighWater, steady_clock
 from ..config.jwt import JwtProvider
 from ..core.errors import Forbidden, InvalidToken, SidecarError
+from ..core.scope import RequestScope
 from .credentials import Credential
 from .identify import FailureThrottle, looks_like_jwt
 from .jwks import JwksCache, PublicKey
@@ -168,8 +171,10 @@ class JwtAuthenticator:
         steady: Callable[[], float] | None = None,
         registry: CollectorRegistry | None = None,
         throttle: FailureThrottle | None = None,
+        expiry: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock  # wall: exp, nbf, iat
+        self.expiry = expiry if expiry is not None else HighWater(clock)  # exp again, never going back
         self.steady = steady_clock(clock, steady)  # intervals: JWKS TTL and refetch spacing
         self._session: aiohttp.ClientSession | None = None
         self.providers: dict[str, _Provider] = {}
@@ -224,28 +229,35 @@ class JwtAuthenticator:
         """A JWT in ``Authorization: Bearer`` (an API key never has a dot)."""
         return looks_like_jwt(credential)
 
-    async def verify(self, token: str, client_ip: str | None = None) -> KeyRecord:
+    async def verify(self, token: str, client_ip: str | None = None, scope: RequestScope | None = None) -> KeyRecord:
         """The identity this token proves, or ``InvalidToken`` (401) / ``Forbidden`` (no rule grants it).
 
         With ``client_ip``, a refusal counts as a failed attempt of that address: past
         ``keys.failed_attempts_per_minute`` it is a 429 instead (a token that verifies always passes).
+        ``scope.until``: this token's end, so the streams it opens end with it, not with the subject's
+        newest token (a leaked token's stream must not live on while its owner keeps refreshing).
         """
         # surrogateescape: aiohttp hands header bytes that are not UTF-8 over as lone surrogates (malformed below).
         fingerprint = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         seen = self._tokens.get(fingerprint)
         if seen is not None:
-            if self.clock() < seen.until and seen.generation == seen.provider.generation:
+            if self.expiry() < seen.until and seen.generation == seen.provider.generation:
                 self._tokens.move_to_end(fingerprint)
                 if seen.provider.jwks is not None:
                     seen.provider.jwks.tick()  # past its TTL: refreshed in the background (a key may be gone)
+                if scope is not None:
+                    scope.until = seen.until
                 return seen.record
             del self._tokens[fingerprint]
         try:
-            return await self._check(token, fingerprint)
+            record = await self._check(token, fingerprint)
         except InvalidToken as e:
             if self.throttle is None or client_ip is None:
                 raise
             raise self.throttle.refuse(client_ip, e) from None
+        if scope is not None and (seen := self._tokens.get(fingerprint)) is not None:
+            scope.until = seen.until
+        return record
 
     async def _check(self, token: str, fingerprint: bytes) -> KeyRecord:
         """A token not remembered as verified: a settled refusal, or the full check."""
@@ -299,6 +311,8 @@ class JwtAuthenticator:
         self.verified += 1
         now = self.clock()
         until = provider.check_claims(claims, now)
+        if until <= self.expiry():  # the wall clock was stepped back past it: it had ended
+            raise InvalidToken("token expired", "expired")
         who = Identity.of(claims, provider.cfg.claims)
         if who is None:
             raise InvalidToken(f"missing subject claim ({provider.cfg.claims.subject})", "claims")
@@ -356,7 +370,7 @@ class JwtAuthenticator:
         seen = self._expiry.get(key_id)
         if seen is not None and seen.provider.jwks is not None:
             seen.provider.jwks.tick()
-        return "active" if seen is not None and self.clock() < seen.until and _signer_held(seen) else "expired"
+        return "active" if seen is not None and self.expiry() < seen.until and _signer_held(seen) else "expired"
 
     def jwks(self) -> Iterator[tuple[str, JwksCache]]:
         for issuer, p in self.providers.items():

@@ -29,6 +29,7 @@ class RequestScope:
     credential: str = ""  # credential form(s) used
     rate_limited: bool = False
     granted: object = None  # the key's permissions (and secret) as authorised: its streams end when they change
+    until: float | None = None  # the credential's own end (an OAuth access token's expiry): its streams end then
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

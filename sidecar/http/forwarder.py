@@ -106,13 +106,13 @@ class Forwarder:
         """Registers a stream under its key, so that revocation or expiry ends it (``sidecar.http.streams``)."""
         if self.streams is None or not scope.key_id:
             return contextlib.nullcontext()
-        return self.streams.watch(scope.key_id, closer, scope.granted)
+        return self.streams.watch(scope.key_id, closer, scope.granted, scope.until)
 
     def waiting(self, scope: RequestScope) -> contextlib.AbstractAsyncContextManager[object]:
         """Ends a wait for the upstream's answer with 401 when its key is revoked or expires (``streams._Wait``)."""
         if self.streams is None or not scope.key_id:
             return contextlib.nullcontext()
-        return self.streams.waiting(scope.key_id, scope.granted)
+        return self.streams.waiting(scope.key_id, scope.granted, scope.until)
 
     @contextlib.asynccontextmanager
     async def _long_lived_stream(self, close: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:

@@ -202,7 +202,8 @@ async def _stages(sc: PipelineHost, request: web.Request, scope: RequestScope) -
         scope.path = logged_path(upstream.path_prefix)  # the key may be there percent-encoded: withheld
     key = await _authenticate(sc, request, scope, upstream, path, credential)
     scope.key_id, scope.key_name = key.id, key.name
-    scope.granted = (key.permissions, hash(key.hash))  # its streams end if either changes (app._key_granted)
+    # its streams end if any of these changes (app._key_granted): the upstream identity too, as they carry its token
+    scope.granted = (key.permissions, hash(key.hash), key.upstream_token_env)
     if in_path:
         raise BadRequest(KEY_IN_PATH)  # before the limits, the cache and the upstream: refusals are free
 
@@ -420,9 +421,9 @@ async def _authenticate(
         scope.credential = ",".join(credential.forms)
         if sc.jwt is not None and sc.jwt.accepts(credential):  # xxx.yyy.zzz from a jwt: provider (auth/jwt.py)
             scope.credential = "jwt"
-            return await sc.jwt.verify(credential.key, scope.client_ip)
+            return await sc.jwt.verify(credential.key, scope.client_ip, scope)
         if sc.oauth is not None and sc.oauth.claims(credential.key):  # an OAuth access token (sidecar/oauth/)
-            return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip)
+            return await sc.oauth.authenticate(credential, upstream.id, scope.client_ip, scope)
         return await sc.verifier.verify(credential.key, scope.client_ip)
     if upstream.kind == "plex":
         # Transcode segments come back without any key: they belong to the key that started the session.

@@ -9,6 +9,12 @@ close code 1008 (policy violation), SSE, MCP streams and downloads by cutting th
 client's connection (a truncated body is never mistaken for a whole one). Each ending
 is logged and counted in ``sidecar_streams_closed_total{reason}``.
 
+A stream may also carry an end of its own, ``until`` (``scope.until``): the expiry of the
+OAuth access token or JWT that opened it. The sweep ends it then (reason ``expired``) even
+while its key — a grant a client keeps refreshing, a JWT subject with newer tokens — stays
+active: a leaked token's stream never outlives the token. Judged on ``clock``, the
+application's ``HighWater`` wall clock, which each sweep reads (a step back revives nothing).
+
 Registration costs two dict operations per streamed response; small answers relayed
 whole never register.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -29,19 +36,22 @@ __all__ = ["Closer", "StreamRegistry"]
 log = logging.getLogger("sidecar.streams")
 
 Closer = Callable[[str], Awaitable[None]]  # called with the reason ("revoked", "expired", "changed")
+Stream = tuple[Closer, object, float | None]  # (closer, granted, until)
 
 
 class _Watch:
     """``async with registry.watch(key_id, closer):`` around the relay of one stream."""
 
-    __slots__ = ("closer", "granted", "key_id", "registry")
+    __slots__ = ("closer", "granted", "key_id", "registry", "until")
 
-    def __init__(self, registry: StreamRegistry, key_id: str, closer: Closer, granted: object = None) -> None:
-        self.registry, self.key_id, self.closer, self.granted = registry, key_id, closer, granted
+    def __init__(
+        self, registry: StreamRegistry, key_id: str, closer: Closer, granted: object = None, until: float | None = None
+    ) -> None:
+        self.registry, self.key_id, self.closer, self.granted, self.until = registry, key_id, closer, granted, until
 
     async def __aenter__(self) -> _Watch:
         if self.key_id:
-            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self.closer, self.granted)
+            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self.closer, self.granted, self.until)
         return self
 
     async def __aexit__(
@@ -64,10 +74,12 @@ class _Wait:
     No task of its own: the closer cancels the waiting task, and only while it is inside.
     """
 
-    __slots__ = ("ended", "granted", "inside", "key_id", "registry", "task")
+    __slots__ = ("ended", "granted", "inside", "key_id", "registry", "task", "until")
 
-    def __init__(self, registry: StreamRegistry, key_id: str, granted: object = None) -> None:
-        self.registry, self.key_id, self.granted = registry, key_id, granted
+    def __init__(
+        self, registry: StreamRegistry, key_id: str, granted: object = None, until: float | None = None
+    ) -> None:
+        self.registry, self.key_id, self.granted, self.until = registry, key_id, granted, until
         self.task: asyncio.Task[object] | None = None
         self.ended: str | None = None
         self.inside = False
@@ -82,7 +94,7 @@ class _Wait:
         self.task = asyncio.current_task()
         if self.key_id and self.task is not None:
             self.inside = True
-            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self._close, self.granted)
+            self.registry._open.setdefault(self.key_id, {})[id(self)] = (self._close, self.granted, self.until)
         return self
 
     async def __aexit__(
@@ -125,7 +137,8 @@ class StreamRegistry:
     ) -> None:
         self.state = state
         self.granted = granted
-        self._open: dict[str, dict[int, tuple[Closer, object]]] = {}
+        self.clock: Callable[[], float] = time.time  # for ``until``: the application sets its HighWater
+        self._open: dict[str, dict[int, Stream]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.closed = Counter(
             "sidecar_streams_closed",
@@ -134,12 +147,13 @@ class StreamRegistry:
             registry=registry,
         )
 
-    def watch(self, key_id: str, closer: Closer, granted: object = None) -> _Watch:
-        """``granted``: the key's permissions the stream was authorised under (None: not rechecked)."""
-        return _Watch(self, key_id, closer, granted)
+    def watch(self, key_id: str, closer: Closer, granted: object = None, until: float | None = None) -> _Watch:
+        """``granted``: the key's permissions the stream was authorised under (None: not rechecked);
+        ``until``: the stream's own end, the expiry of the token that opened it (None: its key's)."""
+        return _Watch(self, key_id, closer, granted, until)
 
-    def waiting(self, key_id: str, granted: object = None) -> _Wait:
-        return _Wait(self, key_id, granted)
+    def waiting(self, key_id: str, granted: object = None, until: float | None = None) -> _Wait:
+        return _Wait(self, key_id, granted, until)
 
     def open_streams(self, key_id: str) -> int:
         return len(self._open.get(key_id, ()))
@@ -147,30 +161,35 @@ class StreamRegistry:
     def sweep(self) -> int:
         """End the streams of every key that is no longer active; how many were ended."""
         ended = 0
+        now = self.clock()  # read every sweep, also with no stream open: the HighWater sees the time
         for key_id in list(self._open):
             reason = self.state(key_id)
             if reason == "active":
-                if self.granted is not None:
-                    ended += self._recheck(key_id, self.granted(key_id))
+                ended += self._recheck(key_id, self.granted(key_id) if self.granted is not None else None, now)
                 continue
-            closers = [c for c, _ in self._open.pop(key_id).values()]
+            closers = [c for c, _, _ in self._open.pop(key_id).values()]
             ended += self._end(key_id, closers, reason)
         return ended
 
-    def _recheck(self, key_id: str, now: object) -> int:
-        """End the streams of an active key that were authorised under other permissions than it has now."""
-        if now is None:
-            return 0
+    def _recheck(self, key_id: str, granted_now: object, now: float) -> int:
+        """End the streams of an active key whose own ``until`` has come, or that were authorised under
+        other permissions (or secret, or upstream identity) than it has now."""
         streams = self._open[key_id]
-        changed = [
-            i for i, (_, granted) in streams.items() if granted is not None and granted is not now and granted != now
-        ]
-        if not changed:
+        expired, changed = [], []
+        for i, (_, granted, until) in streams.items():
+            if until is not None and until <= now:
+                expired.append(i)
+            elif granted is not None and granted_now not in (None, granted):  # identity, then ==
+                changed.append(i)
+        if not expired and not changed:
             return 0
-        closers = [streams.pop(i)[0] for i in changed]
+        ended = 0
+        for ids, reason in ((expired, "expired"), (changed, "changed")):
+            if ids:
+                ended += self._end(key_id, [streams.pop(i)[0] for i in ids], reason)
         if not streams:
             del self._open[key_id]
-        return self._end(key_id, closers, "changed")
+        return ended
 
     def _end(self, key_id: str, closers: list[Closer], reason: str) -> int:
         self.closed.labels(reason=reason).inc(len(closers))

@@ -51,7 +51,7 @@ class Pending:
 
 async def pending(server: OAuthServer, request_id: str) -> Pending:
     """The open request under ``request_id``; ``GrantError`` (a message to show) when there is none."""
-    now = server.sc.clock()
+    now = server.sc.expiry_clock()  # never going back: a step back revives no request
     row = await server.sc.store.oauth_get(digest(request_id)) if 0 < len(request_id) <= 100 else None
     if row is None or row.kind != CONSENT or row.used_at is not None or row.expires_at <= now:
         raise GrantError("this authorization request has expired or was already answered: start again in the app")
@@ -98,7 +98,7 @@ async def answer(
             "tools": list(tools), "expires_at": now + lifetime, "scope": SCOPE}  # fmt: skip
     grant_id = new_grant_id()
     await sc.store.oauth_save(OAuthToken(digest(code), CODE, grant_id, p.client.client_id, p.upstream_id,
-                                         now + server.config.code_ttl, spec))  # fmt: skip
+                                         sc.expiry_clock() + server.config.code_ttl, spec))  # fmt: skip
     detail = {"client_id": p.client.client_id, "grant": grant_id, "tools": list(tools), "lifetime": lifetime}
     await sc.store.audit(AuditEvent(now, actor, "oauth_approved", parent.id, detail))
     return _location(server, p, {"code": code})

@@ -133,8 +133,9 @@ async def start(server: OAuthServer, request: web.Request) -> web.StreamResponse
         await server.sc.store.oauth_forget("", now)  # now and then: expired codes, tokens, requests
     data = {"redirect_uri": redirect_uri, "code_challenge": challenge, "state": state, "resource": upstream_id,
             "client_name": client.name, "csrf": digest(csrf), "scope": SCOPE}  # fmt: skip
+    ends = server.sc.expiry_clock() + CONSENT_TTL
     await server.sc.store.oauth_save(
-        OAuthToken(digest(request_id), CONSENT, "-", client.client_id, upstream_id, now + CONSENT_TTL, data)
+        OAuthToken(digest(request_id), CONSENT, "-", client.client_id, upstream_id, ends, data)
     )
     return _consent(server, client, request_id, csrf, data)
 
@@ -179,7 +180,7 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
     store = server.sc.store
     row = await store.oauth_get(digest(request_id)) if request_id else None
     now = server.sc.clock()
-    if row is None or row.kind != CONSENT or row.used_at is not None or row.expires_at <= now:
+    if row is None or row.kind != CONSENT or row.used_at is not None or row.expires_at <= server.sc.expiry_clock():
         return error_page("this authorization request has expired or was already answered; start again")
     cookie = request.cookies.get(csrf_cookie(server.issuer.startswith("https://")), "")
     if not (
@@ -218,7 +219,7 @@ async def decide(server: OAuthServer, request: web.Request) -> web.StreamRespons
             "client_id": client.client_id, "client_name": client.name, "resource": data["resource"],
             "tools": list(tools), "expires_at": now + float(data["lifetime"]), "scope": SCOPE}  # fmt: skip
     await store.oauth_save(OAuthToken(digest(code), CODE, new_grant_id(), client.client_id, data["resource"],
-                                      now + server.config.code_ttl, spec))  # fmt: skip
+                                      server.sc.expiry_clock() + server.config.code_ttl, spec))  # fmt: skip
     return _back(server, data["redirect_uri"], {"code": code, **back})
 
 

@@ -10,6 +10,9 @@ its own, or a Plex upstream at ``/``, is routed there.
 lookup (the store on first sight), expiry, the resource it was issued for, then the
 grant's key through the verifier's table (revocation of it or its parent within a poll).
 Tokens are accepted only in ``Authorization: Bearer`` and only at their own resource.
+Expiry — of codes, consent requests and tokens — is judged, and set, on ``sc.expiry_clock``
+(``sidecar.clocks.HighWater``): a wall clock stepped back revives none of them. A stream a token
+opened ends when that token expires (``scope.until``), whatever newer tokens its grant has.
 
 What authlib provides here: RFC 8414 metadata validation (``metadata.py``) and the PKCE
 S256 helpers (``tokens.py``). Its server classes (``AuthorizationServer`` and grants) are
@@ -33,6 +36,7 @@ from ..auth.verify import throttle_bucket
 from ..config.jwt import issuers_granting
 from ..core.addresses import client_ip
 from ..core.errors import ExpiredKey, InvalidKey, RevokedKey, ServiceUnavailable
+from ..core.scope import RequestScope
 from ..store import StoreError
 from ..store.base import OAuthToken
 from .clients import ClientRegistry
@@ -114,7 +118,6 @@ class OAuthServer:
         self._metadata = json.dumps(server_metadata(self.config, self.issuer)).encode()
         self._access: dict[str, OAuthToken] = {}  # digest -> access token row, once seen
         self._narrowed: dict[str, tuple[KeyRecord, KeyRecord, KeyRecord]] = {}  # grant id -> (grant, parent, now)
-        self._token_ends: dict[str, float] = {}  # grant id -> latest expiry of its access tokens seen (streams)
         self.gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # authorization requests
         self.register_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)
         self.fetch_gate = Gate(REQUESTS_PER_MINUTE, sc.steady)  # client metadata documents fetched
@@ -202,8 +205,11 @@ class OAuthServer:
         up = self.protected.get(upstream_id)
         return metadata_url(self.issuer, up) if up is not None else None
 
-    async def authenticate(self, credential: Credential, upstream_id: str, client_ip: str) -> KeyRecord:
-        """The grant (child key) an access token stands for, or the contract's 401."""
+    async def authenticate(
+        self, credential: Credential, upstream_id: str, client_ip: str, scope: RequestScope | None = None
+    ) -> KeyRecord:
+        """The grant (child key) an access token stands for, or the contract's 401. ``scope.until``: the
+        token's expiry, so the streams it opens end with it (a refreshed token's do not carry them on)."""
         headers = self.challenge_headers(upstream_id, "invalid_token")
         if credential.forms != ("bearer",):
             raise InvalidKey("an OAuth access token is accepted only in the Authorization: Bearer header", headers)
@@ -225,11 +231,11 @@ class OAuthServer:
             if len(self._access) >= MAX_CACHED_TOKENS:
                 self._access.clear()
             self._access[d] = tok
-        now = verifier.clock()
         if tok.resource != upstream_id or upstream_id not in self.protected:
             raise InvalidKey("this access token was issued for another resource", headers)
-        if tok.expires_at <= now:
+        if tok.expires_at <= self.sc.expiry_clock():  # never going back: a step back revives no token
             raise ExpiredKey("this access token has expired", headers)
+        now = verifier.clock()
         record = await self.grant_record(tok.key_id)
         if record is None:
             raise RevokedKey("this access token's grant has been revoked", headers)
@@ -238,17 +244,9 @@ class OAuthServer:
             raise RevokedKey("this access token's grant has been revoked", headers)
         if state == "expired":
             raise ExpiredKey("this access token's grant has expired", headers)
-        if tok.expires_at > self._token_ends.get(record.id, 0.0):
-            if len(self._token_ends) >= MAX_CACHED_TOKENS:
-                self._token_ends = {k: v for k, v in self._token_ends.items() if v > now}  # the ended go first
-            self._token_ends[record.id] = tok.expires_at
+        if scope is not None:
+            scope.until = tok.expires_at
         return self.allowed_now(record)
-
-    def token_state(self, grant_id: str, now: float) -> str:
-        """``active`` while an access token of the grant this process has seen is unexpired, else
-        ``expired``: a stream an access token opened ends with it (invariant 5), as a JWT's does;
-        a client that refreshed keeps its streams. Unknown (a flood emptied the table): expired."""
-        return "active" if now < self._token_ends.get(grant_id, 0.0) else "expired"
 
     async def grant_record(self, key_id: str) -> KeyRecord | None:
         """The grant from the verifier's table, or (a fleet: a grant another replica made since this

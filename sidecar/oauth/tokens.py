@@ -130,7 +130,7 @@ async def _issue(
     server: OAuthServer, key_id: str, client: Client, resource: str, grant_end: float | None
 ) -> dict[str, Any]:
     """A new access and refresh token for a grant (neither outlives it)."""
-    cfg, now = server.config, server.sc.clock()
+    cfg, now = server.config, server.sc.expiry_clock()  # the clock their ends are judged on
     end = grant_end if grant_end is not None else float("inf")
     access, refresh = mint(server.prefix, ACCESS), mint(server.prefix, REFRESH)
     access_row = OAuthToken(
@@ -198,7 +198,7 @@ async def _authorization_code(server: OAuthServer, client: Client, form: MultiDi
     if row.used_at is not None:
         await _note_replay(server, row)
         raise TokenError("invalid_grant", "authorization code already used; its grant has been revoked")
-    if row.expires_at <= now:
+    if row.expires_at <= server.sc.expiry_clock():  # never going back: a step back revives no code
         raise TokenError("invalid_grant", "authorization code expired")
     if row.client_id != client.client_id:
         raise TokenError("invalid_grant", "authorization code was issued to another client")
@@ -230,7 +230,7 @@ async def _refresh(server: OAuthServer, client: Client, form: MultiDictProxy[str
     if row.used_at is not None:
         await _revoke_for_replay(server, row.key_id, "refresh_token_reused")
         raise TokenError("invalid_grant", "refresh token already used; the grant has been revoked")
-    if row.expires_at <= now:
+    if row.expires_at <= server.sc.expiry_clock():  # never going back: a step back revives no token
         raise TokenError("invalid_grant", "refresh token expired")
     verifier = server.sc.verifier
     record = await server.grant_record(row.key_id)  # made on another replica since this one's poll?

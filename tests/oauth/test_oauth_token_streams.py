@@ -1,9 +1,9 @@
 """An OAuth access token's open stream ends when the token expires (invariant 5), as a JWT's does.
 
 A stream authorised by an access token never asks again. Its grant stays active for as long as
-its client keeps refreshing, so before, a stream opened with a token that leaked (or one that
-simply expired) went on for as long as the connection held. Now it ends within a sweep once no
-token of its grant this process has seen is valid any more; a client that refreshed keeps it.
+its client keeps refreshing, so a stream opened with a token that leaked (or one that simply
+expired) must be bound to that token: it ends within a sweep of the token's own expiry
+(``scope.until``), whatever newer tokens the grant has; the client reconnects with its new one.
 """
 
 from __future__ import annotations
@@ -77,13 +77,16 @@ async def test_an_access_tokens_stream_ends_when_the_token_expires(
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "expired_key"
 
 
-async def test_a_client_that_refreshed_keeps_its_stream(
+async def test_a_stream_ends_with_its_own_token_though_the_client_refreshed(
     aiohttp_client: Any, upstream: McpUpstream, tmp_path: Path, started: list[Sidecar]
 ) -> None:
+    """A leaked access token's stream must not live on while the real client keeps refreshing: before,
+    the grant counted as "active" while any token of it was, so the stream of the first token ran for
+    as long as the client refreshed (the sweep below ended nothing at 11 minutes)."""
     gw, clock = await rig(aiohttp_client, upstream, tmp_path, started)
     tokens = await token(gw)
     grant_id = next(r.id for r in gw.sc.verifier.table.values() if r.parent_id is not None)
-    async with await opened(gw, tokens["access_token"]) as stream:
+    async with await opened(gw, tokens["access_token"]) as leaked:  # an attacker's copy of the first token
         clock.offset = 9 * 60.0
         form = {
             "grant_type": "refresh_token",
@@ -91,15 +94,19 @@ async def test_a_client_that_refreshed_keeps_its_stream(
             "client_id": tokens["client_id"],
         }
         fresh = await (await gw.proxy.post("/oauth/token", data=form)).json()
-        async with await opened(gw, fresh["access_token"]):  # the client goes on with its new token
-            pass
-        async with asyncio.timeout(2):
-            while gw.sc.streams.open_streams(grant_id) != 1:  # the second one's end reaches the server
-                await asyncio.sleep(0.01)
-        clock.offset = 11 * 60.0  # the first token has expired, the second has not
-        assert gw.sc.streams.sweep() == 0 and gw.sc.streams.open_streams(grant_id) == 1
-        clock.offset = 20 * 60.0  # no token of the grant is valid any more: the next sweep ends it
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with asyncio.timeout(2):
-                while await stream.content.readany():
-                    pass
+        async with await opened(gw, fresh["access_token"]) as own:  # the client goes on with its new token
+            assert gw.sc.streams.open_streams(grant_id) == 2
+            clock.offset = 11 * 60.0  # the first token has expired, the second has not
+            with pytest.raises(aiohttp.ClientPayloadError):  # cut within a sweep, never a clean end
+                async with asyncio.timeout(2):
+                    while await leaked.content.readany():
+                        pass
+            assert gw.sc.streams.open_streams(grant_id) == 1  # the client's own stream goes on
+            assert not own.content.at_eof()
+            again = await gw.proxy.get("/mcp/tools/sse", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+            assert again.status == 401 and (await again.json())["error"]["code"] == "expired_key"
+            clock.offset = 20 * 60.0  # the second token's end: its stream ends too
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(2):
+                    while await own.content.readany():
+                        pass
