@@ -16,7 +16,7 @@ churn task has revoked keys from its 10th second). A leak grows RSS per request,
 in MiB/min does not depend on the run's length: 20 s at ~160 requests/s, sampled every 2 s
 after the bench's 4 s warm-up (20% of the run), gives nine points, and a request's worth of
 memory leaked each time would still be tens of MiB/min, far above the loose bound. Measured
-here: about 1 MiB/min with nothing leaking.
+here: 1-2 MiB/min with nothing leaking.
 """
 
 from __future__ import annotations
