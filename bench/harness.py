@@ -55,7 +55,7 @@ SIDECAR_NOLIM = "sidecar-nolim"  # the same Sidecar without rate limits: the lim
 @dataclass
 class Settings:
     quick: bool
-    duration: int
+    duration: float
     rounds: int
     threads: int
     connections: int
@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         description="Sidecar side by side with nginx and a bare aiohttp forwarder, in one run.",
     )
     ap.add_argument("--quick", action="store_true", help="under a minute: short rounds, 16 MiB stream, 2 000 keys")
-    ap.add_argument("--duration", type=int, help="seconds per wrk round (default 5, quick 1)")
+    ap.add_argument("--duration", type=float, help="seconds per wrk round (default 5, quick 1; 0.3 is a smoke test)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3, quick 2)")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: wrk shares the 2 cores)")
     ap.add_argument("--connections", type=int, default=32, help="connections for the loaded scenarios (default 32)")
@@ -100,10 +100,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         return v
 
     keys = pick(a.keys, 100_000, 2_000, "keys")
+    duration = a.duration if a.duration is not None else (1.0 if q else 5.0)
+    if duration <= 0:
+        ap.error("--duration must be positive")
     hot = min(keys, pick(a.hot_keys, 1_000, 500, "hot-keys"))
     return Settings(
         quick=q,
-        duration=pick(a.duration, 5, 1, "duration"),
+        duration=duration,
         rounds=pick(a.rounds, 3, 2, "rounds"),
         threads=pick(a.threads, 1, 1, "threads"),
         connections=pick(a.connections, 32, 32, "connections"),
@@ -273,23 +276,29 @@ class Bench:
         n_t = self.targets[SIDECAR_N] = Target(
             SIDECAR_N, f"Sidecar, {num(self.s.keys)} keys", f"http://127.0.0.1:{scn}"
         )
+        nolim_p: Proc | None = None
         try:
             argv = sidecar_argv()
-            p = self.start_sidecar("sidecar", argv, sc, sc_admin, up, cache=True)
-            sc_t.proc = hit_t.proc = p
+            p = self.start_sidecar("sidecar", argv, sc, sc_admin, up, cache=True, wait=False)
             self.one_key_file.write_text(self.key + "\n")
+            # Starts beside the first (the key is in the database by then): it shares the first
+            # Sidecar's key database (SQLite is safe across processes), so the key works.
+            nolim_p = self.start_sidecar(
+                "sidecar-nolim", argv, snl, snl_admin, up, cache=True, db=self.tmp / "sidecar" / "sidecar.db",
+                limits=False, wait=False,
+            )  # fmt: skip
+            self.ready("sidecar", p)
+            sc_t.proc = hit_t.proc = p
         except (Unavailable, ProcError) as e:
             sc_t.na = hit_t.na = str(e).splitlines()[0]
             self.log(f"Sidecar unavailable: {e}")
-        if sc_t.na is not None:
+        if sc_t.na is not None or nolim_p is None:
             nolim_t.na = sc_t.na
         else:
-            try:  # shares the first Sidecar's key database (SQLite is safe across processes), so the key works
-                nolim_t.proc = self.start_sidecar(
-                    "sidecar-nolim", argv, snl, snl_admin, up, cache=True, db=self.tmp / "sidecar" / "sidecar.db",
-                    limits=False,
-                )  # fmt: skip
-            except (Unavailable, ProcError) as e:
+            try:
+                self.ready("sidecar-nolim", nolim_p)
+                nolim_t.proc = nolim_p
+            except ProcError as e:
                 nolim_t.na = str(e).splitlines()[0]
         # The big store is built in process either way: load time is measured from it.
         self.log(f"building a store of {self.s.keys:,} keys ({self.s.hot_keys:,} hashed)")
@@ -328,7 +337,9 @@ class Bench:
         cache: bool,
         db: Path | None = None,
         limits: bool = True,
+        wait: bool = True,
     ) -> Proc:
+        """Configure and start one Sidecar; with ``wait``, return once it is ready (else see ``ready``)."""
         import yaml
 
         workdir = self.tmp / name
@@ -364,11 +375,16 @@ class Bench:
             self.key = self.create_key(argv, path, db)
         p = self.start(name, [*argv, "serve", "-c", str(path)], env=self.env)
         self.admin_urls[name] = f"http://127.0.0.1:{admin_port}"
-        ready = wait_http(p, f"http://127.0.0.1:{admin_port}/healthz", timeout=120)
+        if wait:
+            self.ready(name, p)
+        return p
+
+    def ready(self, name: str, p: Proc) -> None:
+        """Wait until the Sidecar ``name`` answers its health check (ProcError if it does not)."""
+        ready = wait_http(p, self.admin_urls[name] + "/healthz", timeout=120)
         if name == "sidecar-n":
             self.sidecar_n_ready_s = ready
         self.log(f"{name} ready in {ready:.2f}s")
-        return p
 
     def create_key(self, argv: list[str], config: Path, db: Path) -> str:
         """A key through the CLI (the contract); the store API if the CLI cannot yet."""
@@ -695,7 +711,7 @@ def build_report(b: Bench, res: dict[str, dict[str, Cell]], keys: dict[str, floa
     mode = "quick" if s.quick else "full"
     setup = [
         f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {mode} run: {s.rounds} interleaved round(s) "
-        f"× {s.duration}s per target, wrk -t{s.threads}, stream {s.stream_mib} MiB, {num(s.keys)} keys",
+        f"× {s.duration:g}s per target, wrk -t{s.threads}, stream {s.stream_mib} MiB, {num(s.keys)} keys",
         f"host: {_cpu()}, {os.cpu_count()} CPUs (wrk shares them with every server), Linux {platform.release()}; "
         f"1-min load average {b.load_before} before the run (above 0: other work shared the CPUs)",
         f"{_versions()}",

@@ -150,10 +150,14 @@ async def drive(
     raw = json.dumps(body).encode()
     conn = aiohttp.TCPConnector(limit=connections, force_close=False)
     async with aiohttp.ClientSession(connector=conn) as http:
-        sessions = [await open_session(http, url, headers) for _ in range(connections)]
-        for h in sessions:  # warm each connection
+        # Opened and warmed side by side: each session on a connection of its own before the clock starts.
+        sessions = await asyncio.gather(*(open_session(http, url, headers) for _ in range(connections)))
+
+        async def warm(h: dict[str, str]) -> None:
             async with http.post(url, data=raw, headers=h) as r:
                 await _answer(r)
+
+        await asyncio.gather(*(warm(h) for h in sessions))
         lat: list[float] = []
         stop = time.perf_counter() + seconds
         cpu0, t0 = cpu(), time.perf_counter()
@@ -340,7 +344,7 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def run(seconds: float, rounds: int, out: Path) -> str:
+def run(seconds: float, rounds: int, out: Path, sessions: int = SESSIONS) -> str:
     import base64
     import secrets
 
@@ -391,15 +395,15 @@ def run(seconds: float, rounds: int, out: Path) -> str:
                         row.add(which, n, lat, elapsed, used)
                 rows.append(row)
                 print(f"  {name}: done", file=sys.stderr)
-            sess_d, _ = asyncio.run(session_cost(direct, {}, SESSIONS, cpu))
-            sess_s, sess_cpu = asyncio.run(session_cost(proxied, auth, SESSIONS, cpu))
+            sess_d, _ = asyncio.run(session_cost(direct, {}, sessions, cpu))
+            sess_s, sess_cpu = asyncio.run(session_cost(proxied, auth, sessions, cpu))
         finally:
             for proc, _ in refs.values():
                 proc.stop()
             sc.stop()
             up.stop()
     seal = seal_cost() if SEALING else (float("nan"),) * 3
-    return report(rows, seconds, rounds, (p50(sess_d), p50(sess_s), sess_cpu / SESSIONS * 1000), seal, out)
+    return report(rows, seconds, rounds, (p50(sess_d), p50(sess_s), sess_cpu / sessions * 1000), seal, out)
 
 
 def cpu_cell(ms: list[float]) -> str:
@@ -472,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per cell (default 4)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per scenario (default 2)")
     ap.add_argument("--quick", action="store_true", help="1.5 s cells, one round")
+    ap.add_argument(
+        "--sessions", type=int, default=SESSIONS, help=f"sessions opened to measure one's cost (default {SESSIONS})"
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
     seconds, rounds = (1.5, 1) if a.quick else (a.duration, a.rounds)
@@ -481,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    print(run(seconds, rounds, a.out))
+    print(run(seconds, rounds, a.out, max(1, a.sessions)))
     print(f"bench/run mcp: wrote {a.out}", file=sys.stderr)
     return 0
 

@@ -208,8 +208,8 @@ class Soak:
         )  # fmt: skip
         up = [sys.executable, "-m", "bench.soak_upstream"]
         p = self.start("plex-upstream", [*up, "plex", "--port", str(plex), "--token-env", "PLEX_TOKEN"])
+        m = self.start("mcp-upstream", [*up, "mcp", "--port", str(mcp), "--token-env", "MCP_TOKEN"])  # side by side
         wait_http(p, f"http://127.0.0.1:{plex}/identity", headers={"X-Plex-Token": self.env["PLEX_TOKEN"]})
-        m = self.start("mcp-upstream", [*up, "mcp", "--port", str(mcp), "--token-env", "MCP_TOKEN"])
         wait_http(m, f"http://127.0.0.1:{mcp}/.well-known/oauth-protected-resource")
         cfg = {
             "listen": f"127.0.0.1:{proxy}",

@@ -197,8 +197,8 @@ class Load:
                 self.judge(kind, status, data)
                 if status < 300:
                     self.check_body(kind, data, hit, headers.get("Range", ""))
-            if self.think:
-                await asyncio.sleep(random.expovariate(1 / self.think))
+            if self.think:  # never past the deadline: no request follows it, and the run would only end later
+                await asyncio.sleep(min(random.expovariate(1 / self.think), max(0.0, self.remaining())))
 
     def check_body(self, kind: str, data: bytes, hit: bool, asked: str) -> None:
         if kind == "cached" and hit:

@@ -95,6 +95,7 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
         procs.append(p)
         wait_http(p, f"http://127.0.0.1:{up}/small.bin")
         targets: list[tuple[str, int, str, Proc]] = []
+        ready: list[tuple[Proc, str]] = []  # every server starts at once; each is waited for below
         key = ""
         for w in counts:
             port, sport, sadmin = free_ports(3)
@@ -104,7 +105,7 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
             conf.write_text(nginx_proxy_conf(nd, port, up, w))
             p = Proc(f"nginx{w}", ["nginx", "-p", str(nd), "-c", str(conf), "-g", "daemon off;"], nd / "log")
             procs.append(p)
-            wait_http(p, f"http://127.0.0.1:{port}/small.bin")
+            ready.append((p, f"http://127.0.0.1:{port}/small.bin"))
             auto = " (auto)" if w == available_cpus() else ""
             targets.append((f"nginx proxy_pass, {w} worker{'s' * (w > 1)}{auto}", w, f"http://127.0.0.1:{port}", p))
             variants = [True] + ([False] if w == counts[-1] and w > 1 else [])
@@ -122,7 +123,7 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
                 argv = [sys.executable, "-m", "sidecar", "serve", "-c", str(path)]
                 p = Proc(name, argv, tmp / f"{name}.log", env=env)
                 procs.append(p)
-                wait_http(p, f"http://127.0.0.1:{sadmin}/healthz", timeout=120)
+                ready.append((p, f"http://127.0.0.1:{sadmin}/healthz"))
                 label = f"Sidecar, {w} worker{'s' * (w > 1)}{auto}{'' if limits else ', no rate limits'}"
                 targets.append((label, w, f"http://127.0.0.1:{sport}", p))
         if args.baseline:  # the same Sidecar from another checkout: does workers: 1 cost the hot path anything?
@@ -131,12 +132,15 @@ def serving(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[di
             benv = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
             p = Proc("baseline", [sys.executable, "-m", "sidecar", "serve", "-c", str(path)], tmp / "b.log", env=benv)
             procs.append(p)
-            wait_http(p, f"http://127.0.0.1:{sadmin}/healthz", timeout=120)
+            ready.append((p, f"http://127.0.0.1:{sadmin}/healthz"))
             targets.insert(1, (f"Sidecar, 1 process, {args.baseline} (baseline)", 1, f"http://127.0.0.1:{sport}", p))
+        for p, url in ready:
+            wait_http(p, url, timeout=120)
         script = write_script(tmp / "plain.lua")
         headers = {"x-api-key": key}
+        warm = min(1.0, args.duration)  # a tiny run gets a tiny warm-up
         for _, _, url, _ in targets:  # warm-up: connections, key verification, plans
-            run_wrk(url + "/small.bin", script, connections=args.connections, threads=1, duration=1, headers=headers)
+            run_wrk(url + "/small.bin", script, connections=args.connections, threads=1, duration=warm, headers=headers)
         rows = {label: {"target": label, "workers": w, "requests": 0, "seconds": 0.0, "cpu": 0.0, "errors": 0}
                 for label, w, _, _ in targets}  # fmt: skip
         for r in range(args.rounds):
@@ -273,7 +277,7 @@ async def limiter_rows(tmp: Path, n: int) -> list[dict[str, Any]]:
 
 def report(serve_rows: list[dict[str, Any]], lim_rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = [f"# Workers bench ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})",
-           "", f"wrk -t1 -c{args.connections}, {args.rounds} × {args.duration}s per target, 1 KiB file; "
+           "", f"wrk -t1 -c{args.connections}, {args.rounds} × {args.duration:g}s per target, 1 KiB file; "
            "CPU: utime+stime of the target's processes.", ""]  # fmt: skip
     if serve_rows:
         out += ["| target | req/s | CPU s | req per CPU-s | errors |", "|---|---:|---:|---:|---:|"]
@@ -309,7 +313,7 @@ def report(serve_rows: list[dict[str, Any]], lim_rows: list[dict[str, Any]], arg
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=3, help="seconds per wrk round (default 3; 0.3 is a smoke test)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--checks", type=int, default=20000, help="rate-limit checks per limiter row")

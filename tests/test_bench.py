@@ -78,7 +78,7 @@ def test_quick_run_prints_and_writes_every_row(tmp_path: Path) -> None:
     _require_tools()
     out = tmp_path / "latest.md"
     proc = subprocess.run(
-        [str(RUN), "--quick", "--duration", "1", "--rounds", "1", "--out", str(out)],
+        [str(RUN), "--quick", "--duration", "0.25", "--rounds", "1", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=280,

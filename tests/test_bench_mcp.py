@@ -31,7 +31,7 @@ FIGURE = re.compile(r"^[+-]?[\d,]+(\.\d+)?( ms| ms \([\d.]+–[\d.]+\)|×)?$")
 def test_tiny_mcp_run_prints_every_row_with_every_reference(tmp_path: Path) -> None:
     _require_tools()  # nginx is a reference column
     out = tmp_path / "mcp.md"
-    argv = [str(RUN), "mcp", "--duration", "0.3", "--rounds", "1", "--out", str(out)]
+    argv = [str(RUN), "mcp", "--duration", "0.15", "--rounds", "1", "--sessions", "50", "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=280, cwd=tmp_path, env=RUN_ENV)
     diag = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-4000:]}"
     assert proc.returncode == 0 and out.is_file(), diag

@@ -29,7 +29,7 @@ ROWS = [
 def test_tiny_workers_run_prints_every_row(tmp_path: Path) -> None:
     _require_tools()
     out = tmp_path / "workers.md"
-    argv = [str(RUN), "workers", "--duration", "1", "--rounds", "1", "--checks", "300", "--out", str(out)]
+    argv = [str(RUN), "workers", "--duration", "0.25", "--rounds", "1", "--checks", "300", "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=280, cwd=tmp_path, env=RUN_ENV)
     diag = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-4000:]}"
     assert proc.returncode == 0 and out.is_file(), diag

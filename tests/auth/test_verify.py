@@ -227,7 +227,7 @@ async def test_argon2_flood_does_not_block_the_event_loop(tmp_path: Path, capsys
                 lags.append(loop.time() - t - 0.005)
 
         tick = asyncio.create_task(ticker())
-        await asyncio.sleep(2)  # ambient lag first, for comparison
+        await asyncio.sleep(0.5)  # ambient lag first, for comparison (printed, not asserted): ~100 ticks
         ambient = max(lags)
         lags.clear()
         started = time.perf_counter()

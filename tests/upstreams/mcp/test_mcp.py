@@ -284,12 +284,14 @@ async def test_slow_tools_stream_past_the_idle_timeout(
         ClientSession(read, write) as session,
     ):
         await session.initialize()
-        # Silent for 2.5 s on an SSE answer: an idle timeout of 1 s must not cut it.
+        # Silent for 2.5 s on an SSE answer: an idle timeout of 1 s must not cut it (nor the 1 s
+        # the headers are held while no event has come: sidecar.http.whole.FIRST_EVENT_WAIT).
         quiet = await session.call_tool("quiet", {"seconds": 2.5})
         assert quiet.content[0].text == "quiet for 2.5"  # type: ignore[union-attr]
-        slow = await session.call_tool("slow", {"seconds": 2.5}, progress_callback=on_progress)
-        assert slow.content[0].text == "slept 2.5"  # type: ignore[union-attr]
-    assert progress == [float(i) for i in range(1, 11)]
+        # 1.5 s in all, past the 1 s timeout, a progress event every quarter second.
+        slow = await session.call_tool("slow", {"seconds": 1.5}, progress_callback=on_progress)
+        assert slow.content[0].text == "slept 1.5"  # type: ignore[union-attr]
+    assert progress == [float(i) for i in range(1, 7)]
 
     # 2026-07-28: the answer commits to SSE with the first progress event and streams on.
     progress.clear()
@@ -297,9 +299,9 @@ async def test_slow_tools_stream_past_the_idle_timeout(
         httpx2.AsyncClient(headers=bearer(key)) as http,
         Client(streamable_http_client(url(gw, "/mcp/tools"), http_client=http), mode="auto") as client,
     ):
-        slow = await client.call_tool("slow", {"seconds": 2.5}, progress_callback=on_progress)
-        assert slow.content[0].text == "slept 2.5"  # type: ignore[union-attr]
-    assert len(progress) == 10
+        slow = await client.call_tool("slow", {"seconds": 1.5}, progress_callback=on_progress)
+        assert slow.content[0].text == "slept 1.5"  # type: ignore[union-attr]
+    assert len(progress) == 6
 
 
 async def test_keepalive_pings_pass_unbuffered(gw: Running, monkeypatch: pytest.MonkeyPatch) -> None:
