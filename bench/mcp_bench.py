@@ -15,7 +15,8 @@ then measures, direct and through Sidecar, in interleaved rounds:
   the round, divided by the calls (robust to a loaded machine, unlike req/s);
 - sealing and unsealing one session id, in process;
 - for reference, the bare aiohttp forwarder (``bench/bare_forwarder.py``: no auth, no
-  features, aiohttp's client), the Python pipe (``bench/pipe_forwarder.py``: bytes copied
+  features, aiohttp's client), the lean Python proxy (``bench/lean_forwarder.py``: httptools
+  and Sidecar's pool, no aiohttp, no features), the Python pipe (``bench/pipe_forwarder.py``: bytes copied
   between asyncio protocols, no HTTP: the floor for any proxy in Python) and nginx
   ``proxy_pass`` (keep-alive pool, no buffering) in front of the same server, nginx when it
   is installed: what one proxy hop costs at all. At one connection a
@@ -85,6 +86,7 @@ def tree_cpu_seconds(pid: int) -> float:
 
 REFERENCES = (  # (target, column title): the other proxies in front of the same server
     ("bare", "bare aiohttp"),
+    ("lean", "lean Python"),
     ("pipe", "Python pipe"),
     ("nginx", "nginx"),
 )
@@ -310,9 +312,10 @@ def start_nginx(tmp: Path, upstream_port: int) -> tuple[Proc, str] | None:
 
 
 def start_forwarder(tmp: Path, name: str, upstream_port: int, env: dict[str, str]) -> tuple[Proc, str]:
-    """A Python reference in front of the server: ``bare`` (aiohttp, no features) or ``pipe`` (bytes only)."""
+    """A Python reference in front of the server: ``bare`` (aiohttp, no features), ``lean`` (httptools and
+    Sidecar's pool, no features) or ``pipe`` (bytes only)."""
     (port,) = free_ports(1)
-    target = f"127.0.0.1:{upstream_port}" if name == "pipe" else f"http://127.0.0.1:{upstream_port}"
+    target = f"http://127.0.0.1:{upstream_port}" if name == "bare" else f"127.0.0.1:{upstream_port}"
     argv = [sys.executable, str(BENCH_DIR / f"{name}_forwarder.py"), "--listen", f"127.0.0.1:{port}",
             "--upstream", target]  # fmt: skip
     proc = Proc(name, argv, tmp / f"{name}.log", env=env)
@@ -359,7 +362,7 @@ def run(seconds: float, rounds: int, out: Path, sessions: int = SESSIONS) -> str
         refs: dict[str, tuple[Proc, str]] = {}
         try:
             up_port = int(direct.rsplit(":", 1)[1].split("/")[0])
-            for name in ("bare", "pipe"):
+            for name in ("bare", "lean", "pipe"):
                 refs[name] = start_forwarder(tmp, name, up_port, env)
             if (ngx := start_nginx(tmp, up_port)) is not None:
                 refs["nginx"] = ngx
@@ -461,7 +464,9 @@ def report(
         "that waits (a direct call then takes about the issue's measured 8 ms). At one connection "
         "against the echo tool, which answers in under 1 ms, a call is latency-bound: calls/s is direct "
         "p50 / proxied p50, so that ratio measures the hop's own time, which the added-p50 goal bounds "
-        "(reference columns, each in front of the same server: the bare aiohttp forwarder, no features; "
+        "(reference columns, each in front of the same server: the bare aiohttp forwarder, no features; the "
+        "lean Python proxy, httptools on an asyncio protocol and Sidecar's pool, no features: the best case "
+        "for an HTTP proxy in Python; "
         "the Python pipe, a TCP byte copy on asyncio protocols, no HTTP at all: the floor for a proxy "
         "in Python; nginx proxy_pass). CPU per call: the median over the rounds, their range in brackets.",
     ]

@@ -1,8 +1,9 @@
 """``bench/run mcp`` end to end, at its tiniest: every MCP row and column appears (issue 19 §4).
 
 No assertions on speed (a shared machine promises none): the SDK's server, Sidecar, the bare
-aiohttp forwarder, the Python pipe and nginx start, every scenario is driven through each, and each cell holds a
-figure, so a bench that silently lost a target or a column fails here rather than in a note.
+aiohttp forwarder, the lean Python proxy, the Python pipe and nginx start, every scenario is
+driven through each, and each cell holds a figure, so a bench that silently lost a target or a
+column fails here rather than in a note.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROWS = [
     "SDK ClientSession, 1 session",
     "tools/call of a tool that waits 7 ms, 1 conn.",
 ]
-COLUMNS = 17
+COLUMNS = 20
 FIGURE = re.compile(r"^[+-]?[\d,]+(\.\d+)?( ms| ms \([\d.]+–[\d.]+\)|×)?$")
 
 
