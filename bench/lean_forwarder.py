@@ -24,6 +24,8 @@ from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: Sidecar's package beside bench/
 
+from bare_forwarder import loop_factory  # run as a script: bench/ is on the path
+
 from sidecar.config.schema import UpstreamConfig
 from sidecar.http.pool import ConnectionPool
 
@@ -116,13 +118,7 @@ def main() -> None:
     ap.add_argument("--upstream", required=True, help="HOST:PORT")
     args = ap.parse_args()
     host, _, port = args.listen.rpartition(":")
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(host, int(port), args.upstream))
 
 

@@ -17,6 +17,8 @@ import argparse
 import asyncio
 import signal
 
+from bare_forwarder import loop_factory  # run as a script: bench/ is on the path
+
 
 class _Half(asyncio.Protocol):
     """One side of the pipe: what it reads goes to ``peer``; back-pressure pauses the reader."""
@@ -93,13 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     host, _, port = args.listen.rpartition(":")
     up_host, _, up_port = args.upstream.rpartition(":")
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(host, int(port), up_host, int(up_port)))
 
 

@@ -1,9 +1,13 @@
-"""A hand-moved clock and bare key records, shared by the limiter tests (memory, Redis, clock faults)."""
+"""A hand-moved clock, bare key records and a held carry, shared by the limiter tests (memory, Redis,
+clock faults, limit edits)."""
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 from typing import Any
+
+import pytest
 
 from sidecar.auth.models import KeyRecord
 
@@ -47,3 +51,21 @@ class Clocks:
 
 def key(kid: str = "k1", **fields: Any) -> KeyRecord:
     return KeyRecord(id=kid, name="test", hash="$argon2id$unused", **fields)
+
+
+def hold_first_carry(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, list[Any]]:
+    """The first limit edit's rate carry waits for the event: two edits then always race (the carried
+    limits of each edit are appended to the list as its carry starts)."""
+    from sidecar.limits import carry
+
+    held, calls = asyncio.Event(), []
+    real = carry.carry_rates
+
+    async def first_held(limiter: Any, before: Any, after: Any) -> None:
+        calls.append(after.rate_limits)
+        if len(calls) == 1:
+            await held.wait()
+        await real(limiter, before, after)
+
+    monkeypatch.setattr(carry, "carry_rates", first_held)
+    return held, calls

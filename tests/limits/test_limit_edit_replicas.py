@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running
-from limits_support import Clock
+from limits_support import Clock, hold_first_carry
 from redis_support import RedisProc, redis_server
 from test_limits_attacks import get, plex_cfg
 
@@ -59,19 +59,9 @@ async def test_two_replicas_editing_one_key_at_once_carry_every_debt(
     of edits (any delegate of the owner, as often as it liked, with two replicas behind a balancer).
     Now A's first carry is held until B's edit waits for the replicas' lock in Redis, and the key is
     still refused on both replicas after both edits."""
-    from sidecar.limits import carry
 
     a, b, rec, key = await _replicas(make_sidecar, plex_upstream, tmp_path, redis_server)
-    held, calls = asyncio.Event(), []
-    real = carry.carry_rates
-
-    async def first_held(limiter: Any, before: Any, after: Any) -> None:
-        calls.append(after.rate_limits)
-        if len(calls) == 1:
-            await held.wait()
-        await real(limiter, before, after)
-
-    monkeypatch.setattr(carry, "carry_rates", first_held)
+    held, calls = hold_first_carry(monkeypatch)
     week = _edit(a, rec.id, ["3/week"])
     deadline = time.monotonic() + 5
     while not calls:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar
-from limits_support import Clock
+from limits_support import Clock, hold_first_carry
 from redis_support import RedisProc, redis_server
 from test_limits_attacks import get, plex_cfg
 
@@ -175,8 +175,6 @@ async def test_two_edits_at_once_carry_every_debt(
     first carry is held until the second edit is queued, and the key is still refused after both."""
     import asyncio
 
-    from sidecar.limits import carry
-
     rl: dict[str, Any] = {"backend": "redis", "redis_url": redis_server.url} if backend == "redis" else {}
     clock = Clock()
     r = await make_sidecar(plex_cfg(plex_upstream, tmp_path, **rl), clock=clock)
@@ -185,16 +183,7 @@ async def test_two_edits_at_once_carry_every_debt(
         assert (await get(r, key)).status == 200
     assert (await get(r, key)).status == 429
 
-    held, calls = asyncio.Event(), []
-    real = carry.carry_rates
-
-    async def first_held(limiter: Any, before: Any, after: Any) -> None:
-        calls.append(after.rate_limits)
-        if len(calls) == 1:
-            await held.wait()
-        await real(limiter, before, after)
-
-    monkeypatch.setattr(carry, "carry_rates", first_held)
+    held, calls = hold_first_carry(monkeypatch)
 
     def edit(limits: list[str]) -> asyncio.Task[Any]:
         return asyncio.create_task(
