@@ -156,7 +156,7 @@ class Sidecar:
         return KeyManager(self.config, self.store, clock=self.clock, limiter=self._limiter, edit_locks=self.edit_locks)
 
     async def start(self) -> None:
-        self._store = await open_store(self.config.store)
+        self._store = await open_store(self.config.store, max_lifetime=self.config.keys.max_lifetime, clock=self.clock)
         self._verifier = Verifier(
             self.store, self.config.keys, clock=self.clock, steady=self.steady, on_change=self._keys_changed
         )

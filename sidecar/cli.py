@@ -93,7 +93,7 @@ def _show(rec: KeyRecord, as_json: bool, extra: dict[str, Any] | None = None) ->
 
 async def _with_manager(args: argparse.Namespace, fn: Callable[[KeyManager], Awaitable[int]]) -> int:
     config = _load(args)
-    store = await open_store(config.store)
+    store = await open_store(config.store, max_lifetime=config.keys.max_lifetime)
     try:
         return await fn(KeyManager(config, store))
     finally:
@@ -210,9 +210,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         *_file_mode_warnings(config),
         *filter(None, [config.admin.weak_token()]),
         *_slow_revocation(config),
+        *_keys_file_lifetimes(config),
     ]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _keys_file_lifetimes(config: Config) -> list[str]:
+    """YAML keys that keys.max_lifetime shortens or refuses (sidecar.store.lifetime)."""
+    from .store.lifetime import keys_file_warnings
+
+    return keys_file_warnings(config)
 
 
 def _slow_revocation(config: Config) -> list[str]:

@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    store = await open_store(config.store)
+    store = await open_store(config.store, max_lifetime=config.keys.max_lifetime)
     try:
         if args.action == "grants":
             found = await store.list_grants(args.key, args.client)

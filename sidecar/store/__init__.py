@@ -7,6 +7,8 @@ store (``store.kind: postgres``, docs/postgres.md) holds keys and state for a fl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..config import StoreConfig
 from .base import (
     GrantLimitReached,
@@ -36,11 +38,15 @@ __all__ = [
 ]
 
 
-async def open_store(config: StoreConfig) -> Store:
-    """Open the configured store; the caller closes it."""
+async def open_store(
+    config: StoreConfig, *, max_lifetime: float | None = None, clock: Callable[[], float] | None = None
+) -> Store:
+    """Open the configured store; the caller closes it. ``max_lifetime`` (``keys.max_lifetime``) caps
+    the keys of a YAML file, which no admin API call wrote (``sidecar.store.lifetime``)."""
     store: Store
     if config.kind == "yaml":
-        store = YamlStore(config.path, SqliteStore(config.state_path, config.busy_timeout))
+        state = SqliteStore(config.state_path, config.busy_timeout)
+        store = YamlStore(config.path, state, max_lifetime=max_lifetime, clock=clock)
     elif config.kind == "postgres" and config.postgres is not None:
         from .postgres import PostgresStore  # asyncpg is imported only when used
 

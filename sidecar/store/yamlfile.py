@@ -14,6 +14,7 @@ stayed the same for a poll (or on SIGHUP). Editors' and GitOps tools' atomic ren
 change the inode and are picked up at the next poll.
 Writes through the API are refused (``ReadOnlyStore``): the file is the source of truth.
 Last used, usage, quotas and the audit trail go to a SQLite state file beside it.
+``keys.max_lifetime`` is applied to every entry each time the file is read (``sidecar.store.lifetime``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ except ImportError:  # pragma: no cover
 
 from ..auth.models import KeyRecord
 from .base import AuditEvent, KeyChanges, ReadOnlyStore, Store, StoreError, UsageRow
+from .lifetime import cap_lifetimes
 from .sqlite import SqliteStore
 
 __all__ = ["YamlStore", "parse_keys_file"]
@@ -109,9 +112,19 @@ def entry_yaml(record: KeyRecord) -> str:
 class YamlStore(Store):
     writable = False
 
-    def __init__(self, path: Path, state: SqliteStore) -> None:
+    def __init__(
+        self,
+        path: Path,
+        state: SqliteStore,
+        *,
+        max_lifetime: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.state = state
+        self.max_lifetime = max_lifetime  # keys.max_lifetime: applied at every read (sidecar.store.lifetime)
+        self.clock = clock or time.time  # the sidecar's wall clock: judges a created_at in the future
+        self._capped: set[str] = set()  # the lifetime warnings of the set in force, each logged once
         self._stamp: tuple[int, int, int] | None = None
         self._records: dict[str, KeyRecord] = {}
         self.last_error: str | None = None
@@ -139,10 +152,23 @@ class YamlStore(Store):
         except UnicodeDecodeError as e:  # e.g. cut short inside a multi-byte character
             raise StoreError(f"keys file {self.path}: not UTF-8 text (at byte {e.start})") from None
 
-    def _read(self) -> dict[str, KeyRecord]:
-        return parse_keys_file(self._read_text(), str(self.path))
+    def _parse(self, text: str) -> tuple[dict[str, KeyRecord], list[str]]:
+        """The file's keys with ``keys.max_lifetime`` applied, and what the cap changed."""
+        return cap_lifetimes(parse_keys_file(text, str(self.path)), self.max_lifetime, self.clock(), str(self.path))
 
-    def _read_settled(self, stamp: tuple[int, int, int] | None, force: bool) -> dict[str, KeyRecord] | None:
+    def _read(self) -> tuple[dict[str, KeyRecord], list[str]]:
+        return self._parse(self._read_text())
+
+    def _warn_capped(self, notes: list[str]) -> None:
+        """Log each lifetime warning once while it holds (a reload that keeps it says nothing again)."""
+        for note in notes:
+            if note not in self._capped:
+                log.warning("%s", note)
+        self._capped = set(notes)
+
+    def _read_settled(
+        self, stamp: tuple[int, int, int] | None, force: bool
+    ) -> tuple[dict[str, KeyRecord], list[str]] | None:
         """The file's keys, or None while it looks mid-write (read again at the next poll)."""
         text = self._read_text()
         if self._file_stamp() != stamp:
@@ -150,12 +176,13 @@ class YamlStore(Store):
         if text and not text.endswith("\n") and not force and stamp != self._unsettled:
             self._unsettled = stamp  # maybe cut short mid-write: take it if it is still so next poll
             return None
-        return parse_keys_file(text, str(self.path))
+        return self._parse(text)
 
     async def open(self) -> None:
         await self.state.open()
         self._stamp = self._file_stamp()
-        self._records = await asyncio.to_thread(self._read)
+        self._records, notes = await asyncio.to_thread(self._read)
+        self._warn_capped(notes)
 
     async def close(self) -> None:
         await self.state.close()
@@ -166,7 +193,7 @@ class YamlStore(Store):
             return None
         try:
             # A big file must not stall the loop; so both the read and the parse run in a thread.
-            records = await asyncio.to_thread(self._read_settled, stamp, force)
+            read = await asyncio.to_thread(self._read_settled, stamp, force)
         except StoreError as e:
             self._stamp = stamp  # this version is judged: not read again until it changes
             self.reload_errors += 1
@@ -174,8 +201,10 @@ class YamlStore(Store):
                 log.error("keys file rejected, keeping the last good set of %d keys: %s", len(self._records), e)
             self.last_error = str(e)
             return None
-        if records is None:
+        if read is None:
             return None  # self._stamp unchanged: the next poll looks again
+        records, notes = read
+        self._warn_capped(notes)
         self._stamp = stamp
         self._unsettled = None
         self.last_error = None
