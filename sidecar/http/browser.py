@@ -36,9 +36,9 @@ answers lose every challenge already: ``upstreams/mcp/response.py``.)
 tossing a value over them; so are those whose ``Path`` lies in the sidecar's own folders
 (``/oauth``, ``/.well-known/oauth-``): a few large ones there would lock the consent page out
 (every request over the header limit) for as long as they last. Other cookies pass (load
-balancers' affinity cookies), kept inside their upstream's folder (below). Going up, the sidecar's cookies are taken out of the client's
-``Cookie`` header (``upstream_cookie``): the browser sends the console's session cookie to every
-port of the host, and no upstream may see it.
+balancers' affinity cookies), kept inside their upstream's folder (below). Going up, the
+sidecar's cookies are taken out of the client's ``Cookie`` header (``upstream_cookie``): the
+browser sends the console's session cookie to every port of the host, and no upstream may see it.
 
 Cookies between upstreams (``scoped``, what nginx's ``proxy_cookie_path`` does, by default): a
 cookie a browser takes from one upstream goes with every later request whose path it covers, to
