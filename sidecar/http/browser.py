@@ -50,7 +50,9 @@ so the cookie stays in its folder: its session cookies cannot reach a sibling up
   request's folder: ``/mcp`` for a request to ``/mcp/tools``) → ``Path=<prefix>``; with
   ``strip_prefix`` (the upstream sees paths without the prefix) ``Path=/`` → ``<prefix>`` and
   ``Path=/x`` → ``<prefix>/x``; without it, a path inside the prefix is kept and any other one
-  becomes ``<prefix>`` (the upstream is never sent a request there through the sidecar). Compared
+  becomes ``<prefix>`` (the upstream is never sent a request there through the sidecar). An
+  upstream URL with a path (``http://host:8000/mcp``) is sent every path under it: its cookie's
+  path is read less that part (``/mcp/x`` → ``/x``), and one outside it becomes ``<prefix>``. Compared
   as sent, case and all (browsers match cookie paths byte for byte). A result over 1,024 bytes
   (browsers ignore such an attribute and use the request's folder) becomes ``<prefix>``.
 - ``Domain`` is removed: the cookie becomes host-only, not sent to sibling hosts either (a
@@ -112,7 +114,9 @@ the console's session.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
+from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
@@ -187,9 +191,16 @@ def _aimed(set_cookie: str) -> bool:
     return False
 
 
-def scoped(set_cookie: str, prefix: str, strip: bool) -> str | None:
+@lru_cache(maxsize=256)
+def _base(url: str) -> str:
+    """The upstream URL's own path (``/mcp`` of ``http://host:8000/mcp``), which prefixes every path it is sent."""
+    return urlsplit(url).path.rstrip("/")
+
+
+def scoped(set_cookie: str, prefix: str, strip: bool, base: str = "") -> str | None:
     """``set_cookie`` kept inside the folder ``prefix`` (not ``/``) of an upstream that strips it (or
-    not): ``Domain`` removed, one ``Path`` last; ``None`` to drop the line (a control character)."""
+    not) and is sent its paths under ``base`` (its URL's path): ``Domain`` removed, one ``Path``
+    last; ``None`` to drop the line (a control character)."""
     if _CTL.search(set_cookie):
         return None
     first, *attrs = set_cookie.split(";")
@@ -202,11 +213,13 @@ def scoped(set_cookie: str, prefix: str, strip: bool) -> str | None:
             path = value.strip(_WSP)  # the last one is the one browsers use
         elif lname != "domain":
             kept.append(attr)
-    if not path or path[0] != "/":  # none, empty, quoted, relative: the browser would use the request's folder
-        path = prefix
-    elif strip:
-        path = prefix if path == "/" else prefix + path
-    elif path != prefix and not path.startswith(prefix + "/"):
+    if path and path[0] == "/" and (not base or path == base or path.startswith(base + "/")):
+        path = path[len(base) :] or "/"  # the path as the upstream's client side sees it
+        if strip:
+            path = prefix if path == "/" else prefix + path
+        elif path != prefix and not path.startswith(prefix + "/"):
+            path = prefix
+    else:  # none, empty, quoted, relative (the browser would use the request's folder), or outside the URL's path
         path = prefix
     if len(path.encode()) > _MAX_ATTR:
         path = prefix
@@ -215,16 +228,17 @@ def scoped(set_cookie: str, prefix: str, strip: bool) -> str | None:
 
 
 def answer_headers(
-    mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/", strip: bool = True
+    mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/", strip: bool = True, url: str = ""
 ) -> None:
     """The additions (and ``Set-Cookie`` removals) above, on a relayed answer's headers (``DROP`` is
     applied while they are copied); ``path`` is the client's, ``prefix`` the upstream's path prefix
-    (only an HTML answer and cookies look at them), ``strip`` its ``strip_prefix``. A dict lookup
-    and a set test for most answers."""
+    (only an HTML answer and cookies look at them), ``strip`` its ``strip_prefix``, ``url`` its URL.
+    A dict lookup and a set test for most answers."""
     if "Set-Cookie" in headers:
         kept = [v for v in headers.getall("Set-Cookie") if not (_own(v.split("=", 1)[0]) or _aimed(v))]
         if prefix != "/":  # kept in the upstream's folder: no reaching a sibling upstream
-            kept = [c for v in kept if (c := scoped(v, prefix, strip)) is not None]
+            base = _base(url)
+            kept = [c for v in kept if (c := scoped(v, prefix, strip, base)) is not None]
         headers.popall("Set-Cookie")
         for v in kept:
             headers.add("Set-Cookie", v)

@@ -104,6 +104,29 @@ async def test_a_prefixed_upstreams_cookies_are_kept_in_its_folder(
     assert resp.headers.getall("Set-Cookie") == [kept if strip else as_is for _, kept, as_is in LINES]
 
 
+BASED = ["c1=1; Path=/", "c2=2; Path=/base", "c3=3; Path=/base/x", "c4=4; Path=/basex", f"c5=5; Path=/base{P}/y"]
+
+
+@pytest.mark.parametrize(
+    ("strip", "paths"), [(True, [P, P, f"{P}/x", P, f"{P}{P}/y"]), (False, [P, P, P, P, f"{P}/y"])]
+)
+async def test_an_upstream_urls_own_path_is_read_off_its_cookies(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, strip: bool, paths: list[str]
+) -> None:
+    """``url: http://host/base``: the upstream is sent ``/base/…``, so its ``Path=/base/x`` means
+    ``/mcp/a/x`` on the origin (stripped), and ``Path=/`` or ``/basex`` mean nothing it is sent."""
+    url, _ = await cookie_upstream(aiohttp_server, BASED)
+    cfg = base_config(url, tmp_path)
+    cfg["upstreams"] = [{"id": "a", "kind": "mcp", "url": f"{url}/base/", "path_prefix": P, "strip_prefix": strip}]
+    sc = await make_sidecar(cfg)
+    _, key = await sc.create_key(permissions={"upstreams": ["*"]})
+    resp = await sc.proxy.post(P, json=PING, headers=mcp_headers(key))
+    assert resp.status == 200
+    assert resp.headers.getall("Set-Cookie") == [
+        f"{c.split(';')[0]}; Path={p}" for c, p in zip(BASED, paths, strict=True)
+    ]
+
+
 async def test_one_upstreams_cookies_no_longer_reach_another(
     make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path
 ) -> None:
