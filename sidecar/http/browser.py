@@ -36,9 +36,47 @@ answers lose every challenge already: ``upstreams/mcp/response.py``.)
 tossing a value over them; so are those whose ``Path`` lies in the sidecar's own folders
 (``/oauth``, ``/.well-known/oauth-``): a few large ones there would lock the consent page out
 (every request over the header limit) for as long as they last. Other cookies pass (load
-balancers' affinity cookies). Going up, the sidecar's cookies are taken out of the client's
-``Cookie`` header (``upstream_cookie``): the browser sends the console's session cookie to every
-port of the host, and no upstream may see it.
+balancers' affinity cookies), kept inside their upstream's folder (below). Going up, the
+sidecar's cookies are taken out of the client's ``Cookie`` header (``upstream_cookie``): the
+browser sends the console's session cookie to every port of the host, and no upstream may see it.
+
+Cookies between upstreams (``scoped``, what nginx's ``proxy_cookie_path`` does, by default): a
+cookie a browser takes from one upstream goes with every later request whose path it covers, to
+any upstream. An upstream with a ``path_prefix`` other than ``/`` gets each ``Set-Cookie`` rewritten
+so the cookie stays in its folder: its session cookies cannot reach a sibling upstream, and a
+"cookie bomb" (many large cookies) locks only its own paths out, not the origin's.
+
+- The ``Path``: none, an empty one or one not starting with ``/`` (the browser would use the
+  request's folder: ``/mcp`` for a request to ``/mcp/tools``) → ``Path=<prefix>``; with
+  ``strip_prefix`` (the upstream sees paths without the prefix) ``Path=/`` → ``<prefix>`` and
+  ``Path=/x`` → ``<prefix>/x``; without it, a path inside the prefix is kept and any other one
+  becomes ``<prefix>`` (the upstream is never sent a request there through the sidecar). An
+  upstream URL with a path (``http://host:8000/mcp``) is sent every path under it: its cookie's
+  path is read less that part (``/mcp/x`` → ``/x``), and one outside it becomes ``<prefix>``. Compared
+  as sent, case and all (browsers match cookie paths byte for byte). A result over 1,024 bytes
+  (browsers ignore such an attribute and use the request's folder) becomes ``<prefix>``.
+- ``Domain`` is removed: the cookie becomes host-only, not sent to sibling hosts either (a
+  ``Domain`` the browser would have refused now yields a host-only cookie in the folder).
+- A cookie line holding a control character is dropped (browsers cut or refuse such a line,
+  where the rewritten ``Path`` would be lost).
+- Everything else stays byte for byte, in order; every ``Path``/``Domain`` attribute goes (a
+  browser takes the last one) and one ``Path`` is appended last, so it wins whatever else the
+  line holds. Not ``http.cookies``: ``SimpleCookie`` refuses or rewrites what it does not know
+  (``Partitioned``, unquoted commas and spaces in values, odd ``Expires``), reorders and recases
+  attributes and quotes values; browsers parse by ``;`` and ``=`` and trim spaces and tabs only,
+  and so does ``scoped``.
+- ``__Host-`` cookies must have ``Path=/``: from a prefixed upstream browsers refuse them once
+  rewritten (programs' cookie jars keep them, in the folder). That is the safe failure.
+- The root upstream's (``path_prefix: /``) cookies pass as sent: its folder is the origin.
+
+Not done, on purpose, going up: the sidecar does not take cookies out of requests to prefixed
+upstreams. A ``Cookie`` header holds names and values only, never who set them, so the only
+sure cut would be every cookie, and that breaks prefixed upstreams' own (an MCP server behind a
+load balancer's affinity cookie, an application at ``/app`` with its session). The residual: the
+root upstream's cookies with ``Path=/`` (and an outer prefix's, ``/mcp`` around ``/mcp/tools``)
+reach the upstreams under it, and a root upstream could bomb them all. Plex (the usual root)
+keeps its token in a header and storage, not a cookie; put at ``/`` only an upstream trusted as
+much as those under it, or none (docs/security.md).
 
 Added (CSP headers add up, the strictest wins; on an answer given the sandbox below, the upstream's
 own CSP and ``Reporting-Endpoints`` are replaced: they could only add a report address, which would
@@ -75,7 +113,10 @@ the console's session.
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Final
+from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
@@ -83,7 +124,8 @@ from ..core.errors import Forbidden
 from ..core.relay import HOP_BY_HOP
 
 __all__ = [
-    "DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", "refused", "upstream_cookie", "worker_refusal",
+    "DROP", "MCP_DROP", "SANDBOX", "WORKER_FORBIDDEN", "answer_headers", "refused", "scoped", "upstream_cookie",
+    "worker_refusal",
 ]  # fmt: skip
 
 DROP: Final = frozenset(
@@ -113,6 +155,9 @@ WORKER_FORBIDDEN: Final = frozenset({"/", "/oauth/"})
 _OWN_COOKIE: Final = "sidecar_"
 _OWN_PATHS: Final = ("/oauth", "/.well-known/oauth-")  # cookie paths only the sidecar's pages match
 _PROMPTING: Final = frozenset({"basic", "digest", "negotiate", "ntlm"})  # schemes with a browser dialog
+_WSP: Final = " \t"  # what browsers trim around cookie attribute names and values (RFC 6265 §5.2)
+_CTL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # a line browsers cut or refuse
+_MAX_ATTR: Final = 1024  # bytes: browsers ignore a longer attribute value (RFC 6265bis §5.6)
 
 
 def refused(hop_by_hop: frozenset[str], mcp: bool) -> frozenset[str]:
@@ -146,12 +191,54 @@ def _aimed(set_cookie: str) -> bool:
     return False
 
 
-def answer_headers(mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/") -> None:
+@lru_cache(maxsize=256)
+def _base(url: str) -> str:
+    """The upstream URL's own path (``/mcp`` of ``http://host:8000/mcp``), which prefixes every path it is sent."""
+    return urlsplit(url).path.rstrip("/")
+
+
+def scoped(set_cookie: str, prefix: str, strip: bool, base: str = "") -> str | None:
+    """``set_cookie`` kept inside the folder ``prefix`` (not ``/``) of an upstream that strips it (or
+    not) and is sent its paths under ``base`` (its URL's path): ``Domain`` removed, one ``Path``
+    last; ``None`` to drop the line (a control character)."""
+    if _CTL.search(set_cookie):
+        return None
+    first, *attrs = set_cookie.split(";")
+    path: str | None = None
+    kept = [first]
+    for attr in attrs:
+        name, _, value = attr.partition("=")
+        lname = name.strip(_WSP).lower()
+        if lname == "path":
+            path = value.strip(_WSP)  # the last one is the one browsers use
+        elif lname != "domain":
+            kept.append(attr)
+    if path and path[0] == "/" and (not base or path == base or path.startswith(base + "/")):
+        path = path[len(base) :] or "/"  # the path as the upstream's client side sees it
+        if strip:
+            path = prefix if path == "/" else prefix + path
+        elif path != prefix and not path.startswith(prefix + "/"):
+            path = prefix
+    else:  # none, empty, quoted, relative (the browser would use the request's folder), or outside the URL's path
+        path = prefix
+    if len(path.encode()) > _MAX_ATTR:
+        path = prefix
+    kept.append(f" Path={path}")
+    return ";".join(kept)
+
+
+def answer_headers(
+    mcp: bool, headers: CIMultiDict[str], path: str = "/", prefix: str = "/", strip: bool = True, url: str = ""
+) -> None:
     """The additions (and ``Set-Cookie`` removals) above, on a relayed answer's headers (``DROP`` is
     applied while they are copied); ``path`` is the client's, ``prefix`` the upstream's path prefix
-    (only an HTML answer looks at them). A dict lookup and a set test for most answers."""
+    (only an HTML answer and cookies look at them), ``strip`` its ``strip_prefix``, ``url`` its URL.
+    A dict lookup and a set test for most answers."""
     if "Set-Cookie" in headers:
         kept = [v for v in headers.getall("Set-Cookie") if not (_own(v.split("=", 1)[0]) or _aimed(v))]
+        if prefix != "/":  # kept in the upstream's folder: no reaching a sibling upstream
+            base = _base(url)
+            kept = [c for v in kept if (c := scoped(v, prefix, strip, base)) is not None]
         headers.popall("Set-Cookie")
         for v in kept:
             headers.add("Set-Cookie", v)

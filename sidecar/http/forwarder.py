@@ -319,7 +319,7 @@ class Forwarder:
         for name, value in resp.headers.items():
             if name.lower() not in drop:
                 out_headers.add(name, as_sent(value))
-        answer_headers(mcp, out_headers, request.path, upstream.path_prefix)
+        answer_headers(mcp, out_headers, request.path, upstream.path_prefix, upstream.strip_prefix, upstream.url)
         reason = resp.reason
         if reason and not (reason.isascii() and reason.isprintable()):
             # A control character or a non-ASCII byte: aiohttp refuses to write it (the client got no

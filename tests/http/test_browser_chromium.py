@@ -1,6 +1,7 @@
 """End to end in Chromium: what an upstream relays cannot take over the origin the OAuth consent
 page lives on. A page it serves cannot plant a service worker over the whole origin (one under
-its own folder still works); a poster SVG or a reflected HTML page runs no script there.
+its own folder still works); a poster SVG or a reflected HTML page runs no script there; an MCP
+server's cookies (a cookie bomb) stay under its own path prefix.
 
 The upstream is hostile in the way a reflected-input bug makes one: it serves a page that
 registers a worker from a script at the root, and asks for scope "/" with
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import MakeSidecar, base_config
+from test_browser_cookie_scope import cookie_upstream
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -125,3 +127,32 @@ async def test_a_poster_or_a_reflection_runs_no_script_on_the_origin(
     await page.goto(origin + target.format(key=key))
     await page.goto(f"{origin}/web/probe.html?X-Plex-Token={key}")
     assert await page.title() == "clean"
+
+
+BOMB = """async (a) => {
+  const post = (path) => fetch(path, {method: 'POST', body: '{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+    headers: {'Authorization': 'Bearer ' + a.key, 'Accept': 'application/json, text/event-stream',
+              'Content-Type': 'application/json'}});
+  for (const n of [0, 1, 2]) await post('/mcp/a?bomb=' + n);
+  return [(await post('/mcp/b')).status, (await fetch('/web/probe.html?X-Plex-Token=' + a.key)).status];
+}"""
+
+
+async def test_an_mcp_servers_cookie_bomb_stays_in_its_folder(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, browser: Any
+) -> None:
+    """An MCP server at /mcp/a answers a web MCP client's requests with thirty 3 KB cookies, Path=/.
+    Chromium keeps and sends them all: before the fix every later request on the origin (Plex Web,
+    the other MCP server, the consent page) carried a Cookie line over 64 KB: refused. Now kept
+    under /mcp/a: the others reach their upstreams, without a cookie."""
+    a, _ = await cookie_upstream(aiohttp_server, [])
+    b, b_seen = await cookie_upstream(aiohttp_server, [])
+    cfg = base_config(await hostile_site(aiohttp_server), tmp_path)
+    cfg["upstreams"] += [{"id": "a", "kind": "mcp", "url": a, "path_prefix": "/mcp/a"},
+                         {"id": "b", "kind": "mcp", "url": b, "path_prefix": "/mcp/b"}]  # fmt: skip
+    sc = await make_sidecar(cfg)
+    _, key = await sc.create_key(permissions={"upstreams": ["*"]})
+    page = await browser.new_page()
+    await page.goto(f"{str(sc.proxy.make_url('')).rstrip('/')}/web/probe.html?X-Plex-Token={key}")
+    assert await page.evaluate(BOMB, {"key": key}) == [200, 200]
+    assert "Cookie" not in b_seen[-1].headers

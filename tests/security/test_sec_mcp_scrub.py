@@ -252,7 +252,8 @@ async def test_echoes_in_response_headers_and_the_reason_phrase_are_redacted(evi
     assert resp.reason == f"OK {MASK}"
     assert resp.headers["X-Debug-Auth"] == MASK
     assert resp.headers["X-Token"] == MASK
-    assert resp.headers.getall("Set-Cookie") == [f"upstream={MASK}; Path=/", "other=1"]
+    # kept under the upstream's prefix (sidecar/http/browser.py, ``scoped``)
+    assert resp.headers.getall("Set-Cookie") == [f"upstream={MASK}; Path=/mcp/echo", "other=1; Path=/mcp/echo"]
     assert resp.headers["Link"] == f"</x?t={MASK}>"
 
 
