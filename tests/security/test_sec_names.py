@@ -12,11 +12,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import MakeSidecar, Running, log_lines, require_binary
+from conftest import MakeSidecar, Running, base_config, log_lines, require_binary
 from mcp_server import MCP_TOKEN, McpUpstream
-from mcp_support import SCOPED, call, mcp_config, session
+from mcp_support import ACCEPT, SCOPED, answer_messages, bearer, call, mcp_config, session
 
 from sidecar.cli import main
 from sidecar.core.names import MAX_NAME, MAX_NAMES, join, split
@@ -262,3 +263,51 @@ async def test_a_rewritten_body_keeps_a_lone_surrogate_as_the_client_spelled_it(
     assert r.status != 500, await r.text()
     sent = upstream.rec.requests[-1].body
     assert b'"query":"\\ud800"' in sent and b"delete_everything" not in sent
+
+
+HOSTILE_LIST = (
+    b'{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"sea\\ud800rch","description":"x\\udfff",'
+    b'"inputSchema":{"type":"object"}},{"name":"search","description":"d\\ud800","inputSchema":{"type":"object"}}]}}'
+)
+
+
+@pytest.mark.parametrize("answer", ["json", "sse"])
+@pytest.mark.parametrize("scoped", [False, True], ids=["every tool", "one tool"])
+async def test_an_upstreams_lone_surrogates_in_a_tool_list_are_relayed_not_a_500(
+    make_sidecar: MakeSidecar, aiohttp_server: Any, tmp_path: Path, answer: str, scoped: bool
+) -> None:
+    """A hostile (or sloppy) upstream answers ``tools/list`` with lone surrogates in a name and in
+    descriptions (JSON's ``\\ud800``, which Python's json reads). The list is re-serialised for a key
+    limited to some tools, and the name is looked up for every key: neither may turn the upstream's own
+    answer into a 500. A key with every tool gets the names as the upstream wrote them; a key allowed
+    ``search`` only gets ``search`` alone, its description still escaped as sent."""
+    from aiohttp import web
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("method") != "tools/list":
+            return web.json_response({"jsonrpc": "2.0", "id": body.get("id"), "result": {}})
+        if answer == "json":
+            return web.Response(body=HOSTILE_LIST, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"event: message\ndata: " + HOSTILE_LIST + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    up = await aiohttp_server(app)
+    cfg = base_config("http://unused", tmp_path)
+    cfg["upstreams"] = [{"id": "h", "kind": "mcp", "url": str(up.make_url("/mcp")), "path_prefix": "/mcp/h"}]
+    gw = await make_sidecar(cfg)
+    _, key = await gw.create_key(name="k", permissions=SCOPED if scoped else {"upstreams": ["*"]})
+    r = await gw.proxy.post(
+        "/mcp/h", json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers={**ACCEPT, **bearer(key)}
+    )
+    text = await r.text()
+    assert r.status == 200, text
+    (msg,) = answer_messages(text)
+    names = [t["name"] for t in msg["result"]["tools"]]
+    assert names == (["search"] if scoped else ["sea\ud800rch", "search"]), text
+    assert msg["result"]["tools"][-1]["description"] == "d\ud800"
