@@ -107,9 +107,9 @@ async def test_a_unix_socket_scrape_passes_without_any_trusted_proxy(
         path = str(Path(d) / "admin.sock")
         try:
             await web.UnixSite(runner, path).start()
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as http:
-                async with http.get("http://worker/metrics") as resp:
-                    assert resp.status == 200 and "sidecar_" in await resp.text()
+            connector = aiohttp.UnixConnector(path=path)
+            async with aiohttp.ClientSession(connector=connector) as http, http.get("http://worker/metrics") as resp:
+                assert resp.status == 200 and "sidecar_" in await resp.text()
         finally:
             await runner.cleanup()
 
