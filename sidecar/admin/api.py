@@ -190,7 +190,7 @@ def create_admin_app(sc: AdminHost) -> web.Application:
         request[ACTOR_KEY] = key
         return await handler(request)
 
-    guard = host_guard(sc.config.admin.listen, sc.trusted_proxies)  # DNS rebinding (admin/hostguard.py)
+    guard = host_guard(sc.config.admin.listen, sc.config.admin.allowed_hosts)  # DNS rebinding (admin/hostguard.py)
     app = web.Application(middlewares=[*([guard] if guard else []), errors, auth])
     r = app.router
 

@@ -1,4 +1,4 @@
-"""DNS rebinding: an admin listener bound to loopback answers only to loopback names.
+"""DNS rebinding: an admin listener bound to loopback answers only to loopback names and ``admin.allowed_hosts``.
 
 A web page at ``evil.example`` can re-point its own name at 127.0.0.1; the browser then sends
 that page's requests to the loopback admin listener as the page's *own* origin (``Origin`` and
@@ -6,10 +6,17 @@ that page's requests to the loopback admin listener as the page's *own* origin (
 way: the page reads ``/metrics`` (key ids, names, owners, counts) and the unauthenticated pages,
 and guesses at sign-in until the operator's own address is throttled. The browser cannot lie
 about ``Host``, though: on a listener bound to loopback, a ``Host`` that is not a loopback name
-(``localhost``, ``*.localhost``, a loopback address) is refused before anything runs, as the MCP
-SDK's own guard does. A listener bound elsewhere is left alone (its names are the operator's),
-and so is a request from a trusted proxy (the ingress in front judges its own ``Host``) or over
-a unix socket (a worker's admin app, scraped by the supervisor as ``http://worker/…``).
+(``localhost``, ``*.localhost``, a loopback address) nor listed in ``admin.allowed_hosts`` is
+refused before anything runs, as the MCP SDK's own guard does (its ``allowed_hosts``; Django's
+``ALLOWED_HOSTS``). A listener bound elsewhere is left alone (its names are the operator's) unless
+``allowed_hosts`` is set, which then holds there too.
+
+The TCP peer earns no exemption: a proxy in ``server.trusted_proxies`` is often a local nginx at
+127.0.0.1, which is exactly where the rebound browser connects from too, and any header a proxy
+would add (``X-Forwarded-*``) the same-origin page can send itself. A proxy that forwards the
+public ``Host`` needs that name in ``allowed_hosts``; nginx's default (``$proxy_host``, the
+upstream's loopback address) needs nothing. A request over a unix socket (a worker's admin app,
+scraped by the supervisor as ``http://worker/…``) has no IP peer and is no browser's: it passes.
 """
 
 from __future__ import annotations
@@ -19,33 +26,23 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..config.hosts import host_and_port
 from ..core.errors import BadRequest
 
 if TYPE_CHECKING:
-    from aiohttp.typedefs import Handler, Middleware
+    from collections.abc import Iterable
 
-    from ..http.outbound import Networks
+    from aiohttp.typedefs import Handler, Middleware
 
 __all__ = ["host_guard", "loopback_name"]
 
 REFUSED = (
-    "this admin listener is bound to loopback and answers only to loopback names (localhost, 127.0.0.1, [::1]): "
+    "this admin listener answers only to loopback names (localhost, 127.0.0.1, [::1]) and admin.allowed_hosts: "
     "a request naming another host is refused (DNS rebinding)"
 )
 
 
-def _host_part(value: str) -> str:
-    """``[::1]:9188`` → ``::1``; ``localhost:9188`` → ``localhost``; lower case, no trailing dot."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    name, sep, port = value.rpartition(":")
-    return (name if sep and port.isdigit() else value).rstrip(".")
-
-
-def loopback_name(host: str) -> bool:
-    """Is this ``Host`` (or listen address) a name that can only mean this machine?"""
-    name = _host_part(host)
+def _loopback(name: str) -> bool:
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: browsers resolve these to loopback
         return True
     try:
@@ -54,24 +51,42 @@ def loopback_name(host: str) -> bool:
         return False
 
 
-def host_guard(listen: str, trusted: Networks) -> Middleware | None:
-    """The middleware for an admin listener bound to loopback; None for one bound elsewhere."""
-    if not loopback_name(listen):
-        return None
+def loopback_name(host: str) -> bool:
+    """Is this ``Host`` a name that can only mean this machine?"""
+    return _loopback(host_and_port(host)[0])
 
-    def browser_may_be(request: web.Request) -> bool:
-        """Over TCP from a peer that is not a trusted proxy (a unix socket, as a worker's admin app is
-        scraped on, is no browser's; an ingress in front judges its own ``Host``)."""
+
+def _listen_name(listen: str) -> str:
+    """``127.0.0.1:9188``, ``[::1]:9188`` and ``::1:9188`` (always host:port) → the host, normalized."""
+    return host_and_port(listen.rpartition(":")[0].strip("[]"))[0]
+
+
+def host_guard(listen: str, allowed_hosts: Iterable[str] = ()) -> Middleware | None:
+    """The middleware for an admin listener bound to loopback (or any, once ``allowed_hosts`` is set);
+    None when there is nothing to guard. ``allowed_hosts`` are normalized entries (config/hosts.py)."""
+    allowed = frozenset(host_and_port(h) for h in allowed_hosts)
+    own = _listen_name(listen)
+    if not _loopback(own) and not allowed:
+        return None
+    if own:
+        allowed |= {(own, "")}  # the address it is bound to (10.0.0.5:9188) names it too: no rebound page's name
+
+    def named_right(host: str) -> bool:
+        name, port = host_and_port(host)
+        return _loopback(name) or (name, "") in allowed or (bool(port) and (name, port) in allowed)
+
+    def over_ip(request: web.Request) -> bool:
+        """A unix socket's peer is no IP address (aiohttp gives ``""`` or None): no browser is on it."""
         try:
-            peer = ipaddress.ip_address(request.remote or "")
+            ipaddress.ip_address(request.remote or "")
         except ValueError:
             return False
-        return not any(peer in net for net in trusted)
+        return True
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if host is None or loopback_name(host) or not browser_may_be(request):
+        if host is None or named_right(host) or not over_ip(request):
             return await handler(request)
         return BadRequest(REFUSED).response()
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from . import schema
 from .console import ConsoleConfig
+from .hosts import parse_allowed_host
 from .jwt import JwtProvider, check_jwt
 from .mcp_scale import McpSessionsSection, ToolLimits, parse_tool_limits
 from .models import (
@@ -175,6 +176,9 @@ class AdminSection(Section):
     """Environment variable holding the admin API's bearer token; unset: the admin API answers 503."""
     console: ConsoleConfig = ConsoleConfig()
     """The web console at / of the admin listener (docs/console.md)."""
+    allowed_hosts: Annotated[tuple[Annotated[Item, AfterValidator(parse_allowed_host)], ...], ONE_OR_MANY] = ()
+    """Host names (or host:port) the admin listener answers to besides loopback names (DNS rebinding guard):
+    the public name a proxy in front forwards as Host. Empty: loopback names only on a loopback listener."""
 
 
 class StoreSection(Section):

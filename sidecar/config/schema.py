@@ -54,6 +54,8 @@ MIN_ADMIN_TOKEN = 32  # characters; openssl rand -hex 32 gives 64
 class AdminConfig:
     listen: str = DEFAULT_ADMIN_LISTEN
     token_env: str = DEFAULT_ADMIN_TOKEN_ENV
+    # Host names besides loopback ones the admin listener answers to (admin/hostguard.py), normalized.
+    allowed_hosts: tuple[str, ...] = ()
     # Resolved from the environment at load; None disables the admin API (health and metrics stay).
     token: str | None = field(default=None, repr=False)
 
