@@ -85,6 +85,25 @@ class LifetimeCap(Store):
     async def list_keys(self) -> list[KeyRecord]:
         return self._cap_list(await super().list_keys())  # type: ignore[safe-super]
 
+    async def update_key(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], KeyRecord],
+        *,
+        max_per_owner: int | None,
+        now: float,
+        insert: KeyRecord | None = None,
+    ) -> tuple[KeyRecord, KeyRecord]:
+        """``change`` gets the record as stored (so a PATCH writes no capped value back); the
+        (before, after) handed back carry the effective expiry, and stay one object when unchanged."""
+        before, after = await super().update_key(  # type: ignore[safe-super]
+            key_id, change, max_per_owner=max_per_owner, now=now, insert=insert
+        )
+        if self.max_lifetime is None:
+            return before, after
+        was = self._cap_list([before])[0]
+        return (was, was) if after is before else (was, self._cap_list([after])[0])
+
     async def list_grants(self, key_id: str | None = None, client_id: str | None = None) -> list[KeyRecord]:
         return self._cap_list(await super().list_grants(key_id, client_id))
 

@@ -98,6 +98,9 @@ async def test_existing_sqlite_keys_live_no_longer_than_a_max_lifetime_set_later
         listed = {k["id"]: k for k in (await (await running.admin.get("/admin/keys", headers=ADMIN)).json())["data"]}
         assert listed[old.id]["expires_at"] == iso(T0 - 365 * DAY + LIFE)
         assert listed[young_near.id]["expires_at"] == iso(T0 + DAY)  # inside the cap: as written
+        # A PATCH answers with the effective expiry too, and writes no capped value back.
+        patched = await running.admin.patch(f"/admin/keys/{young.id}", json={"name": "renamed"}, headers=ADMIN)
+        assert (await patched.json())["data"]["expires_at"] == iso(T0 - DAY + LIFE)
         assert await running.sc.verifier.refresh(force=True)  # a SIGHUP re-read says nothing again
     said = [r.getMessage() for r in caplog.records if r.name == "sidecar.store" and r.levelno == logging.WARNING]
     assert sorted(said) == sorted(s for s in said if any(r.id in s for r in (old, old_far, young)))
@@ -112,6 +115,7 @@ async def test_existing_sqlite_keys_live_no_longer_than_a_max_lifetime_set_later
     try:
         assert (await raw.get(old.id)).expires_at is None  # type: ignore[union-attr]
         assert (await raw.get(old_far.id)).expires_at == T0 + 365 * DAY  # type: ignore[union-attr]
+        assert (await raw.get(young.id)).expires_at is None  # type: ignore[union-attr]
     finally:
         await raw.close()
 
