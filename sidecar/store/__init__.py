@@ -20,6 +20,7 @@ from .base import (
     StoreBusy,
     StoreError,
 )
+from .capped import CappedSqliteStore
 from .sqlite import SqliteStore
 from .yamlfile import YamlStore
 
@@ -42,16 +43,19 @@ async def open_store(
     config: StoreConfig, *, max_lifetime: float | None = None, clock: Callable[[], float] | None = None
 ) -> Store:
     """Open the configured store; the caller closes it. ``max_lifetime`` (``keys.max_lifetime``) caps
-    the keys of a YAML file, which no admin API call wrote (``sidecar.store.lifetime``)."""
+    the keys of a YAML file, which no admin API call wrote (``sidecar.store.lifetime``), and the keys
+    a database already holds when it is lowered or first set (``sidecar.store.capped``)."""
     store: Store
     if config.kind == "yaml":
         state = SqliteStore(config.state_path, config.busy_timeout)
         store = YamlStore(config.path, state, max_lifetime=max_lifetime, clock=clock)
     elif config.kind == "postgres" and config.postgres is not None:
-        from .postgres import PostgresStore  # asyncpg is imported only when used
+        from .capped_pg import CappedPostgresStore  # asyncpg is imported only when used
 
-        store = PostgresStore(config.dsn or "", **config.postgres.model_dump(exclude={"dsn_env"}))
+        store = pg = CappedPostgresStore(config.dsn or "", **config.postgres.model_dump(exclude={"dsn_env"}))
+        pg.set_lifetime_cap(max_lifetime, clock)
     else:
-        store = SqliteStore(config.path, config.busy_timeout)
+        store = db = CappedSqliteStore(config.path, config.busy_timeout)
+        db.set_lifetime_cap(max_lifetime, clock)
     await store.open()
     return store

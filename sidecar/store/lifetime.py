@@ -45,13 +45,23 @@ def _span(seconds: float) -> str:
 
 
 def cap_lifetimes(
-    records: dict[str, KeyRecord], max_lifetime: float | None, now: float, source: str = "keys file"
+    records: dict[str, KeyRecord],
+    max_lifetime: float | None,
+    now: float,
+    source: str = "keys file",
+    *,
+    written_by_hand: bool = True,
 ) -> tuple[dict[str, KeyRecord], list[str]]:
     """The records with ``keys.max_lifetime`` applied, and one warning per entry it shortened.
 
     ``records`` is in file order (``parse_keys_file``), so ``keys[i]`` names the entry. A warning
     names the entry, the key id and the effective expiry; never the hash. A revoked entry is
     capped too, silently (the cap changes nothing for it).
+
+    ``written_by_hand=False`` (a database store, ``sidecar.store.capped``): a warning names the key
+    id alone (no file position), and a ``created_at`` in the future is counted as it stands, not
+    refused: a sidecar process wrote it (another replica's clock a little ahead), and a key
+    refused that way would stay refused until the next full reload.
     """
     if max_lifetime is None:
         return records, []
@@ -59,7 +69,7 @@ def cap_lifetimes(
     notes: list[str] = []
     cap = _span(max_lifetime)
     for i, rec in enumerate(records.values()):
-        where = f"{source}: keys[{i}] (id {rec.id})"
+        where = f"{source}: keys[{i}] (id {rec.id})" if written_by_hand else f"{source}: key {rec.id}"
         why: str | None = None
         if rec.created_at <= 0:
             last = _REFUSED
@@ -67,7 +77,7 @@ def cap_lifetimes(
                 f"{where}: no created_at, so keys.max_lifetime ({cap}) cannot be counted: the key is refused "
                 "as expired; add the created_at `sidecar keys create` printed"
             )
-        elif rec.created_at > now + FUTURE_SKEW:
+        elif written_by_hand and rec.created_at > now + FUTURE_SKEW:
             last = _REFUSED
             why = (
                 f"{where}: created_at {iso(rec.created_at)} is in the future, so keys.max_lifetime ({cap}) cannot "
