@@ -18,41 +18,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, MakeSidecar, Running, base_config
 from pg_support import pg_dsn, pg_server
+from test_yaml_lifetime import DAY, LIFE, T0, Clock, new_key
 
-from sidecar.auth.keys import display_form, generate_key
-from sidecar.auth.models import KeyRecord, Permissions, iso
-from sidecar.auth.verify import password_hasher
+from sidecar.auth.models import KeyRecord, iso
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.sqlite import SqliteStore
 
 __all__ = ["pg_dsn", "pg_server"]  # the fixtures, re-exported for pytest
 
-CHEAP = password_hasher("cheapest")
-DAY = 86400.0
-LIFE = 30 * DAY
-T0 = 1_800_000_000.0  # the sidecar's (fake) wall clock
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def new_key(**kw: Any) -> tuple[KeyRecord, str]:
-    key, parts = generate_key("pmcp_")
-    rec = KeyRecord(
-        id=parts.key_id,
-        name="old",
-        hash=CHEAP.hash(parts.secret),
-        display=display_form("pmcp_", parts.key_id, key),
-        permissions=Permissions(upstreams=("plex",)),
-        **kw,
-    )
-    return rec, key
 
 
 async def written_before(path: Path, records: list[KeyRecord]) -> None:
