@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MakeSidecar, Running, base_config
 from limits_support import Clocks
+from streams_support import closed_1008, cut
 from test_sec_revocation import streaming_upstream
 
 HOUR = 3600.0
@@ -175,14 +176,8 @@ async def test_a_key_narrowed_loses_its_open_streams_and_a_renamed_one_keeps_the
     await r.sc.manager().patch(rec.id, {"permissions": {"upstreams": ["plex"], "paths": ["/library/*"]}}, "test")
     await r.sc.manager().patch(kept_rec.id, {"name": "renamed again"}, "test")
     await r.sc.verifier.refresh()
-    async with asyncio.timeout(2):
-        while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
-            pass
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
-    with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
-        async with asyncio.timeout(2):
-            while await events.content.readline():
-                pass
+    await closed_1008(ws)
+    await cut(events)
     for _ in range(3):  # a sweep or two later, the renamed key's websocket still ticks
         assert (await ws_kept.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
     await ws_kept.close()
@@ -221,12 +216,9 @@ async def test_a_secret_replaced_under_the_same_id_ends_the_old_secrets_streams(
     keys_file.write_text(yaml.safe_dump({"keys": [replaced.to_dict()]}))
     await r.sc.verifier.refresh(force=True)  # SIGHUP
     try:
-        async with asyncio.timeout(2):
-            while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
-                pass
+        await closed_1008(ws)
     finally:
         await ws.close()
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
     resp = await r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": old})
     assert resp.status == 401
     async with r.proxy.get("/:/eventsource/notifications", headers={"X-Plex-Token": new}) as resp:

@@ -10,7 +10,6 @@ stream cut), and the key's next request is authorised again under its new identi
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 from conftest import MakeSidecar, Running, base_config
+from streams_support import closed_1008, cut
 from test_sec_revocation import streaming_upstream
 
 from sidecar.auth.keys import display_form, generate_key
@@ -81,14 +81,8 @@ async def test_a_keys_streams_end_when_its_upstream_identity_changes(
         assert events.status == 200 and (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.TEXT
         await events.content.readline()
         await move(r, rec, how)
-        async with asyncio.timeout(2):
-            while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
-                pass
-        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
-        with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end
-            async with asyncio.timeout(2):
-                while await events.content.readline():
-                    pass
+        await closed_1008(ws)
+        await cut(events)
     async with r.proxy.get("/:/eventsource/notifications", headers=headers) as again:  # now as the new identity
         assert again.status == 200
         assert r.sc.streams.open_streams(rec.id) == 1
