@@ -44,7 +44,7 @@ class LifetimeCap(Store):
 
     max_lifetime: float | None = None
     _cap_clock: Callable[[], float] = staticmethod(time.time)
-    _cap_said: set[str] | None = None  # the warnings already logged (once per key and expiry)
+    _cap_said: set[str]  # the warnings already logged (once per key and expiry); set with the cap
 
     def set_lifetime_cap(self, max_lifetime: float | None, clock: Callable[[], float] | None = None) -> None:
         self.max_lifetime = max_lifetime
@@ -55,12 +55,10 @@ class LifetimeCap(Store):
         if self.max_lifetime is None or not records:
             return records
         out, notes = cap_lifetimes(records, self.max_lifetime, self._cap_clock(), "key store", written_by_hand=False)
-        said = self._cap_said if self._cap_said is not None else set()
         for note in notes:
-            if note not in said:
-                said.add(note)
+            if note not in self._cap_said:
+                self._cap_said.add(note)
                 log.warning("%s", note)
-        self._cap_said = said
         return out
 
     def _cap_list(self, records: list[KeyRecord]) -> list[KeyRecord]:
