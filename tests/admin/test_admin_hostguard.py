@@ -137,3 +137,43 @@ def test_a_bad_allowed_hosts_entry_is_a_config_error_naming_its_path(entry: str,
         parse_config(cfg, env=ENV)
     (problem,) = info.value.problems
     assert problem.startswith("admin.allowed_hosts[1]") and words in problem, problem
+
+
+LOOK_ALIKES = [
+    "localhost.evil.example", "127.0.0.1.evil.example", "localhost@evil.example", "evil.example#localhost",
+    "evil.example:80@localhost", "evil.localhost.example", "localhost%2eevil.example", "[::1].evil.example",
+    "127.0.0.1:80:evil.example", "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", LOOK_ALIKES)
+async def test_names_that_only_look_like_loopback_are_refused(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, host: str
+) -> None:
+    """A rebound page's name is the attacker's to choose: one that starts, ends or is padded with a loopback
+    name, an empty Host, is not a loopback name."""
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    assert await refused(sc, host), host
+
+
+@pytest.mark.parametrize("order", [("evil.example", "localhost"), ("localhost", "evil.example")])
+async def test_two_host_headers_never_pass_as_the_loopback_one(
+    make_sidecar: MakeSidecar, plex_upstream: TestServer, tmp_path: Path, order: tuple[str, str]
+) -> None:
+    """Two ``Host`` fields (a raw client; no browser sends them, but the guard must not read one and the
+    handlers another): the request is refused, whichever comes first (aiohttp's parser refuses it before
+    the guard runs; this holds the guard to that if the parser ever changes)."""
+    import asyncio
+
+    from raw_http import read_response
+
+    sc = await start(make_sidecar, plex_upstream, tmp_path)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.admin.port)
+    try:
+        writer.write(
+            f"GET /metrics HTTP/1.1\r\nHost: {order[0]}\r\nHost: {order[1]}\r\nConnection: close\r\n\r\n".encode()
+        )
+        status, _, body = await asyncio.wait_for(read_response(reader, to_eof=True), 5)
+    finally:
+        writer.close()
+    assert status == 400 and b"secret-project" not in body, (status, body[:200])
